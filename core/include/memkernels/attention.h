@@ -1,0 +1,40 @@
+// memkernels/attention.h — flash attention (tiled online softmax, O(seq) extra memory).
+//
+// Layouts follow FlashAttention: q (batch, seq_q, heads, head_dim), k/v (batch, seq_k, kv_heads,
+// head_dim), out like q, lse (batch, heads, seq_q) float32 in natural log. heads must be a multiple
+// of kv_heads (MHA, GQA, MQA). The last dimension must be contiguous; other strides are free.
+//
+// Masking, with off = seq_k - seq_q (causal is aligned to the end, as FlashAttention does):
+//   key j is visible to query i  iff  i + off - window_left <= j <= i + off + window_right,
+//   where a negative window bound means unbounded and causal sets window_right = 0.
+// A query row that sees no key gets output 0 and lse -inf.
+#pragma once
+
+#include "memkernels/tensor.h"
+
+namespace memkernels {
+
+struct AttentionOptions {
+  bool causal = false;
+  float scale = 0.0f;       // 0 -> 1/sqrt(head_dim)
+  int window_left = -1;     // < 0: unbounded
+  int window_right = -1;    // < 0: unbounded
+  float softcap = 0.0f;     // > 0: scores become softcap * tanh(scores / softcap) (Gemma-2 style)
+};
+
+// out (and lse, when given) are written; nothing else is allocated beyond O(seq) scratch.
+// stream: a cudaStream_t for CUDA tensors (nullptr = default stream); ignored on CPU.
+void flash_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const TensorView* lse, const AttentionOptions& opts,
+                     void* stream = nullptr);
+
+// Variable-length batch packed along the first axis: q (total_q, heads, head_dim), k/v (total_k,
+// kv_heads, head_dim); cu_seqlens_q/k int32 (batch + 1) cumulative offsets starting at 0;
+// lse (heads, total_q). max_seqlen_q <= 0 lets the CUDA backend read it from cu_seqlens_q (a sync).
+void flash_attention_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k,
+                            const TensorView& out, const TensorView* lse,
+                            const AttentionOptions& opts, int max_seqlen_q = 0,
+                            void* stream = nullptr);
+
+}  // namespace memkernels

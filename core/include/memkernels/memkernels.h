@@ -1,0 +1,6 @@
+// memkernels.h — everything public, in one include.
+#pragma once
+
+#include "memkernels/tensor.h"
+#include "memkernels/runtime.h"
+#include "memkernels/attention.h"

@@ -1,0 +1,172 @@
+// flash_attention / flash_attention_varlen: argument checks, then the CPU or CUDA backend.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "attention_internal.h"
+
+namespace memkernels {
+namespace {
+
+std::string str(int64_t x) { return std::to_string(x); }
+
+void fill_options(AttentionProblem& p, const AttentionOptions& o) {
+  check(p.head_dim > 0, ErrorKind::Value, "flash_attention: head_dim must be > 0, got " + str(p.head_dim));
+  check(p.kv_heads > 0 && p.heads > 0, ErrorKind::Value, "flash_attention: heads and kv_heads must be > 0");
+  check(p.heads % p.kv_heads == 0, ErrorKind::Value,
+        "flash_attention: q heads (" + str(p.heads) + ") must be a multiple of k/v heads (" + str(p.kv_heads) + ")");
+  check(std::isfinite(o.scale) && o.scale >= 0.0f, ErrorKind::Value, "flash_attention: scale must be finite and >= 0");
+  check(std::isfinite(o.softcap) && o.softcap >= 0.0f, ErrorKind::Value,
+        "flash_attention: softcap must be finite and >= 0 (0 disables it)");
+  p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(float(p.head_dim));
+  p.causal = o.causal;
+  p.window_left = o.window_left < 0 ? -1 : o.window_left;
+  p.window_right = o.window_right < 0 ? -1 : o.window_right;
+  if (o.causal) p.window_right = 0;  // causal == no key to the right of the diagonal
+  p.softcap = o.softcap;
+}
+
+// Shared checks of q/k/v/out whose last three dims are (rows, heads, head_dim).
+void check_qkv(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, int ndim) {
+  const char* names[] = {"q", "k", "v", "out"};
+  const TensorView* ts[] = {&q, &k, &v, &out};
+  for (int i = 0; i < 4; ++i) {
+    expect_ndim(*ts[i], names[i], ndim);
+    expect_dtype(*ts[i], names[i], {DType::Float32, DType::Float16, DType::BFloat16});
+    expect_last_dim_contiguous(*ts[i], names[i]);
+    expect_not_null(*ts[i], names[i]);
+    expect_same_device(*ts[i], names[i], q, "q");
+  }
+  for (int i = 1; i < 4; ++i)
+    check(ts[i]->dtype == q.dtype, ErrorKind::Type,
+          std::string(names[i]) + " has dtype " + dtype_name(ts[i]->dtype) + " but q has " + dtype_name(q.dtype) +
+              "; q, k, v and out must share one dtype");
+  check(k.ndim == v.ndim && std::equal(k.shape, k.shape + ndim, v.shape), ErrorKind::Value,
+        "k " + k.shape_str() + " and v " + v.shape_str() + " must have the same shape");
+  check(k.size(-1) == q.size(-1), ErrorKind::Value,
+        "head_dim of k (" + str(k.size(-1)) + ") differs from q (" + str(q.size(-1)) + ")");
+  check(std::equal(out.shape, out.shape + ndim, q.shape), ErrorKind::Value,
+        "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
+  check(q.size(-1) > 0, ErrorKind::Value, "q: head_dim must be > 0");
+  // The CPU kernel indexes rows in 32 bits per batch.
+  check(q.size(-3) < (int64_t(1) << 30) && k.size(-3) < (int64_t(1) << 30), ErrorKind::Value,
+        "sequence too long (>= 2^30 rows)");
+}
+
+void run(const AttentionProblem& p, const Device& device, void* stream) {
+  if (device.is_cuda()) {
+    require_cuda_usable("flash_attention", device);
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::flash_attention(p, stream);
+#endif
+    return;
+  }
+  (void)stream;
+  MK_CPU_DISPATCH(flash_attention, p);
+}
+
+}  // namespace
+
+void flash_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                     const TensorView* lse, const AttentionOptions& opts, void* stream) {
+  check_qkv(q, k, v, out, 4);
+  check(k.size(0) == q.size(0), ErrorKind::Value,
+        "batch of k (" + str(k.size(0)) + ") differs from q (" + str(q.size(0)) + ")");
+  AttentionProblem p;
+  p.dtype = q.dtype;
+  p.batch = int(q.size(0));
+  p.seqlen_q = int(q.size(1));
+  p.heads = int(q.size(2));
+  p.head_dim = int(q.size(3));
+  p.seqlen_k = int(k.size(1));
+  p.kv_heads = int(k.size(2));
+  fill_options(p, opts);
+  p.q = q.data, p.k = k.data, p.v = v.data, p.out = out.data;
+  p.q_batch = q.strides[0], p.q_row = q.strides[1], p.q_head = q.strides[2];
+  p.k_batch = k.strides[0], p.k_row = k.strides[1], p.k_head = k.strides[2];
+  p.v_batch = v.strides[0], p.v_row = v.strides[1], p.v_head = v.strides[2];
+  p.o_batch = out.strides[0], p.o_row = out.strides[1], p.o_head = out.strides[2];
+  if (lse) {
+    expect_dtype(*lse, "lse", {DType::Float32});
+    expect_shape(*lse, "lse", {p.batch, p.heads, p.seqlen_q});
+    expect_contiguous(*lse, "lse");
+    expect_same_device(*lse, "lse", q, "q");
+    p.lse = lse->ptr<float>();
+    p.lse_batch = int64_t(p.heads) * p.seqlen_q;
+    p.lse_head = p.seqlen_q;
+  }
+  if (p.batch == 0 || p.seqlen_q == 0) return;
+  run(p, q.device, stream);
+}
+
+void flash_attention_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k, const TensorView& out,
+                            const TensorView* lse, const AttentionOptions& opts, int max_seqlen_q, void* stream) {
+  check_qkv(q, k, v, out, 3);
+  const char* cu_names[] = {"cu_seqlens_q", "cu_seqlens_k"};
+  const TensorView* cus[] = {&cu_seqlens_q, &cu_seqlens_k};
+  for (int i = 0; i < 2; ++i) {
+    expect_ndim(*cus[i], cu_names[i], 1);
+    expect_dtype(*cus[i], cu_names[i], {DType::Int32});
+    expect_contiguous(*cus[i], cu_names[i]);
+    expect_same_device(*cus[i], cu_names[i], q, "q");
+  }
+  check(cu_seqlens_q.size(0) >= 1 && cu_seqlens_q.size(0) == cu_seqlens_k.size(0), ErrorKind::Value,
+        "cu_seqlens_q " + cu_seqlens_q.shape_str() + " and cu_seqlens_k " + cu_seqlens_k.shape_str() +
+            " must both have batch + 1 >= 1 entries");
+  AttentionProblem p;
+  p.dtype = q.dtype;
+  p.batch = int(cu_seqlens_q.size(0)) - 1;
+  p.heads = int(q.size(1));
+  p.head_dim = int(q.size(2));
+  p.kv_heads = int(k.size(1));
+  fill_options(p, opts);
+  p.q = q.data, p.k = k.data, p.v = v.data, p.out = out.data;
+  p.q_row = q.strides[0], p.q_head = q.strides[1];
+  p.k_row = k.strides[0], p.k_head = k.strides[1];
+  p.v_row = v.strides[0], p.v_head = v.strides[1];
+  p.o_row = out.strides[0], p.o_head = out.strides[1];
+  const int64_t total_q = q.size(0), total_k = k.size(0);
+  if (lse) {
+    expect_dtype(*lse, "lse", {DType::Float32});
+    expect_shape(*lse, "lse", {p.heads, total_q});
+    expect_contiguous(*lse, "lse");
+    expect_same_device(*lse, "lse", q, "q");
+    p.lse = lse->ptr<float>();
+    p.lse_head = total_q;
+  }
+  p.total_q = total_q, p.total_k = total_k;
+  p.cu_seqlens_q = cu_seqlens_q.ptr<const int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.ptr<const int32_t>();
+  if (q.device.is_cpu()) {
+    // Validate the offsets fully: they decide every address the kernel touches.
+    const TensorView* totals_for[] = {&q, &k};
+    for (int i = 0; i < 2; ++i) {
+      const int32_t* cu = cus[i]->ptr<const int32_t>();
+      const int64_t total = totals_for[i]->size(0);
+      check(cu[0] == 0, ErrorKind::Value, std::string(cu_names[i]) + "[0] must be 0, got " + str(cu[0]));
+      for (int b = 0; b < p.batch; ++b)
+        check(cu[b + 1] >= cu[b], ErrorKind::Value,
+              std::string(cu_names[i]) + " must be non-decreasing, but entry " + str(b + 1) + " (" + str(cu[b + 1]) +
+                  ") < entry " + str(b) + " (" + str(cu[b]) + ")");
+      check(cu[p.batch] <= total, ErrorKind::Value,
+            std::string(cu_names[i]) + "[-1] = " + str(cu[p.batch]) + " exceeds the " + str(total) +
+                " rows of " + (i ? "k/v" : "q"));
+    }
+    int mq = 0, mk = 0;
+    for (int b = 0; b < p.batch; ++b) {
+      mq = std::max(mq, p.seq_q(b));
+      mk = std::max(mk, p.seq_k(b));
+    }
+    p.seqlen_q = mq, p.seqlen_k = mk;
+  } else {
+    // CUDA: reading the offsets here would synchronise; the kernel clamps them to [0, total] itself,
+    // and without max_seqlen_q the grid covers total_q rows per batch (idle blocks exit at once).
+    p.seqlen_q = max_seqlen_q > 0 ? max_seqlen_q : int(total_q);
+    p.seqlen_k = int(total_k);
+  }
+  if (p.batch == 0 || total_q == 0) return;
+  run(p, q.device, stream);
+}
+
+}  // namespace memkernels

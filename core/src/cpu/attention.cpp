@@ -1,0 +1,258 @@
+// CPU flash attention: tiled online softmax (FlashAttention-2 order) over fp32 register tiles.
+//
+// Work is split into tasks of BQ query rows of one (batch, head). K and V of one (batch, kv_head)
+// are first converted to fp32 and packed once, shared by every query head of the group:
+//   K^T in panels of NR keys: [panel][d][NR], so S = Q K^T streams it linearly;
+//   V   row-major with the head dim padded to the vector width: [key][Dp].
+// Each task then walks key blocks of BK: S = Q K^T (MR x NR register tiles), mask, online softmax
+// in base 2 (Q is pre-scaled by scale*log2(e)), O += P V (MR x 2 vectors tiles). Extra memory is
+// O(seq_k * head_dim) for the packed K/V plus O(BQ * (BK + head_dim)) per thread.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../attention_internal.h"
+#include "convert.h"
+#include "simd.h"
+
+namespace memkernels::cpu::MK_ISA_NS {
+namespace {
+
+constexpr int VL = VecF::N;
+constexpr int NR = 2 * VL;  // keys per K^T panel = columns of one S register tile
+#if defined(MK_ISA_AVX512)
+constexpr int MR = 8;       // query rows per register tile (8 x 2 accumulators of 32 zmm)
+#else
+constexpr int MR = 4;       // 16 ymm registers: 4 x 2 accumulators
+#endif
+constexpr int BQ = 64;      // query rows per task
+constexpr int BK = 64;      // keys per online-softmax step (multiple of NR)
+static_assert(BK % NR == 0 && BQ % MR == 0, "tile sizes");
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// S[r][0:NR] = sum_d Q[r][d] * Kt[d][0:NR] for r < MR.
+inline void qk_tile(const float* q, int ldq, const float* kt, int head_dim, float* s, int lds) {
+  VecF acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = VecF::zero();
+  for (int d = 0; d < head_dim; ++d) {
+    VecF k0 = VecF::load(kt + d * NR), k1 = VecF::load(kt + d * NR + VL);
+    for (int r = 0; r < MR; ++r) {
+      VecF qv = VecF::set1(q[r * ldq + d]);
+      acc[r][0] = VecF::fma(qv, k0, acc[r][0]);
+      acc[r][1] = VecF::fma(qv, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0].store(s + r * lds);
+    acc[r][1].store(s + r * lds + VL);
+  }
+}
+
+// O[r][0:NV*VL] += sum_j P[r][j] * V[j][0:NV*VL] for r < MR, j < nkeys.
+template <int NV>
+inline void pv_tile(const float* p, int ldp, const float* v, int ldv, int nkeys, float* o, int ldo) {
+  VecF acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = VecF::load(o + r * ldo + c * VL);
+  for (int j = 0; j < nkeys; ++j) {
+    VecF vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = VecF::load(v + int64_t(j) * ldv + c * VL);
+    for (int r = 0; r < MR; ++r) {
+      VecF pj = VecF::set1(p[r * ldp + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = VecF::fma(pj, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c].store(o + r * ldo + c * VL);
+}
+
+const char* elem_ptr(const void* base, DType t, int64_t offset) {
+  return static_cast<const char*>(base) + offset * dtype_size(t);
+}
+
+// Packs K^T panels and padded V rows of one (batch, kv_head) for keys [j0, j1).
+void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, float* kt, float* vp, float* row) {
+  const int D = p.head_dim;
+  const int64_t k_base = b * p.k_batch + p.row0_k(b) * p.k_row + kvh * p.k_head;
+  const int64_t v_base = b * p.v_batch + p.row0_k(b) * p.v_row + kvh * p.v_head;
+  for (int j = j0; j < j1; ++j) {
+    load_floats(elem_ptr(p.k, p.dtype, k_base + j * p.k_row), p.dtype, D, row);
+    float* panel = kt + int64_t(j / NR) * D * NR + j % NR;
+    for (int d = 0; d < D; ++d) panel[d * NR] = row[d];
+    float* vrow = vp + int64_t(j) * dp;
+    load_floats(elem_ptr(p.v, p.dtype, v_base + j * p.v_row), p.dtype, D, vrow);
+    std::fill(vrow + D, vrow + dp, 0.0f);
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, s, o, m, l, row;
+  Scratch(int head_dim, int dp)
+      : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)) {}
+};
+
+// One task: query rows [i0, i0 + BQ) of head h in batch b, against packed K/V of its kv head.
+void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* kt, const float* vp, int dp,
+                  Scratch& w) {
+  const int D = p.head_dim, Sq = p.seq_q(b), Sk = p.seq_k(b), off = Sk - Sq;
+  const int nrows = std::min(BQ, Sq - i0), rows_pad = int(round_up(nrows, MR));
+  const bool capped = p.softcap > 0.0f;
+  const float q_scale = capped ? p.scale : p.scale * kLog2e;
+
+  // Q rows, pre-scaled, zero-padded to a multiple of MR rows.
+  const int64_t q_base = b * p.q_batch + p.row0_q(b) * p.q_row + h * p.q_head;
+  for (int r = 0; r < rows_pad; ++r) {
+    float* dst = w.q.data() + r * D;
+    if (r < nrows)
+      load_floats(elem_ptr(p.q, p.dtype, q_base + int64_t(i0 + r) * p.q_row), p.dtype, D, dst, q_scale);
+    else
+      std::fill(dst, dst + D, 0.0f);
+  }
+  std::fill(w.o.begin(), w.o.begin() + size_t(rows_pad) * dp, 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+
+  // Keys any row of this block may see.
+  const int last = i0 + nrows - 1;
+  int lo = p.window_left >= 0 ? std::max(0, i0 + off - p.window_left) : 0;
+  int hi = p.window_right >= 0 ? std::min(Sk, last + off + p.window_right + 1) : Sk;
+
+  for (int kb = lo / BK * BK; kb < hi; kb += BK) {
+    const int nk = std::min(BK, Sk - kb);
+    float* S = w.s.data();
+    for (int r = 0; r < rows_pad; r += MR)
+      for (int c = 0; c < BK; c += NR)
+        qk_tile(w.q.data() + r * D, D, kt + int64_t((kb + c) / NR) * D * NR, D, S + r * BK + c, BK);
+
+    if (capped) {  // softcap * tanh(s / softcap), then to base-2 units
+      for (int r = 0; r < nrows; ++r)
+        for (int c = 0; c < nk; ++c) S[r * BK + c] = p.softcap * std::tanh(S[r * BK + c] / p.softcap) * kLog2e;
+    }
+    const bool needs_mask = kb + BK > Sk || (p.window_left >= 0 && kb < last + off - p.window_left) ||
+                            (p.window_right >= 0 && kb + BK - 1 > i0 + off + p.window_right);
+    if (needs_mask) {
+      for (int r = 0; r < nrows; ++r) {
+        const int i = i0 + r;
+        const int jlo = p.window_left >= 0 ? i + off - p.window_left : kb;
+        const int jhi = std::min(Sk - 1, p.window_right >= 0 ? i + off + p.window_right : Sk - 1);
+        float* srow = S + r * BK;
+        for (int c = 0; c < BK; ++c)
+          if (kb + c < jlo || kb + c > jhi) srow[c] = kNegInf;
+      }
+    }
+
+    // Online softmax, row by row; P overwrites S. Padding rows get P = 0.
+    for (int r = 0; r < rows_pad; ++r) {
+      float* srow = S + r * BK;
+      if (r >= nrows) {
+        std::fill(srow, srow + BK, 0.0f);
+        continue;
+      }
+      VecF vmax = VecF::set1(kNegInf);
+      for (int c = 0; c < BK; c += VL) vmax = VecF::max(vmax, VecF::load(srow + c));
+      const float m_new = std::max(w.m[r], vmax.reduce_max());
+      if (m_new == kNegInf) {  // nothing visible yet in this row
+        std::fill(srow, srow + BK, 0.0f);
+        continue;
+      }
+      const VecF vm = VecF::set1(m_new);
+      VecF vsum = VecF::zero();
+      for (int c = 0; c < BK; c += VL) {
+        VecF e = exp2(VecF::load(srow + c) - vm);
+        e.store(srow + c);
+        vsum = vsum + e;
+      }
+      const float alpha = std::exp2(w.m[r] - m_new);  // 0 when m was -inf
+      w.l[r] = w.l[r] * alpha + vsum.reduce_add();
+      w.m[r] = m_new;
+      if (alpha != 1.0f) {
+        float* orow = w.o.data() + size_t(r) * dp;
+        const VecF va = VecF::set1(alpha);
+        for (int c = 0; c < dp; c += VL) (VecF::load(orow + c) * va).store(orow + c);
+      }
+    }
+
+    const float* vblock = vp + int64_t(kb) * dp;
+    for (int r = 0; r < rows_pad; r += MR) {
+      int c = 0;
+      for (; c + 2 * VL <= dp; c += 2 * VL)
+        pv_tile<2>(S + r * BK, BK, vblock + c, dp, nk, w.o.data() + size_t(r) * dp + c, dp);
+      if (c < dp) pv_tile<1>(S + r * BK, BK, vblock + c, dp, nk, w.o.data() + size_t(r) * dp + c, dp);
+    }
+  }
+
+  // Normalise and write out; rows that saw no key get 0 and lse -inf.
+  const int64_t o_base = b * p.o_batch + p.row0_q(b) * p.o_row + h * p.o_head;
+  char* out = static_cast<char*>(p.out);
+  const int esize = dtype_size(p.dtype);
+  for (int r = 0; r < nrows; ++r) {
+    const float l = w.l[r];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* orow = w.o.data() + size_t(r) * dp;
+    for (int d = 0; d < D; ++d) w.row[d] = orow[d] * inv;
+    store_floats(w.row.data(), p.dtype, D, out + (o_base + int64_t(i0 + r) * p.o_row) * esize);
+    if (p.lse)
+      p.lse[b * p.lse_batch + h * p.lse_head + p.row0_q(b) + i0 + r] =
+          l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
+  }
+}
+
+}  // namespace
+
+void flash_attention(const AttentionProblem& p) {
+  const int threads = num_threads();
+  const int D = p.head_dim, dp = int(round_up(D, VL));
+  const int group = p.heads / p.kv_heads;
+  const int units = p.batch * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
+  const int64_t sk_pad = round_up(std::max(p.seqlen_k, 1), BK);
+  const int qblocks = int((p.seqlen_q + BQ - 1) / BQ);
+  const int tasks_per_unit = std::max(1, group * qblocks);
+  // Pack enough units at once to give every thread a few tasks, no more (bounds the memory).
+  const int chunk = std::min(units, std::max(1, (4 * threads + tasks_per_unit - 1) / tasks_per_unit));
+
+  std::vector<float> kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);
+  for (int u0 = 0; u0 < units; u0 += chunk) {
+    const int nunits = std::min(chunk, units - u0);
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch w(D, dp);
+      // 1. Pack K^T and V of the chunk's units, in slices of BK keys.
+      const int slices = int(sk_pad / BK);
+#pragma omp for schedule(static)
+      for (int t = 0; t < nunits * slices; ++t) {
+        const int u = t / slices, j0 = (t % slices) * BK, b = (u0 + u) / p.kv_heads, kvh = (u0 + u) % p.kv_heads;
+        const int Sk = p.seq_k(b);
+        float* ktu = kt.data() + size_t(u) * sk_pad * D;
+        float* vpu = vp.data() + size_t(u) * sk_pad * dp;
+        const int j1 = std::min(j0 + BK, Sk);
+        if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, w.row.data());
+        // zero the padding keys so masked columns multiply finite zeros
+        for (int j = std::max(j0, Sk); j < j0 + BK; ++j) {
+          float* panel = ktu + int64_t(j / NR) * D * NR + j % NR;
+          for (int d = 0; d < D; ++d) panel[d * NR] = 0.0f;
+          std::fill(vpu + int64_t(j) * dp, vpu + int64_t(j + 1) * dp, 0.0f);
+        }
+      }
+      // 2. Attention tasks; longest (last, under a causal mask) query blocks first.
+#pragma omp for schedule(dynamic, 1)
+      for (int t = 0; t < nunits * tasks_per_unit; ++t) {
+        const int u = t % nunits, rest = t / nunits;
+        const int g = rest % group, qb = qblocks - 1 - rest / group;
+        const int b = (u0 + u) / p.kv_heads, kvh = (u0 + u) % p.kv_heads;
+        if (qb * BQ >= p.seq_q(b)) continue;
+        attend_block(p, b, kvh * group + g, qb * BQ, kt.data() + size_t(u) * sk_pad * D,
+                     vp.data() + size_t(u) * sk_pad * dp, dp, w);
+      }
+    }
+  }
+}
+
+}  // namespace memkernels::cpu::MK_ISA_NS

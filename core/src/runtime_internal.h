@@ -1,0 +1,45 @@
+// Internal runtime helpers shared by the dispatch files (not installed).
+#pragma once
+
+#include <string>
+
+#include "memkernels/runtime.h"
+#include "memkernels/tensor.h"
+
+namespace memkernels {
+
+// Throws a clear Error(Device) when `device` is CUDA but this build or machine cannot run CUDA.
+void require_cuda_usable(const char* op, const Device& device);
+
+namespace cuda_backend {
+// Implemented in cuda/runtime.cu; only called when MEMKERNELS_WITH_CUDA is set.
+int device_count();
+std::string device_name(int device);
+void* malloc_device(int device, size_t bytes);
+void free_device(int device, void* ptr) noexcept;
+void memcpy_any(void* dst, const void* src, size_t bytes, void* stream);  // cudaMemcpyDefault
+void memset_zero(int device, void* dst, size_t bytes, void* stream);
+void* malloc_pinned(size_t bytes);
+void free_pinned(void* ptr) noexcept;
+void synchronize(int device, void* stream);
+}  // namespace cuda_backend
+
+}  // namespace memkernels
+
+// Calls a CPU kernel compiled for the active ISA level: MK_CPU_DISPATCH(flash_attention, problem)
+// calls memkernels::cpu::<level>::flash_attention(problem). Each level is the same source compiled
+// with different flags (see CMakeLists.txt, MEMKERNELS_CPU_ISAS).
+#define MK_CPU_DISPATCH(fn, ...)                                                     \
+  do {                                                                               \
+    switch (::memkernels::active_cpu_isa()) {                                        \
+      case ::memkernels::CpuIsa::AVX512: ::memkernels::cpu::avx512::fn(__VA_ARGS__); break; \
+      case ::memkernels::CpuIsa::AVX2: ::memkernels::cpu::avx2::fn(__VA_ARGS__); break;     \
+      default: ::memkernels::cpu::generic::fn(__VA_ARGS__); break;                   \
+    }                                                                                \
+  } while (0)
+
+// Declares `decl` (a function declaration) in each ISA namespace.
+#define MK_DECLARE_CPU_KERNEL(decl)              \
+  namespace memkernels::cpu::generic { decl; }   \
+  namespace memkernels::cpu::avx2 { decl; }      \
+  namespace memkernels::cpu::avx512 { decl; }

@@ -1,0 +1,56 @@
+"""memkernels: memory-efficient LLM inference kernels for CPU and CUDA on NumPy / DLPack arrays.
+
+Capabilities: flash attention, a paged KV cache with paged attention, low-bit GEMM, sparse SpMM,
+and weight streaming from flash storage under a DRAM budget. Call `memkernels.info()` to see the
+build (CPU ISA in use, threads, CUDA).
+"""
+from . import _memkernels as _C
+from ._memkernels import CacheFullError, CorruptDataError
+from .attention import flash_attention, flash_attention_varlen
+
+__version__ = _C.build_info()["version"]
+
+
+def info() -> dict:
+    """Version, build options, CPU ISA in use, thread count, CUDA built/available and the GPU name."""
+    d = dict(_C.build_info())
+    d.update(
+        cpu_isa=_C.cpu_isa(),
+        best_cpu_isa=_C.best_cpu_isa(),
+        num_threads=_C.num_threads(),
+        cuda_available=_C.cuda_device_count() > 0,
+        cuda_device_count=_C.cuda_device_count(),
+        gpu_name=_C.cuda_device_name(0) if _C.cuda_device_count() > 0 else None,
+    )
+    return d
+
+
+def info_string() -> str:
+    """info() as readable text."""
+    return _C.info_string()
+
+
+def num_threads() -> int:
+    """Threads the CPU kernels use (default: the number of cores)."""
+    return _C.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the CPU kernels' thread count; n <= 0 restores the default."""
+    _C.set_num_threads(int(n))
+
+
+def cpu_isa() -> str:
+    """The CPU instruction set the kernels use now: 'generic', 'avx2' or 'avx512'."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Lowers (or restores) the CPU instruction set used, e.g. to compare or to test each path."""
+    _C.set_cpu_isa(name)
+
+
+__all__ = [
+    "CacheFullError", "CorruptDataError", "flash_attention", "flash_attention_varlen", "info", "info_string",
+    "num_threads", "set_num_threads", "cpu_isa", "set_cpu_isa",
+]

@@ -1,0 +1,95 @@
+"""Array helpers shared by the Python wrappers: device detection, output allocation, streams.
+
+Kernels never allocate their outputs in C++; the wrappers allocate them here with the framework
+the inputs came from (NumPy on CPU; CuPy or PyTorch on CUDA, or a bare DLPack array otherwise),
+so results come back as the kind of array the caller passed in.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _memkernels as _C
+
+CPU, CUDA = "cpu", "cuda"
+
+try:  # NumPy has no bfloat16 of its own; ml_dtypes provides the one JAX and others use.
+    import ml_dtypes as _ml_dtypes
+
+    bfloat16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is optional
+    bfloat16 = None
+
+
+def device_of(a) -> tuple[str, int]:
+    """('cpu', 0) or ('cuda', index) for a NumPy / DLPack-capable array."""
+    if isinstance(a, np.ndarray):
+        return CPU, 0
+    if hasattr(a, "__dlpack_device__"):
+        dev_type, dev_id = a.__dlpack_device__()
+        dev_type = int(dev_type)
+        if dev_type in (1, 3):  # kDLCPU, kDLCUDAHost
+            return CPU, 0
+        if dev_type in (2, 13):  # kDLCUDA, kDLCUDAManaged
+            return CUDA, int(dev_id)
+        raise ValueError(f"arrays on DLPack device type {dev_type} are not supported (only CPU and CUDA)")
+    raise TypeError(f"expected a NumPy or DLPack-capable array, got {type(a).__name__}")
+
+
+def dtype_name(a) -> str:
+    """'float32', 'float16', 'bfloat16', 'int32', ... for NumPy, CuPy and PyTorch arrays."""
+    dt = a.dtype
+    name = getattr(dt, "name", None) or str(dt)
+    return name.replace("torch.", "")
+
+
+def _framework(a) -> str:
+    mod = type(a).__module__.split(".")[0]
+    return mod if mod in ("numpy", "torch", "cupy") else "other"
+
+
+def empty_like(ref, shape, dtype: str | None = None):
+    """An uninitialised array of `shape` on ref's device, from ref's framework, dtype by name."""
+    dtype = dtype or dtype_name(ref)
+    shape = tuple(int(s) for s in shape)
+    device, index = device_of(ref)
+    fw = _framework(ref)
+    if fw == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=ref.device)
+    if device == CPU:
+        if dtype == "bfloat16":
+            if bfloat16 is None:
+                raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package (pip install ml_dtypes)")
+            return np.empty(shape, dtype=bfloat16)
+        return np.empty(shape, dtype=dtype)
+    if fw == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(index):
+            return cupy.empty(shape, dtype=dtype)
+    return _C.empty_cuda(list(shape), dtype, index)
+
+
+def check_out(out, shape, dtype: str, ref, name: str = "out"):
+    """Validates a caller-provided output array (shape, dtype, device) before a kernel writes it."""
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if dtype_name(out) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {dtype_name(out)}")
+    if device_of(out) != device_of(ref):
+        raise ValueError(f"{name} is on {device_of(out)} but the inputs are on {device_of(ref)}")
+    return out
+
+
+def stream_handle(stream) -> int:
+    """A CUDA stream as an integer handle: None/0 = default stream; accepts ints, CuPy streams (.ptr)
+    and PyTorch streams (.cuda_stream)."""
+    if stream is None:
+        return 0
+    if isinstance(stream, int):
+        return stream
+    for attr in ("cuda_stream", "ptr", "handle"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    raise TypeError(f"stream: expected an int handle, a CuPy or a PyTorch stream, got {type(stream).__name__}")

@@ -1,0 +1,133 @@
+// The nanobind extension module `memkernels._memkernels`: exception mapping, array conversion,
+// and the registry that every bind_*.cpp adds its functions to.
+#include <Python.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "bind_common.h"
+
+namespace memkernels::py {
+
+static std::map<std::string, BindFn>& registry() {
+  static std::map<std::string, BindFn> r;  // sorted by name: a deterministic registration order
+  return r;
+}
+
+BindingRegistrar::BindingRegistrar(const char* name, BindFn fn) { registry()[name] = fn; }
+
+static PyObject* g_cache_full_error = nullptr;
+static PyObject* g_corrupt_data_error = nullptr;
+
+static void translate_error(const std::exception_ptr& p, void*) {
+  try {
+    std::rethrow_exception(p);
+  } catch (const Error& e) {
+    PyObject* type = PyExc_RuntimeError;
+    switch (e.kind()) {
+      case ErrorKind::Value: type = PyExc_ValueError; break;
+      case ErrorKind::Type: type = PyExc_TypeError; break;
+      case ErrorKind::Memory: type = PyExc_MemoryError; break;
+      case ErrorKind::CacheFull: type = g_cache_full_error; break;
+      case ErrorKind::CorruptData: type = g_corrupt_data_error; break;
+      case ErrorKind::IO: type = PyExc_OSError; break;
+      case ErrorKind::Device: type = PyExc_RuntimeError; break;
+      case ErrorKind::NotImplemented: type = PyExc_NotImplementedError; break;
+    }
+    PyErr_SetString(type, e.what());
+  }
+}
+
+static DType dtype_from_dlpack(nb::dlpack::dtype t, const char* name) {
+  using nb::dlpack::dtype_code;
+  const uint8_t code = t.code, bits = t.bits;
+  if (t.lanes == 1) {
+    if (code == uint8_t(dtype_code::Float)) {
+      if (bits == 32) return DType::Float32;
+      if (bits == 16) return DType::Float16;
+      if (bits == 64) return DType::Float64;
+    } else if (code == uint8_t(dtype_code::Bfloat) && bits == 16) {
+      return DType::BFloat16;
+    } else if (code == uint8_t(dtype_code::Int)) {
+      if (bits == 8) return DType::Int8;
+      if (bits == 16) return DType::Int16;
+      if (bits == 32) return DType::Int32;
+      if (bits == 64) return DType::Int64;
+    } else if (code == uint8_t(dtype_code::UInt)) {
+      if (bits == 8) return DType::UInt8;
+      if (bits == 16) return DType::UInt16;
+      if (bits == 32) return DType::UInt32;
+    }
+  }
+  throw Error(ErrorKind::Type, std::string(name) + ": unsupported dtype (DLPack code " + std::to_string(code) +
+                                   ", " + std::to_string(bits) + " bits)");
+}
+
+static bool is_numpy_bfloat16(nb::handle obj) {
+  if (!nb::hasattr(obj, "dtype") || !nb::hasattr(obj, "view")) return false;
+  nb::object tp = nb::borrow(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())));
+  nb::object mod = nb::getattr(tp, "__module__", nb::none());
+  if (!nb::isinstance<nb::str>(mod) || std::strcmp(nb::cast<const char*>(mod), "numpy") != 0) return false;
+  nb::object dname = nb::getattr(obj.attr("dtype"), "name", nb::none());
+  return nb::isinstance<nb::str>(dname) && std::strcmp(nb::cast<const char*>(dname), "bfloat16") == 0;
+}
+
+TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
+  if (obj.is_none()) throw Error(ErrorKind::Type, std::string(name) + ": expected an array, got None");
+  bool bf16_view = false;
+  nb::object src = nb::borrow(obj);
+  if (is_numpy_bfloat16(obj)) {  // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
+    src = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
+    bf16_view = true;
+  }
+  nb::ndarray<> arr;
+  if (!nb::try_cast(src, arr, /*convert=*/false)) {
+    std::string tname = nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))).attr("__name__")));
+    throw Error(ErrorKind::Type, std::string(name) + ": expected a NumPy or DLPack-capable array, got " + tname);
+  }
+  TensorView t;
+  t.data = arr.data();
+  t.dtype = bf16_view ? DType::BFloat16 : dtype_from_dlpack(arr.dtype(), name);
+  const int dev = arr.device_type();
+  if (dev == nb::device::cpu::value || dev == nb::device::cuda_host::value) {
+    t.device = Device{DeviceType::CPU, 0};
+  } else if (dev == nb::device::cuda::value || dev == nb::device::cuda_managed::value) {
+    t.device = Device{DeviceType::CUDA, arr.device_id()};
+  } else {
+    throw Error(ErrorKind::Value, std::string(name) + ": arrays on DLPack device type " + std::to_string(dev) +
+                                      " are not supported (only CPU and CUDA)");
+  }
+  if (arr.ndim() > size_t(kMaxDims))
+    throw Error(ErrorKind::Value, std::string(name) + ": at most " + std::to_string(kMaxDims) + " dimensions");
+  t.ndim = int(arr.ndim());
+  for (int d = 0; d < t.ndim; ++d) {
+    t.shape[d] = int64_t(arr.shape(d));
+    t.strides[d] = int64_t(arr.stride(d));
+  }
+  keep.push_back(std::move(arr));
+  return t;
+}
+
+std::optional<TensorView> as_optional_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
+  if (obj.is_none()) return std::nullopt;
+  return as_tensor(obj, name, keep);
+}
+
+}  // namespace memkernels::py
+
+NB_MODULE(_memkernels, m) {
+  using namespace memkernels::py;
+  m.doc() = "memkernels C++ extension (use the `memkernels` package, not this module directly)";
+  g_cache_full_error = PyErr_NewExceptionWithDoc(
+      "memkernels.CacheFullError", "No free page is left in the KV cache; nothing was changed.", PyExc_MemoryError,
+      nullptr);
+  g_corrupt_data_error = PyErr_NewExceptionWithDoc(
+      "memkernels.CorruptDataError", "Bytes read from a file or buffer are truncated, corrupt or of a wrong version.",
+      PyExc_ValueError, nullptr);
+  m.attr("CacheFullError") = nb::handle(g_cache_full_error);
+  m.attr("CorruptDataError") = nb::handle(g_corrupt_data_error);
+  nb::register_exception_translator(translate_error);
+  for (auto& [name, fn] : registry()) fn(m);
+}
