@@ -4,7 +4,14 @@ Capabilities: flash attention, a paged KV cache with paged attention, low-bit GE
 and weight streaming from flash storage under a DRAM budget. Call `memkernels.info()` to see the
 build (CPU ISA in use, threads, CUDA).
 """
-from . import _memkernels as _C
+import os as _os
+
+# Development: MEMKERNELS_BUILD_DIR=<cmake build dir> loads the extension built there instead of an
+# installed one (see README, "Working on memkernels").
+if _os.environ.get("MEMKERNELS_BUILD_DIR"):
+    __path__.insert(0, _os.environ["MEMKERNELS_BUILD_DIR"])
+
+from . import _memkernels as _C  # noqa: E402
 from ._memkernels import CacheFullError, CorruptDataError
 from .attention import flash_attention, flash_attention_varlen
 
