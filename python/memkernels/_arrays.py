@@ -20,6 +20,13 @@ except ImportError:  # pragma: no cover - ml_dtypes is optional
     bfloat16 = None
 
 
+def require_array(a, name: str):
+    """Raises TypeError naming the argument unless `a` is a NumPy or DLPack-capable array."""
+    if not (isinstance(a, np.ndarray) or hasattr(a, "__dlpack__")) or not hasattr(a, "shape"):
+        raise TypeError(f"{name}: expected a NumPy or DLPack-capable array, got {type(a).__name__}")
+    return a
+
+
 def device_of(a) -> tuple[str, int]:
     """('cpu', 0) or ('cuda', index) for a NumPy / DLPack-capable array."""
     if isinstance(a, np.ndarray):

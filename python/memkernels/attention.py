@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import _memkernels as _C
-from ._arrays import check_out, dtype_name, empty_like, stream_handle
+from ._arrays import check_out, dtype_name, empty_like, require_array, stream_handle
 
 
 def _window_bounds(window, causal):
@@ -22,7 +22,9 @@ def _window_bounds(window, causal):
     return left, (0 if causal else right)
 
 
-def _common(scale, softcap):
+def _common(arrays, scale, softcap):
+    for name, a in arrays.items():
+        require_array(a, name)
     scale = 0.0 if scale is None else float(scale)
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
@@ -44,7 +46,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=N
     log-sum-exp of each row, shape (batch, heads, seq_q); rows that see no key give output 0, lse -inf.
     out: optional output array shaped like q. stream: CUDA stream (int handle, CuPy or torch stream).
     """
-    scale, softcap = _common(scale, softcap)
+    scale, softcap = _common(dict(q=q, k=k, v=v), scale, softcap)
     left, right = _window_bounds(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[0], q.shape[2], q.shape[1]), "float32") if return_lse and len(q.shape) == 4 else None
@@ -61,7 +63,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
     cu[b]:cu[b+1]). Masks apply per sequence. lse has shape (heads, total_q). max_seqlen_q is a
     hint for the CUDA grid (never read back from the GPU). Other options as in flash_attention.
     """
-    scale, softcap = _common(scale, softcap)
+    scale, softcap = _common(dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k), scale,
+                             softcap)
     left, right = _window_bounds(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test suite: installs memkernels with its test dependencies, builds and runs the
+# GoogleTest suite (plus the find_package consumer) through ctest, then runs pytest.
+# Needs GoogleTest installed (Debian: apt-get install libgtest-dev).
+# Environment: MEMKERNELS_TEST_CUDA=ON|OFF|AUTO for the ctest build (default AUTO),
+#              CMAKE_ARGS for the pip build (e.g. -DCMAKE_CUDA_ARCHITECTURES=90).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc 2>/dev/null || echo 2)
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
+
+echo "== pip install .[test]"
+python -m pip install ".[test]"
+
+echo "== C++ tests (ctest)"
+cmake -S . -B build/ctest -DMEMKERNELS_TESTS=ON -DMEMKERNELS_PYTHON=OFF -DMEMKERNELS_CUDA="${MEMKERNELS_TEST_CUDA:-AUTO}" \
+  ${MEMKERNELS_CTEST_CMAKE_ARGS:-}
+cmake --build build/ctest -j "$jobs"
+ctest --test-dir build/ctest --output-on-failure -j "$jobs"
+
+echo "== Python tests (pytest)"
+python -m pytest tests/python -q -ra
