@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Runs every test suite: installs memkernels with its test dependencies, builds and runs the
 # GoogleTest suite (plus the find_package consumer) through ctest, then runs pytest.
-# Needs GoogleTest installed (Debian: apt-get install libgtest-dev).
+# GoogleTest comes from the system (Debian's libgtest-dev, installed here when missing and root).
 # Environment: MEMKERNELS_TEST_CUDA=ON|OFF|AUTO for the ctest build (default AUTO),
 #              CMAKE_ARGS for the pip build (e.g. -DCMAKE_CUDA_ARCHITECTURES=90).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
+
+if ! [ -f /usr/include/gtest/gtest.h ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+  echo "== apt-get install libgtest-dev"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq libgtest-dev > /dev/null
+fi
 
 echo "== pip install .[test]"
 python -m pip install ".[test]"

@@ -1,0 +1,78 @@
+"""Shared benchmark helpers: best-of timing, peer detection, table printing, peak memory probes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def best_time(fn, repeat=5, min_time=0.2, sync=None):
+    """Best wall time of fn() over `repeat` runs (after one warm-up), at least min_time in total."""
+    fn()
+    if sync:
+        sync()
+    best, total, n = float("inf"), 0.0, 0
+    while n < repeat or total < min_time:
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        dt = time.perf_counter() - t
+        best, total, n = min(best, dt), total + dt, n + 1
+        if n >= 50:
+            break
+    return best
+
+
+def try_import(name):
+    try:
+        return __import__(name)
+    except Exception:
+        return None
+
+
+def print_table(title, headers, rows):
+    """Prints a Markdown table (so results can be pasted into bench/results/)."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join("---" for _ in headers) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    sys.stdout.flush()
+
+
+def fmt_ms(t):
+    return "n/a" if t is None else f"{t * 1e3:.2f}"
+
+
+def fmt_ratio(a, b):
+    """a / b as 'x.xx' (how many times faster we are when a is the peer time and b ours)."""
+    return "n/a" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def peak_extra_memory(code: str) -> int | None:
+    """Runs `code` in a fresh Python: it must set up inputs, then call `run()`. Returns the peak
+    resident memory added by run() in bytes (VmHWM after minus VmRSS before), Linux only."""
+    prog = f"""
+import json, sys
+{code}
+def _status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+before = _status('VmRSS:')
+run()
+print(json.dumps(_status('VmHWM:') - before))
+"""
+    try:
+        res = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ))
+        return int(json.loads(res.stdout.strip().splitlines()[-1]))
+    except Exception:
+        return None
+
+
+def fmt_mib(b):
+    return "n/a" if b is None else f"{b / 2**20:.1f}"

@@ -1,0 +1,126 @@
+"""Flash attention benchmark: memkernels vs naive NumPy vs PyTorch scaled_dot_product_attention.
+
+CPU (fp32): time, GFLOP/s, ratio torch/ours (target >= 1.0) and peak extra memory per method.
+GPU (bf16, when a CUDA device and torch with CUDA are present): TFLOP/s vs torch SDPA (flash).
+Usage: python bench/attention.py [--quick] [--no-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import best_time, fmt_mib, fmt_ms, fmt_ratio, peak_extra_memory, print_table, try_import  # noqa: E402
+
+import memkernels as mk  # noqa: E402
+
+CPU_SHAPES = [  # (batch, heads, seq, head_dim, causal)
+    (1, 16, 1024, 64, False),
+    (1, 16, 2048, 128, True),
+    (1, 8, 4096, 128, True),
+]
+
+
+def flops(b, h, s, d, causal):
+    return 4.0 * b * h * s * s * d / (2 if causal else 1)
+
+
+def naive_numpy(q, k, v, causal):
+    """Textbook attention on (batch, seq, heads, dim) arrays: materialises seq x seq scores."""
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    s = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    if causal:
+        s += np.triu(np.full(s.shape[-2:], -np.inf, dtype=s.dtype), 1)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    return (s @ vh).transpose(0, 2, 1, 3)
+
+
+SETUP = """
+import numpy as np
+b, h, s, d, causal = {b}, {h}, {s}, {d}, {causal}
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((b, s, h, d), dtype=np.float32) for _ in range(3))
+"""
+RUNNERS = {
+    "memkernels": "import memkernels as mk\nout = np.empty_like(q)\ndef run(): mk.flash_attention(q, k, v, causal=causal, out=out)",
+    "numpy": "import sys; sys.path.insert(0, {bench!r})\nfrom attention import naive_numpy\ndef run(): naive_numpy(q, k, v, causal)",
+    "torch": "import torch\nqt, kt, vt = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))\n"
+             "def run(): torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)",
+}
+
+
+def bench_cpu(quick: bool, memory: bool):
+    torch = try_import("torch")
+    rows = []
+    for b, h, s, d, causal in CPU_SHAPES[:2] if quick else CPU_SHAPES:
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((b, s, h, d), dtype=np.float32) for _ in range(3))
+        out = np.empty_like(q)
+        ours = best_time(lambda: mk.flash_attention(q, k, v, causal=causal, out=out))
+        naive = best_time(lambda: naive_numpy(q, k, v, causal), repeat=2)
+        t_torch = None
+        if torch is not None:
+            qt, kt, vt = (torch.from_numpy(a).transpose(1, 2) for a in (q, k, v))
+            t_torch = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+        mem = {}
+        if memory:
+            for name, code in RUNNERS.items():
+                if name == "torch" and torch is None:
+                    continue
+                setup = SETUP.format(b=b, h=h, s=s, d=d, causal=causal)
+                mem[name] = peak_extra_memory(setup + code.format(bench=os.path.dirname(os.path.abspath(__file__))))
+        gf = flops(b, h, s, d, causal) / 1e9
+        rows.append([f"B={b} H={h} S={s} D={d}{' causal' if causal else ''}", fmt_ms(ours), f"{gf / ours:.0f}",
+                     fmt_ms(naive), fmt_ms(t_torch), f"{gf / t_torch:.0f}" if t_torch else "n/a",
+                     fmt_ratio(naive, ours), fmt_ratio(t_torch, ours), fmt_mib(mem.get("memkernels")),
+                     fmt_mib(mem.get("numpy")), fmt_mib(mem.get("torch"))])
+    print_table(f"CPU flash attention fp32 ({mk.num_threads()} threads, ISA {mk.cpu_isa()})",
+                ["shape", "ours ms", "ours GFLOP/s", "numpy ms", "torch ms", "torch GFLOP/s", "numpy/ours",
+                 "torch/ours", "ours extra MiB", "numpy extra MiB", "torch extra MiB"], rows)
+
+
+def bench_gpu(quick: bool):
+    torch = try_import("torch")
+    if torch is None or not torch.cuda.is_available() or not mk.info()["cuda_available"]:
+        print("\n(GPU benchmark skipped: needs a CUDA device, a CUDA build of memkernels and torch with CUDA)")
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    seqs = [1024, 4096] if quick else [1024, 2048, 4096, 8192, 16384]
+    for d in (64, 128):
+        for s in seqs:
+            for causal in (False, True):
+                b, h = max(1, 16384 // s), 2048 // d
+                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                out = torch.empty_like(q)
+                sync = torch.cuda.synchronize
+                ours = best_time(lambda: mk.flash_attention(q, k, v, causal=causal, out=out), sync=sync)
+                qt, kt, vt = (a.transpose(1, 2) for a in (q, k, v))
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    ref = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                                    sync=sync)
+                tf = flops(b, h, s, d, causal) / 1e12
+                rows.append([f"B={b} H={h} S={s} D={d}{' causal' if causal else ''}", fmt_ms(ours), f"{tf / ours:.0f}",
+                             fmt_ms(ref), f"{tf / ref:.0f}", fmt_ratio(ref, ours)])
+    print_table(f"GPU flash attention bf16 ({torch.cuda.get_device_name()})",
+                ["shape", "ours ms", "ours TFLOP/s", "torch SDPA ms", "torch TFLOP/s", "torch/ours"], rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs")
+    ap.add_argument("--gpu-only", action="store_true")
+    args = ap.parse_args()
+    if not args.gpu_only:
+        bench_cpu(args.quick, not args.no_memory)
+    bench_gpu(args.quick)
+
+
+if __name__ == "__main__":
+    main()
