@@ -54,11 +54,89 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _find_bench_dir(given):
+    import os
+
+    for cand in [given, os.path.join(os.getcwd(), "bench"),
+                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench")]:
+        if cand and os.path.isfile(os.path.join(cand, "_common.py")):
+            return os.path.abspath(cand)
+    return None
+
+
+def _ratio_rows(bench_name, text):
+    """Pulls every ratio cell ('1.23x' under a header containing '/') out of the Markdown tables a
+    benchmark printed: (benchmark, table, case, column, value)."""
+    rows, table, headers = [], "", None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("### "):
+            table, headers = line[4:], None
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if headers is None:
+                headers = cells
+                continue
+            for h, c in zip(headers, cells):
+                if "/" in h and c.endswith("x"):
+                    try:
+                        rows.append((bench_name, table, cells[0], h, float(c[:-1])))
+                    except ValueError:
+                        pass
+        elif not line.startswith("|"):
+            headers = None if not line else headers
+    return rows
+
+
+def cmd_bench(args) -> int:
+    import glob
+    import json
+    import os
+    import subprocess
+
+    bench_dir = _find_bench_dir(args.bench_dir)
+    if bench_dir is None:
+        print("error: no bench/ directory found (run from the source tree or pass --bench-dir)", file=sys.stderr)
+        return 2
+    scripts = sorted(p for p in glob.glob(os.path.join(bench_dir, "*.py")) if not os.path.basename(p).startswith("_"))
+    if args.only:
+        scripts = [p for p in scripts if os.path.splitext(os.path.basename(p))[0] in args.only]
+    summary, failed = [], []
+    for path in scripts:
+        name = os.path.splitext(os.path.basename(path))[0]
+        cmd = [sys.executable, path] + (["--quick"] if args.quick else [])
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        print(res.stdout, end="")
+        if res.returncode != 0:
+            failed.append(name)
+            print(res.stderr[-2000:], file=sys.stderr)
+        summary += _ratio_rows(name, res.stdout)
+    print("\n### Summary: ratios against peers (> 1 means memkernels is faster / smaller)\n")
+    print("| benchmark | table | case | ratio | value |")
+    print("|---|---|---|---|---|")
+    for bench, table, case, col, val in summary:
+        print(f"| {bench} | {table} | {case} | {col} | {val:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": mk.info(), "failed": failed,
+                       "ratios": [dict(benchmark=b, table=t, case=c, ratio=r, value=v) for b, t, c, r, v in summary]},
+                      f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build and machine information").set_defaults(fn=cmd_info)
     sub.add_parser("demo", help="run the kernels on this machine and check them").set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="run every benchmark in bench/ and print a summary of ratios")
+    b.add_argument("--quick", action="store_true", help="fewer shapes per benchmark")
+    b.add_argument("--json", metavar="FILE", help="also write the ratios as JSON")
+    b.add_argument("--bench-dir", help="the bench/ folder (default: ./bench or the source tree's)")
+    b.add_argument("--only", nargs="*", help="benchmark names to run (default: all)")
+    b.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 
