@@ -1,0 +1,345 @@
+// CPU paged attention (decode and prefill over cached pages), memory-bound design.
+//
+// A task is (sequence, kv head, block of query positions, KV split). Its rows are every query
+// head of the kv head's group for those positions, so each K/V token is read once for the whole
+// group. Keys are walked page by page in blocks of at most BK tokens (a block never crosses a
+// page); for each block: S = q . k (vectorised over head_dim, one horizontal sum per row and key),
+// mask, online softmax in base 2 (q is pre-scaled by scale * log2 e), O += P V with register
+// accumulators. K/V are read straight from the pages in their own dtype (fp16/bf16 widened in
+// registers) when head_dim is a multiple of the vector width; other head dims go through a small
+// fp32 staging buffer. Long contexts with little other work are split across threads (split-KV):
+// each piece keeps its unnormalised O, running max and sum, and a second pass merges them by LSE.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../paged_internal.h"
+#include "convert.h"
+#include "simd.h"
+
+namespace memkernels::cpu::MK_ISA_NS {
+namespace {
+
+constexpr int VL = VecF::N;
+constexpr int RMAX = 16;  // rows per task (query heads x positions)
+constexpr int BK = 32;    // keys per online-softmax step
+constexpr int MIN_SPLIT_KEYS = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct F16 { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+template <typename T> inline VecF load_vec(const T* p);
+template <> inline VecF load_vec<float>(const float* p) { return VecF::load(p); }
+template <> inline VecF load_vec<F16>(const F16* p) {
+#if defined(MK_ISA_AVX512)
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+#elif defined(MK_ISA_AVX2)
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+#else
+  float t[VL];
+  for (int i = 0; i < VL; ++i) t[i] = half_to_float(p[i].bits);
+  return VecF::load(t);
+#endif
+}
+template <> inline VecF load_vec<BF16>(const BF16* p) {
+#if defined(MK_ISA_AVX512)
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+#elif defined(MK_ISA_AVX2)
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+#else
+  float t[VL];
+  for (int i = 0; i < VL; ++i) t[i] = bf16_to_float(p[i].bits);
+  return VecF::load(t);
+#endif
+}
+
+struct Task {
+  int b, g, r0, r1;       // sequence, kv head, rows [r0, r1) of its (position, head in group) grid
+  int kv_lo, kv_hi;       // keys [kv_lo, kv_hi) of this split
+  int split;              // index of this piece, -1 when the sequence is not split
+  int64_t scratch;        // float offset of this piece's partial results
+};
+
+struct State {
+  int rows = 0, dp = 0;
+  float* q;  // [RMAX][dp] pre-scaled
+  float* o;  // [RMAX][dp]
+  float m[RMAX], l[RMAX];
+  float s[RMAX][BK];
+};
+
+// S[r][j] = q_r . k_j for r < rows, j < nk; keys at kp + j * stride.
+template <typename T>
+inline void scores(State& st, const T* kp, int64_t stride, int nk) {
+  const int nv = st.dp / VL;
+  for (int j = 0; j < nk; ++j) {
+    const T* kj = kp + j * stride;
+    int r = 0;
+    for (; r + 4 <= st.rows; r += 4) {
+      VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
+      const float* q0 = st.q + r * st.dp;
+      for (int c = 0; c < nv; ++c) {
+        VecF kv = load_vec(kj + c * VL);
+        a0 = VecF::fma(VecF::load(q0 + c * VL), kv, a0);
+        a1 = VecF::fma(VecF::load(q0 + st.dp + c * VL), kv, a1);
+        a2 = VecF::fma(VecF::load(q0 + 2 * st.dp + c * VL), kv, a2);
+        a3 = VecF::fma(VecF::load(q0 + 3 * st.dp + c * VL), kv, a3);
+      }
+      st.s[r][j] = a0.reduce_add();
+      st.s[r + 1][j] = a1.reduce_add();
+      st.s[r + 2][j] = a2.reduce_add();
+      st.s[r + 3][j] = a3.reduce_add();
+    }
+    for (; r < st.rows; ++r) {
+      VecF a = VecF::zero();
+      const float* qr = st.q + r * st.dp;
+      for (int c = 0; c < nv; ++c) a = VecF::fma(VecF::load(qr + c * VL), load_vec(kj + c * VL), a);
+      st.s[r][j] = a.reduce_add();
+    }
+  }
+}
+
+// O[r] += sum_j P[r][j] v_j, rows in tiles of R, columns in chunks of up to 4 vectors.
+template <int R, typename T>
+inline void pv_rows(State& st, int r0, const T* vp, int64_t stride, int nk) {
+  const int nv = st.dp / VL;
+  for (int c0 = 0; c0 < nv; c0 += 4) {
+    const int nc = std::min(4, nv - c0);
+    VecF acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < nc; ++c) acc[r][c] = VecF::load(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
+    for (int j = 0; j < nk; ++j) {
+      const T* vj = vp + j * stride + c0 * VL;
+      VecF vv[4];
+      for (int c = 0; c < nc; ++c) vv[c] = load_vec(vj + c * VL);
+      for (int r = 0; r < R; ++r) {
+        VecF pj = VecF::set1(st.s[r0 + r][j]);
+        for (int c = 0; c < nc; ++c) acc[r][c] = VecF::fma(pj, vv[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < nc; ++c) acc[r][c].store(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
+  }
+}
+
+template <typename T>
+inline void pv(State& st, const T* vp, int64_t stride, int nk) {
+  int r = 0;
+  for (; r + 4 <= st.rows; r += 4) pv_rows<4>(st, r, vp, stride, nk);
+  for (; r + 2 <= st.rows; r += 2) pv_rows<2>(st, r, vp, stride, nk);
+  for (; r < st.rows; ++r) pv_rows<1>(st, r, vp, stride, nk);
+}
+
+// Online-softmax update of block S (nk keys): P overwrites S, O is rescaled.
+inline void softmax_block(State& st, int nk) {
+  for (int r = 0; r < st.rows; ++r) {
+    float* srow = st.s[r];
+    for (int j = nk; j < BK; ++j) srow[j] = kNegInf;
+    VecF vmax = VecF::set1(kNegInf);
+    for (int c = 0; c < BK; c += VL) vmax = VecF::max(vmax, VecF::load(srow + c));
+    const float m_new = std::max(st.m[r], vmax.reduce_max());
+    if (m_new == kNegInf) {
+      std::fill(srow, srow + BK, 0.0f);
+      continue;
+    }
+    const VecF vm = VecF::set1(m_new);
+    VecF vsum = VecF::zero();
+    for (int c = 0; c < BK; c += VL) {
+      VecF e = exp2(VecF::load(srow + c) - vm);
+      e.store(srow + c);
+      vsum = vsum + e;
+    }
+    const float alpha = std::exp2(st.m[r] - m_new);
+    st.l[r] = st.l[r] * alpha + vsum.reduce_add();
+    st.m[r] = m_new;
+    if (alpha != 1.0f) {
+      float* orow = st.o + r * st.dp;
+      const VecF va = VecF::set1(alpha);
+      for (int c = 0; c < st.dp; c += VL) (VecF::load(orow + c) * va).store(orow + c);
+    }
+  }
+}
+
+template <typename T>
+void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
+              float* row) {
+  const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp;
+  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
+  st.rows = t.r1 - t.r0;
+  const bool capped = p.softcap > 0.0f;
+  const float q_scale = capped ? p.scale : p.scale * kLog2e;
+  const int esize = dtype_size(p.dtype);
+  const char* qbase = static_cast<const char*>(p.q);
+  for (int r = 0; r < st.rows; ++r) {
+    const int pos = (t.r0 + r) / group, h = t.g * group + (t.r0 + r) % group;
+    float* dst = st.q + r * dp;
+    load_floats(qbase + (int64_t(p.q0(t.b) + pos) * p.q_row + h * p.q_head) * esize, p.dtype, D, dst, q_scale);
+    std::fill(dst + D, dst + dp, 0.0f);
+    std::fill(st.o + r * dp, st.o + (r + 1) * dp, 0.0f);
+    st.m[r] = kNegInf;
+    st.l[r] = 0.0f;
+  }
+  int hi = t.kv_hi;
+  if (p.causal) hi = std::min(hi, (t.r1 - 1) / group + off + 1);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const bool direct = D % VL == 0;
+  for (int j0 = t.kv_lo; j0 < hi;) {
+    const int pg = j0 / p.page_size, in_page = j0 % p.page_size;
+    const int nk = std::min({BK, hi - j0, p.page_size - in_page});
+    const T* kp = kbase + pages[pg] * p.k_page + int64_t(in_page) * p.k_tok + t.g * p.k_head;
+    const T* vp = vbase + pages[pg] * p.v_page + int64_t(in_page) * p.v_tok + t.g * p.v_head;
+    if (direct) {
+      scores(st, kp, p.k_tok, nk);
+    } else {
+      for (int j = 0; j < nk; ++j) {
+        load_floats(kp + j * p.k_tok, p.dtype, D, kbuf + j * dp);
+        std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
+        load_floats(vp + j * p.v_tok, p.dtype, D, vbuf + j * dp);
+        std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
+      }
+      scores(st, kbuf, dp, nk);
+    }
+    if (capped)
+      for (int r = 0; r < st.rows; ++r)
+        for (int j = 0; j < nk; ++j) st.s[r][j] = p.softcap * std::tanh(st.s[r][j] / p.softcap) * kLog2e;
+    if (p.causal && j0 + nk - 1 > t.r0 / group + off) {
+      for (int r = 0; r < st.rows; ++r) {
+        const int last = (t.r0 + r) / group + off;  // last visible key of this row
+        for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r][j] = kNegInf;
+      }
+    }
+    softmax_block(st, nk);
+    if (direct)
+      pv(st, vp, p.v_tok, nk);
+    else
+      pv(st, vbuf, dp, nk);
+    j0 += nk;
+  }
+
+  if (t.split >= 0) {  // partial result: unnormalised O, max (base 2), sum
+    for (int r = 0; r < st.rows; ++r) {
+      float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
+      std::copy(st.o + r * dp, st.o + r * dp + D, dst);
+      dst[D] = st.m[r];
+      dst[D + 1] = st.l[r];
+    }
+    return;
+  }
+  char* out = static_cast<char*>(p.out);
+  for (int r = 0; r < st.rows; ++r) {
+    const int pos = (t.r0 + r) / group, h = t.g * group + (t.r0 + r) % group;
+    const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
+    const int64_t qrow = p.q0(t.b) + pos;
+    store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
+    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
+  }
+}
+
+}  // namespace
+
+void paged_attention(const PagedProblem& p) {
+  const int threads = num_threads();
+  const int D = p.head_dim, dp = (D + VL - 1) / VL * VL;
+  const int group = p.heads / p.kv_heads;
+  // Work without splitting, in tasks and in keys, decides the split count.
+  int64_t base_tasks = 0;
+  for (int b = 0; b < p.batch; ++b) base_tasks += int64_t(p.kv_heads) * ((int64_t(p.q_len(b)) * group + RMAX - 1) / RMAX);
+  int splits = p.num_splits > 0 ? p.num_splits : 1;
+  if (p.num_splits <= 0 && base_tasks < 2 * threads)
+    splits = int(std::min<int64_t>((2 * threads + base_tasks - 1) / std::max<int64_t>(base_tasks, 1),
+                                   std::max(1, p.max_kv_len / MIN_SPLIT_KEYS)));
+  splits = std::max(1, std::min(splits, std::max(1, p.max_kv_len)));
+
+  std::vector<Task> tasks;
+  tasks.reserve(size_t(base_tasks) * splits);
+  int64_t scratch_floats = 0;
+  struct Merge { int b, g, r0, r1, nsplit; int64_t scratch; };
+  std::vector<Merge> merges;
+  for (int b = 0; b < p.batch; ++b) {
+    const int qlen = p.q_len(b), kvlen = p.kv_len(b);
+    const int ns = splits > 1 ? std::max(1, std::min(splits, (kvlen + BK - 1) / BK)) : 1;
+    const int chunk = ns > 1 ? (kvlen + ns - 1) / ns : kvlen;
+    for (int g = 0; g < p.kv_heads; ++g)
+      for (int r0 = 0; r0 < qlen * group; r0 += RMAX) {
+        const int r1 = std::min(qlen * group, r0 + RMAX);
+        if (ns == 1) {
+          tasks.push_back({b, g, r0, r1, 0, kvlen, -1, 0});
+          continue;
+        }
+        const int64_t piece = int64_t(r1 - r0) * (dp + 2);
+        merges.push_back({b, g, r0, r1, ns, scratch_floats});
+        for (int s = 0; s < ns; ++s) {
+          tasks.push_back({b, g, r0, r1, std::min(kvlen, s * chunk), std::min(kvlen, (s + 1) * chunk), s,
+                           scratch_floats});
+          scratch_floats += piece;
+        }
+      }
+  }
+  std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+  const int ntasks = int(tasks.size());
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qbuf(size_t(RMAX) * dp), obuf(size_t(RMAX) * dp), kbuf(size_t(BK) * dp),
+        vbuf(size_t(BK) * dp), row(dp);
+    State st;
+    st.dp = dp;
+    st.q = qbuf.data();
+    st.o = obuf.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < ntasks; ++i) {
+      const Task& t = tasks[i];
+      switch (p.dtype) {
+        case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+      }
+    }
+    // Merge split pieces by their log-sum-exp.
+    const int nmerge = int(merges.size());
+    const int esize = dtype_size(p.dtype);
+#pragma omp for schedule(static)
+    for (int i = 0; i < nmerge; ++i) {
+      const Merge& mg = merges[i];
+      const int rows = mg.r1 - mg.r0;
+      const int64_t piece = int64_t(rows) * (dp + 2);
+      for (int r = 0; r < rows; ++r) {
+        float mmax = kNegInf;
+        for (int s = 0; s < mg.nsplit; ++s) {
+          const float* src = scratch.data() + mg.scratch + s * piece + int64_t(r) * (dp + 2);
+          if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
+        }
+        std::fill(row.begin(), row.begin() + D, 0.0f);
+        float l = 0.0f;
+        if (mmax != kNegInf) {
+          for (int s = 0; s < mg.nsplit; ++s) {
+            const float* src = scratch.data() + mg.scratch + s * piece + int64_t(r) * (dp + 2);
+            if (!(src[D + 1] > 0.0f)) continue;
+            const float w = std::exp2(src[D] - mmax);
+            l += src[D + 1] * w;
+            for (int d = 0; d < D; ++d) row[d] += src[d] * w;
+          }
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int d = 0; d < D; ++d) row[d] *= inv;
+        const int pos = (mg.r0 + r) / group, h = mg.g * group + (mg.r0 + r) % group;
+        const int64_t qrow = p.q0(mg.b) + pos;
+        store_floats(row.data(), p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
+        if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
+      }
+    }
+  }
+}
+
+}  // namespace memkernels::cpu::MK_ISA_NS
