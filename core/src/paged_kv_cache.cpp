@@ -426,7 +426,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
           std::string("append: ") + names[i] + " must be (tokens, kv_heads=" + str(m.kvh) + ", head_dim=" + str(m.D) +
               "), got " + t.shape_str());
-    check(t.stride(2) == 1 && t.stride(1) == m.D, ErrorKind::Value,
+    check(t.size(0) == 0 || (t.stride(2) == 1 && t.stride(1) == m.D), ErrorKind::Value,
           std::string("append: ") + names[i] + ": each token's (kv_heads, head_dim) block must be contiguous");
   }
   check(k.size(0) == v.size(0), ErrorKind::Value,
