@@ -1,9 +1,10 @@
 // CPU paged attention (decode and prefill over cached pages), memory-bound design.
 //
-// A task is (sequence, kv head, block of query positions, KV split). Its rows are every query
-// head of the kv head's group for those positions, so each K/V token is read once for the whole
-// group. Keys are walked page by page in blocks of at most BK tokens (a block never crosses a
-// page); for each block: S = q . k (vectorised over head_dim, one horizontal sum per row and key),
+// A task is (sequence, block of query positions, range of kv heads, KV split); normally all kv
+// heads, so a task sweeps whole tokens (kv_heads * head_dim contiguous elements) and memory is
+// read in order, once. Its rows are every query head of those kv heads for those positions, so
+// each K/V row is read once for the whole group. Keys are walked page by page in blocks of at most
+// BK tokens (a block never crosses a page); for each block and kv head: S = q . k (vectorised over head_dim, one horizontal sum per row and key),
 // mask, online softmax in base 2 (q is pre-scaled by scale * log2 e), O += P V with register
 // accumulators. K/V are read straight from the pages in their own dtype (fp16/bf16 widened in
 // registers) when head_dim is a multiple of the vector width; other head dims go through a small
@@ -24,7 +25,7 @@ namespace memkernels::cpu::MK_ISA_NS {
 namespace {
 
 constexpr int VL = VecF::N;
-constexpr int RMAX = 16;  // rows per task (query heads x positions)
+constexpr int RMAX = 64;  // rows per task (query heads x positions), unless one group is larger
 constexpr int BK = 32;    // keys per online-softmax step
 constexpr int MIN_SPLIT_KEYS = 256;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -61,29 +62,44 @@ template <> inline VecF load_vec<BF16>(const BF16* p) {
 #endif
 }
 
+// K/V rows of one kv head are head_dim elements every kv_heads * head_dim: a stride the hardware
+// prefetcher does not follow across 4 KiB pages, so rows are prefetched by hand, a few keys ahead.
+constexpr int PF = 8;
+inline void prefetch_row(const void* p, int bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
 struct Task {
-  int b, g, r0, r1;       // sequence, kv head, rows [r0, r1) of its (position, head in group) grid
+  int b, p0, p1, g0, g1;  // sequence, query positions [p0, p1), kv heads [g0, g1)
   int kv_lo, kv_hi;       // keys [kv_lo, kv_hi) of this split
   int split;              // index of this piece, -1 when the sequence is not split
   int64_t scratch;        // float offset of this piece's partial results
 };
 
+// Rows of a task are ordered (kv head, position, head in group): the rows of one kv head are
+// contiguous, [gl * rpg, (gl + 1) * rpg) with rpg = positions * group.
 struct State {
   int rows = 0, dp = 0;
-  float* q;  // [RMAX][dp] pre-scaled
-  float* o;  // [RMAX][dp]
-  float m[RMAX], l[RMAX];
-  float s[RMAX][BK];
+  float* q;  // [rows][dp] pre-scaled
+  float* o;  // [rows][dp]
+  float* m;
+  float* l;
+  float* s;  // [rows][BK]
 };
 
-// S[r][j] = q_r . k_j for r < rows, j < nk; keys at kp + j * stride.
+// S[r][j] = q_r . k_j for r in [ra, rb), j < nk; keys at kp + j * stride. Prefetches the V rows
+// of the block and the K rows PF keys ahead.
 template <typename T>
-inline void scores(State& st, const T* kp, int64_t stride, int nk) {
+inline void scores(State& st, int ra, int rb, const T* kp, int64_t stride, int nk, const T* vp, int64_t vstride) {
   const int nv = st.dp / VL;
+  const int row_bytes = st.dp * int(sizeof(T));
   for (int j = 0; j < nk; ++j) {
     const T* kj = kp + j * stride;
-    int r = 0;
-    for (; r + 4 <= st.rows; r += 4) {
+    if (j + PF < nk) prefetch_row(kj + PF * stride, row_bytes);
+    if (vp) prefetch_row(vp + j * vstride, row_bytes);
+    int r = ra;
+    for (; r + 4 <= rb; r += 4) {
       VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
       const float* q0 = st.q + r * st.dp;
       for (int c = 0; c < nv; ++c) {
@@ -93,55 +109,59 @@ inline void scores(State& st, const T* kp, int64_t stride, int nk) {
         a2 = VecF::fma(VecF::load(q0 + 2 * st.dp + c * VL), kv, a2);
         a3 = VecF::fma(VecF::load(q0 + 3 * st.dp + c * VL), kv, a3);
       }
-      st.s[r][j] = a0.reduce_add();
-      st.s[r + 1][j] = a1.reduce_add();
-      st.s[r + 2][j] = a2.reduce_add();
-      st.s[r + 3][j] = a3.reduce_add();
+      st.s[r * BK + j] = a0.reduce_add();
+      st.s[(r + 1) * BK + j] = a1.reduce_add();
+      st.s[(r + 2) * BK + j] = a2.reduce_add();
+      st.s[(r + 3) * BK + j] = a3.reduce_add();
     }
-    for (; r < st.rows; ++r) {
+    for (; r < rb; ++r) {
       VecF a = VecF::zero();
       const float* qr = st.q + r * st.dp;
       for (int c = 0; c < nv; ++c) a = VecF::fma(VecF::load(qr + c * VL), load_vec(kj + c * VL), a);
-      st.s[r][j] = a.reduce_add();
+      st.s[r * BK + j] = a.reduce_add();
     }
   }
 }
 
-// O[r] += sum_j P[r][j] v_j, rows in tiles of R, columns in chunks of up to 4 vectors.
+// O[r0:r0+R][c0:c0+NC vectors] += sum_j P[r][j] v_j, all in registers (compile-time tile).
+template <int R, int NC, typename T>
+inline void pv_tile(State& st, int r0, int c0, const T* vp, int64_t stride, int nk) {
+  VecF acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = VecF::load(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
+  for (int j = 0; j < nk; ++j) {
+    const T* vj = vp + j * stride + c0 * VL;
+    VecF vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load_vec(vj + c * VL);
+    for (int r = 0; r < R; ++r) {
+      VecF pj = VecF::set1(st.s[(r0 + r) * BK + j]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = VecF::fma(pj, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c].store(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
+}
+
 template <int R, typename T>
 inline void pv_rows(State& st, int r0, const T* vp, int64_t stride, int nk) {
   const int nv = st.dp / VL;
-  for (int c0 = 0; c0 < nv; c0 += 4) {
-    const int nc = std::min(4, nv - c0);
-    VecF acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < nc; ++c) acc[r][c] = VecF::load(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
-    for (int j = 0; j < nk; ++j) {
-      const T* vj = vp + j * stride + c0 * VL;
-      VecF vv[4];
-      for (int c = 0; c < nc; ++c) vv[c] = load_vec(vj + c * VL);
-      for (int r = 0; r < R; ++r) {
-        VecF pj = VecF::set1(st.s[r0 + r][j]);
-        for (int c = 0; c < nc; ++c) acc[r][c] = VecF::fma(pj, vv[c], acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < nc; ++c) acc[r][c].store(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
-  }
+  int c0 = 0;
+  for (; c0 + 4 <= nv; c0 += 4) pv_tile<R, 4>(st, r0, c0, vp, stride, nk);
+  for (; c0 < nv; ++c0) pv_tile<R, 1>(st, r0, c0, vp, stride, nk);
 }
 
 template <typename T>
-inline void pv(State& st, const T* vp, int64_t stride, int nk) {
-  int r = 0;
-  for (; r + 4 <= st.rows; r += 4) pv_rows<4>(st, r, vp, stride, nk);
-  for (; r + 2 <= st.rows; r += 2) pv_rows<2>(st, r, vp, stride, nk);
-  for (; r < st.rows; ++r) pv_rows<1>(st, r, vp, stride, nk);
+inline void pv(State& st, int ra, int rb, const T* vp, int64_t stride, int nk) {
+  int r = ra;
+  for (; r + 4 <= rb; r += 4) pv_rows<4>(st, r, vp, stride, nk);
+  for (; r + 2 <= rb; r += 2) pv_rows<2>(st, r, vp, stride, nk);
+  for (; r < rb; ++r) pv_rows<1>(st, r, vp, stride, nk);
 }
 
-// Online-softmax update of block S (nk keys): P overwrites S, O is rescaled.
-inline void softmax_block(State& st, int nk) {
-  for (int r = 0; r < st.rows; ++r) {
-    float* srow = st.s[r];
+// Online-softmax update of rows [ra, rb) for a block of nk keys: P overwrites S, O is rescaled.
+inline void softmax_block(State& st, int ra, int rb, int nk) {
+  for (int r = ra; r < rb; ++r) {
+    float* srow = st.s + r * BK;
     for (int j = nk; j < BK; ++j) srow[j] = kNegInf;
     VecF vmax = VecF::set1(kNegInf);
     for (int c = 0; c < BK; c += VL) vmax = VecF::max(vmax, VecF::load(srow + c));
@@ -168,27 +188,35 @@ inline void softmax_block(State& st, int nk) {
   }
 }
 
+struct RowMap {  // row r of a task -> (position, q head)
+  int p0, g0, group, rpg;
+  int pos(int r) const { return p0 + (r % rpg) / group; }
+  int head(int r) const { return (g0 + r / rpg) * group + (r % rpg) % group; }
+};
+
 template <typename T>
 void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
               float* row) {
   const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp;
   const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
-  st.rows = t.r1 - t.r0;
+  const int rpg = (t.p1 - t.p0) * group;
+  const RowMap rm{t.p0, t.g0, group, rpg};
+  st.rows = rpg * (t.g1 - t.g0);
   const bool capped = p.softcap > 0.0f;
   const float q_scale = capped ? p.scale : p.scale * kLog2e;
   const int esize = dtype_size(p.dtype);
   const char* qbase = static_cast<const char*>(p.q);
   for (int r = 0; r < st.rows; ++r) {
-    const int pos = (t.r0 + r) / group, h = t.g * group + (t.r0 + r) % group;
     float* dst = st.q + r * dp;
-    load_floats(qbase + (int64_t(p.q0(t.b) + pos) * p.q_row + h * p.q_head) * esize, p.dtype, D, dst, q_scale);
+    load_floats(qbase + (int64_t(p.q0(t.b) + rm.pos(r)) * p.q_row + rm.head(r) * p.q_head) * esize, p.dtype, D, dst,
+                q_scale);
     std::fill(dst + D, dst + dp, 0.0f);
     std::fill(st.o + r * dp, st.o + (r + 1) * dp, 0.0f);
     st.m[r] = kNegInf;
     st.l[r] = 0.0f;
   }
   int hi = t.kv_hi;
-  if (p.causal) hi = std::min(hi, (t.r1 - 1) / group + off + 1);
+  if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
@@ -196,33 +224,45 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
   for (int j0 = t.kv_lo; j0 < hi;) {
     const int pg = j0 / p.page_size, in_page = j0 % p.page_size;
     const int nk = std::min({BK, hi - j0, p.page_size - in_page});
-    const T* kp = kbase + pages[pg] * p.k_page + int64_t(in_page) * p.k_tok + t.g * p.k_head;
-    const T* vp = vbase + pages[pg] * p.v_page + int64_t(in_page) * p.v_tok + t.g * p.v_head;
-    if (direct) {
-      scores(st, kp, p.k_tok, nk);
-    } else {
-      for (int j = 0; j < nk; ++j) {
-        load_floats(kp + j * p.k_tok, p.dtype, D, kbuf + j * dp);
-        std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
-        load_floats(vp + j * p.v_tok, p.dtype, D, vbuf + j * dp);
-        std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
+    const T* kblock = kbase + pages[pg] * p.k_page + int64_t(in_page) * p.k_tok;
+    const T* vblock = vbase + pages[pg] * p.v_page + int64_t(in_page) * p.v_tok;
+    const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
+    for (int g = t.g0; g < t.g1; ++g) {
+      const int ra = (g - t.g0) * rpg, rb = ra + rpg;
+      const T* kp = kblock + g * p.k_head;
+      const T* vp = vblock + g * p.v_head;
+      if (direct) {
+        scores(st, ra, rb, kp, p.k_tok, nk, vp, p.v_tok);
+      } else {
+        for (int j = 0; j < nk; ++j) {
+          load_floats(kp + j * p.k_tok, p.dtype, D, kbuf + j * dp);
+          std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
+          load_floats(vp + j * p.v_tok, p.dtype, D, vbuf + j * dp);
+          std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
+        }
+        scores(st, ra, rb, static_cast<const float*>(kbuf), dp, nk, static_cast<const float*>(nullptr), 0);
       }
-      scores(st, kbuf, dp, nk);
-    }
-    if (capped)
-      for (int r = 0; r < st.rows; ++r)
-        for (int j = 0; j < nk; ++j) st.s[r][j] = p.softcap * std::tanh(st.s[r][j] / p.softcap) * kLog2e;
-    if (p.causal && j0 + nk - 1 > t.r0 / group + off) {
-      for (int r = 0; r < st.rows; ++r) {
-        const int last = (t.r0 + r) / group + off;  // last visible key of this row
-        for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r][j] = kNegInf;
+      if (capped)
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
+      if (masked) {
+        for (int r = ra; r < rb; ++r) {
+          const int last = rm.pos(r) + off;  // last visible key of this row
+          for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r * BK + j] = kNegInf;
+        }
       }
+      if (direct && j0 + nk < hi) {  // the next block's first keys of this head
+        const int nj = j0 + nk, npg = nj / p.page_size;
+        const T* nkp = kbase + pages[npg] * p.k_page + int64_t(nj % p.page_size) * p.k_tok + g * p.k_head;
+        const int cnt = std::min({PF, hi - nj, p.page_size - nj % p.page_size});
+        for (int j = 0; j < cnt; ++j) prefetch_row(nkp + j * p.k_tok, D * int(sizeof(T)));
+      }
+      softmax_block(st, ra, rb, nk);
+      if (direct)
+        pv(st, ra, rb, vp, p.v_tok, nk);
+      else
+        pv(st, ra, rb, static_cast<const float*>(vbuf), dp, nk);
     }
-    softmax_block(st, nk);
-    if (direct)
-      pv(st, vp, p.v_tok, nk);
-    else
-      pv(st, vbuf, dp, nk);
     j0 += nk;
   }
 
@@ -237,10 +277,10 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
   }
   char* out = static_cast<char*>(p.out);
   for (int r = 0; r < st.rows; ++r) {
-    const int pos = (t.r0 + r) / group, h = t.g * group + (t.r0 + r) % group;
+    const int h = rm.head(r);
     const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
-    const int64_t qrow = p.q0(t.b) + pos;
+    const int64_t qrow = p.q0(t.b) + rm.pos(r);
     store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
     if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
   }
@@ -252,9 +292,13 @@ void paged_attention(const PagedProblem& p) {
   const int threads = num_threads();
   const int D = p.head_dim, dp = (D + VL - 1) / VL * VL;
   const int group = p.heads / p.kv_heads;
-  // Work without splitting, in tasks and in keys, decides the split count.
+  // Rows per task: all heads for a few positions; kv heads split only when the heads exceed RMAX.
+  const int nkv = std::max(1, std::min(p.kv_heads, RMAX / group));
+  const int npos = std::max(1, RMAX / (nkv * group));
+  const int max_rows = std::max(RMAX, group);
+  const int kv_tasks = (p.kv_heads + nkv - 1) / nkv;
   int64_t base_tasks = 0;
-  for (int b = 0; b < p.batch; ++b) base_tasks += int64_t(p.kv_heads) * ((int64_t(p.q_len(b)) * group + RMAX - 1) / RMAX);
+  for (int b = 0; b < p.batch; ++b) base_tasks += int64_t(kv_tasks) * ((p.q_len(b) + npos - 1) / npos);
   int splits = p.num_splits > 0 ? p.num_splits : 1;
   if (p.num_splits <= 0 && base_tasks < 2 * threads)
     splits = int(std::min<int64_t>((2 * threads + base_tasks - 1) / std::max<int64_t>(base_tasks, 1),
@@ -264,23 +308,23 @@ void paged_attention(const PagedProblem& p) {
   std::vector<Task> tasks;
   tasks.reserve(size_t(base_tasks) * splits);
   int64_t scratch_floats = 0;
-  struct Merge { int b, g, r0, r1, nsplit; int64_t scratch; };
+  struct Merge { Task t; int nsplit; };
   std::vector<Merge> merges;
   for (int b = 0; b < p.batch; ++b) {
     const int qlen = p.q_len(b), kvlen = p.kv_len(b);
     const int ns = splits > 1 ? std::max(1, std::min(splits, (kvlen + BK - 1) / BK)) : 1;
     const int chunk = ns > 1 ? (kvlen + ns - 1) / ns : kvlen;
-    for (int g = 0; g < p.kv_heads; ++g)
-      for (int r0 = 0; r0 < qlen * group; r0 += RMAX) {
-        const int r1 = std::min(qlen * group, r0 + RMAX);
+    for (int g0 = 0; g0 < p.kv_heads; g0 += nkv)
+      for (int p0 = 0; p0 < qlen; p0 += npos) {
+        const int p1 = std::min(qlen, p0 + npos), g1 = std::min(p.kv_heads, g0 + nkv);
         if (ns == 1) {
-          tasks.push_back({b, g, r0, r1, 0, kvlen, -1, 0});
+          tasks.push_back({b, p0, p1, g0, g1, 0, kvlen, -1, 0});
           continue;
         }
-        const int64_t piece = int64_t(r1 - r0) * (dp + 2);
-        merges.push_back({b, g, r0, r1, ns, scratch_floats});
+        const int64_t piece = int64_t(p1 - p0) * (g1 - g0) * group * (dp + 2);
+        merges.push_back({{b, p0, p1, g0, g1, 0, kvlen, -1, scratch_floats}, ns});
         for (int s = 0; s < ns; ++s) {
-          tasks.push_back({b, g, r0, r1, std::min(kvlen, s * chunk), std::min(kvlen, (s + 1) * chunk), s,
+          tasks.push_back({b, p0, p1, g0, g1, std::min(kvlen, s * chunk), std::min(kvlen, (s + 1) * chunk), s,
                            scratch_floats});
           scratch_floats += piece;
         }
@@ -291,12 +335,11 @@ void paged_attention(const PagedProblem& p) {
 
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qbuf(size_t(RMAX) * dp), obuf(size_t(RMAX) * dp), kbuf(size_t(BK) * dp),
-        vbuf(size_t(BK) * dp), row(dp);
+    std::vector<float> qbuf(size_t(max_rows) * dp), obuf(size_t(max_rows) * dp), sbuf(size_t(max_rows) * BK),
+        mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp);
     State st;
     st.dp = dp;
-    st.q = qbuf.data();
-    st.o = obuf.data();
+    st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < ntasks; ++i) {
       const Task& t = tasks[i];
@@ -312,19 +355,21 @@ void paged_attention(const PagedProblem& p) {
 #pragma omp for schedule(static)
     for (int i = 0; i < nmerge; ++i) {
       const Merge& mg = merges[i];
-      const int rows = mg.r1 - mg.r0;
+      const Task& t = mg.t;
+      const int rpg = (t.p1 - t.p0) * group, rows = rpg * (t.g1 - t.g0);
+      const RowMap rm{t.p0, t.g0, group, rpg};
       const int64_t piece = int64_t(rows) * (dp + 2);
       for (int r = 0; r < rows; ++r) {
         float mmax = kNegInf;
         for (int s = 0; s < mg.nsplit; ++s) {
-          const float* src = scratch.data() + mg.scratch + s * piece + int64_t(r) * (dp + 2);
+          const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
           if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
         }
         std::fill(row.begin(), row.begin() + D, 0.0f);
         float l = 0.0f;
         if (mmax != kNegInf) {
           for (int s = 0; s < mg.nsplit; ++s) {
-            const float* src = scratch.data() + mg.scratch + s * piece + int64_t(r) * (dp + 2);
+            const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
             if (!(src[D + 1] > 0.0f)) continue;
             const float w = std::exp2(src[D] - mmax);
             l += src[D + 1] * w;
@@ -333,8 +378,8 @@ void paged_attention(const PagedProblem& p) {
         }
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         for (int d = 0; d < D; ++d) row[d] *= inv;
-        const int pos = (mg.r0 + r) / group, h = mg.g * group + (mg.r0 + r) % group;
-        const int64_t qrow = p.q0(mg.b) + pos;
+        const int h = rm.head(r);
+        const int64_t qrow = p.q0(t.b) + rm.pos(r);
         store_floats(row.data(), p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
         if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
       }
