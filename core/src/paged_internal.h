@@ -35,6 +35,7 @@ struct PagedProblem {
   float scale = 1.0f, softcap = 0.0f;
   bool causal = true;
   int num_splits = 0;
+  int device = 0;  // CUDA device index
 
   // Host-side helpers (CPU backend; the arrays are validated before the kernel runs).
   int q0(int b) const { return qo_indptr ? qo_indptr[b] : b; }
@@ -59,6 +60,8 @@ struct PagedAppend {
   int64_t kv_offset = 0;     // elements from K block to V block
   int page_size = 0;
   const int64_t* slots = nullptr;  // device memory on CUDA
+  int64_t num_pages = 0;
+  int device = 0;
 };
 
 namespace cuda_backend {

@@ -125,6 +125,7 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
   p.softcap = opts.softcap;
   p.causal = opts.causal;
   p.num_splits = opts.num_splits;
+  p.device = q.device.index;
   if (lse) {
     expect_dtype(*lse, "lse", {DType::Float32});
     expect_shape(*lse, "lse", {heads, total_q});
@@ -506,6 +507,8 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   a.layer_offset = layer * m.layer_elems;
   a.kv_offset = m.kv_elems;
   a.page_size = m.ps;
+  a.num_pages = m.P;
+  a.device = m.device.index;
   if (m.device.is_cuda()) {
 #if MEMKERNELS_WITH_CUDA
     void* dslots = cuda_backend::paged_upload(m.device.index, slots.data(), slots.size() * sizeof(int64_t), stream);
