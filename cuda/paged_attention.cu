@@ -124,28 +124,39 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(PagedProbl
   const T* kbase = static_cast<const T*>(p.k) + int64_t(g) * p.k_head;
   const T* vbase = static_cast<const T*>(p.v) + int64_t(g) * p.v_head;
   const int maxpage = int(p.num_pages) - 1;
-  for (int j = lo + warp; j < hi; j += kWarps) {
-    const int page = clampi(p.kv_indices[pb + j / ps], 0, maxpage);
-    const int64_t tok = int64_t(page) * p.k_page + int64_t(j % ps) * p.k_tok;
-    const int64_t vtok = int64_t(page) * p.v_page + int64_t(j % ps) * p.v_tok;
-    float kx[EPL], vx[EPL];
-    load_row<T, EPL, VEC>(kbase + tok, d0, D, kx);
-    load_row<T, EPL, VEC>(vbase + vtok, d0, D, vx);
+  // U keys per warp in flight: their loads are issued before any of them is used.
+  constexpr int U = EPL >= 8 ? 2 : 4;
+  for (int j = lo + warp; j < hi; j += kWarps * U) {
+    float kx[U][EPL], vx[U][EPL];
 #pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      if (r >= nrows) break;
-      float s = 0.0f;
+    for (int u = 0; u < U; ++u) {
+      const int jj = j + u * kWarps;
+      if (jj < hi) {
+        const int page = clampi(p.kv_indices[pb + jj / ps], 0, maxpage);
+        load_row<T, EPL, VEC>(kbase + int64_t(page) * p.k_page + int64_t(jj % ps) * p.k_tok, d0, D, kx[u]);
+        load_row<T, EPL, VEC>(vbase + int64_t(page) * p.v_page + int64_t(jj % ps) * p.v_tok, d0, D, vx[u]);
+      }
+    }
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) s = fmaf(q[r][e], kx[e], s);
-      s = warp_sum(s);
-      if (capped) s = p.softcap * tanhf(s / p.softcap) * kLog2e;
-      if (j > last_key[r]) continue;  // masked (uniform across the warp)
-      const float m_new = fmaxf(m[r], s);
-      const float c = exp2f(m[r] - m_new), pj = exp2f(s - m_new);
-      l[r] = l[r] * c + pj;
+    for (int u = 0; u < U; ++u) {
+      const int jj = j + u * kWarps;
+      if (jj >= hi) break;
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) o[r][e] = fmaf(o[r][e], c, pj * vx[e]);
-      m[r] = m_new;
+      for (int r = 0; r < RT; ++r) {
+        if (r >= nrows) break;
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) s = fmaf(q[r][e], kx[u][e], s);
+        s = warp_sum(s);
+        if (capped) s = p.softcap * tanhf(s / p.softcap) * kLog2e;
+        if (jj > last_key[r]) continue;  // masked (uniform across the warp)
+        const float m_new = fmaxf(m[r], s);
+        const float c = exp2f(m[r] - m_new), pj = exp2f(s - m_new);
+        l[r] = l[r] * c + pj;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) o[r][e] = fmaf(o[r][e], c, pj * vx[u][e]);
+        m[r] = m_new;
+      }
     }
   }
 
@@ -236,7 +247,8 @@ void launch(const PagedProblem& p, cudaStream_t stream, int sms) {
             std::to_string(RT) + " must be <= 65535)");
   const int64_t blocks = int64_t(p.batch) * p.kv_heads * tiles;
   int nsplit = p.num_splits;
-  if (nsplit <= 0) nsplit = int(std::min<int64_t>(64, std::max<int64_t>(1, (2 * int64_t(sms) + blocks - 1) / blocks)));
+  // Enough blocks to keep ~8 per SM busy: decode is bound by how many loads are in flight.
+  if (nsplit <= 0) nsplit = int(std::min<int64_t>(64, std::max<int64_t>(1, (8 * int64_t(sms) + blocks - 1) / blocks)));
   nsplit = std::min(nsplit, 65535);
   const bool vec = p.head_dim == EPL * 32 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.v) % 16 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
