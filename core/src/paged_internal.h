@@ -10,7 +10,8 @@
 namespace memkernels {
 
 struct PagedProblem {
-  DType dtype = DType::Float32;  // of q, the pages and out
+  DType dtype = DType::Float32;     // of q and out
+  DType kv_dtype = DType::Float32;  // of the pages: dtype, or Int8 with scales
   int batch = 0, heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
   int64_t num_pages = 0, total_q = 0;
   int max_q_len = 1;  // longest q_len in the batch (CPU: exact; CUDA: a bound)
@@ -25,6 +26,12 @@ struct PagedProblem {
   // k + p * k_page + t * k_tok + g * k_head.
   int64_t q_row = 0, q_head = 0, o_row = 0, o_head = 0;
   int64_t k_page = 0, k_tok = 0, k_head = 0, v_page = 0, v_tok = 0, v_head = 0;
+
+  // Int8 pages: value = q * scale, scale of token t, kv head g of page p at
+  // k_scale + p * ks_page + t * ks_tok + g.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  int64_t ks_page = 0, ks_tok = 0, vs_page = 0, vs_tok = 0;
 
   const int32_t* qo_indptr = nullptr;  // null: row b for sequence b
   const int32_t* kv_indptr = nullptr;

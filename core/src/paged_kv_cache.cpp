@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "cpu/convert.h"
 #include "paged_internal.h"
 
 namespace memkernels {
@@ -51,7 +52,8 @@ void check_indptr(const int32_t* ptr, int batch, int64_t limit, const char* what
 void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
                          const TensorView* qo_indptr, const TensorView& kv_indptr, const TensorView& kv_indices,
                          const TensorView& kv_last_page_len, const TensorView& out, const TensorView* lse,
-                         const PagedAttentionOptions& opts, int max_q_len, void* stream) {
+                         const PagedAttentionOptions& opts, int max_q_len, void* stream, const TensorView* k_scales,
+                         const TensorView* v_scales) {
   expect_ndim(q, "q", 3);
   expect_dtype(q, "q", {DType::Float32, DType::Float16, DType::BFloat16});
   expect_last_dim_contiguous(q, "q");
@@ -60,14 +62,15 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 4);
-    check(t.dtype == q.dtype, ErrorKind::Type,
+    check(t.dtype == q.dtype || t.dtype == DType::Int8, ErrorKind::Type,
           std::string(names[i]) + " has dtype " + dtype_name(t.dtype) + " but q has " + dtype_name(q.dtype) +
-              "; q, the pages and out must share one dtype");
+              "; the pages must have the dtype of q and out, or be int8 with scales");
     expect_same_device(t, names[i], q, "q");
     check(t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3), ErrorKind::Value,
           std::string(names[i]) + ": the (page_size, kv_heads, head_dim) dims of each page must be contiguous");
     check(t.stride(0) >= 0, ErrorKind::Value, std::string(names[i]) + ": negative page stride");
   }
+  check(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
   check(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape), ErrorKind::Value,
         "k_pages " + k_pages.shape_str() + " and v_pages " + v_pages.shape_str() + " must have the same shape");
   const int64_t num_pages = k_pages.size(0), page_size = k_pages.size(1), kv_heads = k_pages.size(2);
@@ -109,7 +112,31 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
 
   PagedProblem p;
   p.dtype = q.dtype;
+  p.kv_dtype = k_pages.dtype;
   p.batch = int(batch);
+  const bool quant = k_pages.dtype == DType::Int8;
+  check(quant == (k_scales != nullptr) && quant == (v_scales != nullptr), ErrorKind::Value,
+        quant ? "int8 k_pages/v_pages need k_scales and v_scales" : "k_scales/v_scales are only for int8 pages");
+  if (quant) {
+    const char* snames[] = {"k_scales", "v_scales"};
+    const TensorView* sc[] = {k_scales, v_scales};
+    for (int i = 0; i < 2; ++i) {
+      const TensorView& t = *sc[i];
+      expect_ndim(t, snames[i], 3);
+      expect_dtype(t, snames[i], {DType::Float32});
+      expect_same_device(t, snames[i], q, "q");
+      check(t.size(0) == k_pages.size(0) && t.size(1) == k_pages.size(1) && t.size(2) == k_pages.size(2),
+            ErrorKind::Value,
+            std::string(snames[i]) + ": expected (num_pages, page_size, kv_heads) = (" + str(k_pages.size(0)) + ", " +
+                str(k_pages.size(1)) + ", " + str(k_pages.size(2)) + "), got " + t.shape_str());
+      check(t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) >= 0, ErrorKind::Value,
+            std::string(snames[i]) + ": the (page_size, kv_heads) dims must be contiguous");
+      if (t.size(0) > 0) expect_not_null(t, snames[i]);
+    }
+    p.k_scale = k_scales->ptr<const float>(), p.v_scale = v_scales->ptr<const float>();
+    p.ks_page = k_scales->stride(0), p.ks_tok = k_scales->stride(1);
+    p.vs_page = v_scales->stride(0), p.vs_tok = v_scales->stride(1);
+  }
   p.heads = int(heads), p.kv_heads = int(kv_heads), p.head_dim = int(D), p.page_size = int(page_size);
   p.num_pages = num_pages, p.total_q = total_q;
   p.q = q.data, p.k = k_pages.data, p.v = v_pages.data, p.out = out.data;
@@ -144,6 +171,7 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
 
   if (q.device.is_cuda()) {
     require_cuda_usable("paged_attention", q.device);
+    check(!quant, ErrorKind::NotImplemented, "paged_attention: int8 pages are CPU-only in this version");
     p.max_q_len = max_q_len > 0 ? max_q_len : int(std::max<int64_t>(total_q, 1));
     if (batch == 0 || total_q == 0) return;
 #if MEMKERNELS_WITH_CUDA
@@ -205,7 +233,10 @@ struct PagedKVCache::Impl {
   DType dtype;
   Device device;
   int esize;
-  int64_t page_elems, layer_elems, kv_elems, page_bytes;
+  bool quant = false;  // int8 pages with float32 scales
+  // Element counts in the pool dtype (bytes for int8); scale_off: bytes from a layer block's start
+  // to its K scales (V scales follow after page_size * kv_heads floats).
+  int64_t page_elems, layer_elems, kv_elems, page_bytes, scale_off = 0;
   void* pool = nullptr;
   mutable std::mutex mu;
 
@@ -322,14 +353,23 @@ PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_
         "PagedKVCache: num_layers, num_pages, page_size, kv_heads and head_dim must all be > 0, got " +
             str(num_layers) + ", " + str(num_pages) + ", " + str(page_size) + ", " + str(kv_heads) + ", " +
             str(head_dim));
-  check(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16, ErrorKind::Type,
-        std::string("PagedKVCache: dtype must be float32, float16 or bfloat16, got ") + dtype_name(dtype));
+  check(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 || dtype == DType::Int8,
+        ErrorKind::Type,
+        std::string("PagedKVCache: dtype must be float32, float16, bfloat16 or int8, got ") + dtype_name(dtype));
+  check(dtype != DType::Int8 || device.is_cpu(), ErrorKind::NotImplemented,
+        "PagedKVCache: int8 pages are CPU-only in this version");
   check(page_size <= (1 << 20), ErrorKind::Value, "PagedKVCache: page_size must be <= 2^20");
   Impl& m = *impl_;
   m.L = num_layers, m.P = num_pages, m.ps = page_size, m.kvh = kv_heads, m.D = head_dim;
   m.dtype = dtype, m.device = device, m.esize = dtype_size(dtype);
   m.kv_elems = int64_t(page_size) * kv_heads * head_dim;
   m.layer_elems = 2 * m.kv_elems;
+  if (dtype == DType::Int8) {
+    m.quant = true;
+    m.kv_elems = (m.kv_elems + 63) / 64 * 64;
+    m.scale_off = 2 * m.kv_elems;
+    m.layer_elems = m.scale_off + (2 * int64_t(page_size) * kv_heads * 4 + 63) / 64 * 64;
+  }
   m.page_elems = m.layer_elems * num_layers;
   m.page_bytes = m.page_elems * m.esize;
   const double total = double(m.page_bytes) * num_pages;
@@ -373,6 +413,17 @@ static TensorView layer_pages(const PagedKVCache::Impl& m, int layer, int kv) {
   t.strides[0] = m.page_elems;
   return t;
 }
+static TensorView layer_scales(const PagedKVCache::Impl& m, int layer, int kv) {
+  check(m.quant, ErrorKind::Value, "k_scales/v_scales: only int8 caches have scales");
+  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+        "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  TensorView t(static_cast<char*>(m.pool) + layer * m.layer_elems + m.scale_off + kv * int64_t(m.ps) * m.kvh * 4,
+               DType::Float32, {m.P, m.ps, m.kvh}, m.device);
+  t.strides[0] = m.page_bytes / 4;
+  return t;
+}
+TensorView PagedKVCache::k_scales(int layer) const { return layer_scales(*impl_, layer, 0); }
+TensorView PagedKVCache::v_scales(int layer) const { return layer_scales(*impl_, layer, 1); }
 TensorView PagedKVCache::k_pages(int layer) const { return layer_pages(*impl_, layer, 0); }
 TensorView PagedKVCache::v_pages(int layer) const { return layer_pages(*impl_, layer, 1); }
 
@@ -419,9 +470,11 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 3);
-    check(t.dtype == m.dtype, ErrorKind::Type,
+    check(t.dtype == m.dtype || (m.quant && (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
+                                              t.dtype == DType::BFloat16)),
+          ErrorKind::Type,
           std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
-              dtype_name(m.dtype));
+              dtype_name(m.dtype) + (m.quant ? " (give float32, float16 or bfloat16 to quantize)" : ""));
     check(t.device == m.device, ErrorKind::Value,
           std::string("append: ") + names[i] + " is on " + t.device.str() + " but the cache is on " + m.device.str());
     check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
@@ -430,6 +483,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     check(t.size(0) == 0 || (t.stride(2) == 1 && t.stride(1) == m.D), ErrorKind::Value,
           std::string("append: ") + names[i] + ": each token's (kv_heads, head_dim) block must be contiguous");
   }
+  check(k.dtype == v.dtype, ErrorKind::Type, "append: k and v must have the same dtype");
   check(k.size(0) == v.size(0), ErrorKind::Value,
         "append: k " + k.shape_str() + " and v " + v.shape_str() + " must have the same number of tokens");
   check(counts.empty() || counts.size() == seq_ids.size(), ErrorKind::Value,
@@ -516,6 +570,30 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     cuda_backend::paged_append(a, stream);
     cuda_backend::paged_scratch_free(m.device.index, dslots, stream);
 #endif
+    return;
+  }
+  if (m.quant) {  // symmetric int8 per (token, kv head): scale = max|x| / 127
+    const int in_size = dtype_size(k.dtype);
+    std::vector<float> tmp(size_t(m.D));
+    for (int64_t r = 0; r < total; ++r) {
+      const int64_t page = slots[r] / m.ps, off = slots[r] % m.ps;
+      char* layer_base = static_cast<char*>(m.pool) + page * m.page_bytes + layer * m.layer_elems;
+      for (int kvi = 0; kvi < 2; ++kvi) {
+        const TensorView& src = kvi ? v : k;
+        int8_t* dst = reinterpret_cast<int8_t*>(layer_base + kvi * m.kv_elems) + off * a.row_elems;
+        float* scales = reinterpret_cast<float*>(layer_base + m.scale_off) + kvi * int64_t(m.ps) * m.kvh + off * m.kvh;
+        for (int h = 0; h < m.kvh; ++h) {
+          const char* row = static_cast<const char*>(src.data) + (r * src.stride(0) + h * m.D) * in_size;
+          cpu::load_floats(row, src.dtype, m.D, tmp.data());
+          float amax = 0.0f;
+          for (float x : tmp) amax = std::max(amax, std::fabs(x));
+          const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+          for (int d = 0; d < m.D; ++d)
+            dst[h * m.D + d] = int8_t(std::lrintf(std::min(127.0f, std::max(-127.0f, tmp[d] * inv))));
+          scales[h] = scale;
+        }
+      }
+    }
     return;
   }
   const size_t row_bytes = size_t(a.row_elems) * m.esize;
@@ -686,8 +764,10 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
     TensorView tix(indices.data(), DType::Int32, {int64_t(indices.size())});
     TensorView tl(last.data(), DType::Int32, {batch});
     TensorView tq(qo.data(), DType::Int32, {batch + 1});
+    TensorView ks, vs;
+    if (m.quant) ks = k_scales(layer), vs = v_scales(layer);
     paged_attention_raw(q, k_pages(layer), v_pages(layer), q_lens.empty() ? nullptr : &tq, tin, tix, tl, out, lse,
-                        opts, max_q, stream);
+                        opts, max_q, stream, m.quant ? &ks : nullptr, m.quant ? &vs : nullptr);
     return;
   }
 #if MEMKERNELS_WITH_CUDA
@@ -726,7 +806,7 @@ PagedCacheStats PagedKVCache::stats() const {
   st.pages_cached = int64_t(m.lru.size());
   st.pages_used = m.P - st.pages_free - st.pages_cached;
   for (int i = 0; i < m.P; ++i) st.pages_shared += m.ref[i] > 1;
-  st.bytes_per_token = int64_t(m.L) * 2 * m.kvh * m.D * m.esize;
+  st.bytes_per_token = int64_t(m.L) * 2 * m.kvh * (m.quant ? m.D + 4 : m.D * m.esize);
   st.pool_bytes = m.page_bytes * m.P;
   std::vector<int32_t> fill(m.P, 0);
   for (auto& [id, s] : m.seqs) {

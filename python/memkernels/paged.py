@@ -44,7 +44,8 @@ class PagedKVCache:
 
     Pool layout: (num_pages, num_layers, 2, page_size, kv_heads, head_dim), index 0/1 of the third
     axis for K/V; a page holds its tokens for every layer. dtype: float32, float16 or bfloat16;
-    device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
+    or int8 (CPU): K/V quantized on append, symmetric per token and kv head, with float32 scales
+    (k_scales/v_scales), read by attention without a dequantized copy. device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
 
     Sequences are integer ids. Every layer has its own length (a model appends layer by layer);
     length(seq) is the largest. Running out of pages raises CacheFullError and changes nothing.
@@ -82,6 +83,13 @@ class PagedKVCache:
 
     def v_pages(self, layer):
         return self._view(self._c.v_pages(int(layer)))
+
+    def k_scales(self, layer):
+        """int8 caches: float32 scales of the K pages, (num_pages, page_size, kv_heads); K ~= q * scale."""
+        return self._c.k_scales(int(layer))
+
+    def v_scales(self, layer):
+        return self._c.v_scales(int(layer))
 
     # -- sequences -----------------------------------------------------------------------------
     def add_sequence(self, prefix_tokens=None) -> int:
@@ -175,17 +183,19 @@ def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, caus
 
 def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page_len, qo_indptr=None, *,
                         causal=True, scale=None, softcap=None, num_splits=0, max_q_len=0, return_lse=False,
-                        out=None, stream=None):
+                        out=None, stream=None, k_scales=None, v_scales=None):
     """The paged-attention kernel on caller-owned pages and FlashInfer-style int32 arrays.
 
     q: (total_q, heads, head_dim). k_pages, v_pages: (num_pages, page_size, kv_heads, head_dim),
     each page contiguous (any page stride, e.g. PagedKVCache.k_pages(layer)). Sequence b uses pages
     kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last holding kv_last_page_len[b] tokens, and q
     rows qo_indptr[b]:qo_indptr[b+1] (None: row b, decode). On CPU every index is validated.
+    int8 pages need k_scales / v_scales, float32 (num_pages, page_size, kv_heads) (CPU only).
     """
     scale, softcap = _scale(scale, softcap)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
-                           bool(causal), scale, softcap, int(num_splits), int(max_q_len), stream_handle(stream))
+                           bool(causal), scale, softcap, int(num_splits), int(max_q_len), stream_handle(stream),
+                           k_scales, v_scales)
     return (out, lse) if return_lse else out

@@ -9,7 +9,8 @@ static DType dtype_from_name(const std::string& name) {
   if (name == "float32") return DType::Float32;
   if (name == "float16") return DType::Float16;
   if (name == "bfloat16") return DType::BFloat16;
-  throw Error(ErrorKind::Type, "PagedKVCache: dtype must be float32, float16 or bfloat16, got '" + name + "'");
+  if (name == "int8") return DType::Int8;
+  throw Error(ErrorKind::Type, "PagedKVCache: dtype must be float32, float16, bfloat16 or int8, got '" + name + "'");
 }
 
 static nb::dlpack::dtype dlpack_of(DType t) {
@@ -17,6 +18,7 @@ static nb::dlpack::dtype dlpack_of(DType t) {
   switch (t) {
     case DType::Float16: return {uint8_t(dtype_code::Float), 16, 1};
     case DType::BFloat16: return {uint8_t(dtype_code::UInt), 16, 1};  // NumPy has no bf16: the bits
+    case DType::Int8: return {uint8_t(dtype_code::Int), 8, 1};
     default: return {uint8_t(dtype_code::Float), 32, 1};
   }
 }
@@ -59,6 +61,8 @@ MK_PYTHON_BINDING(paged) {
       .def("pool", [](nb::handle self) { return view_of(nb::cast<PagedKVCache&>(self).pool(), self); })
       .def("k_pages", [](nb::handle self, int layer) { return view_of(nb::cast<PagedKVCache&>(self).k_pages(layer), self); })
       .def("v_pages", [](nb::handle self, int layer) { return view_of(nb::cast<PagedKVCache&>(self).v_pages(layer), self); })
+      .def("k_scales", [](nb::handle self, int layer) { return view_of(nb::cast<PagedKVCache&>(self).k_scales(layer), self); })
+      .def("v_scales", [](nb::handle self, int layer) { return view_of(nb::cast<PagedKVCache&>(self).v_scales(layer), self); })
       .def("add_sequence",
            [](PagedKVCache& c, nb::handle tokens) {
              ArrayKeeper keep;
@@ -140,7 +144,7 @@ MK_PYTHON_BINDING(paged) {
       "paged_attention_raw",
       [](nb::handle q, nb::handle kp, nb::handle vp, nb::handle qo, nb::handle indptr, nb::handle indices,
          nb::handle last, nb::handle out, nb::handle lse, bool causal, float scale, float softcap, int num_splits,
-         int max_q_len, uintptr_t stream) {
+         int max_q_len, uintptr_t stream, nb::handle k_scales, nb::handle v_scales) {
         ArrayKeeper keep;
         TensorView tq = as_tensor(q, "q", keep), tk = as_tensor(kp, "k_pages", keep),
                    tv = as_tensor(vp, "v_pages", keep);
@@ -148,14 +152,17 @@ MK_PYTHON_BINDING(paged) {
         TensorView ti = as_tensor(indptr, "kv_indptr", keep), tx = as_tensor(indices, "kv_indices", keep),
                    tl = as_tensor(last, "kv_last_page_len", keep), to = as_tensor(out, "out", keep);
         std::optional<TensorView> tlse = as_optional_tensor(lse, "lse", keep);
+        std::optional<TensorView> tks = as_optional_tensor(k_scales, "k_scales", keep);
+        std::optional<TensorView> tvs = as_optional_tensor(v_scales, "v_scales", keep);
         PagedAttentionOptions o = make_opts(causal, scale, softcap, num_splits);
         nb::gil_scoped_release release;
         paged_attention_raw(tq, tk, tv, tqo ? &*tqo : nullptr, ti, tx, tl, to, tlse ? &*tlse : nullptr, o, max_q_len,
-                            as_stream(stream));
+                            as_stream(stream), tks ? &*tks : nullptr, tvs ? &*tvs : nullptr);
       },
       nb::arg("q"), nb::arg("k_pages"), nb::arg("v_pages"), nb::arg("qo_indptr").none(), nb::arg("kv_indptr"),
       nb::arg("kv_indices"), nb::arg("kv_last_page_len"), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
-      nb::arg("scale"), nb::arg("softcap"), nb::arg("num_splits"), nb::arg("max_q_len"), nb::arg("stream"));
+      nb::arg("scale"), nb::arg("softcap"), nb::arg("num_splits"), nb::arg("max_q_len"), nb::arg("stream"),
+      nb::arg("k_scales").none(), nb::arg("v_scales").none());
 }
 
 }  // namespace memkernels::py

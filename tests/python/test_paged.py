@@ -394,7 +394,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="> 0"):
         PagedKVCache(1, 0, 4, 1, 16)
     with pytest.raises(TypeError, match="dtype"):
-        PagedKVCache(1, 4, 4, 1, 16, "int8")
+        PagedKVCache(1, 4, 4, 1, 16, "int16")
     cache.check_invariants()
 
 
@@ -484,6 +484,76 @@ def test_allocator_property(ops, ps):
                 k, v = gather(cache, s, layer)
                 np.testing.assert_array_equal(k[:, 0, 0], np.array(layers[layer], dtype=np.float32))
                 np.testing.assert_array_equal(v[:, 0, 0], -np.array(layers[layer], dtype=np.float32))
+
+
+# --- int8 pages -----------------------------------------------------------------------------------
+
+def dequant(cache, sid, layer):
+    n = cache.length(sid, layer)
+    pt = cache.page_table(sid)
+    kvh, D = cache.kv_heads, cache.head_dim
+    k = np.asarray(cache.k_pages(layer))[pt].astype(np.float64) * np.asarray(cache.k_scales(layer))[pt][..., None]
+    v = np.asarray(cache.v_pages(layer))[pt].astype(np.float64) * np.asarray(cache.v_scales(layer))[pt][..., None]
+    return k.reshape(-1, kvh, D)[:n], v.reshape(-1, kvh, D)[:n]
+
+
+@pytest.mark.parametrize("qdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("heads,kvh,D,ps", [(8, 2, 64, 16), (4, 4, 40, 5), (32, 8, 128, 16)])
+def test_int8_pages(qdtype, heads, kvh, D, ps):
+    rng = np.random.default_rng(D + ps)
+    lens = [1, 77, 300]
+    cache = PagedKVCache(2, sum((n + ps - 1) // ps for n in lens) + 2, ps, kvh, D, "int8")
+    ids, data = [], {}
+    for n in lens:
+        s = cache.add_sequence()
+        ids.append(s)
+        for layer in range(2):
+            k, v = rand(rng, (n, kvh, D), qdtype), rand(rng, (n, kvh, D), qdtype)
+            cache.append([s], layer, k, v, counts=[n])
+            data[s, layer] = (k, v)
+    q = rand(rng, (len(ids), heads, D), qdtype)
+    got, lse = paged_attention(q, cache, 1, ids, return_lse=True)
+    assert got.dtype == q.dtype
+    for i, s in enumerate(ids):
+        kq, vq = dequant(cache, s, 1)
+        k, v = (np.asarray(x, dtype=np.float64) for x in data[s, 1])
+        # quantization error: per token and head, at most max|x| / 254 per element
+        assert np.max(np.abs(kq - k)) <= np.max(np.abs(k)) / 254 * 1.001
+        ref_q, lse_q = reference(q[i:i + 1], kq, vq)  # the kernel over the dequantized values: exact up to fp
+        assert_close(got[i:i + 1], ref_q, qdtype, "int8 vs dequantized")
+        np.testing.assert_allclose(lse[:, i], lse_q[:, 0], rtol=1e-3, atol=1e-3)
+        ref, _ = reference(q[i:i + 1], k, v)  # vs the unquantized K/V: the stated bound
+        err = np.max(np.abs(np.asarray(got[i:i + 1], dtype=np.float64) - ref))
+        assert err <= 3e-2 * max(1.0, np.max(np.abs(ref))), f"int8 error {err}"
+    # the same pages through the raw kernel
+    indptr, indices, last = cache.build_indices(ids, 1)
+    raw = paged_attention_raw(q, cache.k_pages(1), cache.v_pages(1), indptr, indices, last,
+                              k_scales=cache.k_scales(1), v_scales=cache.v_scales(1))
+    np.testing.assert_array_equal(np.asarray(raw, np.float32), np.asarray(got, np.float32))
+    with pytest.raises(ValueError, match="k_scales"):
+        paged_attention_raw(q, cache.k_pages(1), cache.v_pages(1), indptr, indices, last)
+
+
+def test_int8_fork_swap_prefill():
+    rng = np.random.default_rng(30)
+    cache = PagedKVCache(1, 30, 8, 2, 32, "int8")
+    (a,), _ = fill(cache, rng, [21], "float32")
+    b = cache.fork(a)
+    cache.append([b], 0, rand(rng, (5, 2, 32), "float32"), rand(rng, (5, 2, 32), "float32"), counts=[5])
+    before = [dequant(cache, s, 0) for s in (a, b)]
+    cache.swap_out(b)
+    cache.swap_in(b)
+    after = [dequant(cache, s, 0) for s in (a, b)]
+    for x, y in zip(before, after):
+        np.testing.assert_array_equal(x[0], y[0])
+        np.testing.assert_array_equal(x[1], y[1])
+    np.testing.assert_array_equal(after[0][0], after[1][0][:21])
+    q = rand(rng, (9, 4, 32), "float32")
+    got = paged_attention(q, cache, 0, [a, b], q_lens=[4, 5])
+    assert_close(got[:4], reference(q[:4], *after[0])[0], "float32", "int8 prefill a")
+    assert_close(got[4:], reference(q[4:], *after[1])[0], "float32", "int8 prefill b")
+    assert cache.stats()["bytes_per_token"] == 2 * 2 * (32 + 4)
+    cache.check_invariants()
 
 
 @pytest.mark.skipif(not mk.info()["cuda_available"], reason="no CUDA device")

@@ -2,6 +2,9 @@
 //
 // Pool layout (one allocation per cache, on its device):
 //   pool[page][layer][kv][token][kv_head][head_dim]      kv = 0 for K, 1 for V
+// With dtype int8 (quantized pages, symmetric int8 per token and kv head, CPU only), each layer
+// block is [K int8][V int8] (each padded to 64 bytes) followed by the float32 scales
+// [K scales][V scales], each (page_size, kv_heads): x ~= q * scale.
 // so one page holds page_size tokens of every layer: copy-on-write, swap and prefix reuse move a
 // page with one contiguous copy, and the K (or V) pages of one layer are the strided view
 //   (num_pages, page_size, kv_heads, head_dim), page stride num_layers * 2 * page_size * kv_heads * head_dim.
@@ -46,7 +49,10 @@ struct PagedAttentionOptions {
 void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
                          const TensorView* qo_indptr, const TensorView& kv_indptr, const TensorView& kv_indices,
                          const TensorView& kv_last_page_len, const TensorView& out, const TensorView* lse,
-                         const PagedAttentionOptions& opts, int max_q_len = 0, void* stream = nullptr);
+                         const PagedAttentionOptions& opts, int max_q_len = 0, void* stream = nullptr,
+                         const TensorView* k_scales = nullptr, const TensorView* v_scales = nullptr);
+// Quantized pages: k_pages / v_pages int8 with k_scales / v_scales float32 (num_pages, page_size,
+// kv_heads), the last two dims contiguous, any page stride; q, out any float dtype. CPU only.
 
 struct PagedCacheStats {
   int64_t num_pages = 0, page_size = 0;
@@ -66,7 +72,8 @@ struct PagedCacheStats {
 
 class PagedKVCache {
  public:
-  // dtype: float32, float16 or bfloat16. Throws Error(Memory) when the pool cannot be allocated.
+  // dtype: float32, float16, bfloat16, or int8 (quantized per token and kv head on append; CPU).
+  // Throws Error(Memory) when the pool cannot be allocated.
   PagedKVCache(int num_layers, int num_pages, int page_size, int kv_heads, int head_dim, DType dtype,
                Device device = {});
   ~PagedKVCache();
@@ -84,6 +91,8 @@ class PagedKVCache {
   TensorView pool() const;
   TensorView k_pages(int layer) const;  // (num_pages, page_size, kv_heads, head_dim), strided pages
   TensorView v_pages(int layer) const;
+  TensorView k_scales(int layer) const;  // int8 caches: (num_pages, page_size, kv_heads) float32
+  TensorView v_scales(int layer) const;
 
   // A new empty sequence. With prefix tokens, full pages whose token prefix is in the prefix table
   // are reused: the sequence starts with *cached_tokens tokens (a multiple of page_size) already in
@@ -91,7 +100,7 @@ class PagedKVCache {
   int64_t add_sequence(const int32_t* prefix_tokens = nullptr, int64_t num_tokens = 0,
                        int64_t* cached_tokens = nullptr);
   // Appends tokens to one layer of several sequences. k, v: (total_new, kv_heads, head_dim) in the
-  // cache's dtype and device, rows packed in seq_ids order; counts[i] rows for seq_ids[i] (empty
+  // cache's dtype (any float dtype for an int8 cache) and device, rows packed in seq_ids order; counts[i] rows for seq_ids[i] (empty
   // counts = one row each, decode). All or nothing: on Error(CacheFull) or any other error,
   // nothing has changed.
   void append(const std::vector<int64_t>& seq_ids, int layer, const TensorView& k, const TensorView& v,

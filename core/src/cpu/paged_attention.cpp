@@ -34,6 +34,17 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct F16 { uint16_t bits; };
 struct BF16 { uint16_t bits; };
+struct I8 { int8_t v; };  // quantized pages (scaled outside the dot products)
+
+template <typename T> inline float to_float1(const T& x);
+template <> inline float to_float1<float>(const float& x) { return x; }
+template <> inline float to_float1<F16>(const F16& x) { return half_to_float(x.bits); }
+template <> inline float to_float1<BF16>(const BF16& x) { return bf16_to_float(x.bits); }
+template <> inline float to_float1<I8>(const I8& x) { return float(x.v); }
+template <typename T>
+inline void row_to_floats(const T* src, int n, float* dst) {
+  for (int i = 0; i < n; ++i) dst[i] = to_float1(src[i]);
+}
 
 template <typename T> inline VecF load_vec(const T* p);
 template <> inline VecF load_vec<float>(const float* p) { return VecF::load(p); }
@@ -68,6 +79,18 @@ constexpr int PF = 8;
 inline void prefetch_row(const void* p, int bytes) {
   const char* c = static_cast<const char*>(p);
   for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+template <> inline VecF load_vec<I8>(const I8* p) {
+#if defined(MK_ISA_AVX512)
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+#elif defined(MK_ISA_AVX2)
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+#else
+  float t[VL];
+  for (int i = 0; i < VL; ++i) t[i] = float(p[i].v);
+  return VecF::load(t);
+#endif
 }
 
 struct Task {
@@ -235,12 +258,19 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
         scores(st, ra, rb, kp, p.k_tok, nk, vp, p.v_tok);
       } else {
         for (int j = 0; j < nk; ++j) {
-          load_floats(kp + j * p.k_tok, p.dtype, D, kbuf + j * dp);
+          row_to_floats(kp + j * p.k_tok, D, kbuf + j * dp);
           std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
-          load_floats(vp + j * p.v_tok, p.dtype, D, vbuf + j * dp);
+          row_to_floats(vp + j * p.v_tok, D, vbuf + j * dp);
           std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
         }
         scores(st, ra, rb, static_cast<const float*>(kbuf), dp, nk, static_cast<const float*>(nullptr), 0);
+      }
+      const float* vsc = nullptr;
+      if (p.k_scale) {  // int8 pages: s = scale_k * (q . k_int8)
+        const float* ksc = p.k_scale + pages[pg] * p.ks_page + int64_t(in_page) * p.ks_tok + g;
+        vsc = p.v_scale + pages[pg] * p.vs_page + int64_t(in_page) * p.vs_tok + g;
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= ksc[j * p.ks_tok];
       }
       if (capped)
         for (int r = ra; r < rb; ++r)
@@ -258,6 +288,9 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
         for (int j = 0; j < cnt; ++j) prefetch_row(nkp + j * p.k_tok, D * int(sizeof(T)));
       }
       softmax_block(st, ra, rb, nk);
+      if (vsc)  // O += (p * scale_v) v_int8; the softmax sum already has the unscaled p
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= vsc[j * p.vs_tok];
       if (direct)
         pv(st, ra, rb, vp, p.v_tok, nk);
       else
@@ -343,7 +376,8 @@ void paged_attention(const PagedProblem& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < ntasks; ++i) {
       const Task& t = tasks[i];
-      switch (p.dtype) {
+      switch (p.kv_dtype) {
+        case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
         case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
         case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
         default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
