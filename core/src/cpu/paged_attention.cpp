@@ -1,0 +1,424 @@
+// CPU paged attention (decode and prefill over cached pages), memory-bound design.
+//
+// A task is (sequence, block of query positions, range of kv heads, KV split); normally all kv
+// heads, so a task sweeps whole tokens (kv_heads * head_dim contiguous elements) and memory is
+// read in order, once. Its rows are every query head of those kv heads for those positions, so
+// each K/V row is read once for the whole group. Keys are walked page by page in blocks of at most
+// BK tokens (a block never crosses a page); for each block and kv head: S = q . k (vectorised over head_dim, one horizontal sum per row and key),
+// mask, online softmax in base 2 (q is pre-scaled by scale * log2 e), O += P V with register
+// accumulators. K/V are read straight from the pages in their own dtype (fp16/bf16 widened in
+// registers) when head_dim is a multiple of the vector width; other head dims go through a small
+// fp32 staging buffer. Long contexts with little other work are split across threads (split-KV):
+// each piece keeps its unnormalised O, running max and sum, and a second pass merges them by LSE.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../paged_internal.h"
+#include "convert.h"
+#include "simd.h"
+
+namespace memkernels::cpu::MK_ISA_NS {
+namespace {
+
+constexpr int VL = VecF::N;
+constexpr int RMAX = 64;  // rows per task (query heads x positions), unless one group is larger
+constexpr int BK = 32;    // keys per online-softmax step
+constexpr int MIN_SPLIT_KEYS = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct F16 { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+struct I8 { int8_t v; };  // quantized pages (scaled outside the dot products)
+
+template <typename T> inline float to_float1(const T& x);
+template <> inline float to_float1<float>(const float& x) { return x; }
+template <> inline float to_float1<F16>(const F16& x) { return half_to_float(x.bits); }
+template <> inline float to_float1<BF16>(const BF16& x) { return bf16_to_float(x.bits); }
+template <> inline float to_float1<I8>(const I8& x) { return float(x.v); }
+template <typename T>
+inline void row_to_floats(const T* src, int n, float* dst) {
+  for (int i = 0; i < n; ++i) dst[i] = to_float1(src[i]);
+}
+
+template <typename T> inline VecF load_vec(const T* p);
+template <> inline VecF load_vec<float>(const float* p) { return VecF::load(p); }
+template <> inline VecF load_vec<F16>(const F16* p) {
+#if defined(MK_ISA_AVX512)
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+#elif defined(MK_ISA_AVX2)
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+#else
+  float t[VL];
+  for (int i = 0; i < VL; ++i) t[i] = half_to_float(p[i].bits);
+  return VecF::load(t);
+#endif
+}
+template <> inline VecF load_vec<BF16>(const BF16* p) {
+#if defined(MK_ISA_AVX512)
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+#elif defined(MK_ISA_AVX2)
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+#else
+  float t[VL];
+  for (int i = 0; i < VL; ++i) t[i] = bf16_to_float(p[i].bits);
+  return VecF::load(t);
+#endif
+}
+
+// K/V rows of one kv head are head_dim elements every kv_heads * head_dim: a stride the hardware
+// prefetcher does not follow across 4 KiB pages, so rows are prefetched by hand, a few keys ahead.
+constexpr int PF = 8;
+inline void prefetch_row(const void* p, int bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+template <> inline VecF load_vec<I8>(const I8* p) {
+#if defined(MK_ISA_AVX512)
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+#elif defined(MK_ISA_AVX2)
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+#else
+  float t[VL];
+  for (int i = 0; i < VL; ++i) t[i] = float(p[i].v);
+  return VecF::load(t);
+#endif
+}
+
+struct Task {
+  int b, p0, p1, g0, g1;  // sequence, query positions [p0, p1), kv heads [g0, g1)
+  int kv_lo, kv_hi;       // keys [kv_lo, kv_hi) of this split
+  int split;              // index of this piece, -1 when the sequence is not split
+  int64_t scratch;        // float offset of this piece's partial results
+};
+
+// Rows of a task are ordered (kv head, position, head in group): the rows of one kv head are
+// contiguous, [gl * rpg, (gl + 1) * rpg) with rpg = positions * group.
+struct State {
+  int rows = 0, dp = 0;
+  float* q;  // [rows][dp] pre-scaled
+  float* o;  // [rows][dp]
+  float* m;
+  float* l;
+  float* s;  // [rows][BK]
+};
+
+// S[r][j] = q_r . k_j for r in [ra, rb), j < nk; keys at kp + j * stride. Prefetches the V rows
+// of the block and the K rows PF keys ahead.
+template <typename T>
+inline void scores(State& st, int ra, int rb, const T* kp, int64_t stride, int nk, const T* vp, int64_t vstride) {
+  const int nv = st.dp / VL;
+  const int row_bytes = st.dp * int(sizeof(T));
+  for (int j = 0; j < nk; ++j) {
+    const T* kj = kp + j * stride;
+    if (j + PF < nk) prefetch_row(kj + PF * stride, row_bytes);
+    if (vp) prefetch_row(vp + j * vstride, row_bytes);
+    int r = ra;
+    for (; r + 4 <= rb; r += 4) {
+      VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
+      const float* q0 = st.q + r * st.dp;
+      for (int c = 0; c < nv; ++c) {
+        VecF kv = load_vec(kj + c * VL);
+        a0 = VecF::fma(VecF::load(q0 + c * VL), kv, a0);
+        a1 = VecF::fma(VecF::load(q0 + st.dp + c * VL), kv, a1);
+        a2 = VecF::fma(VecF::load(q0 + 2 * st.dp + c * VL), kv, a2);
+        a3 = VecF::fma(VecF::load(q0 + 3 * st.dp + c * VL), kv, a3);
+      }
+      st.s[r * BK + j] = a0.reduce_add();
+      st.s[(r + 1) * BK + j] = a1.reduce_add();
+      st.s[(r + 2) * BK + j] = a2.reduce_add();
+      st.s[(r + 3) * BK + j] = a3.reduce_add();
+    }
+    for (; r < rb; ++r) {
+      VecF a = VecF::zero();
+      const float* qr = st.q + r * st.dp;
+      for (int c = 0; c < nv; ++c) a = VecF::fma(VecF::load(qr + c * VL), load_vec(kj + c * VL), a);
+      st.s[r * BK + j] = a.reduce_add();
+    }
+  }
+}
+
+// O[r0:r0+R][c0:c0+NC vectors] += sum_j P[r][j] v_j, all in registers (compile-time tile).
+template <int R, int NC, typename T>
+inline void pv_tile(State& st, int r0, int c0, const T* vp, int64_t stride, int nk) {
+  VecF acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = VecF::load(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
+  for (int j = 0; j < nk; ++j) {
+    const T* vj = vp + j * stride + c0 * VL;
+    VecF vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load_vec(vj + c * VL);
+    for (int r = 0; r < R; ++r) {
+      VecF pj = VecF::set1(st.s[(r0 + r) * BK + j]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = VecF::fma(pj, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c].store(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
+}
+
+template <int R, typename T>
+inline void pv_rows(State& st, int r0, const T* vp, int64_t stride, int nk) {
+  const int nv = st.dp / VL;
+  int c0 = 0;
+  for (; c0 + 4 <= nv; c0 += 4) pv_tile<R, 4>(st, r0, c0, vp, stride, nk);
+  for (; c0 < nv; ++c0) pv_tile<R, 1>(st, r0, c0, vp, stride, nk);
+}
+
+template <typename T>
+inline void pv(State& st, int ra, int rb, const T* vp, int64_t stride, int nk) {
+  int r = ra;
+  for (; r + 4 <= rb; r += 4) pv_rows<4>(st, r, vp, stride, nk);
+  for (; r + 2 <= rb; r += 2) pv_rows<2>(st, r, vp, stride, nk);
+  for (; r < rb; ++r) pv_rows<1>(st, r, vp, stride, nk);
+}
+
+// Online-softmax update of rows [ra, rb) for a block of nk keys: P overwrites S, O is rescaled.
+inline void softmax_block(State& st, int ra, int rb, int nk) {
+  for (int r = ra; r < rb; ++r) {
+    float* srow = st.s + r * BK;
+    for (int j = nk; j < BK; ++j) srow[j] = kNegInf;
+    VecF vmax = VecF::set1(kNegInf);
+    for (int c = 0; c < BK; c += VL) vmax = VecF::max(vmax, VecF::load(srow + c));
+    const float m_new = std::max(st.m[r], vmax.reduce_max());
+    if (m_new == kNegInf) {
+      std::fill(srow, srow + BK, 0.0f);
+      continue;
+    }
+    const VecF vm = VecF::set1(m_new);
+    VecF vsum = VecF::zero();
+    for (int c = 0; c < BK; c += VL) {
+      VecF e = exp2(VecF::load(srow + c) - vm);
+      e.store(srow + c);
+      vsum = vsum + e;
+    }
+    const float alpha = std::exp2(st.m[r] - m_new);
+    st.l[r] = st.l[r] * alpha + vsum.reduce_add();
+    st.m[r] = m_new;
+    if (alpha != 1.0f) {
+      float* orow = st.o + r * st.dp;
+      const VecF va = VecF::set1(alpha);
+      for (int c = 0; c < st.dp; c += VL) (VecF::load(orow + c) * va).store(orow + c);
+    }
+  }
+}
+
+struct RowMap {  // row r of a task -> (position, q head)
+  int p0, g0, group, rpg;
+  int pos(int r) const { return p0 + (r % rpg) / group; }
+  int head(int r) const { return (g0 + r / rpg) * group + (r % rpg) % group; }
+};
+
+template <typename T>
+void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
+              float* row) {
+  const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp;
+  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
+  const int rpg = (t.p1 - t.p0) * group;
+  const RowMap rm{t.p0, t.g0, group, rpg};
+  st.rows = rpg * (t.g1 - t.g0);
+  const bool capped = p.softcap > 0.0f;
+  const float q_scale = capped ? p.scale : p.scale * kLog2e;
+  const int esize = dtype_size(p.dtype);
+  const char* qbase = static_cast<const char*>(p.q);
+  for (int r = 0; r < st.rows; ++r) {
+    float* dst = st.q + r * dp;
+    load_floats(qbase + (int64_t(p.q0(t.b) + rm.pos(r)) * p.q_row + rm.head(r) * p.q_head) * esize, p.dtype, D, dst,
+                q_scale);
+    std::fill(dst + D, dst + dp, 0.0f);
+    std::fill(st.o + r * dp, st.o + (r + 1) * dp, 0.0f);
+    st.m[r] = kNegInf;
+    st.l[r] = 0.0f;
+  }
+  int hi = t.kv_hi;
+  if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const bool direct = D % VL == 0;
+  for (int j0 = t.kv_lo; j0 < hi;) {
+    const int pg = j0 / p.page_size, in_page = j0 % p.page_size;
+    const int nk = std::min({BK, hi - j0, p.page_size - in_page});
+    const T* kblock = kbase + pages[pg] * p.k_page + int64_t(in_page) * p.k_tok;
+    const T* vblock = vbase + pages[pg] * p.v_page + int64_t(in_page) * p.v_tok;
+    const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
+    for (int g = t.g0; g < t.g1; ++g) {
+      const int ra = (g - t.g0) * rpg, rb = ra + rpg;
+      const T* kp = kblock + g * p.k_head;
+      const T* vp = vblock + g * p.v_head;
+      if (direct) {
+        scores(st, ra, rb, kp, p.k_tok, nk, vp, p.v_tok);
+      } else {
+        for (int j = 0; j < nk; ++j) {
+          row_to_floats(kp + j * p.k_tok, D, kbuf + j * dp);
+          std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
+          row_to_floats(vp + j * p.v_tok, D, vbuf + j * dp);
+          std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
+        }
+        scores(st, ra, rb, static_cast<const float*>(kbuf), dp, nk, static_cast<const float*>(nullptr), 0);
+      }
+      const float* vsc = nullptr;
+      if (p.k_scale) {  // int8 pages: s = scale_k * (q . k_int8)
+        const float* ksc = p.k_scale + pages[pg] * p.ks_page + int64_t(in_page) * p.ks_tok + g;
+        vsc = p.v_scale + pages[pg] * p.vs_page + int64_t(in_page) * p.vs_tok + g;
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= ksc[j * p.ks_tok];
+      }
+      if (capped)
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
+      if (masked) {
+        for (int r = ra; r < rb; ++r) {
+          const int last = rm.pos(r) + off;  // last visible key of this row
+          for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r * BK + j] = kNegInf;
+        }
+      }
+      if (direct && j0 + nk < hi) {  // the next block's first keys of this head
+        const int nj = j0 + nk, npg = nj / p.page_size;
+        const T* nkp = kbase + pages[npg] * p.k_page + int64_t(nj % p.page_size) * p.k_tok + g * p.k_head;
+        const int cnt = std::min({PF, hi - nj, p.page_size - nj % p.page_size});
+        for (int j = 0; j < cnt; ++j) prefetch_row(nkp + j * p.k_tok, D * int(sizeof(T)));
+      }
+      softmax_block(st, ra, rb, nk);
+      if (vsc)  // O += (p * scale_v) v_int8; the softmax sum already has the unscaled p
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= vsc[j * p.vs_tok];
+      if (direct)
+        pv(st, ra, rb, vp, p.v_tok, nk);
+      else
+        pv(st, ra, rb, static_cast<const float*>(vbuf), dp, nk);
+    }
+    j0 += nk;
+  }
+
+  if (t.split >= 0) {  // partial result: unnormalised O, max (base 2), sum
+    for (int r = 0; r < st.rows; ++r) {
+      float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
+      std::copy(st.o + r * dp, st.o + r * dp + D, dst);
+      dst[D] = st.m[r];
+      dst[D + 1] = st.l[r];
+    }
+    return;
+  }
+  char* out = static_cast<char*>(p.out);
+  for (int r = 0; r < st.rows; ++r) {
+    const int h = rm.head(r);
+    const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
+    const int64_t qrow = p.q0(t.b) + rm.pos(r);
+    store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
+    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
+  }
+}
+
+}  // namespace
+
+void paged_attention(const PagedProblem& p) {
+  const int threads = num_threads();
+  const int D = p.head_dim, dp = (D + VL - 1) / VL * VL;
+  const int group = p.heads / p.kv_heads;
+  // Rows per task: all heads for a few positions; kv heads split only when the heads exceed RMAX.
+  const int nkv = std::max(1, std::min(p.kv_heads, RMAX / group));
+  const int npos = std::max(1, RMAX / (nkv * group));
+  const int max_rows = std::max(RMAX, group);
+  const int kv_tasks = (p.kv_heads + nkv - 1) / nkv;
+  int64_t base_tasks = 0;
+  for (int b = 0; b < p.batch; ++b) base_tasks += int64_t(kv_tasks) * ((p.q_len(b) + npos - 1) / npos);
+  int splits = p.num_splits > 0 ? p.num_splits : 1;
+  if (p.num_splits <= 0 && base_tasks < 2 * threads)
+    splits = int(std::min<int64_t>((2 * threads + base_tasks - 1) / std::max<int64_t>(base_tasks, 1),
+                                   std::max(1, p.max_kv_len / MIN_SPLIT_KEYS)));
+  splits = std::max(1, std::min(splits, std::max(1, p.max_kv_len)));
+
+  std::vector<Task> tasks;
+  tasks.reserve(size_t(base_tasks) * splits);
+  int64_t scratch_floats = 0;
+  struct Merge { Task t; int nsplit; };
+  std::vector<Merge> merges;
+  for (int b = 0; b < p.batch; ++b) {
+    const int qlen = p.q_len(b), kvlen = p.kv_len(b);
+    const int ns = splits > 1 ? std::max(1, std::min(splits, (kvlen + BK - 1) / BK)) : 1;
+    const int chunk = ns > 1 ? (kvlen + ns - 1) / ns : kvlen;
+    for (int g0 = 0; g0 < p.kv_heads; g0 += nkv)
+      for (int p0 = 0; p0 < qlen; p0 += npos) {
+        const int p1 = std::min(qlen, p0 + npos), g1 = std::min(p.kv_heads, g0 + nkv);
+        if (ns == 1) {
+          tasks.push_back({b, p0, p1, g0, g1, 0, kvlen, -1, 0});
+          continue;
+        }
+        const int64_t piece = int64_t(p1 - p0) * (g1 - g0) * group * (dp + 2);
+        merges.push_back({{b, p0, p1, g0, g1, 0, kvlen, -1, scratch_floats}, ns});
+        for (int s = 0; s < ns; ++s) {
+          tasks.push_back({b, p0, p1, g0, g1, std::min(kvlen, s * chunk), std::min(kvlen, (s + 1) * chunk), s,
+                           scratch_floats});
+          scratch_floats += piece;
+        }
+      }
+  }
+  std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+  const int ntasks = int(tasks.size());
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qbuf(size_t(max_rows) * dp), obuf(size_t(max_rows) * dp), sbuf(size_t(max_rows) * BK),
+        mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp);
+    State st;
+    st.dp = dp;
+    st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < ntasks; ++i) {
+      const Task& t = tasks[i];
+      switch (p.kv_dtype) {
+        case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+      }
+    }
+    // Merge split pieces by their log-sum-exp.
+    const int nmerge = int(merges.size());
+    const int esize = dtype_size(p.dtype);
+#pragma omp for schedule(static)
+    for (int i = 0; i < nmerge; ++i) {
+      const Merge& mg = merges[i];
+      const Task& t = mg.t;
+      const int rpg = (t.p1 - t.p0) * group, rows = rpg * (t.g1 - t.g0);
+      const RowMap rm{t.p0, t.g0, group, rpg};
+      const int64_t piece = int64_t(rows) * (dp + 2);
+      for (int r = 0; r < rows; ++r) {
+        float mmax = kNegInf;
+        for (int s = 0; s < mg.nsplit; ++s) {
+          const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
+          if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
+        }
+        std::fill(row.begin(), row.begin() + D, 0.0f);
+        float l = 0.0f;
+        if (mmax != kNegInf) {
+          for (int s = 0; s < mg.nsplit; ++s) {
+            const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
+            if (!(src[D + 1] > 0.0f)) continue;
+            const float w = std::exp2(src[D] - mmax);
+            l += src[D + 1] * w;
+            for (int d = 0; d < D; ++d) row[d] += src[d] * w;
+          }
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int d = 0; d < D; ++d) row[d] *= inv;
+        const int h = rm.head(r);
+        const int64_t qrow = p.q0(t.b) + rm.pos(r);
+        store_floats(row.data(), p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
+        if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
+      }
+    }
+  }
+}
+
+}  // namespace memkernels::cpu::MK_ISA_NS

@@ -1,0 +1,857 @@
+// PagedKVCache (allocator, page tables, prefix table, swap, statistics) and paged_attention_raw
+// (argument checks, then the CPU or CUDA backend).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "cpu/convert.h"
+#include "paged_internal.h"
+
+namespace memkernels {
+
+#if MEMKERNELS_WITH_CUDA
+namespace cuda_backend {
+// cuda/paged_attention.cu: stream-ordered scratch for the index arrays of one call.
+void* paged_upload(int device, const void* host, size_t bytes, void* stream);
+void paged_scratch_free(int device, void* ptr, void* stream);
+}  // namespace cuda_backend
+#endif
+
+namespace {
+
+std::string str(int64_t x) { return std::to_string(x); }
+
+void expect_index_array(const TensorView& t, const char* what, const TensorView& q, int64_t size) {
+  expect_ndim(t, what, 1);
+  expect_dtype(t, what, {DType::Int32});
+  expect_contiguous(t, what);
+  expect_same_device(t, what, q, "q");
+  if (size >= 0)
+    check(t.size(0) == size, ErrorKind::Value,
+          std::string(what) + ": expected " + str(size) + " entries, got " + str(t.size(0)));
+  if (t.size(0) > 0) expect_not_null(t, what);
+}
+
+void check_indptr(const int32_t* ptr, int batch, int64_t limit, const char* what, const char* limit_what) {
+  check(ptr[0] >= 0, ErrorKind::Value, std::string(what) + "[0] must be >= 0, got " + str(ptr[0]));
+  for (int b = 0; b < batch; ++b)
+    check(ptr[b + 1] >= ptr[b], ErrorKind::Value,
+          std::string(what) + " must be non-decreasing, but entry " + str(b + 1) + " (" + str(ptr[b + 1]) +
+              ") < entry " + str(b) + " (" + str(ptr[b]) + ")");
+  check(ptr[batch] <= limit, ErrorKind::Value,
+        std::string(what) + "[-1] = " + str(ptr[batch]) + " exceeds " + limit_what + " (" + str(limit) + ")");
+}
+
+}  // namespace
+
+void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
+                         const TensorView* qo_indptr, const TensorView& kv_indptr, const TensorView& kv_indices,
+                         const TensorView& kv_last_page_len, const TensorView& out, const TensorView* lse,
+                         const PagedAttentionOptions& opts, int max_q_len, void* stream, const TensorView* k_scales,
+                         const TensorView* v_scales) {
+  expect_ndim(q, "q", 3);
+  expect_dtype(q, "q", {DType::Float32, DType::Float16, DType::BFloat16});
+  expect_last_dim_contiguous(q, "q");
+  const char* names[] = {"k_pages", "v_pages"};
+  const TensorView* kv[] = {&k_pages, &v_pages};
+  for (int i = 0; i < 2; ++i) {
+    const TensorView& t = *kv[i];
+    expect_ndim(t, names[i], 4);
+    check(t.dtype == q.dtype || t.dtype == DType::Int8, ErrorKind::Type,
+          std::string(names[i]) + " has dtype " + dtype_name(t.dtype) + " but q has " + dtype_name(q.dtype) +
+              "; the pages must have the dtype of q and out, or be int8 with scales");
+    expect_same_device(t, names[i], q, "q");
+    check(t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3), ErrorKind::Value,
+          std::string(names[i]) + ": the (page_size, kv_heads, head_dim) dims of each page must be contiguous");
+    check(t.stride(0) >= 0, ErrorKind::Value, std::string(names[i]) + ": negative page stride");
+  }
+  check(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
+  check(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape), ErrorKind::Value,
+        "k_pages " + k_pages.shape_str() + " and v_pages " + v_pages.shape_str() + " must have the same shape");
+  const int64_t num_pages = k_pages.size(0), page_size = k_pages.size(1), kv_heads = k_pages.size(2);
+  const int64_t D = q.size(2), heads = q.size(1), total_q = q.size(0);
+  check(k_pages.size(3) == D, ErrorKind::Value,
+        "head_dim of the pages (" + str(k_pages.size(3)) + ") differs from q (" + str(D) + ")");
+  check(D > 0 && heads > 0 && kv_heads > 0 && page_size > 0, ErrorKind::Value,
+        "paged_attention: head_dim, heads, kv_heads and page_size must be > 0");
+  check(heads % kv_heads == 0, ErrorKind::Value,
+        "paged_attention: q heads (" + str(heads) + ") must be a multiple of kv heads (" + str(kv_heads) + ")");
+  check(num_pages < (int64_t(1) << 31) && total_q < (int64_t(1) << 31), ErrorKind::Value,
+        "paged_attention: too many pages or query rows (>= 2^31)");
+  expect_ndim(out, "out", 3);
+  check(out.dtype == q.dtype, ErrorKind::Type,
+        std::string("out has dtype ") + dtype_name(out.dtype) + " but q has " + dtype_name(q.dtype));
+  check(std::equal(out.shape, out.shape + 3, q.shape), ErrorKind::Value,
+        "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
+  expect_last_dim_contiguous(out, "out");
+  expect_same_device(out, "out", q, "q");
+  check(std::isfinite(opts.scale) && opts.scale >= 0.0f, ErrorKind::Value,
+        "paged_attention: scale must be finite and >= 0");
+  check(std::isfinite(opts.softcap) && opts.softcap >= 0.0f, ErrorKind::Value,
+        "paged_attention: softcap must be finite and >= 0 (0 disables it)");
+  check(opts.num_splits >= 0, ErrorKind::Value, "paged_attention: num_splits must be >= 0");
+
+  expect_ndim(kv_indptr, "kv_indptr", 1);
+  check(kv_indptr.size(0) >= 1, ErrorKind::Value, "kv_indptr: expected batch + 1 >= 1 entries");
+  const int64_t batch = kv_indptr.size(0) - 1;
+  expect_index_array(kv_indptr, "kv_indptr", q, batch + 1);
+  expect_index_array(kv_indices, "kv_indices", q, -1);
+  expect_index_array(kv_last_page_len, "kv_last_page_len", q, batch);
+  if (qo_indptr) {
+    expect_index_array(*qo_indptr, "qo_indptr", q, batch + 1);
+  } else {
+    check(total_q == batch, ErrorKind::Value,
+          "q: without qo_indptr there is one query row per sequence, so q needs " + str(batch) + " rows, got " +
+              str(total_q));
+  }
+
+  PagedProblem p;
+  p.dtype = q.dtype;
+  p.kv_dtype = k_pages.dtype;
+  p.batch = int(batch);
+  const bool quant = k_pages.dtype == DType::Int8;
+  check(quant == (k_scales != nullptr) && quant == (v_scales != nullptr), ErrorKind::Value,
+        quant ? "int8 k_pages/v_pages need k_scales and v_scales" : "k_scales/v_scales are only for int8 pages");
+  if (quant) {
+    const char* snames[] = {"k_scales", "v_scales"};
+    const TensorView* sc[] = {k_scales, v_scales};
+    for (int i = 0; i < 2; ++i) {
+      const TensorView& t = *sc[i];
+      expect_ndim(t, snames[i], 3);
+      expect_dtype(t, snames[i], {DType::Float32});
+      expect_same_device(t, snames[i], q, "q");
+      check(t.size(0) == k_pages.size(0) && t.size(1) == k_pages.size(1) && t.size(2) == k_pages.size(2),
+            ErrorKind::Value,
+            std::string(snames[i]) + ": expected (num_pages, page_size, kv_heads) = (" + str(k_pages.size(0)) + ", " +
+                str(k_pages.size(1)) + ", " + str(k_pages.size(2)) + "), got " + t.shape_str());
+      check(t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) >= 0, ErrorKind::Value,
+            std::string(snames[i]) + ": the (page_size, kv_heads) dims must be contiguous");
+      if (t.size(0) > 0) expect_not_null(t, snames[i]);
+    }
+    p.k_scale = k_scales->ptr<const float>(), p.v_scale = v_scales->ptr<const float>();
+    p.ks_page = k_scales->stride(0), p.ks_tok = k_scales->stride(1);
+    p.vs_page = v_scales->stride(0), p.vs_tok = v_scales->stride(1);
+  }
+  p.heads = int(heads), p.kv_heads = int(kv_heads), p.head_dim = int(D), p.page_size = int(page_size);
+  p.num_pages = num_pages, p.total_q = total_q;
+  p.q = q.data, p.k = k_pages.data, p.v = v_pages.data, p.out = out.data;
+  p.q_row = q.stride(0), p.q_head = q.stride(1), p.o_row = out.stride(0), p.o_head = out.stride(1);
+  p.k_page = k_pages.stride(0), p.k_tok = k_pages.stride(1), p.k_head = k_pages.stride(2);
+  p.v_page = v_pages.stride(0), p.v_tok = v_pages.stride(1), p.v_head = v_pages.stride(2);
+  p.qo_indptr = qo_indptr ? qo_indptr->ptr<const int32_t>() : nullptr;
+  p.kv_indptr = kv_indptr.ptr<const int32_t>();
+  p.kv_indices = kv_indices.ptr<const int32_t>();
+  p.last_page_len = kv_last_page_len.ptr<const int32_t>();
+  p.nnz_pages = kv_indices.size(0);
+  p.scale = opts.scale > 0.0f ? opts.scale : 1.0f / std::sqrt(float(D));
+  p.softcap = opts.softcap;
+  p.causal = opts.causal;
+  p.num_splits = opts.num_splits;
+  p.device = q.device.index;
+  if (lse) {
+    expect_dtype(*lse, "lse", {DType::Float32});
+    expect_shape(*lse, "lse", {heads, total_q});
+    expect_contiguous(*lse, "lse");
+    expect_same_device(*lse, "lse", q, "q");
+    p.lse = lse->ptr<float>();
+  }
+  if (total_q > 0) {
+    expect_not_null(q, "q");
+    expect_not_null(out, "out");
+  }
+  if (num_pages > 0) {
+    expect_not_null(k_pages, "k_pages");
+    expect_not_null(v_pages, "v_pages");
+  }
+
+  if (q.device.is_cuda()) {
+    require_cuda_usable("paged_attention", q.device);
+    check(!quant, ErrorKind::NotImplemented, "paged_attention: int8 pages are CPU-only in this version");
+    p.max_q_len = max_q_len > 0 ? max_q_len : int(std::max<int64_t>(total_q, 1));
+    if (batch == 0 || total_q == 0) return;
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::paged_attention(p, stream);
+#endif
+    return;
+  }
+  (void)stream;
+  // CPU: validate every index; they decide every address the kernel reads.
+  check_indptr(p.kv_indptr, p.batch, p.nnz_pages, "kv_indptr", "the entries of kv_indices");
+  if (p.qo_indptr) {
+    check(p.qo_indptr[0] == 0, ErrorKind::Value, "qo_indptr[0] must be 0, got " + str(p.qo_indptr[0]));
+    check_indptr(p.qo_indptr, p.batch, total_q, "qo_indptr", "the rows of q");
+    check(p.qo_indptr[p.batch] == total_q, ErrorKind::Value,
+          "qo_indptr[-1] = " + str(p.qo_indptr[p.batch]) + " must equal the rows of q (" + str(total_q) + ")");
+  }
+  int max_q = 1, max_kv = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    const int npg = p.kv_indptr[b + 1] - p.kv_indptr[b];
+    if (npg > 0) {
+      const int last = p.last_page_len[b];
+      check(last >= 1 && last <= page_size, ErrorKind::Value,
+            "kv_last_page_len[" + str(b) + "] = " + str(last) + " is outside [1, page_size = " + str(page_size) + "]");
+      check(int64_t(npg - 1) * page_size + last < (int64_t(1) << 31), ErrorKind::Value,
+            "sequence " + str(b) + " is too long (>= 2^31 tokens)");
+    }
+    for (int i = p.kv_indptr[b]; i < p.kv_indptr[b + 1]; ++i)
+      check(p.kv_indices[i] >= 0 && p.kv_indices[i] < num_pages, ErrorKind::Value,
+            "kv_indices[" + str(i) + "] = " + str(p.kv_indices[i]) + " is not a page id in [0, " + str(num_pages) +
+                ")");
+    max_q = std::max(max_q, p.q_len(b));
+    max_kv = std::max(max_kv, p.kv_len(b));
+  }
+  p.max_q_len = max_q, p.max_kv_len = max_kv;
+  if (batch == 0 || total_q == 0) return;
+  MK_CPU_DISPATCH(paged_attention, p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PagedKVCache
+
+namespace {
+
+// Chain hash of a page: FNV-1a style mix of the previous page's hash and this page's tokens.
+uint64_t page_hash(uint64_t prev, const int32_t* tokens, int n) {
+  uint64_t h = prev ^ 0x9e3779b97f4a7c15ull;
+  for (int i = 0; i < n; ++i) {
+    h ^= uint32_t(tokens[i]);
+    h *= 0x100000001b3ull;
+    h ^= h >> 29;
+  }
+  return h ? h : 1;  // 0 means "no hash"
+}
+
+}  // namespace
+
+struct PagedKVCache::Impl {
+  int L, P, ps, kvh, D;
+  DType dtype;
+  Device device;
+  int esize;
+  bool quant = false;  // int8 pages with float32 scales
+  // Element counts in the pool dtype (bytes for int8); scale_off: bytes from a layer block's start
+  // to its K scales (V scales follow after page_size * kv_heads floats).
+  int64_t page_elems, layer_elems, kv_elems, page_bytes, scale_off = 0;
+  void* pool = nullptr;
+  mutable std::mutex mu;
+
+  std::vector<int32_t> free_list;  // stack of free page ids
+  std::vector<int32_t> ref;        // references from sequence tables
+  // Prefix table: hashed pages; unreferenced hashed pages are kept in LRU order (front = oldest).
+  std::unordered_map<uint64_t, int32_t> by_hash;
+  std::vector<uint64_t> hash_of;                // 0 = not in the table
+  std::vector<uint64_t> parent_of;              // hash of the previous page (verification)
+  std::vector<std::vector<int32_t>> tokens_of;  // the page's tokens (verification)
+  std::list<int32_t> lru;
+  std::vector<std::list<int32_t>::iterator> lru_pos;
+  std::vector<char> in_lru;
+
+  struct Seq {
+    std::vector<int32_t> pages;
+    std::vector<int64_t> layer_len;
+    std::vector<int32_t> tokens;  // known token ids (prefix tokens given at creation)
+    std::vector<uint64_t> chain;  // chain hashes of the first chain.size() pages
+    bool swapped = false;
+    void* host = nullptr;  // swapped-out pages
+    int64_t host_pages = 0;
+    int64_t length() const { return *std::max_element(layer_len.begin(), layer_len.end()); }
+  };
+  std::unordered_map<int64_t, Seq> seqs;
+  int64_t next_id = 0;
+  int64_t prefix_hits = 0, prefix_queries = 0, evictions = 0;
+
+  char* page_ptr(int32_t page) const { return static_cast<char*>(pool) + int64_t(page) * page_bytes; }
+  int64_t available() const { return int64_t(free_list.size()) + int64_t(lru.size()); }
+
+  Seq& get(int64_t id, const char* op) {
+    auto it = seqs.find(id);
+    check(it != seqs.end(), ErrorKind::Value,
+          std::string(op) + ": unknown sequence id " + str(id) + " (never added, or already freed)");
+    return it->second;
+  }
+  const Seq& get(int64_t id, const char* op) const { return const_cast<Impl*>(this)->get(id, op); }
+  Seq& get_resident(int64_t id, const char* op) {
+    Seq& s = get(id, op);
+    check(!s.swapped, ErrorKind::Value, std::string(op) + ": sequence " + str(id) + " is swapped out (swap_in first)");
+    return s;
+  }
+
+  void unlink_lru(int32_t page) {
+    if (!in_lru[page]) return;
+    lru.erase(lru_pos[page]);
+    in_lru[page] = 0;
+  }
+  void unhash(int32_t page) {
+    if (!hash_of[page]) return;
+    auto it = by_hash.find(hash_of[page]);
+    if (it != by_hash.end() && it->second == page) by_hash.erase(it);
+    hash_of[page] = 0;
+    tokens_of[page].clear();
+    tokens_of[page].shrink_to_fit();
+  }
+  // Callers check available() first.
+  int32_t alloc_page() {
+    int32_t page;
+    if (!free_list.empty()) {
+      page = free_list.back();
+      free_list.pop_back();
+    } else {
+      page = lru.front();
+      unlink_lru(page);
+      unhash(page);
+      ++evictions;
+    }
+    ref[page] = 1;
+    return page;
+  }
+  void release_page(int32_t page) {
+    if (--ref[page] > 0) return;
+    if (hash_of[page]) {
+      lru.push_back(page);
+      lru_pos[page] = std::prev(lru.end());
+      in_lru[page] = 1;
+    } else {
+      free_list.push_back(page);
+    }
+  }
+  void acquire_page(int32_t page) {
+    if (ref[page]++ == 0) unlink_lru(page);
+  }
+
+  // Enters the sequence's full pages (full in every layer, with known tokens) in the prefix table.
+  void register_pages(Seq& s) {
+    int64_t full = *std::min_element(s.layer_len.begin(), s.layer_len.end()) / ps;
+    full = std::min<int64_t>(full, int64_t(s.tokens.size()) / ps);
+    full = std::min<int64_t>(full, int64_t(s.pages.size()));
+    for (int64_t i = int64_t(s.chain.size()); i < full; ++i) {
+      const uint64_t prev = i ? s.chain[i - 1] : 0;
+      const uint64_t h = page_hash(prev, s.tokens.data() + i * ps, ps);
+      s.chain.push_back(h);
+      const int32_t page = s.pages[i];
+      if (hash_of[page] || by_hash.count(h)) continue;  // already known (maybe as another page)
+      hash_of[page] = h;
+      parent_of[page] = prev;
+      tokens_of[page].assign(s.tokens.begin() + i * ps, s.tokens.begin() + (i + 1) * ps);
+      by_hash[h] = page;
+    }
+  }
+
+  void copy_page(int32_t dst, int32_t src, void* stream) {
+    device_memcpy(page_ptr(dst), device, page_ptr(src), device, size_t(page_bytes), stream);
+  }
+};
+
+PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_heads, int head_dim, DType dtype,
+                           Device device)
+    : impl_(new Impl) {
+  check(num_layers > 0 && num_pages > 0 && page_size > 0 && kv_heads > 0 && head_dim > 0, ErrorKind::Value,
+        "PagedKVCache: num_layers, num_pages, page_size, kv_heads and head_dim must all be > 0, got " +
+            str(num_layers) + ", " + str(num_pages) + ", " + str(page_size) + ", " + str(kv_heads) + ", " +
+            str(head_dim));
+  check(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 || dtype == DType::Int8,
+        ErrorKind::Type,
+        std::string("PagedKVCache: dtype must be float32, float16, bfloat16 or int8, got ") + dtype_name(dtype));
+  check(dtype != DType::Int8 || device.is_cpu(), ErrorKind::NotImplemented,
+        "PagedKVCache: int8 pages are CPU-only in this version");
+  check(page_size <= (1 << 20), ErrorKind::Value, "PagedKVCache: page_size must be <= 2^20");
+  Impl& m = *impl_;
+  m.L = num_layers, m.P = num_pages, m.ps = page_size, m.kvh = kv_heads, m.D = head_dim;
+  m.dtype = dtype, m.device = device, m.esize = dtype_size(dtype);
+  m.kv_elems = int64_t(page_size) * kv_heads * head_dim;
+  m.layer_elems = 2 * m.kv_elems;
+  if (dtype == DType::Int8) {
+    m.quant = true;
+    m.kv_elems = (m.kv_elems + 63) / 64 * 64;
+    m.scale_off = 2 * m.kv_elems;
+    m.layer_elems = m.scale_off + (2 * int64_t(page_size) * kv_heads * 4 + 63) / 64 * 64;
+  }
+  m.page_elems = m.layer_elems * num_layers;
+  m.page_bytes = m.page_elems * m.esize;
+  const double total = double(m.page_bytes) * num_pages;
+  check(total < 9e18, ErrorKind::Value, "PagedKVCache: pool size overflows");
+  if (device.is_cuda()) require_cuda_usable("PagedKVCache", device);
+  m.pool = device_malloc(device, size_t(m.page_bytes) * size_t(num_pages));
+  m.free_list.resize(num_pages);
+  for (int i = 0; i < num_pages; ++i) m.free_list[i] = num_pages - 1 - i;  // page 0 is handed out first
+  m.ref.assign(num_pages, 0);
+  m.hash_of.assign(num_pages, 0);
+  m.parent_of.assign(num_pages, 0);
+  m.tokens_of.resize(num_pages);
+  m.lru_pos.resize(num_pages);
+  m.in_lru.assign(num_pages, 0);
+}
+
+PagedKVCache::~PagedKVCache() {
+  for (auto& [id, s] : impl_->seqs)
+    if (s.host) host_free_pinned(s.host);
+  device_free(impl_->device, impl_->pool);
+}
+
+int PagedKVCache::num_layers() const { return impl_->L; }
+int PagedKVCache::num_pages() const { return impl_->P; }
+int PagedKVCache::page_size() const { return impl_->ps; }
+int PagedKVCache::kv_heads() const { return impl_->kvh; }
+int PagedKVCache::head_dim() const { return impl_->D; }
+DType PagedKVCache::dtype() const { return impl_->dtype; }
+Device PagedKVCache::device() const { return impl_->device; }
+
+TensorView PagedKVCache::pool() const {
+  const Impl& m = *impl_;
+  return TensorView(m.pool, m.dtype, {m.P, m.L, 2, m.ps, m.kvh, m.D}, m.device);
+}
+
+static TensorView layer_pages(const PagedKVCache::Impl& m, int layer, int kv) {
+  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+        "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  TensorView t(static_cast<char*>(m.pool) + (layer * m.layer_elems + kv * m.kv_elems) * m.esize, m.dtype,
+               {m.P, m.ps, m.kvh, m.D}, m.device);
+  t.strides[0] = m.page_elems;
+  return t;
+}
+static TensorView layer_scales(const PagedKVCache::Impl& m, int layer, int kv) {
+  check(m.quant, ErrorKind::Value, "k_scales/v_scales: only int8 caches have scales");
+  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+        "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  TensorView t(static_cast<char*>(m.pool) + layer * m.layer_elems + m.scale_off + kv * int64_t(m.ps) * m.kvh * 4,
+               DType::Float32, {m.P, m.ps, m.kvh}, m.device);
+  t.strides[0] = m.page_bytes / 4;
+  return t;
+}
+TensorView PagedKVCache::k_scales(int layer) const { return layer_scales(*impl_, layer, 0); }
+TensorView PagedKVCache::v_scales(int layer) const { return layer_scales(*impl_, layer, 1); }
+TensorView PagedKVCache::k_pages(int layer) const { return layer_pages(*impl_, layer, 0); }
+TensorView PagedKVCache::v_pages(int layer) const { return layer_pages(*impl_, layer, 1); }
+
+int64_t PagedKVCache::add_sequence(const int32_t* prefix_tokens, int64_t num_tokens, int64_t* cached_tokens) {
+  check(num_tokens >= 0 && (num_tokens == 0 || prefix_tokens), ErrorKind::Value,
+        "add_sequence: prefix tokens must be a valid array");
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  Impl::Seq s;
+  s.layer_len.assign(m.L, 0);
+  s.tokens.assign(prefix_tokens, prefix_tokens + num_tokens);
+  // Walk the full pages of the prefix while the table has them.
+  const int64_t full = num_tokens / m.ps;
+  m.prefix_queries += full;
+  uint64_t prev = 0;
+  for (int64_t i = 0; i < full; ++i) {
+    const int32_t* tok = prefix_tokens + i * m.ps;
+    const uint64_t h = page_hash(prev, tok, m.ps);
+    auto it = m.by_hash.find(h);
+    if (it == m.by_hash.end()) break;
+    const int32_t page = it->second;
+    if (m.parent_of[page] != prev || !std::equal(tok, tok + m.ps, m.tokens_of[page].begin())) break;
+    m.acquire_page(page);
+    s.pages.push_back(page);
+    s.chain.push_back(h);
+    prev = h;
+  }
+  m.prefix_hits += int64_t(s.pages.size());
+  const int64_t cached = int64_t(s.pages.size()) * m.ps;
+  std::fill(s.layer_len.begin(), s.layer_len.end(), cached);
+  if (cached_tokens) *cached_tokens = cached;
+  const int64_t id = m.next_id++;
+  m.seqs.emplace(id, std::move(s));
+  return id;
+}
+
+void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const TensorView& k, const TensorView& v,
+                          const std::vector<int64_t>& counts, void* stream) {
+  Impl& m = *impl_;
+  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+        "append: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  const char* names[] = {"k", "v"};
+  const TensorView* kv[] = {&k, &v};
+  for (int i = 0; i < 2; ++i) {
+    const TensorView& t = *kv[i];
+    expect_ndim(t, names[i], 3);
+    check(t.dtype == m.dtype || (m.quant && (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
+                                              t.dtype == DType::BFloat16)),
+          ErrorKind::Type,
+          std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
+              dtype_name(m.dtype) + (m.quant ? " (give float32, float16 or bfloat16 to quantize)" : ""));
+    check(t.device == m.device, ErrorKind::Value,
+          std::string("append: ") + names[i] + " is on " + t.device.str() + " but the cache is on " + m.device.str());
+    check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
+          std::string("append: ") + names[i] + " must be (tokens, kv_heads=" + str(m.kvh) + ", head_dim=" + str(m.D) +
+              "), got " + t.shape_str());
+    check(t.size(0) == 0 || (t.stride(2) == 1 && t.stride(1) == m.D), ErrorKind::Value,
+          std::string("append: ") + names[i] + ": each token's (kv_heads, head_dim) block must be contiguous");
+  }
+  check(k.dtype == v.dtype, ErrorKind::Type, "append: k and v must have the same dtype");
+  check(k.size(0) == v.size(0), ErrorKind::Value,
+        "append: k " + k.shape_str() + " and v " + v.shape_str() + " must have the same number of tokens");
+  check(counts.empty() || counts.size() == seq_ids.size(), ErrorKind::Value,
+        "append: counts has " + str(int64_t(counts.size())) + " entries for " + str(int64_t(seq_ids.size())) +
+            " sequences");
+  int64_t total = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const int64_t n = counts.empty() ? 1 : counts[i];
+    check(n >= 0, ErrorKind::Value, "append: counts[" + str(int64_t(i)) + "] = " + str(n) + " is negative");
+    total += n;
+  }
+  check(total == k.size(0), ErrorKind::Value,
+        "append: the counts add up to " + str(total) + " tokens but k and v have " + str(k.size(0)));
+  if (total > 0) {
+    expect_not_null(k, "k");
+    expect_not_null(v, "v");
+  }
+
+  std::lock_guard<std::mutex> lock(m.mu);
+  // 1. Plan: validate ids and count the pages needed (new pages + copy-on-write copies).
+  std::unordered_set<int64_t> seen;
+  int64_t need = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    Impl::Seq& s = m.get_resident(seq_ids[i], "append");
+    check(seen.insert(seq_ids[i]).second, ErrorKind::Value,
+          "append: sequence " + str(seq_ids[i]) + " appears more than once");
+    const int64_t n = counts.empty() ? 1 : counts[i];
+    if (n == 0) continue;
+    const int64_t cur = s.layer_len[layer], end = cur + n;
+    check(end < (int64_t(1) << 31) && (end + m.ps - 1) / m.ps <= m.P, ErrorKind::CacheFull,
+          "append: sequence " + str(seq_ids[i]) + " would need more pages than the cache has");
+    const int64_t have = int64_t(s.pages.size()), want = std::max(have, (end + m.ps - 1) / m.ps);
+    need += want - have;
+    for (int64_t pg = cur / m.ps; pg < std::min(have, (end - 1) / m.ps + 1); ++pg)
+      if (m.ref[s.pages[pg]] > 1 || m.hash_of[s.pages[pg]]) ++need;
+  }
+  check(need <= m.available(), ErrorKind::CacheFull,
+        "append: needs " + str(need) + " free pages but only " + str(m.available()) + " of " + str(m.P) +
+            " are free; nothing was appended");
+
+  // 2. Commit: copy-on-write, new pages, slots for every row.
+  std::vector<int64_t> slots(static_cast<size_t>(total));
+  int64_t row = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    Impl::Seq& s = m.seqs.at(seq_ids[i]);
+    const int64_t n = counts.empty() ? 1 : counts[i];
+    if (n == 0) continue;
+    const int64_t cur = s.layer_len[layer], end = cur + n;
+    const int64_t have = int64_t(s.pages.size());
+    for (int64_t pg = cur / m.ps; pg < std::min(have, (end - 1) / m.ps + 1); ++pg) {
+      const int32_t old = s.pages[pg];
+      if (m.ref[old] > 1 || m.hash_of[old]) {
+        const int32_t fresh = m.alloc_page();
+        m.copy_page(fresh, old, stream);
+        m.release_page(old);
+        s.pages[pg] = fresh;
+        if (int64_t(s.chain.size()) > pg) s.chain.resize(size_t(pg));
+      }
+    }
+    while (int64_t(s.pages.size()) * m.ps < end) s.pages.push_back(m.alloc_page());
+    for (int64_t t = cur; t < end; ++t) slots[size_t(row++)] = int64_t(s.pages[size_t(t / m.ps)]) * m.ps + t % m.ps;
+    s.layer_len[layer] = end;
+    m.register_pages(s);
+  }
+  if (total == 0) return;
+
+  // 3. Scatter the rows into their slots.
+  PagedAppend a;
+  a.dtype = m.dtype;
+  a.rows = total;
+  a.row_elems = int64_t(m.kvh) * m.D;
+  a.k = k.data, a.v = v.data, a.k_row = k.stride(0), a.v_row = v.stride(0);
+  a.pool = m.pool;
+  a.page_stride = m.page_elems;
+  a.layer_offset = layer * m.layer_elems;
+  a.kv_offset = m.kv_elems;
+  a.page_size = m.ps;
+  a.num_pages = m.P;
+  a.device = m.device.index;
+  if (m.device.is_cuda()) {
+#if MEMKERNELS_WITH_CUDA
+    void* dslots = cuda_backend::paged_upload(m.device.index, slots.data(), slots.size() * sizeof(int64_t), stream);
+    a.slots = static_cast<const int64_t*>(dslots);
+    cuda_backend::paged_append(a, stream);
+    cuda_backend::paged_scratch_free(m.device.index, dslots, stream);
+#endif
+    return;
+  }
+  if (m.quant) {  // symmetric int8 per (token, kv head): scale = max|x| / 127
+    const int in_size = dtype_size(k.dtype);
+    std::vector<float> tmp(size_t(m.D));
+    for (int64_t r = 0; r < total; ++r) {
+      const int64_t page = slots[r] / m.ps, off = slots[r] % m.ps;
+      char* layer_base = static_cast<char*>(m.pool) + page * m.page_bytes + layer * m.layer_elems;
+      for (int kvi = 0; kvi < 2; ++kvi) {
+        const TensorView& src = kvi ? v : k;
+        int8_t* dst = reinterpret_cast<int8_t*>(layer_base + kvi * m.kv_elems) + off * a.row_elems;
+        float* scales = reinterpret_cast<float*>(layer_base + m.scale_off) + kvi * int64_t(m.ps) * m.kvh + off * m.kvh;
+        for (int h = 0; h < m.kvh; ++h) {
+          const char* row = static_cast<const char*>(src.data) + (r * src.stride(0) + h * m.D) * in_size;
+          cpu::load_floats(row, src.dtype, m.D, tmp.data());
+          float amax = 0.0f;
+          for (float x : tmp) amax = std::max(amax, std::fabs(x));
+          const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+          for (int d = 0; d < m.D; ++d)
+            dst[h * m.D + d] = int8_t(std::lrintf(std::min(127.0f, std::max(-127.0f, tmp[d] * inv))));
+          scales[h] = scale;
+        }
+      }
+    }
+    return;
+  }
+  const size_t row_bytes = size_t(a.row_elems) * m.esize;
+  const char* kb = static_cast<const char*>(k.data);
+  const char* vb = static_cast<const char*>(v.data);
+  char* pool = static_cast<char*>(m.pool);
+  for (int64_t r = 0; r < total; ++r) {
+    const int64_t page = slots[r] / m.ps, off = slots[r] % m.ps;
+    char* dst = pool + (page * a.page_stride + a.layer_offset + off * a.row_elems) * m.esize;
+    std::memcpy(dst, kb + r * a.k_row * m.esize, row_bytes);
+    std::memcpy(dst + a.kv_offset * m.esize, vb + r * a.v_row * m.esize, row_bytes);
+  }
+}
+
+int64_t PagedKVCache::fork(int64_t seq_id) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  Impl::Seq copy = m.get_resident(seq_id, "fork");
+  for (int32_t page : copy.pages) m.acquire_page(page);
+  const int64_t id = m.next_id++;
+  m.seqs.emplace(id, std::move(copy));
+  return id;
+}
+
+void PagedKVCache::free(int64_t seq_id) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  Impl::Seq& s = m.get(seq_id, "free");
+  for (int32_t page : s.pages) m.release_page(page);
+  if (s.host) host_free_pinned(s.host);
+  m.seqs.erase(seq_id);
+}
+
+void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  Impl::Seq& s = m.get_resident(seq_id, "truncate");
+  check(length >= 0 && length <= s.length(), ErrorKind::Value,
+        "truncate: length " + str(length) + " is outside [0, " + str(s.length()) + "] for sequence " + str(seq_id));
+  for (auto& n : s.layer_len) n = std::min(n, length);
+  const size_t keep = size_t((length + m.ps - 1) / m.ps);
+  for (size_t i = keep; i < s.pages.size(); ++i) m.release_page(s.pages[i]);
+  s.pages.resize(keep);
+  if (int64_t(s.tokens.size()) > length) s.tokens.resize(size_t(length));
+  if (int64_t(s.chain.size()) > length / m.ps) s.chain.resize(size_t(length / m.ps));
+}
+
+int64_t PagedKVCache::length(int64_t seq_id, int layer) const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  const Impl::Seq& s = m.get(seq_id, "length");
+  if (layer < 0) return s.length();
+  check(layer < m.L, ErrorKind::Value, "length: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  return s.layer_len[layer];
+}
+
+std::vector<int32_t> PagedKVCache::page_table(int64_t seq_id) const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  return m.get(seq_id, "page_table").pages;
+}
+
+std::vector<int64_t> PagedKVCache::sequences() const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  std::vector<int64_t> ids;
+  for (auto& kv : m.seqs) ids.push_back(kv.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+int PagedKVCache::refcount(int32_t page) const {
+  const Impl& m = *impl_;
+  check(page >= 0 && page < m.P, ErrorKind::Value, "refcount: page " + str(page) + " out of range");
+  std::lock_guard<std::mutex> lock(m.mu);
+  return m.ref[page];
+}
+
+void PagedKVCache::swap_out(int64_t seq_id, void* stream) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  Impl::Seq& s = m.get_resident(seq_id, "swap_out");
+  const int64_t n = int64_t(s.pages.size());
+  void* host = host_malloc_pinned(size_t(std::max<int64_t>(n, 1) * m.page_bytes));
+  for (int64_t i = 0; i < n; ++i)
+    device_memcpy(static_cast<char*>(host) + i * m.page_bytes, Device{}, m.page_ptr(s.pages[i]), m.device,
+                  size_t(m.page_bytes), stream);
+  for (int32_t page : s.pages) m.release_page(page);
+  s.pages.clear();
+  s.chain.clear();
+  s.host = host;
+  s.host_pages = n;
+  s.swapped = true;
+}
+
+void PagedKVCache::swap_in(int64_t seq_id, void* stream) {
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  Impl::Seq& s = m.get(seq_id, "swap_in");
+  check(s.swapped, ErrorKind::Value, "swap_in: sequence " + str(seq_id) + " is not swapped out");
+  check(s.host_pages <= m.available(), ErrorKind::CacheFull,
+        "swap_in: needs " + str(s.host_pages) + " free pages but only " + str(m.available()) + " are free");
+  for (int64_t i = 0; i < s.host_pages; ++i) {
+    const int32_t page = m.alloc_page();
+    s.pages.push_back(page);
+    device_memcpy(m.page_ptr(page), m.device, static_cast<char*>(s.host) + i * m.page_bytes, Device{},
+                  size_t(m.page_bytes), stream);
+  }
+  // The host copy may still be read by the copies just queued: wait for them before freeing it.
+  if (m.device.is_cuda() && stream) stream_synchronize(m.device, stream);
+  host_free_pinned(s.host);
+  s.host = nullptr;
+  s.host_pages = 0;
+  s.swapped = false;
+  m.register_pages(s);
+}
+
+bool PagedKVCache::is_swapped(int64_t seq_id) const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  return m.get(seq_id, "is_swapped").swapped;
+}
+
+void PagedKVCache::build_indices(const std::vector<int64_t>& seq_ids, int layer, std::vector<int32_t>& kv_indptr,
+                                 std::vector<int32_t>& kv_indices, std::vector<int32_t>& last_page_len) const {
+  const Impl& m = *impl_;
+  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+        "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  std::lock_guard<std::mutex> lock(m.mu);
+  kv_indptr.assign(1, 0);
+  kv_indices.clear();
+  last_page_len.clear();
+  for (int64_t id : seq_ids) {
+    const Impl::Seq& s = const_cast<Impl&>(m).get_resident(id, "paged_attention");
+    const int64_t len = s.layer_len[layer];
+    const int64_t npg = (len + m.ps - 1) / m.ps;
+    kv_indices.insert(kv_indices.end(), s.pages.begin(), s.pages.begin() + npg);
+    kv_indptr.push_back(int32_t(kv_indices.size()));
+    last_page_len.push_back(npg ? int32_t(len - (npg - 1) * m.ps) : 0);
+  }
+}
+
+void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
+                             const std::vector<int64_t>& q_lens, const TensorView& out, const TensorView* lse,
+                             const PagedAttentionOptions& opts, void* stream) {
+  const Impl& m = *impl_;
+  check(q.device == m.device, ErrorKind::Value,
+        "paged_attention: q is on " + q.device.str() + " but the cache is on " + m.device.str());
+  check(q.ndim != 3 || q.size(2) == m.D, ErrorKind::Value,
+        "paged_attention: q head_dim " + str(q.ndim == 3 ? q.size(2) : 0) + " differs from the cache's " + str(m.D));
+  check(q_lens.empty() || q_lens.size() == seq_ids.size(), ErrorKind::Value,
+        "paged_attention: q_lens has " + str(int64_t(q_lens.size())) + " entries for " +
+            str(int64_t(seq_ids.size())) + " sequences");
+  std::vector<int32_t> indptr, indices, last;
+  build_indices(seq_ids, layer, indptr, indices, last);
+  std::vector<int32_t> qo(1, 0);
+  int max_q = 1;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const int64_t n = q_lens.empty() ? 1 : q_lens[i];
+    check(n >= 0, ErrorKind::Value, "paged_attention: q_lens[" + str(int64_t(i)) + "] is negative");
+    check(qo.back() + n < (int64_t(1) << 31), ErrorKind::Value, "paged_attention: too many query rows");
+    qo.push_back(int32_t(qo.back() + n));
+    max_q = std::max<int>(max_q, int(n));
+  }
+  const int64_t batch = int64_t(seq_ids.size());
+  if (m.device.is_cpu()) {
+    TensorView tin(indptr.data(), DType::Int32, {batch + 1});
+    TensorView tix(indices.data(), DType::Int32, {int64_t(indices.size())});
+    TensorView tl(last.data(), DType::Int32, {batch});
+    TensorView tq(qo.data(), DType::Int32, {batch + 1});
+    TensorView ks, vs;
+    if (m.quant) ks = k_scales(layer), vs = v_scales(layer);
+    paged_attention_raw(q, k_pages(layer), v_pages(layer), q_lens.empty() ? nullptr : &tq, tin, tix, tl, out, lse,
+                        opts, max_q, stream, m.quant ? &ks : nullptr, m.quant ? &vs : nullptr);
+    return;
+  }
+#if MEMKERNELS_WITH_CUDA
+  // One upload of all four arrays; stream-ordered, so nothing here waits for the GPU.
+  std::vector<int32_t> packed;
+  packed.reserve(indptr.size() + indices.size() + last.size() + qo.size());
+  packed.insert(packed.end(), indptr.begin(), indptr.end());
+  packed.insert(packed.end(), last.begin(), last.end());
+  packed.insert(packed.end(), qo.begin(), qo.end());
+  packed.insert(packed.end(), indices.begin(), indices.end());
+  int32_t* d = static_cast<int32_t*>(
+      cuda_backend::paged_upload(m.device.index, packed.data(), packed.size() * sizeof(int32_t), stream));
+  TensorView tin(d, DType::Int32, {batch + 1}, m.device);
+  TensorView tl(d + batch + 1, DType::Int32, {batch}, m.device);
+  TensorView tq(d + 2 * batch + 1, DType::Int32, {batch + 1}, m.device);
+  TensorView tix(d + 3 * batch + 2, DType::Int32, {int64_t(indices.size())}, m.device);
+  try {
+    paged_attention_raw(q, k_pages(layer), v_pages(layer), q_lens.empty() ? nullptr : &tq, tin, tix, tl, out, lse,
+                        opts, max_q, stream);
+  } catch (...) {
+    cuda_backend::paged_scratch_free(m.device.index, d, stream);
+    throw;
+  }
+  cuda_backend::paged_scratch_free(m.device.index, d, stream);
+#else
+  require_cuda_usable("paged_attention", m.device);
+#endif
+}
+
+PagedCacheStats PagedKVCache::stats() const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  PagedCacheStats st;
+  st.num_pages = m.P, st.page_size = m.ps;
+  st.pages_free = int64_t(m.free_list.size());
+  st.pages_cached = int64_t(m.lru.size());
+  st.pages_used = m.P - st.pages_free - st.pages_cached;
+  for (int i = 0; i < m.P; ++i) st.pages_shared += m.ref[i] > 1;
+  st.bytes_per_token = int64_t(m.L) * 2 * m.kvh * (m.quant ? m.D + 4 : m.D * m.esize);
+  st.pool_bytes = m.page_bytes * m.P;
+  std::vector<int32_t> fill(m.P, 0);
+  for (auto& [id, s] : m.seqs) {
+    ++st.num_sequences;
+    st.num_swapped += s.swapped;
+    const int64_t len = s.length();
+    st.tokens += len;
+    for (size_t i = 0; i < s.pages.size(); ++i)
+      fill[s.pages[i]] = std::max<int32_t>(fill[s.pages[i]], int32_t(std::min<int64_t>(m.ps, len - int64_t(i) * m.ps)));
+  }
+  for (int i = 0; i < m.P; ++i)
+    if (m.ref[i] > 0) st.wasted_slots += m.ps - fill[i];
+  st.fragmentation = st.pages_used ? double(st.wasted_slots) / double(st.pages_used * m.ps) : 0.0;
+  st.prefix_hits = m.prefix_hits, st.prefix_queries = m.prefix_queries, st.evictions = m.evictions;
+  return st;
+}
+
+void PagedKVCache::check_invariants() const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
+  std::vector<int> where(m.P, 0), refs(m.P, 0);
+  for (int32_t p : m.free_list) {
+    check(p >= 0 && p < m.P && where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " twice in free list");
+    check(!m.hash_of[p], ErrorKind::Value, "invariant: free page " + str(p) + " still hashed");
+    where[p] = 1;
+  }
+  for (int32_t p : m.lru) {
+    check(where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " both free and cached");
+    check(m.hash_of[p] && m.in_lru[p], ErrorKind::Value, "invariant: cached page " + str(p) + " not hashed");
+    where[p] = 2;
+  }
+  for (auto& [id, s] : m.seqs) {
+    check(int64_t(s.pages.size()) == (s.swapped ? 0 : (s.length() + m.ps - 1) / m.ps), ErrorKind::Value,
+          "invariant: sequence " + str(id) + " holds " + str(int64_t(s.pages.size())) + " pages for length " +
+              str(s.length()));
+    for (int32_t p : s.pages) ++refs[p];
+  }
+  for (int p = 0; p < m.P; ++p) {
+    check(refs[p] == m.ref[p], ErrorKind::Value,
+          "invariant: page " + str(p) + " has refcount " + str(m.ref[p]) + " but " + str(refs[p]) + " table entries");
+    check((refs[p] > 0) != (where[p] != 0), ErrorKind::Value,
+          "invariant: page " + str(p) + " is " + (refs[p] ? "referenced and free/cached" : "leaked"));
+  }
+  for (auto& [h, p] : m.by_hash)
+    check(m.hash_of[p] == h, ErrorKind::Value, "invariant: prefix table entry of page " + str(p) + " is stale");
+}
+
+}  // namespace memkernels

@@ -1,0 +1,201 @@
+"""Paged KV cache and paged attention (vLLM PagedAttention / FlashInfer style).
+
+A PagedKVCache keeps K and V of many sequences in fixed-size pages of one pool, so sequences of
+any length waste at most one partly filled page each, forks share pages (copy-on-write), full
+pages of a common token prefix are reused, and attention reads the pages in place.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _memkernels as _C
+from ._arrays import bfloat16, check_out, dtype_name, empty_like, stream_handle
+
+
+def _device(device) -> tuple[int, int]:
+    if device is None or device == "cpu":
+        return 0, 0
+    if isinstance(device, str) and device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return 1, index
+    raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _dtype(dtype) -> str:
+    name = getattr(np.dtype(dtype) if not isinstance(dtype, str) else None, "name", None) or str(dtype)
+    return name
+
+
+def _ids(seq_ids) -> list[int]:
+    if isinstance(seq_ids, (int, np.integer)):
+        return [int(seq_ids)]
+    return [int(s) for s in seq_ids]
+
+
+def _scale(scale, softcap):
+    scale = 0.0 if scale is None else float(scale)
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    return scale, 0.0 if softcap is None else float(softcap)
+
+
+class PagedKVCache:
+    """A KV cache of `num_pages` pages of `page_size` tokens, for every layer at once.
+
+    Pool layout: (num_pages, num_layers, 2, page_size, kv_heads, head_dim), index 0/1 of the third
+    axis for K/V; a page holds its tokens for every layer. dtype: float32, float16 or bfloat16;
+    or int8 (CPU): K/V quantized on append, symmetric per token and kv head, with float32 scales
+    (k_scales/v_scales), read by attention without a dequantized copy. device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
+
+    Sequences are integer ids. Every layer has its own length (a model appends layer by layer);
+    length(seq) is the largest. Running out of pages raises CacheFullError and changes nothing.
+    """
+
+    def __init__(self, num_layers, num_pages, page_size, kv_heads, head_dim, dtype="float32", device="cpu"):
+        dev_type, dev_index = _device(device)
+        self._c = _C.PagedKVCache(int(num_layers), int(num_pages), int(page_size), int(kv_heads), int(head_dim),
+                                  _dtype(dtype), dev_type, dev_index)
+
+    # -- geometry ------------------------------------------------------------------------------
+    num_layers = property(lambda self: self._c.num_layers)
+    num_pages = property(lambda self: self._c.num_pages)
+    page_size = property(lambda self: self._c.page_size)
+    kv_heads = property(lambda self: self._c.kv_heads)
+    head_dim = property(lambda self: self._c.head_dim)
+    dtype = property(lambda self: self._c.dtype)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self._c.device_type == 0 else f"cuda:{self._c.device_index}"
+
+    def _view(self, a):
+        if self._c.dtype == "bfloat16" and isinstance(a, np.ndarray):
+            return a.view(bfloat16)
+        return a
+
+    def pool(self):
+        """The whole pool as a zero-copy array (NumPy on CPU, DLPack array on CUDA)."""
+        return self._view(self._c.pool())
+
+    def k_pages(self, layer):
+        """K pages of a layer, (num_pages, page_size, kv_heads, head_dim), a strided zero-copy view."""
+        return self._view(self._c.k_pages(int(layer)))
+
+    def v_pages(self, layer):
+        return self._view(self._c.v_pages(int(layer)))
+
+    def k_scales(self, layer):
+        """int8 caches: float32 scales of the K pages, (num_pages, page_size, kv_heads); K ~= q * scale."""
+        return self._c.k_scales(int(layer))
+
+    def v_scales(self, layer):
+        return self._c.v_scales(int(layer))
+
+    # -- sequences -----------------------------------------------------------------------------
+    def add_sequence(self, prefix_tokens=None) -> int:
+        """A new sequence id. With prefix_tokens (int32 token ids of the prompt), full pages of a
+        prefix already in the cache are reused: length(seq) then tells how many tokens are cached
+        (a multiple of page_size), and the caller appends only the rest. Full pages of these tokens
+        are offered to later sequences as they fill in every layer."""
+        if prefix_tokens is not None:
+            prefix_tokens = np.ascontiguousarray(prefix_tokens, dtype=np.int32).reshape(-1)
+        return self._c.add_sequence(prefix_tokens)
+
+    def append(self, seq_ids, layer, k, v, counts=None, stream=None) -> None:
+        """Appends tokens to `layer` of the given sequences.
+
+        k, v: (tokens, kv_heads, head_dim) in the cache's dtype and device, rows packed in seq_ids
+        order; counts[i] rows belong to seq_ids[i] (None: one row per sequence, a decode step).
+        All or nothing: CacheFullError (or any error) leaves every sequence unchanged."""
+        ids = _ids(seq_ids)
+        counts = [] if counts is None else [int(c) for c in counts]
+        self._c.append(ids, int(layer), k, v, counts, stream_handle(stream))
+
+    def fork(self, seq_id) -> int:
+        """A new sequence sharing every page of seq_id (copy-on-write on the next write)."""
+        return self._c.fork(int(seq_id))
+
+    def free(self, seq_id) -> None:
+        self._c.free(int(seq_id))
+
+    def truncate(self, seq_id, length) -> None:
+        """Keeps the first `length` tokens of every layer."""
+        self._c.truncate(int(seq_id), int(length))
+
+    def length(self, seq_id, layer=None) -> int:
+        return self._c.length(int(seq_id), -1 if layer is None else int(layer))
+
+    def page_table(self, seq_id) -> np.ndarray:
+        return np.asarray(self._c.page_table(int(seq_id)), dtype=np.int32)
+
+    def sequences(self) -> list[int]:
+        return list(self._c.sequences())
+
+    def refcount(self, page) -> int:
+        return self._c.refcount(int(page))
+
+    def swap_out(self, seq_id, stream=None) -> None:
+        """Copies the sequence's pages to host memory (pinned on CUDA, async on `stream`) and frees them."""
+        self._c.swap_out(int(seq_id), stream_handle(stream))
+
+    def swap_in(self, seq_id, stream=None) -> None:
+        """Allocates pages again and copies the sequence back (CacheFullError if they are not free)."""
+        self._c.swap_in(int(seq_id), stream_handle(stream))
+
+    def is_swapped(self, seq_id) -> bool:
+        return self._c.is_swapped(int(seq_id))
+
+    def stats(self) -> dict:
+        """pages_used/free/cached/shared, tokens, bytes_per_token, pool_bytes, wasted_slots and
+        fragmentation (unfilled slots of used pages / their capacity), prefix hits, evictions."""
+        return dict(self._c.stats())
+
+    def check_invariants(self) -> None:
+        """Raises ValueError if a page is owned twice, leaked, or a reference count is wrong."""
+        self._c.check_invariants()
+
+    def build_indices(self, seq_ids, layer):
+        """(kv_indptr, kv_indices, kv_last_page_len) int32 arrays for paged_attention_raw."""
+        a, b, c = self._c.build_indices(_ids(seq_ids), int(layer))
+        return (np.asarray(a, dtype=np.int32), np.asarray(b, dtype=np.int32), np.asarray(c, dtype=np.int32))
+
+
+def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, causal=True, scale=None, softcap=None,
+                    num_splits=0, return_lse=False, out=None, stream=None):
+    """Attention of q over the cached K/V of `layer` for the given sequences.
+
+    q: (total_q, heads, head_dim), rows packed in seq_ids order; q_lens[i] rows for seq_ids[i]
+    (None: one row each, decode). heads must be a multiple of the cache's kv_heads (GQA/MQA). The
+    new tokens are assumed to be the last ones in the cache (append first), so with causal=True
+    query i of a sequence sees keys j <= i + kv_len - q_len (prefill and chunked prefill).
+    Returns out like q, and with return_lse the float32 log-sum-exp of shape (heads, total_q).
+    num_splits: split-KV pieces per sequence (0 = automatic).
+    """
+    scale, softcap = _scale(scale, softcap)
+    out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+    lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
+    ids = _ids(seq_ids)
+    q_lens = [] if q_lens is None else [int(n) for n in q_lens]
+    cache._c.attention(q, int(layer), ids, q_lens, out, lse, bool(causal), scale, softcap, int(num_splits),
+                       stream_handle(stream))
+    return (out, lse) if return_lse else out
+
+
+def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page_len, qo_indptr=None, *,
+                        causal=True, scale=None, softcap=None, num_splits=0, max_q_len=0, return_lse=False,
+                        out=None, stream=None, k_scales=None, v_scales=None):
+    """The paged-attention kernel on caller-owned pages and FlashInfer-style int32 arrays.
+
+    q: (total_q, heads, head_dim). k_pages, v_pages: (num_pages, page_size, kv_heads, head_dim),
+    each page contiguous (any page stride, e.g. PagedKVCache.k_pages(layer)). Sequence b uses pages
+    kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last holding kv_last_page_len[b] tokens, and q
+    rows qo_indptr[b]:qo_indptr[b+1] (None: row b, decode). On CPU every index is validated.
+    int8 pages need k_scales / v_scales, float32 (num_pages, page_size, kv_heads) (CPU only).
+    """
+    scale, softcap = _scale(scale, softcap)
+    out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+    lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
+    _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
+                           bool(causal), scale, softcap, int(num_splits), int(max_q_len), stream_handle(stream),
+                           k_scales, v_scales)
+    return (out, lse) if return_lse else out

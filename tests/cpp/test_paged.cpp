@@ -1,0 +1,129 @@
+// PagedKVCache and paged attention: allocator behaviour, all-or-nothing append, and attention
+// against a plain double-precision reference over the same contiguous K/V.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "memkernels/memkernels.h"
+
+using namespace memkernels;
+
+namespace {
+
+std::vector<float> randn(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// softmax(q k^T * scale) v over keys 0..len-1 of one sequence, q: (heads, D), k/v: (len, kvh, D).
+std::vector<double> reference(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                              int heads, int kvh, int D, int len) {
+  std::vector<double> out(size_t(heads) * D, 0.0);
+  const int group = heads / kvh;
+  for (int h = 0; h < heads; ++h) {
+    const int g = h / group;
+    std::vector<double> s(len);
+    double mx = -1e300;
+    for (int j = 0; j < len; ++j) {
+      double acc = 0;
+      for (int d = 0; d < D; ++d) acc += double(q[h * D + d]) * k[(size_t(j) * kvh + g) * D + d];
+      s[j] = acc / std::sqrt(double(D));
+      mx = std::max(mx, s[j]);
+    }
+    double sum = 0;
+    for (int j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    for (int j = 0; j < len; ++j)
+      for (int d = 0; d < D; ++d) out[h * D + d] += s[j] / sum * v[(size_t(j) * kvh + g) * D + d];
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(Paged, DecodeMatchesReference) {
+  const int L = 2, P = 64, ps = 16, kvh = 2, heads = 8, D = 64;
+  PagedKVCache cache(L, P, ps, kvh, D, DType::Float32);
+  std::mt19937 rng(1);
+  const std::vector<int> lens = {1, 37, 100};
+  std::vector<int64_t> ids;
+  std::vector<std::vector<float>> ks, vs;
+  for (int len : lens) {
+    int64_t id = cache.add_sequence();
+    ids.push_back(id);
+    auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+    for (int layer = 0; layer < L; ++layer)
+      cache.append({id}, layer, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+                   TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+    ks.push_back(k), vs.push_back(v);
+  }
+  cache.check_invariants();
+  auto q = randn(size_t(lens.size()) * heads * D, rng);
+  std::vector<float> out(q.size(), NAN);
+  const int64_t B = int64_t(lens.size());
+  cache.attention(TensorView(q.data(), DType::Float32, {B, heads, D}), 1, ids, {},
+                  TensorView(out.data(), DType::Float32, {B, heads, D}), nullptr, PagedAttentionOptions{});
+  for (size_t b = 0; b < lens.size(); ++b) {
+    std::vector<float> qb(q.begin() + b * heads * D, q.begin() + (b + 1) * heads * D);
+    auto ref = reference(qb, ks[b], vs[b], heads, kvh, D, lens[b]);
+    for (int i = 0; i < heads * D; ++i) EXPECT_NEAR(out[b * heads * D + i], ref[i], 1e-4) << "seq " << b;
+  }
+}
+
+TEST(Paged, AppendIsAllOrNothing) {
+  PagedKVCache cache(1, 4, 4, 1, 16, DType::Float32);
+  std::vector<float> kv(20 * 16, 1.0f);
+  const int64_t a = cache.add_sequence(), b = cache.add_sequence();
+  cache.append({a}, 0, TensorView(kv.data(), DType::Float32, {10, 1, 16}),
+               TensorView(kv.data(), DType::Float32, {10, 1, 16}), {10});  // 3 pages
+  try {
+    cache.append({a, b}, 0, TensorView(kv.data(), DType::Float32, {8, 1, 16}),
+                 TensorView(kv.data(), DType::Float32, {8, 1, 16}), {3, 5});  // needs 1 + 2 > 1 free
+    FAIL() << "expected CacheFull";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::CacheFull);
+  }
+  EXPECT_EQ(cache.length(a), 10);
+  EXPECT_EQ(cache.length(b), 0);
+  EXPECT_EQ(cache.stats().pages_free, 1);
+  cache.check_invariants();
+}
+
+TEST(Paged, ForkCopyOnWrite) {
+  PagedKVCache cache(1, 8, 4, 1, 16, DType::Float32);
+  std::vector<float> kv(6 * 16, 2.0f);
+  const int64_t a = cache.add_sequence();
+  cache.append({a}, 0, TensorView(kv.data(), DType::Float32, {6, 1, 16}),
+               TensorView(kv.data(), DType::Float32, {6, 1, 16}), {6});
+  const int64_t b = cache.fork(a);
+  EXPECT_EQ(cache.page_table(a), cache.page_table(b));
+  EXPECT_EQ(cache.refcount(cache.page_table(a)[1]), 2);
+  cache.append({b}, 0, TensorView(kv.data(), DType::Float32, {1, 1, 16}),
+               TensorView(kv.data(), DType::Float32, {1, 1, 16}));
+  EXPECT_EQ(cache.page_table(a)[0], cache.page_table(b)[0]);  // full page still shared
+  EXPECT_NE(cache.page_table(a)[1], cache.page_table(b)[1]);  // partly filled page copied
+  cache.free(a);
+  cache.free(b);
+  EXPECT_EQ(cache.stats().pages_free, 8);
+  EXPECT_THROW(cache.free(a), Error);
+  cache.check_invariants();
+}
+
+TEST(Paged, RawRejectsBadIndices) {
+  std::vector<float> pages(4 * 4 * 1 * 16, 0.0f), q(16), out(16);
+  int32_t indptr[2] = {0, 1}, indices[1] = {7}, last[1] = {2};
+  TensorView kp(pages.data(), DType::Float32, {4, 4, 1, 16});
+  try {
+    paged_attention_raw(TensorView(q.data(), DType::Float32, {1, 1, 16}), kp, kp, nullptr,
+                        TensorView(indptr, DType::Int32, {2}), TensorView(indices, DType::Int32, {1}),
+                        TensorView(last, DType::Int32, {1}), TensorView(out.data(), DType::Float32, {1, 1, 16}),
+                        nullptr, PagedAttentionOptions{});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Value);
+    EXPECT_NE(std::string(e.what()).find("kv_indices"), std::string::npos);
+  }
+}
