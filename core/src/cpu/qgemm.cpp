@@ -6,9 +6,10 @@
 // So the inner loop is just "unpack 32 codes to floats, FMA with x"; the scale and zero point are
 // applied once per group (a vector FMA and a scalar term), not per weight.
 //
-// Few tokens (<= 3): each thread walks whole rows, fused unpack + dot (memory bound on the codes,
-// which are 8x smaller than fp32 for int4). More tokens: each thread dequantizes 4 rows into an
-// fp32 tile once (L1/L2 resident) and reuses it for every token through a 4 x TB register tile.
+// One token: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
+// (memory bound on the codes, which are 8x smaller than fp32 for int4). More tokens: each unpacked
+// and scaled chunk stays in registers for a block of 4 or 8 tokens (x zero-padded to the block),
+// and on AVX-512 two rows share every x load. Threads split the rows.
 #include <omp.h>
 
 #include <algorithm>
@@ -25,11 +26,11 @@ namespace {
 constexpr int VL = VecF::N;
 constexpr int CV = 32 / VL;  // vectors per 32-weight chunk
 #if defined(MK_ISA_AVX512)
-constexpr int TB = 4;  // tokens per register tile of the dequantized path (4 x 4 accumulators)
+constexpr int FR = 2;  // rows per register tile of the multi-token path (2 x 8 accumulators of 32 zmm)
 #else
-constexpr int TB = 2;  // 16 ymm registers: 4 x 2 accumulators + 4 weight vectors
+constexpr int FR = 1;  // 16 ymm registers: 8 accumulators + 4 weight vectors
 #endif
-constexpr int RB = 4;  // rows per dequantized tile
+constexpr int64_t ROWS = 16;  // rows per parallel task
 
 // The NF4 levels in the form each ISA looks them up from.
 struct Table {
@@ -205,40 +206,57 @@ void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
   }
 }
 
-// y[t][r] = dot(wt[r], x[t]) for R rows of the fp32 tile and NTB tokens.
-template <int R, int NTB>
-inline void tile_dot(const float* wt, int64_t K, const float* x, int64_t ldx, float (*y)[TB]) {
-  VecF acc[R][NTB];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NTB; ++t) acc[r][t] = VecF::zero();
-  for (int64_t k = 0; k < K; k += VL) {
-    VecF wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = VecF::load(wt + r * K + k);
-    for (int t = 0; t < NTB; ++t) {
-      const VecF xv = VecF::load(x + t * ldx + k);
-      for (int r = 0; r < R; ++r) acc[r][t] = VecF::fma(wv[r], xv, acc[r][t]);
+// Several tokens: rows [n0, n1) x NT tokens (x zero-padded to NT rows). Each chunk is unpacked
+// and scaled once (w = T[q] * s - z * s) and reused by all NT tokens and FR rows share each x load.
+template <int BITS, bool NF4, int NT, int R>
+void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  const int chunks = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    VecF acc[R][NT];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) acc[r][t] = VecF::zero();
+    for (int64_t g = 0; g < w.groups; ++g) {
+      VecF vs[R], vb[R];
+      for (int r = 0; r < R; ++r) {
+        const float sc = w.scale(n + r, g);
+        vs[r] = VecF::set1(sc), vb[r] = VecF::set1(-sc * w.zero(n + r, g));
+      }
+      for (int c = 0; c < chunks; ++c) {
+        const int64_t ci = g * chunks + c;
+        VecF wv[R][CV];
+        for (int r = 0; r < R; ++r) {
+          decode<BITS, NF4>(w.codes + (n + r) * w.row_bytes + ci * CB, tab, wv[r]);
+          for (int i = 0; i < CV; ++i) wv[r][i] = VecF::fma(wv[r][i], vs[r], vb[r]);
+        }
+        const float* xc = x + ci * 32;
+        for (int i = 0; i < CV; ++i)
+          for (int t = 0; t < NT; ++t) {
+            const VecF xv = VecF::load(xc + t * ldx + i * VL);
+            for (int r = 0; r < R; ++r) acc[r][t] = VecF::fma(wv[r][i], xv, acc[r][t]);
+          }
+      }
     }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NTB; ++t) y[r][t] = acc[r][t].reduce_add();
-}
-
-template <int NTB>
-void tile_dot_rows(int rows, const float* wt, int64_t K, const float* x, int64_t ldx, float (*y)[TB]) {
-  switch (rows) {
-    case 4: tile_dot<4, NTB>(wt, K, x, ldx, y); break;
-    case 3: tile_dot<3, NTB>(wt, K, x, ldx, y); break;
-    case 2: tile_dot<2, NTB>(wt, K, x, ldx, y); break;
-    default: tile_dot<1, NTB>(wt, K, x, ldx, y); break;
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < NT; ++t) y[t * ldy + n + r] = acc[r][t].reduce_add();
   }
 }
 
-// Writes y (fp32, + bias) for rows [n0, n0 + rows) of token t into out.
-void store_out(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0, int rows, const float* vals) {
-  float v[RB];
-  for (int r = 0; r < rows; ++r) v[r] = vals[r] + (bias ? bias[n0 + r] : 0.0f);
+template <int BITS, bool NF4, int NT>
+void gemm_block(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  const int64_t whole = n0 + (n1 - n0) / FR * FR;
+  gemm_rows<BITS, NF4, NT, FR>(w, tab, x, ldx, n0, whole, y, ldy);
+  if (whole < n1) gemm_rows<BITS, NF4, NT, 1>(w, tab, x, ldx, whole, n1, y, ldy);
+}
+
+// Writes out[t][n0:n1] = y[0:n1-n0] (+ bias) in the output dtype.
+void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0, int64_t n1, const float* y) {
+  float v[ROWS];
+  for (int64_t n = n0; n < n1; ++n) v[n - n0] = y[n - n0] + (bias ? bias[n] : 0.0f);
   char* dst = static_cast<char*>(p.out) + (t * p.out_row + n0) * dtype_size(p.dtype);
-  store_floats(v, p.dtype, rows, dst);
+  store_floats(v, p.dtype, n1 - n0, dst);
 }
 
 template <int BITS, bool NF4>
@@ -246,55 +264,45 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const QuantView& w = p.w;
   const Table tab(nf4_codebook());
   const int64_t N = w.rows, K = w.cols, G = w.groups, T = p.tokens;
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = num_threads();
 
-  if (T <= 3) {
+  if (T == 1) {
     // Per-group sums of x for the zero-point term.
-    std::vector<float> xsum(static_cast<size_t>(T * G));
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.0f;
-        for (int k = 0; k < w.group_size; ++k) s += x[t * ldx + g * w.group_size + k];
-        xsum[t * G + g] = s;
-      }
-    std::vector<float> y(static_cast<size_t>(T * N));
-    constexpr int64_t ROWS = 16;
-    const int64_t blocks = (N + ROWS - 1) / ROWS;
+    std::vector<float> xsum(static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int k = 0; k < w.group_size; ++k) s += x[g * w.group_size + k];
+      xsum[g] = s;
+    }
+    std::vector<float> y(static_cast<size_t>(N));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
-      if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
-      else if (T == 2) gemv_rows<BITS, NF4, 2>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
-      else gemv_rows<BITS, NF4, 3>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t n = n0; n < n1; n += RB)
-          store_out(p, bias, t, n, int(std::min<int64_t>(RB, n1 - n)), y.data() + t * N + n);
+      gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      store_rows(p, bias, 0, n0, n1, y.data() + n0);
     }
     return;
   }
 
-  const int64_t blocks = (N + RB - 1) / RB;
+  // Tokens in blocks of NT (4 when T <= 4, else 8), the last block zero-padded.
+  const int nt = T <= 4 ? 4 : 8;
+  const int64_t tp = (T + nt - 1) / nt * nt;
+  std::vector<float> xp(static_cast<size_t>(tp * K), 0.0f);
+  for (int64_t t = 0; t < T; ++t) std::memcpy(xp.data() + t * K, x + t * ldx, size_t(K) * 4);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> tile(static_cast<size_t>(RB * K));
+    std::vector<float> y(static_cast<size_t>(nt * ROWS));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * RB;
-      const int rows = int(std::min<int64_t>(RB, N - n0));
-      for (int r = 0; r < rows; ++r) dequant_row<BITS, NF4>(w, tab, n0 + r, tile.data() + r * K);
-      float y[RB][TB];
-      for (int64_t t0 = 0; t0 < T; t0 += TB) {
-        const int nt = int(std::min<int64_t>(TB, T - t0));
-        const float* xt = x + t0 * ldx;
-        if (nt == TB) tile_dot_rows<TB>(rows, tile.data(), K, xt, ldx, y);
-        else if (nt == 3) tile_dot_rows<(3 < TB ? 3 : 1)>(rows, tile.data(), K, xt, ldx, y);
-        else if (nt == 2) tile_dot_rows<(2 < TB ? 2 : 1)>(rows, tile.data(), K, xt, ldx, y);
-        else tile_dot_rows<1>(rows, tile.data(), K, xt, ldx, y);
-        for (int t = 0; t < nt; ++t) {
-          float v[RB];
-          for (int r = 0; r < rows; ++r) v[r] = y[r][t];
-          store_out(p, bias, t0 + t, n0, rows, v);
-        }
+      const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+      for (int64_t t0 = 0; t0 < T; t0 += nt) {
+        // y indexed [t][n - n0]: shift the base so gemm_rows can index by n.
+        float* yb = y.data() - n0;
+        if (nt == 4) gemm_block<BITS, NF4, 4>(w, tab, xp.data() + t0 * K, K, n0, n1, yb, ROWS);
+        else gemm_block<BITS, NF4, 8>(w, tab, xp.data() + t0 * K, K, n0, n1, yb, ROWS);
+        for (int64_t t = t0; t < std::min(T, t0 + nt); ++t)
+          store_rows(p, bias, t, n0, n1, y.data() + (t - t0) * ROWS);
       }
     }
   }
