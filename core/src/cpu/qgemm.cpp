@@ -159,32 +159,41 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
     const uint8_t* row = w.codes + n * w.row_bytes;
     VecF tot[NT];
     float corr[NT];
+    #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) tot[t] = VecF::zero(), corr[t] = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
       VecF acc[NT][CV];
+      #pragma GCC unroll 16
       for (int t = 0; t < NT; ++t)
+        #pragma GCC unroll 16
         for (int i = 0; i < CV; ++i) acc[t][i] = VecF::zero();
       const uint8_t* src = row + g * chunks * CB;
       const float* xg = x + g * w.group_size;
       for (int c = 0; c < chunks; ++c) {
         VecF wv[CV];
         decode<BITS, NF4>(src + c * CB, tab, wv);
+        #pragma GCC unroll 16
         for (int t = 0; t < NT; ++t)
+          #pragma GCC unroll 16
           for (int i = 0; i < CV; ++i)
             acc[t][i] = VecF::fma(wv[i], VecF::load(xg + t * ldx + c * 32 + i * VL), acc[t][i]);
       }
       const float s = w.scale(n, g);
       const VecF vs = VecF::set1(s);
+      #pragma GCC unroll 16
       for (int t = 0; t < NT; ++t) {
         VecF a = acc[t][0];
+        #pragma GCC unroll 16
         for (int i = 1; i < CV; ++i) a = a + acc[t][i];
         tot[t] = VecF::fma(vs, a, tot[t]);
       }
       if (has_zero) {
         const float sz = s * w.zero(n, g);
+        #pragma GCC unroll 16
         for (int t = 0; t < NT; ++t) corr[t] += sz * xsum[t * G + g];
       }
     }
+    #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) y[t * ldy + n] = tot[t].reduce_add() - corr[t];
   }
 }
@@ -201,54 +210,67 @@ void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
       VecF wv[CV];
       decode<BITS, NF4>(row + (g * chunks + c) * CB, tab, wv);
       float* d = dst + (g * chunks + c) * 32;
+      #pragma GCC unroll 16
       for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
     }
   }
 }
 
-// Several tokens: rows [n0, n1) x NT tokens (x zero-padded to NT rows). Each chunk is unpacked
-// and scaled once (w = T[q] * s - z * s) and reused by all NT tokens and FR rows share each x load.
+// Several tokens: y[t * ldy + n] += partial dot over chunks [c0, c1) for rows [n0, n1) x NT tokens
+// (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s - z * s) and
+// reused by all NT tokens, and FR rows share each x load.
 template <int BITS, bool NF4, int NT, int R>
-void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  const int chunks = w.group_size / 32;
+void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1, int64_t n0,
+               int64_t n1, float* y, int64_t ldy) {
+  const int cpg = w.group_size / 32;
   constexpr int CB = BITS * 4;
   for (int64_t n = n0; n + R <= n1; n += R) {
     VecF acc[R][NT];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
       for (int t = 0; t < NT; ++t) acc[r][t] = VecF::zero();
-    for (int64_t g = 0; g < w.groups; ++g) {
-      VecF vs[R], vb[R];
-      for (int r = 0; r < R; ++r) {
-        const float sc = w.scale(n + r, g);
-        vs[r] = VecF::set1(sc), vb[r] = VecF::set1(-sc * w.zero(n + r, g));
-      }
-      for (int c = 0; c < chunks; ++c) {
-        const int64_t ci = g * chunks + c;
-        VecF wv[R][CV];
+    VecF vs[R], vb[R];
+    int64_t gcur = -1;
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      if (ci / cpg != gcur) {
+        gcur = ci / cpg;
+        #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-          decode<BITS, NF4>(w.codes + (n + r) * w.row_bytes + ci * CB, tab, wv[r]);
-          for (int i = 0; i < CV; ++i) wv[r][i] = VecF::fma(wv[r][i], vs[r], vb[r]);
+          const float sc = w.scale(n + r, gcur);
+          vs[r] = VecF::set1(sc), vb[r] = VecF::set1(-sc * w.zero(n + r, gcur));
         }
-        const float* xc = x + ci * 32;
-        for (int i = 0; i < CV; ++i)
-          for (int t = 0; t < NT; ++t) {
-            const VecF xv = VecF::load(xc + t * ldx + i * VL);
-            for (int r = 0; r < R; ++r) acc[r][t] = VecF::fma(wv[r][i], xv, acc[r][t]);
-          }
       }
+      VecF wv[R][CV];
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        decode<BITS, NF4>(w.codes + (n + r) * w.row_bytes + ci * CB, tab, wv[r]);
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) wv[r][i] = VecF::fma(wv[r][i], vs[r], vb[r]);
+      }
+      const float* xc = x + ci * 32;
+      #pragma GCC unroll 16
+      for (int i = 0; i < CV; ++i)
+        #pragma GCC unroll 16
+        for (int t = 0; t < NT; ++t) {
+          const VecF xv = VecF::load(xc + t * ldx + i * VL);
+          #pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) acc[r][t] = VecF::fma(wv[r][i], xv, acc[r][t]);
+        }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NT; ++t) y[t * ldy + n + r] = acc[r][t].reduce_add();
+      #pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) y[t * ldy + n + r] += acc[r][t].reduce_add();
   }
 }
 
 template <int BITS, bool NF4, int NT>
-void gemm_block(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t n0, int64_t n1, float* y,
-                int64_t ldy) {
+void gemm_block(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1,
+                int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t whole = n0 + (n1 - n0) / FR * FR;
-  gemm_rows<BITS, NF4, NT, FR>(w, tab, x, ldx, n0, whole, y, ldy);
-  if (whole < n1) gemm_rows<BITS, NF4, NT, 1>(w, tab, x, ldx, whole, n1, y, ldy);
+  gemm_rows<BITS, NF4, NT, FR>(w, tab, x, ldx, c0, c1, n0, whole, y, ldy);
+  if (whole < n1) gemm_rows<BITS, NF4, NT, 1>(w, tab, x, ldx, c0, c1, whole, n1, y, ldy);
 }
 
 // Writes out[t][n0:n1] = y[0:n1-n0] (+ bias) in the output dtype.
@@ -267,27 +289,33 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = num_threads();
 
-  if (T == 1) {
+  if (T <= 3) {
     // Per-group sums of x for the zero-point term.
-    std::vector<float> xsum(static_cast<size_t>(G));
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.0f;
-      for (int k = 0; k < w.group_size; ++k) s += x[g * w.group_size + k];
-      xsum[g] = s;
-    }
-    std::vector<float> y(static_cast<size_t>(N));
+    std::vector<float> xsum(static_cast<size_t>(T * G));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int k = 0; k < w.group_size; ++k) s += x[t * ldx + g * w.group_size + k];
+        xsum[t * G + g] = s;
+      }
+    std::vector<float> y(static_cast<size_t>(T * N));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
-      gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
-      store_rows(p, bias, 0, n0, n1, y.data() + n0);
+      if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      else if (T == 2) gemv_rows<BITS, NF4, 2>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      else gemv_rows<BITS, NF4, 3>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
     }
     return;
   }
 
-  // Tokens in blocks of NT (4 when T <= 4, else 8), the last block zero-padded.
+  // Tokens in blocks of NT (4 when T <= 4, else 8), the last block zero-padded. K is walked in
+  // slices of KS chunks so that the x slice of a token block (NT * KS * 128 bytes) stays in L1
+  // while the 16 rows of a task stream through it.
   const int nt = T <= 4 ? 4 : 8;
-  const int64_t tp = (T + nt - 1) / nt * nt;
+  const int64_t KS = nt == 4 ? 32 : 16;
+  const int64_t tp = (T + nt - 1) / nt * nt, nchunks = K / 32;
   std::vector<float> xp(static_cast<size_t>(tp * K), 0.0f);
   for (int64_t t = 0; t < T; ++t) std::memcpy(xp.data() + t * K, x + t * ldx, size_t(K) * 4);
 #pragma omp parallel num_threads(threads)
@@ -297,10 +325,14 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
       for (int64_t t0 = 0; t0 < T; t0 += nt) {
-        // y indexed [t][n - n0]: shift the base so gemm_rows can index by n.
-        float* yb = y.data() - n0;
-        if (nt == 4) gemm_block<BITS, NF4, 4>(w, tab, xp.data() + t0 * K, K, n0, n1, yb, ROWS);
-        else gemm_block<BITS, NF4, 8>(w, tab, xp.data() + t0 * K, K, n0, n1, yb, ROWS);
+        std::fill(y.begin(), y.end(), 0.0f);
+        float* yb = y.data() - n0;  // gemm_rows indexes rows by n
+        const float* xt = xp.data() + t0 * K;
+        for (int64_t c0 = 0; c0 < nchunks; c0 += KS) {
+          const int64_t c1 = std::min(nchunks, c0 + KS);
+          if (nt == 4) gemm_block<BITS, NF4, 4>(w, tab, xt, K, c0, c1, n0, n1, yb, ROWS);
+          else gemm_block<BITS, NF4, 8>(w, tab, xt, K, c0, c1, n0, n1, yb, ROWS);
+        }
         for (int64_t t = t0; t < std::min(T, t0 + nt); ++t)
           store_rows(p, bias, t, n0, n1, y.data() + (t - t0) * ROWS);
       }
