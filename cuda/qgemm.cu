@@ -21,7 +21,12 @@
 namespace memkernels::cuda_backend {
 namespace {
 
-__constant__ float kNF4Levels[16];
+// The NF4 levels (memkernels::nf4_codebook()), statically initialised: no per-call upload, no sync.
+__constant__ float kNF4Levels[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                                     0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                                     0.7229568362236023f, 1.0f};
 
 struct CudaDeviceGuard {
   int previous = 0;
@@ -329,12 +334,6 @@ void by_format(QuantFormat f, Fn&& fn) {
   }
 }
 
-void upload_nf4() {
-  // Every device needs its own copy; cheap, so done per call (async on the default stream order is
-  // not needed: cudaMemcpyToSymbol from pageable memory completes before returning).
-  check_cuda(cudaMemcpyToSymbol(kNF4Levels, nf4_codebook(), 16 * sizeof(float)), "cudaMemcpyToSymbol");
-}
-
 template <typename T>
 struct GemmLauncher {
   const QGemmProblem& p;
@@ -422,7 +421,6 @@ void qgemm(const QGemmProblem& p, void* stream) {
   CudaDeviceGuard guard(device_of_pointer(p.out));
   check(p.w.rows * p.w.cols / 32 < (int64_t(1) << 40) && p.w.rows / 64 < 2147483647 && p.tokens < 65535 * 16,
         ErrorKind::Value, "qgemm: problem too large for the CUDA grid");
-  upload_nf4();
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -432,7 +430,6 @@ void qgemm(const QGemmProblem& p, void* stream) {
 
 void dequantize(const DequantProblem& p, void* stream) {
   CudaDeviceGuard guard(device_of_pointer(p.out));
-  upload_nf4();
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -280,7 +280,9 @@ def test_cuda_qgemm(fmt, tokens):
     _, qm, d = qm_and_ref(fmt, n, k, None if fmt == "int8" else 64, seed=21)
     g = qm.to("cuda")
     assert g.device.startswith("cuda")
-    for dt, tol in ((torch.float32, 1e-4), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)):
+    # fp16/bf16 x takes the tensor-core path for tokens > 4: weights are rounded to x's dtype there
+    # (relative eps / 2 each), and the output is rounded once more.
+    for dt, eps in ((torch.float32, 1e-6), (torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)):
         x = torch.randn(tokens, k, device="cuda").to(dt)
         bias = torch.randn(n, device="cuda").to(dt)
         y = mk.qgemm(x, g, bias)
@@ -288,7 +290,7 @@ def test_cuda_qgemm(fmt, tokens):
         ref = xr @ d.T + bias.double().cpu().numpy()
         mag = np.abs(xr) @ np.abs(d).T
         err = np.abs(y.double().cpu().numpy() - ref)
-        assert np.all(err <= tol * (np.abs(ref) + 1e-2 * mag) + 1e-5 * mag), (fmt, dt)
+        assert np.all(err <= eps * (np.abs(ref) + 0.51 * mag) + 1e-5 * mag), (fmt, dt, tokens)
     dd = mk.dequantize(g, like=torch.empty(1, device="cuda"))
     np.testing.assert_allclose(dd.cpu().numpy(), d, rtol=1e-6, atol=1e-6)
     assert mk.from_bytes(g.to_bytes()).to_bytes() == qm.to_bytes()
