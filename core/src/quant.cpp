@@ -326,6 +326,39 @@ QuantizedMatrix QuantizedMatrix::load(const std::string& path) {
 
 // ---- quantize -----------------------------------------------------------------------------------
 
+namespace {
+
+// Replaces the fp32 scales of an nf4 matrix by offset + step[block] * int8 code (one step per 256).
+void double_quantize_scales(QuantizedMatrix& m, const std::vector<float>& raw) {
+  const size_t ns = raw.size();
+  double mean = 0.0;
+  for (float s : raw) mean += s;
+  const float off = float(mean / double(ns));
+  int8_t* sc = const_cast<int8_t*>(m.scale_codes());
+  float* steps = const_cast<float*>(m.scale_steps());
+  for (size_t b0 = 0; b0 < ns; b0 += kDqBlock) {
+    const size_t b1 = std::min(ns, b0 + kDqBlock);
+    float amax = 0.0f;
+    for (size_t j = b0; j < b1; ++j) amax = std::max(amax, std::fabs(raw[j] - off));
+    const float step = amax > 0.0f ? amax / 127.0f : 1.0f;
+    steps[b0 / kDqBlock] = step;
+    for (size_t j = b0; j < b1; ++j)
+      sc[j] = int8_t(std::lrint(std::min(std::max((raw[j] - off) / step, -127.0f), 127.0f)));
+  }
+  m.set_scale_offset(off);
+}
+
+void pack_rows(QuantizedMatrix& m, const uint8_t* q, int64_t ldq) {
+  const int bits = quant_bits(m.format());
+  const int64_t rb = m.row_bytes();
+  uint8_t* codes = m.mutable_data();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (int64_t n = 0; n < m.rows(); ++n)
+    for (int64_t c = 0; c < m.cols() / 32; ++c) pack_chunk(bits, q + n * ldq + c * 32, codes + n * rb + c * (bits * 4));
+}
+
+}  // namespace
+
 QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOptions& opts) {
   expect_ndim(w, "w", 2);
   expect_dtype(w, "w", {DType::Float32, DType::Float16, DType::BFloat16});
@@ -362,25 +395,60 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
     }
   }
   check(finite, ErrorKind::Value, "quantize: w contains NaN or infinity");
+  if (dq) double_quantize_scales(m, raw_scales);
+  return m;
+}
 
-  if (dq) {  // scales -> offset + step[block] * int8 code, one step per 256 scales
-    const size_t ns = raw_scales.size();
-    double mean = 0.0;
-    for (float s : raw_scales) mean += s;
-    const float off = float(mean / double(ns));
-    int8_t* sc = const_cast<int8_t*>(m.scale_codes());
-    float* steps = const_cast<float*>(m.scale_steps());
-    for (size_t b0 = 0; b0 < ns; b0 += kDqBlock) {
-      const size_t b1 = std::min(ns, b0 + kDqBlock);
-      float amax = 0.0f;
-      for (size_t j = b0; j < b1; ++j) amax = std::max(amax, std::fabs(raw_scales[j] - off));
-      const float step = amax > 0.0f ? amax / 127.0f : 1.0f;
-      steps[b0 / kDqBlock] = step;
-      for (size_t j = b0; j < b1; ++j)
-        sc[j] = int8_t(std::lrint(std::min(std::max((raw_scales[j] - off) / step, -127.0f), 127.0f)));
-    }
-    m.set_scale_offset(off);
+QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
+                               const TensorView* zeros, const QuantOptions& opts) {
+  expect_ndim(codes, "codes", 2);
+  expect_dtype(codes, "codes", {DType::UInt8, DType::Int8});
+  expect_contiguous(codes, "codes");
+  expect_not_null(codes, "codes");
+  check(codes.device.is_cpu(), ErrorKind::Value, "pack_quantized: codes must be a CPU array");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
+  const int64_t G = m.groups();
+  expect_ndim(scales, "scales", 2);
+  expect_dtype(scales, "scales", {DType::Float32});
+  expect_contiguous(scales, "scales");
+  expect_shape(scales, "scales", {N, G});
+  check(scales.device.is_cpu(), ErrorKind::Value, "pack_quantized: scales must be a CPU array");
+  const float* s = scales.ptr<const float>();
+  for (int64_t j = 0; j < N * G; ++j)
+    check(std::isfinite(s[j]) && s[j] > 0.0f, ErrorKind::Value,
+          "pack_quantized: scales must be finite and > 0; scales[" + str(j / G) + ", " + str(j % G) +
+              "] = " + std::to_string(s[j]));
+  const int bits = quant_bits(format);
+  const uint8_t* q = codes.ptr<const uint8_t>();
+  if (format != QuantFormat::Int8) {
+    for (int64_t i = 0; i < N * K; ++i)
+      check(q[i] < (1u << bits), ErrorKind::Value,
+            "pack_quantized: codes must be < 2^" + str(bits) + " for " + quant_format_name(format) + "; codes[" +
+                str(i / K) + ", " + str(i % K) + "] = " + str(q[i]));
   }
+  if (quant_is_asymmetric(format)) {
+    check(zeros != nullptr, ErrorKind::Value,
+          std::string("pack_quantized: ") + quant_format_name(format) + " needs zeros (N, groups)");
+    expect_ndim(*zeros, "zeros", 2);
+    expect_dtype(*zeros, "zeros", {DType::UInt8});
+    expect_contiguous(*zeros, "zeros");
+    expect_shape(*zeros, "zeros", {N, G});
+    check(zeros->device.is_cpu(), ErrorKind::Value, "pack_quantized: zeros must be a CPU array");
+    const uint8_t* z = zeros->ptr<const uint8_t>();
+    for (int64_t j = 0; j < N * G; ++j)
+      check(z[j] < (1u << bits), ErrorKind::Value, "pack_quantized: zeros must be < 2^" + str(bits));
+    std::memcpy(const_cast<uint8_t*>(m.zeros()), z, size_t(N * G));
+  } else {
+    check(zeros == nullptr, ErrorKind::Value,
+          std::string("pack_quantized: ") + quant_format_name(format) + " is symmetric; pass no zeros");
+  }
+  if (opts.double_quant) {
+    double_quantize_scales(m, std::vector<float>(s, s + N * G));
+  } else {
+    std::memcpy(const_cast<float*>(m.scales()), s, size_t(N * G) * 4);
+  }
+  pack_rows(m, q, K);
   return m;
 }
 

@@ -85,6 +85,20 @@ MK_PYTHON_BINDING(quant) {
     nb::gil_scoped_release release;
     return quantize(tw, f, o);
   }, nb::arg("w"), nb::arg("format"), nb::arg("group_size"), nb::arg("double_quant"));
+  m.def("pack_quantized", [](const std::string& format, nb::handle codes, nb::handle scales, nb::handle zeros,
+                             int group_size, bool double_quant) {
+    ArrayKeeper keep;
+    TensorView tc = as_tensor(codes, "codes", keep), ts = as_tensor(scales, "scales", keep);
+    std::optional<TensorView> tz = as_optional_tensor(zeros, "zeros", keep);
+    QuantFormat f = parse_quant_format(format);
+    QuantOptions o;
+    o.group_size = group_size;
+    o.double_quant = double_quant;
+    nb::gil_scoped_release release;
+    return pack_quantized(f, tc, ts, tz ? &*tz : nullptr, o);
+  }, nb::arg("format"), nb::arg("codes"), nb::arg("scales"), nb::arg("zeros").none(), nb::arg("group_size"),
+     nb::arg("double_quant"));
+  m.def("nf4_codebook", []() { return std::vector<float>(nf4_codebook(), nf4_codebook() + 16); });
   m.def("dequantize", [](const QuantizedMatrix& q, nb::handle out, uintptr_t stream) {
     ArrayKeeper keep;
     TensorView to = as_tensor(out, "out", keep);

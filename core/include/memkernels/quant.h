@@ -119,6 +119,14 @@ class QuantizedMatrix {
 // Round-to-nearest quantization of w (N, K) float32/float16/bfloat16 on the CPU, rows contiguous.
 QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOptions& opts = {});
 
+// Packs given codes into a QuantizedMatrix (for external quantizers such as GPTQ): codes (N, K)
+// uint8 holding each weight's code q (int8: the signed value, as int8 or uint8 bits), scales
+// (N, groups) float32 > 0 and finite, zeros (N, groups) uint8 for the asymmetric formats (null
+// otherwise), all contiguous on the CPU. Codes and zeros must lie in [0, 2^bits). nf4 with
+// opts.double_quant quantizes the scales as quantize() does.
+QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
+                               const TensorView* zeros, const QuantOptions& opts = {});
+
 // out (N, K) float32/float16/bfloat16, contiguous, on qm's device.
 void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream = nullptr);
 
