@@ -108,3 +108,38 @@ TEST(Quant, BadArguments) {
                      TensorView(y.data(), DType::Float32, {1, 4})),
                Error);
 }
+
+TEST(Quant, EveryHeaderByteFlipIsRejected) {
+  const int64_t N = 3, K = 64;
+  std::vector<float> w = randn(size_t(N * K), 21);
+  for (QuantFormat fmt : {QuantFormat::Int3, QuantFormat::NF4}) {
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {32, fmt == QuantFormat::NF4});
+    const std::vector<uint8_t> good = q.serialize();
+    for (size_t i = 0; i < good.size(); i += (i < 64 ? 1 : 7)) {
+      std::vector<uint8_t> bad = good;
+      bad[i] ^= 0x80;
+      EXPECT_THROW(QuantizedMatrix::deserialize(bad.data(), bad.size()), Error) << "byte " << i;
+    }
+    for (size_t n = 0; n < good.size(); n += 5)
+      EXPECT_THROW(QuantizedMatrix::deserialize(good.data(), n), Error) << "length " << n;
+  }
+}
+
+TEST(Quant, HalfPrecisionActivations) {
+  const int64_t N = 21, K = 96, T = 6;
+  std::vector<float> w = randn(size_t(N * K), 22), xf = randn(size_t(T * K), 23);
+  QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), QuantFormat::Int2, {32, false});
+  std::vector<float> d = deq(q);
+  std::vector<_Float16> x(xf.size()), y(size_t(T * N), _Float16(NAN));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = _Float16(xf[i]);
+  qgemm(TensorView(x.data(), DType::Float16, {T, K}), q, nullptr, TensorView(y.data(), DType::Float16, {T, N}));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        ref += double(float(x[t * K + k])) * d[n * K + k];
+        mag += std::fabs(double(float(x[t * K + k])) * d[n * K + k]);
+      }
+      ASSERT_NEAR(float(y[t * N + n]), ref, 1e-3 * std::fabs(ref) + 1e-4 * mag + 1e-5);
+    }
+}
