@@ -15,6 +15,8 @@ from . import _memkernels as _C  # noqa: E402
 from ._memkernels import CacheFullError, CorruptDataError
 from .attention import flash_attention, flash_attention_varlen
 from .paged import PagedKVCache, paged_attention, paged_attention_raw
+from .quant import (QuantizedMatrix, dequantize, from_bytes, load_quantized, pack_quantized, qgemm, quantize,
+                    quantize_gptq)
 
 __version__ = _C.build_info()["version"]
 
@@ -62,4 +64,6 @@ __all__ = [
     "CacheFullError", "CorruptDataError", "flash_attention", "flash_attention_varlen", "info", "info_string",
     "num_threads", "set_num_threads", "cpu_isa", "set_cpu_isa",
     "PagedKVCache", "paged_attention", "paged_attention_raw",
+    "QuantizedMatrix", "quantize", "dequantize", "qgemm", "from_bytes", "load_quantized",
+    "pack_quantized", "quantize_gptq",
 ]

@@ -5,3 +5,4 @@
 #include "memkernels/runtime.h"
 #include "memkernels/attention.h"
 #include "memkernels/paged_kv_cache.h"
+#include "memkernels/quant.h"

@@ -1,0 +1,397 @@
+// CPU quantized GEMM: codes are unpacked in registers and multiplied with fp32 activations; the
+// dequantized matrix never exists in memory.
+//
+// For row n, y[t][n] = sum_g s[n][g] * (sum_{k in g} T[q_k] x[t][k] - z[n][g] * xsum[t][g]), where
+// T[q] is the raw level of a code (the integer, or the NF4 value) and xsum the per-group sum of x.
+// So the inner loop is just "unpack 32 codes to floats, FMA with x"; the scale and zero point are
+// applied once per group (a vector FMA and a scalar term), not per weight.
+//
+// One token: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
+// (memory bound on the codes, which are 8x smaller than fp32 for int4). More tokens: each unpacked
+// and scaled chunk stays in registers for a block of 4 or 8 tokens (x zero-padded to the block),
+// and on AVX-512 two rows share every x load. Threads split the rows.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../quant_internal.h"
+#include "convert.h"
+#include "simd.h"
+
+namespace memkernels::cpu::MK_ISA_NS {
+namespace {
+
+constexpr int VL = VecF::N;
+constexpr int CV = 32 / VL;  // vectors per 32-weight chunk
+#if defined(MK_ISA_AVX512)
+constexpr int FR = 2;  // rows per register tile of the multi-token path (2 x 8 accumulators of 32 zmm)
+#else
+constexpr int FR = 1;  // 16 ymm registers: 8 accumulators + 4 weight vectors
+#endif
+constexpr int64_t ROWS = 16;  // rows per parallel task
+
+// The NF4 levels in the form each ISA looks them up from.
+struct Table {
+#if defined(MK_ISA_AVX512)
+  __m512 t;
+#elif defined(MK_ISA_AVX2)
+  __m256 lo, hi;
+#endif
+  float f[16];
+  explicit Table(const float* v) {
+    std::memcpy(f, v, sizeof f);
+#if defined(MK_ISA_AVX512)
+    t = _mm512_loadu_ps(f);
+#elif defined(MK_ISA_AVX2)
+    lo = _mm256_loadu_ps(f);
+    hi = _mm256_loadu_ps(f + 8);
+#endif
+  }
+};
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// Bytes of the 2-bit chunk layout: four 8-byte groups of codes (weights 8j .. 8j+7 in group j),
+// with the third bit of 3-bit codes merged in.
+template <int BITS>
+inline void low_bit_codes(const uint8_t* src, uint64_t (&c)[4]) {
+  const uint64_t v = load_u64(src);
+  for (int j = 0; j < 4; ++j) c[j] = (v >> (2 * j)) & 0x0303030303030303ull;
+  if constexpr (BITS == 3) {
+    uint32_t h;
+    std::memcpy(&h, src + 8, 4);
+    for (int j = 0; j < 4; ++j) {
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+      c[j] |= _pdep_u64((h >> (8 * j)) & 0xffu, 0x0404040404040404ull);
+#else
+      for (int m = 0; m < 8; ++m) c[j] |= uint64_t((h >> (8 * j + m)) & 1u) << (8 * m + 2);
+#endif
+    }
+  }
+}
+
+// Raw levels T[q] of the 32 weights of one chunk, as CV float vectors in weight order.
+template <int BITS, bool NF4>
+inline void decode(const uint8_t* src, const Table& tab, VecF (&w)[CV]) {
+#if defined(MK_ISA_AVX512)
+  if constexpr (BITS == 8) {
+    w[0].v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+    w[1].v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+  } else if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(b, m));
+    const __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+    if constexpr (NF4) {
+      w[0].v = _mm512_permutexvar_ps(lo, tab.t);
+      w[1].v = _mm512_permutexvar_ps(hi, tab.t);
+    } else {
+      w[0].v = _mm512_cvtepi32_ps(lo);
+      w[1].v = _mm512_cvtepi32_ps(hi);
+    }
+  } else {
+    uint64_t c[4];
+    low_bit_codes<BITS>(src, c);
+    w[0].v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(c[1]), int64_t(c[0]))));
+    w[1].v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(c[3]), int64_t(c[2]))));
+  }
+  (void)tab;
+#elif defined(MK_ISA_AVX2)
+  if constexpr (BITS == 8) {
+    for (int i = 0; i < 4; ++i)
+      w[i].v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * i))));
+  } else if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    const __m256i idx[4] = {_mm256_cvtepu8_epi32(lo), _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                            _mm256_cvtepu8_epi32(hi), _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))};
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (NF4) {  // 16-entry lookup: two 8-entry permutes, bit 3 of the code picks one
+        const __m256 a = _mm256_permutevar8x32_ps(tab.lo, idx[i]), c = _mm256_permutevar8x32_ps(tab.hi, idx[i]);
+        w[i].v = _mm256_blendv_ps(a, c, _mm256_castsi256_ps(_mm256_slli_epi32(idx[i], 28)));
+      } else {
+        w[i].v = _mm256_cvtepi32_ps(idx[i]);
+      }
+    }
+  } else {
+    uint64_t c[4];
+    low_bit_codes<BITS>(src, c);
+    for (int i = 0; i < 4; ++i)
+      w[i].v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(c[i]))));
+  }
+  (void)tab;
+#else
+  float f[32];
+  if constexpr (BITS == 8) {
+    for (int i = 0; i < 32; ++i) f[i] = float(int8_t(src[i]));
+  } else if constexpr (BITS == 4) {
+    for (int i = 0; i < 16; ++i) {
+      const int a = src[i] & 15, b = src[i] >> 4;
+      f[i] = NF4 ? tab.f[a] : float(a);
+      f[i + 16] = NF4 ? tab.f[b] : float(b);
+    }
+  } else {
+    uint64_t c[4];
+    low_bit_codes<BITS>(src, c);
+    for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < 8; ++m) f[8 * j + m] = float((c[j] >> (8 * m)) & 0xff);
+  }
+  for (int i = 0; i < CV; ++i) w[i] = VecF::load(f + i * VL);
+#endif
+}
+
+// Fused unpack + dot over rows [n0, n1) for NT tokens: y[t * ldy + n].
+template <int BITS, bool NF4, int NT>
+void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, const float* xsum, int64_t n0,
+               int64_t n1, float* y, int64_t ldy) {
+  const int64_t G = w.groups;
+  const int chunks = w.group_size / 32;
+  constexpr int CB = BITS * 4;  // bytes per chunk
+  const bool has_zero = w.zeros != nullptr || w.code_offset != 0.0f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    VecF tot[NT];
+    float corr[NT];
+    #pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) tot[t] = VecF::zero(), corr[t] = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+      VecF acc[NT][CV];
+      #pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t)
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) acc[t][i] = VecF::zero();
+      const uint8_t* src = row + g * chunks * CB;
+      const float* xg = x + g * w.group_size;
+      for (int c = 0; c < chunks; ++c) {
+        VecF wv[CV];
+        decode<BITS, NF4>(src + c * CB, tab, wv);
+        #pragma GCC unroll 16
+        for (int t = 0; t < NT; ++t)
+          #pragma GCC unroll 16
+          for (int i = 0; i < CV; ++i)
+            acc[t][i] = VecF::fma(wv[i], VecF::load(xg + t * ldx + c * 32 + i * VL), acc[t][i]);
+      }
+      const float s = w.scale(n, g);
+      const VecF vs = VecF::set1(s);
+      #pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        VecF a = acc[t][0];
+        #pragma GCC unroll 16
+        for (int i = 1; i < CV; ++i) a = a + acc[t][i];
+        tot[t] = VecF::fma(vs, a, tot[t]);
+      }
+      if (has_zero) {
+        const float sz = s * w.zero(n, g);
+        #pragma GCC unroll 16
+        for (int t = 0; t < NT; ++t) corr[t] += sz * xsum[t * G + g];
+      }
+    }
+    #pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) y[t * ldy + n] = tot[t].reduce_add() - corr[t];
+  }
+}
+
+// Row n dequantized to fp32 (scale and zero applied) into dst[0:K].
+template <int BITS, bool NF4>
+void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
+  const int chunks = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  const uint8_t* row = w.codes + n * w.row_bytes;
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g));
+    for (int c = 0; c < chunks; ++c) {
+      VecF wv[CV];
+      decode<BITS, NF4>(row + (g * chunks + c) * CB, tab, wv);
+      float* d = dst + (g * chunks + c) * 32;
+      #pragma GCC unroll 16
+      for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+    }
+  }
+}
+
+// Several tokens: y[t * ldy + n] += partial dot over chunks [c0, c1) for rows [n0, n1) x NT tokens
+// (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s - z * s) and
+// reused by all NT tokens, and FR rows share each x load.
+template <int BITS, bool NF4, int NT, int R>
+void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1, int64_t n0,
+               int64_t n1, float* y, int64_t ldy) {
+  const int cpg = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    VecF acc[R][NT];
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) acc[r][t] = VecF::zero();
+    VecF vs[R], vb[R];
+    int64_t gcur = -1;
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      if (ci / cpg != gcur) {
+        gcur = ci / cpg;
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const float sc = w.scale(n + r, gcur);
+          vs[r] = VecF::set1(sc), vb[r] = VecF::set1(-sc * w.zero(n + r, gcur));
+        }
+      }
+      VecF wv[R][CV];
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        decode<BITS, NF4>(w.codes + (n + r) * w.row_bytes + ci * CB, tab, wv[r]);
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) wv[r][i] = VecF::fma(wv[r][i], vs[r], vb[r]);
+      }
+      const float* xc = x + ci * 32;
+      #pragma GCC unroll 16
+      for (int i = 0; i < CV; ++i)
+        #pragma GCC unroll 16
+        for (int t = 0; t < NT; ++t) {
+          const VecF xv = VecF::load(xc + t * ldx + i * VL);
+          #pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) acc[r][t] = VecF::fma(wv[r][i], xv, acc[r][t]);
+        }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) y[t * ldy + n + r] += acc[r][t].reduce_add();
+  }
+}
+
+template <int BITS, bool NF4, int NT>
+void gemm_block(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1,
+                int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t whole = n0 + (n1 - n0) / FR * FR;
+  gemm_rows<BITS, NF4, NT, FR>(w, tab, x, ldx, c0, c1, n0, whole, y, ldy);
+  if (whole < n1) gemm_rows<BITS, NF4, NT, 1>(w, tab, x, ldx, c0, c1, whole, n1, y, ldy);
+}
+
+// Writes out[t][n0:n1] = y[0:n1-n0] (+ bias) in the output dtype.
+void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0, int64_t n1, const float* y) {
+  float v[ROWS];
+  for (int64_t n = n0; n < n1; ++n) v[n - n0] = y[n - n0] + (bias ? bias[n] : 0.0f);
+  char* dst = static_cast<char*>(p.out) + (t * p.out_row + n0) * dtype_size(p.dtype);
+  store_floats(v, p.dtype, n1 - n0, dst);
+}
+
+template <int BITS, bool NF4>
+void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
+  const QuantView& w = p.w;
+  const Table tab(nf4_codebook());
+  const int64_t N = w.rows, K = w.cols, G = w.groups, T = p.tokens;
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  const int threads = num_threads();
+
+  if (T <= 3) {
+    // Per-group sums of x for the zero-point term.
+    std::vector<float> xsum(static_cast<size_t>(T * G));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int k = 0; k < w.group_size; ++k) s += x[t * ldx + g * w.group_size + k];
+        xsum[t * G + g] = s;
+      }
+    std::vector<float> y(static_cast<size_t>(T * N));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+      if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      else if (T == 2) gemv_rows<BITS, NF4, 2>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      else gemv_rows<BITS, NF4, 3>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
+      for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+    }
+    return;
+  }
+
+  // Tokens in blocks of NT (4 when T <= 4, else 8), the last block zero-padded. K is walked in
+  // slices of KS chunks so that the x slice of a token block (NT * KS * 128 bytes) stays in L1
+  // while the 16 rows of a task stream through it.
+  const int nt = T <= 4 ? 4 : 8;
+  const int64_t KS = nt == 4 ? 32 : 16;
+  const int64_t tp = (T + nt - 1) / nt * nt, nchunks = K / 32;
+  std::vector<float> xp(static_cast<size_t>(tp * K), 0.0f);
+  for (int64_t t = 0; t < T; ++t) std::memcpy(xp.data() + t * K, x + t * ldx, size_t(K) * 4);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> y(static_cast<size_t>(nt * ROWS));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+      for (int64_t t0 = 0; t0 < T; t0 += nt) {
+        std::fill(y.begin(), y.end(), 0.0f);
+        float* yb = y.data() - n0;  // gemm_rows indexes rows by n
+        const float* xt = xp.data() + t0 * K;
+        for (int64_t c0 = 0; c0 < nchunks; c0 += KS) {
+          const int64_t c1 = std::min(nchunks, c0 + KS);
+          if (nt == 4) gemm_block<BITS, NF4, 4>(w, tab, xt, K, c0, c1, n0, n1, yb, ROWS);
+          else gemm_block<BITS, NF4, 8>(w, tab, xt, K, c0, c1, n0, n1, yb, ROWS);
+        }
+        for (int64_t t = t0; t < std::min(T, t0 + nt); ++t)
+          store_rows(p, bias, t, n0, n1, y.data() + (t - t0) * ROWS);
+      }
+    }
+  }
+}
+
+template <int BITS, bool NF4>
+void dequantize_impl(const DequantProblem& p) {
+  const Table tab(nf4_codebook());
+  const int64_t K = p.w.cols;
+  char* out = static_cast<char*>(p.out);
+  const int es = dtype_size(p.dtype);
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> row(static_cast<size_t>(K));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t n = 0; n < p.w.rows; ++n) {
+      dequant_row<BITS, NF4>(p.w, tab, n, row.data());
+      store_floats(row.data(), p.dtype, K, out + n * K * es);
+    }
+  }
+}
+
+// Calls IMPL<bits, nf4>(args...) for the format's code width.
+#define MK_BY_FORMAT(fmt, IMPL, ...)                                                \
+  switch (fmt) {                                                                    \
+    case QuantFormat::Int8: IMPL<8, false>(__VA_ARGS__); break;                     \
+    case QuantFormat::Int3:                                                         \
+    case QuantFormat::Int3Sym: IMPL<3, false>(__VA_ARGS__); break;                  \
+    case QuantFormat::Int2:                                                         \
+    case QuantFormat::Int2Sym: IMPL<2, false>(__VA_ARGS__); break;                  \
+    case QuantFormat::NF4: IMPL<4, true>(__VA_ARGS__); break;                       \
+    default: IMPL<4, false>(__VA_ARGS__); break;                                    \
+  }
+
+}  // namespace
+
+void qgemm(const QGemmProblem& p) {
+  const int64_t K = p.w.cols, T = p.tokens;
+  // x as fp32 rows (a copy only when it is not fp32 already), bias as fp32.
+  std::vector<float> xbuf, bbuf;
+  const float* x = static_cast<const float*>(p.x);
+  int64_t ldx = p.x_row;
+  if (p.dtype != DType::Float32) {
+    xbuf.resize(size_t(T * K));
+    for (int64_t t = 0; t < T; ++t)
+      load_floats(static_cast<const char*>(p.x) + t * p.x_row * dtype_size(p.dtype), p.dtype, K, xbuf.data() + t * K);
+    x = xbuf.data(), ldx = K;
+  }
+  const float* bias = nullptr;
+  if (p.bias) {
+    bbuf.resize(size_t(p.w.rows));
+    load_floats(p.bias, p.dtype, p.w.rows, bbuf.data());
+    bias = bbuf.data();
+  }
+  MK_BY_FORMAT(p.w.format, qgemm_impl, p, x, ldx, bias)
+}
+
+void dequantize(const DequantProblem& p) { MK_BY_FORMAT(p.w.format, dequantize_impl, p) }
+
+}  // namespace memkernels::cpu::MK_ISA_NS

@@ -1,0 +1,523 @@
+// Quantized matrices: formats, buffer layout, round-to-nearest quantization, (de)serialisation,
+// and the argument checks + dispatch of dequantize / qgemm.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <string>
+
+#include "cpu/convert.h"
+#include "quant_internal.h"
+
+namespace memkernels {
+namespace {
+
+std::string str(int64_t x) { return std::to_string(x); }
+
+// QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0).
+constexpr float kNF4[16] = {-1.0f,
+                            -0.6961928009986877f,
+                            -0.5250730514526367f,
+                            -0.39491748809814453f,
+                            -0.28444138169288635f,
+                            -0.18477343022823334f,
+                            -0.09105003625154495f,
+                            0.0f,
+                            0.07958029955625534f,
+                            0.16093020141124725f,
+                            0.24611230194568634f,
+                            0.33791524171829224f,
+                            0.44070982933044434f,
+                            0.5626170039176941f,
+                            0.7229568362236023f,
+                            1.0f};
+
+constexpr const char* kNames[kNumQuantFormats] = {"int8", "int4", "int4_sym", "int3", "int3_sym",
+                                                  "int2", "int2_sym", "nf4"};
+
+size_t align64(size_t x) { return (x + 63) / 64 * 64; }
+
+// Serialised header: 64 bytes, little-endian (the library only builds for little-endian x86/ARM).
+struct Header {
+  char magic[4];
+  uint32_t version;
+  uint8_t format;
+  uint8_t double_quant;
+  uint8_t reserved0[2];
+  int64_t rows;
+  int64_t cols;
+  int32_t group_size;
+  float scale_offset;
+  uint64_t payload_bytes;
+  uint8_t reserved1[16];
+};
+static_assert(sizeof(Header) == 64, "header layout");
+constexpr uint32_t kVersion = 1;
+constexpr size_t kDqBlock = 256;  // scales per double-quantisation step
+
+uint64_t fnv1a(const uint8_t* p, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+// Checks (format, sizes, group) and resolves group_size; throws `kind` (Value for user calls,
+// CorruptData for deserialisation) with a message naming what is wrong.
+int resolve_group(QuantFormat f, int64_t rows, int64_t cols, int group_size, bool double_quant, ErrorKind kind,
+                  const char* ctx) {
+  const std::string c = ctx;
+  check(int(f) >= 0 && int(f) < kNumQuantFormats, kind, c + ": unknown quantization format id " + str(int(f)));
+  check(rows > 0 && cols > 0, kind,
+        c + ": the matrix must have at least one row and column, got (" + str(rows) + ", " + str(cols) + ")");
+  check(rows < (int64_t(1) << 40) && cols < (int64_t(1) << 31) && rows * cols < (int64_t(1) << 46), kind,
+        c + ": matrix (" + str(rows) + ", " + str(cols) + ") is too large");
+  check(!double_quant || f == QuantFormat::NF4, kind,
+        c + ": double_quant applies to nf4 only, not " + quant_format_name(f));
+  if (f == QuantFormat::Int8) {
+    check(group_size == 0 || group_size == cols, kind,
+          c + ": int8 is quantized per output channel; group_size must be 0/None or in_features (" + str(cols) +
+              "), got " + str(group_size));
+    check(cols % 32 == 0, kind, c + ": int8 needs in_features to be a multiple of 32, got " + str(cols));
+    return int(cols);
+  }
+  const int g = group_size == 0 ? 128 : group_size;
+  check(g == 32 || g == 64 || g == 128, kind,
+        c + ": group_size must be 32, 64 or 128 for " + quant_format_name(f) + ", got " + str(group_size));
+  check(cols % g == 0, kind,
+        c + ": in_features (" + str(cols) + ") must be a multiple of group_size (" + str(g) +
+            "); pad the weight matrix with zero columns (and x with zeros) to use this format");
+  return g;
+}
+
+// Packs 32 codes (each < 2^bits) of one chunk into dst in the documented layout.
+void pack_chunk(int bits, const uint8_t* q, uint8_t* dst) {
+  if (bits == 8) {
+    std::memcpy(dst, q, 32);
+  } else if (bits == 4) {
+    for (int i = 0; i < 16; ++i) dst[i] = uint8_t(q[i] | (q[i + 16] << 4));
+  } else {
+    for (int i = 0; i < 8; ++i)
+      dst[i] = uint8_t((q[i] & 3) | ((q[i + 8] & 3) << 2) | ((q[i + 16] & 3) << 4) | ((q[i + 24] & 3) << 6));
+    if (bits == 3) {
+      uint32_t hi = 0;
+      for (int i = 0; i < 32; ++i) hi |= uint32_t((q[i] >> 2) & 1) << i;
+      for (int b = 0; b < 4; ++b) dst[8 + b] = uint8_t(hi >> (8 * b));
+    }
+  }
+}
+
+uint8_t nearest_nf4(float v) {
+  // levels ascending: the first midpoint above v decides
+  int q = 0;
+  while (q < 15 && v > 0.5f * (kNF4[q] + kNF4[q + 1])) ++q;
+  return uint8_t(q);
+}
+
+// Quantizes one group of `n` weights: codes into q[], scale (and zero) out.
+void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* scale, uint8_t* zero) {
+  const int bits = quant_bits(f);
+  if (f == QuantFormat::NF4 || f == QuantFormat::Int8 || !quant_is_asymmetric(f)) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(w[i]));
+    if (f == QuantFormat::NF4) {
+      const float s = amax > 0.0f ? amax : 1.0f;
+      for (int i = 0; i < n; ++i) q[i] = nearest_nf4(w[i] / s);
+      *scale = s;
+      return;
+    }
+    const int qmax = (1 << (bits - 1)) - 1;  // symmetric levels -qmax..qmax
+    const float s = amax > 0.0f ? amax / float(qmax) : 1.0f;
+    const float inv = 1.0f / s;
+    for (int i = 0; i < n; ++i) {
+      const int v = int(std::lrint(std::min(std::max(w[i] * inv, -float(qmax)), float(qmax))));
+      q[i] = f == QuantFormat::Int8 ? uint8_t(int8_t(v)) : uint8_t(v + (1 << (bits - 1)));
+    }
+    *scale = s;
+    return;
+  }
+  // Asymmetric: range widened to include 0 so that zero is exact and z fits in [0, 2^b).
+  float lo = 0.0f, hi = 0.0f;
+  for (int i = 0; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
+  const int qmax = (1 << bits) - 1;
+  float s = (hi - lo) / float(qmax);
+  if (!(s > 0.0f)) s = 1.0f;
+  const float z = std::min(std::max(std::nearbyint(-lo / s), 0.0f), float(qmax));
+  const float inv = 1.0f / s;
+  for (int i = 0; i < n; ++i) {
+    const float v = std::nearbyint(w[i] * inv) + z;
+    q[i] = uint8_t(std::min(std::max(v, 0.0f), float(qmax)));
+  }
+  *scale = s;
+  *zero = uint8_t(z);
+}
+
+void run_dequant(const DequantProblem& p, const Device& device, void* stream) {
+  if (device.is_cuda()) {
+    require_cuda_usable("dequantize", device);
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::dequantize(p, stream);
+#endif
+    return;
+  }
+  (void)stream;
+  MK_CPU_DISPATCH(dequantize, p);
+}
+
+}  // namespace
+
+// ---- formats ------------------------------------------------------------------------------------
+
+const char* quant_format_name(QuantFormat f) {
+  return int(f) >= 0 && int(f) < kNumQuantFormats ? kNames[int(f)] : "unknown";
+}
+
+QuantFormat parse_quant_format(const std::string& name) {
+  for (int i = 0; i < kNumQuantFormats; ++i)
+    if (name == kNames[i]) return QuantFormat(i);
+  throw_error(ErrorKind::Value, "unknown quantization format '" + name +
+                                    "' (expected int8, int4, int4_sym, int3, int3_sym, int2, int2_sym or nf4)");
+}
+
+int quant_bits(QuantFormat f) {
+  switch (f) {
+    case QuantFormat::Int8: return 8;
+    case QuantFormat::Int3:
+    case QuantFormat::Int3Sym: return 3;
+    case QuantFormat::Int2:
+    case QuantFormat::Int2Sym: return 2;
+    default: return 4;
+  }
+}
+
+bool quant_is_asymmetric(QuantFormat f) {
+  return f == QuantFormat::Int4 || f == QuantFormat::Int3 || f == QuantFormat::Int2;
+}
+
+const float* nf4_codebook() { return kNF4; }
+
+// ---- QuantizedMatrix ----------------------------------------------------------------------------
+
+int64_t QuantizedMatrix::row_bytes() const { return cols_ * quant_bits(format_) / 8; }
+
+QuantizedMatrix QuantizedMatrix::allocate(QuantFormat f, int64_t rows, int64_t cols, int group_size,
+                                          bool double_quant, const Device& device) {
+  QuantizedMatrix m;
+  m.group_size_ = resolve_group(f, rows, cols, group_size, double_quant, ErrorKind::Value, "quantized matrix");
+  m.format_ = f, m.rows_ = rows, m.cols_ = cols, m.double_quant_ = double_quant, m.device_ = device;
+  const size_t nscales = size_t(rows) * size_t(m.groups());
+  size_t off = 0;
+  m.off_codes_ = off;
+  off = align64(off + size_t(rows) * size_t(m.row_bytes()));
+  if (double_quant) {
+    m.off_scale_codes_ = off;
+    off = align64(off + nscales);
+    m.off_scale_steps_ = off;
+    off = align64(off + (nscales + kDqBlock - 1) / kDqBlock * 4);
+  } else {
+    m.off_scales_ = off;
+    off = align64(off + nscales * 4);
+  }
+  if (quant_is_asymmetric(f)) {
+    m.off_zeros_ = off;
+    off = align64(off + nscales);
+  }
+  m.bytes_ = off;
+  void* p = device_malloc(device, off);
+  m.buf_ = std::shared_ptr<void>(p, [device](void* q) { device_free(device, q); });
+  // Zero the alignment padding too, so serialised bytes are deterministic.
+  device_memset_zero(p, device, off);
+  if (device.is_cuda()) stream_synchronize(device, nullptr);
+  return m;
+}
+
+QuantizedMatrix QuantizedMatrix::to(const Device& device) const {
+  check(!empty(), ErrorKind::Value, "QuantizedMatrix.to: the matrix is empty");
+  if (device == device_) return *this;
+  QuantizedMatrix m = allocate(format_, rows_, cols_, group_size_, double_quant_, device);
+  m.scale_offset_ = scale_offset_;
+  device_memcpy(m.mutable_data(), device, data(), device_, bytes_);
+  return m;
+}
+
+std::vector<float> QuantizedMatrix::effective_scales() const {
+  check(!empty(), ErrorKind::Value, "scales: the matrix is empty");
+  const QuantizedMatrix h = to(Device{});
+  const QuantView v = make_quant_view(h);
+  std::vector<float> s(static_cast<size_t>(rows_ * groups()));
+  for (int64_t n = 0; n < rows_; ++n)
+    for (int64_t g = 0; g < groups(); ++g) s[size_t(n * groups() + g)] = v.scale(n, g);
+  return s;
+}
+
+std::vector<uint8_t> QuantizedMatrix::serialize() const {
+  check(!empty(), ErrorKind::Value, "serialize: the matrix is empty");
+  Header h{};
+  std::memcpy(h.magic, "MKQM", 4);
+  h.version = kVersion;
+  h.format = uint8_t(format_);
+  h.double_quant = double_quant_ ? 1 : 0;
+  h.rows = rows_, h.cols = cols_, h.group_size = group_size_;
+  h.scale_offset = scale_offset_;
+  h.payload_bytes = bytes_;
+  std::vector<uint8_t> out(sizeof(Header) + bytes_ + 8);
+  std::memcpy(out.data(), &h, sizeof h);
+  device_memcpy(out.data() + sizeof h, Device{}, data(), device_, bytes_);
+  const uint64_t sum = fnv1a(out.data(), sizeof h + bytes_);
+  std::memcpy(out.data() + sizeof h + bytes_, &sum, 8);
+  return out;
+}
+
+QuantizedMatrix QuantizedMatrix::deserialize(const void* data, size_t size) {
+  const uint8_t* b = static_cast<const uint8_t*>(data);
+  const ErrorKind bad = ErrorKind::CorruptData;
+  check(b != nullptr || size == 0, ErrorKind::Value, "deserialize: null data");
+  check(size >= sizeof(Header) + 8, bad,
+        "QuantizedMatrix bytes truncated: " + str(int64_t(size)) + " bytes, less than a header");
+  Header h;
+  std::memcpy(&h, b, sizeof h);
+  check(std::memcmp(h.magic, "MKQM", 4) == 0, bad, "not a memkernels QuantizedMatrix (bad magic)");
+  check(h.version == kVersion, bad,
+        "QuantizedMatrix format version " + str(h.version) + " is not supported (this build reads " +
+            str(kVersion) + ")");
+  check(h.double_quant <= 1, bad, "QuantizedMatrix header: bad double_quant flag");
+  const QuantFormat f = QuantFormat(h.format);
+  const int g = resolve_group(f, h.rows, h.cols, h.group_size, h.double_quant != 0, bad, "QuantizedMatrix header");
+  check(g == h.group_size, bad, "QuantizedMatrix header: group_size " + str(h.group_size) + " is invalid");
+  check(h.payload_bytes == size - sizeof(Header) - 8, bad,
+        "QuantizedMatrix bytes truncated or padded: header announces " + str(int64_t(h.payload_bytes)) +
+            " payload bytes, " + str(int64_t(size - sizeof(Header) - 8)) + " present");
+  uint64_t sum;
+  std::memcpy(&sum, b + size - 8, 8);
+  check(sum == fnv1a(b, size - 8), bad, "QuantizedMatrix checksum mismatch: the bytes are corrupted");
+  check(std::isfinite(h.scale_offset), bad, "QuantizedMatrix header: non-finite scale offset");
+  QuantizedMatrix m = allocate(f, h.rows, h.cols, h.group_size, h.double_quant != 0);
+  check(m.bytes_ == h.payload_bytes, bad,
+        "QuantizedMatrix payload size " + str(int64_t(h.payload_bytes)) + " does not match its shape (" +
+            str(int64_t(m.bytes_)) + " expected)");
+  std::memcpy(m.mutable_data(), b + sizeof(Header), m.bytes_);
+  m.scale_offset_ = h.scale_offset;
+  return m;
+}
+
+void QuantizedMatrix::save(const std::string& path) const {
+  std::vector<uint8_t> bytes = serialize();
+  std::FILE* fp = std::fopen(path.c_str(), "wb");
+  check(fp != nullptr, ErrorKind::IO, "cannot open '" + path + "' for writing: " + std::strerror(errno));
+  const size_t n = std::fwrite(bytes.data(), 1, bytes.size(), fp);
+  const bool ok = n == bytes.size() && std::fflush(fp) == 0;
+  std::fclose(fp);
+  check(ok, ErrorKind::IO, "writing '" + path + "' failed: " + std::strerror(errno));
+}
+
+QuantizedMatrix QuantizedMatrix::load(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  check(in.good(), ErrorKind::IO, "cannot open '" + path + "' for reading");
+  const std::streamoff n = in.tellg();
+  check(n >= 0, ErrorKind::IO, "cannot read the size of '" + path + "'");
+  std::vector<uint8_t> bytes(static_cast<size_t>(n));
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(bytes.data()), n);
+  check(in.good() || n == 0, ErrorKind::IO, "reading '" + path + "' failed");
+  return deserialize(bytes.data(), bytes.size());
+}
+
+// ---- quantize -----------------------------------------------------------------------------------
+
+namespace {
+
+// Replaces the fp32 scales of an nf4 matrix by offset + step[block] * int8 code (one step per 256).
+void double_quantize_scales(QuantizedMatrix& m, const std::vector<float>& raw) {
+  const size_t ns = raw.size();
+  double mean = 0.0;
+  for (float s : raw) mean += s;
+  const float off = float(mean / double(ns));
+  int8_t* sc = const_cast<int8_t*>(m.scale_codes());
+  float* steps = const_cast<float*>(m.scale_steps());
+  for (size_t b0 = 0; b0 < ns; b0 += kDqBlock) {
+    const size_t b1 = std::min(ns, b0 + kDqBlock);
+    float amax = 0.0f;
+    for (size_t j = b0; j < b1; ++j) amax = std::max(amax, std::fabs(raw[j] - off));
+    const float step = amax > 0.0f ? amax / 127.0f : 1.0f;
+    steps[b0 / kDqBlock] = step;
+    for (size_t j = b0; j < b1; ++j)
+      sc[j] = int8_t(std::lrint(std::min(std::max((raw[j] - off) / step, -127.0f), 127.0f)));
+  }
+  m.set_scale_offset(off);
+}
+
+void pack_rows(QuantizedMatrix& m, const uint8_t* q, int64_t ldq) {
+  const int bits = quant_bits(m.format());
+  const int64_t rb = m.row_bytes();
+  uint8_t* codes = m.mutable_data();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (int64_t n = 0; n < m.rows(); ++n)
+    for (int64_t c = 0; c < m.cols() / 32; ++c) pack_chunk(bits, q + n * ldq + c * 32, codes + n * rb + c * (bits * 4));
+}
+
+}  // namespace
+
+QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOptions& opts) {
+  expect_ndim(w, "w", 2);
+  expect_dtype(w, "w", {DType::Float32, DType::Float16, DType::BFloat16});
+  expect_last_dim_contiguous(w, "w");
+  expect_not_null(w, "w");
+  check(w.device.is_cpu(), ErrorKind::Value,
+        "quantize: w must be a CPU array (got " + w.device.str() + "); quantize on the CPU, then move with .to()");
+  const int64_t N = w.size(0), K = w.size(1);
+  QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
+  const int g = m.group_size(), bits = quant_bits(format);
+  const int64_t G = m.groups(), rb = m.row_bytes();
+  const bool dq = opts.double_quant;
+  std::vector<float> raw_scales(dq ? size_t(N * G) : 0);
+  float* scales = dq ? raw_scales.data() : const_cast<float*>(m.scales());
+  uint8_t* zeros = const_cast<uint8_t*>(m.zeros());
+  uint8_t* codes = m.mutable_data();
+  const int esize = dtype_size(w.dtype);
+  bool finite = true;
+
+#pragma omp parallel num_threads(num_threads()) reduction(&& : finite)
+  {
+    std::vector<float> row(static_cast<size_t>(K));
+    std::vector<uint8_t> q(static_cast<size_t>(K));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t n = 0; n < N; ++n) {
+      cpu::load_floats(static_cast<const char*>(w.data) + n * w.strides[0] * esize, w.dtype, K, row.data());
+      for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(row[k]);
+      for (int64_t gi = 0; gi < G; ++gi) {
+        uint8_t z = 0;
+        quantize_group(format, row.data() + gi * g, g, q.data() + gi * g, &scales[n * G + gi], &z);
+        if (zeros) zeros[n * G + gi] = z;
+      }
+      for (int64_t c = 0; c < K / 32; ++c) pack_chunk(bits, q.data() + c * 32, codes + n * rb + c * (bits * 4));
+    }
+  }
+  check(finite, ErrorKind::Value, "quantize: w contains NaN or infinity");
+  if (dq) double_quantize_scales(m, raw_scales);
+  return m;
+}
+
+QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
+                               const TensorView* zeros, const QuantOptions& opts) {
+  expect_ndim(codes, "codes", 2);
+  expect_dtype(codes, "codes", {DType::UInt8, DType::Int8});
+  expect_contiguous(codes, "codes");
+  expect_not_null(codes, "codes");
+  check(codes.device.is_cpu(), ErrorKind::Value, "pack_quantized: codes must be a CPU array");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
+  const int64_t G = m.groups();
+  expect_ndim(scales, "scales", 2);
+  expect_dtype(scales, "scales", {DType::Float32});
+  expect_contiguous(scales, "scales");
+  expect_shape(scales, "scales", {N, G});
+  check(scales.device.is_cpu(), ErrorKind::Value, "pack_quantized: scales must be a CPU array");
+  const float* s = scales.ptr<const float>();
+  for (int64_t j = 0; j < N * G; ++j)
+    check(std::isfinite(s[j]) && s[j] > 0.0f, ErrorKind::Value,
+          "pack_quantized: scales must be finite and > 0; scales[" + str(j / G) + ", " + str(j % G) +
+              "] = " + std::to_string(s[j]));
+  const int bits = quant_bits(format);
+  const uint8_t* q = codes.ptr<const uint8_t>();
+  if (format != QuantFormat::Int8) {
+    for (int64_t i = 0; i < N * K; ++i)
+      check(q[i] < (1u << bits), ErrorKind::Value,
+            "pack_quantized: codes must be < 2^" + str(bits) + " for " + quant_format_name(format) + "; codes[" +
+                str(i / K) + ", " + str(i % K) + "] = " + str(q[i]));
+  }
+  if (quant_is_asymmetric(format)) {
+    check(zeros != nullptr, ErrorKind::Value,
+          std::string("pack_quantized: ") + quant_format_name(format) + " needs zeros (N, groups)");
+    expect_ndim(*zeros, "zeros", 2);
+    expect_dtype(*zeros, "zeros", {DType::UInt8});
+    expect_contiguous(*zeros, "zeros");
+    expect_shape(*zeros, "zeros", {N, G});
+    check(zeros->device.is_cpu(), ErrorKind::Value, "pack_quantized: zeros must be a CPU array");
+    const uint8_t* z = zeros->ptr<const uint8_t>();
+    for (int64_t j = 0; j < N * G; ++j)
+      check(z[j] < (1u << bits), ErrorKind::Value, "pack_quantized: zeros must be < 2^" + str(bits));
+    std::memcpy(const_cast<uint8_t*>(m.zeros()), z, size_t(N * G));
+  } else {
+    check(zeros == nullptr, ErrorKind::Value,
+          std::string("pack_quantized: ") + quant_format_name(format) + " is symmetric; pass no zeros");
+  }
+  if (opts.double_quant) {
+    double_quantize_scales(m, std::vector<float>(s, s + N * G));
+  } else {
+    std::memcpy(const_cast<float*>(m.scales()), s, size_t(N * G) * 4);
+  }
+  pack_rows(m, q, K);
+  return m;
+}
+
+// ---- dequantize / qgemm -------------------------------------------------------------------------
+
+void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream) {
+  check(!qm.empty(), ErrorKind::Value, "dequantize: the quantized matrix is empty");
+  expect_ndim(out, "out", 2);
+  expect_dtype(out, "out", {DType::Float32, DType::Float16, DType::BFloat16});
+  expect_contiguous(out, "out");
+  expect_not_null(out, "out");
+  expect_shape(out, "out", {qm.rows(), qm.cols()});
+  check(out.device == qm.device(), ErrorKind::Value,
+        "dequantize: out is on " + out.device.str() + " but the quantized matrix is on " + qm.device().str());
+  DequantProblem p;
+  p.w = make_quant_view(qm);
+  p.dtype = out.dtype;
+  p.out = out.data;
+  run_dequant(p, out.device, stream);
+}
+
+void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
+           void* stream) {
+  check(!qm.empty(), ErrorKind::Value, "qgemm: the quantized matrix is empty");
+  expect_ndim(x, "x", 2);
+  expect_dtype(x, "x", {DType::Float32, DType::Float16, DType::BFloat16});
+  expect_last_dim_contiguous(x, "x");
+  expect_not_null(x, "x");
+  expect_ndim(out, "out", 2);
+  expect_last_dim_contiguous(out, "out");
+  expect_not_null(out, "out");
+  check(x.size(1) == qm.cols(), ErrorKind::Value,
+        "qgemm: x has " + str(x.size(1)) + " features (shape " + x.shape_str() +
+            ") but the quantized matrix has in_features " + str(qm.cols()));
+  expect_shape(out, "out", {x.size(0), qm.rows()});
+  check(out.dtype == x.dtype, ErrorKind::Type,
+        std::string("qgemm: out has dtype ") + dtype_name(out.dtype) + " but x has " + dtype_name(x.dtype));
+  check(x.device == qm.device(), ErrorKind::Value,
+        "qgemm: x is on " + x.device.str() + " but the quantized matrix is on " + qm.device().str() +
+            " (move it with .to())");
+  expect_same_device(out, "out", x, "x");
+  QGemmProblem p;
+  if (bias) {
+    expect_ndim(*bias, "bias", 1);
+    expect_shape(*bias, "bias", {qm.rows()});
+    expect_contiguous(*bias, "bias");
+    expect_not_null(*bias, "bias");
+    expect_same_device(*bias, "bias", x, "x");
+    check(bias->dtype == x.dtype, ErrorKind::Type,
+          std::string("qgemm: bias has dtype ") + dtype_name(bias->dtype) + " but x has " + dtype_name(x.dtype));
+    p.bias = bias->data;
+  }
+  p.w = make_quant_view(qm);
+  p.dtype = x.dtype;
+  p.tokens = x.size(0);
+  p.x = x.data;
+  p.x_row = x.strides[0];
+  p.out = out.data;
+  p.out_row = out.strides[0];
+  if (p.tokens == 0) return;
+  if (x.device.is_cuda()) {
+    require_cuda_usable("qgemm", x.device);
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::qgemm(p, stream);
+#endif
+    return;
+  }
+  (void)stream;
+  MK_CPU_DISPATCH(qgemm, p);
+}
+
+}  // namespace memkernels

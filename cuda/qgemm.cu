@@ -1,0 +1,440 @@
+// CUDA quantized GEMM and dequantize. Codes are unpacked and scaled in registers; the dequantized
+// matrix never exists in memory. The packed layout is the CPU one (memkernels/quant.h): it already
+// suits mma.sync, because lane l of a warp needs weights c, c+1, c+8, c+9 (c = 2 * (l % 4)) of a
+// 16-wide k step, and with 32-weight chunks whose byte i holds weights i and i + 16 (4-bit), or
+// i, i+8, i+16, i+24 (2/3-bit), those and the next k step's come from the same two bytes.
+//
+// Paths:
+//  - GEMV (tokens <= 4, and float32 x): a warp per output row, each lane a 32-weight chunk per
+//    step (16 contiguous bytes for int4: a warp reads 512 coalesced bytes), fp32 FMAs, warp sum.
+//  - mma (fp16/bf16 x, tokens > 4): each warp owns 16 weight rows x 8 or 16 tokens and runs
+//    m16n8k16 tensor-core MMAs with the A fragment dequantized straight into registers and the
+//    B fragment (x) read as 32-bit pairs. Split-K over blockIdx.z keeps every SM busy on short-N
+//    layers; partial sums go to an fp32 workspace (atomicAdd), then a small kernel adds the bias
+//    and converts.
+#include <algorithm>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "quant_internal.h"
+
+namespace memkernels::cuda_backend {
+namespace {
+
+// The NF4 levels (memkernels::nf4_codebook()), statically initialised: no per-call upload, no sync.
+__constant__ float kNF4Levels[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                                     0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                                     0.7229568362236023f, 1.0f};
+
+struct CudaDeviceGuard {
+  int previous = 0;
+  explicit CudaDeviceGuard(int device) {
+    cudaGetDevice(&previous);
+    if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~CudaDeviceGuard() { cudaSetDevice(previous); }
+};
+
+__device__ __forceinline__ float dev_scale(const QuantView& w, int64_t n, int64_t g) {
+  const int64_t j = n * w.groups + g;
+  return w.scales ? __ldg(w.scales + j) : w.scale_offset + __ldg(w.scale_steps + (j >> 8)) * float(w.scale_codes[j]);
+}
+
+__device__ __forceinline__ float dev_zero(const QuantView& w, int64_t n, int64_t g) {
+  return (w.zeros ? float(__ldg(w.zeros + n * w.groups + g)) : 0.0f) + w.code_offset;
+}
+
+template <bool NF4>
+__device__ __forceinline__ float level(uint32_t q, const float* nf4) {
+  if constexpr (NF4) return nf4[q & 15];
+  else return float(q);
+}
+
+// All 32 raw levels of one chunk, in weight order.
+template <int BITS, bool NF4>
+__device__ __forceinline__ void decode32(const uint8_t* chunk, const float* nf4, float (&e)[32]) {
+  if constexpr (BITS == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(chunk);
+    const uint32_t wd[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t b = (wd[i >> 2] >> (8 * (i & 3))) & 0xffu;
+      e[i] = level<NF4>(b & 15u, nf4);
+      e[i + 16] = level<NF4>(b >> 4, nf4);
+    }
+  } else if constexpr (BITS == 8) {
+    const uint4 a = *reinterpret_cast<const uint4*>(chunk), b = *reinterpret_cast<const uint4*>(chunk + 16);
+    const uint32_t wd[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 32; ++i) e[i] = float(int8_t((wd[i >> 2] >> (8 * (i & 3))) & 0xffu));
+  } else {
+    const uint32_t* p = reinterpret_cast<const uint32_t*>(chunk);  // 2-bit chunks 8 B, 3-bit 12 B: 4-aligned
+    const uint32_t lo[2] = {p[0], p[1]};
+    const uint32_t hi = BITS == 3 ? p[2] : 0u;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t b = (lo[i >> 2] >> (8 * (i & 3))) & 0xffu;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t q = (b >> (2 * j)) & 3u;
+        if (BITS == 3) q |= ((hi >> (i + 8 * j)) & 1u) << 2;
+        e[i + 8 * j] = float(q);
+      }
+    }
+  }
+}
+
+// Raw levels of weights c, c+1, c+8, c+9, c+16, c+17, c+24, c+25 of one chunk (c even, < 8):
+// the A-fragment elements of one lane for the chunk's two k16 steps.
+template <int BITS, bool NF4>
+__device__ __forceinline__ void decode8(const uint8_t* chunk, int c, const float* nf4, float (&e)[8]) {
+  if constexpr (BITS == 4) {
+    const uint32_t p = *reinterpret_cast<const uint16_t*>(chunk + c);
+    const uint32_t q = *reinterpret_cast<const uint16_t*>(chunk + c + 8);
+    e[0] = level<NF4>(p & 15u, nf4), e[1] = level<NF4>((p >> 8) & 15u, nf4);
+    e[2] = level<NF4>(q & 15u, nf4), e[3] = level<NF4>((q >> 8) & 15u, nf4);
+    e[4] = level<NF4>((p >> 4) & 15u, nf4), e[5] = level<NF4>((p >> 12) & 15u, nf4);
+    e[6] = level<NF4>((q >> 4) & 15u, nf4), e[7] = level<NF4>((q >> 12) & 15u, nf4);
+  } else if constexpr (BITS == 8) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t p = *reinterpret_cast<const uint16_t*>(chunk + c + 8 * j);
+      e[2 * j] = float(int8_t(p & 0xffu));
+      e[2 * j + 1] = float(int8_t(p >> 8));
+    }
+  } else {
+    const uint32_t p = *reinterpret_cast<const uint16_t*>(chunk + c);
+    const uint32_t hi = BITS == 3 ? *reinterpret_cast<const uint32_t*>(chunk + 8) : 0u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t q0 = (p >> (2 * j)) & 3u, q1 = (p >> (8 + 2 * j)) & 3u;
+      if (BITS == 3) {
+        q0 |= ((hi >> (c + 8 * j)) & 1u) << 2;
+        q1 |= ((hi >> (c + 1 + 8 * j)) & 1u) << 2;
+      }
+      e[2 * j] = float(q0);
+      e[2 * j + 1] = float(q1);
+    }
+  }
+}
+
+// 32 consecutive x values as floats; `aligned`: p is 16-byte aligned (vector loads).
+template <typename T>
+__device__ __forceinline__ void load_x32(const T* p, bool aligned, float (&x)[32]) {
+  if (!aligned) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) x[i] = to_float(p[i]);
+  } else if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(p) + i);
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x[8 * i + j] = to_float(h[j]);
+    }
+  }
+}
+
+// ---- GEMV: a warp per row, NT tokens per pass -----------------------------------------------------
+constexpr int kGemvWarps = 8;
+
+template <int BITS, bool NF4, int NT, typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    qgemv_kernel(QuantView w, const T* __restrict__ x, int64_t ldx, const T* __restrict__ bias, T* __restrict__ out,
+                 int64_t ldo, int64_t tokens, bool x_aligned) {
+  __shared__ float nf4[16];
+  if (threadIdx.x < 16) nf4[threadIdx.x] = kNF4Levels[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+  const int64_t t0 = int64_t(blockIdx.y) * NT;
+  if (n >= w.rows) return;
+  constexpr int CB = BITS * 4;
+  const int64_t chunks = w.cols / 32;
+  const int cpg = w.group_size / 32;
+  const uint8_t* row = w.codes + n * w.row_bytes;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+  for (int64_t ch = lane; ch < chunks; ch += 32) {
+    float e[32];
+    decode32<BITS, NF4>(row + ch * CB, nf4, e);
+    const int64_t g = ch / cpg;
+    const float s = dev_scale(w, n, g), z = dev_zero(w, n, g);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t0 + t >= tokens) break;
+      float xv[32];
+      load_x32(x + (t0 + t) * ldx + ch * 32, x_aligned, xv);
+      float d = 0.0f, sx = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) d = fmaf(e[i], xv[i], d), sx += xv[i];
+      acc[t] = fmaf(s, d - z * sx, acc[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0 && t0 + t < tokens) {
+      if (bias) v += to_float(bias[n]);
+      out[(t0 + t) * ldo + n] = from_float<T>(v);
+    }
+  }
+}
+
+// ---- mma path ---------------------------------------------------------------------------------------
+constexpr int kMmaWarps = 4;  // 64 weight rows per block
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// ws[token][n] += partial sums over chunks [ch0, ch1) for 16 rows per warp and NT8 * 8 tokens.
+template <int BITS, bool NF4, int NT8, typename T>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    qgemm_mma_kernel(QuantView w, const T* __restrict__ x, int64_t ldx, float* __restrict__ ws, int64_t tokens,
+                     int64_t chunks_per_split) {
+  __shared__ float nf4[16];
+  if (threadIdx.x < 16) nf4[threadIdx.x] = kNF4Levels[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, c = (lane & 3) * 2;
+  const int64_t row0 = (int64_t(blockIdx.x) * kMmaWarps + warp) * 16;
+  if (row0 >= w.rows) return;
+  const int64_t tok0 = int64_t(blockIdx.y) * NT8 * 8;
+  const int64_t rA = min(row0 + gid, w.rows - 1), rB = min(row0 + gid + 8, w.rows - 1);
+  constexpr int CB = BITS * 4;
+  const int cpg = w.group_size / 32;
+  const int64_t ch0 = int64_t(blockIdx.z) * chunks_per_split;
+  const int64_t ch1 = min(ch0 + chunks_per_split, w.cols / 32);
+  const uint8_t* rowA = w.codes + rA * w.row_bytes;
+  const uint8_t* rowB = w.codes + rB * w.row_bytes;
+  const T* xr[NT8];
+#pragma unroll
+  for (int j = 0; j < NT8; ++j) xr[j] = x + min(tok0 + j * 8 + gid, tokens - 1) * ldx;
+
+  float acc[NT8][4];
+#pragma unroll
+  for (int j = 0; j < NT8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  int64_t gcur = -1;
+  float sA = 0.0f, zA = 0.0f, sB = 0.0f, zB = 0.0f;
+#pragma unroll 2
+  for (int64_t ch = ch0; ch < ch1; ++ch) {
+    const int64_t g = ch / cpg;
+    if (g != gcur) {
+      gcur = g;
+      sA = dev_scale(w, rA, g), zA = dev_zero(w, rA, g);
+      sB = dev_scale(w, rB, g), zB = dev_zero(w, rB, g);
+    }
+    float eA[8], eB[8];
+    decode8<BITS, NF4>(rowA + ch * CB, c, nf4, eA);
+    decode8<BITS, NF4>(rowB + ch * CB, c, nf4, eB);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) eA[i] = (eA[i] - zA) * sA, eB[i] = (eB[i] - zB) * sB;
+    // A fragments of the two k16 steps: {row g k c..c+1, row g+8 k c..c+1, row g k c+8.., row g+8 k c+8..}
+    const uint32_t a0[4] = {pack2<T>(eA[0], eA[1]), pack2<T>(eB[0], eB[1]), pack2<T>(eA[2], eA[3]),
+                            pack2<T>(eB[2], eB[3])};
+    const uint32_t a1[4] = {pack2<T>(eA[4], eA[5]), pack2<T>(eB[4], eB[5]), pack2<T>(eA[6], eA[7]),
+                            pack2<T>(eB[6], eB[7])};
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+      const uint32_t* xp = reinterpret_cast<const uint32_t*>(xr[j] + ch * 32 + c);
+      mma16816<T>(acc[j], a0, __ldg(xp), __ldg(xp + 4));
+      mma16816<T>(acc[j], a1, __ldg(xp + 8), __ldg(xp + 12));
+    }
+  }
+  // C fragment: {row g, tokens c, c+1}, {row g+8, tokens c, c+1}.
+#pragma unroll
+  for (int j = 0; j < NT8; ++j)
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const int64_t n = row0 + gid + (h >= 2 ? 8 : 0);
+      const int64_t t = tok0 + j * 8 + c + (h & 1);
+      if (n < w.rows && t < tokens) atomicAdd(ws + t * w.rows + n, acc[j][h]);
+    }
+}
+
+template <typename T>
+__global__ void finish_kernel(const float* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ out,
+                              int64_t ldo, int64_t rows, int64_t tokens) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * tokens) return;
+  const int64_t t = i / rows, n = i % rows;
+  float v = ws[i];
+  if (bias) v += to_float(bias[n]);
+  out[t * ldo + n] = from_float<T>(v);
+}
+
+// ---- dequantize -------------------------------------------------------------------------------------
+template <int BITS, bool NF4, typename T>
+__global__ void dequant_kernel(QuantView w, T* __restrict__ out) {
+  __shared__ float nf4[16];
+  if (threadIdx.x < 16) nf4[threadIdx.x] = kNF4Levels[threadIdx.x];
+  __syncthreads();
+  const int64_t chunks = w.cols / 32;
+  const int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= w.rows * chunks) return;
+  const int64_t n = id / chunks, ch = id % chunks, g = ch / (w.group_size / 32);
+  float e[32];
+  decode32<BITS, NF4>(w.codes + n * w.row_bytes + ch * BITS * 4, nf4, e);
+  const float s = dev_scale(w, n, g), z = dev_zero(w, n, g);
+  T* dst = out + n * w.cols + ch * 32;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dst[i] = from_float<T>((e[i] - z) * s);
+}
+
+// Calls fn.template operator()<BITS, NF4>() for the format.
+template <typename Fn>
+void by_format(QuantFormat f, Fn&& fn) {
+  switch (f) {
+    case QuantFormat::Int8: fn.template operator()<8, false>(); break;
+    case QuantFormat::Int3:
+    case QuantFormat::Int3Sym: fn.template operator()<3, false>(); break;
+    case QuantFormat::Int2:
+    case QuantFormat::Int2Sym: fn.template operator()<2, false>(); break;
+    case QuantFormat::NF4: fn.template operator()<4, true>(); break;
+    default: fn.template operator()<4, false>(); break;
+  }
+}
+
+template <typename T>
+struct GemmLauncher {
+  const QGemmProblem& p;
+  cudaStream_t st;
+  template <int BITS, bool NF4>
+  void operator()() const {
+    const QuantView& w = p.w;
+    const T* x = static_cast<const T*>(p.x);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* out = static_cast<T*>(p.out);
+    constexpr bool half_type = !std::is_same_v<T, float>;
+    if (!half_type || p.tokens <= 4) {
+      constexpr int NT = 4;
+      // Vector loads of x need 16-byte aligned 32-element runs: base and row stride.
+      const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (p.x_row * int64_t(sizeof(T))) % 16 == 0;
+      const dim3 grid{unsigned((w.rows + kGemvWarps - 1) / kGemvWarps), unsigned((p.tokens + NT - 1) / NT)};
+      if (p.tokens == 1)
+        qgemv_kernel<BITS, NF4, 1, T><<<grid.x, kGemvWarps * 32, 0, st>>>(w, x, p.x_row, bias, out, p.out_row, 1, aligned);
+      else
+        qgemv_kernel<BITS, NF4, NT, T><<<grid, kGemvWarps * 32, 0, st>>>(w, x, p.x_row, bias, out, p.out_row,
+                                                                         p.tokens, aligned);
+      check_launch("qgemm (gemv)");
+      return;
+    }
+    if constexpr (half_type) {
+      // mma B fragments are 32-bit pairs of x: rows must be 4-byte aligned.
+      check((p.x_row % 2) == 0 && (reinterpret_cast<uintptr_t>(x) % 4) == 0, ErrorKind::Value,
+            "qgemm: on CUDA, fp16/bf16 x rows must start at 4-byte aligned addresses");
+      const int64_t rows_blocks = (w.rows + 16 * kMmaWarps - 1) / (16 * kMmaWarps);
+      const bool wide = p.tokens > 8;
+      const int64_t tok_blocks = (p.tokens + (wide ? 16 : 8) - 1) / (wide ? 16 : 8);
+      int dev = 0, sms = 132;
+      cudaGetDevice(&dev);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      const int64_t chunks = w.cols / 32;
+      int64_t splits = std::max<int64_t>(1, (4 * int64_t(sms)) / std::max<int64_t>(1, rows_blocks * tok_blocks));
+      splits = std::min<int64_t>(splits, std::max<int64_t>(1, chunks / 8));
+      splits = std::min<int64_t>(splits, 65535);
+      const int64_t per = (chunks + splits - 1) / splits;
+      splits = (chunks + per - 1) / per;
+      float* ws = nullptr;
+      const size_t ws_bytes = size_t(p.tokens * w.rows) * sizeof(float);
+      check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&ws), ws_bytes, st), "cudaMallocAsync (qgemm workspace)");
+      check_cuda(cudaMemsetAsync(ws, 0, ws_bytes, st), "cudaMemsetAsync");
+      const dim3 grid{unsigned(rows_blocks), unsigned(tok_blocks), unsigned(splits)};
+      if (wide)
+        qgemm_mma_kernel<BITS, NF4, 2, T><<<grid, kMmaWarps * 32, 0, st>>>(w, x, p.x_row, ws, p.tokens, per);
+      else
+        qgemm_mma_kernel<BITS, NF4, 1, T><<<grid, kMmaWarps * 32, 0, st>>>(w, x, p.x_row, ws, p.tokens, per);
+      check_launch("qgemm (mma)");
+      const int64_t total = p.tokens * w.rows;
+      finish_kernel<T><<<unsigned((total + 255) / 256), 256, 0, st>>>(ws, bias, out, p.out_row, w.rows, p.tokens);
+      check_launch("qgemm (finish)");
+      check_cuda(cudaFreeAsync(ws, st), "cudaFreeAsync");
+    }
+  }
+};
+
+template <typename T>
+struct DequantLauncher {
+  const DequantProblem& p;
+  cudaStream_t st;
+  template <int BITS, bool NF4>
+  void operator()() const {
+    const int64_t total = p.w.rows * (p.w.cols / 32);
+    dequant_kernel<BITS, NF4, T><<<unsigned((total + 127) / 128), 128, 0, st>>>(p.w, static_cast<T*>(p.out));
+    check_launch("dequantize");
+  }
+};
+
+int device_of_pointer(const void* ptr) {
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    int d = 0;
+    cudaGetDevice(&d);
+    return d;
+  }
+  return attr.device;
+}
+
+}  // namespace
+
+void qgemm(const QGemmProblem& p, void* stream) {
+  CudaDeviceGuard guard(device_of_pointer(p.out));
+  check(p.w.rows * p.w.cols / 32 < (int64_t(1) << 40) && p.w.rows / 64 < 2147483647 && p.tokens < 65535 * 16,
+        ErrorKind::Value, "qgemm: problem too large for the CUDA grid");
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_float_dtype(p.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    by_format(p.w.format, GemmLauncher<T>{p, st});
+  });
+}
+
+void dequantize(const DequantProblem& p, void* stream) {
+  CudaDeviceGuard guard(device_of_pointer(p.out));
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  dispatch_float_dtype(p.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    by_format(p.w.format, DequantLauncher<T>{p, st});
+  });
+}
+
+}  // namespace memkernels::cuda_backend

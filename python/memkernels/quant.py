@@ -1,0 +1,238 @@
+"""Weight-only low-bit quantization and quantized matrix multiply (qgemm).
+
+A weight matrix W of shape (out_features, in_features) is stored in 2 to 8 bits per weight with
+per-group scales; `qgemm(x, qm)` computes ``x @ dequantize(qm).T`` without materialising W in
+float. Formats (``w`` = dequantized weight, ``q`` = stored code, ``s`` / ``z`` = group scale / zero):
+
+==========  ===========================  ======================================================
+format      grouping                     value
+==========  ===========================  ======================================================
+int8        per output channel           ``s * q``, q in [-127, 127]
+int4/3/2    group 32/64/128, asymmetric  ``s * (q - z)``, q, z in [0, 2^bits)
+int*_sym    group 32/64/128, symmetric   ``s * (q - 2^(bits-1))``, s = absmax / (2^(bits-1) - 1)
+nf4         group 32/64/128              ``s * NF4[q]``, s = absmax (QLoRA NormalFloat-4);
+                                         ``double_quant=True`` stores s itself in int8
+==========  ===========================  ======================================================
+
+in_features must be a multiple of the group size (of 32 for int8); pad W (and x) with zero
+columns otherwise. The packed layout is documented in ``memkernels/quant.h``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _memkernels as _C
+from ._arrays import check_out, device_of, dtype_name, empty_like, stream_handle
+
+QuantizedMatrix = _C.QuantizedMatrix
+
+FORMATS = ("int8", "int4", "int4_sym", "int3", "int3_sym", "int2", "int2_sym", "nf4")
+
+
+def _check_qm(qm):
+    if not isinstance(qm, QuantizedMatrix):
+        raise TypeError(f"qm: expected a memkernels.QuantizedMatrix (from quantize()), got {type(qm).__name__}")
+
+
+def quantize(w, format: str = "int4", *, group_size: int | None = None, double_quant: bool = False) -> QuantizedMatrix:
+    """Round-to-nearest quantization of w (out_features, in_features), float32/float16/bfloat16 on the CPU.
+
+    format: one of FORMATS. group_size: 32, 64 or 128 (default 128) for the grouped formats; int8 is
+    per output channel and takes None. double_quant: nf4 only, stores the group scales in int8 too
+    (about 0.37 fewer bits per weight at group 64). Returns a CPU QuantizedMatrix; move it to a GPU
+    with ``qm.to("cuda")``.
+    """
+    if not isinstance(format, str):
+        raise TypeError(f"format: expected a string such as 'int4', got {type(format).__name__}")
+    if device_of(w)[0] != "cpu":
+        raise ValueError("quantize: w must be a CPU array; quantize on the CPU, then move with qm.to('cuda')")
+    if isinstance(w, np.ndarray) and w.dtype == np.float64:
+        w = w.astype(np.float32)
+    gs = 0 if group_size is None else int(group_size)
+    if group_size is not None and gs <= 0:
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+    return _C.quantize(w, format, gs, bool(double_quant))
+
+
+def dequantize(qm: QuantizedMatrix, dtype: str = "float32", *, out=None, like=None, stream=None):
+    """The float matrix (out_features, in_features) a QuantizedMatrix stands for.
+
+    dtype: float32, float16 or bfloat16. On a GPU pass `like` (an array on that device, used to pick
+    the array type of the result) or `out`.
+    """
+    _check_qm(qm)
+    shape = qm.shape
+    if out is None:
+        if qm.device != "cpu":
+            if like is None:
+                raise ValueError("dequantize: the matrix is on a GPU; pass out= or like= (an array on that device)")
+            out = empty_like(like, shape, dtype)
+        else:
+            out = empty_like(np.empty(0, np.float32), shape, dtype)
+    _C.dequantize(qm, out, stream_handle(stream))
+    return out
+
+
+def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None):
+    """``x @ dequantize(qm).T (+ bias)`` with the weights unpacked on the fly, accumulated in fp32.
+
+    x: (tokens, in_features) or (in_features,), float32/float16/bfloat16, NumPy or any DLPack array on
+    qm's device. bias: optional (out_features,) of x's dtype. Returns (tokens, out_features) (or
+    (out_features,) for 1-D x) in x's dtype; `out` may be given (2-D shape).
+    """
+    _check_qm(qm)
+    vector = len(x.shape) == 1
+    if vector:
+        x = x.reshape(1, x.shape[0])
+    shape = (x.shape[0], qm.out_features)
+    if out is None:
+        out = empty_like(x, shape)
+    else:
+        check_out(out, shape, dtype_name(x), x)
+    _C.qgemm(x, qm, bias, out, stream_handle(stream))
+    return out.reshape(qm.out_features) if vector else out
+
+
+def pack_quantized(format: str, codes, scales, zeros=None, *, group_size: int | None = None,
+                   double_quant: bool = False) -> QuantizedMatrix:
+    """A QuantizedMatrix from codes computed elsewhere (e.g. by an external quantizer).
+
+    codes: (out_features, in_features) uint8 codes q (int8 format: the signed values as int8);
+    scales: (out_features, groups) float32 > 0; zeros: (out_features, groups) uint8 for int4/int3/int2
+    (None for the symmetric formats and nf4). Dequantized values follow the table in this module.
+    """
+    codes = np.ascontiguousarray(codes)
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    zeros = None if zeros is None else np.ascontiguousarray(zeros)
+    gs = 0 if group_size is None else int(group_size)
+    return _C.pack_quantized(format, codes, scales, zeros, gs, bool(double_quant))
+
+
+def _group_params(fmt: str, bits: int, wg: np.ndarray):
+    """Round-to-nearest parameters of one group of columns wg (N, g), float64, as quantize() does:
+    returns (scale (N,), zero (N,) or None) with the same rules as the C++ quantizer."""
+    if fmt == "nf4":
+        s = np.abs(wg).max(axis=1)
+        return np.where(s > 0, s, 1.0), None
+    if fmt == "int8" or fmt.endswith("_sym"):
+        qmax = 2 ** (bits - 1) - 1
+        s = np.abs(wg).max(axis=1) / qmax
+        return np.where(s > 0, s, 1.0), None
+    qmax = 2 ** bits - 1
+    lo = np.minimum(wg.min(axis=1), 0.0)
+    hi = np.maximum(wg.max(axis=1), 0.0)
+    s = (hi - lo) / qmax
+    s = np.where(s > 0, s, 1.0)
+    return s, np.clip(np.rint(-lo / s), 0, qmax)
+
+
+def _quantize_column(fmt, bits, w, s, z, levels):
+    """Codes and dequantized values of one column w (N,) with group parameters s, z."""
+    if fmt == "nf4":
+        q = np.abs((w / s)[:, None] - levels[None, :]).argmin(axis=1)
+        return q.astype(np.uint8), s * levels[q]
+    if z is None:
+        qmax = 2 ** (bits - 1) - 1
+        q = np.clip(np.rint(w / s), -qmax, qmax)
+        code = q.astype(np.int8).view(np.uint8) if fmt == "int8" else (q + 2 ** (bits - 1)).astype(np.uint8)
+        return code, s * q
+    q = np.clip(np.rint(w / s) + z, 0, 2 ** bits - 1)
+    return q.astype(np.uint8), s * (q - z)
+
+
+def quantize_gptq(w, format: str = "int4", *, group_size: int | None = None, hessian=None, activations=None,
+                  damp: float = 0.01, block_size: int = 128, double_quant: bool = False) -> QuantizedMatrix:
+    """GPTQ-style error-compensated quantization (Frantar et al. 2022), on the CPU with NumPy.
+
+    Columns are quantized one at a time; each column's rounding error is spread over the columns not
+    yet quantized through the inverse Hessian of the layer's input, so ``x @ W.T`` is preserved for
+    inputs like the calibration data. hessian: (in_features, in_features), ``X.T @ X`` of calibration
+    inputs; or activations: (samples, in_features) to build it from. damp: fraction of the mean
+    diagonal added to the Hessian for stability. Group parameters are chosen (round-to-nearest rules)
+    when the first column of a group is reached. Cost O(out * in^2): seconds for 4096 x 4096.
+    """
+    if (hessian is None) == (activations is None):
+        raise ValueError("quantize_gptq: pass exactly one of hessian= or activations=")
+    if format not in FORMATS:
+        raise ValueError(f"unknown quantization format '{format}' (expected one of {', '.join(FORMATS)})")
+    W = np.asarray(w).astype(np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"w: expected 2 dimensions (out_features, in_features), got shape {W.shape}")
+    if not np.isfinite(W).all():
+        raise ValueError("quantize_gptq: w contains NaN or infinity")
+    n, k = W.shape
+    if activations is not None:
+        X = np.asarray(activations).astype(np.float64)
+        if X.ndim != 2 or X.shape[1] != k:
+            raise ValueError(f"activations: expected (samples, {k}), got shape {X.shape}")
+        H = X.T @ X / max(1, X.shape[0])
+    else:
+        H = np.array(hessian, dtype=np.float64)
+        if H.shape != (k, k):
+            raise ValueError(f"hessian: expected shape ({k}, {k}), got {H.shape}")
+    if not np.isfinite(H).all():
+        raise ValueError("quantize_gptq: the Hessian contains NaN or infinity")
+    if not (0 <= damp < 1):
+        raise ValueError(f"damp must be in [0, 1), got {damp}")
+    # Validates format / group size / shape exactly as quantize() does (and gives the group size).
+    probe = _C.quantize(np.zeros((1, k), np.float32), format, 0 if group_size is None else int(group_size),
+                        bool(double_quant))
+    g, bits = probe.group_size, probe.bits
+    levels = np.asarray(_C.nf4_codebook(), np.float64)
+
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * np.mean(np.diag(H)) * np.eye(k)
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
+    except np.linalg.LinAlgError:
+        raise ValueError("quantize_gptq: the Hessian is not positive definite; raise damp") from None
+
+    groups = k // g
+    codes = np.empty((n, k), np.uint8)
+    scales = np.empty((n, groups), np.float64)
+    zeros = np.empty((n, groups), np.float64) if format in ("int4", "int3", "int2") else None
+    bs = max(g, block_size // g * g) if g < k else block_size
+    s = z = None
+    for b0 in range(0, k, bs):
+        b1 = min(k, b0 + bs)
+        W1 = W[:, b0:b1].copy()
+        E = np.zeros_like(W1)
+        U1 = U[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % g == 0:
+                # the group lies inside this block (bs is a multiple of g), or is the whole row (int8)
+                wg = W1[:, i:i + g] if g < k else W
+                s, z = _group_params(format, bits, wg)
+                scales[:, col // g] = s
+                if zeros is not None:
+                    zeros[:, col // g] = z
+            s32 = s.astype(np.float32).astype(np.float64)
+            q, dq = _quantize_column(format, bits, W1[:, i], s32, z, levels)
+            codes[:, col] = q
+            err = (W1[:, i] - dq) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E[:, i] = err
+        W[:, b1:] -= E @ U[b0:b1, b1:]
+    return pack_quantized(format, codes.view(np.int8) if format == "int8" else codes, scales.astype(np.float32),
+                          None if zeros is None else zeros.astype(np.uint8), group_size=group_size,
+                          double_quant=double_quant)
+
+
+def from_bytes(data) -> QuantizedMatrix:
+    """A QuantizedMatrix from `qm.to_bytes()` output; raises CorruptDataError on bad bytes."""
+    return _C.quant_from_bytes(bytes(data))
+
+
+def load_quantized(path) -> QuantizedMatrix:
+    """Reads a file written by `qm.save(path)`; raises CorruptDataError on bad content, OSError on I/O."""
+    return _C.quant_load(os.fspath(path))
+
+
+def nbytes_per_weight(qm: QuantizedMatrix) -> float:
+    """Stored bytes per weight, scales and zero points included."""
+    return qm.bits_per_weight / 8.0

@@ -1,0 +1,117 @@
+// Bindings: quantized matrices, quantize / dequantize / qgemm (memkernels/quant.py wraps them).
+#include <nanobind/stl/tuple.h>
+
+#include "bind_common.h"
+
+namespace memkernels::py {
+
+static Device parse_device(const std::string& s) {
+  if (s == "cpu") return Device{DeviceType::CPU, 0};
+  if (s == "cuda") return Device{DeviceType::CUDA, 0};
+  if (s.rfind("cuda:", 0) == 0) {
+    try {
+      return Device{DeviceType::CUDA, std::stoi(s.substr(5))};
+    } catch (const std::exception&) {
+    }
+  }
+  throw Error(ErrorKind::Value, "device: expected 'cpu', 'cuda' or 'cuda:<index>', got '" + s + "'");
+}
+
+MK_PYTHON_BINDING(quant) {
+  nb::class_<QuantizedMatrix>(m, "QuantizedMatrix",
+                              "A weight matrix (out_features, in_features) stored in 2-8 bits per weight; see "
+                              "memkernels.quantize.")
+      .def_prop_ro("format", [](const QuantizedMatrix& q) { return std::string(quant_format_name(q.format())); })
+      .def_prop_ro("shape", [](const QuantizedMatrix& q) { return std::make_tuple(q.rows(), q.cols()); })
+      .def_prop_ro("out_features", &QuantizedMatrix::rows)
+      .def_prop_ro("in_features", &QuantizedMatrix::cols)
+      .def_prop_ro("group_size", &QuantizedMatrix::group_size)
+      .def_prop_ro("double_quant", &QuantizedMatrix::double_quant)
+      .def_prop_ro("bits", [](const QuantizedMatrix& q) { return quant_bits(q.format()); })
+      .def_prop_ro("nbytes", &QuantizedMatrix::nbytes)
+      .def_prop_ro("bits_per_weight", &QuantizedMatrix::bits_per_weight)
+      .def_prop_ro("device", [](const QuantizedMatrix& q) { return q.device().str(); })
+      .def("to", [](const QuantizedMatrix& q, const std::string& dev) {
+        Device d = parse_device(dev);
+        nb::gil_scoped_release release;
+        return q.to(d);
+      }, nb::arg("device"))
+      .def("to_bytes", [](const QuantizedMatrix& q) {
+        std::vector<uint8_t> b;
+        {
+          nb::gil_scoped_release release;
+          b = q.serialize();
+        }
+        return nb::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+      })
+      .def("save", [](const QuantizedMatrix& q, const std::string& path) {
+        nb::gil_scoped_release release;
+        q.save(path);
+      }, nb::arg("path"))
+      .def("scales", [](const QuantizedMatrix& q) {
+        // The effective fp32 scales (N, groups), decoded when double-quantised; a host copy.
+        std::vector<float> s = q.effective_scales();
+        const int64_t N = q.rows(), G = q.groups();
+        float* data = new float[s.size()];
+        std::copy(s.begin(), s.end(), data);
+        nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+        size_t shape[2] = {size_t(N), size_t(G)};
+        return nb::ndarray<nb::numpy, float, nb::ndim<2>>(data, 2, shape, owner);
+      })
+      .def("__repr__", [](const QuantizedMatrix& q) {
+        return "QuantizedMatrix(format='" + std::string(quant_format_name(q.format())) + "', shape=(" +
+               std::to_string(q.rows()) + ", " + std::to_string(q.cols()) + "), group_size=" +
+               std::to_string(q.group_size()) + (q.double_quant() ? ", double_quant=True" : "") + ", device='" +
+               q.device().str() + "')";
+      });
+
+  m.def("quant_from_bytes", [](nb::bytes b) {
+    const void* p = b.c_str();
+    size_t n = b.size();
+    nb::gil_scoped_release release;
+    return QuantizedMatrix::deserialize(p, n);
+  }, nb::arg("data"));
+  m.def("quant_load", [](const std::string& path) {
+    nb::gil_scoped_release release;
+    return QuantizedMatrix::load(path);
+  }, nb::arg("path"));
+  m.def("quantize", [](nb::handle w, const std::string& format, int group_size, bool double_quant) {
+    ArrayKeeper keep;
+    TensorView tw = as_tensor(w, "w", keep);
+    QuantFormat f = parse_quant_format(format);
+    QuantOptions o;
+    o.group_size = group_size;
+    o.double_quant = double_quant;
+    nb::gil_scoped_release release;
+    return quantize(tw, f, o);
+  }, nb::arg("w"), nb::arg("format"), nb::arg("group_size"), nb::arg("double_quant"));
+  m.def("pack_quantized", [](const std::string& format, nb::handle codes, nb::handle scales, nb::handle zeros,
+                             int group_size, bool double_quant) {
+    ArrayKeeper keep;
+    TensorView tc = as_tensor(codes, "codes", keep), ts = as_tensor(scales, "scales", keep);
+    std::optional<TensorView> tz = as_optional_tensor(zeros, "zeros", keep);
+    QuantFormat f = parse_quant_format(format);
+    QuantOptions o;
+    o.group_size = group_size;
+    o.double_quant = double_quant;
+    nb::gil_scoped_release release;
+    return pack_quantized(f, tc, ts, tz ? &*tz : nullptr, o);
+  }, nb::arg("format"), nb::arg("codes"), nb::arg("scales"), nb::arg("zeros").none(), nb::arg("group_size"),
+     nb::arg("double_quant"));
+  m.def("nf4_codebook", []() { return std::vector<float>(nf4_codebook(), nf4_codebook() + 16); });
+  m.def("dequantize", [](const QuantizedMatrix& q, nb::handle out, uintptr_t stream) {
+    ArrayKeeper keep;
+    TensorView to = as_tensor(out, "out", keep);
+    nb::gil_scoped_release release;
+    dequantize(q, to, as_stream(stream));
+  }, nb::arg("qm"), nb::arg("out"), nb::arg("stream"));
+  m.def("qgemm", [](nb::handle x, const QuantizedMatrix& q, nb::handle bias, nb::handle out, uintptr_t stream) {
+    ArrayKeeper keep;
+    TensorView tx = as_tensor(x, "x", keep), to = as_tensor(out, "out", keep);
+    std::optional<TensorView> tb = as_optional_tensor(bias, "bias", keep);
+    nb::gil_scoped_release release;
+    qgemm(tx, q, tb ? &*tb : nullptr, to, as_stream(stream));
+  }, nb::arg("x"), nb::arg("qm"), nb::arg("bias").none(), nb::arg("out"), nb::arg("stream"));
+}
+
+}  // namespace memkernels::py

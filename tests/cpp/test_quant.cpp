@@ -1,0 +1,145 @@
+// Quantized matrices: quantize -> dequantize error, qgemm against a double reference, serialisation.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "memkernels/memkernels.h"
+
+using namespace memkernels;
+
+namespace {
+
+std::vector<float> randn(size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<float> deq(const QuantizedMatrix& q) {
+  std::vector<float> out(size_t(q.rows() * q.cols()), NAN);
+  dequantize(q, TensorView(out.data(), DType::Float32, {q.rows(), q.cols()}));
+  return out;
+}
+
+}  // namespace
+
+TEST(Quant, DequantizeWithinBoundEveryFormat) {
+  const int64_t N = 7, K = 256;
+  std::vector<float> w = randn(size_t(N * K), 1);
+  for (int f = 0; f < kNumQuantFormats; ++f) {
+    const QuantFormat fmt = QuantFormat(f);
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {});
+    std::vector<float> d = deq(q), s = q.effective_scales();
+    const double rel = fmt == QuantFormat::NF4 ? 0.152 : 0.5;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const double bound = rel * s[size_t(n * q.groups() + k / q.group_size())] * (1 + 1e-5) + 1e-6;
+        ASSERT_LE(std::fabs(d[n * K + k] - w[n * K + k]), bound) << quant_format_name(fmt) << " n=" << n << " k=" << k;
+      }
+  }
+}
+
+TEST(Quant, QgemmMatchesDequantizedReference) {
+  const int64_t N = 37, K = 384;
+  std::vector<float> w = randn(size_t(N * K), 2), bias = randn(size_t(N), 3);
+  for (int64_t T : {1, 2, 3, 5, 9}) {
+    std::vector<float> x = randn(size_t(T * K), 4 + unsigned(T));
+    for (QuantFormat fmt : {QuantFormat::Int4, QuantFormat::NF4, QuantFormat::Int3Sym, QuantFormat::Int8}) {
+      QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {fmt == QuantFormat::Int8 ? 0 : 64, false});
+      std::vector<float> d = deq(q), y(size_t(T * N), NAN);
+      TensorView tb(bias.data(), DType::Float32, {N});
+      qgemm(TensorView(x.data(), DType::Float32, {T, K}), q, &tb, TensorView(y.data(), DType::Float32, {T, N}));
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = bias[n], mag = std::fabs(bias[n]);
+          for (int64_t k = 0; k < K; ++k) {
+            ref += double(x[t * K + k]) * d[n * K + k];
+            mag += std::fabs(double(x[t * K + k]) * d[n * K + k]);
+          }
+          ASSERT_NEAR(y[t * N + n], ref, 1e-5 * mag + 1e-6) << quant_format_name(fmt) << " T=" << T;
+        }
+    }
+  }
+}
+
+TEST(Quant, SerialiseRoundTripAndCorruption) {
+  const int64_t N = 5, K = 128;
+  std::vector<float> w = randn(size_t(N * K), 9);
+  QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), QuantFormat::NF4, {32, true});
+  std::vector<uint8_t> b = q.serialize();
+  QuantizedMatrix r = QuantizedMatrix::deserialize(b.data(), b.size());
+  EXPECT_EQ(deq(r), deq(q));
+  EXPECT_EQ(r.format(), QuantFormat::NF4);
+  EXPECT_TRUE(r.double_quant());
+  b[100] ^= 1;
+  try {
+    QuantizedMatrix::deserialize(b.data(), b.size());
+    FAIL() << "corrupted bytes were accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::CorruptData);
+  }
+  try {
+    QuantizedMatrix::deserialize(b.data(), 30);
+    FAIL() << "truncated bytes were accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::CorruptData);
+  }
+}
+
+TEST(Quant, BadArguments) {
+  std::vector<float> w(100 * 10, 1.0f);
+  try {
+    quantize(TensorView(w.data(), DType::Float32, {10, 100}), QuantFormat::Int4, {});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Value);
+    EXPECT_NE(std::string(e.what()).find("multiple of group_size"), std::string::npos) << e.what();
+  }
+  std::vector<float> w2(128 * 4, 1.0f);
+  EXPECT_THROW(quantize(TensorView(w2.data(), DType::Float32, {4, 128}), QuantFormat::Int4, {48, false}), Error);
+  EXPECT_THROW(quantize(TensorView(w2.data(), DType::Float32, {4, 128}), QuantFormat::Int4, {128, true}), Error);
+  QuantizedMatrix q = quantize(TensorView(w2.data(), DType::Float32, {4, 128}), QuantFormat::Int4, {});
+  std::vector<float> x(64), y(4);
+  EXPECT_THROW(qgemm(TensorView(x.data(), DType::Float32, {1, 64}), q, nullptr,
+                     TensorView(y.data(), DType::Float32, {1, 4})),
+               Error);
+}
+
+TEST(Quant, EveryHeaderByteFlipIsRejected) {
+  const int64_t N = 3, K = 64;
+  std::vector<float> w = randn(size_t(N * K), 21);
+  for (QuantFormat fmt : {QuantFormat::Int3, QuantFormat::NF4}) {
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {32, fmt == QuantFormat::NF4});
+    const std::vector<uint8_t> good = q.serialize();
+    for (size_t i = 0; i < good.size(); i += (i < 64 ? 1 : 7)) {
+      std::vector<uint8_t> bad = good;
+      bad[i] ^= 0x80;
+      EXPECT_THROW(QuantizedMatrix::deserialize(bad.data(), bad.size()), Error) << "byte " << i;
+    }
+    for (size_t n = 0; n < good.size(); n += 5)
+      EXPECT_THROW(QuantizedMatrix::deserialize(good.data(), n), Error) << "length " << n;
+  }
+}
+
+TEST(Quant, HalfPrecisionActivations) {
+  const int64_t N = 21, K = 96, T = 6;
+  std::vector<float> w = randn(size_t(N * K), 22), xf = randn(size_t(T * K), 23);
+  QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), QuantFormat::Int2, {32, false});
+  std::vector<float> d = deq(q);
+  std::vector<_Float16> x(xf.size()), y(size_t(T * N), _Float16(NAN));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = _Float16(xf[i]);
+  qgemm(TensorView(x.data(), DType::Float16, {T, K}), q, nullptr, TensorView(y.data(), DType::Float16, {T, N}));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        ref += double(float(x[t * K + k])) * d[n * K + k];
+        mag += std::fabs(double(float(x[t * K + k])) * d[n * K + k]);
+      }
+      ASSERT_NEAR(float(y[t * N + n]), ref, 1e-3 * std::fabs(ref) + 1e-4 * mag + 1e-5);
+    }
+}
