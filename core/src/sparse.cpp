@@ -526,6 +526,7 @@ void spmm(const SparseMatrix& w, const TensorView& x, const TensorView& out, voi
   p.values = m.values.ptr;
   p.x = x.data, p.x_row = x.strides[0];
   p.out = out.data, p.out_row = out.strides[0];
+  p.device = x.device.index;
   if (p.tokens == 0 || p.rows == 0) return;
   if (x.device.is_cuda()) {
     require_cuda_usable("spmm", x.device);

@@ -60,6 +60,7 @@ struct SpmmProblem {
   int64_t x_row = 0;  // stride between tokens, in elements
   void* out = nullptr;
   int64_t out_row = 0;
+  int device = 0;  // CUDA device index of x, out and the matrix
 };
 
 namespace cuda_backend {
