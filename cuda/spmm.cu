@@ -26,6 +26,8 @@ constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 __device__ __forceinline__ float ld(const T* p) { return to_float<T>(*p); }
+template <>
+__device__ __forceinline__ float ld<int8_t>(const int8_t* p) { return float(*p); }  // row scale applied at the end
 
 template <int NT>
 __device__ __forceinline__ void warp_sum(float (&acc)[NT]) {
@@ -69,7 +71,8 @@ __global__ void __launch_bounds__(kWarps * 32) spmm_bitmap_kernel(SpmmProblem p,
   warp_sum<NT>(acc);
   if (lane == 0) {
     XT* out = static_cast<XT*>(p.out);
-    for (int n = 0; n < nt; ++n) out[(n0 + n) * p.out_row + r] = from_float<XT>(acc[n]);
+    const float scale = p.row_scale ? p.row_scale[r] : 1.0f;
+    for (int n = 0; n < nt; ++n) out[(n0 + n) * p.out_row + r] = from_float<XT>(acc[n] * scale);
   }
 }
 
@@ -95,7 +98,8 @@ __global__ void __launch_bounds__(kWarps * 32) spmm_csr_kernel(SpmmProblem p, in
   warp_sum<NT>(acc);
   if (lane == 0) {
     XT* out = static_cast<XT*>(p.out);
-    for (int n = 0; n < nt; ++n) out[(n0 + n) * p.out_row + r] = from_float<XT>(acc[n]);
+    const float scale = p.row_scale ? p.row_scale[r] : 1.0f;
+    for (int n = 0; n < nt; ++n) out[(n0 + n) * p.out_row + r] = from_float<XT>(acc[n] * scale);
   }
 }
 
@@ -135,10 +139,14 @@ void spmm(const SpmmProblem& p, void* stream) {
       if (d != prev) cudaSetDevice(prev);
     }
   } restore{p.device, previous};
-  dispatch_float_dtype(p.value_dtype, [&](auto* vtag) {
-    using VT = std::remove_pointer_t<decltype(vtag)>;
-    dispatch_float_dtype(p.x_dtype, [&](auto* xtag) {
-      using XT = std::remove_pointer_t<decltype(xtag)>;
+  dispatch_float_dtype(p.x_dtype, [&](auto* xtag) {
+    using XT = std::remove_pointer_t<decltype(xtag)>;
+    if (p.value_dtype == DType::Int8) {
+      launch_nt<int8_t, XT>(p, s);
+      return;
+    }
+    dispatch_float_dtype(p.value_dtype, [&](auto* vtag) {
+      using VT = std::remove_pointer_t<decltype(vtag)>;
       launch_nt<VT, XT>(p, s);
     });
   });

@@ -32,6 +32,7 @@ float read_float(const void* base, DType t, int64_t i) {
     case DType::Float32: return static_cast<const float*>(base)[i];
     case DType::Float64: return float(static_cast<const double*>(base)[i]);
     case DType::Float16: return half_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::Int8: return float(static_cast<const int8_t*>(base)[i]);  // unscaled
     default: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
   }
 }
@@ -50,8 +51,19 @@ int64_t read_index(const TensorView& t, int64_t i) {
 }
 
 void check_value_dtype(DType t) {
-  check(t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16, ErrorKind::Type,
-        std::string("value dtype: expected float32, float16 or bfloat16, got ") + dtype_name(t));
+  check(t == DType::Float32 || t == DType::Float16 || t == DType::BFloat16 || t == DType::Int8, ErrorKind::Type,
+        std::string("value dtype: expected float32, float16, bfloat16 or int8, got ") + dtype_name(t));
+}
+
+// Stored value k of row r as float (int8 values are scaled by their row's scale).
+float stored_value(const SparseMatrix::Impl& m, int64_t r, int64_t k) {
+  const float v = read_float(m.values.ptr, m.value_dtype, k);
+  return m.value_dtype == DType::Int8 ? v * m.scales.as<const float>()[r] : v;
+}
+
+int8_t quantize(float v, float inv_scale) {
+  const float q = std::nearbyint(v * inv_scale);
+  return int8_t(std::max(-127.0f, std::min(127.0f, q)));
 }
 
 void check_dims(int64_t rows, int64_t cols) {
@@ -87,8 +99,18 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
   m.row_ptr = SparseBuffer(m.device, size_t(rows + 1) * 8);
   if (f != SparseFormat::CSR) m.masks = SparseBuffer(m.device, size_t(rows * T) * 8);
   uint64_t* masks = m.masks.as<uint64_t>();
+  const bool q8 = vdt == DType::Int8;
+  if (q8) m.scales = SparseBuffer(m.device, size_t(rows) * 4 + 4);
+  float* scales = m.scales.as<float>();
   const int threads = num_threads();
-  int64_t bad_row = -1, bad_col = 0, bad_count = 0;
+  int64_t bad_row = -1, bad_col = 0, bad_count = 0, nonfinite_row = -1;
+
+  // int8: entries that quantize to 0 are not stored. Both passes decide this the same way.
+  auto drop_q8_zeros = [&](int64_t r, float* row) {
+    const float inv = scales[r] > 0.0f ? 1.0f / scales[r] : 0.0f;
+    for (int64_t c = 0; c < cols; ++c)
+      if (row[c] != 0.0f && quantize(row[c], inv) == 0) row[c] = 0.0f;
+  };
 
   // Pass 1: masks (or counts for CSR), and the 2:4 check.
 #pragma omp parallel num_threads(threads)
@@ -97,6 +119,20 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
       fill_row(r, row.data());
+      if (q8) {  // symmetric per-row scale: the largest |w| of the row maps to 127
+        float amax = 0.0f;
+        bool finite = true;
+        for (int64_t c = 0; c < cols; ++c) {
+          finite = finite && std::isfinite(row[c]);
+          amax = std::max(amax, std::fabs(row[c]));
+        }
+        if (!finite) {
+#pragma omp critical
+          nonfinite_row = r;
+        }
+        scales[r] = amax / 127.0f;
+        drop_q8_zeros(r, row.data());
+      }
       int64_t n = 0;
       if (f == SparseFormat::CSR) {
         for (int64_t c = 0; c < cols; ++c) n += row[c] != 0.0f;
@@ -129,6 +165,8 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
       counts[size_t(r) + 1] = n;
     }
   }
+  check(nonfinite_row < 0, ErrorKind::Value,
+        "int8 values need finite weights, but row " + str(nonfinite_row) + " holds inf or NaN");
   check(bad_row < 0, ErrorKind::Value,
         "format '2:4': row " + str(bad_row) + ", columns " + str(bad_col) + ".." + str(bad_col + 3) + " hold " +
             str(bad_count) + " non-zeros, but 2:4 allows at most 2 per group of 4; prune with method='2:4' first");
@@ -148,16 +186,24 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
       fill_row(r, row.data());
+      if (q8) drop_q8_zeros(r, row.data());
       int64_t k = rp[r];
+      const float inv = q8 && scales[r] > 0.0f ? 1.0f / scales[r] : 0.0f;
+      auto put_value = [&](float v) {
+        if (q8)
+          m.values.as<int8_t>()[k++] = quantize(v, inv);
+        else
+          write_float(m.values.ptr, vdt, k++, v);
+      };
       if (f == SparseFormat::CSR) {
         int32_t* idx = m.indices.as<int32_t>();
         for (int64_t c = 0; c < cols; ++c)
-          if (row[c] != 0.0f) idx[k] = int32_t(c), write_float(m.values.ptr, vdt, k++, row[c]);
+          if (row[c] != 0.0f) idx[k] = int32_t(c), put_value(row[c]);
       } else {
         for (int64_t t = 0; t < T; ++t)
           for (uint64_t mask = masks[r * T + t]; mask; mask &= mask - 1) {
             const int64_t c = t * kSparseTile + __builtin_ctzll(mask);
-            write_float(m.values.ptr, vdt, k++, c < cols ? row[c] : 0.0f);
+            put_value(c < cols ? row[c] : 0.0f);
           }
       }
     }
@@ -190,7 +236,9 @@ constexpr char kMagic[8] = {'M', 'K', 'S', 'P', 'A', 'R', 'S', 'E'};
 constexpr uint32_t kVersion = 1;
 constexpr size_t kHeaderBytes = 48;  // magic, version, format, dtype, reserved, rows, cols, nnz, payload
 
-uint8_t dtype_code(DType t) { return t == DType::Float32 ? 0 : t == DType::Float16 ? 1 : 2; }
+uint8_t dtype_code(DType t) {
+  return t == DType::Float32 ? 0 : t == DType::Float16 ? 1 : t == DType::BFloat16 ? 2 : 3;
+}
 
 // 64-bit FNV-1a over 8-byte words (then the tail bytes): detects truncation and flipped bits.
 uint64_t checksum(const unsigned char* p, size_t n) {
@@ -350,7 +398,7 @@ void SparseMatrix::to_dense(const TensorView& out) const {
   for (int64_t r = 0; r < m.rows; ++r) {
     for (int64_t c = 0; c < m.cols; ++c) write_float(out.data, out.dtype, r * m.cols + c, 0.0f);
     for_each_entry(m, r, [&](int64_t c, int64_t k) {
-      if (c < m.cols) write_float(out.data, out.dtype, r * m.cols + c, read_float(m.values.ptr, m.value_dtype, k));
+      if (c < m.cols) write_float(out.data, out.dtype, r * m.cols + c, stored_value(m, r, k));
     });
   }
 }
@@ -381,7 +429,7 @@ void SparseMatrix::to_csr(const TensorView& indptr, const TensorView& indices, c
     for_each_entry(m, r, [&](int64_t c, int64_t k) {
       if (c >= m.cols) return;  // 2:4 padding columns hold only explicit zeros
       idx[j] = int32_t(c);
-      write_float(values.data, values.dtype, j++, read_float(m.values.ptr, m.value_dtype, k));
+      write_float(values.data, values.dtype, j++, stored_value(m, r, k));
     });
     ip[r + 1] = j;
   }
@@ -403,7 +451,8 @@ std::string SparseMatrix::to_bytes() const {
   const size_t rp_bytes = size_t(m.rows + 1) * 8;
   const size_t idx_bytes = m.format == SparseFormat::CSR ? size_t(m.nnz) * 4 : size_t(m.rows * m.tiles) * 8;
   const size_t val_bytes = size_t(m.nnz) * dtype_size(m.value_dtype);
-  const uint64_t payload = rp_bytes + idx_bytes + val_bytes;
+  const size_t scale_bytes = m.value_dtype == DType::Int8 ? size_t(m.rows) * 4 : 0;
+  const uint64_t payload = rp_bytes + idx_bytes + val_bytes + scale_bytes;
   std::string s;
   s.reserve(kHeaderBytes + payload + 8);
   s.append(kMagic, 8);
@@ -418,6 +467,7 @@ std::string SparseMatrix::to_bytes() const {
   s.append(static_cast<const char*>(m.row_ptr.ptr), rp_bytes);
   s.append(static_cast<const char*>(m.format == SparseFormat::CSR ? m.indices.ptr : m.masks.ptr), idx_bytes);
   s.append(static_cast<const char*>(m.values.ptr), val_bytes);
+  if (scale_bytes) s.append(static_cast<const char*>(m.scales.ptr), scale_bytes);
   put<uint64_t>(s, checksum(reinterpret_cast<const unsigned char*>(s.data()), s.size()));
   return s;
 }
@@ -431,7 +481,7 @@ SparseMatrix SparseMatrix::from_bytes(const void* data, size_t size) {
     corrupt("unsupported version " + str(version) + " (this build reads version " + str(kVersion) + ")");
   const uint8_t fcode = p[12], dcode = p[13];
   if (fcode > 2) corrupt("unknown format code " + str(fcode));
-  if (dcode > 2) corrupt("unknown value dtype code " + str(dcode));
+  if (dcode > 3) corrupt("unknown value dtype code " + str(dcode));
   const int64_t rows = get<int64_t>(p + 16), cols = get<int64_t>(p + 24), nnz = get<int64_t>(p + 32);
   const uint64_t payload = get<uint64_t>(p + 40);
   if (payload != size - kHeaderBytes - 8)
@@ -440,14 +490,16 @@ SparseMatrix SparseMatrix::from_bytes(const void* data, size_t size) {
   if (get<uint64_t>(p + size - 8) != checksum(p, size - 8)) corrupt("checksum mismatch: the data is damaged");
   if (rows < 0 || cols < 0 || rows >= kMaxCols || cols >= kMaxCols) corrupt("bad shape");
   const SparseFormat f = SparseFormat(fcode);
-  const DType vdt = dcode == 0 ? DType::Float32 : dcode == 1 ? DType::Float16 : DType::BFloat16;
+  const DType vdt = dcode == 0 ? DType::Float32 : dcode == 1 ? DType::Float16 : dcode == 2 ? DType::BFloat16 : DType::Int8;
   auto impl = new_impl(rows, cols, f, vdt);
   const int es = dtype_size(vdt);
   // Sizes are checked against the byte count before any multiplication can overflow.
   if (nnz < 0 || uint64_t(nnz) > payload / uint64_t(es)) corrupt("bad nnz " + str(nnz));
   const uint64_t rp_bytes = uint64_t(rows + 1) * 8;
   const uint64_t idx_bytes = f == SparseFormat::CSR ? uint64_t(nnz) * 4 : uint64_t(rows) * uint64_t(impl->tiles) * 8;
-  if (rp_bytes + idx_bytes + uint64_t(nnz) * es != payload) corrupt("payload size disagrees with the header");
+  const uint64_t scale_bytes = vdt == DType::Int8 ? uint64_t(rows) * 4 : 0;
+  if (rp_bytes + idx_bytes + uint64_t(nnz) * es + scale_bytes != payload)
+    corrupt("payload size disagrees with the header");
   Impl& m = *impl;
   m.nnz = nnz;
   const unsigned char* q = p + kHeaderBytes;
@@ -460,6 +512,11 @@ SparseMatrix SparseMatrix::from_bytes(const void* data, size_t size) {
   q += idx_bytes;
   alloc_values(m);
   std::memcpy(m.values.ptr, q, size_t(nnz) * es);
+  q += size_t(nnz) * es;
+  if (scale_bytes) {
+    m.scales = SparseBuffer(m.device, scale_bytes);
+    std::memcpy(m.scales.ptr, q, scale_bytes);
+  }
   if (f == SparseFormat::Semi24 && nnz != rows * (cols_padded(f, cols) / 2)) corrupt("2:4 value count mismatch");
   validate_structure(m);
   return SparseMatrix(impl);
@@ -480,6 +537,7 @@ SparseMatrix SparseMatrix::to(const Device& device) const {
   copy(m.row_ptr, impl->row_ptr);
   copy(m.indices, impl->indices);
   copy(m.values, impl->values);
+  copy(m.scales, impl->scales);
   return SparseMatrix(impl);
 }
 
@@ -492,7 +550,8 @@ int64_t SparseMatrix::nnz_stored() const { return impl_->nnz; }
 int64_t SparseMatrix::nbytes() const {
   const Impl& m = *impl_;
   return int64_t(m.row_ptr.bytes) + (m.masks.ptr ? int64_t(m.masks.bytes) : 0) +
-         (m.format == SparseFormat::CSR ? m.nnz * 4 : 0) + m.nnz * dtype_size(m.value_dtype);
+         (m.format == SparseFormat::CSR ? m.nnz * 4 : 0) + m.nnz * dtype_size(m.value_dtype) +
+         (m.scales.ptr ? m.rows * 4 : 0);
 }
 
 void spmm(const SparseMatrix& w, const TensorView& x, const TensorView& out, void* stream) {
@@ -524,6 +583,7 @@ void spmm(const SparseMatrix& w, const TensorView& x, const TensorView& out, voi
   p.row_ptr = m.row_ptr.as<const int64_t>();
   p.indices = m.indices.as<const int32_t>();
   p.values = m.values.ptr;
+  p.row_scale = m.scales.as<const float>();
   p.x = x.data, p.x_row = x.strides[0];
   p.out = out.data, p.out_row = out.strides[0];
   p.device = x.device.index;

@@ -43,6 +43,7 @@ struct SparseMatrix::Impl {
   // CSR: indptr (rows + 1 int64) in row_ptr, indices (nnz int32), values (nnz + pad).
   // values carry kValuePad zero elements at the end so 16-wide vector loads never leave the buffer.
   SparseBuffer masks, row_ptr, indices, values;
+  SparseBuffer scales;  // int8 values only: one float per row, w = value * scales[row]
 };
 
 constexpr int64_t kValuePad = 32;
@@ -56,6 +57,7 @@ struct SpmmProblem {
   const int64_t* row_ptr = nullptr;  // Bitmap/Semi24 row starts, or CSR indptr
   const int32_t* indices = nullptr;  // CSR only
   const void* values = nullptr;
+  const float* row_scale = nullptr;  // int8 values: per-row dequantisation scale
   const void* x = nullptr;
   int64_t x_row = 0;  // stride between tokens, in elements
   void* out = nullptr;

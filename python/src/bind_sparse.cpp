@@ -9,7 +9,8 @@ static DType value_dtype_from_name(const std::string& name) {
   if (name == "float32") return DType::Float32;
   if (name == "float16") return DType::Float16;
   if (name == "bfloat16") return DType::BFloat16;
-  throw Error(ErrorKind::Type, "dtype: expected 'float32', 'float16' or 'bfloat16', got '" + name + "'");
+  if (name == "int8") return DType::Int8;
+  throw Error(ErrorKind::Type, "dtype: expected 'float32', 'float16', 'bfloat16' or 'int8', got '" + name + "'");
 }
 
 MK_PYTHON_BINDING(sparse) {

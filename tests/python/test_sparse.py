@@ -42,7 +42,7 @@ def restore_isa():
 
 
 @pytest.mark.parametrize("fmt", ["bitmap", "2:4", "csr"])
-@pytest.mark.parametrize("vdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("vdtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("xdtype", ["float32", "float16", "bfloat16"])
 def test_spmm_formats_dtypes(fmt, vdtype, xdtype):
     rng = np.random.default_rng(hash((fmt, vdtype, xdtype)) % 2**32)
@@ -52,7 +52,12 @@ def test_spmm_formats_dtypes(fmt, vdtype, xdtype):
             w = mk.prune(w, method="2:4")
         sp = mk.SparseMatrix.from_dense(w, format=fmt, dtype=vdtype)
         assert sp.shape == (rows, cols) and sp.format == fmt and sp.dtype == vdtype
-        np.testing.assert_array_equal(sp.to_dense("float32"), w.astype(NP_DTYPES[vdtype]).astype(np.float32))
+        if vdtype == "int8":  # per-row symmetric quantisation: error <= half a step
+            step = np.abs(w.astype(np.float32)).max(axis=1, keepdims=True) / 127
+            assert np.all(np.abs(sp.to_dense() - w) <= step * 0.5001)
+            assert np.all((sp.to_dense() == 0) | (w != 0))
+        else:
+            np.testing.assert_array_equal(sp.to_dense("float32"), w.astype(NP_DTYPES[vdtype]).astype(np.float32))
         x = rng.standard_normal((tokens, cols)).astype(NP_DTYPES[xdtype])
         out = np.full((tokens, rows), np.nan, dtype=NP_DTYPES[xdtype])  # poisoned
         res = mk.spmm(sp, x, out=out)
@@ -124,6 +129,29 @@ def test_threshold_and_float64_input():
     expect = np.where(np.abs(w) <= 0.8, 0.0, w).astype(np.float32)
     np.testing.assert_array_equal(sp.to_dense(), expect)
     assert sp.nnz == np.count_nonzero(expect)
+
+
+def test_int8_values():
+    rng = np.random.default_rng(11)
+    w = random_sparse(rng, 40, 300, 0.7)
+    w[3] = 0.0  # an empty row (scale 0)
+    w[5, 7] = 1e-4  # rounds to 0 at int8: dropped
+    for fmt in ("bitmap", "csr"):
+        sp = mk.SparseMatrix.from_dense(w, format=fmt, dtype="int8")
+        assert sp.dtype == "int8" and sp.to_dense().dtype == np.float32
+        assert sp.nnz == np.count_nonzero(w) - 1
+        back = mk.SparseMatrix.from_bytes(sp.to_bytes())
+        np.testing.assert_array_equal(back.to_dense(), sp.to_dense())
+        np.testing.assert_array_equal(sp.to_scipy().toarray(), sp.to_dense())
+        for isa in ISAS:
+            mk.set_cpu_isa(isa)
+            x = rng.standard_normal((9, 300)).astype(np.float32)
+            check_spmm(sp, x, mk.spmm(sp, x, out=np.full((9, 40), np.nan, np.float32)))
+    big = random_sparse(rng, 256, 1024, 0.7)
+    assert 0.42 < mk.SparseMatrix.from_dense(big, dtype="int8").bytes_per_weight < 0.45
+    w[1, 1] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        mk.SparseMatrix.from_dense(w, dtype="int8")
 
 
 def test_bytes_per_weight():
@@ -212,7 +240,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="format"):
         mk.SparseMatrix.from_dense(w, format="coo")
     with pytest.raises(TypeError, match="dtype"):
-        mk.SparseMatrix.from_dense(w, dtype="int8")
+        mk.SparseMatrix.from_dense(w, dtype="int4")
     with pytest.raises(ValueError, match="threshold"):
         mk.SparseMatrix.from_dense(w, threshold=-1)
     with pytest.raises(ValueError, match="2:4 allows at most 2"):
@@ -246,7 +274,7 @@ def _reseal(b: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["bitmap", "2:4", "csr"])
-@pytest.mark.parametrize("vdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("vdtype", ["float32", "float16", "bfloat16", "int8"])
 def test_bytes_round_trip(fmt, vdtype):
     rng = np.random.default_rng(7)
     w = random_sparse(rng, 33, 70, 0.6)

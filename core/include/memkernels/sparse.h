@@ -1,7 +1,9 @@
 // memkernels/sparse.h — sparse weight matrices (pruned linear layers) and SpMM y = x W^T.
 //
 // A SparseMatrix holds a weight W of shape (rows = out_features, cols = in_features) in one of
-// three formats. Values are float32, float16 or bfloat16 (independent of the activations' dtype).
+// three formats. Values are float32, float16 or bfloat16 (independent of the activations' dtype),
+// or int8 with one float32 scale per row (symmetric: the row's largest |w| maps to 127; entries
+// that quantize to 0 are not stored; the scales follow the values in memory and serialisation).
 //
 // Bitmap (the compute format; "load as sparse, compute as dense"): every row is cut into tiles of
 // 64 columns. Tile t of row r has a uint64 mask at masks[r * tiles + t] (bit b set = column
@@ -38,7 +40,7 @@ SparseFormat parse_sparse_format(const std::string& name);  // "bitmap" | "2:4" 
 class SparseMatrix {
  public:
   // Entries with |w| <= threshold are dropped (threshold 0 drops exact zeros). w: 2-D, float32,
-  // float16, bfloat16 or float64, on the CPU; value_dtype float32 / float16 / bfloat16.
+  // float16, bfloat16 or float64, on the CPU; value_dtype float32 / float16 / bfloat16 / int8.
   // Semi24: a group of 4 with more than 2 entries left raises Error(Value) (prune it first).
   static SparseMatrix from_dense(const TensorView& w, SparseFormat format, DType value_dtype, float threshold = 0.0f);
   // From CSR arrays on the CPU: indptr int32/int64 (rows + 1), indices int32/int64 (nnz), values

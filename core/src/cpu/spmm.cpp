@@ -13,6 +13,7 @@
 // blocks run. x is first converted to fp32 rows padded to whole tiles (zeros), so the vector loads
 // never leave the buffer, with a 64-byte skew so the NT token rows do not share one L1 set.
 // CSR: per row, each non-zero scales x[., col] for NT tokens (scalar; an interchange format).
+// int8 values (any format) are summed as integers-in-fp32 and scaled once per row at the end.
 #include <omp.h>
 
 #include <algorithm>
@@ -37,6 +38,7 @@ template <DType VD>
 inline float value_at(const void* base, int64_t k) {
   if constexpr (VD == DType::Float32) return static_cast<const float*>(base)[k];
   else if constexpr (VD == DType::Float16) return half_to_float(static_cast<const uint16_t*>(base)[k]);
+  else if constexpr (VD == DType::Int8) return float(static_cast<const int8_t*>(base)[k]);  // row scale applied later
   else return bf16_to_float(static_cast<const uint16_t*>(base)[k]);
 }
 
@@ -48,6 +50,9 @@ template <DType VD>
 inline __m512 load16(const void* base, int64_t k) {
   if constexpr (VD == DType::Float32) {
     return _mm512_loadu_ps(static_cast<const float*>(base) + k);
+  } else if constexpr (VD == DType::Int8) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + k));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
   } else {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + k));
     if constexpr (VD == DType::Float16) return _mm512_cvtph_ps(h);
@@ -152,6 +157,7 @@ Kernel pick(DType vd) {
   using Seq = std::make_index_sequence<TB>;
   if (vd == DType::Float32) return make_kernel<Rows, DType::Float32>(Seq{});
   if (vd == DType::Float16) return make_kernel<Rows, DType::Float16>(Seq{});
+  if (vd == DType::Int8) return make_kernel<Rows, DType::Int8>(Seq{});
   return make_kernel<Rows, DType::BFloat16>(Seq{});
 }
 
@@ -189,6 +195,8 @@ void spmm(const SpmmProblem& p) {
             kern.fn[nt](p, r0 + i, xp.data() + n0 * ldx, ldx, res.data() + i * TB, TB);
           for (int n = 0; n < nt; ++n) {
             for (int64_t i = 0; i < nr; ++i) tmp[i] = res[i * TB + n];
+            if (p.row_scale)  // int8 values: sums were taken over the unscaled integers
+              for (int64_t i = 0; i < nr; ++i) tmp[i] *= p.row_scale[r0 + i];
             store_floats(tmp.data(), p.x_dtype, nr, out + ((c0 + n0 + n) * p.out_row + r0) * xes);
           }
         }
