@@ -17,6 +17,7 @@ from .attention import flash_attention, flash_attention_varlen
 from .paged import PagedKVCache, paged_attention, paged_attention_raw
 from .quant import (QuantizedMatrix, dequantize, from_bytes, load_quantized, pack_quantized, qgemm, quantize,
                     quantize_gptq)
+from .sparse import SparseMatrix, prune, spmm
 
 __version__ = _C.build_info()["version"]
 
@@ -66,4 +67,5 @@ __all__ = [
     "PagedKVCache", "paged_attention", "paged_attention_raw",
     "QuantizedMatrix", "quantize", "dequantize", "qgemm", "from_bytes", "load_quantized",
     "pack_quantized", "quantize_gptq",
+    "SparseMatrix", "prune", "spmm",
 ]

@@ -6,3 +6,4 @@
 #include "memkernels/attention.h"
 #include "memkernels/paged_kv_cache.h"
 #include "memkernels/quant.h"
+#include "memkernels/sparse.h"
