@@ -4,3 +4,4 @@
 #include "memkernels/tensor.h"
 #include "memkernels/runtime.h"
 #include "memkernels/attention.h"
+#include "memkernels/weight_store.h"
