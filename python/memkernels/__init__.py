@@ -14,6 +14,7 @@ if _os.environ.get("MEMKERNELS_BUILD_DIR"):
 from . import _memkernels as _C  # noqa: E402
 from ._memkernels import CacheFullError, CorruptDataError
 from .attention import flash_attention, flash_attention_varlen
+from .weight_store import WeightStore, convert_to_weight_store, write_weight_store
 
 __version__ = _C.build_info()["version"]
 
@@ -60,4 +61,5 @@ def set_cpu_isa(name: str) -> None:
 __all__ = [
     "CacheFullError", "CorruptDataError", "flash_attention", "flash_attention_varlen", "info", "info_string",
     "num_threads", "set_num_threads", "cpu_isa", "set_cpu_isa",
+    "WeightStore", "write_weight_store", "convert_to_weight_store",
 ]
