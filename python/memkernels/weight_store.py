@@ -214,11 +214,13 @@ class WeightStore:
 
 # ---- writing ---------------------------------------------------------------------------------
 def _as_array(a, name):
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "__array__") or isinstance(a, (list, tuple)):
-        return np.asarray(a)
-    raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+    if not isinstance(a, np.ndarray):
+        if not (hasattr(a, "__array__") or isinstance(a, (list, tuple))):
+            raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+        a = np.asarray(a)
+    if not a.flags.writeable:  # DLPack export needs a writable array; the writer only reads it
+        a = a.copy()
+    return a
 
 
 def write_weight_store(path, tensors: Mapping[str, np.ndarray] | None = None,
@@ -229,21 +231,25 @@ def write_weight_store(path, tensors: Mapping[str, np.ndarray] | None = None,
     "down": (d_model, d_ff)} (the Hugging Face gate_proj / up_proj / down_proj.weight layouts).
     The file appears at `path` only when complete (written to path + ".partial", then renamed)."""
     w = _C.WeightStoreWriter(os.fspath(path))
-    for name, a in (tensors or {}).items():
-        w.add_tensor(str(name), _as_array(a, name), int(chunk_bytes))
-    for layer, parts in (ffn_layers or {}).items():
-        missing = {"up", "down"} - set(parts)
-        if missing:
-            raise ValueError(f"ffn_layers[{layer}]: missing {sorted(missing)} (needs up, down and optionally gate)")
-        up = _as_array(parts["up"], "up")
-        down = _as_array(parts["down"], "down")
-        gate = parts.get("gate")
-        gate = None if gate is None else _as_array(gate, "gate")
-        if down.ndim != 2 or up.ndim != 2 or down.shape != up.shape[::-1]:
-            raise ValueError(f"ffn_layers[{layer}]: down must be (d_model, d_ff) = {up.shape[::-1]} for up "
-                             f"{up.shape}, got {down.shape}")
-        w.add_ffn_layer(int(layer), gate, up, down.T)
-    w.finish()
+    try:
+        for name, a in (tensors or {}).items():
+            w.add_tensor(str(name), _as_array(a, name), int(chunk_bytes))
+        for layer, parts in (ffn_layers or {}).items():
+            missing = {"up", "down"} - set(parts)
+            if missing:
+                raise ValueError(f"ffn_layers[{layer}]: missing {sorted(missing)} (needs up, down and optionally gate)")
+            up = _as_array(parts["up"], "up")
+            down = _as_array(parts["down"], "down")
+            gate = parts.get("gate")
+            gate = None if gate is None else _as_array(gate, "gate")
+            if down.ndim != 2 or up.ndim != 2 or down.shape != up.shape[::-1]:
+                raise ValueError(f"ffn_layers[{layer}]: down must be (d_model, d_ff) = {up.shape[::-1]} for up "
+                                 f"{up.shape}, got {down.shape}")
+            w.add_ffn_layer(int(layer), gate, up, down.T)
+        w.finish()
+    except BaseException:
+        w.abort()  # no partial file left behind
+        raise
 
 
 def _split_ffn(arrays: Mapping[str, np.ndarray], ffn_pattern: str | None):
@@ -284,7 +290,7 @@ def read_safetensors(path) -> dict:
     if not isinstance(header, dict):
         raise CorruptDataError(f"{path}: safetensors header is not a JSON object")
     base = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
+    mm = np.memmap(path, dtype=np.uint8, mode="c") if size > base else np.zeros(0, np.uint8)
     out = {}
     for name, e in header.items():
         if name == "__metadata__":
@@ -314,7 +320,7 @@ def read_numpy(path) -> dict:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     stem = os.path.splitext(os.path.basename(path))[0]
-    return {stem: np.load(path, mmap_mode="r", allow_pickle=False)}
+    return {stem: np.load(path, mmap_mode="c", allow_pickle=False)}
 
 
 def convert_to_weight_store(src, dst, *, ffn_pattern: str | None = DEFAULT_FFN_PATTERN,

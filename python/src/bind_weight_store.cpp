@@ -10,7 +10,7 @@ static void ids_of(nb::handle ids, ArrayKeeper& keep, TensorView* view) {
   *view = as_tensor(ids, "neuron_ids", keep);
   expect_dtype(*view, "neuron_ids", {DType::Int64});
   expect_ndim(*view, "neuron_ids", 1);
-  expect_contiguous(*view, "neuron_ids");
+  if (view->numel() > 0) expect_contiguous(*view, "neuron_ids");
   check(view->device.is_cpu(), ErrorKind::Value, "neuron_ids must be a CPU (NumPy) array");
 }
 
@@ -59,10 +59,12 @@ MK_PYTHON_BINDING(weight_store) {
             w.add_ffn_layer(layer, g ? &*g : nullptr, u, d);
           },
           nb::arg("layer"), nb::arg("gate").none(), nb::arg("up"), nb::arg("down"))
-      .def("finish", [](WeightStoreWriter& w) {
-        nb::gil_scoped_release release;
-        w.finish();
-      });
+      .def("finish",
+           [](WeightStoreWriter& w) {
+             nb::gil_scoped_release release;
+             w.finish();
+           })
+      .def("abort", &WeightStoreWriter::abort);
 
   nb::class_<WeightStore>(m, "WeightStore")
       .def_static(

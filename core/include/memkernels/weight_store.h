@@ -58,6 +58,7 @@ class WeightStoreWriter {
   // one dtype, any strides: pass HF down_proj.weight (d_model, d_ff) transposed as a strided view.
   void add_ffn_layer(int64_t layer, const TensorView* gate, const TensorView& up, const TensorView& down);
   void finish();
+  void abort() noexcept;  // drops the partial file; the writer is finished
 
  private:
   struct Impl;
