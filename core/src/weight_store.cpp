@@ -506,6 +506,30 @@ struct WeightStore::Impl {
     }
   }
 
+  // The calling thread works through queued reads (with its own staging buffer, the last one)
+  // instead of sleeping until `g` is done: fewer thread hand-offs on a busy CPU.
+  bool run_one_queued() {
+    std::function<void(uint8_t*, int)> task;
+    {
+      std::lock_guard<std::mutex> lk(qmu);
+      if (queue.empty()) return false;
+      task = std::move(queue.front());
+      queue.pop_front();
+    }
+    const int tid = int(stages.size()) - 1;
+    task(stages[size_t(tid)].ptr, tid);
+    return true;
+  }
+  void help_until(Group& g) {
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lk(g.m);
+        if (g.pending == 0) return;
+      }
+      if (!run_one_queued()) return g.wait();
+    }
+  }
+
   void submit(std::function<void(uint8_t*, int)> task) {
     {
       std::lock_guard<std::mutex> lk(qmu);
@@ -812,20 +836,22 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   for (auto& t : s.tensors) unit = std::max<uint64_t>(unit, std::min<uint64_t>(t.chunk_bytes, t.nbytes));
   s.largest_read = int64_t(round_up(std::max<uint64_t>(unit, 1), kAlign) + kAlign);
   const bool cuda = opts.device.is_cuda();
-  const uint64_t min_budget = uint64_t(s.largest_read) * (cuda ? 3 : 1) + s.slot_bytes;
+  const uint64_t min_budget = uint64_t(s.largest_read) * (cuda ? 4 : 2) + s.slot_bytes;
   check(uint64_t(dram_budget_bytes) >= min_budget, ErrorKind::Value,
         "WeightStore.open: dram_budget_bytes (" + std::to_string(dram_budget_bytes) +
-            ") is smaller than the largest single read: needs at least " + str(min_budget) + " bytes (a " +
-            str(uint64_t(s.largest_read)) + "-byte read buffer" + (cuda ? " x3 with CUDA gather buffers" : "") +
+            ") is smaller than the largest single read: needs at least " + str(min_budget) + " bytes (" +
+            (cuda ? "4" : "2") + " read buffers of " + str(uint64_t(s.largest_read)) + " bytes" +
             (s.slot_bytes ? " + one " + str(s.slot_bytes) + "-byte neuron" : "") + ")");
   const uint64_t B = uint64_t(dram_budget_bytes);
   const uint64_t want = std::max<uint64_t>(uint64_t(s.largest_read),
                                            round_up(uint64_t(std::max<int64_t>(opts.max_read_bytes, 1)), kAlign) + kAlign);
   uint64_t stage = want;
   uint64_t nbuf = uint64_t(opts.io_threads);
-  auto fixed = [&](uint64_t st, uint64_t n) { return st * n + (cuda ? 2 * st : 0); };
+  // n worker buffers + the calling thread's + (CUDA) two gather buffers.
+  auto fixed = [&](uint64_t st, uint64_t n) { return st * (n + 1) + (cuda ? 2 * st : 0); };
   while (nbuf > 1 && fixed(stage, nbuf) + s.slot_bytes > B / 2) --nbuf;
-  if (fixed(stage, nbuf) + s.slot_bytes > B / 2) stage = std::max<uint64_t>(uint64_t(s.largest_read), round_down(B / (2 * (nbuf + (cuda ? 2 : 0))), kAlign));
+  if (fixed(stage, nbuf) + s.slot_bytes > B / 2)
+    stage = std::max<uint64_t>(uint64_t(s.largest_read), round_down(B / (2 * (nbuf + 1 + (cuda ? 2 : 0))), kAlign));
   if (fixed(stage, nbuf) + s.slot_bytes > B) stage = uint64_t(s.largest_read);
   s.stage_bytes = size_t(stage);
   const uint64_t left = B - fixed(stage, nbuf);
@@ -835,14 +861,14 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   for (size_t i = nslots; i-- > 0;) s.free_slots.push_back(int32_t(i));
   s.table.resize(s.layers.size());
   for (size_t i = 0; i < s.layers.size(); ++i) s.table[i].assign(size_t(s.layers[i].neurons), -1);
-  for (uint64_t i = 0; i < nbuf; ++i) s.stages.emplace_back(size_t(stage), cuda);
+  for (uint64_t i = 0; i <= nbuf; ++i) s.stages.emplace_back(size_t(stage), cuda);  // + the caller's
   if (cuda) {
 #if MEMKERNELS_WITH_CUDA
     for (int g = 0; g < 2; ++g) {
       s.gather[g] = HostBuffer(size_t(stage), true);
       s.gather_event[g] = cuda_backend::event_create();
     }
-    for (uint64_t i = 0; i < nbuf; ++i) s.thread_events.push_back(cuda_backend::event_create());
+    for (uint64_t i = 0; i <= nbuf; ++i) s.thread_events.push_back(cuda_backend::event_create());
 #endif
   }
   for (uint64_t i = 0; i < nbuf; ++i) s.threads.emplace_back([&s, i] { s.worker(int(i)); });
@@ -917,7 +943,7 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
       group->done(err);
     });
   }
-  group->wait();
+  s.help_until(*group);
   if (group->error) std::rethrow_exception(group->error);
 }
 
@@ -964,16 +990,24 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
     auto group = std::make_shared<Group>();
     if (!todo.empty()) {
       s.load_runs(li, todo, group, false);
-      group->wait();
+      s.help_until(*group);
     }
     std::exception_ptr err = group->error;
+    auto landed = [&] {
+      for (int32_t sl : slot_of)
+        if (s.slots[size_t(sl)].state == SlotState::Loading) return false;
+      return true;
+    };
+    for (;;) {  // neurons a prefetch is still loading: help with the queued reads, then wait
+      {
+        std::lock_guard<std::mutex> lk(s.mu);
+        if (landed()) break;
+      }
+      if (!s.run_one_queued()) break;
+    }
     {
-      std::unique_lock<std::mutex> lk(s.mu);  // wait for neurons a prefetch is still loading
-      s.loaded_cv.wait(lk, [&] {
-        for (int32_t sl : slot_of)
-          if (s.slots[size_t(sl)].state == SlotState::Loading) return false;
-        return true;
-      });
+      std::unique_lock<std::mutex> lk(s.mu);
+      s.loaded_cv.wait(lk, landed);
       for (int32_t sl : slot_of)
         if (s.slots[size_t(sl)].state != SlotState::Ready && !err)
           err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
