@@ -132,7 +132,7 @@ def run_mmap(raw_path, acts, n_layers, d_model, d_ff, x, warmup, drop_every_toke
             ids = token[layer]
             h = h + ffn(h, gate[ids], up[ids], down[:, ids].T)
         if drop_every_token:  # the model does not fit: nothing survives in the page cache
-            del mm  # mapped pages cannot be dropped: unmap first
+            del mm, gate, up, down  # mapped pages cannot be dropped: unmap first
             drop_cache(raw_path)
             mm = np.memmap(raw_path, dtype=DT, mode="r")
 
@@ -189,57 +189,69 @@ def main():
     ap.add_argument("--active", type=float, default=0.10)
     ap.add_argument("--churn", type=float, default=0.2)
     ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions; the median is reported")
+    ap.add_argument("--io-threads", type=int, default=4)
     args = ap.parse_args()
     n_layers = args.layers or (2 if args.quick else 4)
     d_model, d_ff = args.d_model, args.d_ff
     tokens = args.tokens or (12 if args.quick else 24)
+    rounds = args.rounds or (1 if args.quick else 3)
     warmup = 2
     rng = np.random.default_rng(0)
     model_bytes = n_layers * 3 * d_model * d_ff * np.dtype(DT).itemsize
     budget = model_bytes // 2
     workdir = os.path.join(args.dir, f"mk_wstream_{os.getpid()}")
     os.makedirs(workdir)
+    naive_tokens = max(3, tokens // 4)
+    names = ["naive whole-layer O_DIRECT", "mmap (cache dropped before the run)", "mmap (cache dropped every token)",
+             "ours (bundled + window)", "ours + layer-ahead prefetch"]
+    counts = [naive_tokens, tokens, tokens, tokens, tokens]
+    res = {n: [] for n in names}  # (seconds, counted bytes, /proc bytes)
+    stats = {}
     try:
         t = time.perf_counter()
         raw_path, store_path = write_files(workdir, n_layers, d_model, d_ff, rng)
         gen_s = time.perf_counter() - t
         acts = make_activity(rng, n_layers, d_ff, args.active, args.churn, tokens + warmup)
         x = rng.standard_normal(d_model).astype(np.float32) * 0.01
-        naive_tokens = max(3, tokens // 4)
-        dt_n, nb_n, rb_n = run_naive(raw_path, acts[warmup:warmup + naive_tokens], n_layers, d_model, d_ff, x)
-        dt_m, warm_m, rb_m = run_mmap(raw_path, acts, n_layers, d_model, d_ff, x, warmup, False)
-        dt_md, _, rb_md = run_mmap(raw_path, acts, n_layers, d_model, d_ff, x, warmup, True)
-        dt_o, nb_o, rb_o, st_o, mode = run_ours(store_path, acts, n_layers, budget, x, False, warmup)
-        dt_p, nb_p, rb_p, st_p, _ = run_ours(store_path, acts, n_layers, budget, x, True, warmup)
+        for _ in range(rounds):  # interleaved, so a noisy neighbour hurts every method alike
+            res[names[0]].append(run_naive(raw_path, acts[warmup:warmup + naive_tokens], n_layers, d_model, d_ff, x))
+            dt, warm_m, rb = run_mmap(raw_path, acts, n_layers, d_model, d_ff, x, warmup, False)
+            res[names[1]].append((dt, -1, rb))
+            dt, _, rb = run_mmap(raw_path, acts, n_layers, d_model, d_ff, x, warmup, True)
+            res[names[2]].append((dt, -1, rb))
+            for name, pf in ((names[3], False), (names[4], True)):
+                dt, nb, rb, st, mode = run_ours(store_path, acts, n_layers, budget, x, pf, warmup, args.io_threads)
+                res[name].append((dt, nb, rb))
+                stats[name] = st
     finally:
         for f in os.listdir(workdir):
             os.remove(os.path.join(workdir, f))
         os.rmdir(workdir)
 
+    def med(name, k):
+        return float(np.median([r[k] for r in res[name]]))
+
     mb = 1e6
     print(f"# weight streaming: {n_layers} FFN layers, d_model={d_model}, d_ff={d_ff}, fp32; model "
           f"{model_bytes / mb:.0f} MB, DRAM budget {budget / mb:.0f} MB; {args.active:.0%} neurons active, "
-          f"{args.churn:.0%} churn/token; store io_mode={mode}; {platform.node()} "
-          f"{time.strftime('%Y-%m-%d %H:%M')} (files written in {gen_s:.1f} s, deleted)")
+          f"{args.churn:.0%} churn/token; store io_mode={mode}, {args.io_threads} I/O threads; median of {rounds} "
+          f"interleaved rounds; {platform.node()} {time.strftime('%Y-%m-%d %H:%M')} "
+          f"(files written in {gen_s:.1f} s, deleted)")
     print("| method | tokens | tokens/s | ms/token | MB read/token (counted) | MB read/token (/proc/self/io) "
           "| x fewer bytes vs naive | x faster vs naive |")
     print("|---|---|---|---|---|---|---|---|")
-    naive_tps = naive_tokens / dt_n
-    naive_bpt = nb_n / naive_tokens
-    rows = [
-        ("naive whole-layer O_DIRECT", naive_tokens, dt_n, nb_n, rb_n),
-        ("mmap (cache dropped before the run)", tokens, dt_m, -1, rb_m),
-        ("mmap (cache dropped every token)", tokens, dt_md, -1, rb_md),
-        ("ours (bundled + window)", tokens, dt_o, nb_o, rb_o),
-        ("ours + layer-ahead prefetch", tokens, dt_p, nb_p, rb_p),
-    ]
-    for name, n, dt, nb, rb in rows:
+    naive_tps = naive_tokens / med(names[0], 0)
+    naive_bpt = med(names[0], 1) / naive_tokens
+    for name, n in zip(names, counts):
+        dt, nb, rb = med(name, 0), med(name, 1), med(name, 2)
         counted = nb / n if nb >= 0 else float("nan")
         proc = rb / n if rb >= 0 else float("nan")
         ref = counted if nb >= 0 else proc
         print(f"| {name} | {n} | {n / dt:.2f} | {1e3 * dt / n:.1f} | {counted / mb:.2f} | {proc / mb:.2f} | "
               f"{naive_bpt / ref if ref > 0 else float('inf'):.1f} | {(n / dt) / naive_tps:.1f} |")
-    for label, s in (("ours", st_o), ("ours+prefetch", st_p)):
+    for label in names[3:]:
+        s = stats[label]
         print(f"{label}: hit rate {s['hit_rate']:.2f}, reads/token {s['reads_issued'] / tokens:.0f}, "
               f"peak resident {s['peak_resident_bytes'] / mb:.1f} MB + staging {s['staging_bytes'] / mb:.1f} MB "
               f"<= budget {budget / mb:.0f} MB, prefetched {s['prefetched']}")
