@@ -6,6 +6,12 @@
 
 namespace memkernels::cuda_backend {
 
+void set_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return;
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
+
 void* event_create() {
   cudaEvent_t ev = nullptr;
   check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");

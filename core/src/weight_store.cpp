@@ -793,8 +793,9 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
       if (__int128(t.nbytes) != numel * dtype_size(t.dtype) || !in_data(t.offset, t.nbytes) || t.chunk_bytes < 4096 ||
           t.chunk_bytes > (1u << 30) || uint64_t(nchunks) != (t.nbytes + t.chunk_bytes - 1) / t.chunk_bytes)
         bad("inconsistent entry for tensor '" + t.name + "'");
+      const uint8_t* crc_bytes = d.take(size_t(nchunks) * 4);  // bounds first, then allocate
       std::vector<uint32_t> crcs(nchunks);
-      std::memcpy(crcs.data(), d.take(size_t(nchunks) * 4), size_t(nchunks) * 4);
+      std::memcpy(crcs.data(), crc_bytes, size_t(nchunks) * 4);
       if (!s.tensor_index.emplace(t.name, s.tensors.size()).second) bad("duplicate tensor '" + t.name + "'");
       s.tensors.push_back(std::move(t));
       s.tensor_crcs.push_back(std::move(crcs));
@@ -817,8 +818,9 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
       if (__int128(l.bundle_bytes) != __int128(l.d_model) * parts * dtype_size(l.dtype) ||
           __int128(l.bundle_bytes) * l.neurons > __int128(dir_offset) || !in_data(l.offset, l.bundle_bytes * uint64_t(l.neurons)))
         bad("inconsistent entry for " + ln);
+      const uint8_t* crc_bytes = d.take(size_t(l.neurons) * 4);
       std::vector<uint32_t> crcs(size_t(l.neurons));
-      std::memcpy(crcs.data(), d.take(size_t(l.neurons) * 4), size_t(l.neurons) * 4);
+      std::memcpy(crcs.data(), crc_bytes, size_t(l.neurons) * 4);
       if (!s.layer_index.emplace(l.layer, s.layers.size()).second) bad("duplicate " + ln);
       s.layers.push_back(l);
       s.layer_crcs.push_back(std::move(crcs));
@@ -864,6 +866,7 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   for (uint64_t i = 0; i <= nbuf; ++i) s.stages.emplace_back(size_t(stage), cuda);  // + the caller's
   if (cuda) {
 #if MEMKERNELS_WITH_CUDA
+    cuda_backend::set_device(opts.device.index);  // events belong to the store's device
     for (int g = 0; g < 2; ++g) {
       s.gather[g] = HostBuffer(size_t(stage), true);
       s.gather_event[g] = cuda_backend::event_create();
@@ -930,6 +933,7 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
           std::memcpy(dst + off, src, n);
         } else {
 #if MEMKERNELS_WITH_CUDA
+          cuda_backend::set_device(s.opts.device.index);  // I/O threads start on device 0
           cuda_backend::copy_h2d_async(dst + off, src, n, stream);
           cuda_backend::event_record(s.thread_events[size_t(tid)], stream);
           cuda_backend::event_wait_host(s.thread_events[size_t(tid)]);  // stage is reused by the next task
@@ -1021,6 +1025,7 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
         } else {
 #if MEMKERNELS_WITH_CUDA
           // Gather into a pinned buffer, copy it to the GPU asynchronously; double-buffered.
+          cuda_backend::set_device(s.opts.device.index);
           const int64_t per = std::max<int64_t>(1, int64_t(s.stage_bytes / B));
           for (int64_t k0 = b0; k0 < b1; k0 += per) {
             const int64_t k1 = std::min(b1, k0 + per);

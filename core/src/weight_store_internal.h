@@ -8,6 +8,7 @@
 
 namespace memkernels::cuda_backend {
 // Implemented in cuda/weight_store.cu; only called when MEMKERNELS_WITH_CUDA is set.
+void set_device(int device);  // cudaSetDevice for the calling thread
 void* event_create();
 void event_destroy(void* event) noexcept;
 void event_record(void* event, void* stream);
