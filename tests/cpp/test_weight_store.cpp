@@ -129,3 +129,29 @@ TEST(WeightStore, BudgetTooSmallAndCorruptFiles) {
   st.reset();
   std::remove(path.c_str());
 }
+
+TEST(WeightStore, WindowPrefetchAndBudget) {
+  std::string path = scratch_path("win");
+  Model m = write_model(path, 1);
+  const int64_t budget = 64 << 10;  // ~40 neurons of 480 B after staging
+  WeightStoreOptions o;
+  o.window_tokens = 1;
+  o.io_threads = 2;
+  o.max_read_bytes = 8192;
+  auto st = WeightStore::open(path, budget, o);
+  std::vector<int64_t> ids(120);
+  for (int64_t i = 0; i < 120; ++i) ids[size_t(i)] = (i * 7) % m.n;
+  std::vector<float> out(ids.size() * 3 * size_t(m.d));
+  st->prefetch(0, ids.data(), 30);
+  st->get_rows(0, ids.data(), int64_t(ids.size()), TensorView(out.data(), DType::Float32, {int64_t(ids.size()), 3, m.d}));
+  st->wait_prefetch();
+  for (size_t k = 0; k < ids.size(); ++k) ASSERT_EQ(out[(k * 3 + 1) * size_t(m.d)], m.up[size_t(ids[k] * m.d)]);
+  auto s = st->stats();
+  EXPECT_LE(s.peak_resident_bytes + s.staging_bytes, uint64_t(budget));
+  EXPECT_EQ(s.neuron_hits + s.neuron_misses, ids.size());
+  EXPECT_GT(s.resident_bytes, 0u);
+  st->next_token();  // window of 1 token: everything used in token 0 leaves
+  EXPECT_EQ(st->stats().resident_bytes, 0u);
+  st.reset();
+  std::remove(path.c_str());
+}
