@@ -101,7 +101,8 @@ class WeightStore:
 
         dram_budget_bytes bounds everything the store holds in host memory: the neuron cache, the
         I/O staging buffers and (device="cuda") the pinned gather buffers. A budget smaller than the
-        largest single read (plus one neuron) raises ValueError. Reads use O_DIRECT (page cache
+        largest single read allows (two read buffers of `largest_read_bytes` — four on CUDA — plus
+        one neuron) raises ValueError. Reads use O_DIRECT (page cache
         bypassed) through `io_threads` threads; where the filesystem refuses O_DIRECT (tmpfs) they
         fall back to buffered reads with posix_fadvise(DONTNEED) — see `io_mode`.
         window_tokens: neurons not used in the last k tokens leave the cache at `next_token()`

@@ -155,3 +155,34 @@ TEST(WeightStore, WindowPrefetchAndBudget) {
   st.reset();
   std::remove(path.c_str());
 }
+
+TEST(WeightStore, PrefetchStressUnderSmallBudget) {
+  std::string path = scratch_path("stress");
+  Model m = write_model(path, 3);
+  WeightStoreOptions o;
+  o.window_tokens = 2;
+  o.io_threads = 3;
+  o.max_read_bytes = 4096;
+  auto st = WeightStore::open(path, 48 << 10, o);  // room for a few dozen neurons only
+  std::mt19937 rng(3);
+  std::vector<float> out;
+  for (int token = 0; token < 40; ++token) {
+    for (int layer = 0; layer < 3; ++layer) {
+      std::vector<int64_t> ids(size_t(rng() % 90));
+      for (auto& i : ids) i = int64_t(rng() % uint32_t(m.n));
+      if (layer < 2) st->prefetch(layer + 1, ids.data(), int64_t(ids.size()));
+      out.assign(ids.size() * 3 * size_t(m.d), NAN);
+      st->get_rows(layer, ids.data(), int64_t(ids.size()),
+                   TensorView(out.data(), DType::Float32, {int64_t(ids.size()), 3, m.d}));
+      for (size_t k = 0; k < ids.size(); ++k) {
+        ASSERT_EQ(out[(k * 3) * size_t(m.d) + 1], m.gate[size_t(ids[k] * m.d + 1)]);
+        ASSERT_EQ(out[(k * 3 + 2) * size_t(m.d) + 3], m.down_t[size_t(3 * m.n + ids[k])]);
+      }
+    }
+    st->next_token();
+    auto s = st->stats();
+    ASSERT_LE(s.peak_resident_bytes + s.staging_bytes, uint64_t(48 << 10));
+  }
+  st.reset();  // with prefetches possibly still queued: must drain cleanly
+  std::remove(path.c_str());
+}

@@ -95,7 +95,9 @@ struct WeightStoreStats {
 class WeightStore {
  public:
   // Throws Error(CorruptData) for a truncated/corrupt/wrong-version file, Error(IO) when it cannot
-  // be opened, Error(Value) when dram_budget_bytes is smaller than the largest single read.
+  // be opened, Error(Value) when dram_budget_bytes is smaller than the largest single read allows:
+  // two read buffers of largest_read_bytes() (one per I/O thread + the caller's; four on CUDA with
+  // the gather buffers) plus one neuron. The cache gets what the I/O buffers leave of the budget.
   static std::unique_ptr<WeightStore> open(const std::string& path, int64_t dram_budget_bytes,
                                            const WeightStoreOptions& opts = {});
   ~WeightStore();
