@@ -18,6 +18,7 @@ from .paged import PagedKVCache, paged_attention, paged_attention_raw
 from .quant import (QuantizedMatrix, dequantize, from_bytes, load_quantized, pack_quantized, qgemm, quantize,
                     quantize_gptq)
 from .sparse import SparseMatrix, prune, spmm
+from .weight_store import WeightStore, convert_to_weight_store, write_weight_store
 
 __version__ = _C.build_info()["version"]
 
@@ -68,4 +69,5 @@ __all__ = [
     "QuantizedMatrix", "quantize", "dequantize", "qgemm", "from_bytes", "load_quantized",
     "pack_quantized", "quantize_gptq",
     "SparseMatrix", "prune", "spmm",
+    "WeightStore", "write_weight_store", "convert_to_weight_store",
 ]

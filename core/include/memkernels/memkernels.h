@@ -7,3 +7,4 @@
 #include "memkernels/paged_kv_cache.h"
 #include "memkernels/quant.h"
 #include "memkernels/sparse.h"
+#include "memkernels/weight_store.h"

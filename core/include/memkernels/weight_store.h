@@ -1,0 +1,142 @@
+// memkernels/weight_store.h — weights streamed from flash storage under a DRAM budget
+// ("LLM in a flash", Alizadeh et al. 2023).
+//
+// A store file holds whole tensors (any dtype: float, quantized codes, sparse index arrays) and
+// bundled FFN layers: for each neuron i of a layer, [gate row i | up row i | down row i] (each
+// d_model elements; gate optional) lie together, so one read brings one neuron and a run of
+// neighbouring neurons is one large read. Every read unit (a neuron, or a chunk of a tensor)
+// carries a CRC32 checked on every read.
+//
+// File layout (little endian), version 1:
+//   [0, 64)      header: magic "MKWSTORE", u32 version, u32 flags, u64 dir_offset, u64 dir_bytes,
+//                u64 data_offset, u64 file_bytes, u32 dir_crc, u32 reserved[2], u32 header_crc
+//   [4096, ...)  data, each tensor / layer starting on a 4096-byte boundary
+//   [dir_offset, +dir_bytes)  binary directory (names, dtypes, shapes, offsets, per-chunk CRC32s)
+// The writer writes `path + ".partial"` and renames it over `path` at finish(), so a reader never
+// sees a file being written (readers holding the old file keep reading the old inode).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "memkernels/tensor.h"
+
+namespace memkernels {
+
+constexpr uint32_t kWeightStoreVersion = 1;
+
+struct StoredTensorInfo {
+  std::string name;
+  DType dtype = DType::Float32;
+  std::vector<int64_t> shape;
+  uint64_t offset = 0, nbytes = 0;
+  uint32_t chunk_bytes = 0;  // CRC granularity (and read unit) of this tensor
+};
+
+struct StoredLayerInfo {
+  int64_t layer = 0;         // caller's layer id
+  int64_t neurons = 0;       // d_ff
+  int64_t d_model = 0;
+  DType dtype = DType::Float32;
+  int parts = 3;             // 3: gate, up, down; 2: up, down
+  uint64_t offset = 0;
+  uint64_t bundle_bytes = 0; // parts * d_model * dtype size
+};
+
+class WeightStoreWriter {
+ public:
+  explicit WeightStoreWriter(const std::string& path);
+  ~WeightStoreWriter();  // without finish(), the partial file is removed
+  WeightStoreWriter(const WeightStoreWriter&) = delete;
+  WeightStoreWriter& operator=(const WeightStoreWriter&) = delete;
+
+  // A whole tensor (CPU, any strides, any dtype). chunk_bytes: read/CRC unit (default 1 MiB).
+  void add_tensor(const std::string& name, const TensorView& t, uint32_t chunk_bytes = 1u << 20);
+  // A bundled FFN layer. gate (optional, may be null), up, down: (neurons, d_model) views, CPU,
+  // one dtype, any strides: pass HF down_proj.weight (d_model, d_ff) transposed as a strided view.
+  void add_ffn_layer(int64_t layer, const TensorView* gate, const TensorView& up, const TensorView& down);
+  void finish();
+  void abort() noexcept;  // drops the partial file; the writer is finished
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct WeightStoreOptions {
+  Device device{};          // where get()/get_rows() outputs live: CPU or CUDA
+  int io_threads = 4;       // I/O thread pool size
+  int window_tokens = 5;    // keep neurons used in the last k tokens; 0: keep until evicted by budget
+  bool direct_io = true;    // try O_DIRECT; falls back to buffered reads (+ fadvise DONTNEED) if refused
+  int64_t merge_gap_bytes = 32 << 10;  // coalesce two neuron runs when the gap between them is at most this
+  int64_t max_read_bytes = 1 << 20;    // split coalesced runs into reads of at most this (>= one neuron)
+};
+
+struct WeightStoreStats {
+  uint64_t bytes_read = 0;       // bytes transferred from the file (alignment padding and gaps included)
+  uint64_t reads_issued = 0;     // pread calls
+  uint64_t neuron_hits = 0;      // requested neurons found resident
+  uint64_t neuron_misses = 0;    // requested neurons read from the file
+  uint64_t prefetched = 0;       // neurons loaded by prefetch()
+  uint64_t evictions = 0;
+  uint64_t resident_bytes = 0;   // neuron bytes in the cache now
+  uint64_t peak_resident_bytes = 0;
+  uint64_t cache_capacity_bytes = 0;  // slots * slot size; + staging_bytes <= dram_budget_bytes
+  uint64_t staging_bytes = 0;
+  uint64_t tokens = 0;
+  double hit_rate() const {
+    uint64_t n = neuron_hits + neuron_misses;
+    return n ? double(neuron_hits) / double(n) : 0.0;
+  }
+};
+
+class WeightStore {
+ public:
+  // Throws Error(CorruptData) for a truncated/corrupt/wrong-version file, Error(IO) when it cannot
+  // be opened, Error(Value) when dram_budget_bytes is smaller than the largest single read allows:
+  // two read buffers of largest_read_bytes() (one per I/O thread + the caller's; four on CUDA with
+  // the gather buffers) plus one neuron. The cache gets what the I/O buffers leave of the budget.
+  static std::unique_ptr<WeightStore> open(const std::string& path, int64_t dram_budget_bytes,
+                                           const WeightStoreOptions& opts = {});
+  ~WeightStore();
+  WeightStore(const WeightStore&) = delete;
+  WeightStore& operator=(const WeightStore&) = delete;
+
+  const std::vector<StoredTensorInfo>& tensors() const;
+  const std::vector<StoredLayerInfo>& layers() const;
+  const StoredTensorInfo& tensor_info(const std::string& name) const;  // Error(Value) if absent
+  const StoredLayerInfo& layer_info(int64_t layer) const;
+  const char* io_mode() const;  // "direct" (O_DIRECT) or "buffered"
+  int64_t largest_read_bytes() const;
+  int64_t dram_budget_bytes() const;
+  Device device() const;
+
+  // Whole tensor into out (contiguous, its dtype and shape, on the store's device); not cached.
+  void get(const std::string& name, const TensorView& out, void* stream = nullptr);
+  // Neurons `ids` (count of them, each in [0, neurons), any order, repeats allowed) of `layer` into
+  // out (count, parts, d_model), contiguous, layer dtype, on the store's device. Misses are read in
+  // coalesced runs and cached (windowing + LRU under the budget). On CUDA the H2D copy is async on
+  // `stream`; the output is complete once that stream reaches this point.
+  void get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream = nullptr);
+  // Starts loading `ids` of `layer` into the cache in the background and returns at once (a
+  // predicted active set, or the next layer while this one computes). Prefetch stops at the budget.
+  void prefetch(int64_t layer, const int64_t* ids, int64_t count);
+  void wait_prefetch();  // blocks until every prefetch issued so far has landed
+  // Ends a token: neurons unused in the last window_tokens tokens are evicted.
+  void next_token();
+  void clear_cache();
+  WeightStoreStats stats() const;
+  void reset_stats();  // counters to zero (peak := current resident)
+
+ private:
+  WeightStore();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// CRC-32 (IEEE 802.3, the zlib polynomial): zlib.crc32 in Python gives the same values.
+uint32_t crc32(const void* data, size_t bytes, uint32_t crc = 0);
+
+}  // namespace memkernels

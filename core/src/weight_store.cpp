@@ -1,0 +1,1152 @@
+// Weight store: file writer, reader with O_DIRECT reads through an I/O thread pool, and the
+// windowing neuron cache kept under a DRAM budget. See memkernels/weight_store.h for the format.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "weight_store_internal.h"
+
+namespace memkernels {
+
+// ---- CRC-32 (slice-by-8, reflected polynomial 0xEDB88320) ------------------------------------
+namespace {
+struct CrcTables {
+  uint32_t t[8][256];
+  CrcTables() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i)
+      for (int s = 1; s < 8; ++s) t[s][i] = t[0][t[s - 1][i] & 0xFF] ^ (t[s - 1][i] >> 8);
+  }
+};
+const CrcTables& crc_tables() {
+  static const CrcTables tables;
+  return tables;
+}
+}  // namespace
+
+uint32_t crc32(const void* data, size_t n, uint32_t crc) {
+  const auto& T = crc_tables().t;
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  uint32_t c = ~crc;
+  while (n >= 8) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + 4, 4);
+    lo ^= c;
+    c = T[7][lo & 0xFF] ^ T[6][(lo >> 8) & 0xFF] ^ T[5][(lo >> 16) & 0xFF] ^ T[4][lo >> 24] ^ T[3][hi & 0xFF] ^
+        T[2][(hi >> 8) & 0xFF] ^ T[1][(hi >> 16) & 0xFF] ^ T[0][hi >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = T[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+  return ~c;
+}
+
+namespace {
+
+constexpr char kMagic[8] = {'M', 'K', 'W', 'S', 'T', 'O', 'R', 'E'};
+constexpr uint64_t kAlign = 4096;
+constexpr size_t kHeaderBytes = 64;
+
+std::string str(uint64_t x) { return std::to_string(x); }
+uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+uint64_t round_down(uint64_t x, uint64_t a) { return x / a * a; }
+
+std::string errno_text(int e) { return std::string(std::strerror(e)); }
+
+// Aligned host memory for O_DIRECT buffers; pinned when the outputs go to a GPU.
+struct HostBuffer {
+  uint8_t* ptr = nullptr;
+  size_t bytes = 0;
+  bool pinned = false;
+  HostBuffer() = default;
+  HostBuffer(size_t n, bool pin) : bytes(n), pinned(pin) {
+    if (n == 0) return;
+    if (pin) {
+      ptr = static_cast<uint8_t*>(host_malloc_pinned(n));  // page aligned (cudaMallocHost) or 64 B aligned
+      if (reinterpret_cast<uintptr_t>(ptr) % kAlign != 0) {  // no CUDA device: plain memory, realign
+        host_free_pinned(ptr);
+        ptr = nullptr;
+        pinned = false;
+      }
+    }
+    if (!ptr) {
+      ptr = static_cast<uint8_t*>(std::aligned_alloc(kAlign, round_up(n, kAlign)));
+      check(ptr != nullptr, ErrorKind::Memory, "weight store: out of host memory allocating " + str(n) + " bytes");
+      pinned = false;
+    }
+  }
+  ~HostBuffer() { reset(); }
+  void reset() {
+    if (ptr) pinned ? host_free_pinned(ptr) : std::free(ptr);
+    ptr = nullptr;
+  }
+  HostBuffer(HostBuffer&& o) noexcept : ptr(o.ptr), bytes(o.bytes), pinned(o.pinned) { o.ptr = nullptr; }
+  HostBuffer& operator=(HostBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ptr = o.ptr, bytes = o.bytes, pinned = o.pinned;
+      o.ptr = nullptr;
+    }
+    return *this;
+  }
+};
+
+// ---- little-endian serialisation ---------------------------------------------------------------
+struct Out {
+  std::vector<uint8_t> b;
+  template <typename T> void put(T v) {
+    uint8_t tmp[sizeof(T)];
+    std::memcpy(tmp, &v, sizeof(T));
+    b.insert(b.end(), tmp, tmp + sizeof(T));
+  }
+  void bytes(const void* p, size_t n) { b.insert(b.end(), (const uint8_t*)p, (const uint8_t*)p + n); }
+};
+
+struct In {  // bounds-checked reader: any overrun is a corrupt directory
+  const uint8_t* p;
+  size_t n, pos = 0;
+  In(const uint8_t* p_, size_t n_) : p(p_), n(n_) {}
+  void need(size_t k) {
+    check(k <= n - pos, ErrorKind::CorruptData, "weight store: directory truncated (needs " + str(k) +
+                                                    " more bytes at directory offset " + str(pos) + ")");
+  }
+  template <typename T> T get() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, p + pos, sizeof(T));
+    pos += sizeof(T);
+    return v;
+  }
+  const uint8_t* take(size_t k) {
+    need(k);
+    const uint8_t* r = p + pos;
+    pos += k;
+    return r;
+  }
+};
+
+void write_all(int fd, const void* data, size_t n, uint64_t offset, const std::string& path) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd, p, n, off_t(offset));
+    if (w < 0 && errno == EINTR) continue;
+    check(w > 0, ErrorKind::IO, "weight store: cannot write '" + path + "': " + errno_text(errno));
+    p += w, n -= size_t(w), offset += uint64_t(w);
+  }
+}
+
+// Reads up to n bytes at offset; returns the count (short only at end of file).
+size_t read_full(int fd, void* buf, size_t n, uint64_t offset, int* err) {
+  uint8_t* p = static_cast<uint8_t*>(buf);
+  size_t got = 0;
+  *err = 0;
+  while (got < n) {
+    ssize_t r = ::pread(fd, p + got, n - got, off_t(offset + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) {
+      *err = errno;
+      break;
+    }
+    if (r == 0) break;
+    got += size_t(r);
+  }
+  return got;
+}
+
+bool valid_dtype(uint8_t d) { return d <= uint8_t(DType::UInt32); }
+
+// Byte address of element (i, j) of a 2-D view.
+inline const uint8_t* at2(const TensorView& t, int64_t i, int64_t j) {
+  return static_cast<const uint8_t*>(t.data) + (i * t.strides[0] + j * t.strides[1]) * dtype_size(t.dtype);
+}
+
+}  // namespace
+
+// =================================================================================================
+// Writer
+// =================================================================================================
+struct WeightStoreWriter::Impl {
+  std::string path, tmp_path;
+  int fd = -1;
+  uint64_t pos = kAlign;  // data starts at 4096
+  bool finished = false;
+  std::vector<StoredTensorInfo> tensors;
+  std::vector<std::vector<uint32_t>> tensor_crcs;
+  std::vector<StoredLayerInfo> layers;
+  std::vector<std::vector<uint32_t>> layer_crcs;
+
+  void align() { pos = round_up(pos, kAlign); }
+  void check_open(const char* op) {
+    check(!finished && fd >= 0, ErrorKind::Value, std::string("WeightStoreWriter.") + op + ": the writer is finished");
+  }
+  void check_name(const std::string& name) {
+    check(!name.empty() && name.size() < 65536, ErrorKind::Value, "add_tensor: name must be 1..65535 bytes");
+    for (auto& t : tensors)
+      check(t.name != name, ErrorKind::Value, "add_tensor: a tensor named '" + name + "' was already added");
+  }
+};
+
+WeightStoreWriter::WeightStoreWriter(const std::string& path) : impl_(new Impl) {
+  impl_->path = path;
+  impl_->tmp_path = path + ".partial";
+  impl_->fd = ::open(impl_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  check(impl_->fd >= 0, ErrorKind::IO, "WeightStoreWriter: cannot create '" + impl_->tmp_path + "': " + errno_text(errno));
+}
+
+WeightStoreWriter::~WeightStoreWriter() { abort(); }
+
+void WeightStoreWriter::abort() noexcept {
+  if (impl_->fd >= 0) ::close(impl_->fd);
+  impl_->fd = -1;
+  if (!impl_->finished) ::unlink(impl_->tmp_path.c_str());
+  impl_->finished = true;
+}
+
+void WeightStoreWriter::add_tensor(const std::string& name, const TensorView& t, uint32_t chunk_bytes) {
+  Impl& w = *impl_;
+  w.check_open("add_tensor");
+  w.check_name(name);
+  check(t.device.is_cpu(), ErrorKind::Value, "add_tensor: '" + name + "' must be a CPU array, got " + t.device.str());
+  check(t.numel() == 0 || t.data != nullptr, ErrorKind::Value, "add_tensor: '" + name + "' has no data");
+  check(chunk_bytes >= 4096, ErrorKind::Value, "add_tensor: chunk_bytes must be >= 4096, got " + str(chunk_bytes));
+  StoredTensorInfo info;
+  info.name = name;
+  info.dtype = t.dtype;
+  info.shape.assign(t.shape, t.shape + t.ndim);
+  info.chunk_bytes = chunk_bytes;
+  info.nbytes = uint64_t(t.nbytes());
+  w.align();
+  info.offset = w.pos;
+  // Gather into contiguous order one chunk at a time (a no-op copy for contiguous inputs).
+  const int es = dtype_size(t.dtype);
+  std::vector<uint8_t> buf(std::min<uint64_t>(chunk_bytes, std::max<uint64_t>(info.nbytes, 1)));
+  std::vector<uint32_t> crcs;
+  const bool contig = t.is_contiguous();
+  int64_t idx[kMaxDims] = {};
+  for (uint64_t done = 0; done < info.nbytes;) {
+    const uint64_t n = std::min<uint64_t>(chunk_bytes, info.nbytes - done);
+    if (contig) {
+      std::memcpy(buf.data(), static_cast<const uint8_t*>(t.data) + done, n);
+    } else {
+      for (uint64_t e = 0; e < n / es; ++e) {  // odometer over the multi-index
+        int64_t off = 0;
+        for (int d = 0; d < t.ndim; ++d) off += idx[d] * t.strides[d];
+        std::memcpy(buf.data() + e * es, static_cast<const uint8_t*>(t.data) + off * es, es);
+        for (int d = t.ndim - 1; d >= 0; --d) {
+          if (++idx[d] < t.shape[d]) break;
+          idx[d] = 0;
+        }
+      }
+    }
+    crcs.push_back(crc32(buf.data(), n));
+    write_all(w.fd, buf.data(), n, w.pos, w.tmp_path);
+    w.pos += n;
+    done += n;
+  }
+  w.tensors.push_back(std::move(info));
+  w.tensor_crcs.push_back(std::move(crcs));
+}
+
+void WeightStoreWriter::add_ffn_layer(int64_t layer, const TensorView* gate, const TensorView& up,
+                                      const TensorView& down) {
+  Impl& w = *impl_;
+  w.check_open("add_ffn_layer");
+  for (auto& l : w.layers)
+    check(l.layer != layer, ErrorKind::Value, "add_ffn_layer: layer " + std::to_string(layer) + " was already added");
+  const char* names[] = {"gate", "up", "down"};
+  const TensorView* parts[] = {gate, &up, &down};
+  for (int i = 0; i < 3; ++i) {
+    if (!parts[i]) continue;
+    expect_ndim(*parts[i], names[i], 2);
+    check(parts[i]->device.is_cpu(), ErrorKind::Value, std::string("add_ffn_layer: ") + names[i] + " must be on the CPU");
+    expect_not_null(*parts[i], names[i]);
+    check(parts[i]->dtype == up.dtype, ErrorKind::Type,
+          std::string("add_ffn_layer: ") + names[i] + " has dtype " + dtype_name(parts[i]->dtype) + " but up has " +
+              dtype_name(up.dtype));
+    check(parts[i]->shape[0] == up.shape[0] && parts[i]->shape[1] == up.shape[1], ErrorKind::Value,
+          std::string("add_ffn_layer: ") + names[i] + " " + parts[i]->shape_str() + " must have the shape of up " +
+              up.shape_str() + " (neurons, d_model); pass down_proj.weight transposed");
+  }
+  check(up.shape[0] > 0 && up.shape[1] > 0, ErrorKind::Value, "add_ffn_layer: empty layer " + up.shape_str());
+  StoredLayerInfo info;
+  info.layer = layer;
+  info.neurons = up.shape[0];
+  info.d_model = up.shape[1];
+  info.dtype = up.dtype;
+  info.parts = gate ? 3 : 2;
+  const int es = dtype_size(up.dtype);
+  const uint64_t row = uint64_t(info.d_model) * es;
+  info.bundle_bytes = row * info.parts;
+  w.align();
+  info.offset = w.pos;
+  std::vector<uint32_t> crcs(size_t(info.neurons));
+  const int64_t per_batch = std::max<int64_t>(1, int64_t((8u << 20) / info.bundle_bytes));
+  std::vector<uint8_t> buf(size_t(std::min(per_batch, info.neurons) * info.bundle_bytes));
+  int np = 0;
+  const TensorView* present[3];
+  for (auto* p : parts)
+    if (p) present[np++] = p;
+  for (int64_t n0 = 0; n0 < info.neurons; n0 += per_batch) {
+    const int64_t n1 = std::min(info.neurons, n0 + per_batch);
+    for (int64_t i = n0; i < n1; ++i) {
+      uint8_t* dst = buf.data() + (i - n0) * info.bundle_bytes;
+      for (int p = 0; p < np; ++p) {
+        const TensorView& t = *present[p];
+        uint8_t* d = dst + p * row;
+        if (t.strides[1] == 1) {
+          std::memcpy(d, at2(t, i, 0), row);
+        } else {
+          for (int64_t j = 0; j < info.d_model; ++j) std::memcpy(d + j * es, at2(t, i, j), es);
+        }
+      }
+      crcs[size_t(i)] = crc32(dst, info.bundle_bytes);
+    }
+    const uint64_t n = uint64_t(n1 - n0) * info.bundle_bytes;
+    write_all(w.fd, buf.data(), n, w.pos, w.tmp_path);
+    w.pos += n;
+  }
+  w.layers.push_back(info);
+  w.layer_crcs.push_back(std::move(crcs));
+}
+
+void WeightStoreWriter::finish() {
+  Impl& w = *impl_;
+  w.check_open("finish");
+  Out d;
+  d.put<uint32_t>(uint32_t(w.tensors.size()));
+  d.put<uint32_t>(uint32_t(w.layers.size()));
+  for (size_t i = 0; i < w.tensors.size(); ++i) {
+    const auto& t = w.tensors[i];
+    d.put<uint32_t>(uint32_t(t.name.size()));
+    d.bytes(t.name.data(), t.name.size());
+    d.put<uint8_t>(uint8_t(t.dtype));
+    d.put<uint8_t>(uint8_t(t.shape.size()));
+    d.put<uint16_t>(0);
+    for (int64_t s : t.shape) d.put<int64_t>(s);
+    d.put<uint64_t>(t.offset);
+    d.put<uint64_t>(t.nbytes);
+    d.put<uint32_t>(t.chunk_bytes);
+    d.put<uint32_t>(uint32_t(w.tensor_crcs[i].size()));
+    d.bytes(w.tensor_crcs[i].data(), w.tensor_crcs[i].size() * 4);
+  }
+  for (size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    d.put<int64_t>(l.layer);
+    d.put<int64_t>(l.neurons);
+    d.put<int64_t>(l.d_model);
+    d.put<uint8_t>(uint8_t(l.dtype));
+    d.put<uint8_t>(uint8_t(l.parts));
+    d.put<uint16_t>(0);
+    d.put<uint64_t>(l.offset);
+    d.put<uint64_t>(l.bundle_bytes);
+    d.bytes(w.layer_crcs[i].data(), w.layer_crcs[i].size() * 4);
+  }
+  const uint64_t dir_offset = w.pos;
+  write_all(w.fd, d.b.data(), d.b.size(), dir_offset, w.tmp_path);
+  Out h;
+  h.bytes(kMagic, 8);
+  h.put<uint32_t>(kWeightStoreVersion);
+  h.put<uint32_t>(0);  // flags
+  h.put<uint64_t>(dir_offset);
+  h.put<uint64_t>(d.b.size());
+  h.put<uint64_t>(kAlign);  // data offset
+  h.put<uint64_t>(dir_offset + d.b.size());
+  h.put<uint32_t>(crc32(d.b.data(), d.b.size()));
+  h.put<uint32_t>(0);
+  h.put<uint32_t>(0);
+  h.put<uint32_t>(crc32(h.b.data(), h.b.size()));
+  std::vector<uint8_t> page(kAlign, 0);
+  std::memcpy(page.data(), h.b.data(), h.b.size());
+  write_all(w.fd, page.data(), page.size(), 0, w.tmp_path);
+  check(::fdatasync(w.fd) == 0, ErrorKind::IO, "WeightStoreWriter: fdatasync failed: " + errno_text(errno));
+  ::close(w.fd);
+  w.fd = -1;
+  check(::rename(w.tmp_path.c_str(), w.path.c_str()) == 0, ErrorKind::IO,
+        "WeightStoreWriter: cannot rename '" + w.tmp_path + "' to '" + w.path + "': " + errno_text(errno));
+  w.finished = true;
+}
+
+// =================================================================================================
+// Reader
+// =================================================================================================
+namespace {
+
+enum class SlotState : uint8_t { Free, Loading, Ready, Failed };
+
+struct Slot {
+  int32_t layer = -1;  // index into layers
+  int64_t neuron = -1;
+  uint64_t last_token = 0;
+  int32_t pins = 0;
+  SlotState state = SlotState::Free;
+  int32_t prev = -1, next = -1;  // LRU list (head = most recent)
+};
+
+// Completion of a group of I/O tasks.
+struct Group {
+  std::mutex m;
+  std::condition_variable cv;
+  int pending = 0;
+  std::exception_ptr error;
+  void done(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lk(m);
+    if (e && !error) error = e;
+    if (--pending == 0) cv.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return pending == 0; });
+  }
+};
+
+}  // namespace
+
+struct WeightStore::Impl {
+  std::string path;
+  int fd = -1;
+  bool direct = false;
+  int64_t budget = 0;
+  WeightStoreOptions opts;
+  std::vector<StoredTensorInfo> tensors;
+  std::vector<std::vector<uint32_t>> tensor_crcs;
+  std::vector<StoredLayerInfo> layers;
+  std::vector<std::vector<uint32_t>> layer_crcs;
+  std::unordered_map<std::string, size_t> tensor_index;
+  std::unordered_map<int64_t, size_t> layer_index;
+  uint64_t file_bytes = 0;
+  int64_t largest_read = 0;  // one aligned read unit (neuron or tensor chunk) with alignment slack
+  uint64_t slot_bytes = 0;
+
+  // I/O pool: one staging buffer per thread.
+  size_t stage_bytes = 0;
+  std::vector<HostBuffer> stages;
+  std::vector<std::thread> threads;
+  std::deque<std::function<void(uint8_t*, int)>> queue;
+  std::mutex qmu;
+  std::condition_variable qcv;
+  bool stopping = false;
+  std::vector<void*> thread_events;  // CUDA: one per I/O thread (get() copies)
+
+  // Cache.
+  mutable std::mutex mu;
+  std::condition_variable loaded_cv;
+  HostBuffer arena;
+  std::vector<Slot> slots;
+  std::vector<int32_t> free_slots;
+  std::vector<std::vector<int32_t>> table;  // per layer: neuron -> slot or -1
+  int32_t lru_head = -1, lru_tail = -1;
+  uint64_t token = 0;
+  int prefetch_pending = 0;
+  std::condition_variable prefetch_cv;
+  std::string prefetch_error;
+
+  // CUDA gather buffers (double-buffered) for get_rows outputs on a GPU.
+  HostBuffer gather[2];
+  void* gather_event[2] = {nullptr, nullptr};
+  int gather_next = 0;
+
+  std::mutex call_mu;  // get()/get_rows() run one at a time
+
+  std::atomic<uint64_t> bytes_read{0}, reads_issued{0};
+  uint64_t hits = 0, misses = 0, prefetched = 0, evictions = 0, resident = 0, peak_resident = 0;
+
+  ~Impl() { shutdown(); }
+
+  void shutdown() {
+    {
+      std::lock_guard<std::mutex> lk(qmu);
+      stopping = true;
+    }
+    qcv.notify_all();
+    for (auto& t : threads) t.join();  // workers drain the queue first
+    threads.clear();
+#if MEMKERNELS_WITH_CUDA
+    for (void* e : thread_events) cuda_backend::event_destroy(e);
+    for (void* e : gather_event) {
+      if (e) {
+        try { cuda_backend::event_wait_host(e); } catch (...) {}
+        cuda_backend::event_destroy(e);
+      }
+    }
+#endif
+    thread_events.clear();
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+
+  void worker(int id) {
+    for (;;) {
+      std::function<void(uint8_t*, int)> task;
+      {
+        std::unique_lock<std::mutex> lk(qmu);
+        qcv.wait(lk, [&] { return stopping || !queue.empty(); });
+        if (queue.empty()) return;
+        task = std::move(queue.front());
+        queue.pop_front();
+      }
+      task(stages[size_t(id)].ptr, id);
+    }
+  }
+
+  // The calling thread works through queued reads (with its own staging buffer, the last one)
+  // instead of sleeping until `g` is done: fewer thread hand-offs on a busy CPU.
+  bool run_one_queued() {
+    std::function<void(uint8_t*, int)> task;
+    {
+      std::lock_guard<std::mutex> lk(qmu);
+      if (queue.empty()) return false;
+      task = std::move(queue.front());
+      queue.pop_front();
+    }
+    const int tid = int(stages.size()) - 1;
+    task(stages[size_t(tid)].ptr, tid);
+    return true;
+  }
+  void help_until(Group& g) {
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lk(g.m);
+        if (g.pending == 0) return;
+      }
+      if (!run_one_queued()) return g.wait();
+    }
+  }
+
+  void submit(std::function<void(uint8_t*, int)> task) {
+    {
+      std::lock_guard<std::mutex> lk(qmu);
+      queue.push_back(std::move(task));
+    }
+    qcv.notify_one();
+  }
+
+  // Reads [off, off + len) of the file into `stage` with an aligned read; returns a pointer to off.
+  const uint8_t* read_range(uint8_t* stage, uint64_t off, uint64_t len) {
+    const uint64_t a0 = round_down(off, kAlign), a1 = round_up(off + len, kAlign);
+    check(a1 - a0 <= stage_bytes, ErrorKind::Value, "weight store: internal read larger than the staging buffer");
+    int err = 0;
+    size_t got = read_full(fd, stage, size_t(a1 - a0), a0, &err);
+    reads_issued.fetch_add(1, std::memory_order_relaxed);
+    bytes_read.fetch_add(got, std::memory_order_relaxed);
+    if (!direct) ::posix_fadvise(fd, off_t(a0), off_t(a1 - a0), POSIX_FADV_DONTNEED);
+    check(err == 0, ErrorKind::IO, "weight store: read of '" + path + "' at " + str(a0) + " failed: " + errno_text(err));
+    check(got >= off + len - a0, ErrorKind::CorruptData,
+          "weight store: '" + path + "' is truncated (read " + str(got) + " of " + str(off + len - a0) + " bytes at " +
+              str(a0) + ")");
+    return stage + (off - a0);
+  }
+
+  // ---- LRU list (callers hold mu) ----
+  void lru_unlink(int32_t s) {
+    Slot& x = slots[size_t(s)];
+    if (x.prev >= 0) slots[size_t(x.prev)].next = x.next; else if (lru_head == s) lru_head = x.next;
+    if (x.next >= 0) slots[size_t(x.next)].prev = x.prev; else if (lru_tail == s) lru_tail = x.prev;
+    x.prev = x.next = -1;
+  }
+  void lru_push_front(int32_t s) {
+    Slot& x = slots[size_t(s)];
+    x.prev = -1;
+    x.next = lru_head;
+    if (lru_head >= 0) slots[size_t(lru_head)].prev = s;
+    lru_head = s;
+    if (lru_tail < 0) lru_tail = s;
+  }
+  void touch(int32_t s) {
+    slots[size_t(s)].last_token = token;
+    lru_unlink(s);
+    lru_push_front(s);
+  }
+  void release_slot(int32_t s) {  // back to the free list (caller checked pins == 0)
+    Slot& x = slots[size_t(s)];
+    if (x.state != SlotState::Free) resident -= layers[size_t(x.layer)].bundle_bytes;
+    if (x.layer >= 0 && table[size_t(x.layer)][size_t(x.neuron)] == s) table[size_t(x.layer)][size_t(x.neuron)] = -1;
+    lru_unlink(s);
+    x = Slot{};
+    free_slots.push_back(s);
+  }
+  // A free slot, evicting the least recently used unpinned ready neuron if needed; -1 when none.
+  int32_t alloc_slot() {
+    if (free_slots.empty()) {
+      for (int32_t s = lru_tail; s >= 0; s = slots[size_t(s)].prev) {
+        const Slot& x = slots[size_t(s)];
+        if (x.pins == 0 && (x.state == SlotState::Ready || x.state == SlotState::Failed)) {
+          if (x.state == SlotState::Ready) ++evictions;
+          release_slot(s);
+          break;
+        }
+      }
+      if (free_slots.empty()) return -1;
+    }
+    int32_t s = free_slots.back();
+    free_slots.pop_back();
+    return s;
+  }
+  void claim(int32_t s, int32_t layer, int64_t neuron) {
+    Slot& x = slots[size_t(s)];
+    x.layer = layer;
+    x.neuron = neuron;
+    x.state = SlotState::Loading;
+    x.pins = 1;  // the loader's pin
+    table[size_t(layer)][size_t(neuron)] = s;
+    resident += layers[size_t(layer)].bundle_bytes;
+    peak_resident = std::max(peak_resident, resident);
+    touch(s);
+  }
+  uint8_t* slot_ptr(int32_t s) { return arena.ptr + size_t(s) * slot_bytes; }
+
+  // Loads (neuron, slot) pairs of one layer, sorted by neuron, in coalesced reads. Each read task
+  // marks its slots Ready (or Failed) and drops the loader pin; `group` counts the tasks.
+  void load_runs(int32_t li, const std::vector<std::pair<int64_t, int32_t>>& todo, const std::shared_ptr<Group>& group,
+                 bool is_prefetch) {
+    const StoredLayerInfo& L = layers[size_t(li)];
+    const uint64_t B = L.bundle_bytes;
+    const uint64_t gap_neurons = uint64_t(std::max<int64_t>(0, opts.merge_gap_bytes)) / B;
+    size_t i = 0;
+    while (i < todo.size()) {
+      size_t j = i + 1;
+      while (j < todo.size()) {
+        const uint64_t gap = uint64_t(todo[j].first - todo[j - 1].first - 1);
+        const uint64_t off0 = L.offset + uint64_t(todo[i].first) * B;
+        const uint64_t end = L.offset + uint64_t(todo[j].first + 1) * B;
+        if (gap > gap_neurons || round_up(end, kAlign) - round_down(off0, kAlign) > stage_bytes) break;
+        ++j;
+      }
+      auto run = std::make_shared<std::vector<std::pair<int64_t, int32_t>>>(todo.begin() + i, todo.begin() + j);
+      {
+        std::lock_guard<std::mutex> lk(group->m);
+        ++group->pending;
+      }
+      if (is_prefetch) {
+        std::lock_guard<std::mutex> lk(mu);  // counted before it starts: wait_prefetch() cannot miss it
+        ++prefetch_pending;
+      }
+      submit([this, li, run, group, is_prefetch](uint8_t* stage, int) {
+        const StoredLayerInfo& Lr = layers[size_t(li)];
+        std::exception_ptr err;
+        std::vector<bool> ok(run->size(), false);
+        try {
+          const uint64_t off0 = Lr.offset + uint64_t(run->front().first) * Lr.bundle_bytes;
+          const uint64_t len = uint64_t(run->back().first - run->front().first + 1) * Lr.bundle_bytes;
+          const uint8_t* base = read_range(stage, off0, len);
+          for (size_t k = 0; k < run->size(); ++k) {
+            const int64_t n = (*run)[k].first;
+            const uint8_t* src = base + uint64_t(n - run->front().first) * Lr.bundle_bytes;
+            if (crc32(src, Lr.bundle_bytes) != layer_crcs[size_t(li)][size_t(n)]) {
+              if (!err)
+                err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
+                                                    "weight store: checksum mismatch in layer " + std::to_string(Lr.layer) +
+                                                        ", neuron " + std::to_string(n) + " of '" + path + "'"));
+              continue;
+            }
+            std::memcpy(slot_ptr((*run)[k].second), src, Lr.bundle_bytes);
+            ok[k] = true;
+          }
+        } catch (...) {
+          err = std::current_exception();
+        }
+        {
+          std::lock_guard<std::mutex> lk(mu);
+          for (size_t k = 0; k < run->size(); ++k) {
+            const int32_t s = (*run)[k].second;
+            Slot& x = slots[size_t(s)];
+            x.state = ok[k] ? SlotState::Ready : SlotState::Failed;
+            if (!ok[k] && table[size_t(x.layer)][size_t(x.neuron)] == s)
+              table[size_t(x.layer)][size_t(x.neuron)] = -1;  // forget it: a later request reads it again
+            if (--x.pins == 0 && x.state == SlotState::Failed) release_slot(s);
+          }
+          if (is_prefetch) {
+            prefetched += uint64_t(std::count(ok.begin(), ok.end(), true));
+            if (err && prefetch_error.empty()) {
+              try { std::rethrow_exception(err); } catch (const std::exception& e) { prefetch_error = e.what(); }
+            }
+            if (--prefetch_pending == 0) prefetch_cv.notify_all();
+          }
+        }
+        loaded_cv.notify_all();
+        group->done(is_prefetch ? nullptr : err);
+      });
+      i = j;
+    }
+  }
+};
+
+WeightStore::WeightStore() : impl_(new Impl) {}
+WeightStore::~WeightStore() = default;
+
+std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t dram_budget_bytes,
+                                               const WeightStoreOptions& opts) {
+  check(opts.io_threads >= 1 && opts.io_threads <= 256, ErrorKind::Value,
+        "WeightStore.open: io_threads must be in [1, 256], got " + std::to_string(opts.io_threads));
+  check(opts.window_tokens >= 0, ErrorKind::Value, "WeightStore.open: window_tokens must be >= 0");
+  check(opts.merge_gap_bytes >= 0, ErrorKind::Value, "WeightStore.open: merge_gap_bytes must be >= 0");
+  check(dram_budget_bytes > 0, ErrorKind::Value,
+        "WeightStore.open: dram_budget_bytes must be > 0, got " + std::to_string(dram_budget_bytes));
+  require_cuda_usable("WeightStore.open", opts.device);
+  std::unique_ptr<WeightStore> store(new WeightStore());
+  Impl& s = *store->impl_;
+  s.path = path;
+  s.opts = opts;
+  s.budget = dram_budget_bytes;
+
+  // Open with O_DIRECT; filesystems such as tmpfs refuse it (EINVAL) -> buffered + fadvise.
+  if (opts.direct_io) {
+    s.fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    s.direct = s.fd >= 0;
+  }
+  if (s.fd < 0) {
+    s.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    check(s.fd >= 0, ErrorKind::IO, "WeightStore.open: cannot open '" + path + "': " + errno_text(errno));
+  }
+  struct stat st;
+  check(::fstat(s.fd, &st) == 0, ErrorKind::IO, "WeightStore.open: cannot stat '" + path + "'");
+  check(S_ISREG(st.st_mode), ErrorKind::IO, "WeightStore.open: '" + path + "' is not a regular file");
+  const uint64_t actual = uint64_t(st.st_size);
+  HostBuffer head(kAlign, false);
+  int err = 0;
+  size_t got = read_full(s.fd, head.ptr, kAlign, 0, &err);
+  if (err == EINVAL && s.direct) {  // O_DIRECT accepted at open but refused at read
+    ::close(s.fd);
+    s.direct = false;
+    s.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    check(s.fd >= 0, ErrorKind::IO, "WeightStore.open: cannot open '" + path + "': " + errno_text(errno));
+    got = read_full(s.fd, head.ptr, kAlign, 0, &err);
+  }
+  check(err == 0, ErrorKind::IO, "WeightStore.open: cannot read '" + path + "': " + errno_text(err));
+  check(got >= kHeaderBytes, ErrorKind::CorruptData,
+        "WeightStore.open: '" + path + "' is truncated (" + str(got) + " bytes, a header needs 64)");
+  check(std::memcmp(head.ptr, kMagic, 8) == 0, ErrorKind::CorruptData,
+        "WeightStore.open: '" + path + "' is not a memkernels weight store (bad magic)");
+  In h(head.ptr + 8, kHeaderBytes - 8);
+  const uint32_t version = h.get<uint32_t>();
+  check(version == kWeightStoreVersion, ErrorKind::CorruptData,
+        "WeightStore.open: '" + path + "' has format version " + str(version) + "; this build reads version " +
+            str(kWeightStoreVersion));
+  h.get<uint32_t>();  // flags
+  const uint64_t dir_offset = h.get<uint64_t>(), dir_bytes = h.get<uint64_t>();
+  const uint64_t data_offset = h.get<uint64_t>(), file_bytes = h.get<uint64_t>();
+  const uint32_t dir_crc = h.get<uint32_t>();
+  h.get<uint32_t>();
+  h.get<uint32_t>();
+  const uint32_t header_crc = h.get<uint32_t>();
+  check(crc32(head.ptr, kHeaderBytes - 4) == header_crc, ErrorKind::CorruptData,
+        "WeightStore.open: header checksum mismatch in '" + path + "'");
+  check(actual >= file_bytes, ErrorKind::CorruptData,
+        "WeightStore.open: '" + path + "' is truncated (" + str(actual) + " bytes, header says " + str(file_bytes) + ")");
+  check(actual == file_bytes && data_offset == kAlign && dir_offset >= data_offset && dir_bytes <= file_bytes &&
+            dir_offset == file_bytes - dir_bytes,
+        ErrorKind::CorruptData, "WeightStore.open: inconsistent header in '" + path + "'");
+  s.file_bytes = file_bytes;
+
+  // Directory.
+  {
+    const uint64_t a0 = round_down(dir_offset, kAlign), a1 = round_up(dir_offset + dir_bytes, kAlign);
+    HostBuffer dir(size_t(a1 - a0), false);
+    got = read_full(s.fd, dir.ptr, size_t(a1 - a0), a0, &err);
+    check(err == 0, ErrorKind::IO, "WeightStore.open: cannot read the directory of '" + path + "': " + errno_text(err));
+    check(got >= dir_offset + dir_bytes - a0, ErrorKind::CorruptData, "WeightStore.open: '" + path + "' is truncated");
+    const uint8_t* dp = dir.ptr + (dir_offset - a0);
+    check(crc32(dp, dir_bytes) == dir_crc, ErrorKind::CorruptData,
+          "WeightStore.open: directory checksum mismatch in '" + path + "'");
+    In d(dp, dir_bytes);
+    const uint32_t nt = d.get<uint32_t>(), nl = d.get<uint32_t>();
+    auto bad = [&](const std::string& what) { throw_error(ErrorKind::CorruptData, "WeightStore.open: '" + path + "': " + what); };
+    auto in_data = [&](uint64_t off, uint64_t n) { return off >= data_offset && off <= dir_offset && n <= dir_offset - off; };
+    for (uint32_t i = 0; i < nt; ++i) {
+      StoredTensorInfo t;
+      const uint32_t name_len = d.get<uint32_t>();
+      const uint8_t* nm = d.take(name_len);
+      t.name.assign(reinterpret_cast<const char*>(nm), name_len);
+      const uint8_t dt = d.get<uint8_t>(), ndim = d.get<uint8_t>();
+      d.get<uint16_t>();
+      if (!valid_dtype(dt) || ndim > kMaxDims) bad("bad dtype or rank of tensor '" + t.name + "'");
+      t.dtype = DType(dt);
+      __int128 numel = 1;
+      for (int k = 0; k < ndim; ++k) {
+        int64_t v = d.get<int64_t>();
+        if (v < 0 || v > (int64_t(1) << 48)) bad("bad shape of tensor '" + t.name + "'");
+        t.shape.push_back(v);
+        numel *= v;
+        if (numel > (__int128(1) << 60)) bad("bad shape of tensor '" + t.name + "'");
+      }
+      t.offset = d.get<uint64_t>();
+      t.nbytes = d.get<uint64_t>();
+      t.chunk_bytes = d.get<uint32_t>();
+      const uint32_t nchunks = d.get<uint32_t>();
+      if (__int128(t.nbytes) != numel * dtype_size(t.dtype) || !in_data(t.offset, t.nbytes) || t.chunk_bytes < 4096 ||
+          t.chunk_bytes > (1u << 30) || uint64_t(nchunks) != (t.nbytes + t.chunk_bytes - 1) / t.chunk_bytes)
+        bad("inconsistent entry for tensor '" + t.name + "'");
+      const uint8_t* crc_bytes = d.take(size_t(nchunks) * 4);  // bounds first, then allocate
+      std::vector<uint32_t> crcs(nchunks);
+      std::memcpy(crcs.data(), crc_bytes, size_t(nchunks) * 4);
+      if (!s.tensor_index.emplace(t.name, s.tensors.size()).second) bad("duplicate tensor '" + t.name + "'");
+      s.tensors.push_back(std::move(t));
+      s.tensor_crcs.push_back(std::move(crcs));
+    }
+    for (uint32_t i = 0; i < nl; ++i) {
+      StoredLayerInfo l;
+      l.layer = d.get<int64_t>();
+      l.neurons = d.get<int64_t>();
+      l.d_model = d.get<int64_t>();
+      const uint8_t dt = d.get<uint8_t>(), parts = d.get<uint8_t>();
+      d.get<uint16_t>();
+      l.offset = d.get<uint64_t>();
+      l.bundle_bytes = d.get<uint64_t>();
+      const std::string ln = "layer " + std::to_string(l.layer);
+      if (!valid_dtype(dt) || (parts != 2 && parts != 3) || l.neurons <= 0 || l.d_model <= 0 ||
+          l.neurons > (int64_t(1) << 32) || l.d_model > (int64_t(1) << 32))
+        bad("bad entry for " + ln);
+      l.dtype = DType(dt);
+      l.parts = parts;
+      if (__int128(l.bundle_bytes) != __int128(l.d_model) * parts * dtype_size(l.dtype) ||
+          __int128(l.bundle_bytes) * l.neurons > __int128(dir_offset) || !in_data(l.offset, l.bundle_bytes * uint64_t(l.neurons)))
+        bad("inconsistent entry for " + ln);
+      const uint8_t* crc_bytes = d.take(size_t(l.neurons) * 4);
+      std::vector<uint32_t> crcs(size_t(l.neurons));
+      std::memcpy(crcs.data(), crc_bytes, size_t(l.neurons) * 4);
+      if (!s.layer_index.emplace(l.layer, s.layers.size()).second) bad("duplicate " + ln);
+      s.layers.push_back(l);
+      s.layer_crcs.push_back(std::move(crcs));
+    }
+    if (d.pos != d.n) bad("trailing bytes in the directory");
+  }
+
+  // Budget: one read buffer of the largest read unit plus (with FFN layers) one neuron slot, and on
+  // CUDA two gather buffers. Everything the store allocates for data comes out of the budget.
+  uint64_t unit = 0;
+  for (auto& l : s.layers) {
+    s.slot_bytes = std::max(s.slot_bytes, l.bundle_bytes);
+    unit = std::max(unit, l.bundle_bytes);
+  }
+  for (auto& t : s.tensors) unit = std::max<uint64_t>(unit, std::min<uint64_t>(t.chunk_bytes, t.nbytes));
+  s.largest_read = int64_t(round_up(std::max<uint64_t>(unit, 1), kAlign) + kAlign);
+  const bool cuda = opts.device.is_cuda();
+  const uint64_t min_budget = uint64_t(s.largest_read) * (cuda ? 4 : 2) + s.slot_bytes;
+  check(uint64_t(dram_budget_bytes) >= min_budget, ErrorKind::Value,
+        "WeightStore.open: dram_budget_bytes (" + std::to_string(dram_budget_bytes) +
+            ") is smaller than the largest single read: needs at least " + str(min_budget) + " bytes (" +
+            (cuda ? "4" : "2") + " read buffers of " + str(uint64_t(s.largest_read)) + " bytes" +
+            (s.slot_bytes ? " + one " + str(s.slot_bytes) + "-byte neuron" : "") + ")");
+  const uint64_t B = uint64_t(dram_budget_bytes);
+  const uint64_t want = std::max<uint64_t>(uint64_t(s.largest_read),
+                                           round_up(uint64_t(std::max<int64_t>(opts.max_read_bytes, 1)), kAlign) + kAlign);
+  uint64_t stage = want;
+  uint64_t nbuf = uint64_t(opts.io_threads);
+  // n worker buffers + the calling thread's + (CUDA) two gather buffers.
+  auto fixed = [&](uint64_t st, uint64_t n) { return st * (n + 1) + (cuda ? 2 * st : 0); };
+  while (nbuf > 1 && fixed(stage, nbuf) + s.slot_bytes > B / 2) --nbuf;
+  if (fixed(stage, nbuf) + s.slot_bytes > B / 2)
+    stage = std::max<uint64_t>(uint64_t(s.largest_read), round_down(B / (2 * (nbuf + 1 + (cuda ? 2 : 0))), kAlign));
+  if (fixed(stage, nbuf) + s.slot_bytes > B) stage = uint64_t(s.largest_read);
+  s.stage_bytes = size_t(stage);
+  const uint64_t left = B - fixed(stage, nbuf);
+  const size_t nslots = s.slot_bytes ? size_t(left / s.slot_bytes) : 0;
+  s.arena = HostBuffer(nslots * s.slot_bytes, cuda);
+  s.slots.resize(nslots);
+  for (size_t i = nslots; i-- > 0;) s.free_slots.push_back(int32_t(i));
+  s.table.resize(s.layers.size());
+  for (size_t i = 0; i < s.layers.size(); ++i) s.table[i].assign(size_t(s.layers[i].neurons), -1);
+  for (uint64_t i = 0; i <= nbuf; ++i) s.stages.emplace_back(size_t(stage), cuda);  // + the caller's
+  if (cuda) {
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::set_device(opts.device.index);  // events belong to the store's device
+    for (int g = 0; g < 2; ++g) {
+      s.gather[g] = HostBuffer(size_t(stage), true);
+      s.gather_event[g] = cuda_backend::event_create();
+    }
+    for (uint64_t i = 0; i <= nbuf; ++i) s.thread_events.push_back(cuda_backend::event_create());
+#endif
+  }
+  for (uint64_t i = 0; i < nbuf; ++i) s.threads.emplace_back([&s, i] { s.worker(int(i)); });
+  return store;
+}
+
+const std::vector<StoredTensorInfo>& WeightStore::tensors() const { return impl_->tensors; }
+const std::vector<StoredLayerInfo>& WeightStore::layers() const { return impl_->layers; }
+const char* WeightStore::io_mode() const { return impl_->direct ? "direct" : "buffered"; }
+int64_t WeightStore::largest_read_bytes() const { return impl_->largest_read; }
+int64_t WeightStore::dram_budget_bytes() const { return impl_->budget; }
+Device WeightStore::device() const { return impl_->opts.device; }
+
+const StoredTensorInfo& WeightStore::tensor_info(const std::string& name) const {
+  auto it = impl_->tensor_index.find(name);
+  check(it != impl_->tensor_index.end(), ErrorKind::Value, "WeightStore: no tensor named '" + name + "'");
+  return impl_->tensors[it->second];
+}
+
+const StoredLayerInfo& WeightStore::layer_info(int64_t layer) const {
+  auto it = impl_->layer_index.find(layer);
+  check(it != impl_->layer_index.end(), ErrorKind::Value,
+        "WeightStore: no FFN layer " + std::to_string(layer) + " (the store has " +
+            std::to_string(impl_->layers.size()) + " layers)");
+  return impl_->layers[it->second];
+}
+
+static void check_out(const TensorView& out, const Device& dev, DType dtype, const std::vector<int64_t>& shape,
+                      const char* op) {
+  expect_dtype(out, "out", {dtype});
+  check(out.ndim == int(shape.size()) && std::equal(shape.begin(), shape.end(), out.shape), ErrorKind::Value,
+        std::string(op) + ": out has shape " + out.shape_str() + ", expected the stored shape");
+  if (out.numel() > 0) expect_contiguous(out, "out");
+  check(out.device == dev, ErrorKind::Value,
+        std::string(op) + ": out is on " + out.device.str() + " but the store was opened for " + dev.str());
+  check(out.numel() == 0 || out.data != nullptr, ErrorKind::Value, std::string(op) + ": out has no data");
+}
+
+void WeightStore::get(const std::string& name, const TensorView& out, void* stream) {
+  Impl& s = *impl_;
+  const StoredTensorInfo& t = tensor_info(name);
+  const size_t ti = s.tensor_index[name];
+  check_out(out, s.opts.device, t.dtype, t.shape, "WeightStore.get");
+  std::lock_guard<std::mutex> call(s.call_mu);
+  const uint64_t nchunks = (t.nbytes + t.chunk_bytes - 1) / t.chunk_bytes;
+  auto group = std::make_shared<Group>();
+  group->pending = int(nchunks);
+  uint8_t* dst = static_cast<uint8_t*>(out.data);
+  const bool cuda = s.opts.device.is_cuda();
+  for (uint64_t c = 0; c < nchunks; ++c) {
+    s.submit([&s, &t, ti, c, dst, cuda, stream, group](uint8_t* stage, int tid) {
+      std::exception_ptr err;
+      try {
+        const uint64_t off = uint64_t(c) * t.chunk_bytes, n = std::min<uint64_t>(t.chunk_bytes, t.nbytes - off);
+        const uint8_t* src = s.read_range(stage, t.offset + off, n);
+        check(crc32(src, n) == s.tensor_crcs[ti][size_t(c)], ErrorKind::CorruptData,
+              "weight store: checksum mismatch in tensor '" + t.name + "', chunk " + str(c) + " of '" + s.path + "'");
+        if (!cuda) {
+          std::memcpy(dst + off, src, n);
+        } else {
+#if MEMKERNELS_WITH_CUDA
+          cuda_backend::set_device(s.opts.device.index);  // I/O threads start on device 0
+          cuda_backend::copy_h2d_async(dst + off, src, n, stream);
+          cuda_backend::event_record(s.thread_events[size_t(tid)], stream);
+          cuda_backend::event_wait_host(s.thread_events[size_t(tid)]);  // stage is reused by the next task
+#else
+          (void)stream, (void)tid;
+#endif
+        }
+      } catch (...) {
+        err = std::current_exception();
+      }
+      group->done(err);
+    });
+  }
+  s.help_until(*group);
+  if (group->error) std::rethrow_exception(group->error);
+}
+
+void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream) {
+  Impl& s = *impl_;
+  const StoredLayerInfo& L = layer_info(layer);
+  const int32_t li = int32_t(s.layer_index[layer]);
+  check(count >= 0, ErrorKind::Value, "get_rows: count must be >= 0");
+  check_out(out, s.opts.device, L.dtype, {count, int64_t(L.parts), L.d_model}, "WeightStore.get_rows");
+  for (int64_t k = 0; k < count; ++k)
+    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+          "get_rows: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
+              std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
+  std::lock_guard<std::mutex> call(s.call_mu);
+  const bool cuda = s.opts.device.is_cuda();
+  const uint64_t B = L.bundle_bytes;
+  const int64_t nslots = int64_t(s.slots.size());
+  check(nslots > 0, ErrorKind::Value, "get_rows: no neuron fits in the cache");
+  uint8_t* dst = static_cast<uint8_t*>(out.data);
+  // Batches of at most nslots neurons: each batch is loaded, pinned, copied out, unpinned.
+  for (int64_t b0 = 0; b0 < count; b0 += nslots) {
+    const int64_t b1 = std::min(count, b0 + nslots);
+    std::vector<int32_t> slot_of(size_t(b1 - b0), -1);
+    std::vector<std::pair<int64_t, int32_t>> todo;
+    {
+      std::unique_lock<std::mutex> lk(s.mu);
+      for (int64_t k = b0; k < b1; ++k) {
+        int32_t sl = s.table[size_t(li)][size_t(ids[k])];
+        if (sl >= 0) {
+          ++s.hits;
+          s.slots[size_t(sl)].pins++;
+          s.touch(sl);
+        } else {
+          ++s.misses;
+          while ((sl = s.alloc_slot()) < 0) s.loaded_cv.wait(lk);  // slots pinned by prefetch: wait for them
+          s.claim(sl, li, ids[k]);
+          s.slots[size_t(sl)].pins++;  // our pin, besides the loader's
+          todo.emplace_back(ids[k], sl);
+        }
+        slot_of[size_t(k - b0)] = sl;
+      }
+    }
+    std::sort(todo.begin(), todo.end());
+    auto group = std::make_shared<Group>();
+    if (!todo.empty()) {
+      s.load_runs(li, todo, group, false);
+      s.help_until(*group);
+    }
+    std::exception_ptr err = group->error;
+    auto landed = [&] {
+      for (int32_t sl : slot_of)
+        if (s.slots[size_t(sl)].state == SlotState::Loading) return false;
+      return true;
+    };
+    for (;;) {  // neurons a prefetch is still loading: help with the queued reads, then wait
+      {
+        std::lock_guard<std::mutex> lk(s.mu);
+        if (landed()) break;
+      }
+      if (!s.run_one_queued()) break;
+    }
+    {
+      std::unique_lock<std::mutex> lk(s.mu);
+      s.loaded_cv.wait(lk, landed);
+      for (int32_t sl : slot_of)
+        if (s.slots[size_t(sl)].state != SlotState::Ready && !err)
+          err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
+                                              "get_rows: a prefetched read of layer " + std::to_string(layer) +
+                                                  " failed: " + s.prefetch_error));
+    }
+    if (!err) {
+      try {
+        if (!cuda) {
+          for (int64_t k = b0; k < b1; ++k) std::memcpy(dst + k * B, s.slot_ptr(slot_of[size_t(k - b0)]), B);
+        } else {
+#if MEMKERNELS_WITH_CUDA
+          // Gather into a pinned buffer, copy it to the GPU asynchronously; double-buffered.
+          cuda_backend::set_device(s.opts.device.index);
+          const int64_t per = std::max<int64_t>(1, int64_t(s.stage_bytes / B));
+          for (int64_t k0 = b0; k0 < b1; k0 += per) {
+            const int64_t k1 = std::min(b1, k0 + per);
+            const int g = s.gather_next;
+            s.gather_next ^= 1;
+            cuda_backend::event_wait_host(s.gather_event[g]);
+            for (int64_t k = k0; k < k1; ++k)
+              std::memcpy(s.gather[g].ptr + (k - k0) * B, s.slot_ptr(slot_of[size_t(k - b0)]), B);
+            cuda_backend::copy_h2d_async(dst + k0 * B, s.gather[g].ptr, size_t((k1 - k0) * B), stream);
+            cuda_backend::event_record(s.gather_event[g], stream);
+          }
+#else
+          (void)stream;
+#endif
+        }
+      } catch (...) {
+        err = std::current_exception();
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lk(s.mu);
+      for (int32_t sl : slot_of) {
+        Slot& x = s.slots[size_t(sl)];
+        if (--x.pins == 0 && x.state == SlotState::Failed) s.release_slot(sl);
+      }
+    }
+    s.loaded_cv.notify_all();
+    if (err) std::rethrow_exception(err);
+  }
+}
+
+void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
+  Impl& s = *impl_;
+  const StoredLayerInfo& L = layer_info(layer);
+  const int32_t li = int32_t(s.layer_index[layer]);
+  for (int64_t k = 0; k < count; ++k)
+    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+          "prefetch: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
+              std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
+  std::vector<std::pair<int64_t, int32_t>> todo;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    // Never evict what this prefetch itself just loaded: at most nslots/2 new neurons, so the
+    // windowed working set is not thrashed by a too-large prediction.
+    const size_t cap = std::max<size_t>(1, s.slots.size() / 2);
+    for (int64_t k = 0; k < count && todo.size() < cap; ++k) {
+      int32_t sl = s.table[size_t(li)][size_t(ids[k])];
+      if (sl >= 0) {
+        s.touch(sl);
+        continue;
+      }
+      sl = s.alloc_slot();
+      if (sl < 0) break;  // budget reached: the rest is read on demand
+      s.claim(sl, li, ids[k]);
+      todo.emplace_back(ids[k], sl);
+    }
+    if (todo.empty()) return;
+  }
+  std::sort(todo.begin(), todo.end());
+  auto group = std::make_shared<Group>();
+  s.load_runs(li, todo, group, true);
+}
+
+void WeightStore::wait_prefetch() {
+  Impl& s = *impl_;
+  std::unique_lock<std::mutex> lk(s.mu);
+  s.prefetch_cv.wait(lk, [&] { return s.prefetch_pending == 0; });
+}
+
+void WeightStore::next_token() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lk(s.mu);
+  ++s.token;
+  if (s.opts.window_tokens <= 0) return;
+  // Neurons not used in the last window_tokens tokens leave (from the LRU end).
+  for (int32_t sl = s.lru_tail; sl >= 0;) {
+    const int32_t prev = s.slots[size_t(sl)].prev;
+    const Slot& x = s.slots[size_t(sl)];
+    if (x.last_token + uint64_t(s.opts.window_tokens) > s.token) break;
+    if (x.pins == 0 && x.state == SlotState::Ready) {
+      ++s.evictions;
+      s.release_slot(sl);
+    }
+    sl = prev;
+  }
+}
+
+void WeightStore::clear_cache() {
+  Impl& s = *impl_;
+  wait_prefetch();
+  std::lock_guard<std::mutex> call(s.call_mu);
+  std::lock_guard<std::mutex> lk(s.mu);
+  for (int32_t sl = 0; sl < int32_t(s.slots.size()); ++sl)
+    if (s.slots[size_t(sl)].state != SlotState::Free && s.slots[size_t(sl)].pins == 0) s.release_slot(sl);
+}
+
+WeightStoreStats WeightStore::stats() const {
+  const Impl& s = *impl_;
+  std::lock_guard<std::mutex> lk(s.mu);
+  WeightStoreStats r;
+  r.bytes_read = s.bytes_read.load();
+  r.reads_issued = s.reads_issued.load();
+  r.neuron_hits = s.hits;
+  r.neuron_misses = s.misses;
+  r.prefetched = s.prefetched;
+  r.evictions = s.evictions;
+  r.resident_bytes = s.resident;
+  r.peak_resident_bytes = s.peak_resident;
+  r.cache_capacity_bytes = uint64_t(s.slots.size()) * s.slot_bytes;
+  r.staging_bytes = uint64_t(s.stages.size()) * s.stage_bytes + (s.gather[0].ptr ? 2 * s.stage_bytes : 0);
+  r.tokens = s.token;
+  return r;
+}
+
+void WeightStore::reset_stats() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lk(s.mu);
+  s.bytes_read = 0;
+  s.reads_issued = 0;
+  s.hits = s.misses = s.prefetched = s.evictions = 0;
+  s.peak_resident = s.resident;
+}
+
+}  // namespace memkernels

@@ -1,0 +1,40 @@
+// Weight store, CUDA side: events and async host->device copies from the pinned staging buffers.
+// The store gathers neurons into pinned memory on the host; these copies move them to the GPU on the
+// caller's stream, and events tell the host when a staging buffer may be reused.
+#include "cuda_common.cuh"
+#include "weight_store_internal.h"
+
+namespace memkernels::cuda_backend {
+
+void set_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return;
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
+
+void* event_create() {
+  cudaEvent_t ev = nullptr;
+  check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+  return ev;
+}
+
+void event_destroy(void* event) noexcept {
+  if (event) cudaEventDestroy(static_cast<cudaEvent_t>(event));
+}
+
+void event_record(void* event, void* stream) {
+  check_cuda(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)),
+             "cudaEventRecord");
+}
+
+void event_wait_host(void* event) {
+  check_cuda(cudaEventSynchronize(static_cast<cudaEvent_t>(event)), "cudaEventSynchronize");
+}
+
+void copy_h2d_async(void* dst, const void* src, size_t bytes, void* stream) {
+  if (bytes == 0) return;
+  check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream)),
+             "cudaMemcpyAsync (weight store H2D)");
+}
+
+}  // namespace memkernels::cuda_backend
