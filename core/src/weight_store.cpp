@@ -858,7 +858,7 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   s.stage_bytes = size_t(stage);
   const uint64_t left = B - fixed(stage, nbuf);
   const size_t nslots = s.slot_bytes ? size_t(left / s.slot_bytes) : 0;
-  s.arena = HostBuffer(nslots * s.slot_bytes, cuda);
+  s.arena = HostBuffer(nslots * s.slot_bytes, false);  // CUDA copies go through the pinned gather buffers
   s.slots.resize(nslots);
   for (size_t i = nslots; i-- > 0;) s.free_slots.push_back(int32_t(i));
   s.table.resize(s.layers.size());

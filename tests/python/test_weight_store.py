@@ -312,6 +312,9 @@ def test_argument_errors(good_file, tmp):
         mk.WeightStore.open(os.path.join(tmp, "missing.mkws"), 1 << 20)
     with pytest.raises(ValueError, match="device"):
         mk.WeightStore.open(path, 1 << 20, device="tpu")
+    if not mk.info()["cuda_available"]:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            mk.WeightStore.open(path, 1 << 20, device="cuda")
     ws = mk.WeightStore.open(path, 1 << 20)
     with pytest.raises(ValueError, match="out of range"):
         ws.get_rows(1, [0, 200])
