@@ -2,7 +2,6 @@
 import json
 import os
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -257,7 +256,7 @@ def test_bad_header_version_and_directory(good_file):
         mk.WeightStore.open(path, 1 << 20)
     bad = bytearray(data)
     bad[8:12] = struct.pack("<I", 99)
-    bad[60:64] = struct.pack("<I", zlib.crc32(bytes(bad[:60])))
+    bad[60:64] = struct.pack("<I", mk._C.crc32c(bytes(bad[:60])))
     rewrite(path, bad)
     with pytest.raises(mk.CorruptDataError, match="version 99"):
         mk.WeightStore.open(path, 1 << 20)
@@ -278,8 +277,8 @@ def test_bad_header_version_and_directory(good_file):
     off_pos = dir_offset + 8 + 4 + name_len + 4 + 8 * 1  # u8 dtype, u8 ndim, u16, 1 dim
     bad[off_pos:off_pos + 8] = struct.pack("<Q", 1 << 40)
     dir_bytes = struct.unpack_from("<Q", data, 24)[0]
-    bad[48:52] = struct.pack("<I", zlib.crc32(bytes(bad[dir_offset:dir_offset + dir_bytes])))
-    bad[60:64] = struct.pack("<I", zlib.crc32(bytes(bad[:60])))
+    bad[48:52] = struct.pack("<I", mk._C.crc32c(bytes(bad[dir_offset:dir_offset + dir_bytes])))
+    bad[60:64] = struct.pack("<I", mk._C.crc32c(bytes(bad[:60])))
     rewrite(path, bad)
     with pytest.raises(mk.CorruptDataError, match="inconsistent entry for tensor 't'"):
         mk.WeightStore.open(path, 1 << 20)
