@@ -506,3 +506,20 @@ def test_request_larger_than_cache(tmp):
         s = ws.stats()
         assert s["cache_capacity_bytes"] < 1500 * 768 and s["evictions"] > 0
         assert s["peak_resident_bytes"] + s["staging_bytes"] <= budget
+
+
+def test_crc32c_matches_bitwise_reference():
+    def ref(data, crc=0):
+        crc ^= 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        return crc ^ 0xFFFFFFFF
+
+    rng = np.random.default_rng(13)
+    assert mk._C.crc32c(b"123456789") == 0xE3069283
+    for n in (0, 1, 7, 8, 9, 31, 64, 257):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert mk._C.crc32c(data) == ref(data)
+        assert mk._C.crc32c(data[n // 2:], mk._C.crc32c(data[: n // 2])) == ref(data)
