@@ -2,7 +2,7 @@
 
 A weight store is one file of our own format: whole tensors, plus FFN layers stored neuron by neuron
 as bundles [gate row i | up row i | down column i] so that one contiguous read brings one neuron
-and neighbouring active neurons come in one large read. Every read unit has a CRC32.
+and neighbouring active neurons come in one large read. Every read unit has a CRC-32C.
 
     import memkernels as mk
     mk.convert_to_weight_store("model.safetensors", "model.mkws")     # or .npz / .npy

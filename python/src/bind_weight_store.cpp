@@ -166,7 +166,7 @@ MK_PYTHON_BINDING(weight_store) {
         return d;
       });
 
-  m.def("crc32", [](nb::bytes b, uint32_t crc) { return crc32(b.c_str(), b.size(), crc); }, nb::arg("data"),
+  m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, nb::arg("data"),
         nb::arg("crc") = 0);
 }
 

@@ -48,9 +48,15 @@ Model write_model(const std::string& path, int layers = 2) {
 
 }  // namespace
 
-TEST(WeightStore, Crc32KnownValue) {
+TEST(WeightStore, Crc32cKnownValues) {
   const char* s = "123456789";
-  EXPECT_EQ(crc32(s, 9), 0xCBF43926u);
+  EXPECT_EQ(crc32c(s, 9), 0xE3069283u);  // the standard check value
+  std::vector<uint8_t> zeros(32, 0);
+  EXPECT_EQ(crc32c(zeros.data(), 32), 0x8A9136AAu);  // RFC 3720 B.4
+  // Incremental == one shot, across the 8-byte fast path and the byte tail.
+  std::vector<uint8_t> v(1000);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = uint8_t(i * 31 + 7);
+  EXPECT_EQ(crc32c(v.data() + 13, 987, crc32c(v.data(), 13)), crc32c(v.data(), 1000));
 }
 
 TEST(WeightStore, RoundTripTensorsAndRows) {

@@ -2,7 +2,6 @@
 import json
 import os
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -257,7 +256,7 @@ def test_bad_header_version_and_directory(good_file):
         mk.WeightStore.open(path, 1 << 20)
     bad = bytearray(data)
     bad[8:12] = struct.pack("<I", 99)
-    bad[60:64] = struct.pack("<I", zlib.crc32(bytes(bad[:60])))
+    bad[60:64] = struct.pack("<I", mk._C.crc32c(bytes(bad[:60])))
     rewrite(path, bad)
     with pytest.raises(mk.CorruptDataError, match="version 99"):
         mk.WeightStore.open(path, 1 << 20)
@@ -278,8 +277,8 @@ def test_bad_header_version_and_directory(good_file):
     off_pos = dir_offset + 8 + 4 + name_len + 4 + 8 * 1  # u8 dtype, u8 ndim, u16, 1 dim
     bad[off_pos:off_pos + 8] = struct.pack("<Q", 1 << 40)
     dir_bytes = struct.unpack_from("<Q", data, 24)[0]
-    bad[48:52] = struct.pack("<I", zlib.crc32(bytes(bad[dir_offset:dir_offset + dir_bytes])))
-    bad[60:64] = struct.pack("<I", zlib.crc32(bytes(bad[:60])))
+    bad[48:52] = struct.pack("<I", mk._C.crc32c(bytes(bad[dir_offset:dir_offset + dir_bytes])))
+    bad[60:64] = struct.pack("<I", mk._C.crc32c(bytes(bad[:60])))
     rewrite(path, bad)
     with pytest.raises(mk.CorruptDataError, match="inconsistent entry for tensor 't'"):
         mk.WeightStore.open(path, 1 << 20)
@@ -312,6 +311,9 @@ def test_argument_errors(good_file, tmp):
         mk.WeightStore.open(os.path.join(tmp, "missing.mkws"), 1 << 20)
     with pytest.raises(ValueError, match="device"):
         mk.WeightStore.open(path, 1 << 20, device="tpu")
+    if not mk.info()["cuda_available"]:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            mk.WeightStore.open(path, 1 << 20, device="cuda")
     ws = mk.WeightStore.open(path, 1 << 20)
     with pytest.raises(ValueError, match="out of range"):
         ws.get_rows(1, [0, 200])
@@ -504,3 +506,20 @@ def test_request_larger_than_cache(tmp):
         s = ws.stats()
         assert s["cache_capacity_bytes"] < 1500 * 768 and s["evictions"] > 0
         assert s["peak_resident_bytes"] + s["staging_bytes"] <= budget
+
+
+def test_crc32c_matches_bitwise_reference():
+    def ref(data, crc=0):
+        crc ^= 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        return crc ^ 0xFFFFFFFF
+
+    rng = np.random.default_rng(13)
+    assert mk._C.crc32c(b"123456789") == 0xE3069283
+    for n in (0, 1, 7, 8, 9, 31, 64, 257):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert mk._C.crc32c(data) == ref(data)
+        assert mk._C.crc32c(data[n // 2:], mk._C.crc32c(data[: n // 2])) == ref(data)
