@@ -48,10 +48,84 @@ def demo_attention():
         print(f"  {s:>6} {ours * 1e3:>10.2f}ms {naive * 1e3:>10.2f}ms {naive / ours:>8.1f}x {err:>9.1e}")
 
 
+def demo_model(args) -> int:
+    import os
+    import tempfile
+
+    from . import model as M
+
+    try:
+        if args.model:
+            cfg, weights = M.load_checkpoint(args.model)
+            source = f"checkpoint {args.model}"
+        else:
+            cfg = M.ModelConfig(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                intermediate_size=4 * args.hidden, num_attention_heads=args.hidden // 32,
+                                num_key_value_heads=max(1, args.hidden // 128))
+            cfg.validate()
+            weights = M.random_weights(cfg, seed=args.seed)
+            source = "seeded random weights"
+    except (ValueError, OSError, mk.CorruptDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    work = args.work_dir or tempfile.mkdtemp(prefix="memkernels-demo-", dir=os.getcwd() if os.access(os.getcwd(), os.W_OK) else None)
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, "model.mkws")
+    print(f"\nmodel: Llama-style decoder, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, d_ff={cfg.intermediate_size}, "
+          f"FFN act {cfg.hidden_act} ({source})")
+    t0 = time.perf_counter()
+    sizes = M.prepare_store(cfg, weights, path, prune_sparsity=args.prune)
+    t_prepare = time.perf_counter() - t0
+    ffn_bytes = sizes["streamed FFN"]
+    budget = int(args.budget_fraction * ffn_bytes)
+    print(f"  weight store {path}: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items()))
+    print(f"  DRAM budget for streamed FFN weights: {budget / 2**20:.2f} MiB "
+          f"({args.budget_fraction:.0%} of {ffn_bytes / 2**20:.2f} MiB)")
+    rng = np.random.default_rng(args.seed)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (args.prompt_len, args.prompt_len // 2 + 3, 7)]
+    try:
+        store = mk.WeightStore.open(path, budget, max_read_bytes=64 << 10, window_tokens=4)
+    except ValueError as e:
+        print(f"error: {e} (raise --budget-fraction)", file=sys.stderr)
+        return 2
+    with store:
+        tokens, logits, t, model = M.generate(store, prompts, args.tokens)
+        stats = store.stats()
+        cache_stats = model.cache.stats()
+        print("  checking logits against the NumPy float64 model ...", flush=True)
+        err = M.max_logit_error(store, tokens, logits)
+    if not args.work_dir:
+        os.remove(path)
+        os.rmdir(work)
+    n_prompt = sum(len(p) for p in prompts)
+    print(f"\n  {'stage':<28}{'time':>10}  notes")
+    print(f"  {'prepare (int4, prune, write)':<28}{t_prepare:>9.2f}s")
+    print(f"  {'prefill (flash attention)':<28}{t['prefill']:>9.2f}s  {n_prompt} prompt tokens, "
+          f"{n_prompt / t['prefill']:.0f} tok/s")
+    print(f"  {'decode (paged attention)':<28}{t['decode']:>9.2f}s  {len(tokens)} sequences (one forked) x "
+          f"{args.tokens} tokens, {t['decode_tokens'] / t['decode']:.1f} tok/s")
+    print(f"  streamed from disk: {stats['bytes_read'] / 2**20:.2f} MiB in {stats['reads_issued']} reads "
+          f"({stats['io_mode']} I/O), neuron hit rate {stats['hit_rate']:.0%}, "
+          f"mean active neurons {np.mean(model.active_fraction):.0%}")
+    print(f"  store peak resident {stats['peak_resident_bytes'] / 2**20:.2f} MiB vs budget {budget / 2**20:.2f} MiB; "
+          f"process peak RSS {M.peak_rss_bytes() / 2**20:.0f} MiB")
+    print(f"  KV cache: {cache_stats['pages_used']} pages used, {cache_stats['bytes_per_token']} bytes/token, "
+          f"fragmentation {cache_stats['fragmentation']:.0%}")
+    print(f"  max |logit - float64 reference| = {err:.2e}")
+    ok = err < 1e-2 and stats["peak_resident_bytes"] <= budget
+    print("  OK" if ok else "  MISMATCH")
+    return 0 if ok else 1
+
+
 def cmd_demo(args) -> int:
+    if args.device == "cuda" and not mk.info()["cuda_available"]:
+        print("error: --device cuda but no CUDA device is available to memkernels", file=sys.stderr)
+        return 2
     print(mk.info_string())
-    demo_attention()
-    return 0
+    if not args.model_only:
+        demo_attention()
+    return demo_model(args)
 
 
 def _find_bench_dir(given):
@@ -130,7 +204,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build and machine information").set_defaults(fn=cmd_info)
-    sub.add_parser("demo", help="run the kernels on this machine and check them").set_defaults(fn=cmd_demo)
+    d = sub.add_parser("demo", help="run a small decoder on every kernel and check it against NumPy")
+    d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    d.add_argument("--model", help="a Llama-style checkpoint directory (config.json + *.safetensors)")
+    d.add_argument("--tokens", type=int, default=16, help="tokens to generate per sequence")
+    d.add_argument("--prompt-len", type=int, default=24)
+    d.add_argument("--hidden", type=int, default=256, help="hidden size of the seeded model (multiple of 128)")
+    d.add_argument("--layers", type=int, default=4)
+    d.add_argument("--prune", type=float, default=0.5, help="FFN sparsity (magnitude pruning)")
+    d.add_argument("--budget-fraction", type=float, default=0.5, help="DRAM budget / streamed FFN bytes")
+    d.add_argument("--work-dir", help="where the weight store is written (kept when given)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--model-only", action="store_true", help="skip the kernel timing table")
+    d.set_defaults(fn=cmd_demo)
     b = sub.add_parser("bench", help="run every benchmark in bench/ and print a summary of ratios")
     b.add_argument("--quick", action="store_true", help="fewer shapes per benchmark")
     b.add_argument("--json", metavar="FILE", help="also write the ratios as JSON")
