@@ -80,7 +80,7 @@ def demo_model(args) -> int:
     ffn_bytes = sizes["streamed FFN"]
     budget = int(args.budget_fraction * ffn_bytes)
     print(f"  weight store {path}: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items()))
-    print(f"  DRAM budget for streamed FFN weights: {budget / 2**20:.2f} MiB "
+    print(f"  DRAM budget of the weight store (cache + I/O buffers): {budget / 2**20:.2f} MiB "
           f"({args.budget_fraction:.0%} of {ffn_bytes / 2**20:.2f} MiB)")
     rng = np.random.default_rng(args.seed)
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (args.prompt_len, args.prompt_len // 2 + 3, 7)]
@@ -131,9 +131,10 @@ def cmd_demo(args) -> int:
 def _find_bench_dir(given):
     import os
 
-    for cand in [given, os.path.join(os.getcwd(), "bench"),
-                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench")]:
-        if cand and os.path.isfile(os.path.join(cand, "_common.py")):
+    cands = [given] if given else [os.path.join(os.getcwd(), "bench"),
+                                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench")]
+    for cand in cands:
+        if os.path.isfile(os.path.join(cand, "_common.py")):
             return os.path.abspath(cand)
     return None
 

@@ -173,7 +173,7 @@ def prepare_store(cfg: ModelConfig, weights: dict, path, *, prune_sparsity: floa
             if name in weights:
                 tensors[name] = weights[name]
                 sizes["other"] += weights[name].nbytes
-    write_weight_store(path, tensors, ffn_layers)
+    write_weight_store(path, tensors, ffn_layers, chunk_bytes=64 << 10)  # small reads: small staging buffers
     return sizes
 
 
