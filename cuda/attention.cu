@@ -374,6 +374,7 @@ void launch_mma_for_dim(const AttentionProblem& p, cudaStream_t stream) {
 
 void flash_attention(const AttentionProblem& p, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  DeviceGuard guard(p.device);
   check(p.batch <= 65535 && p.heads <= 65535, ErrorKind::Value, "flash_attention (CUDA): batch and heads must be <= 65535");
   if (mma_path_usable(p)) {
     if (p.dtype == DType::Float16) launch_mma_for_dim<__half>(p, stream);

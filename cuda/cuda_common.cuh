@@ -19,6 +19,16 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // Checks the launch just made (configuration errors); does not synchronise.
 inline void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
+// Selects `device` for the scope and restores the previous one after.
+struct DeviceGuard {
+  int previous = 0;
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous);
+    if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous); }
+};
+
 template <typename T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }

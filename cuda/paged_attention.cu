@@ -24,15 +24,6 @@ constexpr int kWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-struct DeviceGuard {
-  int previous = 0;
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&previous);
-    if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous); }
-};
-
 __device__ __forceinline__ int clampi(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // Loads EPL consecutive elements as floats; VEC: one aligned vector load, else scalar with d < D.

@@ -28,15 +28,6 @@ __constant__ float kNF4Levels[16] = {-1.0f, -0.6961928009986877f, -0.52507305145
                                      0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
                                      0.7229568362236023f, 1.0f};
 
-struct CudaDeviceGuard {
-  int previous = 0;
-  explicit CudaDeviceGuard(int device) {
-    cudaGetDevice(&previous);
-    if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~CudaDeviceGuard() { cudaSetDevice(previous); }
-};
-
 __device__ __forceinline__ float dev_scale(const QuantView& w, int64_t n, int64_t g) {
   const int64_t j = n * w.groups + g;
   return w.scales ? __ldg(w.scales + j) : w.scale_offset + __ldg(w.scale_steps + (j >> 8)) * float(w.scale_codes[j]);
@@ -418,7 +409,7 @@ int device_of_pointer(const void* ptr) {
 }  // namespace
 
 void qgemm(const QGemmProblem& p, void* stream) {
-  CudaDeviceGuard guard(device_of_pointer(p.out));
+  DeviceGuard guard(device_of_pointer(p.out));
   check(p.w.rows * p.w.cols / 32 < (int64_t(1) << 40) && p.w.rows / 64 < 2147483647 && p.tokens < 65535 * 16,
         ErrorKind::Value, "qgemm: problem too large for the CUDA grid");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
@@ -429,7 +420,7 @@ void qgemm(const QGemmProblem& p, void* stream) {
 }
 
 void dequantize(const DequantProblem& p, void* stream) {
-  CudaDeviceGuard guard(device_of_pointer(p.out));
+  DeviceGuard guard(device_of_pointer(p.out));
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -29,17 +29,6 @@ std::string device_name(int device) {
 
 namespace memkernels::cuda_backend {
 
-namespace {
-struct DeviceGuard {  // selects `device` for the scope, restores the previous one after
-  int previous = 0;
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&previous);
-    if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous); }
-};
-}  // namespace
-
 void* malloc_device(int device, size_t bytes) {
   DeviceGuard guard(device);
   void* p = nullptr;

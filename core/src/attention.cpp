@@ -53,9 +53,10 @@ void check_qkv(const TensorView& q, const TensorView& k, const TensorView& v, co
         "sequence too long (>= 2^30 rows)");
 }
 
-void run(const AttentionProblem& p, const Device& device, void* stream) {
+void run(AttentionProblem& p, const Device& device, void* stream) {
   if (device.is_cuda()) {
     require_cuda_usable("flash_attention", device);
+    p.device = device.index;
 #if MEMKERNELS_WITH_CUDA
     cuda_backend::flash_attention(p, stream);
 #endif

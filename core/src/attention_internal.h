@@ -10,6 +10,7 @@ namespace memkernels {
 
 struct AttentionProblem {
   DType dtype = DType::Float32;  // of q, k, v and out
+  int device = 0;                // CUDA device index of the arrays
   int batch = 0, heads = 0, kv_heads = 0, head_dim = 0;
   int seqlen_q = 0, seqlen_k = 0;  // fixed lengths; with cu_seqlens the maxima over the batch
   // Variable-length batches: batch b owns rows [cu[b], cu[b+1]) of the packed arrays.
