@@ -143,3 +143,23 @@ TEST(Quant, HalfPrecisionActivations) {
       ASSERT_NEAR(float(y[t * N + n]), ref, 1e-3 * std::fabs(ref) + 1e-4 * mag + 1e-5);
     }
 }
+
+TEST(Quant, Int8ActivationsWithinBound) {
+  for (int64_t K : {96, 160, 4128}) {
+    const int64_t N = 9;
+    std::vector<float> w = randn(size_t(N * K), 24), x = randn(size_t(K), 25), y(size_t(N), NAN);
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), QuantFormat::Int4, {32, false});
+    std::vector<float> d = deq(q);
+    QGemmOptions o;
+    o.int8_activations = true;
+    qgemm(TensorView(x.data(), DType::Float32, {1, K}), q, nullptr, TensorView(y.data(), DType::Float32, {1, N}),
+          nullptr, o);
+    float xmax = 0;
+    for (float v : x) xmax = std::max(xmax, std::fabs(v));
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0, l1 = 0;
+      for (int64_t k = 0; k < K; ++k) ref += double(d[n * K + k]) * x[k], l1 += std::fabs(d[n * K + k]);
+      ASSERT_NEAR(y[n], ref, l1 * xmax / 254 * 1.001 + 1e-4 * l1 * xmax) << "K=" << K;
+    }
+  }
+}

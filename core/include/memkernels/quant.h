@@ -130,10 +130,17 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
 // out (N, K) float32/float16/bfloat16, contiguous, on qm's device.
 void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream = nullptr);
 
+struct QGemmOptions {
+  // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
+  // dot products (AVX512-VNNI). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
+  // per output. Honoured for int4 / int4_sym with one token on CPUs with VNNI; ignored elsewhere.
+  bool int8_activations = false;
+};
+
 // out (tokens, N) = x (tokens, K) @ dequantize(qm)^T (+ bias (N,)), accumulated in fp32.
 // x, out and bias share one dtype (float32/float16/bfloat16) and qm's device; x and out rows must
 // be contiguous in their last dimension. stream: a cudaStream_t for CUDA (nullptr = default).
 void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
-           void* stream = nullptr);
+           void* stream = nullptr, const QGemmOptions& opts = {});
 
 }  // namespace memkernels
