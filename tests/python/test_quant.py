@@ -384,3 +384,16 @@ def test_int8_activations_error_bound(fmt, group, k):
         assert not np.array_equal(y, exact)  # the int8 path really ran
     else:
         np.testing.assert_array_equal(y, exact)
+
+
+def test_qgemm_nd_input():
+    _, qm, d = qm_and_ref("nf4", 24, 128, 64, seed=40)
+    x = rng(41).standard_normal((2, 3, 128)).astype(np.float32)
+    y = mk.qgemm(x, qm)
+    assert y.shape == (2, 3, 24)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
+    out = np.full((2, 3, 24), np.nan, np.float32)
+    assert mk.qgemm(x, qm, out=out) is not None
+    np.testing.assert_allclose(out, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="out"):
+        mk.qgemm(x, qm, out=np.zeros((6, 24), np.float32))
