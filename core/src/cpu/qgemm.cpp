@@ -6,10 +6,11 @@
 // So the inner loop is just "unpack 32 codes to floats, FMA with x"; the scale and zero point are
 // applied once per group (a vector FMA and a scalar term), not per weight.
 //
-// One token: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
-// (memory bound on the codes, which are 8x smaller than fp32 for int4). More tokens: each unpacked
-// and scaled chunk stays in registers for a block of 4 or 8 tokens (x zero-padded to the block),
-// and on AVX-512 two rows share every x load. Threads split the rows.
+// 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
+// (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
+// in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
+// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, one token,
+// int4: x quantized to int8 and AVX512-VNNI integer dot products (gemv_int4_vnni).
 #include <omp.h>
 
 #include <algorithm>
