@@ -4,12 +4,19 @@ CPU (default): layers 4096x4096, 11008x4096, 4096x11008 (out_features x in_featu
 32, every format, against NumPy fp32 ``x @ W.T`` and, when installed, torch fp32 / bf16 matmul.
 GPU (--cuda): 8192x28672 and 28672x8192 layers, batch 1..16, against torch.matmul fp16 (cuBLAS).
 Prints time per call (best of the repetitions), the speed-up over NumPy fp32 (CPU) / torch fp16 (GPU), and the
-stored bytes per weight. --quick: int4 g128 and one shape only.
+stored bytes per weight. --quick: int4 g128 and one shape only. "+i8x": int8_activations=True
+(activations quantized to int8 per token, VNNI dot products).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+if "--cpu-time" in sys.argv:  # one thread everywhere, before NumPy/torch start their pools
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
 
 import numpy as np
 
@@ -21,14 +28,17 @@ except ImportError:  # pragma: no cover
     torch = None
 
 
+CLOCK = time.perf_counter
+
+
 def bench(fn, min_time=0.2, max_reps=200):
     fn()  # warm up
     times = []
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     # best of the repetitions: on a shared machine the median mostly measures the scheduler
     return float(np.min(times))
 
@@ -40,7 +50,7 @@ def cpu(args):
     batches = [1, 8] if args.quick else [1, 8, 32]
     print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {mk.num_threads()} threads"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""))
-    hdr = f"{'N x K':>12} {'batch':>5} {'format':>10} {'B/weight':>8} {'ours ms':>8} {'numpy ms':>8} {'x numpy':>7}"
+    hdr = f"{'N x K':>12} {'batch':>5} {'format':>14} {'B/weight':>8} {'ours ms':>8} {'numpy ms':>8} {'x numpy':>7}"
     if torch:
         hdr += f" {'torch32 ms':>10} {'torch bf16':>10} {'x t32':>6}"
     print(hdr)
@@ -63,11 +73,14 @@ def cpu(args):
                 t_t32 = bench(lambda: tx @ tw.T)
                 t_t16 = bench(lambda: tx16 @ tw16.T)
             out = np.empty((b, n), np.float32)
-            for f, g in formats:
+            variants = [(f, g, False) for f, g in formats]
+            if b == 1:
+                variants.insert(1, ("int4", 128, True))  # x quantized to int8 on the fly (VNNI)
+            for f, g, i8 in variants:
                 qm = qms[f]
-                t = bench(lambda: mk.qgemm(x, qm, out=out))
-                name = f if g is None else f"{f} g{g}"
-                line = (f"{n:>5} x {k:<5} {b:>5} {name:>10} {qm.bits_per_weight / 8:>8.3f} {t * 1e3:>8.3f} "
+                t = bench(lambda: mk.qgemm(x, qm, out=out, int8_activations=i8))
+                name = (f if g is None else f"{f} g{g}") + ("+i8x" if i8 else "")
+                line = (f"{n:>5} x {k:<5} {b:>5} {name:>14} {qm.bits_per_weight / 8:>8.3f} {t * 1e3:>8.3f} "
                         f"{t_np * 1e3:>8.3f} {t_np / t:>6.2f}x")
                 if torch:
                     line += f" {t_t32 * 1e3:>10.3f} {t_t16 * 1e3:>10.3f} {t_t32 / t:>5.2f}x"
@@ -116,7 +129,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true", help="run the GPU benchmark instead of the CPU one")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread for every library and CPU time (process_time) instead of wall time: "
+                         "stabler ratios on a shared, oversubscribed machine")
     args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        mk.set_num_threads(1)
+        if torch is not None:
+            torch.set_num_threads(1)
     gpu(args) if args.cuda else cpu(args)
 
 

@@ -471,7 +471,7 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream) 
 }
 
 void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
-           void* stream) {
+           void* stream, const QGemmOptions& opts) {
   check(!qm.empty(), ErrorKind::Value, "qgemm: the quantized matrix is empty");
   expect_ndim(x, "x", 2);
   expect_dtype(x, "x", {DType::Float32, DType::Float16, DType::BFloat16});
@@ -508,6 +508,7 @@ void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bia
   p.x_row = x.strides[0];
   p.out = out.data;
   p.out_row = out.strides[0];
+  p.int8_activations = opts.int8_activations;
   if (p.tokens == 0) return;
   if (x.device.is_cuda()) {
     require_cuda_usable("qgemm", x.device);

@@ -66,6 +66,7 @@ struct QGemmProblem {
   const void* bias = nullptr;  // (N,) or null
   void* out = nullptr;
   int64_t out_row = 0;
+  bool int8_activations = false;  // see QGemmOptions
 };
 
 struct DequantProblem {

@@ -75,24 +75,34 @@ def dequantize(qm: QuantizedMatrix, dtype: str = "float32", *, out=None, like=No
     return out
 
 
-def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None):
+def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_activations: bool = False):
     """``x @ dequantize(qm).T (+ bias)`` with the weights unpacked on the fly, accumulated in fp32.
 
-    x: (tokens, in_features) or (in_features,), float32/float16/bfloat16, NumPy or any DLPack array on
-    qm's device. bias: optional (out_features,) of x's dtype. Returns (tokens, out_features) (or
-    (out_features,) for 1-D x) in x's dtype; `out` may be given (2-D shape).
+    x: (tokens, in_features), (in_features,) or (..., in_features), float32/float16/bfloat16, NumPy or
+    any DLPack array on qm's device. bias: optional (out_features,) of x's dtype. Returns x's shape with
+    the last dimension replaced by out_features, in x's dtype; `out` may be given (that shape; for
+    N-D x it must be reshapeable without a copy, e.g. contiguous).
+
+    int8_activations: quantize x to int8 on the fly (one scale per token) and use VNNI integer dot
+    products: faster, adds at most ``sum_k |w_k| * max|x| / 254`` of error per output. Used for int4 and
+    int4_sym with one token on CPUs with AVX512-VNNI; ignored (exact path) otherwise.
     """
     _check_qm(qm)
-    vector = len(x.shape) == 1
-    if vector:
-        x = x.reshape(1, x.shape[0])
+    lead = tuple(x.shape[:-1])
+    if len(x.shape) != 2:  # (in_features,) or (..., in_features): run as 2-D, shape the result back
+        if len(x.shape) == 0:
+            raise ValueError("x: expected (tokens, in_features) or (in_features,), got a scalar")
+        x = x.reshape(-1, x.shape[-1])
+        if out is not None:
+            check_out(out, lead + (qm.out_features,), dtype_name(x), x)
+            out = out.reshape(-1, qm.out_features)
     shape = (x.shape[0], qm.out_features)
     if out is None:
         out = empty_like(x, shape)
     else:
         check_out(out, shape, dtype_name(x), x)
-    _C.qgemm(x, qm, bias, out, stream_handle(stream))
-    return out.reshape(qm.out_features) if vector else out
+    _C.qgemm(x, qm, bias, out, stream_handle(stream), bool(int8_activations))
+    return out if len(lead) == 1 else out.reshape(lead + (qm.out_features,))
 
 
 def pack_quantized(format: str, codes, scales, zeros=None, *, group_size: int | None = None,

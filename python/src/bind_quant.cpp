@@ -105,13 +105,17 @@ MK_PYTHON_BINDING(quant) {
     nb::gil_scoped_release release;
     dequantize(q, to, as_stream(stream));
   }, nb::arg("qm"), nb::arg("out"), nb::arg("stream"));
-  m.def("qgemm", [](nb::handle x, const QuantizedMatrix& q, nb::handle bias, nb::handle out, uintptr_t stream) {
+  m.def("qgemm", [](nb::handle x, const QuantizedMatrix& q, nb::handle bias, nb::handle out, uintptr_t stream,
+                    bool int8_activations) {
     ArrayKeeper keep;
     TensorView tx = as_tensor(x, "x", keep), to = as_tensor(out, "out", keep);
     std::optional<TensorView> tb = as_optional_tensor(bias, "bias", keep);
+    QGemmOptions o;
+    o.int8_activations = int8_activations;
     nb::gil_scoped_release release;
-    qgemm(tx, q, tb ? &*tb : nullptr, to, as_stream(stream));
-  }, nb::arg("x"), nb::arg("qm"), nb::arg("bias").none(), nb::arg("out"), nb::arg("stream"));
+    qgemm(tx, q, tb ? &*tb : nullptr, to, as_stream(stream), o);
+  }, nb::arg("x"), nb::arg("qm"), nb::arg("bias").none(), nb::arg("out"), nb::arg("stream"),
+     nb::arg("int8_activations") = false);
 }
 
 }  // namespace memkernels::py

@@ -143,3 +143,59 @@ TEST(Quant, HalfPrecisionActivations) {
       ASSERT_NEAR(float(y[t * N + n]), ref, 1e-3 * std::fabs(ref) + 1e-4 * mag + 1e-5);
     }
 }
+
+TEST(Quant, Int8ActivationsWithinBound) {
+  for (int64_t K : {96, 160, 4128}) {
+    const int64_t N = 9;
+    std::vector<float> w = randn(size_t(N * K), 24), x = randn(size_t(K), 25), y(size_t(N), NAN);
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), QuantFormat::Int4, {32, false});
+    std::vector<float> d = deq(q);
+    QGemmOptions o;
+    o.int8_activations = true;
+    qgemm(TensorView(x.data(), DType::Float32, {1, K}), q, nullptr, TensorView(y.data(), DType::Float32, {1, N}),
+          nullptr, o);
+    float xmax = 0;
+    for (float v : x) xmax = std::max(xmax, std::fabs(v));
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0, l1 = 0;
+      for (int64_t k = 0; k < K; ++k) ref += double(d[n * K + k]) * x[k], l1 += std::fabs(d[n * K + k]);
+      ASSERT_NEAR(y[n], ref, l1 * xmax / 254 * 1.001 + 1e-4 * l1 * xmax) << "K=" << K;
+    }
+  }
+}
+
+// Runs on a GPU machine only: CUDA qgemm (GEMV and mma paths) against the CPU result.
+TEST(Quant, CudaMatchesCpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Device gpu{DeviceType::CUDA, 0};
+  const int64_t N = 70, K = 256;
+  std::vector<float> w = randn(size_t(N * K), 30);
+  for (QuantFormat fmt : {QuantFormat::Int4, QuantFormat::NF4, QuantFormat::Int3, QuantFormat::Int8}) {
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt,
+                                 {fmt == QuantFormat::Int8 ? 0 : 64, false});
+    QuantizedMatrix g = q.to(gpu);
+    std::vector<float> d = deq(q);
+    for (int64_t T : {1, 3, 16}) {
+      std::vector<float> xf = randn(size_t(T * K), 31);
+      std::vector<_Float16> xh(xf.size()), yh(size_t(T * N));
+      for (size_t i = 0; i < xf.size(); ++i) xh[i] = _Float16(xf[i]);
+      void* dx = device_malloc(gpu, xh.size() * 2);
+      void* dy = device_malloc(gpu, yh.size() * 2);
+      device_memcpy(dx, gpu, xh.data(), Device{}, xh.size() * 2);
+      qgemm(TensorView(dx, DType::Float16, {T, K}, gpu), g, nullptr, TensorView(dy, DType::Float16, {T, N}, gpu));
+      device_memcpy(yh.data(), Device{}, dy, gpu, yh.size() * 2);
+      device_free(gpu, dx);
+      device_free(gpu, dy);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0, mag = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            ref += double(float(xh[t * K + k])) * d[n * K + k];
+            mag += std::fabs(double(float(xh[t * K + k])) * d[n * K + k]);
+          }
+          ASSERT_NEAR(float(yh[t * N + n]), ref, 2e-3 * std::fabs(ref) + 1e-3 * mag)
+              << quant_format_name(fmt) << " T=" << T << " n=" << n;
+        }
+    }
+  }
+}

@@ -363,3 +363,37 @@ def test_gptq_bad_input():
         mk.quantize_gptq(W, "int4", group_size=32, activations=np.ones((5, 10)))
     with pytest.raises(ValueError, match="multiple of group_size"):
         mk.quantize_gptq(W[:, :48], "int4", group_size=32, hessian=np.eye(48))
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("int4", 32), ("int4_sym", 128), ("int4_sym", 32),
+                                       ("nf4", 64)])
+@pytest.mark.parametrize("k", [128, 96, 4160])
+def test_int8_activations_error_bound(fmt, group, k):
+    if k % group:
+        pytest.skip("k not a multiple of the group")
+    n = 45
+    _, qm, d = qm_and_ref(fmt, n, k, group, seed=k)
+    x = rng(k + 1).standard_normal(k).astype(np.float32)
+    bias = rng(3).standard_normal(n).astype(np.float32)
+    y = mk.qgemm(x, qm, bias, int8_activations=True)
+    ref = d @ x.astype(np.float64) + bias
+    bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x))
+    assert np.all(np.abs(y - ref) <= bound)
+    exact = mk.qgemm(x, qm, bias)
+    if fmt != "nf4" and "avx512_vnni" in open("/proc/cpuinfo").read() and mk.cpu_isa() == "avx512":
+        assert not np.array_equal(y, exact)  # the int8 path really ran
+    else:
+        np.testing.assert_array_equal(y, exact)
+
+
+def test_qgemm_nd_input():
+    _, qm, d = qm_and_ref("nf4", 24, 128, 64, seed=40)
+    x = rng(41).standard_normal((2, 3, 128)).astype(np.float32)
+    y = mk.qgemm(x, qm)
+    assert y.shape == (2, 3, 24)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
+    out = np.full((2, 3, 24), np.nan, np.float32)
+    assert mk.qgemm(x, qm, out=out) is not None
+    np.testing.assert_allclose(out, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="out"):
+        mk.qgemm(x, qm, out=np.zeros((6, 24), np.float32))

@@ -11,7 +11,7 @@
 //             double_quant stores the scales as int8: s = scale_offset + step[j / 256] * c[j],
 //             j = n * groups + g, one fp32 step per 256 scales.
 // Round-to-nearest; asymmetric ranges always include 0 (so 0 is exact), symmetric scales are
-// absmax / (2^(b-1) - 1). Bound on |w - dequantize(w)|: s / 2 (int formats), s * 0.0805 (nf4, half
+// absmax / (2^(b-1) - 1). Bound on |w - dequantize(w)|: s / 2 (int formats), s * 0.152 (nf4, half
 // the widest NF4 gap), plus the scale error for double_quant.
 //
 // Packed layout (CPU and CUDA share it; serialise writes it as is). Each row's K codes are cut
@@ -130,10 +130,17 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
 // out (N, K) float32/float16/bfloat16, contiguous, on qm's device.
 void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream = nullptr);
 
+struct QGemmOptions {
+  // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
+  // dot products (AVX512-VNNI). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
+  // per output. Honoured for int4 / int4_sym with one token on CPUs with VNNI; ignored elsewhere.
+  bool int8_activations = false;
+};
+
 // out (tokens, N) = x (tokens, K) @ dequantize(qm)^T (+ bias (N,)), accumulated in fp32.
 // x, out and bias share one dtype (float32/float16/bfloat16) and qm's device; x and out rows must
 // be contiguous in their last dimension. stream: a cudaStream_t for CUDA (nullptr = default).
 void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
-           void* stream = nullptr);
+           void* stream = nullptr, const QGemmOptions& opts = {});
 
 }  // namespace memkernels

@@ -6,10 +6,11 @@
 // So the inner loop is just "unpack 32 codes to floats, FMA with x"; the scale and zero point are
 // applied once per group (a vector FMA and a scalar term), not per weight.
 //
-// One token: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
-// (memory bound on the codes, which are 8x smaller than fp32 for int4). More tokens: each unpacked
-// and scaled chunk stays in registers for a block of 4 or 8 tokens (x zero-padded to the block),
-// and on AVX-512 two rows share every x load. Threads split the rows.
+// 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
+// (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
+// in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
+// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, one token,
+// int4: x quantized to int8 and AVX512-VNNI integer dot products (gemv_int4_vnni).
 #include <omp.h>
 
 #include <algorithm>
@@ -281,6 +282,72 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
   store_floats(v, p.dtype, n1 - n0, dst);
 }
 
+#if defined(MK_ISA_AVX512)
+// int4 GEMV with x quantized to int8 (one scale dx per token) and VNNI u8 x s8 dot products.
+// One 64-byte load holds 4 chunks (128 weights): its low nibbles are weights 0-15 of each chunk and
+// its high nibbles weights 16-31, so x is rearranged once into the same order (xa: per 4-chunk
+// block, 64 bytes of "low" x then 64 of "high" x). vpdpbusd sums 4 neighbouring bytes into a 32-bit
+// lane, so lanes 4c..4c+3 belong to chunk c: one per-lane scale vector applies the group scales.
+// y[n] = dx * (sum_c s_c * dot_c - sum_g s_g * z_g * xsum_g), z including the symmetric offset.
+__attribute__((target("avx512vnni"))) void gemv_int4_vnni(const QuantView& w, const int8_t* xa, float dx,
+                                                             const float* xsum, int64_t n0, int64_t n1, float* y) {
+  const int64_t chunks = w.cols / 32, G = w.groups;
+  const int cpg = w.group_size / 32;
+  const int64_t blocks = (chunks + 3) / 4;
+  // lane l -> group offset within the block: (l / 4) / cpg
+  alignas(64) int32_t gi[16];
+  for (int l = 0; l < 16; ++l) gi[l] = (l / 4) / cpg;
+  const __m512i gidx = _mm512_load_si512(gi);
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    const float* srow = w.scales + n * G;
+    __m512 accf = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t nc = std::min<int64_t>(4, chunks - 4 * b);
+      const __mmask64 cm = nc == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nc)) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi8(cm, row + b * 64);
+      const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xa + b * 128));
+      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xa + b * 128 + 64));
+      const int64_t g0 = 4 * b / cpg, ng = (nc + cpg - 1) / cpg;
+      const __m512 sv = _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + g0));
+      accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sv), accf);
+    }
+    float corr = 0.0f;
+    for (int64_t g = 0; g < G; ++g) corr += srow[g] * w.zero(n, g) * xsum[g];
+    y[n] = dx * (_mm512_reduce_add_ps(accf) - corr);
+  }
+}
+
+bool cpu_has_vnni() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return ok;
+}
+
+// Quantizes x (one token) to int8 in the VNNI block order; per-group sums of the int8 values.
+void prepare_int8_x(const float* x, int64_t K, int group, std::vector<int8_t>& xa, std::vector<float>& xsum,
+                    float& dx) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  dx = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const float inv = 1.0f / dx;
+  const int64_t chunks = K / 32;
+  xa.assign(size_t((chunks + 3) / 4 * 128), 0);
+  xsum.assign(size_t(K / group), 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const int q = int(std::lrint(x[k] * inv));
+    const int64_t c = k / 32, j = k % 32;
+    const int64_t pos = (c / 4) * 128 + (j < 16 ? 0 : 64) + (c % 4) * 16 + (j % 16);
+    xa[size_t(pos)] = int8_t(q);
+    xsum[size_t(k / group)] += float(q);
+  }
+}
+#endif
+
 template <int BITS, bool NF4>
 void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
@@ -289,6 +356,23 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = num_threads();
 
+#if defined(MK_ISA_AVX512)
+  if constexpr (BITS == 4 && !NF4) {
+    if (T == 1 && p.int8_activations && cpu_has_vnni()) {
+      std::vector<int8_t> xa;
+      std::vector<float> xs, y(static_cast<size_t>(N));
+      float dx = 1.0f;
+      prepare_int8_x(x, K, w.group_size, xa, xs, dx);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+        gemv_int4_vnni(w, xa.data(), dx, xs.data(), n0, n1, y.data());
+        store_rows(p, bias, 0, n0, n1, y.data() + n0);
+      }
+      return;
+    }
+  }
+#endif
   if (T <= 3) {
     // Per-group sums of x for the zero-point term.
     std::vector<float> xsum(static_cast<size_t>(T * G));
