@@ -74,7 +74,7 @@ def test_spmm_sparsities_every_isa(isa, sparsity):
         w = random_sparse(rng, rows, cols, sparsity)
         for fmt in ("bitmap", "csr"):
             sp = mk.SparseMatrix.from_dense(w, format=fmt)
-            for tokens in (1, 2, 5, 8, 9, 20):
+            for tokens in (1, 2, 5, 8, 9, 16, 20, 40):
                 x = rng.standard_normal((tokens, cols)).astype(np.float32)
                 out = mk.spmm(sp, x, out=np.full((tokens, rows), np.nan, np.float32))
                 check_spmm(sp, x, out)
