@@ -74,7 +74,7 @@ def test_spmm_sparsities_every_isa(isa, sparsity):
         w = random_sparse(rng, rows, cols, sparsity)
         for fmt in ("bitmap", "csr"):
             sp = mk.SparseMatrix.from_dense(w, format=fmt)
-            for tokens in (1, 2, 5, 8, 9, 20):
+            for tokens in (1, 2, 5, 8, 9, 16, 20, 40):
                 x = rng.standard_normal((tokens, cols)).astype(np.float32)
                 out = mk.spmm(sp, x, out=np.full((tokens, rows), np.nan, np.float32))
                 check_spmm(sp, x, out)
@@ -375,3 +375,50 @@ def test_spmm_cuda(fmt, xdtype):
         check_spmm(sp, xg.float().cpu().numpy().astype(NP_DTYPES[xdtype]), out.float().cpu().numpy().astype(NP_DTYPES[xdtype]))
     with pytest.raises(ValueError, match="sparse matrix is on cpu"):
         mk.spmm(sp, xg)
+
+
+def test_fuzz_corrupt_csr_and_bytes_never_crash():
+    """Random damage to CSR arrays and to (re-checksummed) bytes: a clear error or a valid matrix."""
+    rng = np.random.default_rng(12)
+    w = random_sparse(rng, 12, 70, 0.7)
+    m = sps.csr_array(w)
+    for it in range(300):
+        indptr, indices, data = m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.copy()
+        kind = it % 4
+        if kind == 0:
+            indptr[rng.integers(0, len(indptr))] += int(rng.integers(-5, 6))
+        elif kind == 1:
+            indices[rng.integers(0, len(indices))] = int(rng.integers(-100, 200))
+        elif kind == 2:
+            indices = indices[: int(rng.integers(0, len(indices)))]
+        else:
+            indptr = indptr[: int(rng.integers(1, len(indptr) + 1))]
+        bad = corrupt_csr(indptr, indices, data[: len(indices)] if kind == 2 else data, (12, 70))
+        try:
+            sp = mk.SparseMatrix.from_scipy(bad, format=("bitmap", "csr", "2:4")[it % 3])
+        except ValueError:
+            continue
+        d = sp.to_dense()  # accepted: then it must be exactly what the arrays say
+        assert d.shape == (12, 70)
+    b = mk.SparseMatrix.from_dense(w, format="csr").to_bytes()
+    b2 = mk.SparseMatrix.from_dense(w).to_bytes()
+    for it in range(300):
+        src = b if it % 2 else b2
+        bad = bytearray(src)
+        for _ in range(int(rng.integers(1, 4))):
+            bad[int(rng.integers(0, len(bad) - 8))] = int(rng.integers(0, 256))
+        try:
+            sp = mk.SparseMatrix.from_bytes(_reseal(bytes(bad)))
+        except mk.CorruptDataError:
+            continue
+        if sp.shape[1] > 10_000:  # a damaged CSR header may still describe a valid (wider) matrix
+            continue
+        x = rng.standard_normal((3, sp.shape[1])).astype(np.float32)
+        mk.spmm(sp, x)  # structurally valid: runs in bounds (ASan build checks this)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error without a usable GPU")
+def test_cuda_unavailable_raises_runtime_error():
+    sp = mk.SparseMatrix.from_dense(np.eye(4, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="CUDA|cuda"):
+        sp.to("cuda")
