@@ -127,3 +127,32 @@ TEST(Paged, RawRejectsBadIndices) {
     EXPECT_NE(std::string(e.what()).find("kv_indices"), std::string::npos);
   }
 }
+
+TEST(Paged, Int8PagesCloseToFloat) {
+  const int ps = 8, kvh = 2, heads = 4, D = 32, len = 50;
+  PagedKVCache f32(1, 16, ps, kvh, D, DType::Float32), i8(1, 16, ps, kvh, D, DType::Int8);
+  std::mt19937 rng(5);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(heads) * D, rng);
+  std::vector<float> o32(q.size(), NAN), o8(q.size(), NAN);
+  for (PagedKVCache* c : {&f32, &i8}) {
+    const int64_t id = c->add_sequence();
+    c->append({id}, 0, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+              TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+    c->attention(TensorView(q.data(), DType::Float32, {1, heads, D}), 0, {id}, {},
+                 TensorView((c == &f32 ? o32 : o8).data(), DType::Float32, {1, heads, D}), nullptr,
+                 PagedAttentionOptions{});
+  }
+  EXPECT_EQ(i8.stats().bytes_per_token, 2 * kvh * (D + 4));
+  for (size_t i = 0; i < q.size(); ++i) EXPECT_NEAR(o8[i], o32[i], 3e-2);
+}
+
+TEST(Paged, CudaCacheWithoutDeviceRaises) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
+  try {
+    PagedKVCache c(1, 4, 4, 1, 16, DType::Float16, Device{DeviceType::CUDA, 0});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Device);
+  }
+}
