@@ -113,14 +113,16 @@ class PagedKVCache {
   std::vector<int64_t> sequences() const;
   int refcount(int32_t page) const;
 
-  // Moves a sequence's pages to host memory (pinned when CUDA is usable; asynchronous on `stream`,
-  // which must be synchronised before the host copy is reused) and frees them; swap_in allocates
-  // pages again (all or nothing, Error(CacheFull)) and copies the data back.
+  // Moves a sequence's pages to host memory (pinned when CUDA is usable; asynchronous on `stream`)
+  // and frees them; later writes to those pages (other appends) must be ordered after the copy, i.e.
+  // issued on the same stream. swap_in allocates pages again (all or nothing, Error(CacheFull)),
+  // copies the data back and waits for `stream` before freeing the host copy.
   void swap_out(int64_t seq_id, void* stream = nullptr);
   void swap_in(int64_t seq_id, void* stream = nullptr);
   bool is_swapped(int64_t seq_id) const;
 
-  // Attention of q over `layer` of the given sequences. q (total_q, heads, head_dim); q_lens[i]
+  // Attention of q over `layer` of the given sequences. The page tables are read under the lock,
+  // the kernel runs without it: do not free, truncate or swap these sequences concurrently. q (total_q, heads, head_dim); q_lens[i]
   // rows for seq_ids[i] (empty = one row each). See the header comment for masking and lse.
   void attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
                  const std::vector<int64_t>& q_lens, const TensorView& out, const TensorView* lse,
