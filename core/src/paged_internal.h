@@ -64,7 +64,8 @@ struct PagedAppend {
   void* pool = nullptr;
   int64_t page_stride = 0;   // elements per page (all layers)
   int64_t layer_offset = 0;  // elements from a page's start to this layer's K block
-  int64_t kv_offset = 0;     // elements from K block to V block
+  int64_t kv_offset = 0;     // elements from a token's K row to its V row
+  int64_t tok_stride = 0;    // elements between consecutive tokens of a page
   int page_size = 0;
   const int64_t* slots = nullptr;  // device memory on CUDA
   int64_t num_pages = 0;

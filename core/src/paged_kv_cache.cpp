@@ -66,9 +66,10 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
           std::string(names[i]) + " has dtype " + dtype_name(t.dtype) + " but q has " + dtype_name(q.dtype) +
               "; the pages must have the dtype of q and out, or be int8 with scales");
     expect_same_device(t, names[i], q, "q");
-    check(t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3), ErrorKind::Value,
-          std::string(names[i]) + ": the (page_size, kv_heads, head_dim) dims of each page must be contiguous");
-    check(t.stride(0) >= 0, ErrorKind::Value, std::string(names[i]) + ": negative page stride");
+    check(t.stride(3) == 1 && t.stride(2) == t.size(3), ErrorKind::Value,
+          std::string(names[i]) + ": the (kv_heads, head_dim) block of each token must be contiguous");
+    check(t.stride(0) >= 0 && t.stride(1) >= 0, ErrorKind::Value,
+          std::string(names[i]) + ": negative page or token stride");
   }
   check(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
   check(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape), ErrorKind::Value,
@@ -237,6 +238,9 @@ struct PagedKVCache::Impl {
   // Element counts in the pool dtype (bytes for int8); scale_off: bytes from a layer block's start
   // to its K scales (V scales follow after page_size * kv_heads floats).
   int64_t page_elems, layer_elems, kv_elems, page_bytes, scale_off = 0;
+  // Float pages interleave K and V per token ([token][K|V][kv_head][head_dim]) so attention reads
+  // one sequential stream whatever the page size; int8 pages keep [K block][V block][scales].
+  int64_t tok_elems = 0, v_off = 0;
   void* pool = nullptr;
   mutable std::mutex mu;
 
@@ -364,10 +368,14 @@ PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_
   m.dtype = dtype, m.device = device, m.esize = dtype_size(dtype);
   m.kv_elems = int64_t(page_size) * kv_heads * head_dim;
   m.layer_elems = 2 * m.kv_elems;
+  m.tok_elems = 2 * int64_t(kv_heads) * head_dim;
+  m.v_off = int64_t(kv_heads) * head_dim;
   if (dtype == DType::Int8) {
     m.quant = true;
     m.kv_elems = (m.kv_elems + 63) / 64 * 64;
     m.scale_off = 2 * m.kv_elems;
+    m.tok_elems = int64_t(kv_heads) * head_dim;
+    m.v_off = m.kv_elems;
     m.layer_elems = m.scale_off + (2 * int64_t(page_size) * kv_heads * 4 + 63) / 64 * 64;
   }
   m.page_elems = m.layer_elems * num_layers;
@@ -402,15 +410,17 @@ Device PagedKVCache::device() const { return impl_->device; }
 
 TensorView PagedKVCache::pool() const {
   const Impl& m = *impl_;
-  return TensorView(m.pool, m.dtype, {m.P, m.L, 2, m.ps, m.kvh, m.D}, m.device);
+  if (m.quant) return TensorView(m.pool, DType::Int8, {m.P, m.L, m.layer_elems}, m.device);
+  return TensorView(m.pool, m.dtype, {m.P, m.L, m.ps, 2, m.kvh, m.D}, m.device);
 }
 
 static TensorView layer_pages(const PagedKVCache::Impl& m, int layer, int kv) {
   check(layer >= 0 && layer < m.L, ErrorKind::Value,
         "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
-  TensorView t(static_cast<char*>(m.pool) + (layer * m.layer_elems + kv * m.kv_elems) * m.esize, m.dtype,
+  TensorView t(static_cast<char*>(m.pool) + (layer * m.layer_elems + kv * m.v_off) * m.esize, m.dtype,
                {m.P, m.ps, m.kvh, m.D}, m.device);
   t.strides[0] = m.page_elems;
+  t.strides[1] = m.tok_elems;
   return t;
 }
 static TensorView layer_scales(const PagedKVCache::Impl& m, int layer, int kv) {
@@ -559,7 +569,8 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   a.pool = m.pool;
   a.page_stride = m.page_elems;
   a.layer_offset = layer * m.layer_elems;
-  a.kv_offset = m.kv_elems;
+  a.kv_offset = m.v_off;
+  a.tok_stride = m.tok_elems;
   a.page_size = m.ps;
   a.num_pages = m.P;
   a.device = m.device.index;
@@ -602,7 +613,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   char* pool = static_cast<char*>(m.pool);
   for (int64_t r = 0; r < total; ++r) {
     const int64_t page = slots[r] / m.ps, off = slots[r] % m.ps;
-    char* dst = pool + (page * a.page_stride + a.layer_offset + off * a.row_elems) * m.esize;
+    char* dst = pool + (page * a.page_stride + a.layer_offset + off * a.tok_stride) * m.esize;
     std::memcpy(dst, kb + r * a.k_row * m.esize, row_bytes);
     std::memcpy(dst + a.kv_offset * m.esize, vb + r * a.v_row * m.esize, row_bytes);
   }

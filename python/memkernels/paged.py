@@ -187,7 +187,8 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     """The paged-attention kernel on caller-owned pages and FlashInfer-style int32 arrays.
 
     q: (total_q, heads, head_dim). k_pages, v_pages: (num_pages, page_size, kv_heads, head_dim),
-    each page contiguous (any page stride, e.g. PagedKVCache.k_pages(layer)). Sequence b uses pages
+    each token's (kv_heads, head_dim) block contiguous, any page and token strides (e.g.
+    PagedKVCache.k_pages(layer)). Sequence b uses pages
     kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last holding kv_last_page_len[b] tokens, and q
     rows qo_indptr[b]:qo_indptr[b+1] (None: row b, decode). On CPU every index is validated.
     int8 pages need k_scales / v_scales, float32 (num_pages, page_size, kv_heads) (CPU only).

@@ -1,13 +1,15 @@
 // memkernels/paged_kv_cache.h — a KV cache in fixed-size pages, and attention that reads the pages.
 //
 // Pool layout (one allocation per cache, on its device):
-//   pool[page][layer][kv][token][kv_head][head_dim]      kv = 0 for K, 1 for V
+//   pool[page][layer][token][kv][kv_head][head_dim]      kv = 0 for K, 1 for V
+// (K and V of a token side by side: attention reads one sequential stream, whatever the page size)
 // With dtype int8 (quantized pages, symmetric int8 per token and kv head, CPU only), each layer
 // block is [K int8][V int8] (each padded to 64 bytes) followed by the float32 scales
 // [K scales][V scales], each (page_size, kv_heads): x ~= q * scale.
 // so one page holds page_size tokens of every layer: copy-on-write, swap and prefix reuse move a
 // page with one contiguous copy, and the K (or V) pages of one layer are the strided view
-//   (num_pages, page_size, kv_heads, head_dim), page stride num_layers * 2 * page_size * kv_heads * head_dim.
+//   (num_pages, page_size, kv_heads, head_dim), page stride num_layers * 2 * page_size * kv_heads *
+//   head_dim, token stride 2 * kv_heads * head_dim.
 //
 // Sequences own page tables (int32 page ids). Every layer of a sequence has its own length (the
 // model appends layer by layer); the sequence's length is the largest, and it holds
@@ -39,8 +41,8 @@ struct PagedAttentionOptions {
   int num_splits = 0;    // split-KV pieces per sequence; 0 = choose from the work and thread count
 };
 
-// The kernel alone. k_pages / v_pages: (num_pages, page_size, kv_heads, head_dim), the last three
-// dims contiguous, any page stride (a layer of a PagedKVCache pool, or a caller's own pool).
+// The kernel alone. k_pages / v_pages: (num_pages, page_size, kv_heads, head_dim), the last two
+// dims contiguous, any page and token strides (a layer of a PagedKVCache pool, or a caller's pool).
 // qo_indptr: int32 (batch + 1), or nullptr for one query row per sequence (decode, total_q = batch).
 // kv_indptr int32 (batch + 1), kv_indices int32 (nnz), kv_last_page_len int32 (batch), all on the
 // device of q. On CPU every index is checked (page ids < num_pages, indptr non-decreasing, last
@@ -87,7 +89,8 @@ class PagedKVCache {
   int head_dim() const;
   DType dtype() const;
   Device device() const;
-  // The whole pool, (num_pages, num_layers, 2, page_size, kv_heads, head_dim).
+  // The whole pool, (num_pages, num_layers, page_size, 2, kv_heads, head_dim); int8: (num_pages,
+  // num_layers, bytes per layer block).
   TensorView pool() const;
   TensorView k_pages(int layer) const;  // (num_pages, page_size, kv_heads, head_dim), strided pages
   TensorView v_pages(int layer) const;

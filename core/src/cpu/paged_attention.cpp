@@ -111,16 +111,16 @@ struct State {
   float* s;  // [rows][BK]
 };
 
-// S[r][j] = q_r . k_j for r in [ra, rb), j < nk; keys at kp + j * stride. Prefetches the V rows
-// of the block and the K rows PF keys ahead.
+// S[r][j] = q_r . k_j for r in [ra, rb), j < nk; key j at kp[j] (a block may span pages).
+// Prefetches the V rows of the block and the K rows PF keys ahead.
 template <typename T>
-inline void scores(State& st, int ra, int rb, const T* kp, int64_t stride, int nk, const T* vp, int64_t vstride) {
+inline void scores(State& st, int ra, int rb, const T* const* kp, int nk, const T* const* vp) {
   const int nv = st.dp / VL;
   const int row_bytes = st.dp * int(sizeof(T));
   for (int j = 0; j < nk; ++j) {
-    const T* kj = kp + j * stride;
-    if (j + PF < nk) prefetch_row(kj + PF * stride, row_bytes);
-    if (vp) prefetch_row(vp + j * vstride, row_bytes);
+    const T* kj = kp[j];
+    if (j + PF < nk) prefetch_row(kp[j + PF], row_bytes);
+    if (vp) prefetch_row(vp[j], row_bytes);
     int r = ra;
     for (; r + 4 <= rb; r += 4) {
       VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
@@ -148,12 +148,12 @@ inline void scores(State& st, int ra, int rb, const T* kp, int64_t stride, int n
 
 // O[r0:r0+R][c0:c0+NC vectors] += sum_j P[r][j] v_j, all in registers (compile-time tile).
 template <int R, int NC, typename T>
-inline void pv_tile(State& st, int r0, int c0, const T* vp, int64_t stride, int nk) {
+inline void pv_tile(State& st, int r0, int c0, const T* const* vp, int nk) {
   VecF acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = VecF::load(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
   for (int j = 0; j < nk; ++j) {
-    const T* vj = vp + j * stride + c0 * VL;
+    const T* vj = vp[j] + c0 * VL;
     VecF vv[NC];
     for (int c = 0; c < NC; ++c) vv[c] = load_vec(vj + c * VL);
     for (int r = 0; r < R; ++r) {
@@ -166,19 +166,19 @@ inline void pv_tile(State& st, int r0, int c0, const T* vp, int64_t stride, int 
 }
 
 template <int R, typename T>
-inline void pv_rows(State& st, int r0, const T* vp, int64_t stride, int nk) {
+inline void pv_rows(State& st, int r0, const T* const* vp, int nk) {
   const int nv = st.dp / VL;
   int c0 = 0;
-  for (; c0 + 4 <= nv; c0 += 4) pv_tile<R, 4>(st, r0, c0, vp, stride, nk);
-  for (; c0 < nv; ++c0) pv_tile<R, 1>(st, r0, c0, vp, stride, nk);
+  for (; c0 + 4 <= nv; c0 += 4) pv_tile<R, 4>(st, r0, c0, vp, nk);
+  for (; c0 < nv; ++c0) pv_tile<R, 1>(st, r0, c0, vp, nk);
 }
 
 template <typename T>
-inline void pv(State& st, int ra, int rb, const T* vp, int64_t stride, int nk) {
+inline void pv(State& st, int ra, int rb, const T* const* vp, int nk) {
   int r = ra;
-  for (; r + 4 <= rb; r += 4) pv_rows<4>(st, r, vp, stride, nk);
-  for (; r + 2 <= rb; r += 2) pv_rows<2>(st, r, vp, stride, nk);
-  for (; r < rb; ++r) pv_rows<1>(st, r, vp, stride, nk);
+  for (; r + 4 <= rb; r += 4) pv_rows<4>(st, r, vp, nk);
+  for (; r + 2 <= rb; r += 2) pv_rows<2>(st, r, vp, nk);
+  for (; r < rb; ++r) pv_rows<1>(st, r, vp, nk);
 }
 
 // Online-softmax update of rows [ra, rb) for a block of nk keys: P overwrites S, O is rescaled.
@@ -244,34 +244,39 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
   const bool direct = D % VL == 0;
+  // Blocks of up to BK keys, gathered across pages through per-key offsets.
+  int64_t koff[BK], voff[BK], kso[BK], vso[BK];
+  const T* kps[BK];
+  const T* vps[BK];
+  const float* kfs[BK];
+  const float* vfs[BK];
+  for (int j = 0; j < BK; ++j) kfs[j] = kbuf + j * dp, vfs[j] = vbuf + j * dp;
   for (int j0 = t.kv_lo; j0 < hi;) {
-    const int pg = j0 / p.page_size, in_page = j0 % p.page_size;
-    const int nk = std::min({BK, hi - j0, p.page_size - in_page});
-    const T* kblock = kbase + pages[pg] * p.k_page + int64_t(in_page) * p.k_tok;
-    const T* vblock = vbase + pages[pg] * p.v_page + int64_t(in_page) * p.v_tok;
+    const int nk = std::min(BK, hi - j0);
+    for (int j = 0; j < nk; ++j) {
+      const int tok = j0 + j, page = pages[tok / p.page_size], in_page = tok % p.page_size;
+      koff[j] = page * p.k_page + int64_t(in_page) * p.k_tok;
+      voff[j] = page * p.v_page + int64_t(in_page) * p.v_tok;
+      if (p.k_scale) kso[j] = page * p.ks_page + int64_t(in_page) * p.ks_tok, vso[j] = page * p.vs_page + int64_t(in_page) * p.vs_tok;
+    }
     const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
     for (int g = t.g0; g < t.g1; ++g) {
       const int ra = (g - t.g0) * rpg, rb = ra + rpg;
-      const T* kp = kblock + g * p.k_head;
-      const T* vp = vblock + g * p.v_head;
+      for (int j = 0; j < nk; ++j) kps[j] = kbase + koff[j] + g * p.k_head, vps[j] = vbase + voff[j] + g * p.v_head;
       if (direct) {
-        scores(st, ra, rb, kp, p.k_tok, nk, vp, p.v_tok);
+        scores(st, ra, rb, kps, nk, vps);
       } else {
         for (int j = 0; j < nk; ++j) {
-          row_to_floats(kp + j * p.k_tok, D, kbuf + j * dp);
+          row_to_floats(kps[j], D, kbuf + j * dp);
           std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
-          row_to_floats(vp + j * p.v_tok, D, vbuf + j * dp);
+          row_to_floats(vps[j], D, vbuf + j * dp);
           std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
         }
-        scores(st, ra, rb, static_cast<const float*>(kbuf), dp, nk, static_cast<const float*>(nullptr), 0);
+        scores(st, ra, rb, kfs, nk, static_cast<const float* const*>(nullptr));
       }
-      const float* vsc = nullptr;
-      if (p.k_scale) {  // int8 pages: s = scale_k * (q . k_int8)
-        const float* ksc = p.k_scale + pages[pg] * p.ks_page + int64_t(in_page) * p.ks_tok + g;
-        vsc = p.v_scale + pages[pg] * p.vs_page + int64_t(in_page) * p.vs_tok + g;
+      if (p.k_scale)  // int8 pages: s = scale_k * (q . k_int8)
         for (int r = ra; r < rb; ++r)
-          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= ksc[j * p.ks_tok];
-      }
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= p.k_scale[kso[j] + g];
       if (capped)
         for (int r = ra; r < rb; ++r)
           for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
@@ -282,19 +287,21 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
         }
       }
       if (direct && j0 + nk < hi) {  // the next block's first keys of this head
-        const int nj = j0 + nk, npg = nj / p.page_size;
-        const T* nkp = kbase + pages[npg] * p.k_page + int64_t(nj % p.page_size) * p.k_tok + g * p.k_head;
-        const int cnt = std::min({PF, hi - nj, p.page_size - nj % p.page_size});
-        for (int j = 0; j < cnt; ++j) prefetch_row(nkp + j * p.k_tok, D * int(sizeof(T)));
+        const int nj = j0 + nk, cnt = std::min(PF, hi - nj);
+        for (int j = 0; j < cnt; ++j) {
+          const int tok = nj + j;
+          prefetch_row(kbase + pages[tok / p.page_size] * p.k_page + int64_t(tok % p.page_size) * p.k_tok + g * p.k_head,
+                       D * int(sizeof(T)));
+        }
       }
       softmax_block(st, ra, rb, nk);
-      if (vsc)  // O += (p * scale_v) v_int8; the softmax sum already has the unscaled p
+      if (p.v_scale)  // O += (p * scale_v) v_int8; the softmax sum already has the unscaled p
         for (int r = ra; r < rb; ++r)
-          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= vsc[j * p.vs_tok];
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= p.v_scale[vso[j] + g];
       if (direct)
-        pv(st, ra, rb, vp, p.v_tok, nk);
+        pv(st, ra, rb, vps, nk);
       else
-        pv(st, ra, rb, static_cast<const float*>(vbuf), dp, nk);
+        pv(st, ra, rb, vfs, nk);
     }
     j0 += nk;
   }
