@@ -156,3 +156,27 @@ TEST(Paged, CudaCacheWithoutDeviceRaises) {
     EXPECT_EQ(e.kind(), ErrorKind::Device);
   }
 }
+
+// Causal chunk of queries over cached keys, odd head_dim (staging path), forced split-KV.
+TEST(Paged, PrefillSplitOddHeadDim) {
+  const int ps = 5, kvh = 1, heads = 3, D = 40, len = 61, nq = 7;
+  PagedKVCache cache(1, 20, ps, kvh, D, DType::Float32);
+  std::mt19937 rng(9);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(nq) * heads * D, rng);
+  const int64_t id = cache.add_sequence();
+  cache.append({id}, 0, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+               TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+  std::vector<float> out(q.size(), NAN), lse(size_t(heads) * nq, NAN);
+  PagedAttentionOptions o;
+  o.num_splits = 3;
+  TensorView tl(lse.data(), DType::Float32, {heads, nq});
+  cache.attention(TensorView(q.data(), DType::Float32, {nq, heads, D}), 0, {id}, {nq},
+                  TensorView(out.data(), DType::Float32, {nq, heads, D}), &tl, o);
+  for (int i = 0; i < nq; ++i) {  // query i sees keys 0 .. len - nq + i
+    std::vector<float> qi(q.begin() + size_t(i) * heads * D, q.begin() + size_t(i + 1) * heads * D);
+    auto ref = reference(qi, k, v, heads, kvh, D, len - nq + i + 1);
+    for (int j = 0; j < heads * D; ++j) EXPECT_NEAR(out[size_t(i) * heads * D + j], ref[j], 1e-4) << "row " << i;
+  }
+  for (float x : lse) EXPECT_TRUE(std::isfinite(x));
+}
