@@ -76,8 +76,12 @@ class PagedKVCache {
  public:
   // dtype: float32, float16, bfloat16, or int8 (quantized per token and kv head on append; CPU).
   // Throws Error(Memory) when the pool cannot be allocated.
+  // kivi_bits 2 or 4 (with dtype UInt8, CPU): KIVI pages, keys quantized per channel over each
+  // page and values per token (asymmetric, scale + zero point, float32), quantized when a page of
+  // a layer fills; the tokens after the last full page (the recent window) stay float32 in the
+  // sequence until then. Truncating into a quantized page dequantizes its kept tokens.
   PagedKVCache(int num_layers, int num_pages, int page_size, int kv_heads, int head_dim, DType dtype,
-               Device device = {});
+               Device device = {}, int kivi_bits = 0);
   ~PagedKVCache();
   PagedKVCache(const PagedKVCache&) = delete;
   PagedKVCache& operator=(const PagedKVCache&) = delete;
@@ -113,6 +117,9 @@ class PagedKVCache {
   void truncate(int64_t seq_id, int64_t length);  // keeps the first `length` tokens of every layer
   int64_t length(int64_t seq_id, int layer = -1) const;  // layer < 0: the sequence length
   std::vector<int32_t> page_table(int64_t seq_id) const;
+  // The K and V of a layer as float32 (length(seq_id, layer), kv_heads, head_dim) each, dequantized
+  // for int8/KIVI caches (host memory; CPU caches).
+  void read_kv(int64_t seq_id, int layer, float* k, float* v) const;
   std::vector<int64_t> sequences() const;
   int refcount(int32_t page) const;
 
