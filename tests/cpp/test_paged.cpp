@@ -180,3 +180,26 @@ TEST(Paged, PrefillSplitOddHeadDim) {
   }
   for (float x : lse) EXPECT_TRUE(std::isfinite(x));
 }
+
+TEST(Paged, Kivi4CloseToFloatAndWindowExact) {
+  const int ps = 8, kvh = 2, heads = 4, D = 32, len = 45;
+  PagedKVCache f32(2, 16, ps, kvh, D, DType::Float32), kv4(2, 16, ps, kvh, D, DType::UInt8, Device{}, 4);
+  std::mt19937 rng(11);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(heads) * D, rng);
+  std::vector<float> o32(q.size(), NAN), o4(q.size(), NAN);
+  for (PagedKVCache* c : {&f32, &kv4}) {
+    const int64_t id = c->add_sequence();
+    for (int layer = 0; layer < 2; ++layer)
+      c->append({id}, layer, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+                TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+    c->attention(TensorView(q.data(), DType::Float32, {1, heads, D}), 1, {id}, {},
+                 TensorView((c == &f32 ? o32 : o4).data(), DType::Float32, {1, heads, D}), nullptr,
+                 PagedAttentionOptions{});
+    std::vector<float> kr(k.size()), vr(v.size());
+    c->read_kv(id, 1, kr.data(), vr.data());
+    for (size_t i = size_t(40) * kvh * D; i < k.size(); ++i) ASSERT_EQ(kr[i], k[i]);  // recent window
+  }
+  for (size_t i = 0; i < q.size(); ++i) EXPECT_NEAR(o4[i], o32[i], 0.15);
+  EXPECT_THROW(PagedKVCache(1, 4, 4, 1, 16, DType::UInt8, Device{}, 3), Error);
+}

@@ -5,7 +5,9 @@
 // (K and V of a token side by side: attention reads one sequential stream, whatever the page size)
 // With dtype int8 (quantized pages, symmetric int8 per token and kv head, CPU only), each layer
 // block is [K int8][V int8] (each padded to 64 bytes) followed by the float32 scales
-// [K scales][V scales], each (page_size, kv_heads): x ~= q * scale.
+// [K scales][V scales], each (page_size, kv_heads): x ~= q * scale. KIVI caches (kivi_bits 2/4)
+// pack [K codes][V codes][K scale][K zero] (kv_heads, head_dim) [V scale][V zero] (page_size,
+// kv_heads) per layer block; they are read through attention() and read_kv() only.
 // so one page holds page_size tokens of every layer: copy-on-write, swap and prefix reuse move a
 // page with one contiguous copy, and the K (or V) pages of one layer are the strided view
 //   (num_pages, page_size, kv_heads, head_dim), page stride num_layers * 2 * page_size * kv_heads *
