@@ -270,7 +270,7 @@ __global__ void paged_append_kernel(PagedAppend a) {
   const int64_t slot = a.slots[row];
   const int64_t page = slot / a.page_size, off = slot % a.page_size;
   if (slot < 0 || page >= a.num_pages) return;  // never produced by the cache; a guard for memory safety
-  U* dst = static_cast<U*>(a.pool) + page * a.page_stride + a.layer_offset + off * a.row_elems;
+  U* dst = static_cast<U*>(a.pool) + page * a.page_stride + a.layer_offset + off * a.tok_stride;
   const U* k = static_cast<const U*>(a.k) + row * a.k_row;
   const U* v = static_cast<const U*>(a.v) + row * a.v_row;
   for (int64_t i = threadIdx.x; i < a.row_elems; i += blockDim.x) {

@@ -33,6 +33,16 @@ struct PagedProblem {
   const float* v_scale = nullptr;
   int64_t ks_page = 0, ks_tok = 0, vs_page = 0, vs_tok = 0;
 
+  // KIVI pages (kivi_bits 2 or 4): k is the layer's block in page 0 (bytes), k_page the page
+  // stride in bytes; within a layer block: K codes [token][kv_head][head_dim * bits / 8] at 0, V
+  // codes at kv_vc, per-channel K scale/zero (kv_heads, head_dim) at kv_ks/kv_kz, per-token V
+  // scale/zero (page_size, kv_heads) at kv_vs/kv_vz (bytes). x ~= code * scale + zero. Keys past
+  // the last full page of sequence b are float32 rows in resid[b]: K (page_size, kv_heads,
+  // head_dim), then V.
+  int kivi_bits = 0;
+  int64_t kv_vc = 0, kv_ks = 0, kv_kz = 0, kv_vs = 0, kv_vz = 0;
+  const float* const* resid = nullptr;
+
   const int32_t* qo_indptr = nullptr;  // null: row b for sequence b
   const int32_t* kv_indptr = nullptr;
   const int32_t* kv_indices = nullptr;
@@ -64,7 +74,8 @@ struct PagedAppend {
   void* pool = nullptr;
   int64_t page_stride = 0;   // elements per page (all layers)
   int64_t layer_offset = 0;  // elements from a page's start to this layer's K block
-  int64_t kv_offset = 0;     // elements from K block to V block
+  int64_t kv_offset = 0;     // elements from a token's K row to its V row
+  int64_t tok_stride = 0;    // elements between consecutive tokens of a page
   int page_size = 0;
   const int64_t* slots = nullptr;  // device memory on CUDA
   int64_t num_pages = 0;

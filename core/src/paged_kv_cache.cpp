@@ -49,11 +49,13 @@ void check_indptr(const int32_t* ptr, int batch, int64_t limit, const char* what
 
 }  // namespace
 
-void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
-                         const TensorView* qo_indptr, const TensorView& kv_indptr, const TensorView& kv_indices,
-                         const TensorView& kv_last_page_len, const TensorView& out, const TensorView* lse,
-                         const PagedAttentionOptions& opts, int max_q_len, void* stream, const TensorView* k_scales,
-                         const TensorView* v_scales) {
+// kivi: the KIVI fields of a PagedKVCache (its pages then come as uint8 views), else nullptr.
+static void paged_attention_impl(const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
+                                 const TensorView* qo_indptr, const TensorView& kv_indptr,
+                                 const TensorView& kv_indices, const TensorView& kv_last_page_len,
+                                 const TensorView& out, const TensorView* lse, const PagedAttentionOptions& opts,
+                                 int max_q_len, void* stream, const TensorView* k_scales, const TensorView* v_scales,
+                                 const PagedProblem* kivi) {
   expect_ndim(q, "q", 3);
   expect_dtype(q, "q", {DType::Float32, DType::Float16, DType::BFloat16});
   expect_last_dim_contiguous(q, "q");
@@ -62,13 +64,14 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 4);
-    check(t.dtype == q.dtype || t.dtype == DType::Int8, ErrorKind::Type,
+    check(t.dtype == q.dtype || t.dtype == DType::Int8 || (kivi && t.dtype == DType::UInt8), ErrorKind::Type,
           std::string(names[i]) + " has dtype " + dtype_name(t.dtype) + " but q has " + dtype_name(q.dtype) +
               "; the pages must have the dtype of q and out, or be int8 with scales");
     expect_same_device(t, names[i], q, "q");
-    check(t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == t.size(2) * t.size(3), ErrorKind::Value,
-          std::string(names[i]) + ": the (page_size, kv_heads, head_dim) dims of each page must be contiguous");
-    check(t.stride(0) >= 0, ErrorKind::Value, std::string(names[i]) + ": negative page stride");
+    check(t.stride(3) == 1 && t.stride(2) == t.size(3), ErrorKind::Value,
+          std::string(names[i]) + ": the (kv_heads, head_dim) block of each token must be contiguous");
+    check(t.stride(0) >= 0 && t.stride(1) >= 0, ErrorKind::Value,
+          std::string(names[i]) + ": negative page or token stride");
   }
   check(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
   check(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape), ErrorKind::Value,
@@ -114,6 +117,10 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
   p.dtype = q.dtype;
   p.kv_dtype = k_pages.dtype;
   p.batch = int(batch);
+  if (kivi) {
+    p.kivi_bits = kivi->kivi_bits, p.resid = kivi->resid;
+    p.kv_vc = kivi->kv_vc, p.kv_ks = kivi->kv_ks, p.kv_kz = kivi->kv_kz, p.kv_vs = kivi->kv_vs, p.kv_vz = kivi->kv_vz;
+  }
   const bool quant = k_pages.dtype == DType::Int8;
   check(quant == (k_scales != nullptr) && quant == (v_scales != nullptr), ErrorKind::Value,
         quant ? "int8 k_pages/v_pages need k_scales and v_scales" : "k_scales/v_scales are only for int8 pages");
@@ -210,6 +217,15 @@ void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const T
   MK_CPU_DISPATCH(paged_attention, p);
 }
 
+void paged_attention_raw(const TensorView& q, const TensorView& k_pages, const TensorView& v_pages,
+                         const TensorView* qo_indptr, const TensorView& kv_indptr, const TensorView& kv_indices,
+                         const TensorView& kv_last_page_len, const TensorView& out, const TensorView* lse,
+                         const PagedAttentionOptions& opts, int max_q_len, void* stream, const TensorView* k_scales,
+                         const TensorView* v_scales) {
+  paged_attention_impl(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse, opts,
+                       max_q_len, stream, k_scales, v_scales, nullptr);
+}
+
 // ---------------------------------------------------------------------------------------------
 // PagedKVCache
 
@@ -237,6 +253,12 @@ struct PagedKVCache::Impl {
   // Element counts in the pool dtype (bytes for int8); scale_off: bytes from a layer block's start
   // to its K scales (V scales follow after page_size * kv_heads floats).
   int64_t page_elems, layer_elems, kv_elems, page_bytes, scale_off = 0;
+  // Float pages interleave K and V per token ([token][K|V][kv_head][head_dim]) so attention reads
+  // one sequential stream whatever the page size; int8 pages keep [K block][V block][scales].
+  int64_t tok_elems = 0, v_off = 0;
+  // KIVI (kivi_bits 2/4): byte offsets in a layer block (see PagedProblem) and packed row bytes.
+  int kivi_bits = 0;
+  int64_t kv_vc = 0, kv_ks = 0, kv_kz = 0, kv_vs = 0, kv_vz = 0, code_row = 0;
   void* pool = nullptr;
   mutable std::mutex mu;
 
@@ -256,6 +278,7 @@ struct PagedKVCache::Impl {
     std::vector<int64_t> layer_len;
     std::vector<int32_t> tokens;  // known token ids (prefix tokens given at creation)
     std::vector<uint64_t> chain;  // chain hashes of the first chain.size() pages
+    std::vector<std::vector<float>> resid;  // KIVI: per layer, float32 K then V of the recent window
     bool swapped = false;
     void* host = nullptr;  // swapped-out pages
     int64_t host_pages = 0;
@@ -341,19 +364,85 @@ struct PagedKVCache::Impl {
     }
   }
 
+  // KIVI: packs the full window of `layer` into `page`.
+  void kivi_quantize(Seq& s, int layer, int32_t page) {
+    const int levels = (1 << kivi_bits) - 1, per_byte = 8 / kivi_bits;
+    const float* win = s.resid[size_t(layer)].data();
+    const int64_t kv_block = int64_t(ps) * kvh * D;
+    uint8_t* blk = reinterpret_cast<uint8_t*>(page_ptr(page)) + layer * layer_elems;
+    float* ks = reinterpret_cast<float*>(blk + kv_ks);
+    float* kz = reinterpret_cast<float*>(blk + kv_kz);
+    float* vs = reinterpret_cast<float*>(blk + kv_vs);
+    float* vz = reinterpret_cast<float*>(blk + kv_vz);
+    auto code = [&](float x, float scale, float zero) {
+      const float c = scale > 0.0f ? std::nearbyint((x - zero) / scale) : 0.0f;
+      return uint8_t(std::min(float(levels), std::max(0.0f, c)));
+    };
+    std::fill(blk, blk + 2 * kv_vc, uint8_t(0));
+    for (int g = 0; g < kvh; ++g)
+      for (int d = 0; d < D; ++d) {  // keys: per channel over the page's tokens
+        float lo = win[g * D + d], hi = lo;
+        for (int t = 1; t < ps; ++t) {
+          const float x = win[(int64_t(t) * kvh + g) * D + d];
+          lo = std::min(lo, x), hi = std::max(hi, x);
+        }
+        const float scale = (hi - lo) / levels;
+        ks[g * D + d] = scale, kz[g * D + d] = lo;
+        for (int t = 0; t < ps; ++t) {
+          const uint8_t c = code(win[(int64_t(t) * kvh + g) * D + d], scale, lo);
+          blk[(int64_t(t) * kvh + g) * code_row + d / per_byte] |= uint8_t(c << ((d % per_byte) * kivi_bits));
+        }
+      }
+    for (int t = 0; t < ps; ++t)
+      for (int g = 0; g < kvh; ++g) {  // values: per token
+        const float* x = win + kv_block + (int64_t(t) * kvh + g) * D;
+        float lo = x[0], hi = x[0];
+        for (int d = 1; d < D; ++d) lo = std::min(lo, x[d]), hi = std::max(hi, x[d]);
+        const float scale = (hi - lo) / levels;
+        vs[t * kvh + g] = scale, vz[t * kvh + g] = lo;
+        uint8_t* row = blk + kv_vc + (int64_t(t) * kvh + g) * code_row;
+        for (int d = 0; d < D; ++d) row[d / per_byte] |= uint8_t(code(x[d], scale, lo) << ((d % per_byte) * kivi_bits));
+      }
+  }
+  // KIVI: token t of `page`, `layer` as floats (k and v: kv_heads * head_dim each).
+  void kivi_dequant_token(int32_t page, int layer, int t, float* k, float* v) const {
+    const int per_byte = 8 / kivi_bits, mask = (1 << kivi_bits) - 1;
+    const uint8_t* blk = reinterpret_cast<const uint8_t*>(page_ptr(page)) + layer * layer_elems;
+    const float* ks = reinterpret_cast<const float*>(blk + kv_ks);
+    const float* kz = reinterpret_cast<const float*>(blk + kv_kz);
+    const float* vs = reinterpret_cast<const float*>(blk + kv_vs);
+    const float* vz = reinterpret_cast<const float*>(blk + kv_vz);
+    for (int g = 0; g < kvh; ++g) {
+      const uint8_t* kr = blk + (int64_t(t) * kvh + g) * code_row;
+      const uint8_t* vr = blk + kv_vc + (int64_t(t) * kvh + g) * code_row;
+      for (int d = 0; d < D; ++d) {
+        const int sh = (d % per_byte) * kivi_bits;
+        k[g * D + d] = float((kr[d / per_byte] >> sh) & mask) * ks[g * D + d] + kz[g * D + d];
+        v[g * D + d] = float((vr[d / per_byte] >> sh) & mask) * vs[t * kvh + g] + vz[t * kvh + g];
+      }
+    }
+  }
+
   void copy_page(int32_t dst, int32_t src, void* stream) {
     device_memcpy(page_ptr(dst), device, page_ptr(src), device, size_t(page_bytes), stream);
   }
 };
 
 PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_heads, int head_dim, DType dtype,
-                           Device device)
+                           Device device, int kivi_bits)
     : impl_(new Impl) {
+  check(kivi_bits == 0 || ((kivi_bits == 2 || kivi_bits == 4) && dtype == DType::UInt8), ErrorKind::Value,
+        "PagedKVCache: kivi_bits must be 0, or 2 or 4 with dtype uint8");
+  check(kivi_bits == 0 || device.is_cpu(), ErrorKind::NotImplemented,
+        "PagedKVCache: KIVI pages are CPU-only in this version");
+  check(kivi_bits == 0 || (int64_t(head_dim) * kivi_bits) % 8 == 0, ErrorKind::Value,
+        "PagedKVCache: KIVI needs head_dim * bits to be a multiple of 8");
   check(num_layers > 0 && num_pages > 0 && page_size > 0 && kv_heads > 0 && head_dim > 0, ErrorKind::Value,
         "PagedKVCache: num_layers, num_pages, page_size, kv_heads and head_dim must all be > 0, got " +
             str(num_layers) + ", " + str(num_pages) + ", " + str(page_size) + ", " + str(kv_heads) + ", " +
             str(head_dim));
-  check(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 || dtype == DType::Int8,
+  check(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 || dtype == DType::Int8 ||
+            (dtype == DType::UInt8 && kivi_bits),
         ErrorKind::Type,
         std::string("PagedKVCache: dtype must be float32, float16, bfloat16 or int8, got ") + dtype_name(dtype));
   check(dtype != DType::Int8 || device.is_cpu(), ErrorKind::NotImplemented,
@@ -364,11 +453,27 @@ PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_
   m.dtype = dtype, m.device = device, m.esize = dtype_size(dtype);
   m.kv_elems = int64_t(page_size) * kv_heads * head_dim;
   m.layer_elems = 2 * m.kv_elems;
+  m.tok_elems = 2 * int64_t(kv_heads) * head_dim;
+  m.v_off = int64_t(kv_heads) * head_dim;
   if (dtype == DType::Int8) {
     m.quant = true;
     m.kv_elems = (m.kv_elems + 63) / 64 * 64;
     m.scale_off = 2 * m.kv_elems;
+    m.tok_elems = int64_t(kv_heads) * head_dim;
+    m.v_off = m.kv_elems;
     m.layer_elems = m.scale_off + (2 * int64_t(page_size) * kv_heads * 4 + 63) / 64 * 64;
+  }
+  if (kivi_bits) {
+    auto pad = [](int64_t x) { return (x + 63) / 64 * 64; };
+    m.kivi_bits = kivi_bits;
+    m.code_row = int64_t(head_dim) * kivi_bits / 8;
+    const int64_t codes = pad(int64_t(page_size) * kv_heads * m.code_row);
+    m.kv_vc = codes;
+    m.kv_ks = 2 * codes;
+    m.kv_kz = m.kv_ks + pad(int64_t(kv_heads) * head_dim * 4);
+    m.kv_vs = m.kv_kz + pad(int64_t(kv_heads) * head_dim * 4);
+    m.kv_vz = m.kv_vs + pad(int64_t(page_size) * kv_heads * 4);
+    m.layer_elems = m.kv_vz + pad(int64_t(page_size) * kv_heads * 4);
   }
   m.page_elems = m.layer_elems * num_layers;
   m.page_bytes = m.page_elems * m.esize;
@@ -402,15 +507,18 @@ Device PagedKVCache::device() const { return impl_->device; }
 
 TensorView PagedKVCache::pool() const {
   const Impl& m = *impl_;
-  return TensorView(m.pool, m.dtype, {m.P, m.L, 2, m.ps, m.kvh, m.D}, m.device);
+  if (m.quant || m.kivi_bits) return TensorView(m.pool, m.dtype, {m.P, m.L, m.layer_elems}, m.device);
+  return TensorView(m.pool, m.dtype, {m.P, m.L, m.ps, 2, m.kvh, m.D}, m.device);
 }
 
 static TensorView layer_pages(const PagedKVCache::Impl& m, int layer, int kv) {
+  check(!m.kivi_bits, ErrorKind::Value, "k_pages/v_pages: KIVI pages are packed; use read_kv or pool()");
   check(layer >= 0 && layer < m.L, ErrorKind::Value,
         "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
-  TensorView t(static_cast<char*>(m.pool) + (layer * m.layer_elems + kv * m.kv_elems) * m.esize, m.dtype,
+  TensorView t(static_cast<char*>(m.pool) + (layer * m.layer_elems + kv * m.v_off) * m.esize, m.dtype,
                {m.P, m.ps, m.kvh, m.D}, m.device);
   t.strides[0] = m.page_elems;
+  t.strides[1] = m.tok_elems;
   return t;
 }
 static TensorView layer_scales(const PagedKVCache::Impl& m, int layer, int kv) {
@@ -434,6 +542,7 @@ int64_t PagedKVCache::add_sequence(const int32_t* prefix_tokens, int64_t num_tok
   std::lock_guard<std::mutex> lock(m.mu);
   Impl::Seq s;
   s.layer_len.assign(m.L, 0);
+  if (m.kivi_bits) s.resid.assign(m.L, std::vector<float>(size_t(2) * m.ps * m.kvh * m.D, 0.0f));
   s.tokens.assign(prefix_tokens, prefix_tokens + num_tokens);
   // Walk the full pages of the prefix while the table has them.
   const int64_t full = num_tokens / m.ps;
@@ -470,7 +579,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 3);
-    check(t.dtype == m.dtype || (m.quant && (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
+    check(t.dtype == m.dtype || ((m.quant || m.kivi_bits) && (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
                                               t.dtype == DType::BFloat16)),
           ErrorKind::Type,
           std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
@@ -526,6 +635,8 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
 
   // 2. Commit: copy-on-write, new pages, slots for every row.
   std::vector<int64_t> slots(static_cast<size_t>(total));
+  std::vector<std::pair<Impl::Seq*, int64_t>> row_pos;  // KIVI: (sequence, position) of each row
+  if (m.kivi_bits) row_pos.reserve(size_t(total));
   int64_t row = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     Impl::Seq& s = m.seqs.at(seq_ids[i]);
@@ -544,7 +655,10 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
       }
     }
     while (int64_t(s.pages.size()) * m.ps < end) s.pages.push_back(m.alloc_page());
-    for (int64_t t = cur; t < end; ++t) slots[size_t(row++)] = int64_t(s.pages[size_t(t / m.ps)]) * m.ps + t % m.ps;
+    for (int64_t t = cur; t < end; ++t) {
+      slots[size_t(row++)] = int64_t(s.pages[size_t(t / m.ps)]) * m.ps + t % m.ps;
+      if (m.kivi_bits) row_pos.emplace_back(&s, t);
+    }
     s.layer_len[layer] = end;
     m.register_pages(s);
   }
@@ -559,7 +673,8 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   a.pool = m.pool;
   a.page_stride = m.page_elems;
   a.layer_offset = layer * m.layer_elems;
-  a.kv_offset = m.kv_elems;
+  a.kv_offset = m.v_off;
+  a.tok_stride = m.tok_elems;
   a.page_size = m.ps;
   a.num_pages = m.P;
   a.device = m.device.index;
@@ -570,6 +685,22 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     cuda_backend::paged_append(a, stream);
     cuda_backend::paged_scratch_free(m.device.index, dslots, stream);
 #endif
+    return;
+  }
+  if (m.kivi_bits) {  // rows go to the recent window; a window that fills is quantized into its page
+    const int in_size = dtype_size(k.dtype);
+    const int64_t kv_block = int64_t(m.ps) * m.kvh * m.D;
+    for (int64_t r = 0; r < total; ++r) {
+      Impl::Seq& s = *row_pos[size_t(r)].first;
+      const int64_t t = row_pos[size_t(r)].second;
+      float* win = s.resid[size_t(layer)].data();
+      for (int kvi = 0; kvi < 2; ++kvi) {
+        const TensorView& src = kvi ? v : k;
+        cpu::load_floats(static_cast<const char*>(src.data) + r * src.stride(0) * in_size, src.dtype,
+                         int64_t(m.kvh) * m.D, win + kvi * kv_block + (t % m.ps) * m.kvh * m.D);
+      }
+      if (t % m.ps == m.ps - 1) m.kivi_quantize(s, layer, s.pages[size_t(t / m.ps)]);
+    }
     return;
   }
   if (m.quant) {  // symmetric int8 per (token, kv head): scale = max|x| / 127
@@ -602,7 +733,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   char* pool = static_cast<char*>(m.pool);
   for (int64_t r = 0; r < total; ++r) {
     const int64_t page = slots[r] / m.ps, off = slots[r] % m.ps;
-    char* dst = pool + (page * a.page_stride + a.layer_offset + off * a.row_elems) * m.esize;
+    char* dst = pool + (page * a.page_stride + a.layer_offset + off * a.tok_stride) * m.esize;
     std::memcpy(dst, kb + r * a.k_row * m.esize, row_bytes);
     std::memcpy(dst + a.kv_offset * m.esize, vb + r * a.v_row * m.esize, row_bytes);
   }
@@ -633,6 +764,18 @@ void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
   Impl::Seq& s = m.get_resident(seq_id, "truncate");
   check(length >= 0 && length <= s.length(), ErrorKind::Value,
         "truncate: length " + str(length) + " is outside [0, " + str(s.length()) + "] for sequence " + str(seq_id));
+  if (m.kivi_bits) {  // a cut inside a quantized page: its kept tokens go back to the window
+    const int64_t kv_block = int64_t(m.ps) * m.kvh * m.D;
+    for (int layer = 0; layer < m.L; ++layer) {
+      const int64_t old = s.layer_len[layer], pn = length / m.ps;
+      if (length < old && length % m.ps && old >= (pn + 1) * m.ps) {
+        float* win = s.resid[size_t(layer)].data();
+        for (int t = 0; t < length % m.ps; ++t)
+          m.kivi_dequant_token(s.pages[size_t(pn)], layer, t, win + int64_t(t) * m.kvh * m.D,
+                               win + kv_block + int64_t(t) * m.kvh * m.D);
+      }
+    }
+  }
   for (auto& n : s.layer_len) n = std::min(n, length);
   const size_t keep = size_t((length + m.ps - 1) / m.ps);
   for (size_t i = keep; i < s.pages.size(); ++i) m.release_page(s.pages[i]);
@@ -654,6 +797,42 @@ std::vector<int32_t> PagedKVCache::page_table(int64_t seq_id) const {
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
   return m.get(seq_id, "page_table").pages;
+}
+
+void PagedKVCache::read_kv(int64_t seq_id, int layer, float* k, float* v) const {
+  const Impl& m = *impl_;
+  check(m.device.is_cpu(), ErrorKind::NotImplemented, "read_kv: CPU caches only");
+  check(layer >= 0 && layer < m.L, ErrorKind::Value, "read_kv: layer " + str(layer) + " out of range");
+  std::lock_guard<std::mutex> lock(m.mu);
+  const Impl::Seq& s = const_cast<Impl&>(m).get_resident(seq_id, "read_kv");
+  const int64_t len = s.layer_len[layer], row = int64_t(m.kvh) * m.D, kv_block = int64_t(m.ps) * row;
+  for (int64_t t = 0; t < len; ++t) {
+    const int32_t page = s.pages[size_t(t / m.ps)];
+    const int in = int(t % m.ps);
+    float* kd = k + t * row;
+    float* vd = v + t * row;
+    if (m.kivi_bits) {
+      if (t >= len / m.ps * m.ps) {
+        const float* win = s.resid[size_t(layer)].data();
+        std::copy(win + in * row, win + (in + 1) * row, kd);
+        std::copy(win + kv_block + in * row, win + kv_block + (in + 1) * row, vd);
+      } else {
+        m.kivi_dequant_token(page, layer, in, kd, vd);
+      }
+    } else if (m.quant) {
+      const char* blk = m.page_ptr(page) + layer * m.layer_elems;
+      const float* sc = reinterpret_cast<const float*>(blk + m.scale_off);
+      for (int64_t i = 0; i < row; ++i) {
+        kd[i] = float(reinterpret_cast<const int8_t*>(blk)[in * row + i]) * sc[in * m.kvh + i / m.D];
+        vd[i] = float(reinterpret_cast<const int8_t*>(blk + m.kv_elems)[in * row + i]) *
+                sc[int64_t(m.ps) * m.kvh + in * m.kvh + i / m.D];
+      }
+    } else {
+      const char* tok = m.page_ptr(page) + (layer * m.layer_elems + in * m.tok_elems) * m.esize;
+      cpu::load_floats(tok, m.dtype, row, kd);
+      cpu::load_floats(tok + m.v_off * m.esize, m.dtype, row, vd);
+    }
+  }
 }
 
 std::vector<int64_t> PagedKVCache::sequences() const {
@@ -759,6 +938,26 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
     max_q = std::max<int>(max_q, int(n));
   }
   const int64_t batch = int64_t(seq_ids.size());
+  if (m.kivi_bits) {
+    std::vector<const float*> resid;
+    {
+      std::lock_guard<std::mutex> lock(m.mu);
+      for (int64_t id : seq_ids)
+        resid.push_back(const_cast<Impl&>(m).get_resident(id, "paged_attention").resid[size_t(layer)].data());
+    }
+    PagedProblem kv;
+    kv.kivi_bits = m.kivi_bits, kv.resid = resid.data();
+    kv.kv_vc = m.kv_vc, kv.kv_ks = m.kv_ks, kv.kv_kz = m.kv_kz, kv.kv_vs = m.kv_vs, kv.kv_vz = m.kv_vz;
+    TensorView pages(static_cast<char*>(m.pool) + layer * m.layer_elems, DType::UInt8, {m.P, m.ps, m.kvh, m.D});
+    pages.strides[0] = m.page_bytes;
+    TensorView tin(indptr.data(), DType::Int32, {batch + 1});
+    TensorView tix(indices.data(), DType::Int32, {int64_t(indices.size())});
+    TensorView tl(last.data(), DType::Int32, {batch});
+    TensorView tq(qo.data(), DType::Int32, {batch + 1});
+    paged_attention_impl(q, pages, pages, q_lens.empty() ? nullptr : &tq, tin, tix, tl, out, lse, opts, max_q, stream,
+                         nullptr, nullptr, &kv);
+    return;
+  }
   if (m.device.is_cpu()) {
     TensorView tin(indptr.data(), DType::Int32, {batch + 1});
     TensorView tix(indices.data(), DType::Int32, {int64_t(indices.size())});
@@ -807,6 +1006,7 @@ PagedCacheStats PagedKVCache::stats() const {
   st.pages_used = m.P - st.pages_free - st.pages_cached;
   for (int i = 0; i < m.P; ++i) st.pages_shared += m.ref[i] > 1;
   st.bytes_per_token = int64_t(m.L) * 2 * m.kvh * (m.quant ? m.D + 4 : m.D * m.esize);
+  if (m.kivi_bits) st.bytes_per_token = int64_t(m.L) * m.layer_elems / m.ps;  // codes + scales, per token
   st.pool_bytes = m.page_bytes * m.P;
   std::vector<int32_t> fill(m.P, 0);
   for (auto& [id, s] : m.seqs) {

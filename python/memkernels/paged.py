@@ -45,7 +45,10 @@ class PagedKVCache:
     Pool layout: (num_pages, num_layers, 2, page_size, kv_heads, head_dim), index 0/1 of the third
     axis for K/V; a page holds its tokens for every layer. dtype: float32, float16 or bfloat16;
     or int8 (CPU): K/V quantized on append, symmetric per token and kv head, with float32 scales
-    (k_scales/v_scales), read by attention without a dequantized copy. device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
+    (k_scales/v_scales), read by attention without a dequantized copy; or 'kivi4' / 'kivi2' (CPU):
+    KIVI pages, keys quantized per channel over each page and values per token (asymmetric 4 or 2
+    bits, float32 scale + zero), when a page of a layer fills; the tokens after the last full page
+    (the recent window) stay float32. device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
 
     Sequences are integer ids. Every layer has its own length (a model appends layer by layer);
     length(seq) is the largest. Running out of pages raises CacheFullError and changes nothing.
@@ -125,6 +128,11 @@ class PagedKVCache:
     def length(self, seq_id, layer=None) -> int:
         return self._c.length(int(seq_id), -1 if layer is None else int(layer))
 
+    def read_kv(self, seq_id, layer):
+        """(k, v) of a layer as float32 (length, kv_heads, head_dim) NumPy arrays, dequantized for
+        int8 / KIVI caches (CPU caches)."""
+        return self._c.read_kv(int(seq_id), int(layer))
+
     def page_table(self, seq_id) -> np.ndarray:
         return np.asarray(self._c.page_table(int(seq_id)), dtype=np.int32)
 
@@ -187,7 +195,8 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     """The paged-attention kernel on caller-owned pages and FlashInfer-style int32 arrays.
 
     q: (total_q, heads, head_dim). k_pages, v_pages: (num_pages, page_size, kv_heads, head_dim),
-    each page contiguous (any page stride, e.g. PagedKVCache.k_pages(layer)). Sequence b uses pages
+    each token's (kv_heads, head_dim) block contiguous, any page and token strides (e.g.
+    PagedKVCache.k_pages(layer)). Sequence b uses pages
     kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last holding kv_last_page_len[b] tokens, and q
     rows qo_indptr[b]:qo_indptr[b+1] (None: row b, decode). On CPU every index is validated.
     int8 pages need k_scales / v_scales, float32 (num_pages, page_size, kv_heads) (CPU only).

@@ -10,7 +10,8 @@ static DType dtype_from_name(const std::string& name) {
   if (name == "float16") return DType::Float16;
   if (name == "bfloat16") return DType::BFloat16;
   if (name == "int8") return DType::Int8;
-  throw Error(ErrorKind::Type, "PagedKVCache: dtype must be float32, float16, bfloat16 or int8, got '" + name + "'");
+  throw Error(ErrorKind::Type,
+              "PagedKVCache: dtype must be float32, float16, bfloat16, int8, kivi4 or kivi2, got '" + name + "'");
 }
 
 static nb::dlpack::dtype dlpack_of(DType t) {
@@ -46,7 +47,9 @@ MK_PYTHON_BINDING(paged) {
            [](PagedKVCache* self, int num_layers, int num_pages, int page_size, int kv_heads, int head_dim,
               const std::string& dtype, int device_type, int device_index) {
              Device dev{device_type == 1 ? DeviceType::CUDA : DeviceType::CPU, device_index};
-             new (self) PagedKVCache(num_layers, num_pages, page_size, kv_heads, head_dim, dtype_from_name(dtype), dev);
+             const int bits = dtype == "kivi4" ? 4 : dtype == "kivi2" ? 2 : 0;
+             new (self) PagedKVCache(num_layers, num_pages, page_size, kv_heads, head_dim,
+                                     bits ? DType::UInt8 : dtype_from_name(dtype), dev, bits);
            },
            nb::arg("num_layers"), nb::arg("num_pages"), nb::arg("page_size"), nb::arg("kv_heads"),
            nb::arg("head_dim"), nb::arg("dtype"), nb::arg("device_type"), nb::arg("device_index"))
@@ -91,6 +94,22 @@ MK_PYTHON_BINDING(paged) {
       .def("truncate", [](PagedKVCache& c, int64_t id, int64_t n) { nb::gil_scoped_release r; c.truncate(id, n); })
       .def("length", [](PagedKVCache& c, int64_t id, int layer) { return c.length(id, layer); })
       .def("page_table", &PagedKVCache::page_table)
+      .def("read_kv",
+           [](PagedKVCache& c, int64_t id, int layer) {
+             const int64_t n = c.length(id, layer);
+             const size_t shape[3] = {size_t(n), size_t(c.kv_heads()), size_t(c.head_dim())};
+             const size_t count = shape[0] * shape[1] * shape[2];
+             float* k = new float[count ? count : 1];
+             float* v = new float[count ? count : 1];
+             nb::capsule ok(k, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             nb::capsule ov(v, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             {
+               nb::gil_scoped_release r;
+               c.read_kv(id, layer, k, v);
+             }
+             return nb::make_tuple(nb::ndarray<nb::numpy, float>(k, 3, shape, ok),
+                                   nb::ndarray<nb::numpy, float>(v, 3, shape, ov));
+           })
       .def("sequences", &PagedKVCache::sequences)
       .def("refcount", &PagedKVCache::refcount)
       .def("swap_out", [](PagedKVCache& c, int64_t id, uintptr_t s) { nb::gil_scoped_release r; c.swap_out(id, as_stream(s)); })

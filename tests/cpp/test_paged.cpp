@@ -127,3 +127,79 @@ TEST(Paged, RawRejectsBadIndices) {
     EXPECT_NE(std::string(e.what()).find("kv_indices"), std::string::npos);
   }
 }
+
+TEST(Paged, Int8PagesCloseToFloat) {
+  const int ps = 8, kvh = 2, heads = 4, D = 32, len = 50;
+  PagedKVCache f32(1, 16, ps, kvh, D, DType::Float32), i8(1, 16, ps, kvh, D, DType::Int8);
+  std::mt19937 rng(5);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(heads) * D, rng);
+  std::vector<float> o32(q.size(), NAN), o8(q.size(), NAN);
+  for (PagedKVCache* c : {&f32, &i8}) {
+    const int64_t id = c->add_sequence();
+    c->append({id}, 0, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+              TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+    c->attention(TensorView(q.data(), DType::Float32, {1, heads, D}), 0, {id}, {},
+                 TensorView((c == &f32 ? o32 : o8).data(), DType::Float32, {1, heads, D}), nullptr,
+                 PagedAttentionOptions{});
+  }
+  EXPECT_EQ(i8.stats().bytes_per_token, 2 * kvh * (D + 4));
+  for (size_t i = 0; i < q.size(); ++i) EXPECT_NEAR(o8[i], o32[i], 3e-2);
+}
+
+TEST(Paged, CudaCacheWithoutDeviceRaises) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
+  try {
+    PagedKVCache c(1, 4, 4, 1, 16, DType::Float16, Device{DeviceType::CUDA, 0});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Device);
+  }
+}
+
+// Causal chunk of queries over cached keys, odd head_dim (staging path), forced split-KV.
+TEST(Paged, PrefillSplitOddHeadDim) {
+  const int ps = 5, kvh = 1, heads = 3, D = 40, len = 61, nq = 7;
+  PagedKVCache cache(1, 20, ps, kvh, D, DType::Float32);
+  std::mt19937 rng(9);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(nq) * heads * D, rng);
+  const int64_t id = cache.add_sequence();
+  cache.append({id}, 0, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+               TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+  std::vector<float> out(q.size(), NAN), lse(size_t(heads) * nq, NAN);
+  PagedAttentionOptions o;
+  o.num_splits = 3;
+  TensorView tl(lse.data(), DType::Float32, {heads, nq});
+  cache.attention(TensorView(q.data(), DType::Float32, {nq, heads, D}), 0, {id}, {nq},
+                  TensorView(out.data(), DType::Float32, {nq, heads, D}), &tl, o);
+  for (int i = 0; i < nq; ++i) {  // query i sees keys 0 .. len - nq + i
+    std::vector<float> qi(q.begin() + size_t(i) * heads * D, q.begin() + size_t(i + 1) * heads * D);
+    auto ref = reference(qi, k, v, heads, kvh, D, len - nq + i + 1);
+    for (int j = 0; j < heads * D; ++j) EXPECT_NEAR(out[size_t(i) * heads * D + j], ref[j], 1e-4) << "row " << i;
+  }
+  for (float x : lse) EXPECT_TRUE(std::isfinite(x));
+}
+
+TEST(Paged, Kivi4CloseToFloatAndWindowExact) {
+  const int ps = 8, kvh = 2, heads = 4, D = 32, len = 45;
+  PagedKVCache f32(2, 16, ps, kvh, D, DType::Float32), kv4(2, 16, ps, kvh, D, DType::UInt8, Device{}, 4);
+  std::mt19937 rng(11);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(heads) * D, rng);
+  std::vector<float> o32(q.size(), NAN), o4(q.size(), NAN);
+  for (PagedKVCache* c : {&f32, &kv4}) {
+    const int64_t id = c->add_sequence();
+    for (int layer = 0; layer < 2; ++layer)
+      c->append({id}, layer, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+                TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+    c->attention(TensorView(q.data(), DType::Float32, {1, heads, D}), 1, {id}, {},
+                 TensorView((c == &f32 ? o32 : o4).data(), DType::Float32, {1, heads, D}), nullptr,
+                 PagedAttentionOptions{});
+    std::vector<float> kr(k.size()), vr(v.size());
+    c->read_kv(id, 1, kr.data(), vr.data());
+    for (size_t i = size_t(40) * kvh * D; i < k.size(); ++i) ASSERT_EQ(kr[i], k[i]);  // recent window
+  }
+  for (size_t i = 0; i < q.size(); ++i) EXPECT_NEAR(o4[i], o32[i], 0.15);
+  EXPECT_THROW(PagedKVCache(1, 4, 4, 1, 16, DType::UInt8, Device{}, 3), Error);
+}

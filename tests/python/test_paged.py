@@ -556,6 +556,67 @@ def test_int8_fork_swap_prefill():
     cache.check_invariants()
 
 
+# --- KIVI pages -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,bound", [(4, 0.15), (2, 0.6)])
+@pytest.mark.parametrize("heads,kvh,D,ps", [(8, 2, 64, 16), (4, 1, 40, 7)])
+def test_kivi_pages(bits, bound, heads, kvh, D, ps):
+    rng = np.random.default_rng(bits * 100 + D)
+    lens = [1, ps, 3 * ps + 2, 150]
+    cache = PagedKVCache(2, sum((n + ps - 1) // ps for n in lens) + 2, ps, kvh, D, f"kivi{bits}")
+    ids, data = fill(cache, rng, lens, "float32")
+    q = rand(rng, (len(ids), heads, D), "float32")
+    got, lse = paged_attention(q, cache, 1, ids, return_lse=True)
+    for i, s in enumerate(ids):
+        k, v = data[s, 1]
+        kq, vq = cache.read_kv(s, 1)
+        n_full = lens[i] // ps * ps
+        np.testing.assert_array_equal(kq[n_full:], k[n_full:])  # recent window kept exactly
+        np.testing.assert_array_equal(vq[n_full:], v[n_full:])
+        if n_full:  # keys per channel: error <= half a step of that channel's range over the page
+            kp = k[:n_full].reshape(-1, ps, kvh, D)
+            step = (kp.max(1) - kp.min(1)) / (2 ** bits - 1)
+            assert np.all(np.abs(kq[:n_full].reshape(-1, ps, kvh, D) - kp) <= step[:, None] * 0.5001 + 1e-6)
+        ref_q, lse_q = reference(q[i:i + 1], kq, vq)  # the kernel over the dequantized values
+        assert_close(got[i:i + 1], ref_q, "float32", f"kivi{bits} vs dequantized")
+        np.testing.assert_allclose(lse[:, i], lse_q[:, 0], rtol=1e-4, atol=1e-4)
+        ref, _ = reference(q[i:i + 1], k, v)
+        err = np.max(np.abs(got[i:i + 1] - ref))
+        assert err <= bound * max(1.0, np.max(np.abs(ref))), f"kivi{bits} error {err}"
+    st = cache.stats()
+    assert st["bytes_per_token"] < 2 * 2 * kvh * D * 4 * (bits / 8 + 0.6)
+
+
+def test_kivi_prefill_fork_truncate():
+    rng = np.random.default_rng(40)
+    ps, kvh, D = 8, 2, 32
+    cache = PagedKVCache(1, 40, ps, kvh, D, "kivi4")
+    (a,), data = fill(cache, rng, [29], "float32")
+    b = cache.fork(a)
+    kb, vb = rand(rng, (6, kvh, D), "float32"), rand(rng, (6, kvh, D), "float32")
+    cache.append([b], 0, kb, vb, counts=[6])  # fills b's window: quantized into a copied page
+    ka, va = cache.read_kv(a, 0)
+    np.testing.assert_array_equal(ka[24:], data[a, 0][0][24:])  # a's window untouched by b
+    kbq, vbq = cache.read_kv(b, 0)
+    np.testing.assert_array_equal(kbq[:24], ka[:24])  # shared quantized pages
+    q = rand(rng, (9, 4, D), "float32")
+    got = paged_attention(q, cache, 0, [a, b], q_lens=[4, 5])
+    assert_close(got[:4], reference(q[:4], ka, va)[0], "float32", "kivi prefill a")
+    assert_close(got[4:], reference(q[4:], kbq, vbq)[0], "float32", "kivi prefill b")
+    cache.truncate(b, 19)  # inside a quantized page: kept tokens back to the window
+    kt, vt = cache.read_kv(b, 0)
+    np.testing.assert_allclose(kt, kbq[:19], rtol=1e-6, atol=1e-6)
+    cache.append([b], 0, kb[:5], vb[:5], counts=[5])  # refills the window and quantizes again
+    k2, _ = cache.read_kv(b, 0)
+    assert k2.shape[0] == 24 and np.max(np.abs(k2[19:] - kb[:5])) < 0.2 * np.max(np.abs(kb))
+    cache.swap_out(a)
+    cache.swap_in(a)
+    np.testing.assert_array_equal(cache.read_kv(a, 0)[0], ka)
+    cache.check_invariants()
+    with pytest.raises(ValueError, match="KIVI"):
+        cache.k_pages(0)
+
+
 @pytest.mark.skipif(not mk.info()["cuda_available"], reason="no CUDA device")
 def test_cuda_matches_cpu():
     torch = pytest.importorskip("torch")

@@ -1,13 +1,17 @@
 // memkernels/paged_kv_cache.h — a KV cache in fixed-size pages, and attention that reads the pages.
 //
 // Pool layout (one allocation per cache, on its device):
-//   pool[page][layer][kv][token][kv_head][head_dim]      kv = 0 for K, 1 for V
+//   pool[page][layer][token][kv][kv_head][head_dim]      kv = 0 for K, 1 for V
+// (K and V of a token side by side: attention reads one sequential stream, whatever the page size)
 // With dtype int8 (quantized pages, symmetric int8 per token and kv head, CPU only), each layer
 // block is [K int8][V int8] (each padded to 64 bytes) followed by the float32 scales
-// [K scales][V scales], each (page_size, kv_heads): x ~= q * scale.
+// [K scales][V scales], each (page_size, kv_heads): x ~= q * scale. KIVI caches (kivi_bits 2/4)
+// pack [K codes][V codes][K scale][K zero] (kv_heads, head_dim) [V scale][V zero] (page_size,
+// kv_heads) per layer block; they are read through attention() and read_kv() only.
 // so one page holds page_size tokens of every layer: copy-on-write, swap and prefix reuse move a
 // page with one contiguous copy, and the K (or V) pages of one layer are the strided view
-//   (num_pages, page_size, kv_heads, head_dim), page stride num_layers * 2 * page_size * kv_heads * head_dim.
+//   (num_pages, page_size, kv_heads, head_dim), page stride num_layers * 2 * page_size * kv_heads *
+//   head_dim, token stride 2 * kv_heads * head_dim.
 //
 // Sequences own page tables (int32 page ids). Every layer of a sequence has its own length (the
 // model appends layer by layer); the sequence's length is the largest, and it holds
@@ -39,8 +43,8 @@ struct PagedAttentionOptions {
   int num_splits = 0;    // split-KV pieces per sequence; 0 = choose from the work and thread count
 };
 
-// The kernel alone. k_pages / v_pages: (num_pages, page_size, kv_heads, head_dim), the last three
-// dims contiguous, any page stride (a layer of a PagedKVCache pool, or a caller's own pool).
+// The kernel alone. k_pages / v_pages: (num_pages, page_size, kv_heads, head_dim), the last two
+// dims contiguous, any page and token strides (a layer of a PagedKVCache pool, or a caller's pool).
 // qo_indptr: int32 (batch + 1), or nullptr for one query row per sequence (decode, total_q = batch).
 // kv_indptr int32 (batch + 1), kv_indices int32 (nnz), kv_last_page_len int32 (batch), all on the
 // device of q. On CPU every index is checked (page ids < num_pages, indptr non-decreasing, last
@@ -74,8 +78,12 @@ class PagedKVCache {
  public:
   // dtype: float32, float16, bfloat16, or int8 (quantized per token and kv head on append; CPU).
   // Throws Error(Memory) when the pool cannot be allocated.
+  // kivi_bits 2 or 4 (with dtype UInt8, CPU): KIVI pages, keys quantized per channel over each
+  // page and values per token (asymmetric, scale + zero point, float32), quantized when a page of
+  // a layer fills; the tokens after the last full page (the recent window) stay float32 in the
+  // sequence until then. Truncating into a quantized page dequantizes its kept tokens.
   PagedKVCache(int num_layers, int num_pages, int page_size, int kv_heads, int head_dim, DType dtype,
-               Device device = {});
+               Device device = {}, int kivi_bits = 0);
   ~PagedKVCache();
   PagedKVCache(const PagedKVCache&) = delete;
   PagedKVCache& operator=(const PagedKVCache&) = delete;
@@ -87,7 +95,8 @@ class PagedKVCache {
   int head_dim() const;
   DType dtype() const;
   Device device() const;
-  // The whole pool, (num_pages, num_layers, 2, page_size, kv_heads, head_dim).
+  // The whole pool, (num_pages, num_layers, page_size, 2, kv_heads, head_dim); int8: (num_pages,
+  // num_layers, bytes per layer block).
   TensorView pool() const;
   TensorView k_pages(int layer) const;  // (num_pages, page_size, kv_heads, head_dim), strided pages
   TensorView v_pages(int layer) const;
@@ -110,17 +119,22 @@ class PagedKVCache {
   void truncate(int64_t seq_id, int64_t length);  // keeps the first `length` tokens of every layer
   int64_t length(int64_t seq_id, int layer = -1) const;  // layer < 0: the sequence length
   std::vector<int32_t> page_table(int64_t seq_id) const;
+  // The K and V of a layer as float32 (length(seq_id, layer), kv_heads, head_dim) each, dequantized
+  // for int8/KIVI caches (host memory; CPU caches).
+  void read_kv(int64_t seq_id, int layer, float* k, float* v) const;
   std::vector<int64_t> sequences() const;
   int refcount(int32_t page) const;
 
-  // Moves a sequence's pages to host memory (pinned when CUDA is usable; asynchronous on `stream`,
-  // which must be synchronised before the host copy is reused) and frees them; swap_in allocates
-  // pages again (all or nothing, Error(CacheFull)) and copies the data back.
+  // Moves a sequence's pages to host memory (pinned when CUDA is usable; asynchronous on `stream`)
+  // and frees them; later writes to those pages (other appends) must be ordered after the copy, i.e.
+  // issued on the same stream. swap_in allocates pages again (all or nothing, Error(CacheFull)),
+  // copies the data back and waits for `stream` before freeing the host copy.
   void swap_out(int64_t seq_id, void* stream = nullptr);
   void swap_in(int64_t seq_id, void* stream = nullptr);
   bool is_swapped(int64_t seq_id) const;
 
-  // Attention of q over `layer` of the given sequences. q (total_q, heads, head_dim); q_lens[i]
+  // Attention of q over `layer` of the given sequences. The page tables are read under the lock,
+  // the kernel runs without it: do not free, truncate or swap these sequences concurrently. q (total_q, heads, head_dim); q_lens[i]
   // rows for seq_ids[i] (empty = one row each). See the header comment for masking and lse.
   void attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
                  const std::vector<int64_t>& q_lens, const TensorView& out, const TensorView* lse,

@@ -111,16 +111,16 @@ struct State {
   float* s;  // [rows][BK]
 };
 
-// S[r][j] = q_r . k_j for r in [ra, rb), j < nk; keys at kp + j * stride. Prefetches the V rows
-// of the block and the K rows PF keys ahead.
+// S[r][j] = q_r . k_j for r in [ra, rb), j < nk; key j at kp[j] (a block may span pages).
+// Prefetches the V rows of the block and the K rows PF keys ahead.
 template <typename T>
-inline void scores(State& st, int ra, int rb, const T* kp, int64_t stride, int nk, const T* vp, int64_t vstride) {
+inline void scores(State& st, int ra, int rb, const T* const* kp, int nk, const T* const* vp) {
   const int nv = st.dp / VL;
   const int row_bytes = st.dp * int(sizeof(T));
   for (int j = 0; j < nk; ++j) {
-    const T* kj = kp + j * stride;
-    if (j + PF < nk) prefetch_row(kj + PF * stride, row_bytes);
-    if (vp) prefetch_row(vp + j * vstride, row_bytes);
+    const T* kj = kp[j];
+    if (j + PF < nk) prefetch_row(kp[j + PF], row_bytes);
+    if (vp) prefetch_row(vp[j], row_bytes);
     int r = ra;
     for (; r + 4 <= rb; r += 4) {
       VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
@@ -148,12 +148,12 @@ inline void scores(State& st, int ra, int rb, const T* kp, int64_t stride, int n
 
 // O[r0:r0+R][c0:c0+NC vectors] += sum_j P[r][j] v_j, all in registers (compile-time tile).
 template <int R, int NC, typename T>
-inline void pv_tile(State& st, int r0, int c0, const T* vp, int64_t stride, int nk) {
+inline void pv_tile(State& st, int r0, int c0, const T* const* vp, int nk) {
   VecF acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = VecF::load(st.o + (r0 + r) * st.dp + (c0 + c) * VL);
   for (int j = 0; j < nk; ++j) {
-    const T* vj = vp + j * stride + c0 * VL;
+    const T* vj = vp[j] + c0 * VL;
     VecF vv[NC];
     for (int c = 0; c < NC; ++c) vv[c] = load_vec(vj + c * VL);
     for (int r = 0; r < R; ++r) {
@@ -166,19 +166,19 @@ inline void pv_tile(State& st, int r0, int c0, const T* vp, int64_t stride, int 
 }
 
 template <int R, typename T>
-inline void pv_rows(State& st, int r0, const T* vp, int64_t stride, int nk) {
+inline void pv_rows(State& st, int r0, const T* const* vp, int nk) {
   const int nv = st.dp / VL;
   int c0 = 0;
-  for (; c0 + 4 <= nv; c0 += 4) pv_tile<R, 4>(st, r0, c0, vp, stride, nk);
-  for (; c0 < nv; ++c0) pv_tile<R, 1>(st, r0, c0, vp, stride, nk);
+  for (; c0 + 4 <= nv; c0 += 4) pv_tile<R, 4>(st, r0, c0, vp, nk);
+  for (; c0 < nv; ++c0) pv_tile<R, 1>(st, r0, c0, vp, nk);
 }
 
 template <typename T>
-inline void pv(State& st, int ra, int rb, const T* vp, int64_t stride, int nk) {
+inline void pv(State& st, int ra, int rb, const T* const* vp, int nk) {
   int r = ra;
-  for (; r + 4 <= rb; r += 4) pv_rows<4>(st, r, vp, stride, nk);
-  for (; r + 2 <= rb; r += 2) pv_rows<2>(st, r, vp, stride, nk);
-  for (; r < rb; ++r) pv_rows<1>(st, r, vp, stride, nk);
+  for (; r + 4 <= rb; r += 4) pv_rows<4>(st, r, vp, nk);
+  for (; r + 2 <= rb; r += 2) pv_rows<2>(st, r, vp, nk);
+  for (; r < rb; ++r) pv_rows<1>(st, r, vp, nk);
 }
 
 // Online-softmax update of rows [ra, rb) for a block of nk keys: P overwrites S, O is rescaled.
@@ -244,34 +244,39 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
   const bool direct = D % VL == 0;
+  // Blocks of up to BK keys, gathered across pages through per-key offsets.
+  int64_t koff[BK], voff[BK], kso[BK], vso[BK];
+  const T* kps[BK];
+  const T* vps[BK];
+  const float* kfs[BK];
+  const float* vfs[BK];
+  for (int j = 0; j < BK; ++j) kfs[j] = kbuf + j * dp, vfs[j] = vbuf + j * dp;
   for (int j0 = t.kv_lo; j0 < hi;) {
-    const int pg = j0 / p.page_size, in_page = j0 % p.page_size;
-    const int nk = std::min({BK, hi - j0, p.page_size - in_page});
-    const T* kblock = kbase + pages[pg] * p.k_page + int64_t(in_page) * p.k_tok;
-    const T* vblock = vbase + pages[pg] * p.v_page + int64_t(in_page) * p.v_tok;
+    const int nk = std::min(BK, hi - j0);
+    for (int j = 0; j < nk; ++j) {
+      const int tok = j0 + j, page = pages[tok / p.page_size], in_page = tok % p.page_size;
+      koff[j] = page * p.k_page + int64_t(in_page) * p.k_tok;
+      voff[j] = page * p.v_page + int64_t(in_page) * p.v_tok;
+      if (p.k_scale) kso[j] = page * p.ks_page + int64_t(in_page) * p.ks_tok, vso[j] = page * p.vs_page + int64_t(in_page) * p.vs_tok;
+    }
     const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
     for (int g = t.g0; g < t.g1; ++g) {
       const int ra = (g - t.g0) * rpg, rb = ra + rpg;
-      const T* kp = kblock + g * p.k_head;
-      const T* vp = vblock + g * p.v_head;
+      for (int j = 0; j < nk; ++j) kps[j] = kbase + koff[j] + g * p.k_head, vps[j] = vbase + voff[j] + g * p.v_head;
       if (direct) {
-        scores(st, ra, rb, kp, p.k_tok, nk, vp, p.v_tok);
+        scores(st, ra, rb, kps, nk, vps);
       } else {
         for (int j = 0; j < nk; ++j) {
-          row_to_floats(kp + j * p.k_tok, D, kbuf + j * dp);
+          row_to_floats(kps[j], D, kbuf + j * dp);
           std::fill(kbuf + j * dp + D, kbuf + (j + 1) * dp, 0.0f);
-          row_to_floats(vp + j * p.v_tok, D, vbuf + j * dp);
+          row_to_floats(vps[j], D, vbuf + j * dp);
           std::fill(vbuf + j * dp + D, vbuf + (j + 1) * dp, 0.0f);
         }
-        scores(st, ra, rb, static_cast<const float*>(kbuf), dp, nk, static_cast<const float*>(nullptr), 0);
+        scores(st, ra, rb, kfs, nk, static_cast<const float* const*>(nullptr));
       }
-      const float* vsc = nullptr;
-      if (p.k_scale) {  // int8 pages: s = scale_k * (q . k_int8)
-        const float* ksc = p.k_scale + pages[pg] * p.ks_page + int64_t(in_page) * p.ks_tok + g;
-        vsc = p.v_scale + pages[pg] * p.vs_page + int64_t(in_page) * p.vs_tok + g;
+      if (p.k_scale)  // int8 pages: s = scale_k * (q . k_int8)
         for (int r = ra; r < rb; ++r)
-          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= ksc[j * p.ks_tok];
-      }
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= p.k_scale[kso[j] + g];
       if (capped)
         for (int r = ra; r < rb; ++r)
           for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
@@ -282,24 +287,155 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
         }
       }
       if (direct && j0 + nk < hi) {  // the next block's first keys of this head
-        const int nj = j0 + nk, npg = nj / p.page_size;
-        const T* nkp = kbase + pages[npg] * p.k_page + int64_t(nj % p.page_size) * p.k_tok + g * p.k_head;
-        const int cnt = std::min({PF, hi - nj, p.page_size - nj % p.page_size});
-        for (int j = 0; j < cnt; ++j) prefetch_row(nkp + j * p.k_tok, D * int(sizeof(T)));
+        const int nj = j0 + nk, cnt = std::min(PF, hi - nj);
+        for (int j = 0; j < cnt; ++j) {
+          const int tok = nj + j;
+          prefetch_row(kbase + pages[tok / p.page_size] * p.k_page + int64_t(tok % p.page_size) * p.k_tok + g * p.k_head,
+                       D * int(sizeof(T)));
+        }
       }
       softmax_block(st, ra, rb, nk);
-      if (vsc)  // O += (p * scale_v) v_int8; the softmax sum already has the unscaled p
+      if (p.v_scale)  // O += (p * scale_v) v_int8; the softmax sum already has the unscaled p
         for (int r = ra; r < rb; ++r)
-          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= vsc[j * p.vs_tok];
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] *= p.v_scale[vso[j] + g];
       if (direct)
-        pv(st, ra, rb, vp, p.v_tok, nk);
+        pv(st, ra, rb, vps, nk);
       else
-        pv(st, ra, rb, static_cast<const float*>(vbuf), dp, nk);
+        pv(st, ra, rb, vfs, nk);
     }
     j0 += nk;
   }
 
   if (t.split >= 0) {  // partial result: unnormalised O, max (base 2), sum
+    for (int r = 0; r < st.rows; ++r) {
+      float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
+      std::copy(st.o + r * dp, st.o + r * dp + D, dst);
+      dst[D] = st.m[r];
+      dst[D + 1] = st.l[r];
+    }
+    return;
+  }
+  char* out = static_cast<char*>(p.out);
+  for (int r = 0; r < st.rows; ++r) {
+    const int h = rm.head(r);
+    const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
+    const int64_t qrow = p.q0(t.b) + rm.pos(r);
+    store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
+    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
+  }
+}
+
+inline void unpack_codes(const uint8_t* src, int D, int bits, float* dst) {
+  const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+  for (int d = 0; d < D; ++d) dst[d] = float((src[d / per_byte] >> ((d % per_byte) * bits)) & mask);
+}
+
+// KIVI pages: keys < nfull are packed codes (keys per channel: s = (q * k_scale) . code + q . k_zero;
+// values per token: O += (p * v_scale) code + (sum p * v_zero)); later keys are float32 rows of the
+// sequence's recent window. Codes are unpacked block by block into the fp32 staging rows.
+void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
+                   float* row, float* qsbuf) {
+  const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp, ps = p.page_size;
+  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen, nfull = kvlen / ps * ps;
+  const int rpg = (t.p1 - t.p0) * group;
+  const RowMap rm{t.p0, t.g0, group, rpg};
+  st.rows = rpg * (t.g1 - t.g0);
+  const bool capped = p.softcap > 0.0f;
+  const float q_scale = capped ? p.scale : p.scale * kLog2e;
+  const int esize = dtype_size(p.dtype);
+  const char* qbase = static_cast<const char*>(p.q);
+  for (int r = 0; r < st.rows; ++r) {
+    float* dst = st.q + r * dp;
+    load_floats(qbase + (int64_t(p.q0(t.b) + rm.pos(r)) * p.q_row + rm.head(r) * p.q_head) * esize, p.dtype, D, dst,
+                q_scale);
+    std::fill(dst + D, dst + dp, 0.0f);
+    std::fill(st.o + r * dp, st.o + (r + 1) * dp, 0.0f);
+    st.m[r] = kNegInf;
+    st.l[r] = 0.0f;
+  }
+  int hi = t.kv_hi;
+  if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
+  const uint8_t* base = static_cast<const uint8_t*>(p.k);
+  const int64_t code_row = int64_t(D) * p.kivi_bits / 8, row_elems = int64_t(p.kv_heads) * D;
+  const float* kfs[BK];
+  const float* vfs[BK];
+  for (int j = 0; j < BK; ++j) kfs[j] = kbuf + j * dp, vfs[j] = vbuf + j * dp;
+  std::vector<float> qz(size_t(st.rows)), vz_sum(size_t(st.rows));
+  State sq = st;  // the same state with q replaced by q * k_scale
+  sq.q = qsbuf;
+  for (int j0 = t.kv_lo; j0 < hi;) {
+    const bool quant = j0 < nfull;
+    const int nk = quant ? std::min({BK, hi - j0, ps - j0 % ps, nfull - j0}) : std::min(BK, hi - j0);
+    const uint8_t* blk = base + pages[j0 / ps] * p.k_page;
+    const float* ks = reinterpret_cast<const float*>(blk + p.kv_ks);
+    const float* kz = reinterpret_cast<const float*>(blk + p.kv_kz);
+    const float* vs = reinterpret_cast<const float*>(blk + p.kv_vs);
+    const float* vz = reinterpret_cast<const float*>(blk + p.kv_vz);
+    const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
+    for (int g = t.g0; g < t.g1; ++g) {
+      const int ra = (g - t.g0) * rpg, rb = ra + rpg;
+      for (int j = 0; j < nk; ++j) {
+        const int tok = (j0 + j) % ps;
+        float* kd = kbuf + j * dp;
+        float* vd = vbuf + j * dp;
+        if (quant) {
+          unpack_codes(blk + (int64_t(tok) * p.kv_heads + g) * code_row, D, p.kivi_bits, kd);
+          unpack_codes(blk + p.kv_vc + (int64_t(tok) * p.kv_heads + g) * code_row, D, p.kivi_bits, vd);
+        } else {
+          const float* win = p.resid[t.b];
+          std::copy(win + tok * row_elems + g * D, win + tok * row_elems + (g + 1) * D, kd);
+          std::copy(win + int64_t(ps) * row_elems + tok * row_elems + g * D,
+                    win + int64_t(ps) * row_elems + tok * row_elems + (g + 1) * D, vd);
+        }
+        std::fill(kd + D, kd + dp, 0.0f);
+        std::fill(vd + D, vd + dp, 0.0f);
+      }
+      if (quant) {
+        for (int r = ra; r < rb; ++r) {
+          float z = 0.0f;
+          for (int d = 0; d < D; ++d) {
+            qsbuf[r * dp + d] = st.q[r * dp + d] * ks[g * D + d];
+            z += st.q[r * dp + d] * kz[g * D + d];
+          }
+          std::fill(qsbuf + r * dp + D, qsbuf + (r + 1) * dp, 0.0f);
+          qz[r] = z;
+        }
+        scores(sq, ra, rb, kfs, nk, static_cast<const float* const*>(nullptr));
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] += qz[r];
+      } else {
+        scores(st, ra, rb, kfs, nk, static_cast<const float* const*>(nullptr));
+      }
+      if (capped)
+        for (int r = ra; r < rb; ++r)
+          for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
+      if (masked)
+        for (int r = ra; r < rb; ++r) {
+          const int last = rm.pos(r) + off;
+          for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r * BK + j] = kNegInf;
+        }
+      softmax_block(st, ra, rb, nk);
+      if (quant) {
+        for (int r = ra; r < rb; ++r) {
+          float z = 0.0f;
+          for (int j = 0; j < nk; ++j) {
+            const int tok = (j0 + j) % ps;
+            z += st.s[r * BK + j] * vz[tok * p.kv_heads + g];
+            st.s[r * BK + j] *= vs[tok * p.kv_heads + g];
+          }
+          vz_sum[r] = z;
+        }
+      }
+      pv(st, ra, rb, vfs, nk);
+      if (quant)
+        for (int r = ra; r < rb; ++r)
+          for (int d = 0; d < D; ++d) st.o[r * dp + d] += vz_sum[r];
+    }
+    j0 += nk;
+  }
+  if (t.split >= 0) {
     for (int r = 0; r < st.rows; ++r) {
       float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
       std::copy(st.o + r * dp, st.o + r * dp + D, dst);
@@ -369,13 +505,18 @@ void paged_attention(const PagedProblem& p) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> qbuf(size_t(max_rows) * dp), obuf(size_t(max_rows) * dp), sbuf(size_t(max_rows) * BK),
-        mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp);
+        mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp),
+        qsbuf(p.kivi_bits ? size_t(max_rows) * dp : 0);
     State st;
     st.dp = dp;
     st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < ntasks; ++i) {
       const Task& t = tasks[i];
+      if (p.kivi_bits) {
+        run_task_kivi(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data(), qsbuf.data());
+        continue;
+      }
       switch (p.kv_dtype) {
         case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
         case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
