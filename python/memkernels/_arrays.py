@@ -20,6 +20,15 @@ except ImportError:  # pragma: no cover - ml_dtypes is optional
     bfloat16 = None
 
 
+def numpy_dtype(name: str):
+    """The NumPy dtype for a dtype name, 'bfloat16' included (through ml_dtypes)."""
+    if name == "bfloat16":
+        if bfloat16 is None:
+            raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package (pip install ml_dtypes)")
+        return bfloat16
+    return np.dtype(name)
+
+
 def require_array(a, name: str):
     """Raises TypeError naming the argument unless `a` is a NumPy or DLPack-capable array."""
     if not (isinstance(a, np.ndarray) or hasattr(a, "__dlpack__")) or not hasattr(a, "shape"):
@@ -65,11 +74,7 @@ def empty_like(ref, shape, dtype: str | None = None):
 
         return torch.empty(shape, dtype=getattr(torch, dtype), device=ref.device)
     if device == CPU:
-        if dtype == "bfloat16":
-            if bfloat16 is None:
-                raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package (pip install ml_dtypes)")
-            return np.empty(shape, dtype=bfloat16)
-        return np.empty(shape, dtype=dtype)
+        return np.empty(shape, dtype=numpy_dtype(dtype))
     if fw == "cupy":
         import cupy
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import bfloat16, check_out, device_of, dtype_name, empty_like, stream_handle
+from ._arrays import check_out, dtype_name, empty_like, numpy_dtype, stream_handle
 
 FORMATS = ("bitmap", "2:4", "csr")
 _VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -36,13 +36,6 @@ def _value_dtype(dtype, default: str) -> str:
         raise TypeError(f"dtype: expected one of {_VALUE_DTYPES}, got {name!r}")
     return name
 
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        if bfloat16 is None:
-            raise TypeError("bfloat16 NumPy arrays need the ml_dtypes package (pip install ml_dtypes)")
-        return bfloat16
-    return np.dtype(name)
 
 
 def _check_format(format) -> str:
@@ -122,7 +115,7 @@ class SparseMatrix:
         """W as a dense NumPy array (default dtype: the value dtype; float32 for int8 values)."""
         default = "float32" if self.dtype == "int8" else self.dtype
         name = default if dtype is None else (dtype if isinstance(dtype, str) else np.dtype(dtype).name)
-        out = np.empty(self.shape, dtype=_np_dtype(name))
+        out = np.empty(self.shape, dtype=numpy_dtype(name))
         self._h.to_dense(out)
         return out
 

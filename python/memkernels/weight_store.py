@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import bfloat16, stream_handle
+from ._arrays import numpy_dtype, stream_handle
 
 CorruptDataError = _C.CorruptDataError
 
@@ -39,13 +39,6 @@ _ST_DTYPES = {
     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
 }
 
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        if bfloat16 is None:
-            raise TypeError("bfloat16 weights need the ml_dtypes package (pip install ml_dtypes)")
-        return bfloat16
-    return np.dtype(name)
 
 
 def _parse_device(device) -> tuple[str, int]:
@@ -60,7 +53,7 @@ def _parse_device(device) -> tuple[str, int]:
 
 def _empty(shape, dtype: str, device: tuple[str, int]):
     if device[0] == "cpu":
-        return np.empty(shape, dtype=_np_dtype(dtype))
+        return np.empty(shape, dtype=numpy_dtype(dtype))
     try:
         import cupy
 
@@ -301,7 +294,7 @@ def read_safetensors(path) -> dict:
         except (KeyError, TypeError, ValueError):
             raise CorruptDataError(f"{path}: bad safetensors entry for {name!r}") from None
         if dt == "BF16":
-            np_dt = _np_dtype("bfloat16")
+            np_dt = numpy_dtype("bfloat16")
         elif dt in _ST_DTYPES:
             np_dt = np.dtype(_ST_DTYPES[dt])
         else:
