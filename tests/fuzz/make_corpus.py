@@ -1,6 +1,7 @@
 """Writes the small seed corpora of the fuzzers under tests/fuzz/corpus/<name>/ (deterministic).
 
 python tests/fuzz/make_corpus.py   (with memkernels importable; see tests/run_fuzz.sh)
+Files named regress-* are reproducers of fixed findings, added by hand and kept.
 Each seed of a checksummed format is written twice: control byte 0 (bytes as is) and 1 (the
 harness re-seals the checksum after mutating). Structured fuzzers (paged, sparse_scipy) take
 FuzzedDataProvider bytes, so their seeds are fixed random byte strings.
@@ -19,8 +20,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _write(name, seeds):
     d = os.path.join(HERE, "corpus", name)
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
+    os.makedirs(d, exist_ok=True)
+    for old in os.listdir(d):  # regress-* files (reproducers of fixed findings) are kept
+        if old.startswith("seed-"):
+            os.remove(os.path.join(d, old))
     for i, b in enumerate(seeds):
         with open(os.path.join(d, f"seed-{i:02d}"), "wb") as f:
             f.write(b)
