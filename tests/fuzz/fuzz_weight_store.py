@@ -1,6 +1,6 @@
 """Fuzzes WeightStore.open (and the reads after it) with mutated bytes of small valid store files.
 
-Control byte: bit 0 re-seals the header and directory CRC-32Cs after the mutation (reaches the
+The last byte picks the open options (budget, max_read_bytes, io_threads). Control byte: bit 0 re-seals the header and directory CRC-32Cs after the mutation (reaches the
 directory parser and the offset/size checks behind them); the other bits pick neuron ids to read.
 An opened store must then serve every tensor and neuron (or raise CorruptDataError on a data
 checksum): reads of whole tensors, get_rows, prefetch, next_token.
@@ -26,7 +26,15 @@ def one_input(data: bytes) -> None:
         payload = reseal_weight_store(payload)
     with open(_PATH, "wb") as f:
         f.write(payload)
-    with mk.WeightStore.open(_PATH, 1 << 20, io_threads=2, direct_io=False, window_tokens=1) as ws:
+    opt = payload[-1] if payload else 0  # the options come from the last byte (of the file, too)
+    budget = (1 << 20, 1 << 16, 1 << 40, 3 << 20)[opt & 3]
+    max_read = (1 << 20, 1, 1 << 62, -1)[(opt >> 2) & 3]
+    with mk.WeightStore.open(_PATH, budget, io_threads=1 + ((opt >> 4) & 3), direct_io=False, window_tokens=1,
+                             max_read_bytes=max_read) as ws:
+        st = ws.stats()
+        if st["staging_bytes"] + st["cache_capacity_bytes"] > min(budget, 2 * len(payload) + (8 << 20)):
+            raise AssertionError(f"the store holds {st['staging_bytes']} + {st['cache_capacity_bytes']} bytes "
+                                 f"for a {len(payload)}-byte file under a {budget}-byte budget")
         feature(f"ok {len(ws.tensors())} {len(ws.layers())}")
         for t in ws.tensors():
             try:

@@ -67,6 +67,28 @@ def test_quant_from_bytes_rejects_huge_shape_before_allocating():
     assert grown_mb < 200, f"from_bytes touched {grown_mb:.0f} MB for a 328-byte input"
 
 
+# ---- finding 3 (WeightStore.open options): extreme max_read_bytes / budgets overran the budget ----
+
+def test_weight_store_extreme_options_stay_within_budget(tmp_path):
+    path = str(tmp_path / "s.mkws")
+    up = np.ones((8, 4), np.float32)
+    mk.write_weight_store(path, {"t": np.ones(10, np.float32)}, {0: {"up": up, "down": up.T.copy()}})
+    file_bytes = os.path.getsize(path)
+    # max_read_bytes 2^62 made the staging-size arithmetic overflow: it tried to allocate ~2^62 bytes.
+    for max_read in (2**62, 2**63 - 1, 1 << 40, 0, -5):
+        with mk.WeightStore.open(path, 1 << 20, max_read_bytes=max_read, io_threads=4) as ws:
+            st = ws.stats()
+            assert st["staging_bytes"] + st["cache_capacity_bytes"] <= 1 << 20
+            np.testing.assert_array_equal(ws.get_rows(0, [1, 7]), np.ones((2, 2, 4), np.float32))
+    # A budget far beyond the file allocates no more than the file needs (the neuron arena was sized
+    # to the budget, and its slot ids were int32: a 1 TB budget of small neurons overflowed them).
+    with mk.WeightStore.open(path, 1 << 40, max_read_bytes=1 << 40) as ws:
+        st = ws.stats()
+        assert st["cache_capacity_bytes"] <= 8 * 2 * 4 * 4, st
+        assert st["staging_bytes"] <= 16 * (file_bytes + 8192), st
+        np.testing.assert_array_equal(ws.get_rows(0, np.arange(8)), np.ones((8, 2, 4), np.float32))
+
+
 # ---- the committed corpora (and any crash reproducers added to them) replayed ----------------------
 
 @pytest.mark.parametrize("name", ["quant", "sparse_bytes", "sparse_scipy", "paged", "weight_store"])
