@@ -52,7 +52,10 @@ FUZZERS = """## Fuzzed entry points (tests/fuzz, run by tests/run_fuzz.sh)
 | fuzz_sparse_bytes | `SparseMatrix.from_bytes` | mutated `to_bytes()` of bitmap / 2:4 / CSR, 4 value dtypes, re-sealed or not | spmm vs to_dense, to_scipy, round trip | none |
 | fuzz_sparse_scipy | `SparseMatrix.from_scipy` | CSR indptr / indices / data arrays past SciPy's checks, int32/int64, extreme values | Python densify (an out-of-range index it accepted is a finding) | empty index arrays with zero strides were refused as non-contiguous (now accepted; NumPy calls them contiguous) |
 | fuzz_paged | `paged_attention_raw` | page tables: kv_indptr, kv_indices, kv_last_page_len, qo_indptr with bad / extreme entries and lengths, 4 dtypes incl. int8 pages | gather + float64 attention, lse | empty q (zero strides) refused as non-contiguous: fixed with the above |
-| fuzz_weight_store | `WeightStore.open` + get / get_rows / prefetch | mutated store files, header + directory CRCs re-sealed or not | shapes, budget | none |
+| fuzz_weight_store | `WeightStore.open` + get / get_rows / prefetch | mutated store files, header + directory CRCs re-sealed or not; budget, max_read_bytes, io_threads from the last byte | shapes, memory held vs budget and file size | max_read_bytes >= 2^62 overflowed the staging arithmetic (allocation of ~2^62 bytes); a budget far above the file sized the neuron arena to the budget (int32 slot ids could overflow): both fixed |
+
+Found by hand while probing extreme arguments (the same classes of input): `PagedKVCache` geometries whose
+pool size overflows int64 wrapped to a 0-byte pool that `append` wrote past (segfault); now ValueError.
 """
 
 
@@ -131,6 +134,9 @@ def main():
     case(pc, "num_pages 0", lambda: mk.PagedKVCache(1, 0, 4, 1, 16))
     case(pc, "dtype int16", lambda: mk.PagedKVCache(1, 4, 4, 1, 16, "int16"))
     case(pc, "device 'tpu'", lambda: mk.PagedKVCache(1, 4, 4, 1, 16, device="tpu"))
+    case(pc, "page_size 2^31 - 1", lambda: mk.PagedKVCache(1, 4, 2**31 - 1, 1, 16))
+    case(pc, "geometry whose pool size overflows int64 (fixed finding)", lambda: mk.PagedKVCache(2**30, 4, 2**20, 1, 2**13))
+    case(pc, "num_pages 2^31 (does not fit the C++ int)", lambda: mk.PagedKVCache(1, 2**31, 4, 1, 16))
     case("paged_attention", "head_dim 8 on a head_dim-16 cache", lambda: mk.paged_attention(f32(1, 4, 8), cache, 0, [a]))
     case("paged_attention", "q_lens not matching q rows", lambda: mk.paged_attention(f32(2, 4, 16), cache, 0, [a],
                                                                                    q_lens=[1]))

@@ -89,6 +89,33 @@ def test_weight_store_extreme_options_stay_within_budget(tmp_path):
         np.testing.assert_array_equal(ws.get_rows(0, np.arange(8)), np.ones((8, 2, 4), np.float32))
 
 
+# ---- finding 4 (PagedKVCache geometry): int64 overflow gave a 0-byte pool that append wrote past ----
+
+def test_paged_cache_geometry_overflow_is_rejected():
+    # Each of these wrapped the pool size to 0 (or negative); append() then segfaulted.
+    for args in [(2**30, 4, 2**20, 1, 2**13), (2**20, 2**20, 2**20, 2**20, 2**20), (2**12, 2**4, 2**20, 2**20, 2**12)]:
+        for dtype in ("float32", "int8"):
+            with pytest.raises(ValueError, match="pool size overflows"):
+                mk.PagedKVCache(*args, dtype=dtype)
+    # Every geometry of powers of two: either the pool has exactly the bytes the geometry needs (small
+    # ones are built) or the constructor refuses it; never a pool smaller than the geometry.
+    exps = [0, 4, 10, 20, 30]
+    for L in exps:
+        for P in exps:
+            for ps in (0, 4, 20):
+                for kvh in exps:
+                    for d in exps:
+                        need = 2 ** (L + P + ps + kvh + d) * 2 * 4  # K and V, float32
+                        if need > 1 << 24 and need < 1 << 62:
+                            continue  # would really allocate (MemoryError, or an ASan abort): skip
+                        try:
+                            c = mk.PagedKVCache(2**L, 2**P, 2**ps, 2**kvh, 2**d)
+                        except ValueError as e:
+                            assert need >= 1 << 62, (L, P, ps, kvh, d, e)
+                            continue
+                        assert c.stats()["pool_bytes"] == need, (L, P, ps, kvh, d)
+
+
 # ---- the committed corpora (and any crash reproducers added to them) replayed ----------------------
 
 @pytest.mark.parametrize("name", ["quant", "sparse_bytes", "sparse_scipy", "paged", "weight_store"])
