@@ -826,7 +826,8 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
         bad("inconsistent entry for tensor '" + t.name + "'");
       const uint8_t* crc_bytes = d.take(size_t(nchunks) * 4);  // bounds first, then allocate
       std::vector<uint32_t> crcs(nchunks);
-      std::memcpy(crcs.data(), crc_bytes, size_t(nchunks) * 4);
+      // An empty tensor has no chunks: crcs.data() may be null, and memcpy(null, p, 0) is UB (UBSan).
+      if (nchunks) std::memcpy(crcs.data(), crc_bytes, size_t(nchunks) * 4);
       if (!s.tensor_index.emplace(t.name, s.tensors.size()).second) bad("duplicate tensor '" + t.name + "'");
       s.tensors.push_back(std::move(t));
       s.tensor_crcs.push_back(std::move(crcs));
