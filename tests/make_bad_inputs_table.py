@@ -56,6 +56,8 @@ FUZZERS = """## Fuzzed entry points (tests/fuzz, run by tests/run_fuzz.sh)
 
 Found by hand while probing extreme arguments (the same classes of input): `PagedKVCache` geometries whose
 pool size overflows int64 wrapped to a 0-byte pool that `append` wrote past (segfault); now ValueError.
+Found by UBSan (tests/run_sanitized.sh): `WeightStore.open` of a store holding an empty tensor passed a null
+pointer to memcpy (0 bytes; undefined behaviour); now skipped.
 """
 
 
