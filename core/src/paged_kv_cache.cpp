@@ -448,6 +448,14 @@ PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_
   check(dtype != DType::Int8 || device.is_cpu(), ErrorKind::NotImplemented,
         "PagedKVCache: int8 pages are CPU-only in this version");
   check(page_size <= (1 << 20), ErrorKind::Value, "PagedKVCache: page_size must be <= 2^20");
+  // Bound the pool size in floating point before the int64 products below: they could overflow
+  // (UB) and wrap, e.g. PagedKVCache(2^30, 4, 2^20, 1, 2^13) got a 0-byte pool that append() then
+  // wrote past (a segfault; found while fuzzing the constructor, see test_regressions.py). The bound
+  // covers the int8 layout too (per token and head: D bytes + a 4-byte scale, for K and V).
+  const double pool_bound = double(num_layers) * double(num_pages) *
+                            (2.0 * double(page_size) * double(kv_heads) * (double(head_dim) * dtype_size(dtype) + 4.0) +
+                             256.0);
+  check(pool_bound < 4e18, ErrorKind::Value, "PagedKVCache: pool size overflows");
   Impl& m = *impl_;
   m.L = num_layers, m.P = num_pages, m.ps = page_size, m.kvh = kv_heads, m.D = head_dim;
   m.dtype = dtype, m.device = device, m.esize = dtype_size(dtype);

@@ -293,6 +293,13 @@ QuantizedMatrix QuantizedMatrix::deserialize(const void* data, size_t size) {
   std::memcpy(&sum, b + size - 8, 8);
   check(sum == fnv1a(b, size - 8), bad, "QuantizedMatrix checksum mismatch: the bytes are corrupted");
   check(std::isfinite(h.scale_offset), bad, "QuantizedMatrix header: non-finite scale offset");
+  // The packed codes alone take rows * cols * bits / 8 bytes: reject a header whose shape needs more
+  // than the bytes given *before* allocating (and zeroing) a buffer for that shape; otherwise a few
+  // hundred bytes with a re-sealed checksum could make this allocate gigabytes. (Found by
+  // tests/fuzz/fuzz_quant.py; the exact size is checked below once the layout is known.)
+  check(uint64_t(h.rows) * uint64_t(h.cols) * uint64_t(quant_bits(f)) / 8 <= h.payload_bytes, bad,
+        "QuantizedMatrix payload size " + str(int64_t(h.payload_bytes)) + " is too small for its shape (" +
+            str(h.rows) + ", " + str(h.cols) + ")");
   QuantizedMatrix m = allocate(f, h.rows, h.cols, h.group_size, h.double_quant != 0);
   check(m.bytes_ == h.payload_bytes, bad,
         "QuantizedMatrix payload size " + str(int64_t(h.payload_bytes)) + " does not match its shape (" +

@@ -826,7 +826,8 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
         bad("inconsistent entry for tensor '" + t.name + "'");
       const uint8_t* crc_bytes = d.take(size_t(nchunks) * 4);  // bounds first, then allocate
       std::vector<uint32_t> crcs(nchunks);
-      std::memcpy(crcs.data(), crc_bytes, size_t(nchunks) * 4);
+      // An empty tensor has no chunks: crcs.data() may be null, and memcpy(null, p, 0) is UB (UBSan).
+      if (nchunks) std::memcpy(crcs.data(), crc_bytes, size_t(nchunks) * 4);
       if (!s.tensor_index.emplace(t.name, s.tensors.size()).second) bad("duplicate tensor '" + t.name + "'");
       s.tensors.push_back(std::move(t));
       s.tensor_crcs.push_back(std::move(crcs));
@@ -876,8 +877,12 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
             (cuda ? "4" : "2") + " read buffers of " + str(uint64_t(s.largest_read)) + " bytes" +
             (s.slot_bytes ? " + one " + str(s.slot_bytes) + "-byte neuron" : "") + ")");
   const uint64_t B = uint64_t(dram_budget_bytes);
-  const uint64_t want = std::max<uint64_t>(uint64_t(s.largest_read),
-                                           round_up(uint64_t(std::max<int64_t>(opts.max_read_bytes, 1)), kAlign) + kAlign);
+  // max_read_bytes is clamped to [1, min(B, file size, 1 GiB)]: no read is larger (or fits the budget),
+  // and an extreme value (e.g. 2^62) made fixed() below overflow, so that the store allocated staging
+  // buffers far beyond the budget. (Found while fuzzing WeightStore.open's options; see
+  // tests/python/test_regressions.py.)
+  const uint64_t max_read = uint64_t(std::clamp<int64_t>(opts.max_read_bytes, 1, int64_t(1) << 30));
+  const uint64_t want = std::max<uint64_t>(uint64_t(s.largest_read), round_up(std::min({max_read, B, s.file_bytes}), kAlign) + kAlign);
   uint64_t stage = want;
   uint64_t nbuf = uint64_t(opts.io_threads);
   // n worker buffers + the calling thread's + (CUDA) two gather buffers.
@@ -888,7 +893,12 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   if (fixed(stage, nbuf) + s.slot_bytes > B) stage = uint64_t(s.largest_read);
   s.stage_bytes = size_t(stage);
   const uint64_t left = B - fixed(stage, nbuf);
-  const size_t nslots = s.slot_bytes ? size_t(left / s.slot_bytes) : 0;
+  // Never more slots than neurons in the file (a budget larger than all FFN data holds it all), and
+  // never more than int32 slot ids can name: a 1 TB budget of small neurons overflowed them.
+  uint64_t total_neurons = 0;
+  for (auto& l : s.layers) total_neurons += uint64_t(l.neurons);
+  const size_t nslots = s.slot_bytes ? size_t(std::min<uint64_t>({left / s.slot_bytes, total_neurons,
+                                                                   uint64_t(INT32_MAX)})) : 0;
   s.arena = HostBuffer(nslots * s.slot_bytes, false);  // CUDA copies go through the pinned gather buffers
   s.slots.resize(nslots);
   for (size_t i = nslots; i-- > 0;) s.free_slots.push_back(int32_t(i));
