@@ -217,16 +217,13 @@ struct RowMap {  // row r of a task -> (position, q head)
   int head(int r) const { return (g0 + r / rpg) * group + (r % rpg) % group; }
 };
 
-template <typename T>
-void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
-              float* row) {
+// Loads the task's query rows (pre-scaled, zero-padded to dp) and resets its softmax state.
+RowMap start_task(const PagedProblem& p, const Task& t, State& st) {
   const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp;
-  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
   const int rpg = (t.p1 - t.p0) * group;
   const RowMap rm{t.p0, t.g0, group, rpg};
   st.rows = rpg * (t.g1 - t.g0);
-  const bool capped = p.softcap > 0.0f;
-  const float q_scale = capped ? p.scale : p.scale * kLog2e;
+  const float q_scale = p.softcap > 0.0f ? p.scale : p.scale * kLog2e;
   const int esize = dtype_size(p.dtype);
   const char* qbase = static_cast<const char*>(p.q);
   for (int r = 0; r < st.rows; ++r) {
@@ -238,6 +235,17 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
     st.m[r] = kNegInf;
     st.l[r] = 0.0f;
   }
+  return rm;
+}
+
+template <typename T>
+void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
+              float* row) {
+  const int D = p.head_dim, dp = st.dp;
+  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
+  const RowMap rm = start_task(p, t, st);
+  const int rpg = rm.rpg, esize = dtype_size(p.dtype);
+  const bool capped = p.softcap > 0.0f;
   int hi = t.kv_hi;
   if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
@@ -336,24 +344,11 @@ inline void unpack_codes(const uint8_t* src, int D, int bits, float* dst) {
 // sequence's recent window. Codes are unpacked block by block into the fp32 staging rows.
 void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
                    float* row, float* qsbuf) {
-  const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp, ps = p.page_size;
+  const int D = p.head_dim, dp = st.dp, ps = p.page_size;
   const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen, nfull = kvlen / ps * ps;
-  const int rpg = (t.p1 - t.p0) * group;
-  const RowMap rm{t.p0, t.g0, group, rpg};
-  st.rows = rpg * (t.g1 - t.g0);
+  const RowMap rm = start_task(p, t, st);
+  const int rpg = rm.rpg, esize = dtype_size(p.dtype);
   const bool capped = p.softcap > 0.0f;
-  const float q_scale = capped ? p.scale : p.scale * kLog2e;
-  const int esize = dtype_size(p.dtype);
-  const char* qbase = static_cast<const char*>(p.q);
-  for (int r = 0; r < st.rows; ++r) {
-    float* dst = st.q + r * dp;
-    load_floats(qbase + (int64_t(p.q0(t.b) + rm.pos(r)) * p.q_row + rm.head(r) * p.q_head) * esize, p.dtype, D, dst,
-                q_scale);
-    std::fill(dst + D, dst + dp, 0.0f);
-    std::fill(st.o + r * dp, st.o + (r + 1) * dp, 0.0f);
-    st.m[r] = kNegInf;
-    st.l[r] = 0.0f;
-  }
   int hi = t.kv_hi;
   if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
