@@ -16,6 +16,9 @@ import numpy as np  # noqa: E402
 import memkernels as mk  # noqa: E402
 from fuzz_common import feature, finite_close, main  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from test_paged import reference  # noqa: E402  (the float64 reference the paged tests use)
+
 try:
     import ml_dtypes
 
@@ -78,27 +81,6 @@ def build(data: bytes):
     return dtype, q, kp, vp, scales, arrays, qo, opts
 
 
-def reference(q, k, v, causal, softcap):
-    nq, H, D = q.shape
-    nk, KVH = k.shape[:2]
-    if nk == 0:
-        return np.zeros((nq, H, D)), np.full((H, nq), -np.inf)
-    k, v = np.repeat(k, H // KVH, axis=1), np.repeat(v, H // KVH, axis=1)
-    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(D)
-    if softcap:
-        s = softcap * np.tanh(s / softcap)
-    if causal:
-        s = np.where((np.arange(nk)[None, :] > np.arange(nq)[:, None] + nk - nq)[None], -np.inf, s)
-    m = s.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    l = p.sum(-1, keepdims=True)
-    out = np.einsum("hqk,khd->qhd", np.divide(p, l, out=np.zeros_like(p), where=l > 0), v)
-    with np.errstate(divide="ignore"):
-        lse = np.where(l[..., 0] > 0, np.log(l[..., 0]) + m[..., 0], -np.inf)
-    return out, lse
-
-
 def one_input(data: bytes) -> None:
     dtype, q, kp, vp, scales, (kv_indptr, kv_indices, last), qo, opts = build(data)
     kw = dict(opts)
@@ -130,7 +112,7 @@ def one_input(data: bytes) -> None:
         k = kf[pages].reshape(-1, *kf.shape[2:])
         v = vf[pages].reshape(-1, *vf.shape[2:])
         n = (len(pages) - 1) * ps + int(last[b]) if len(pages) else 0
-        o, s = reference(q[r0:r1].astype(np.float64), k[:n], v[:n], opts["causal"], opts["softcap"])
+        o, s = reference(q[r0:r1].astype(np.float64), k[:n], v[:n], causal=opts["causal"], softcap=opts["softcap"])
         ref_out[r0:r1], ref_lse[:, r0:r1] = o, s
     covered = np.zeros(q.shape[0], bool)
     for r0, r1 in qrows:
