@@ -8,8 +8,9 @@ import sys
 import time
 
 
-def best_time(fn, repeat=5, min_time=0.2, sync=None):
-    """Best wall time of fn() over `repeat` runs (after one warm-up), at least min_time in total."""
+def best_time(fn, repeat=5, min_time=0.2, sync=None, max_reps=50):
+    """Best wall time of fn() over at least `repeat` runs (after one warm-up), running on until
+    min_time has passed or max_reps runs were made. The minimum is the least disturbed run."""
     fn()
     if sync:
         sync()
@@ -21,7 +22,7 @@ def best_time(fn, repeat=5, min_time=0.2, sync=None):
             sync()
         dt = time.perf_counter() - t
         best, total, n = min(best, dt), total + dt, n + 1
-        if n >= 50:
+        if n >= max_reps:
             break
     return best
 

@@ -13,25 +13,22 @@ python bench/paged_attention.py [--quick] [--dtype float32|float16|bfloat16] [--
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import numpy as np
 
-import memkernels as mk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import best_time  # noqa: E402
+
+import memkernels as mk  # noqa: E402
 
 H, KVH, D = 32, 8, 128
 
 
-def timeit(fn, min_time=0.3, max_reps=50):
-    """Best of several runs: the CPU is often shared, and the minimum is the least disturbed."""
-    fn()  # warm-up
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times))
+def timeit(fn, max_reps=50):
+    """Best of several runs, in seconds: the CPU is often shared, and the minimum is the least disturbed."""
+    return best_time(fn, repeat=3, min_time=0.3, max_reps=max_reps)
 
 
 def np_dtype(name):

@@ -13,24 +13,22 @@ Gaussian matrix gives), x is standard normal, both float32.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 
-import memkernels as mk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import best_time  # noqa: E402
+
+import memkernels as mk  # noqa: E402
 
 
-def best_ms(fn, min_time=0.3, max_reps=60):
+def best_ms(fn):
     # Idle first: the previous peer's thread pool (OpenBLAS, torch's OpenMP) may still spin-wait.
     time.sleep(0.2)
-    fn()
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+    return best_time(fn, repeat=3, min_time=0.3, max_reps=60) * 1e3
 
 
 def main():
