@@ -48,7 +48,7 @@ def demo_attention():
         print(f"  {s:>6} {ours * 1e3:>10.2f}ms {naive * 1e3:>10.2f}ms {naive / ours:>8.1f}x {err:>9.1e}")
 
 
-def demo_model(args) -> int:
+def demo_model(args, ops) -> int:
     import os
     import tempfile
 
@@ -85,12 +85,12 @@ def demo_model(args) -> int:
     rng = np.random.default_rng(args.seed)
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (args.prompt_len, args.prompt_len // 2 + 3, 7)]
     try:
-        store = mk.WeightStore.open(path, budget, max_read_bytes=64 << 10, window_tokens=4)
+        store = mk.WeightStore.open(path, budget, ops.device, max_read_bytes=64 << 10, window_tokens=4)
     except ValueError as e:
         print(f"error: {e} (raise --budget-fraction)", file=sys.stderr)
         return 2
     with store:
-        tokens, logits, t, model = M.generate(store, prompts, args.tokens)
+        tokens, logits, t, model = M.generate(store, prompts, args.tokens, ops=ops)
         stats = store.stats()
         cache_stats = model.cache.stats()
         print("  checking logits against the NumPy float64 model ...", flush=True)
@@ -119,18 +119,26 @@ def demo_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    if args.device == "cuda":
-        if not mk.info()["cuda_available"]:
-            print("error: --device cuda but no CUDA device is available to memkernels", file=sys.stderr)
-            return 2
-        # The demo's model driver keeps its arrays in NumPy; a GPU driver is not written yet.
-        print("error: demo --device cuda is not implemented yet (the CUDA kernels are exercised by the "
-              "CUDA pytest suite: pytest tests/python -k cuda)", file=sys.stderr)
+    from . import model as M
+
+    if args.device.startswith("cuda") and not mk.info()["cuda_available"]:
+        why = "memkernels sees no CUDA device" if mk.info()["cuda_built"] else \
+            "this memkernels was built without CUDA (reinstall with nvcc on the PATH)"
+        print(f"error: --device {args.device}: {why}", file=sys.stderr)
+        return 2
+    try:
+        ops = M.array_ops(args.device, args.framework)
+    except ValueError as e:
+        print(f"error: --device {args.device} --framework {args.framework}: {e}", file=sys.stderr)
         return 2
     print(mk.info_string())
+    print(f"model arrays: {type(ops).__name__} over {ops.xp.__name__} on {ops.device}")
     if not args.model_only:
-        demo_attention()
-    return demo_model(args)
+        if ops.device == "cpu":
+            demo_attention()
+        else:
+            print("(GPU kernel timings against cuBLAS / PyTorch: python -m memkernels bench)")
+    return demo_model(args, ops)
 
 
 def _find_bench_dir(given):
@@ -211,7 +219,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build and machine information").set_defaults(fn=cmd_info)
     d = sub.add_parser("demo", help="run a small decoder on every kernel and check it against NumPy")
-    d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every kernel and array on that GPU)")
+    d.add_argument("--framework", choices=["auto", "numpy", "torch", "cupy"], default="auto",
+                   help="array library between kernels (auto: NumPy on the CPU, PyTorch or else CuPy on a GPU)")
     d.add_argument("--model", help="a Llama-style checkpoint directory (config.json + *.safetensors)")
     d.add_argument("--tokens", type=int, default=16, help="tokens to generate per sequence")
     d.add_argument("--prompt-len", type=int, default=24)

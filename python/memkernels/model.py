@@ -12,6 +12,11 @@ The model (RMSNorm, RoPE, GQA attention, gated FFN) is what `python -m memkernel
   "LLM in a flash" streams) inactive neurons contribute exactly zero, so the result is exact; with
   "silu" (Llama checkpoints) every neuron is active and the whole FFN streams through the budget.
 
+The model's glue between kernels (embedding lookup, RMSNorm, RoPE, activations, the dense FFN
+products of the few active neurons) goes through `ArrayOps`: NumPy on the CPU, or PyTorch / CuPy
+arrays on the CPU or a GPU, so the same driver runs `demo --device cuda` with every array and
+every kernel on the GPU.
+
 `ReferenceModel` computes the same logits in float64 from the same (quantized, pruned) weights
 without any memkernels kernel, recomputing full attention at every position.
 """
@@ -177,89 +182,206 @@ def prepare_store(cfg: ModelConfig, weights: dict, path, *, prune_sparsity: floa
     return sizes
 
 
-def rms_norm(x, w, eps):
-    x64 = x.astype(np.float64) if x.dtype == np.float64 else x
-    return (x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)) * w
-
-
-def rope(x, positions, theta):
-    """Rotary embedding (Hugging Face 'rotate half' convention); x (tokens, heads, head_dim)."""
-    hd = x.shape[-1]
-    inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+def rope_tables(positions, head_dim, theta):
+    """cos and sin (len(positions), head_dim) in float64 for the 'rotate half' rotary embedding."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None, :]
-    cos = np.concatenate([np.cos(ang), np.cos(ang)], -1)[:, None, :].astype(x.dtype)
-    sin = np.concatenate([np.sin(ang), np.sin(ang)], -1)[:, None, :].astype(x.dtype)
-    half = hd // 2
-    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rot * sin
+    return np.concatenate([np.cos(ang), np.cos(ang)], -1), np.concatenate([np.sin(ang), np.sin(ang)], -1)
 
 
-def _act(x, kind):
-    if kind == "relu":
-        return np.maximum(x, 0)
-    return x / (1 + np.exp(-x))
+class ArrayOps:
+    """The array operations the model does between kernel calls, for one framework and device.
+
+    NumPy (CPU) and CuPy (GPU) share this class (CuPy mirrors NumPy's API); `TorchOps` is the
+    PyTorch version. Everything is float32 on `device`; only token ids, the active-neuron ids and
+    the logits cross to the host.
+    """
+
+    def __init__(self, xp, device="cpu"):
+        self.xp, self.device = xp, device
+
+    def to_device(self, host_array, dtype="float32"):
+        return self.xp.asarray(np.asarray(host_array, dtype=dtype))
+
+    def from_store(self, a):
+        """An array the weight store returned (on this device) as this framework's array."""
+        return a if isinstance(a, self.xp.ndarray) else self.xp.from_dlpack(a)
+
+    def to_host(self, a) -> np.ndarray:
+        return a if isinstance(a, np.ndarray) else self.xp.asnumpy(a)
+
+    def contiguous(self, a):
+        return self.xp.ascontiguousarray(a)
+
+    def synchronize(self):
+        """Waits for the device's queued work (for timings); nothing to wait for with NumPy."""
+        if self.xp is not np:
+            self.xp.cuda.Device().synchronize()
+
+    def rms_norm(self, x, w, eps):
+        return x / self.xp.sqrt(self.xp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    def rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos[:, None, :] + self.xp.concatenate([-x[..., half:], x[..., :half]], -1) * sin[:, None, :]
+
+    def act(self, x, kind):
+        return self.xp.maximum(x, 0) if kind == "relu" else x / (1 + self.xp.exp(-x))
+
+    def active_columns(self, g) -> np.ndarray:
+        """Host int32 ids of the columns of g with any positive entry."""
+        return self.to_host(self.xp.flatnonzero((g > 0).any(axis=0))).astype(np.int32)
+
+
+class TorchOps(ArrayOps):
+    """ArrayOps for PyTorch tensors on `device` ('cpu' or 'cuda[:N]')."""
+
+    def __init__(self, device="cpu"):
+        import torch
+
+        super().__init__(torch, device)
+
+    def to_device(self, host_array, dtype="float32"):
+        return self.xp.from_numpy(np.ascontiguousarray(host_array, dtype=dtype)).to(self.device)
+
+    def from_store(self, a):
+        return a if isinstance(a, self.xp.Tensor) else self.xp.from_dlpack(a)
+
+    def to_host(self, a) -> np.ndarray:
+        return a if isinstance(a, np.ndarray) else a.cpu().numpy()
+
+    def contiguous(self, a):
+        return a.contiguous()
+
+    def synchronize(self):
+        if self.device.startswith("cuda"):
+            self.xp.cuda.synchronize()
+
+    def rms_norm(self, x, w, eps):
+        return x * self.xp.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
+
+    def rope(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos[:, None, :] + self.xp.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None, :]
+
+    def act(self, x, kind):
+        return self.xp.relu(x) if kind == "relu" else self.xp.nn.functional.silu(x)
+
+    def active_columns(self, g) -> np.ndarray:
+        return self.to_host(self.xp.nonzero((g > 0).any(dim=0)).flatten()).astype(np.int32)
+
+
+def array_ops(device: str = "cpu", framework: str = "auto") -> ArrayOps:
+    """ArrayOps for a device ('cpu', 'cuda', 'cuda:N') and framework ('numpy', 'torch', 'cupy' or
+    'auto': NumPy on the CPU; on a GPU PyTorch if it sees one, else CuPy). Raises ValueError when
+    the combination cannot run here."""
+    on_gpu = device.startswith("cuda")
+    if framework == "auto":
+        if not on_gpu:
+            framework = "numpy"
+        else:
+            try:
+                import torch
+
+                framework = "torch" if torch.cuda.is_available() else "cupy"
+            except ImportError:
+                framework = "cupy"
+    if framework == "numpy":
+        if on_gpu:
+            raise ValueError("NumPy arrays live on the CPU: use framework 'torch' or 'cupy' with a CUDA device")
+        return ArrayOps(np)
+    if framework == "torch":
+        try:
+            import torch
+        except ImportError:
+            raise ValueError("framework 'torch' needs PyTorch (pip install torch)") from None
+        if on_gpu and not torch.cuda.is_available():
+            raise ValueError("PyTorch sees no CUDA device (a CPU-only build, or no GPU on this machine)")
+        return TorchOps(device)
+    if framework == "cupy":
+        if not on_gpu:
+            raise ValueError("CuPy arrays live on a GPU: use --device cuda, or framework 'numpy' on the CPU")
+        try:
+            import cupy
+        except ImportError:
+            raise ValueError("a CUDA device needs PyTorch or CuPy for the model's arrays; neither is installed") from None
+        index = int(device.split(":")[1]) if ":" in device else 0
+        cupy.cuda.Device(index).use()
+        return ArrayOps(cupy, device)
+    raise ValueError(f"framework: expected 'auto', 'numpy', 'torch' or 'cupy', got {framework!r}")
 
 
 class StreamedModel:
-    """The memkernels pipeline over an opened weight store (CPU)."""
+    """The memkernels pipeline over an opened weight store, its arrays held by `ops` (NumPy on the
+    CPU by default). The store must be opened on the same device as `ops`."""
 
-    def __init__(self, store: WeightStore, max_tokens: int, max_seqs: int, page_size: int = 16):
+    def __init__(self, store: WeightStore, max_tokens: int, max_seqs: int, page_size: int = 16,
+                 ops: ArrayOps | None = None):
+        self.ops = ops = ops or ArrayOps(np)
+        if store.device.split(":")[0] != ops.device.split(":")[0]:
+            raise ValueError(f"the weight store is on {store.device} but the model runs on {ops.device}")
         self.store = store
-        self.cfg = cfg = ModelConfig(**json.loads(store.get("config.json").tobytes().decode()))
-        self.embed = store.get("model.embed_tokens.weight")
-        self.norm = store.get("model.norm.weight")
-        self.lm_head = store.get("lm_head.weight")
+        get = lambda name: ops.from_store(store.get(name))  # noqa: E731
+        host = lambda name: ops.to_host(get(name))  # noqa: E731
+        self.cfg = cfg = ModelConfig(**json.loads(host("config.json").tobytes().decode()))
+        self.embed, self.norm, self.lm_head = (get(n) for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                                                  "lm_head.weight"))
+        # the quantized and sparse matrices are parsed (and checked) on the host, then moved
         self.layers = []
         for i in range(cfg.num_hidden_layers):
-            L = {p: from_bytes(store.get(layer_name(i, p)).tobytes()) for p in ATTN_PROJ}
-            L["gate"] = SparseMatrix.from_bytes(store.get(layer_name(i, "gate_proj")).tobytes())
-            L["ln1"] = store.get(layer_name(i, "input_layernorm"))
-            L["ln2"] = store.get(layer_name(i, "post_attention_layernorm"))
-            L["gate_bias"] = store.get(gate_bias_name(i)) if gate_bias_name(i) in store else 0.0
+            L = {p: from_bytes(host(layer_name(i, p)).tobytes()).to(ops.device) for p in ATTN_PROJ}
+            L["gate"] = SparseMatrix.from_bytes(host(layer_name(i, "gate_proj")).tobytes()).to(ops.device)
+            L["ln1"] = get(layer_name(i, "input_layernorm"))
+            L["ln2"] = get(layer_name(i, "post_attention_layernorm"))
+            L["gate_bias"] = get(gate_bias_name(i)) if gate_bias_name(i) in store else 0.0
             self.layers.append(L)
+        cos, sin = rope_tables(np.arange(max_tokens), cfg.head_dim, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = ops.to_device(cos), ops.to_device(sin)
         pages = max_seqs * (-(-max_tokens // page_size) + 1) + 4
         self.cache = PagedKVCache(cfg.num_hidden_layers, pages, page_size, cfg.num_key_value_heads, cfg.head_dim,
-                                  "float32", "cpu")
+                                  "float32", ops.device)
         self.active_fraction = []
 
     def _ffn(self, i, x):
         """Gated FFN over the neurons active for any of the rows of x, streamed from the store."""
-        L = self.layers[i]
+        L, ops = self.layers[i], self.ops
         g = spmm(L["gate"], x) + L["gate_bias"]                  # (tokens, d_ff), sparse gate
         if self.cfg.hidden_act == "relu":
-            ids = np.flatnonzero((g > 0).any(axis=0)).astype(np.int32)
+            ids = ops.active_columns(g)
         else:
             ids = np.arange(g.shape[1], dtype=np.int32)
         self.active_fraction.append(len(ids) / g.shape[1])
-        rows = self.store.get_rows(i, ids)                       # (k, 2, d_model): up rows, down columns
+        rows = ops.from_store(self.store.get_rows(i, ids))      # (k, 2, d_model): up rows, down columns
         up, down = rows[:, 0], rows[:, 1]
-        h = _act(g[:, ids], self.cfg.hidden_act) * (x @ up.T)    # (tokens, k)
+        h = ops.act(g[:, ops.to_device(ids, "int64")], self.cfg.hidden_act) * (x @ up.T)  # (tokens, k)
         return h @ down                                          # (tokens, d_model)
 
     def _layer(self, i, x, seq_ids, positions, q_lens, prefill: bool):
-        cfg, L = self.cfg, self.layers[i]
+        cfg, L, ops = self.cfg, self.layers[i], self.ops
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        h = rms_norm(x, L["ln1"], cfg.rms_norm_eps).astype(np.float32)
-        q = rope(qgemm(h, L["q_proj"]).reshape(-1, nh, hd), positions, cfg.rope_theta)
-        k = rope(qgemm(h, L["k_proj"]).reshape(-1, nkv, hd), positions, cfg.rope_theta)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = ops.rms_norm(x, L["ln1"], cfg.rms_norm_eps)
+        q = ops.contiguous(ops.rope(qgemm(h, L["q_proj"]).reshape(-1, nh, hd), cos, sin))
+        k = ops.contiguous(ops.rope(qgemm(h, L["k_proj"]).reshape(-1, nkv, hd), cos, sin))
         v = qgemm(h, L["v_proj"]).reshape(-1, nkv, hd)
-        q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
         self.cache.append(seq_ids, i, k, v, counts=q_lens)
         if prefill:  # one sequence: flash attention over the prompt itself
             attn = flash_attention(q[None], k[None], v[None], causal=True)[0]
         else:        # decode: paged attention over every sequence's cached K/V
             attn = paged_attention(q, self.cache, i, seq_ids)
-        x = x + qgemm(np.ascontiguousarray(attn.reshape(-1, nh * hd)), L["o_proj"])
-        h = rms_norm(x, L["ln2"], cfg.rms_norm_eps).astype(np.float32)
+        x = x + qgemm(attn.reshape(-1, nh * hd), L["o_proj"])
+        h = ops.rms_norm(x, L["ln2"], cfg.rms_norm_eps)
         return x + self._ffn(i, h)
 
-    def forward(self, seq_ids, tokens, positions, q_lens, prefill):
-        x = self.embed[np.asarray(tokens)].astype(np.float32)
+    def forward(self, seq_ids, tokens, positions, q_lens, prefill) -> np.ndarray:
+        """Logits (tokens, vocab) as a host float32 array."""
+        ops = self.ops
+        x = self.embed[ops.to_device(tokens, "int64")]
+        positions = ops.to_device(positions, "int64")
         for i in range(self.cfg.num_hidden_layers):
             x = self._layer(i, x, seq_ids, positions, q_lens, prefill)
         self.store.next_token()
-        h = rms_norm(x, self.norm, self.cfg.rms_norm_eps).astype(np.float32)
-        return h @ self.lm_head.T
+        return ops.to_host(ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps) @ self.lm_head.T)
 
 
 class ReferenceModel:
@@ -284,25 +406,25 @@ class ReferenceModel:
 
     def logits(self, tokens):
         """Logits at every position of one token sequence (full causal attention, no cache)."""
-        cfg = self.cfg
+        cfg, f64 = self.cfg, ArrayOps(np)
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         n = len(tokens)
-        pos = np.arange(n)
+        cos, sin = rope_tables(np.arange(n), hd, cfg.rope_theta)
         x = self.embed[np.asarray(tokens)]
         mask = np.triu(np.full((n, n), -np.inf), 1)
         for L in self.layers:
-            h = rms_norm(x, L["ln1"], cfg.rms_norm_eps)
-            q = rope((h @ L["q_proj"].T).reshape(n, nh, hd), pos, cfg.rope_theta)
-            k = rope((h @ L["k_proj"].T).reshape(n, nkv, hd), pos, cfg.rope_theta)
+            h = f64.rms_norm(x, L["ln1"], cfg.rms_norm_eps)
+            q = f64.rope((h @ L["q_proj"].T).reshape(n, nh, hd), cos, sin)
+            k = f64.rope((h @ L["k_proj"].T).reshape(n, nkv, hd), cos, sin)
             v = (h @ L["v_proj"].T).reshape(n, nkv, hd)
             k, v = (np.repeat(a, nh // nkv, axis=1) for a in (k, v))
             s = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(hd) + mask
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             x = x + np.einsum("hij,jhd->ihd", p, v).reshape(n, nh * hd) @ L["o_proj"].T
-            h = rms_norm(x, L["ln2"], cfg.rms_norm_eps)
-            x = x + (_act(h @ L["gate"].T + L["gate_bias"], cfg.hidden_act) * (h @ L["up"].T)) @ L["down"]
-        return rms_norm(x, self.norm, cfg.rms_norm_eps) @ self.lm_head.T
+            h = f64.rms_norm(x, L["ln2"], cfg.rms_norm_eps)
+            x = x + (f64.act(h @ L["gate"].T + L["gate_bias"], cfg.hidden_act) * (h @ L["up"].T)) @ L["down"]
+        return f64.rms_norm(x, self.norm, cfg.rms_norm_eps) @ self.lm_head.T
 
 
 def _progress(label, done, total, width=30):
@@ -311,12 +433,14 @@ def _progress(label, done, total, width=30):
           flush=True)
 
 
-def generate(store: WeightStore, prompts, new_tokens: int, *, fork_after_prefill: bool = True, progress=True):
+def generate(store: WeightStore, prompts, new_tokens: int, *, fork_after_prefill: bool = True, progress=True,
+             ops: ArrayOps | None = None):
     """Prefills each prompt (flash attention), forks the first sequence (its copy takes a different
     first token), then decodes `new_tokens` tokens greedily for every sequence at once (paged
-    attention). Returns (token lists, logits per sequence {position: logits}, timings, model)."""
+    attention). `ops` picks the framework and device (default NumPy, CPU); the store must be open on
+    that device. Returns (token lists, host logits per sequence {position: logits}, timings, model)."""
     max_len = max(len(p) for p in prompts) + new_tokens + 1
-    model = StreamedModel(store, max_len, len(prompts) + 1)
+    model = StreamedModel(store, max_len, len(prompts) + 1, ops=ops)
     seqs, tokens, logits, t = [], [], [], {}
     t0 = time.perf_counter()
     for p in prompts:
@@ -342,13 +466,18 @@ def generate(store: WeightStore, prompts, new_tokens: int, *, fork_after_prefill
             tokens[b].append(int(out[b].argmax()))
         if progress and sys.stdout.isatty():
             _progress("decode", step + 1, new_tokens)
+    model.ops.synchronize()
     t["decode"] = time.perf_counter() - t0
     t["decode_tokens"] = new_tokens * len(seqs)
     return tokens, logits, t, model
 
 
 def max_logit_error(store: WeightStore, tokens, logits) -> float:
-    """Largest |logit - reference| over every position every sequence produced."""
+    """Largest |logit - reference| over every position every sequence produced. A store opened on a
+    GPU is reopened on the CPU for the reference's weights."""
+    if store.device != "cpu":
+        with WeightStore.open(store.path, store.dram_budget_bytes) as cpu_store:
+            return max_logit_error(cpu_store, tokens, logits)
     ref = ReferenceModel(store)
     err = 0.0
     for tk, lg in zip(tokens, logits):

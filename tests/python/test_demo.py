@@ -51,6 +51,55 @@ def test_reference_detects_a_wrong_weight(tmp_path):
         assert M.max_logit_error(store, tokens, logits) >= 0.5 - 1e-6
 
 
+def _gpu_ops():
+    """ArrayOps on the GPU, or a skip when this machine or build cannot run CUDA."""
+    if not mk.info()["cuda_available"]:
+        pytest.skip("no CUDA device")
+    try:
+        return M.array_ops("cuda")
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+def _torch_cpu_ops():
+    pytest.importorskip("torch")
+    return M.array_ops("cpu", "torch")
+
+
+@pytest.mark.parametrize("where", ["torch-cpu", "cuda"])
+def test_generation_in_other_frameworks_matches_numpy(tmp_path, where):
+    # the driver on PyTorch tensors (CPU) or on a GPU: same tokens as the NumPy driver, same reference
+    ops = _torch_cpu_ops() if where == "torch-cpu" else _gpu_ops()
+    path = small_store(tmp_path)
+    prompts = [[1, 5, 9, 11, 2, 3, 4], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48]]
+    with mk.WeightStore.open(path, 1 << 20, max_read_bytes=16 << 10) as store:
+        want_tokens, want_logits, _, _ = M.generate(store, prompts, 6, progress=False)
+    with mk.WeightStore.open(path, 1 << 20, ops.device, max_read_bytes=16 << 10) as store:
+        tokens, logits, _, model = M.generate(store, prompts, 6, progress=False, ops=ops)
+        assert model.cache.device.startswith(ops.device)
+        assert all(isinstance(row, np.ndarray) for lg in logits for row in lg.values())
+        assert M.max_logit_error(store, tokens, logits) < 1e-3
+        assert store.stats()["peak_resident_bytes"] <= 1 << 20
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        assert got.keys() == want.keys()
+        for pos in got:
+            np.testing.assert_allclose(got[pos], want[pos], rtol=0, atol=1e-4)
+
+
+def test_array_ops_choices(tmp_path):
+    assert M.array_ops("cpu").xp is np
+    with pytest.raises(ValueError, match="NumPy arrays live on the CPU"):
+        M.array_ops("cuda", "numpy")
+    with pytest.raises(ValueError, match="CuPy arrays live on a GPU"):
+        M.array_ops("cpu", "cupy")
+    with pytest.raises(ValueError, match="framework: expected"):
+        M.array_ops("cpu", "jax")
+    with mk.WeightStore.open(small_store(tmp_path), 1 << 20) as store:
+        with pytest.raises(ValueError, match="weight store is on cpu but the model runs on cuda"):
+            M.StreamedModel(store, 8, 1, ops=M.ArrayOps(np, "cuda"))
+
+
 def write_tiny_checkpoint(d, act="silu", tie=True):
     cfg = M.ModelConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=96, hidden_act=act, tie_word_embeddings=tie)
@@ -102,6 +151,22 @@ def test_cli_bad_model_path_and_config(tmp_path):
     assert res.returncode == 2 and "cannot read model config" in res.stderr
     res = run_cli("demo", "--bogus-flag")
     assert res.returncode == 2
+
+
+def test_cli_demo_device_and_framework():
+    if not mk.info()["cuda_available"]:
+        res = run_cli("demo", "--device", "cuda", "--model-only")
+        assert res.returncode == 2 and "--device cuda" in res.stderr and "CUDA" in res.stderr
+    res = run_cli("demo", "--framework", "cupy", "--model-only")
+    assert res.returncode == 2 and "CuPy arrays live on a GPU" in res.stderr
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    res = run_cli("demo", "--framework", "torch", "--model-only", "--hidden", "128", "--layers", "2", "--tokens", "3",
+                  "--prompt-len", "9")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "TorchOps over torch on cpu" in res.stdout and "OK" in res.stdout
 
 
 def test_cli_info():
