@@ -85,7 +85,8 @@ def demo_model(args, ops) -> int:
     rng = np.random.default_rng(args.seed)
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (args.prompt_len, args.prompt_len // 2 + 3, 7)]
     try:
-        store = mk.WeightStore.open(path, budget, ops.device, max_read_bytes=64 << 10, window_tokens=4)
+        store = mk.WeightStore.open(path, budget, ops.device, max_read_bytes=64 << 10, window_tokens=4,
+                                merge_gap_bytes=4096)
     except ValueError as e:
         print(f"error: {e} (raise --budget-fraction)", file=sys.stderr)
         return 2
@@ -105,9 +106,12 @@ def demo_model(args, ops) -> int:
           f"{n_prompt / t['prefill']:.0f} tok/s")
     print(f"  {'decode (paged attention)':<28}{t['decode']:>9.2f}s  {len(tokens)} sequences (one forked) x "
           f"{args.tokens} tokens, {t['decode_tokens'] / t['decode']:.1f} tok/s")
+    naive = ffn_bytes * t["forward_passes"]
     print(f"  streamed from disk: {stats['bytes_read'] / 2**20:.2f} MiB in {stats['reads_issued']} reads "
           f"({stats['io_mode']} I/O), neuron hit rate {stats['hit_rate']:.0%}, "
-          f"mean active neurons {np.mean(model.active_fraction):.0%}")
+          f"mean active neurons {np.mean(model.active_fraction):.0%}; reading each FFN whole at every one of "
+          f"the {t['forward_passes']} forward passes: {naive / 2**20:.2f} MiB "
+          f"({naive / max(stats['bytes_read'], 1):.1f}x more)")
     print(f"  store peak resident {stats['peak_resident_bytes'] / 2**20:.2f} MiB vs budget {budget / 2**20:.2f} MiB; "
           f"process peak RSS {M.peak_rss_bytes() / 2**20:.0f} MiB")
     print(f"  KV cache: {cache_stats['pages_used']} pages used, {cache_stats['bytes_per_token']} bytes/token, "

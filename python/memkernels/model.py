@@ -145,6 +145,15 @@ def load_checkpoint(model_dir) -> tuple[ModelConfig, dict]:
     return cfg, weights
 
 
+def _progress(label, done, total, enabled=True, width=30):
+    """A one-line progress bar, redrawn in place; only on a terminal."""
+    if not enabled or not sys.stdout.isatty():
+        return
+    filled = int(width * done / max(total, 1))
+    print(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="" if done < total else "\n",
+          flush=True)
+
+
 def _attn_group_size(in_features: int) -> int:
     for g in (128, 64, 32):
         if in_features % g == 0:
@@ -152,7 +161,7 @@ def _attn_group_size(in_features: int) -> int:
     raise ValueError(f"in_features {in_features} is not a multiple of 32 (needed for int4 groups)")
 
 
-def prepare_store(cfg: ModelConfig, weights: dict, path, *, prune_sparsity: float = 0.5) -> dict:
+def prepare_store(cfg: ModelConfig, weights: dict, path, *, prune_sparsity: float = 0.5, progress=True) -> dict:
     """Quantizes the attention projections to int4, prunes the FFN (magnitude), and writes every
     weight to a weight store at `path`. Returns byte counts per kind for the report."""
     tensors = {"config.json": np.frombuffer(json.dumps(asdict(cfg)).encode(), dtype=np.uint8)}
@@ -178,6 +187,7 @@ def prepare_store(cfg: ModelConfig, weights: dict, path, *, prune_sparsity: floa
             if name in weights:
                 tensors[name] = weights[name]
                 sizes["other"] += weights[name].nbytes
+        _progress("quantize + prune", i + 1, cfg.num_hidden_layers, progress)
     write_weight_store(path, tensors, ffn_layers, chunk_bytes=64 << 10)  # small reads: small staging buffers
     return sizes
 
@@ -427,12 +437,6 @@ class ReferenceModel:
         return f64.rms_norm(x, self.norm, cfg.rms_norm_eps) @ self.lm_head.T
 
 
-def _progress(label, done, total, width=30):
-    filled = int(width * done / max(total, 1))
-    print(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="" if done < total else "\n",
-          flush=True)
-
-
 def generate(store: WeightStore, prompts, new_tokens: int, *, fork_after_prefill: bool = True, progress=True,
              ops: ArrayOps | None = None):
     """Prefills each prompt (flash attention), forks the first sequence (its copy takes a different
@@ -464,26 +468,28 @@ def generate(store: WeightStore, prompts, new_tokens: int, *, fork_after_prefill
         for b in range(len(seqs)):
             logits[b][pos[b]] = out[b]
             tokens[b].append(int(out[b].argmax()))
-        if progress and sys.stdout.isatty():
-            _progress("decode", step + 1, new_tokens)
+        _progress("decode", step + 1, new_tokens, progress)
     model.ops.synchronize()
     t["decode"] = time.perf_counter() - t0
     t["decode_tokens"] = new_tokens * len(seqs)
+    t["forward_passes"] = len(prompts) + new_tokens
     return tokens, logits, t, model
 
 
-def max_logit_error(store: WeightStore, tokens, logits) -> float:
+def max_logit_error(store: WeightStore, tokens, logits, progress=True) -> float:
     """Largest |logit - reference| over every position every sequence produced. A store opened on a
     GPU is reopened on the CPU for the reference's weights."""
     if store.device != "cpu":
         with WeightStore.open(store.path, store.dram_budget_bytes) as cpu_store:
-            return max_logit_error(cpu_store, tokens, logits)
+            return max_logit_error(cpu_store, tokens, logits, progress)
     ref = ReferenceModel(store)
     err = 0.0
-    for tk, lg in zip(tokens, logits):
+    for b, (tk, lg) in enumerate(zip(tokens, logits)):
+        _progress("float64 reference", b, len(tokens), progress)
         full = ref.logits(tk[:-1])
         for pos, row in lg.items():
             err = max(err, float(np.max(np.abs(full[pos] - row))))
+    _progress("float64 reference", len(tokens), len(tokens), progress)
     return err
 
 

@@ -190,3 +190,12 @@ def test_cli_bench_summary(tmp_path):
     assert "| toy | toy table | n=2 | numpy/ours | 0.75x |" in res.stdout
     res = run_cli("bench", "--bench-dir", str(tmp_path / "nowhere"), cwd=str(tmp_path))
     assert res.returncode == 2
+
+
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch):
+    M._progress("decode", 1, 2)
+    assert capsys.readouterr().out == ""  # not a terminal: nothing
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    M._progress("decode", 1, 2, width=4)
+    M._progress("decode", 2, 2, width=4)
+    assert capsys.readouterr().out == "\r  decode [##..] 1/2\r  decode [####] 2/2\n"
