@@ -238,13 +238,38 @@ RowMap start_task(const PagedProblem& p, const Task& t, State& st) {
   return rm;
 }
 
+// Writes a task's result: a split's partial (unnormalised O, max in base 2, sum) to its scratch
+// rows for the merge, or a whole task's normalised rows (and LSE, natural log) to the output.
+void finish_task(const PagedProblem& p, const Task& t, const State& st, const RowMap& rm, float* scratch,
+                 float* row) {
+  const int D = p.head_dim, dp = st.dp, esize = dtype_size(p.dtype);
+  if (t.split >= 0) {
+    for (int r = 0; r < st.rows; ++r) {
+      float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
+      std::copy(st.o + r * dp, st.o + r * dp + D, dst);
+      dst[D] = st.m[r];
+      dst[D + 1] = st.l[r];
+    }
+    return;
+  }
+  char* out = static_cast<char*>(p.out);
+  for (int r = 0; r < st.rows; ++r) {
+    const int h = rm.head(r);
+    const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
+    const int64_t qrow = p.q0(t.b) + rm.pos(r);
+    store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
+    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
+  }
+}
+
 template <typename T>
 void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
               float* row) {
   const int D = p.head_dim, dp = st.dp;
   const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
   const RowMap rm = start_task(p, t, st);
-  const int rpg = rm.rpg, esize = dtype_size(p.dtype);
+  const int rpg = rm.rpg;
   const bool capped = p.softcap > 0.0f;
   int hi = t.kv_hi;
   if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
@@ -314,24 +339,7 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
     j0 += nk;
   }
 
-  if (t.split >= 0) {  // partial result: unnormalised O, max (base 2), sum
-    for (int r = 0; r < st.rows; ++r) {
-      float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
-      std::copy(st.o + r * dp, st.o + r * dp + D, dst);
-      dst[D] = st.m[r];
-      dst[D + 1] = st.l[r];
-    }
-    return;
-  }
-  char* out = static_cast<char*>(p.out);
-  for (int r = 0; r < st.rows; ++r) {
-    const int h = rm.head(r);
-    const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
-    const int64_t qrow = p.q0(t.b) + rm.pos(r);
-    store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
-    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
-  }
+  finish_task(p, t, st, rm, scratch, row);
 }
 
 inline void unpack_codes(const uint8_t* src, int D, int bits, float* dst) {
@@ -347,7 +355,7 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
   const int D = p.head_dim, dp = st.dp, ps = p.page_size;
   const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen, nfull = kvlen / ps * ps;
   const RowMap rm = start_task(p, t, st);
-  const int rpg = rm.rpg, esize = dtype_size(p.dtype);
+  const int rpg = rm.rpg;
   const bool capped = p.softcap > 0.0f;
   int hi = t.kv_hi;
   if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
@@ -430,24 +438,7 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
     }
     j0 += nk;
   }
-  if (t.split >= 0) {
-    for (int r = 0; r < st.rows; ++r) {
-      float* dst = scratch + t.scratch + int64_t(r) * (dp + 2);
-      std::copy(st.o + r * dp, st.o + r * dp + D, dst);
-      dst[D] = st.m[r];
-      dst[D + 1] = st.l[r];
-    }
-    return;
-  }
-  char* out = static_cast<char*>(p.out);
-  for (int r = 0; r < st.rows; ++r) {
-    const int h = rm.head(r);
-    const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
-    const int64_t qrow = p.q0(t.b) + rm.pos(r);
-    store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
-    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
-  }
+  finish_task(p, t, st, rm, scratch, row);
 }
 
 }  // namespace
