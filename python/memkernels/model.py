@@ -361,6 +361,8 @@ class StreamedModel:
         else:
             ids = np.arange(g.shape[1], dtype=np.int32)
         self.active_fraction.append(len(ids) / g.shape[1])
+        if len(ids) == 0:  # no neuron fires for these tokens: the FFN adds nothing
+            return x * 0
         rows = ops.from_store(self.store.get_rows(i, ids))      # (k, 2, d_model): up rows, down columns
         up, down = rows[:, 0], rows[:, 1]
         h = ops.act(g[:, ops.to_device(ids, "int64")], self.cfg.hidden_act) * (x @ up.T)  # (tokens, k)
