@@ -1,4 +1,4 @@
-"""Command line: python -m memkernels {info,demo,bench}."""
+"""Command line: python -m memkernels {info,demo,convert,bench}."""
 from __future__ import annotations
 
 import argparse
@@ -145,6 +145,19 @@ def cmd_demo(args) -> int:
     return demo_model(args, ops)
 
 
+def cmd_convert(args) -> int:
+    src = args.src[0] if len(args.src) == 1 else args.src
+    try:
+        info = mk.convert_to_weight_store(src, args.dst, ffn_pattern=None if args.no_bundle else
+                                          mk.weight_store.DEFAULT_FFN_PATTERN)
+    except (ValueError, OSError, mk.CorruptDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: {len(info['tensors'])} tensors stored whole, "
+          f"{len(info['ffn_layers'])} FFN layers bundled by neuron")
+    return 0
+
+
 def _find_bench_dir(given):
     import os
 
@@ -237,6 +250,11 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--model-only", action="store_true", help="skip the kernel timing table")
     d.set_defaults(fn=cmd_demo)
+    c = sub.add_parser("convert", help="write a weight store from a checkpoint directory or .safetensors/.npz/.npy files")
+    c.add_argument("src", nargs="+", help="a directory (config.json + *.safetensors) or files")
+    c.add_argument("dst", help="the weight store to write")
+    c.add_argument("--no-bundle", action="store_true", help="store the FFN matrices whole, not by neuron")
+    c.set_defaults(fn=cmd_convert)
     b = sub.add_parser("bench", help="run every benchmark in bench/ and print a summary of ratios")
     b.add_argument("--quick", action="store_true", help="fewer shapes per benchmark")
     b.add_argument("--json", metavar="FILE", help="also write the ratios as JSON")

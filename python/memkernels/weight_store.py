@@ -319,12 +319,23 @@ def read_numpy(path) -> dict:
 
 def convert_to_weight_store(src, dst, *, ffn_pattern: str | None = DEFAULT_FFN_PATTERN,
                             chunk_bytes: int = 1 << 20) -> dict:
-    """Converts .safetensors (one file or a list of shards), .npz or .npy files to a weight store at
-    `dst`. Tensors whose names match `ffn_pattern` (group 1: layer number, group 2: gate|up|down)
-    become bundled FFN layers; the rest are stored whole. None disables bundling. Returns
+    """Converts .safetensors (one file or a list of shards), .npz or .npy files, or a Hugging Face
+    style checkpoint directory (config.json + *.safetensors shards), to a weight store at `dst`.
+    Tensors whose names match `ffn_pattern` (group 1: layer number, group 2: gate|up|down)
+    become bundled FFN layers; the rest are stored whole. None disables bundling. A directory's
+    config.json is kept as the uint8 tensor "config.json". Returns
     {"tensors": [...names], "ffn_layers": [...layer ids]}."""
-    srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     arrays = {}
+    if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
+        shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+        if not shards:
+            raise ValueError(f"{os.fspath(src)}: a checkpoint directory needs *.safetensors files; none found")
+        config = os.path.join(src, "config.json")
+        if os.path.isfile(config):
+            with open(config, "rb") as f:
+                arrays["config.json"] = np.frombuffer(f.read(), dtype=np.uint8)
+        src = [os.path.join(src, f) for f in shards]
+    srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     for s in srcs:
         s = os.fspath(s)
         if s.endswith(".safetensors"):

@@ -169,6 +169,19 @@ def test_cli_demo_device_and_framework():
     assert "TorchOps over torch on cpu" in res.stdout and "OK" in res.stdout
 
 
+def test_cli_convert_checkpoint(tmp_path):
+    cfg = write_tiny_checkpoint(tmp_path / "ckpt")
+    dst = tmp_path / "c.mkws"
+    res = run_cli("convert", str(tmp_path / "ckpt"), str(dst))
+    assert res.returncode == 0, res.stderr
+    assert f"{cfg.num_hidden_layers} FFN layers bundled" in res.stdout
+    with mk.WeightStore.open(dst, 1 << 20) as store:
+        assert json.loads(store.get("config.json").tobytes())["hidden_size"] == cfg.hidden_size
+        assert len(store.layers()) == cfg.num_hidden_layers
+    res = run_cli("convert", str(tmp_path / "missing.safetensors"), str(dst))
+    assert res.returncode == 2 and "missing.safetensors" in res.stderr
+
+
 def test_cli_info():
     res = run_cli("info")
     assert res.returncode == 0 and "memkernels" in res.stdout and "CPU ISA" in res.stdout

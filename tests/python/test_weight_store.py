@@ -1,6 +1,7 @@
 """Weight store: data read equals data written, cache budget, statistics, converters, bad files."""
 import json
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -26,9 +27,7 @@ def tmp(tmp_path_factory):
     d = os.path.join(base, f"mk_ws_test_{os.getpid()}_{np.random.randint(1 << 30)}")
     os.makedirs(d)
     yield d
-    for f in os.listdir(d):
-        os.remove(os.path.join(d, f))
-    os.rmdir(d)
+    shutil.rmtree(d)
 
 
 def rand(rng, shape, dtype):
@@ -444,6 +443,30 @@ def test_convert_sharded_safetensors_and_numpy(tmp):
     # Without bundling every tensor is stored whole.
     info = mk.convert_to_weight_store(npz, dst, ffn_pattern=None)
     assert info["ffn_layers"] == [] and len(info["tensors"]) == len(arrays)
+
+
+def test_convert_checkpoint_directory(tmp):
+    # a Hugging Face style directory: config.json + shards, converted in one call
+    rng = np.random.default_rng(11)
+    arrays = hf_like(rng, np.float32)
+    names = sorted(arrays)
+    ckpt = os.path.join(tmp, "ckpt")
+    os.mkdir(ckpt)
+    write_safetensors_by_hand(os.path.join(ckpt, "model-00001-of-00002.safetensors"), {k: arrays[k] for k in names[::2]})
+    write_safetensors_by_hand(os.path.join(ckpt, "model-00002-of-00002.safetensors"), {k: arrays[k] for k in names[1::2]})
+    config = json.dumps({"model_type": "llama", "hidden_size": 8}).encode()
+    with open(os.path.join(ckpt, "config.json"), "wb") as f:
+        f.write(config)
+    dst = os.path.join(tmp, "d.mkws")
+    info = mk.convert_to_weight_store(ckpt, dst)
+    assert info["ffn_layers"] == [0, 1] and "config.json" in info["tensors"]
+    check_converted(dst, arrays)
+    with mk.WeightStore.open(dst, 1 << 20) as ws:
+        assert ws.get("config.json").tobytes() == config
+    os.remove(os.path.join(ckpt, "model-00001-of-00002.safetensors"))
+    os.remove(os.path.join(ckpt, "model-00002-of-00002.safetensors"))
+    with pytest.raises(ValueError, match="needs \\*.safetensors files"):
+        mk.convert_to_weight_store(ckpt, dst)
 
 
 def test_corrupt_safetensors(tmp):
