@@ -61,7 +61,7 @@ def demo_model(args, ops) -> int:
         else:
             cfg = M.ModelConfig(hidden_size=args.hidden, num_hidden_layers=args.layers,
                                 intermediate_size=4 * args.hidden, num_attention_heads=args.hidden // 32,
-                                num_key_value_heads=max(1, args.hidden // 128))
+                                num_key_value_heads=max(1, args.hidden // 128), hidden_act=args.act)
             cfg.validate()
             weights = M.random_weights(cfg, seed=args.seed)
             source = "seeded random weights"
@@ -244,6 +244,10 @@ def main(argv=None) -> int:
     d.add_argument("--prompt-len", type=int, default=24)
     d.add_argument("--hidden", type=int, default=256, help="hidden size of the seeded model (multiple of 128)")
     d.add_argument("--layers", type=int, default=4)
+    d.add_argument("--act", choices=["relu", "silu"], default="relu",
+                   help="FFN gate activation of the seeded model: relu (ReLU-fied SwiGLU with a gate bias, as "
+                        "'LLM in a flash' streams: ~10%% of neurons fire, only those are read) or silu (plain "
+                        "SwiGLU: every neuron is active, the whole FFN streams through the budget)")
     d.add_argument("--prune", type=float, default=0.5, help="FFN sparsity (magnitude pruning)")
     d.add_argument("--budget-fraction", type=float, default=0.5, help="DRAM budget / streamed FFN bytes")
     d.add_argument("--work-dir", help="where the weight store is written (kept when given)")
