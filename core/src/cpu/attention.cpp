@@ -156,28 +156,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
         std::fill(srow, srow + BK, 0.0f);
         continue;
       }
-      VecF vmax = VecF::set1(kNegInf);
-      for (int c = 0; c < BK; c += VL) vmax = VecF::max(vmax, VecF::load(srow + c));
-      const float m_new = std::max(w.m[r], vmax.reduce_max());
-      if (m_new == kNegInf) {  // nothing visible yet in this row
-        std::fill(srow, srow + BK, 0.0f);
-        continue;
-      }
-      const VecF vm = VecF::set1(m_new);
-      VecF vsum = VecF::zero();
-      for (int c = 0; c < BK; c += VL) {
-        VecF e = exp2(VecF::load(srow + c) - vm);
-        e.store(srow + c);
-        vsum = vsum + e;
-      }
-      const float alpha = std::exp2(w.m[r] - m_new);  // 0 when m was -inf
-      w.l[r] = w.l[r] * alpha + vsum.reduce_add();
-      w.m[r] = m_new;
-      if (alpha != 1.0f) {
-        float* orow = w.o.data() + size_t(r) * dp;
-        const VecF va = VecF::set1(alpha);
-        for (int c = 0; c < dp; c += VL) (VecF::load(orow + c) * va).store(orow + c);
-      }
+      online_softmax_row(srow, BK, w.m[r], w.l[r], w.o.data() + size_t(r) * dp, dp);
     }
 
     const float* vblock = vp + int64_t(kb) * dp;

@@ -186,28 +186,7 @@ inline void softmax_block(State& st, int ra, int rb, int nk) {
   for (int r = ra; r < rb; ++r) {
     float* srow = st.s + r * BK;
     for (int j = nk; j < BK; ++j) srow[j] = kNegInf;
-    VecF vmax = VecF::set1(kNegInf);
-    for (int c = 0; c < BK; c += VL) vmax = VecF::max(vmax, VecF::load(srow + c));
-    const float m_new = std::max(st.m[r], vmax.reduce_max());
-    if (m_new == kNegInf) {
-      std::fill(srow, srow + BK, 0.0f);
-      continue;
-    }
-    const VecF vm = VecF::set1(m_new);
-    VecF vsum = VecF::zero();
-    for (int c = 0; c < BK; c += VL) {
-      VecF e = exp2(VecF::load(srow + c) - vm);
-      e.store(srow + c);
-      vsum = vsum + e;
-    }
-    const float alpha = std::exp2(st.m[r] - m_new);
-    st.l[r] = st.l[r] * alpha + vsum.reduce_add();
-    st.m[r] = m_new;
-    if (alpha != 1.0f) {
-      float* orow = st.o + r * st.dp;
-      const VecF va = VecF::set1(alpha);
-      for (int c = 0; c < st.dp; c += VL) (VecF::load(orow + c) * va).store(orow + c);
-    }
+    online_softmax_row(srow, BK, st.m[r], st.l[r], st.o + r * st.dp, st.dp);
   }
 }
 

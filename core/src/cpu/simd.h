@@ -134,4 +134,32 @@ inline VecF exp2(VecF x) {
   return VecF::zero_below(x, p * VecF::pow2i(n), -126.0f);
 }
 
+// One row's online-softmax step in base 2 (flash attention and paged attention): the scores
+// srow[0, width) (width a multiple of VecF::N, masked keys -inf) become exp2(s - m_new) in place, the
+// running max m and sum l are updated, and the output row orow[0, dp) is rescaled by
+// exp2(m - m_new). A row that has seen no visible key yet gets P = 0 and keeps m = -inf.
+inline void online_softmax_row(float* srow, int width, float& m, float& l, float* orow, int dp) {
+  VecF vmax = VecF::set1(-INFINITY);
+  for (int c = 0; c < width; c += VecF::N) vmax = VecF::max(vmax, VecF::load(srow + c));
+  const float m_new = std::fmax(m, vmax.reduce_max());
+  if (m_new == -INFINITY) {
+    std::memset(srow, 0, sizeof(float) * size_t(width));
+    return;
+  }
+  const VecF vm = VecF::set1(m_new);
+  VecF vsum = VecF::zero();
+  for (int c = 0; c < width; c += VecF::N) {
+    VecF e = exp2(VecF::load(srow + c) - vm);
+    e.store(srow + c);
+    vsum = vsum + e;
+  }
+  const float alpha = std::exp2(m - m_new);  // 0 when m was -inf
+  l = l * alpha + vsum.reduce_add();
+  m = m_new;
+  if (alpha != 1.0f) {
+    const VecF va = VecF::set1(alpha);
+    for (int c = 0; c < dp; c += VecF::N) (VecF::load(orow + c) * va).store(orow + c);
+  }
+}
+
 }  // namespace memkernels::cpu::MK_ISA_NS
