@@ -306,10 +306,17 @@ __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem 
       const float pj = exp2f(score - base), alpha = exp2f(m_old - base);
       float sum = pj;
       for (int w = 16; w > 0; w /= 2) sum += __shfl_xor_sync(0xffffffff, sum, w);
-      for (int d = lane; d < D; d += 32) {
-        float acc = sO[r * D + d] * alpha;
-        for (int j = 0; j < BN; ++j) acc += __shfl_sync(0xffffffff, pj, j) * sV[j * LDK + d];
-        sO[r * D + d] = acc;
+      // Every lane runs every pass (d0 is warp-uniform): __shfl_sync names all 32 lanes, so a loop
+      // `for (d = lane; d < D; d += 32)` would call it from a partial warp whenever D % 32 != 0
+      // (e.g. D = 40 or fp32 D = 80), which is undefined behaviour (hang or garbage) on sm_70+.
+      for (int d0 = 0; d0 < D; d0 += 32) {
+        const int d = d0 + lane;
+        float acc = d < D ? sO[r * D + d] * alpha : 0.0f;
+        for (int j = 0; j < BN; ++j) {
+          const float pjj = __shfl_sync(0xffffffff, pj, j);
+          if (d < D) acc += pjj * sV[j * LDK + d];
+        }
+        if (d < D) sO[r * D + d] = acc;
       }
       __syncwarp();
       if (lane == 0) {

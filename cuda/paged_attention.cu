@@ -232,7 +232,12 @@ __global__ void paged_merge_kernel(PagedProblem p, const float* ws, int nsplit) 
 template <typename T, int EPL, int RT>
 void launch(const PagedProblem& p, cudaStream_t stream, int sms) {
   const int group = p.heads / p.kv_heads;
-  const int64_t tiles = (int64_t(std::max(p.max_q_len, 1)) * group + RT - 1) / RT;
+  // Without qo_indptr every sequence has exactly one query row (decode), whatever max_q_len says:
+  // the dispatch passes total_q (= batch) there when the caller gives no hint, which launched
+  // batch * group / RT row tiles per sequence (all but one exiting at once), skewed the split
+  // heuristic below, and raised the 65535-tile error for large decode batches.
+  const int max_q = p.qo_indptr ? std::max(p.max_q_len, 1) : 1;
+  const int64_t tiles = (int64_t(max_q) * group + RT - 1) / RT;
   check(tiles <= 65535, ErrorKind::Value,
         "paged_attention (CUDA): too many query rows per sequence (max_q_len * heads / kv_heads / " +
             std::to_string(RT) + " must be <= 65535)");

@@ -340,13 +340,24 @@ struct GemmLauncher {
       constexpr int NT = 4;
       // Vector loads of x need 16-byte aligned 32-element runs: base and row stride.
       const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (p.x_row * int64_t(sizeof(T))) % 16 == 0;
-      const dim3 grid{unsigned((w.rows + kGemvWarps - 1) / kGemvWarps), unsigned((p.tokens + NT - 1) / NT)};
-      if (p.tokens == 1)
-        qgemv_kernel<BITS, NF4, 1, T><<<grid.x, kGemvWarps * 32, 0, st>>>(w, x, p.x_row, bias, out, p.out_row, 1, aligned);
-      else
-        qgemv_kernel<BITS, NF4, NT, T><<<grid, kGemvWarps * 32, 0, st>>>(w, x, p.x_row, bias, out, p.out_row,
-                                                                         p.tokens, aligned);
-      check_launch("qgemm (gemv)");
+      const unsigned row_blocks = unsigned((w.rows + kGemvWarps - 1) / kGemvWarps);
+      if (p.tokens == 1) {
+        qgemv_kernel<BITS, NF4, 1, T><<<row_blocks, kGemvWarps * 32, 0, st>>>(w, x, p.x_row, bias, out, p.out_row, 1,
+                                                                             aligned);
+        check_launch("qgemm (gemv)");
+        return;
+      }
+      // fp32 x takes this path for any token count: gridDim.y = ceil(tokens / NT) passed 65535 from
+      // 262141 tokens on (a launch error), so long inputs run in slabs of at most 65535 * NT tokens.
+      // Offsetting x by whole rows keeps `aligned` valid (it already requires 16-byte row strides).
+      constexpr int64_t kSlab = int64_t(65535) * NT;
+      for (int64_t t0 = 0; t0 < p.tokens; t0 += kSlab) {
+        const int64_t nt = std::min(kSlab, p.tokens - t0);
+        const dim3 grid{row_blocks, unsigned((nt + NT - 1) / NT)};
+        qgemv_kernel<BITS, NF4, NT, T><<<grid, kGemvWarps * 32, 0, st>>>(w, x + t0 * p.x_row, p.x_row, bias,
+                                                                         out + t0 * p.out_row, p.out_row, nt, aligned);
+        check_launch("qgemm (gemv)");
+      }
       return;
     }
     if constexpr (half_type) {

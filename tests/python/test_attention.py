@@ -275,3 +275,24 @@ def test_cuda_varlen_and_window(rng):
         s = slice(c[b], c[b + 1])
         ref, _ = reference_attention(qn[s], qn[s], qn[s], causal=True, window=(9, 9))
         assert_close(out[s].float().cpu().numpy(), ref, np.float16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,d", [("float32", 40), ("float32", 64), ("float16", 64), ("float16", 40)])
+@pytest.mark.parametrize("causal,window", [(False, (7, 3)), (True, 5)])
+def test_cuda_softcap_and_window(rng, dtype, d, causal, window):
+    # softcap and sliding windows on both CUDA kernels (mma: fp16 d=64; generic: fp32, d=40), no varlen
+    torch = pytest.importorskip("torch")
+    tdt = getattr(torch, dtype)
+    q = torch.randn(2, 45, 4, d, device="cuda").to(tdt)
+    k = torch.randn(2, 70, 2, d, device="cuda").to(tdt)
+    v = torch.randn(2, 70, 2, d, device="cuda").to(tdt)
+    got, lse = mk.flash_attention(q, k, v, causal=causal, window=window, softcap=5.0, return_lse=True)
+    torch.cuda.synchronize()
+    win = (window, window) if isinstance(window, int) else window
+    tol_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+    for bi in range(2):
+        qn, kn, vn = (t[bi].float().cpu().numpy() for t in (q, k, v))
+        ref, ref_lse = reference_attention(qn, kn, vn, causal=causal, window=win, softcap=5.0)
+        assert_close(got[bi].float().cpu().numpy(), ref, tol_dtype, "cuda softcap/window out")
+        assert_close(lse[bi].cpu().numpy(), ref_lse, tol_dtype, "cuda softcap/window lse")

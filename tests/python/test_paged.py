@@ -648,3 +648,34 @@ def test_cuda_matches_cpu():
         out2 = paged_attention(q2, gpu, 0, [ids[2]], q_lens=[37])
         ref2, _ = reference(q2.float().cpu().numpy(), *data[ids[2]])
         assert_close(out2.float().cpu().numpy(), ref2, dtype if dtype != "float32" else "float16", "cuda prefill")
+
+
+@pytest.mark.skipif(not mk.info()["cuda_available"], reason="no CUDA device")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cuda_softcap_splits_and_odd_head_dim(num_splits):
+    # head_dim 80 (scalar, non-vector loads), softcap, non-causal prefill, and the single-split path
+    # that writes out/lse directly (automatic splitting rarely picks 1 on a large GPU)
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    rng = np.random.default_rng(21)
+    heads, kvh, D, ps = 6, 2, 80, 8
+    gpu = PagedKVCache(1, 64, ps, kvh, D, "float16", device="cuda")
+    ids, data = [], {}
+    for n in (13, 150):
+        s = gpu.add_sequence()
+        k = torch.randn(n, kvh, D, dtype=torch.float16, device="cuda")
+        v = torch.randn(n, kvh, D, dtype=torch.float16, device="cuda")
+        gpu.append([s], 0, k, v, counts=[n])
+        ids.append(s)
+        data[s] = (k.float().cpu().numpy(), v.float().cpu().numpy())
+    for causal in (True, False):
+        q = torch.randn(9, heads, D, dtype=torch.float16, device="cuda")
+        out, lse = paged_attention(q, gpu, 0, ids, q_lens=[4, 5], causal=causal, softcap=3.0, num_splits=num_splits,
+                                   return_lse=True)
+        torch.cuda.synchronize()
+        qn = q.float().cpu().numpy()
+        for rows, s in ((slice(0, 4), ids[0]), (slice(4, 9), ids[1])):
+            ref, ref_lse = reference(qn[rows], *data[s], causal=causal, softcap=3.0)
+            assert_close(out[rows].float().cpu().numpy(), ref, "float16", f"cuda causal={causal}")
+            np.testing.assert_allclose(lse[:, rows].cpu().numpy(), ref_lse, rtol=2e-3, atol=2e-3)

@@ -296,6 +296,24 @@ def test_cuda_qgemm(fmt, tokens):
     assert mk.from_bytes(g.to_bytes()).to_bytes() == qm.to_bytes()
 
 
+@cuda
+def test_cuda_nf4_double_quant():
+    # the int8-coded scales (scale_offset + step * code) are decoded on the GPU too
+    torch = _torch_cuda()
+    n, k = 70, 256
+    _, qm, d = qm_and_ref("nf4", n, k, 32, seed=22, dq=True)
+    g = qm.to("cuda")
+    for tokens in (1, 9):  # gemv and tensor-core paths
+        x = torch.randn(tokens, k, device="cuda").to(torch.float16)
+        y = mk.qgemm(x, g)
+        xr = x.double().cpu().numpy()
+        ref = xr @ d.T
+        mag = np.abs(xr) @ np.abs(d).T
+        assert np.all(np.abs(y.double().cpu().numpy() - ref) <= 2.0**-11 * (np.abs(ref) + 0.51 * mag) + 3e-5 * mag)
+    dd = mk.dequantize(g, like=torch.empty(1, device="cuda"))
+    np.testing.assert_allclose(dd.cpu().numpy(), d, rtol=1e-6, atol=1e-6)
+
+
 # ---- pack_quantized and GPTQ --------------------------------------------------------------------------
 
 def test_pack_quantized_matches_formula():

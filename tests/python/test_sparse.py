@@ -377,6 +377,26 @@ def test_spmm_cuda(fmt, xdtype):
         mk.spmm(sp, xg)
 
 
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("fmt", ["bitmap", "2:4", "csr"])
+@pytest.mark.parametrize("vdtype", ["int8", "float32", "bfloat16"])
+def test_spmm_cuda_value_dtypes(fmt, vdtype):
+    # int8 values (per-row scale applied after the sum) and the other value dtypes; 3 tokens (NT = 2)
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    rng = np.random.default_rng(13)
+    w = random_sparse(rng, 45, 150, 0.6)
+    if fmt == "2:4":
+        w = mk.prune(w, method="2:4")
+    sp = mk.SparseMatrix.from_dense(w, format=fmt, dtype=vdtype)
+    x = rng.standard_normal((3, 150)).astype(np.float32)
+    out = torch.full((3, 45), float("nan"), device="cuda")
+    mk.spmm(sp.to("cuda"), torch.from_numpy(x).to("cuda"), out=out)
+    torch.cuda.synchronize()
+    check_spmm(sp, x, out.cpu().numpy())
+
+
 def test_fuzz_corrupt_csr_and_bytes_never_crash():
     """Random damage to CSR arrays and to (re-checksummed) bytes: a clear error or a valid matrix."""
     rng = np.random.default_rng(12)
