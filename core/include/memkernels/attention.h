@@ -30,7 +30,7 @@ void flash_attention(const TensorView& q, const TensorView& k, const TensorView&
 
 // Variable-length batch packed along the first axis: q (total_q, heads, head_dim), k/v (total_k,
 // kv_heads, head_dim); cu_seqlens_q/k int32 (batch + 1) cumulative offsets starting at 0;
-// lse (heads, total_q). max_seqlen_q <= 0 lets the CUDA backend read it from cu_seqlens_q (a sync).
+// lse (heads, total_q). max_seqlen_q sizes the CUDA grid (<= 0: total_q, never read back from the GPU).
 void flash_attention_varlen(const TensorView& q, const TensorView& k, const TensorView& v,
                             const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k,
                             const TensorView& out, const TensorView* lse,
