@@ -1,6 +1,7 @@
 """Shared benchmark helpers: best-of timing, peer detection, table printing, peak memory probes."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -34,23 +35,41 @@ def try_import(name):
         return None
 
 
-def print_table(title, headers, rows):
-    """Prints a Markdown table (so results can be pasted into bench/results/)."""
+def shape_arg(text):
+    """argparse type for a matrix shape 'ROWSxCOLS' -> (rows, cols)."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, e.g. 4096x4096, not {text!r}") from None
+    return rows, cols
+
+
+def print_table(title, headers, rows, note=None):
+    """Prints a Markdown table (so results can be pasted into bench/results/), then `note` as a
+    paragraph. `rows` may be a generator: each row is printed (and flushed) as soon as it is
+    measured. Ratio columns are named "peer/ours" and formatted with fmt_ratio: that is what
+    `python -m memkernels bench` collects into its summary (keep titles short, it repeats them)."""
     print(f"\n### {title}\n")
     print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
+    print("|" + "|".join("---" for _ in headers) + "|", flush=True)
     for r in rows:
-        print("| " + " | ".join(str(x) for x in r) + " |")
-    sys.stdout.flush()
+        print("| " + " | ".join(str(x) for x in r) + " |", flush=True)
+    if note:
+        print(f"\n{note}", flush=True)
 
 
-def fmt_ms(t):
-    return "n/a" if t is None else f"{t * 1e3:.2f}"
+def fmt_ms(t, digits=2):
+    """Seconds as milliseconds with `digits` decimals ('n/a' for None)."""
+    return "n/a" if t is None else f"{t * 1e3:.{digits}f}"
 
 
 def fmt_ratio(a, b):
-    """a / b as 'x.xx' (how many times faster we are when a is the peer time and b ours)."""
-    return "n/a" if a is None or b is None else f"{a / b:.2f}x"
+    """a / b as 'x.xx' (how many times faster we are when a is the peer time and b ours); ratios
+    under 0.1 keep two significant digits ('0.0043x', never a misleading '0.00x')."""
+    if a is None or b is None:
+        return "n/a"
+    r = a / b
+    return f"{r:.2f}x" if r >= 0.1 or r == 0 else f"{r:.2g}x"
 
 
 def peak_extra_memory(code: str) -> int | None:

@@ -2,7 +2,7 @@
 
 CPU (fp32): time, GFLOP/s, ratio torch/ours (target >= 1.0) and peak extra memory per method.
 GPU (bf16, when a CUDA device and torch with CUDA are present): TFLOP/s vs torch SDPA (flash).
-Usage: python bench/attention.py [--quick] [--no-memory]
+Usage: python bench/attention.py [--quick] [--no-memory] [--max-seq N]
 """
 from __future__ import annotations
 
@@ -53,10 +53,12 @@ RUNNERS = {
 }
 
 
-def bench_cpu(quick: bool, memory: bool):
+def bench_cpu(quick: bool, memory: bool, max_seq=None):
     torch = try_import("torch")
     rows = []
     for b, h, s, d, causal in CPU_SHAPES[:2] if quick else CPU_SHAPES:
+        if max_seq is not None and s > max_seq:
+            continue
         rng = np.random.default_rng(0)
         q, k, v = (rng.standard_normal((b, s, h, d), dtype=np.float32) for _ in range(3))
         out = np.empty_like(q)
@@ -116,9 +118,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs")
     ap.add_argument("--gpu-only", action="store_true")
+    ap.add_argument("--max-seq", type=int, default=None, help="CPU: only the shapes with seq <= this (smoke runs)")
     args = ap.parse_args()
     if not args.gpu_only:
-        bench_cpu(args.quick, not args.no_memory)
+        bench_cpu(args.quick, not args.no_memory, args.max_seq)
     bench_gpu(args.quick)
 
 

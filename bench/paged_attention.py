@@ -7,8 +7,11 @@ Decode (q_len 1), 32 query heads / 8 kv heads, head_dim 128, contexts 4k and 16k
   sdpa       torch.nn.functional.scaled_dot_product_attention(enable_gqa=True), if torch is installed
 GB/s counts the K/V bytes read once. Then the memory a ragged batch takes in pages vs a cache
 preallocated at the maximum length. On a CUDA device (--cuda) the paged kernel's GB/s is printed.
+Prints Markdown tables; ratios are "other/ours" (other time / paged time, preallocated / paged
+memory): > 1 means the paged kernel is faster / smaller.
 
 python bench/paged_attention.py [--quick] [--dtype float32|float16|bfloat16] [--threads N] [--cuda]
+                                [--ctx N] [--max-len N]   (--quick --ctx 512 --max-len 1024: a smoke run)
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_time  # noqa: E402
+from _common import best_time, fmt_ms, fmt_ratio, print_table  # noqa: E402
 
 import memkernels as mk  # noqa: E402
 
@@ -76,7 +79,7 @@ def bench_decode(batch, ctx, dtype, page_size=16):
             row["sdpa"] = timeit(lambda: f(tq, tk, tv, enable_gqa=True), max_reps=20)
         del tk, tv
     except ImportError:
-        row["sdpa"] = float("nan")
+        row["sdpa"] = None
     kv_bytes = 2 * batch * ctx * KVH * D * dt.itemsize
     return row, kv_bytes
 
@@ -101,6 +104,9 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--cuda", action="store_true", help="also time the CUDA kernel (needs torch with CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for memkernels and torch (0: default)")
+    ap.add_argument("--ctx", type=int, default=None, help="one CPU decode context length instead of 4k (and 16k)")
+    ap.add_argument("--max-len", type=int, default=16384,
+                    help="longest sequence of the ragged batch in the memory-waste table (default 16384)")
     args = ap.parse_args()
     if args.threads > 0:
         mk.set_num_threads(args.threads)
@@ -117,27 +123,32 @@ def main():
 
         print(f"torch {torch.__version__}  threads={torch.get_num_threads()}")
     except ImportError:
-        print("torch not installed: no SDPA column")
-    print()
-    hdr = (f"{'batch':>5} {'ctx':>6} | {'paged ms':>9} {'GB/s':>6} | {'contig ms':>9} {'flash ms':>9} "
-           f"{'sdpa ms':>9} | {'contig/paged':>12} {'flash/paged':>11} {'sdpa/paged':>10}")
-    print(hdr)
-    print("-" * len(hdr))
-    ctxs = [4096] if args.quick else [4096, 16384]
-    for ctx in ctxs:
-        for batch in (1, 16):
-            row, nbytes = bench_decode(batch, ctx, args.dtype)
-            p = row["paged"]
-            print(f"{batch:>5} {ctx:>6} | {p * 1e3:>9.3f} {nbytes / p / 1e9:>6.1f} | {row['contig'] * 1e3:>9.3f} "
-                  f"{row['flash'] * 1e3:>9.3f} {row['sdpa'] * 1e3:>9.3f} | {row['contig'] / p:>12.2f} "
-                  f"{row['flash'] / p:>11.2f} {row['sdpa'] / p:>10.2f}")
+        print("torch not installed: the sdpa columns are n/a")
+    ctxs = [args.ctx] if args.ctx else [4096] if args.quick else [4096, 16384]
 
-    print()
-    lens, used, prealloc, st = bench_waste()
-    print(f"ragged batch of {len(lens)} sequences, lengths 1..16384 (mean {lens.mean():.0f}), page_size 16:")
-    print(f"  token slots: paged {used} (fragmentation {st['fragmentation'] * 100:.2f}%), "
-          f"max-length preallocation {prealloc} -> paged uses {used / prealloc * 100:.1f}% "
-          f"(waste {(1 - lens.sum() / used) * 100:.2f}% vs {(1 - lens.sum() / prealloc) * 100:.1f}%)")
+    def decode_rows():
+        for ctx in ctxs:
+            for batch in (1, 16):
+                row, nbytes = bench_decode(batch, ctx, args.dtype)
+                p = row["paged"]
+                yield [f"batch {batch} ctx {ctx}", fmt_ms(p, 3), f"{nbytes / p / 1e9:.1f}", fmt_ms(row["contig"], 3),
+                       fmt_ms(row["flash"], 3), fmt_ms(row["sdpa"], 3), fmt_ratio(row["contig"], p),
+                       fmt_ratio(row["flash"], p), fmt_ratio(row["sdpa"], p)]
+
+    print_table(f"CPU paged decode, {args.dtype}",
+                ["case", "paged ms", "GB/s", "contig ms", "flash ms", "sdpa ms", "contig/ours", "flash/ours",
+                 "sdpa/ours"], decode_rows(),
+                note=f"{H} q / {KVH} kv heads, head_dim {D}, page_size 16; ours = paged; ratios: other ms / paged ms.")
+
+    lens, used, prealloc, st = bench_waste(max_len=args.max_len)
+    print_table(f"KV memory, ragged batch of {len(lens)}, lengths 1..{args.max_len}",
+                ["case", "paged token slots", "fragmentation %", "prealloc token slots", "paged % of prealloc",
+                 "paged waste %", "prealloc waste %", "prealloc/ours"],
+                [["paged vs max-length preallocation", used, f"{st['fragmentation'] * 100:.2f}", prealloc,
+                  f"{used / prealloc * 100:.1f}", f"{(1 - lens.sum() / used) * 100:.2f}",
+                  f"{(1 - lens.sum() / prealloc) * 100:.1f}", fmt_ratio(prealloc, used)]],
+                note=f"mean length {lens.mean():.0f}, page_size 16; prealloc/ours: token slots of a cache "
+                     "preallocated at the maximum length / paged token slots.")
 
     if args.cuda:
         bench_cuda(args.dtype)
@@ -150,7 +161,6 @@ def bench_cuda(dtype):
         print("no CUDA device")
         return
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    print("\nCUDA decode (paged, page_size 16)")
     # device copy bandwidth for reference
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -163,31 +173,38 @@ def bench_cuda(dtype):
     torch.cuda.synchronize()
     copy_bw = 2 * x.numel() * 10 / (ev0.elapsed_time(ev1) * 1e-3) / 1e9
     del x, y
-    print(f"device copy bandwidth (read + write): {copy_bw:.0f} GB/s")
-    for ctx in (4096, 16384):
-        for batch in (1, 16, 64):
-            ps = 16
-            cache = mk.PagedKVCache(1, batch * ((ctx + ps - 1) // ps), ps, KVH, D, dtype, device="cuda")
-            ids = [cache.add_sequence() for _ in range(batch)]
-            for s in ids:
-                k = torch.randn(ctx, KVH, D, dtype=tdt, device="cuda")
-                cache.append([s], 0, k, k, counts=[ctx])
-            q = torch.randn(batch, H, D, dtype=tdt, device="cuda")
-            out = torch.empty_like(q)
-            for _ in range(3):
-                mk.paged_attention(q, cache, 0, ids, out=out)
-            torch.cuda.synchronize()
-            reps = 20
-            ev0.record()
-            for _ in range(reps):
-                mk.paged_attention(q, cache, 0, ids, out=out)
-            ev1.record()
-            torch.cuda.synchronize()
-            t = ev0.elapsed_time(ev1) * 1e-3 / reps
-            nbytes = 2 * batch * ctx * KVH * D * q.element_size()
-            print(f"  batch {batch:>3} ctx {ctx:>6}: {t * 1e6:8.1f} us  {nbytes / t / 1e9:7.0f} GB/s  "
-                  f"({nbytes / t / 1e9 / copy_bw * 100:.0f}% of copy bandwidth)")
-            del cache
+
+    def rows():
+        for ctx in (4096, 16384):
+            for batch in (1, 16, 64):
+                ps = 16
+                cache = mk.PagedKVCache(1, batch * ((ctx + ps - 1) // ps), ps, KVH, D, dtype, device="cuda")
+                ids = [cache.add_sequence() for _ in range(batch)]
+                for s in ids:
+                    k = torch.randn(ctx, KVH, D, dtype=tdt, device="cuda")
+                    cache.append([s], 0, k, k, counts=[ctx])
+                q = torch.randn(batch, H, D, dtype=tdt, device="cuda")
+                out = torch.empty_like(q)
+                for _ in range(3):
+                    mk.paged_attention(q, cache, 0, ids, out=out)
+                torch.cuda.synchronize()
+                reps = 20
+                ev0.record()
+                for _ in range(reps):
+                    mk.paged_attention(q, cache, 0, ids, out=out)
+                ev1.record()
+                torch.cuda.synchronize()
+                t = ev0.elapsed_time(ev1) * 1e-3 / reps
+                nbytes = 2 * batch * ctx * KVH * D * q.element_size()
+                del cache
+                t_copy = nbytes / (copy_bw * 1e9)  # the device copy, for as many bytes of traffic
+                yield [f"batch {batch} ctx {ctx}", f"{t * 1e6:.1f}", f"{nbytes / t / 1e9:.0f}",
+                       f"{nbytes / t / 1e9 / copy_bw * 100:.0f}", fmt_ratio(t_copy, t)]
+
+    print_table(f"CUDA paged decode, {dtype}, on {torch.cuda.get_device_name()}",
+                ["case", "paged us", "GB/s", "% of copy bandwidth", "copy/ours"], rows(),
+                note=f"page_size 16; device copy bandwidth (read + write) {copy_bw:.0f} GB/s; copy/ours: time of the "
+                     "device copy for as many bytes of traffic / paged time.")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 CPU (default): layers 4096x4096, 11008x4096, 4096x11008 (out_features x in_features), batch 1, 8,
 32, every format, against NumPy fp32 ``x @ W.T`` and, when installed, torch fp32 / bf16 matmul.
 GPU (--cuda): 8192x28672 and 28672x8192 layers, batch 1..16, against torch.matmul fp16 (cuBLAS).
-Prints time per call (best of the repetitions), the speed-up over NumPy fp32 (CPU) / torch fp16 (GPU), and the
-stored bytes per weight. --quick: int4 g128 and one shape only. "+i8x": int8_activations=True
-(activations quantized to int8 per token, VNNI dot products).
+Prints Markdown tables: time per call (best of the repetitions), the stored bytes per weight and
+the ratios peer time / our time ("numpy/ours", "torch fp32/ours", "torch bf16/ours" on the CPU,
+"cublas/ours" against torch fp16 on the GPU; > 1 means memkernels is faster). --quick: int4 g128
+and one shape only. "+i8x": int8_activations=True (activations quantized to int8 per token, VNNI
+dot products).
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ if "--cpu-time" in sys.argv:  # one thread everywhere, before NumPy/torch start 
 
 import numpy as np
 
-import memkernels as mk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt_ms, fmt_ratio, print_table, shape_arg  # noqa: E402
+
+import memkernels as mk  # noqa: E402
 
 try:
     import torch
@@ -45,46 +50,52 @@ def bench(fn, min_time=0.2, max_reps=200):
 
 def cpu(args):
     shapes = [(11008, 4096)] if args.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
+    if args.shape:
+        shapes = [args.shape]
     formats = [("int4", 128)] if args.quick else [("int4", 128), ("int4_sym", 128), ("nf4", 64), ("int8", None),
                                                   ("int3", 128), ("int2", 64)]
     batches = [1, 8] if args.quick else [1, 8, 32]
     print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {mk.num_threads()} threads"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""))
-    hdr = f"{'N x K':>12} {'batch':>5} {'format':>14} {'B/weight':>8} {'ours ms':>8} {'numpy ms':>8} {'x numpy':>7}"
+    headers = ["case", "B/weight", "ours ms", "numpy fp32 ms", "numpy/ours"]
     if torch:
-        hdr += f" {'torch32 ms':>10} {'torch bf16':>10} {'x t32':>6}"
-    print(hdr)
+        headers += ["torch fp32 ms", "torch bf16 ms", "torch fp32/ours", "torch bf16/ours"]
     rng = np.random.default_rng(0)
-    for n, k in shapes:
-        w = rng.standard_normal((n, k), dtype=np.float32)
-        tw = torch.from_numpy(w) if torch else None
-        tw16 = tw.to(torch.bfloat16) if torch else None
-        qms = {f: mk.quantize(w, f, group_size=g) for f, g in formats}
-        for b in batches:
-            x = rng.standard_normal((b, k), dtype=np.float32)
-            if b == 1:
-                xv = x[0]
-                t_np = bench(lambda: w @ xv)
-            else:
-                t_np = bench(lambda: x @ w.T)
-            if torch:
-                tx = torch.from_numpy(x)
-                tx16 = tx.to(torch.bfloat16)
-                t_t32 = bench(lambda: tx @ tw.T)
-                t_t16 = bench(lambda: tx16 @ tw16.T)
-            out = np.empty((b, n), np.float32)
-            variants = [(f, g, False) for f, g in formats]
-            if b == 1:
-                variants.insert(1, ("int4", 128, True))  # x quantized to int8 on the fly (VNNI)
-            for f, g, i8 in variants:
-                qm = qms[f]
-                t = bench(lambda: mk.qgemm(x, qm, out=out, int8_activations=i8))
-                name = (f if g is None else f"{f} g{g}") + ("+i8x" if i8 else "")
-                line = (f"{n:>5} x {k:<5} {b:>5} {name:>14} {qm.bits_per_weight / 8:>8.3f} {t * 1e3:>8.3f} "
-                        f"{t_np * 1e3:>8.3f} {t_np / t:>6.2f}x")
+
+    def rows():
+        for n, k in shapes:
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            tw = torch.from_numpy(w) if torch else None
+            tw16 = tw.to(torch.bfloat16) if torch else None
+            qms = {f: mk.quantize(w, f, group_size=g) for f, g in formats}
+            for b in batches:
+                x = rng.standard_normal((b, k), dtype=np.float32)
+                if b == 1:
+                    xv = x[0]
+                    t_np = bench(lambda: w @ xv)
+                else:
+                    t_np = bench(lambda: x @ w.T)
                 if torch:
-                    line += f" {t_t32 * 1e3:>10.3f} {t_t16 * 1e3:>10.3f} {t_t32 / t:>5.2f}x"
-                print(line, flush=True)
+                    tx = torch.from_numpy(x)
+                    tx16 = tx.to(torch.bfloat16)
+                    t_t32 = bench(lambda: tx @ tw.T)
+                    t_t16 = bench(lambda: tx16 @ tw16.T)
+                out = np.empty((b, n), np.float32)
+                variants = [(f, g, False) for f, g in formats]
+                if b == 1:
+                    variants.insert(1, ("int4", 128, True))  # x quantized to int8 on the fly (VNNI)
+                for f, g, i8 in variants:
+                    qm = qms[f]
+                    t = bench(lambda: mk.qgemm(x, qm, out=out, int8_activations=i8))
+                    name = (f if g is None else f"{f} g{g}") + ("+i8x" if i8 else "")
+                    row = [f"{n}x{k} batch {b} {name}", f"{qm.bits_per_weight / 8:.3f}", fmt_ms(t, 3),
+                           fmt_ms(t_np, 3), fmt_ratio(t_np, t)]
+                    if torch:
+                        row += [fmt_ms(t_t32, 3), fmt_ms(t_t16, 3), fmt_ratio(t_t32, t), fmt_ratio(t_t16, t)]
+                    yield row
+
+    print_table("CPU qgemm, fp32 x", headers, rows(),
+                note="y = x @ W.T, case = out x in features, batch, format; ratios: peer ms / ours ms.")
 
 
 def gpu(args):
@@ -92,9 +103,9 @@ def gpu(args):
         print("no CUDA device (or no torch with CUDA): skipping the GPU benchmark")
         return
     shapes = [(28672, 8192)] if args.quick else [(28672, 8192), (8192, 28672), (4096, 4096)]
+    if args.shape:
+        shapes = [args.shape]
     formats = [("int4", 128)] if args.quick else [("int4", 128), ("nf4", 64), ("int8", None), ("int3", 128)]
-    print(f"GPU: {torch.cuda.get_device_name(0)}")
-    print(f"{'N x K':>13} {'batch':>5} {'format':>10} {'ours ms':>8} {'cuBLAS fp16':>11} {'x fp16':>7}")
 
     def gbench(fn, reps=50):
         fn()
@@ -108,27 +119,34 @@ def gpu(args):
         return start.elapsed_time(end) / reps / 1e3
 
     rng = np.random.default_rng(0)
-    for n, k in shapes:
-        w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
-        tw = torch.from_numpy(w).to("cuda", torch.float16)
-        qms = {f: mk.quantize(w, f, group_size=g).to("cuda") for f, g in formats}
-        for b in [1, 2, 4, 8, 16, 32]:
-            x = torch.randn(b, k, device="cuda", dtype=torch.float16)
-            out = torch.empty(b, n, device="cuda", dtype=torch.float16)
-            t_ref = gbench(lambda: torch.matmul(x, tw.T))
-            for f, g in formats:
-                qm = qms[f]
-                s = torch.cuda.current_stream().cuda_stream
-                t = gbench(lambda: mk.qgemm(x, qm, out=out, stream=s))
-                name = f if g is None else f"{f} g{g}"
-                print(f"{n:>6} x {k:<5} {b:>5} {name:>10} {t * 1e3:>8.4f} {t_ref * 1e3:>11.4f} {t_ref / t:>6.2f}x",
-                      flush=True)
+
+    def rows():
+        for n, k in shapes:
+            w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+            tw = torch.from_numpy(w).to("cuda", torch.float16)
+            qms = {f: mk.quantize(w, f, group_size=g).to("cuda") for f, g in formats}
+            for b in [1, 2, 4, 8, 16, 32]:
+                x = torch.randn(b, k, device="cuda", dtype=torch.float16)
+                out = torch.empty(b, n, device="cuda", dtype=torch.float16)
+                t_ref = gbench(lambda: torch.matmul(x, tw.T))
+                for f, g in formats:
+                    qm = qms[f]
+                    s = torch.cuda.current_stream().cuda_stream
+                    t = gbench(lambda: mk.qgemm(x, qm, out=out, stream=s))
+                    name = f if g is None else f"{f} g{g}"
+                    yield [f"{n}x{k} batch {b} {name}", fmt_ms(t, 4), fmt_ms(t_ref, 4), fmt_ratio(t_ref, t)]
+
+    print_table(f"GPU qgemm, fp16 x, on {torch.cuda.get_device_name(0)}",
+                ["case", "ours ms", "cublas fp16 ms", "cublas/ours"], rows(),
+                note="cublas: torch.matmul fp16 with the dense weights; ratios: cublas ms / ours ms.")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuda", action="store_true", help="run the GPU benchmark instead of the CPU one")
+    ap.add_argument("--shape", type=shape_arg, default=None,
+                    help="one layer shape N_OUTxK_IN instead of the defaults (e.g. 1024x1024 for a smoke run)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread for every library and CPU time (process_time) instead of wall time: "
                          "stabler ratios on a shared, oversubscribed machine")

@@ -9,7 +9,9 @@ Methods (same tokens, same active neurons, same compute):
             given by an oracle predictor here)
 Activity: a fraction `--active` of each layer's neurons fire per token; between tokens `--churn` of
 that set is replaced by other neurons (correlated across tokens, as observed in ReLU-fied LLMs).
-Reports tokens/s and MB read per token (the store's own count, and /proc/self/io read_bytes).
+Reports tokens/s and MB read per token (the store's own count, and /proc/self/io read_bytes), and,
+as Markdown tables, the ratios other method / ours per token ("naive/ours bytes", "mmap/ours time",
+...: > 1 means the WeightStore reads fewer bytes / is faster).
 Generated files go to --dir (default /var/tmp: on disk, O_DIRECT works) and are deleted afterwards.
 
   python bench/weight_stream.py            # ~300 MB model, 150 MB budget
@@ -21,11 +23,15 @@ import argparse
 import mmap
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 
-import memkernels as mk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt_ratio, print_table  # noqa: E402
+
+import memkernels as mk  # noqa: E402
 
 DT = np.float32  # fp32 weights: NumPy's fp16->fp32 conversion would dominate the compute of every method
 
@@ -238,24 +244,40 @@ def main():
           f"{args.churn:.0%} churn/token; store io_mode={mode}, {args.io_threads} I/O threads; median of {rounds} "
           f"interleaved rounds; {platform.node()} {time.strftime('%Y-%m-%d %H:%M')} "
           f"(files written in {gen_s:.1f} s, deleted)")
-    print("| method | tokens | tokens/s | ms/token | MB read/token (counted) | MB read/token (/proc/self/io) "
-          "| x fewer bytes vs naive | x faster vs naive |")
-    print("|---|---|---|---|---|---|---|---|")
-    naive_tps = naive_tokens / med(names[0], 0)
-    naive_bpt = med(names[0], 1) / naive_tokens
+
+    def mb_or_na(b):
+        return "n/a" if b is None else f"{b / mb:.2f}"
+
+    per_token = {}  # name -> (seconds, counted bytes, /proc/self/io bytes) per token, None where not known
+    rows = []
     for name, n in zip(names, counts):
         dt, nb, rb = med(name, 0), med(name, 1), med(name, 2)
-        counted = nb / n if nb >= 0 else float("nan")
-        proc = rb / n if rb >= 0 else float("nan")
-        ref = counted if nb >= 0 else proc
-        print(f"| {name} | {n} | {n / dt:.2f} | {1e3 * dt / n:.1f} | {counted / mb:.2f} | {proc / mb:.2f} | "
-              f"{naive_bpt / ref if ref > 0 else float('inf'):.1f} | {(n / dt) / naive_tps:.1f} |")
+        per_token[name] = (dt / n, nb / n if nb >= 0 else None, rb / n if rb >= 0 else None)
+        rows.append([name, n, f"{n / dt:.2f}", f"{1e3 * dt / n:.1f}", mb_or_na(per_token[name][1]),
+                     mb_or_na(per_token[name][2])])
+    print_table("Weight streaming per method", ["method", "tokens", "tokens/s", "ms/token", "MB read/token (counted)",
+                                                "MB read/token (/proc/self/io)"], rows)
+
+    def ratio(other, ours):
+        return "n/a" if other is None or not ours else fmt_ratio(other, ours)
+
+    naive, mm, mm_drop = (per_token[n] for n in names[:3])
+    rows = []
     for label in names[3:]:
-        s = stats[label]
-        print(f"{label}: hit rate {s['hit_rate']:.2f}, reads/token {s['reads_issued'] / tokens:.0f}, "
-              f"peak resident {s['peak_resident_bytes'] / mb:.1f} MB + staging {s['staging_bytes'] / mb:.1f} MB "
-              f"<= budget {budget / mb:.0f} MB, prefetched {s['prefetched']}")
-    print(f"Warm-up tokens excluded: {warmup} (mmap, ours). mmap's page cache is not bounded by the budget: its "
+        t, counted, _ = per_token[label]
+        rows.append([label, ratio(naive[1], counted), ratio(naive[0], t), ratio(mm_drop[2], counted),
+                     ratio(mm_drop[0], t), ratio(mm[0], t)])
+    print_table("Weight streaming, ours vs the other methods",
+                ["method", "naive/ours bytes", "naive/ours time", "mmap-drop/ours bytes", "mmap-drop/ours time",
+                 "mmap/ours time"], rows,
+                note="Per token, other / ours: bytes read (ours and naive: counted; mmap-drop: /proc/self/io), time. "
+                     "mmap = cache dropped before the run, mmap-drop = cache dropped every token.")
+    print_table("WeightStore statistics",
+                ["method", "hit rate", "reads/token", "peak resident MB", "staging MB", "budget MB", "prefetched"],
+                [[label, f"{stats[label]['hit_rate']:.2f}", f"{stats[label]['reads_issued'] / tokens:.0f}",
+                  f"{stats[label]['peak_resident_bytes'] / mb:.1f}", f"{stats[label]['staging_bytes'] / mb:.1f}",
+                  f"{budget / mb:.0f}", stats[label]["prefetched"]] for label in names[3:]])
+    print(f"\nWarm-up tokens excluded: {warmup} (mmap, ours). mmap's page cache is not bounded by the budget: its "
           f"{warmup} warm-up tokens read {warm_m / mb:.0f} MB (readahead) and later tokens hit the cache; dropping "
           "the cache every token shows mmap when the model does not fit. Naive reads every layer whole every token.")
 
