@@ -17,6 +17,13 @@ fi
 
 echo "== pip install .[test]"
 python -m pip install ".[test]"
+# PyTorch is optional (its tests skip without it); install it only where a local CPU wheel lies
+# ready (/opt/wheels on these machines), never the multi-GB CUDA build from the index.
+torch_wheel=$(ls /opt/wheels/torch-*+cpu-*.whl 2> /dev/null | head -1 || true)
+if [ -n "$torch_wheel" ] && ! python -c "import torch" 2> /dev/null; then
+  echo "== pip install $torch_wheel"
+  python -m pip install "$torch_wheel" || echo "(PyTorch not installed: its tests will skip)"
+fi
 
 echo "== C++ tests (ctest)"
 cmake -S . -B build/ctest -DMEMKERNELS_TESTS=ON -DMEMKERNELS_PYTHON=OFF -DMEMKERNELS_CUDA="${MEMKERNELS_TEST_CUDA:-AUTO}" \
