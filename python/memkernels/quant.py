@@ -83,9 +83,9 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_acti
     the last dimension replaced by out_features, in x's dtype; `out` may be given (that shape; for
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
-    int8_activations: quantize x to int8 on the fly (one scale per token) and use VNNI integer dot
+    int8_activations: quantize x to int8 on the fly (one scale per token) and use integer dot
     products: faster, adds at most ``sum_k |w_k| * max|x| / 254`` of error per output. Used for int4 and
-    int4_sym with one token on CPUs with AVX512-VNNI; ignored (exact path) otherwise.
+    int4_sym with one token on CPUs with AVX512-VNNI or AVX2; ignored (exact path) otherwise.
     """
     _check_qm(qm)
     lead = tuple(x.shape[:-1])

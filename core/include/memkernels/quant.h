@@ -132,8 +132,8 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
-  // dot products (AVX512-VNNI). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
-  // per output. Honoured for int4 / int4_sym with one token on CPUs with VNNI; ignored elsewhere.
+  // dot products (AVX512-VNNI or AVX2). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
+  // per output. Honoured for int4 / int4_sym with one token on CPUs with VNNI or AVX2; ignored elsewhere.
   bool int8_activations = false;
 };
 

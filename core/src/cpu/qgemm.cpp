@@ -10,7 +10,7 @@
 // (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
 // slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, one token,
-// int4: x quantized to int8 and AVX512-VNNI integer dot products (gemv_int4_vnni).
+// int4: x quantized to int8 and integer dot products, AVX512-VNNI or AVX2 (gemv_int4_int8x).
 #include <omp.h>
 
 #include <algorithm>
@@ -289,7 +289,7 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
 // block, 64 bytes of "low" x then 64 of "high" x). vpdpbusd sums 4 neighbouring bytes into a 32-bit
 // lane, so lanes 4c..4c+3 belong to chunk c: one per-lane scale vector applies the group scales.
 // y[n] = dx * (sum_c s_c * dot_c - sum_g s_g * z_g * xsum_g), z including the symmetric offset.
-__attribute__((target("avx512vnni"))) void gemv_int4_vnni(const QuantView& w, const int8_t* xa, float dx,
+__attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx,
                                                              const float* xsum, int64_t n0, int64_t n1, float* y) {
   const int64_t chunks = w.cols / 32, G = w.groups;
   const int cpg = w.group_size / 32;
@@ -320,7 +320,7 @@ __attribute__((target("avx512vnni"))) void gemv_int4_vnni(const QuantView& w, co
   }
 }
 
-bool cpu_has_vnni() {
+bool int8_dots_available() {
   static const bool ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni") != 0;
@@ -328,6 +328,52 @@ bool cpu_has_vnni() {
   return ok;
 }
 
+#elif defined(MK_ISA_AVX2)
+inline bool int8_dots_available() { return true; }
+
+// AVX2 form of the VNNI gemv_int4_int8x over the same x layout: vpmaddubsw (u8 x s8 -> pairs summed in s16;
+// at most 2 * 15 * 127, no saturation) then vpmaddwd with ones also sums 4 neighbouring bytes per
+// 32-bit lane. A 32-byte step holds 2 chunks (half h of a 4-chunk block): lanes 0-3 chunk c, 4-7
+// chunk c + 1. Groups of 2+ chunks sum integers over the group and apply its scale once.
+void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx, const float* xsum, int64_t n0, int64_t n1,
+                     float* y) {
+  const int64_t chunks = w.cols / 32, G = w.groups;
+  const int cpg = w.group_size / 32;
+  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  // int32 lane sums of chunks c (and c + 1 when it exists) against x
+  auto dot2 = [&](const uint8_t* row, int64_t c) {
+    const __m256i v = c + 1 < chunks ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16))
+                                     : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+    const int8_t* xb = xa + (c / 4) * 128 + ((c % 4) / 2) * 32;
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+    const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64)));
+    return _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    const float* srow = w.scales + n * G;
+    __m256 accf = _mm256_setzero_ps();
+    if (cpg >= 2) {  // chunks per group even: whole steps per group
+      for (int64_t g = 0; g < G; ++g) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c += 2) acc = _mm256_add_epi32(acc, dot2(row, c));
+        accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(srow[g]), accf);
+      }
+    } else {  // group 32: each half of a step has its own scale
+      for (int64_t c = 0; c < chunks; c += 2) {
+        const __m256 sv = _mm256_set_m128(_mm_set1_ps(c + 1 < chunks ? srow[c + 1] : 0.0f), _mm_set1_ps(srow[c]));
+        accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2(row, c)), sv, accf);
+      }
+    }
+    float corr = 0.0f;
+    for (int64_t g = 0; g < G; ++g) corr += srow[g] * w.zero(n, g) * xsum[g];
+    y[n] = dx * (VecF{accf}.reduce_add() - corr);
+  }
+}
+#endif
+
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
 // Quantizes x (one token) to int8 in the VNNI block order; per-group sums of the int8 values.
 void prepare_int8_x(const float* x, int64_t K, int group, std::vector<int8_t>& xa, std::vector<float>& xsum,
                     float& dx) {
@@ -356,9 +402,9 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = num_threads();
 
-#if defined(MK_ISA_AVX512)
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
   if constexpr (BITS == 4 && !NF4) {
-    if (T == 1 && p.int8_activations && cpu_has_vnni()) {
+    if (T == 1 && p.int8_activations && int8_dots_available()) {
       std::vector<int8_t> xa;
       std::vector<float> xs, y(static_cast<size_t>(N));
       float dx = 1.0f;
@@ -366,7 +412,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
-        gemv_int4_vnni(w, xa.data(), dx, xs.data(), n0, n1, y.data());
+        gemv_int4_int8x(w, xa.data(), dx, xs.data(), n0, n1, y.data());
         store_rows(p, bias, 0, n0, n1, y.data() + n0);
       }
       return;
