@@ -56,6 +56,17 @@ float* x_scratch(size_t n) {
 
 using RowFn = void (*)(const SpmmProblem& p, int64_t r, const float* xp, int64_t ldx, float* res, int64_t ldr);
 
+// Mask rows and first value index of R bitmap rows from r; rows past the end repeat the last one
+// (the caller drops their results).
+template <int R>
+inline void row_cursors(const SpmmProblem& p, int64_t r, const uint64_t* (&masks)[R], int64_t (&k)[R]) {
+  for (int i = 0; i < R; ++i) {
+    const int64_t ri = std::min(r + i, p.rows - 1);
+    masks[i] = p.masks + ri * p.tiles;
+    k[i] = p.row_ptr[ri];
+  }
+}
+
 #if defined(MK_ISA_AVX512)
 // 16 consecutive stored values as fp32 (reads up to 16 past k: values carry kValuePad of padding).
 template <DType VD>
@@ -80,11 +91,7 @@ struct BitmapRows {
   static void run(const SpmmProblem& p, int64_t r, const float* xp, int64_t ldx, float* res, int64_t ldr) {
     const uint64_t* masks[R];
     int64_t k[R];
-    for (int i = 0; i < R; ++i) {
-      const int64_t ri = std::min(r + i, p.rows - 1);
-      masks[i] = p.masks + ri * p.tiles;
-      k[i] = p.row_ptr[ri];
-    }
+    row_cursors(p, r, masks, k);
     __m512 acc[R][NT];
     for (int i = 0; i < R; ++i)
       for (int n = 0; n < NT; ++n) acc[i][n] = _mm512_setzero_ps();
@@ -153,11 +160,7 @@ struct BitmapRows {
   static void run(const SpmmProblem& p, int64_t r, const float* xp, int64_t ldx, float* res, int64_t ldr) {
     const uint64_t* masks[R];
     int64_t k[R];
-    for (int i = 0; i < R; ++i) {
-      const int64_t ri = std::min(r + i, p.rows - 1);
-      masks[i] = p.masks + ri * p.tiles;
-      k[i] = p.row_ptr[ri];
-    }
+    row_cursors(p, r, masks, k);
     __m256 acc[R][NT];
     for (int i = 0; i < R; ++i)
       for (int n = 0; n < NT; ++n) acc[i][n] = _mm256_setzero_ps();
