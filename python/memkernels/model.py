@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -285,6 +286,8 @@ def array_ops(device: str = "cpu", framework: str = "auto") -> ArrayOps:
     """ArrayOps for a device ('cpu', 'cuda', 'cuda:N') and framework ('numpy', 'torch', 'cupy' or
     'auto': NumPy on the CPU; on a GPU PyTorch if it sees one, else CuPy). Raises ValueError when
     the combination cannot run here."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     on_gpu = device.startswith("cuda")
     if framework == "auto":
         if not on_gpu:

@@ -95,6 +95,8 @@ def test_array_ops_choices(tmp_path):
         M.array_ops("cpu", "cupy")
     with pytest.raises(ValueError, match="framework: expected"):
         M.array_ops("cpu", "jax")
+    with pytest.raises(ValueError, match="device: expected"):
+        M.array_ops("gpu")
     with mk.WeightStore.open(small_store(tmp_path), 1 << 20) as store:
         with pytest.raises(ValueError, match="weight store is on cpu but the model runs on cuda"):
             M.StreamedModel(store, 8, 1, ops=M.ArrayOps(np, "cuda"))
@@ -159,6 +161,8 @@ def test_cli_demo_device_and_framework():
         assert res.returncode == 2 and "--device cuda" in res.stderr and "CUDA" in res.stderr
     res = run_cli("demo", "--framework", "cupy", "--model-only")
     assert res.returncode == 2 and "CuPy arrays live on a GPU" in res.stderr
+    res = run_cli("demo", "--device", "gpu0", "--model-only")
+    assert res.returncode == 2 and "device: expected" in res.stderr
     try:
         import torch  # noqa: F401
     except ImportError:
