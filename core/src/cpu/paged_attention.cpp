@@ -190,17 +190,20 @@ inline void softmax_block(State& st, int ra, int rb, int nk) {
   }
 }
 
-struct RowMap {  // row r of a task -> (position, q head)
+struct RowMap {  // row r of a task -> (position, q head); the keys the task may see
   int p0, g0, group, rpg;
+  int off;     // kv_len - q_len: query position i sees keys <= i + off when causal
+  int kv_end;  // keys [t.kv_lo, kv_end) are visible to some row of the task
   int pos(int r) const { return p0 + (r % rpg) / group; }
   int head(int r) const { return (g0 + r / rpg) * group + (r % rpg) % group; }
 };
 
-// Loads the task's query rows (pre-scaled, zero-padded to dp) and resets its softmax state.
+// Loads the task's query rows (pre-scaled, zero-padded to dp), resets its softmax state and
+// returns its row map and visible key range.
 RowMap start_task(const PagedProblem& p, const Task& t, State& st) {
   const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp;
-  const int rpg = (t.p1 - t.p0) * group;
-  const RowMap rm{t.p0, t.g0, group, rpg};
+  const int rpg = (t.p1 - t.p0) * group, off = p.kv_len(t.b) - p.q_len(t.b);
+  const RowMap rm{t.p0, t.g0, group, rpg, off, p.causal ? std::min(t.kv_hi, t.p1 + off) : t.kv_hi};
   st.rows = rpg * (t.g1 - t.g0);
   const float q_scale = p.softcap > 0.0f ? p.scale : p.scale * kLog2e;
   const int esize = dtype_size(p.dtype);
@@ -246,12 +249,9 @@ template <typename T>
 void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
               float* row) {
   const int D = p.head_dim, dp = st.dp;
-  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen;
   const RowMap rm = start_task(p, t, st);
-  const int rpg = rm.rpg;
+  const int rpg = rm.rpg, off = rm.off, hi = rm.kv_end;
   const bool capped = p.softcap > 0.0f;
-  int hi = t.kv_hi;
-  if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
@@ -332,12 +332,10 @@ inline void unpack_codes(const uint8_t* src, int D, int bits, float* dst) {
 void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf, float* vbuf, float* scratch,
                    float* row, float* qsbuf) {
   const int D = p.head_dim, dp = st.dp, ps = p.page_size;
-  const int qlen = p.q_len(t.b), kvlen = p.kv_len(t.b), off = kvlen - qlen, nfull = kvlen / ps * ps;
+  const int nfull = p.kv_len(t.b) / ps * ps;  // keys in whole (quantized) pages
   const RowMap rm = start_task(p, t, st);
-  const int rpg = rm.rpg;
+  const int rpg = rm.rpg, off = rm.off, hi = rm.kv_end;
   const bool capped = p.softcap > 0.0f;
-  int hi = t.kv_hi;
-  if (p.causal) hi = std::min(hi, t.p1 - 1 + off + 1);
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
   const uint8_t* base = static_cast<const uint8_t*>(p.k);
   const int64_t code_row = int64_t(D) * p.kivi_bits / 8, row_elems = int64_t(p.kv_heads) * D;
