@@ -245,7 +245,8 @@ class ArrayOps:
 
 
 class TorchOps(ArrayOps):
-    """ArrayOps for PyTorch tensors on `device` ('cpu' or 'cuda[:N]')."""
+    """ArrayOps for PyTorch tensors on `device` ('cpu' or 'cuda[:N]'). rms_norm and rope are
+    inherited: torch takes NumPy's mean(axis=, keepdims=) and concatenate spellings."""
 
     def __init__(self, device="cpu"):
         import torch
@@ -267,13 +268,6 @@ class TorchOps(ArrayOps):
     def synchronize(self):
         if self.device.startswith("cuda"):
             self.xp.cuda.synchronize()
-
-    def rms_norm(self, x, w, eps):
-        return x * self.xp.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps) * w
-
-    def rope(self, x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos[:, None, :] + self.xp.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None, :]
 
     def act(self, x, kind):
         return self.xp.relu(x) if kind == "relu" else self.xp.nn.functional.silu(x)
