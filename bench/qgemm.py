@@ -23,7 +23,7 @@ if "--cpu-time" in sys.argv:  # one thread everywhere, before NumPy/torch start 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fmt_ms, fmt_ratio, print_table, shape_arg  # noqa: E402
+from _common import best_time, fmt_ms, fmt_ratio, print_table, shape_arg  # noqa: E402
 
 import memkernels as mk  # noqa: E402
 
@@ -36,16 +36,9 @@ except ImportError:  # pragma: no cover
 CLOCK = time.perf_counter
 
 
-def bench(fn, min_time=0.2, max_reps=200):
-    fn()  # warm up
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t = CLOCK()
-        fn()
-        times.append(CLOCK() - t)
+def bench(fn):
     # best of the repetitions: on a shared machine the median mostly measures the scheduler
-    return float(np.min(times))
+    return best_time(fn, repeat=3, max_reps=200, clock=CLOCK)
 
 
 def cpu(args):
