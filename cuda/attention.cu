@@ -41,9 +41,19 @@ __device__ SeqBounds seq_bounds(const AttentionProblem& p, int b) {
   return s;
 }
 
+// Window arithmetic is 64-bit: bounds near INT_MAX mean "unbounded" and must not wrap around.
 __device__ __forceinline__ bool key_visible(const AttentionProblem& p, int row, int col, int off, int sk) {
-  return col < sk && (p.window_left < 0 || col >= row + off - p.window_left) &&
-         (p.window_right < 0 || col <= row + off + p.window_right);
+  const int64_t pos = int64_t(row) + off;
+  return col < sk && (p.window_left < 0 || col >= pos - p.window_left) &&
+         (p.window_right < 0 || col <= pos + p.window_right);
+}
+
+// Keys [lo, hi) that some row in [first, last] may see (hi <= lo: none).
+__device__ __forceinline__ void key_range(const AttentionProblem& p, int first, int last, int off, int sk, int& lo,
+                                          int& hi) {
+  const int64_t a = int64_t(first) + off, z = int64_t(last) + off;
+  lo = p.window_left >= 0 ? int(max(int64_t(0), a - p.window_left)) : 0;
+  hi = p.window_right >= 0 ? int(max(int64_t(0), min(int64_t(sk), z + p.window_right + 1))) : sk;
 }
 
 // Scores in base-2 units: scale (and softcap) folded in.
@@ -134,9 +144,8 @@ __global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
-  const int last = min(m0 + BM, sb.sq) - 1;
-  const int lo = p.window_left >= 0 ? max(0, m0 + off - p.window_left) : 0;
-  const int hi = p.window_right >= 0 ? min(sb.sk, last + off + p.window_right + 1) : sb.sk;
+  int lo, hi;
+  key_range(p, m0, min(m0 + BM, sb.sq) - 1, off, sb.sk, lo, hi);
 
   for (int n0 = lo / BN * BN; n0 < hi; n0 += BN) {
     __syncthreads();  // everyone is done with the previous K/V tile (and Q is loaded)
@@ -276,9 +285,8 @@ __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem 
     s_m[threadIdx.x] = -INFINITY;
     s_l[threadIdx.x] = 0.0f;
   }
-  const int last = min(m0 + kGenericRows, sb.sq) - 1;
-  const int lo = p.window_left >= 0 ? max(0, m0 + off - p.window_left) : 0;
-  const int hi = p.window_right >= 0 ? min(sb.sk, last + off + p.window_right + 1) : sb.sk;
+  int lo, hi;
+  key_range(p, m0, min(m0 + kGenericRows, sb.sq) - 1, off, sb.sk, lo, hi);
 
   for (int n0 = lo / BN * BN; n0 < hi; n0 += BN) {
     __syncthreads();

@@ -1,8 +1,9 @@
 // CUDA paged attention (decode and prefill over pages) and the scatter of new tokens into pages.
 //
-// Attention: one block of 4 warps per (sequence, kv head, tile of RT query rows, KV split). The
-// rows of a tile are query heads of the kv head's group (and positions, for prefill), so a K/V
-// row is read once for all of them. Lanes split head_dim (EPL elements each, one coalesced row
+// Attention: one block of 4 warps per (sequence, kv head, tile of RT query rows, KV split of the
+// keys the tile sees: with a sliding window only the window is read). The rows of a tile are query
+// heads of the kv head's group (and positions, for prefill), so a K/V row is read once for all of
+// them. Lanes split head_dim (EPL elements each, one coalesced row
 // load per warp and token); warps take every 4th key; each warp keeps an online softmax per row in
 // registers, and the warps are merged through shared memory at the end. With several KV splits the
 // blocks write unnormalised partials (O, max, sum) to a stream-ordered workspace and a second
@@ -85,17 +86,21 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(PagedProbl
   const int nrows = min(RT, rows_total - r0);
   const int off = kvlen - qlen;
 
-  // KV range of this split (pieces of at least 128 keys; trailing splits may be empty).
-  const int chunk = max(128, (kvlen + nsplit - 1) / nsplit);
-  const int lo = min(kvlen, split * chunk);
-  int hi = min(kvlen, lo + chunk);
-  if (p.causal) hi = min(hi, (r0 + nrows - 1) / group + off + 1);
+  // Keys the tile's rows may see (causal, sliding window): from the first row's window start to
+  // the last row's end; keys outside are never read. This range is cut into the KV splits (pieces
+  // of at least 128 keys; trailing splits may be empty and leave sum 0 for the merge).
+  const KeyRange first = visible_keys(int64_t(r0 / group) + off, kvlen, p.window_left, p.window_right);
+  const KeyRange last = visible_keys(int64_t((r0 + nrows - 1) / group) + off, kvlen, p.window_left, p.window_right);
+  const int span = max(0, last.hi - first.lo);
+  const int chunk = int(max(int64_t(128), (int64_t(span) + nsplit - 1) / nsplit));
+  const int lo = first.lo + int(min(int64_t(span), int64_t(split) * chunk));
+  const int hi = first.lo + int(min(int64_t(span), int64_t(split + 1) * chunk));
 
   const bool capped = p.softcap > 0.0f;
   const float q_scale = capped ? p.scale : p.scale * kLog2e;
   const int d0 = lane * EPL;
   float q[RT][EPL], o[RT][EPL], m[RT], l[RT];
-  int last_key[RT];
+  int key_lo[RT], key_hi[RT];  // each row's visible keys [key_lo, key_hi)
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
     const int flat = r0 + min(r, nrows - 1);
@@ -109,7 +114,8 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(PagedProbl
     }
     m[r] = -INFINITY;
     l[r] = 0.0f;
-    last_key[r] = p.causal ? pos + off : kvlen - 1;
+    const KeyRange keys = visible_keys(int64_t(pos) + off, kvlen, p.window_left, p.window_right);
+    key_lo[r] = keys.lo, key_hi[r] = keys.hi;
   }
 
   const T* kbase = static_cast<const T*>(p.k) + int64_t(g) * p.k_head;
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(PagedProbl
         for (int e = 0; e < EPL; ++e) s = fmaf(q[r][e], kx[u][e], s);
         s = warp_sum(s);
         if (capped) s = p.softcap * tanhf(s / p.softcap) * kLog2e;
-        if (jj > last_key[r]) continue;  // masked (uniform across the warp)
+        if (jj < key_lo[r] || jj >= key_hi[r]) continue;  // masked (uniform across the warp)
         const float m_new = fmaxf(m[r], s);
         const float c = exp2f(m[r] - m_new), pj = exp2f(s - m_new);
         l[r] = l[r] * c + pj;

@@ -9,13 +9,33 @@
 
 namespace memkernels {
 
+#if defined(__CUDACC__)
+#define MK_PAGED_HD __host__ __device__
+#else
+#define MK_PAGED_HD
+#endif
+
+struct KeyRange {
+  int lo, hi;  // keys [lo, hi); empty when lo == hi
+};
+
+// The keys a query at absolute position a (= row + kv_len - q_len, negative when q_len > kv_len)
+// may see: [a - window_left, a + window_right], a negative bound meaning unbounded, clamped to
+// [0, kv_len). In 64-bit: bounds near INT_MAX must not overflow (they mean "unbounded").
+MK_PAGED_HD inline KeyRange visible_keys(int64_t a, int kv_len, int window_left, int window_right) {
+  int64_t lo = window_left >= 0 ? a - window_left : 0;
+  int64_t hi = window_right >= 0 ? a + window_right + 1 : kv_len;
+  lo = lo < 0 ? 0 : (lo > kv_len ? kv_len : lo);
+  hi = hi > kv_len ? kv_len : (hi < lo ? lo : hi);
+  return {int(lo), int(hi)};
+}
+
 struct PagedProblem {
   DType dtype = DType::Float32;     // of q and out
   DType kv_dtype = DType::Float32;  // of the pages: dtype, or Int8 with scales
   int batch = 0, heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
   int64_t num_pages = 0, total_q = 0;
   int max_q_len = 1;  // longest q_len in the batch (CPU: exact; CUDA: a bound)
-  int max_kv_len = 0; // CPU only: longest kv length (sizes the split-KV scratch)
 
   const void* q = nullptr;
   const void* k = nullptr;  // page 0 of the K pages
@@ -50,7 +70,8 @@ struct PagedProblem {
   int64_t nnz_pages = 0;
 
   float scale = 1.0f, softcap = 0.0f;
-  bool causal = true;
+  // Sliding window (see visible_keys); causal is folded in as window_right = 0.
+  int window_left = -1, window_right = -1;
   int num_splits = 0;
   int device = 0;  // CUDA device index
 
@@ -60,6 +81,10 @@ struct PagedProblem {
   int kv_len(int b) const {
     const int n = kv_indptr[b + 1] - kv_indptr[b];
     return n > 0 ? (n - 1) * page_size + last_page_len[b] : 0;
+  }
+  // Keys visible to query row i of sequence b.
+  KeyRange keys(int b, int i) const {
+    return visible_keys(int64_t(i) + kv_len(b) - q_len(b), kv_len(b), window_left, window_right);
   }
 };
 

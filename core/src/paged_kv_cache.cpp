@@ -157,7 +157,8 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
   p.nnz_pages = kv_indices.size(0);
   p.scale = opts.scale > 0.0f ? opts.scale : 1.0f / std::sqrt(float(D));
   p.softcap = opts.softcap;
-  p.causal = opts.causal;
+  p.window_left = opts.window_left < 0 ? -1 : opts.window_left;
+  p.window_right = opts.causal ? 0 : (opts.window_right < 0 ? -1 : opts.window_right);
   p.num_splits = opts.num_splits;
   p.device = q.device.index;
   if (lse) {
@@ -195,7 +196,7 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
     check(p.qo_indptr[p.batch] == total_q, ErrorKind::Value,
           "qo_indptr[-1] = " + str(p.qo_indptr[p.batch]) + " must equal the rows of q (" + str(total_q) + ")");
   }
-  int max_q = 1, max_kv = 0;
+  int max_q = 1;
   for (int b = 0; b < p.batch; ++b) {
     const int npg = p.kv_indptr[b + 1] - p.kv_indptr[b];
     if (npg > 0) {
@@ -210,9 +211,8 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
             "kv_indices[" + str(i) + "] = " + str(p.kv_indices[i]) + " is not a page id in [0, " + str(num_pages) +
                 ")");
     max_q = std::max(max_q, p.q_len(b));
-    max_kv = std::max(max_kv, p.kv_len(b));
   }
-  p.max_q_len = max_q, p.max_kv_len = max_kv;
+  p.max_q_len = max_q;
   if (batch == 0 || total_q == 0) return;
   MK_CPU_DISPATCH(paged_attention, p);
 }

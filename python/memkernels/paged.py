@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _memkernels as _C
 from ._arrays import bfloat16, check_out, dtype_name, empty_like, stream_handle
+from .attention import _window_bounds
 
 
 def _device(device) -> tuple[int, int]:
@@ -37,6 +38,18 @@ def _scale(scale, softcap):
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     return scale, 0.0 if softcap is None else float(softcap)
+
+
+_INT_MAX = 2**31 - 1
+
+
+def _window(window, causal):
+    """(left, right) for the kernel, as flash_attention reads `window`; a bound past INT_MAX keys
+    sees the whole sequence anyway, so it is clamped (the kernel takes a C int)."""
+    if isinstance(window, np.integer):
+        window = int(window)
+    left, right = _window_bounds(window, causal)
+    return min(left, _INT_MAX), min(right, _INT_MAX)
 
 
 class PagedKVCache:
@@ -168,30 +181,36 @@ class PagedKVCache:
         return (np.asarray(a, dtype=np.int32), np.asarray(b, dtype=np.int32), np.asarray(c, dtype=np.int32))
 
 
-def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, causal=True, scale=None, softcap=None,
-                    num_splits=0, return_lse=False, out=None, stream=None):
+def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, causal=True, scale=None, window=None,
+                    softcap=None, num_splits=0, return_lse=False, out=None, stream=None):
     """Attention of q over the cached K/V of `layer` for the given sequences.
 
     q: (total_q, heads, head_dim), rows packed in seq_ids order; q_lens[i] rows for seq_ids[i]
     (None: one row each, decode). heads must be a multiple of the cache's kv_heads (GQA/MQA). The
-    new tokens are assumed to be the last ones in the cache (append first), so with causal=True
-    query i of a sequence sees keys j <= i + kv_len - q_len (prefill and chunked prefill).
-    Returns out like q, and with return_lse the float32 log-sum-exp of shape (heads, total_q).
-    num_splits: split-KV pieces per sequence (0 = automatic).
+    new tokens are assumed to be the last ones in the cache (append first): query i of a sequence
+    sits at position p = i + kv_len - q_len, and with causal=True sees keys j <= p (prefill and
+    chunked prefill). window: sliding window as in flash_attention: an int w (keys p - w .. p + w;
+    only the left side when causal), or (left, right) with -1 for unbounded; keys outside it are
+    not read. A model's `sliding_window` W (Hugging Face Mistral, Gemma-2: W tokens including the
+    current one) is window=W - 1, as in FlashAttention. softcap: scores become
+    softcap * tanh(scores / softcap), before the mask. scale: defaults to 1/sqrt(head_dim).
+    Returns out like q, and with return_lse the float32 log-sum-exp of shape (heads, total_q); a
+    row that sees no key gives 0 and -inf. num_splits: split-KV pieces per sequence (0 = automatic).
     """
     scale, softcap = _scale(scale, softcap)
+    left, right = _window(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     ids = _ids(seq_ids)
     q_lens = [] if q_lens is None else [int(n) for n in q_lens]
-    cache._c.attention(q, int(layer), ids, q_lens, out, lse, bool(causal), scale, softcap, int(num_splits),
-                       stream_handle(stream))
+    cache._c.attention(q, int(layer), ids, q_lens, out, lse, bool(causal), scale, left, right, softcap,
+                       int(num_splits), stream_handle(stream))
     return (out, lse) if return_lse else out
 
 
 def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page_len, qo_indptr=None, *,
-                        causal=True, scale=None, softcap=None, num_splits=0, max_q_len=0, return_lse=False,
-                        out=None, stream=None, k_scales=None, v_scales=None):
+                        causal=True, scale=None, window=None, softcap=None, num_splits=0, max_q_len=0,
+                        return_lse=False, out=None, stream=None, k_scales=None, v_scales=None):
     """The paged-attention kernel on caller-owned pages and FlashInfer-style int32 arrays.
 
     q: (total_q, heads, head_dim). k_pages, v_pages: (num_pages, page_size, kv_heads, head_dim),
@@ -200,11 +219,14 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last holding kv_last_page_len[b] tokens, and q
     rows qo_indptr[b]:qo_indptr[b+1] (None: row b, decode). On CPU every index is validated.
     int8 pages need k_scales / v_scales, float32 (num_pages, page_size, kv_heads) (CPU only).
+    Masking (causal, window, softcap) and outputs as in paged_attention.
     """
     scale, softcap = _scale(scale, softcap)
+    left, right = _window(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
-                           bool(causal), scale, softcap, int(num_splits), int(max_q_len), stream_handle(stream),
+                           bool(causal), scale, left, right, softcap, int(num_splits), int(max_q_len),
+                           stream_handle(stream),
                            k_scales, v_scales)
     return (out, lse) if return_lse else out

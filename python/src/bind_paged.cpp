@@ -35,9 +35,11 @@ static nb::object view_of(const TensorView& t, nb::handle owner) {
   return nb::cast(nb::ndarray<nb::numpy>(arr));
 }
 
-static PagedAttentionOptions make_opts(bool causal, float scale, float softcap, int num_splits) {
+static PagedAttentionOptions make_opts(bool causal, float scale, int window_left, int window_right, float softcap,
+                                       int num_splits) {
   PagedAttentionOptions o;
   o.causal = causal, o.scale = scale, o.softcap = softcap, o.num_splits = num_splits;
+  o.window_left = window_left, o.window_right = window_right;
   return o;
 }
 
@@ -146,24 +148,25 @@ MK_PYTHON_BINDING(paged) {
            })
       .def("attention",
            [](PagedKVCache& c, nb::handle q, int layer, std::vector<int64_t> ids, std::vector<int64_t> q_lens,
-              nb::handle out, nb::handle lse, bool causal, float scale, float softcap, int num_splits,
-              uintptr_t stream) {
+              nb::handle out, nb::handle lse, bool causal, float scale, int window_left, int window_right,
+              float softcap, int num_splits, uintptr_t stream) {
              ArrayKeeper keep;
              TensorView tq = as_tensor(q, "q", keep), to = as_tensor(out, "out", keep);
              std::optional<TensorView> tl = as_optional_tensor(lse, "lse", keep);
-             PagedAttentionOptions o = make_opts(causal, scale, softcap, num_splits);
+             PagedAttentionOptions o = make_opts(causal, scale, window_left, window_right, softcap, num_splits);
              nb::gil_scoped_release release;
              c.attention(tq, layer, ids, q_lens, to, tl ? &*tl : nullptr, o, as_stream(stream));
            },
            nb::arg("q"), nb::arg("layer"), nb::arg("seq_ids"), nb::arg("q_lens"), nb::arg("out"),
-           nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("softcap"), nb::arg("num_splits"),
-           nb::arg("stream"));
+           nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("window_left"),
+           nb::arg("window_right"), nb::arg("softcap"), nb::arg("num_splits"), nb::arg("stream"));
 
   m.def(
       "paged_attention_raw",
       [](nb::handle q, nb::handle kp, nb::handle vp, nb::handle qo, nb::handle indptr, nb::handle indices,
-         nb::handle last, nb::handle out, nb::handle lse, bool causal, float scale, float softcap, int num_splits,
-         int max_q_len, uintptr_t stream, nb::handle k_scales, nb::handle v_scales) {
+         nb::handle last, nb::handle out, nb::handle lse, bool causal, float scale, int window_left,
+         int window_right, float softcap, int num_splits, int max_q_len, uintptr_t stream, nb::handle k_scales,
+         nb::handle v_scales) {
         ArrayKeeper keep;
         TensorView tq = as_tensor(q, "q", keep), tk = as_tensor(kp, "k_pages", keep),
                    tv = as_tensor(vp, "v_pages", keep);
@@ -173,14 +176,15 @@ MK_PYTHON_BINDING(paged) {
         std::optional<TensorView> tlse = as_optional_tensor(lse, "lse", keep);
         std::optional<TensorView> tks = as_optional_tensor(k_scales, "k_scales", keep);
         std::optional<TensorView> tvs = as_optional_tensor(v_scales, "v_scales", keep);
-        PagedAttentionOptions o = make_opts(causal, scale, softcap, num_splits);
+        PagedAttentionOptions o = make_opts(causal, scale, window_left, window_right, softcap, num_splits);
         nb::gil_scoped_release release;
         paged_attention_raw(tq, tk, tv, tqo ? &*tqo : nullptr, ti, tx, tl, to, tlse ? &*tlse : nullptr, o, max_q_len,
                             as_stream(stream), tks ? &*tks : nullptr, tvs ? &*tvs : nullptr);
       },
       nb::arg("q"), nb::arg("k_pages"), nb::arg("v_pages"), nb::arg("qo_indptr").none(), nb::arg("kv_indptr"),
       nb::arg("kv_indices"), nb::arg("kv_last_page_len"), nb::arg("out"), nb::arg("lse").none(), nb::arg("causal"),
-      nb::arg("scale"), nb::arg("softcap"), nb::arg("num_splits"), nb::arg("max_q_len"), nb::arg("stream"),
+      nb::arg("scale"), nb::arg("window_left"), nb::arg("window_right"), nb::arg("softcap"), nb::arg("num_splits"),
+      nb::arg("max_q_len"), nb::arg("stream"),
       nb::arg("k_scales").none(), nb::arg("v_scales").none());
 }
 

@@ -2,6 +2,7 @@
 // against a plain double-precision reference over the same contiguous K/V.
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -19,16 +20,17 @@ std::vector<float> randn(size_t n, std::mt19937& rng) {
   return v;
 }
 
-// softmax(q k^T * scale) v over keys 0..len-1 of one sequence, q: (heads, D), k/v: (len, kvh, D).
+// softmax(q k^T * scale) v over keys lo..len-1 of one sequence, q: (heads, D), k/v: (len, kvh, D).
 std::vector<double> reference(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
-                              int heads, int kvh, int D, int len) {
+                              int heads, int kvh, int D, int len, int lo = 0) {
   std::vector<double> out(size_t(heads) * D, 0.0);
   const int group = heads / kvh;
   for (int h = 0; h < heads; ++h) {
     const int g = h / group;
     std::vector<double> s(len);
     double mx = -1e300;
-    for (int j = 0; j < len; ++j) {
+    for (int j = 0; j < lo; ++j) s[j] = -INFINITY;
+    for (int j = lo; j < len; ++j) {
       double acc = 0;
       for (int d = 0; d < D; ++d) acc += double(q[h * D + d]) * k[(size_t(j) * kvh + g) * D + d];
       s[j] = acc / std::sqrt(double(D));
@@ -202,4 +204,37 @@ TEST(Paged, Kivi4CloseToFloatAndWindowExact) {
   }
   for (size_t i = 0; i < q.size(); ++i) EXPECT_NEAR(o4[i], o32[i], 0.15);
   EXPECT_THROW(PagedKVCache(1, 4, 4, 1, 16, DType::UInt8, Device{}, 3), Error);
+}
+
+// Sliding window over a chunk of queries: row i (position len - nq + i) sees keys
+// [pos - window_left, pos]; split or not; a window near INT_MAX acts as no window.
+TEST(Paged, SlidingWindowPrefillAndDecode) {
+  const int ps = 6, kvh = 2, heads = 4, D = 48, len = 150, nq = 9;
+  PagedKVCache cache(1, 40, ps, kvh, D, DType::Float32);
+  std::mt19937 rng(13);
+  auto k = randn(size_t(len) * kvh * D, rng), v = randn(size_t(len) * kvh * D, rng);
+  auto q = randn(size_t(nq) * heads * D, rng);
+  const int64_t id = cache.add_sequence();
+  cache.append({id}, 0, TensorView(k.data(), DType::Float32, {len, kvh, D}),
+               TensorView(v.data(), DType::Float32, {len, kvh, D}), {len});
+  for (int window : {0, 7, 40, INT_MAX - 1, INT_MAX}) {
+    for (int splits : {1, 3, 0}) {
+      for (int rows : {1, nq}) {  // decode, chunked prefill
+        std::vector<float> out(size_t(rows) * heads * D, NAN);
+        PagedAttentionOptions o;
+        o.window_left = window, o.window_right = 5;  // right is ignored: causal
+        o.num_splits = splits;
+        cache.attention(TensorView(q.data(), DType::Float32, {rows, heads, D}), 0, {id}, {rows},
+                        TensorView(out.data(), DType::Float32, {rows, heads, D}), nullptr, o);
+        for (int i = 0; i < rows; ++i) {
+          const int pos = len - rows + i, lo = window >= pos ? 0 : pos - window;
+          std::vector<float> qi(q.begin() + size_t(i) * heads * D, q.begin() + size_t(i + 1) * heads * D);
+          auto ref = reference(qi, k, v, heads, kvh, D, pos + 1, lo);
+          for (int j = 0; j < heads * D; ++j)
+            ASSERT_NEAR(out[size_t(i) * heads * D + j], ref[j], 1e-4)
+                << "window " << window << " splits " << splits << " rows " << rows << " row " << i;
+        }
+      }
+    }
+  }
 }

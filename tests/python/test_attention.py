@@ -83,6 +83,27 @@ def test_sliding_window(rng, window, causal):
     run_and_check(rng, 1, 150, 170, 2, 1, 64, window=window, causal=causal)
 
 
+INT_MAX = 2**31 - 1
+# (window, the window it must act as): bounds near INT_MAX are unbounded in effect
+HUGE_WINDOWS = [(INT_MAX - 1, (-1, -1)), ((INT_MAX - 1, 3), (-1, 3)), ((3, INT_MAX - 1), (3, -1)),
+                ((INT_MAX, INT_MAX), (-1, -1))]
+
+
+@pytest.mark.parametrize("window,same", HUGE_WINDOWS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(37, 53), (70, 20)])  # sq > sk: negative positions
+def test_window_near_int_max(rng, window, same, causal, sq, sk):
+    """i + off + window overflowed int and masked every key (issue 13 #9, issue 15 #1)."""
+    q = random_array(rng, (1, sq, 2, 64))
+    k, v = random_array(rng, (1, sk, 1, 64)), random_array(rng, (1, sk, 1, 64))
+    got, lse = mk.flash_attention(q, k, v, causal=causal, window=window, return_lse=True, out=poisoned(q.shape, q.dtype))
+    want, want_lse = mk.flash_attention(q, k, v, causal=causal, window=same, return_lse=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(lse, want_lse)
+    ref, _ = reference_attention(q[0], k[0], v[0], causal, window=same)
+    assert_close(got[0], ref, np.float32)
+
+
 def test_softcap_and_scale(rng):
     run_and_check(rng, 1, 50, 77, 2, 2, 64, softcap=5.0, scale=0.3)
     run_and_check(rng, 1, 50, 77, 2, 2, 64, softcap=2.0, causal=True)
@@ -296,3 +317,20 @@ def test_cuda_softcap_and_window(rng, dtype, d, causal, window):
         ref, ref_lse = reference_attention(qn, kn, vn, causal=causal, window=win, softcap=5.0)
         assert_close(got[bi].float().cpu().numpy(), ref, tol_dtype, "cuda softcap/window out")
         assert_close(lse[bi].cpu().numpy(), ref_lse, tol_dtype, "cuda softcap/window lse")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,d", [("float16", 64), ("float32", 40)])  # mma and generic kernels
+@pytest.mark.parametrize("window,same", HUGE_WINDOWS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_window_near_int_max(rng, dtype, d, window, same, causal):
+    torch = pytest.importorskip("torch")
+    tdt = getattr(torch, dtype)
+    q = torch.randn(1, 70, 2, d, device="cuda").to(tdt)
+    k = torch.randn(1, 90, 1, d, device="cuda").to(tdt)
+    v = torch.randn(1, 90, 1, d, device="cuda").to(tdt)
+    got = mk.flash_attention(q, k, v, causal=causal, window=window)
+    torch.cuda.synchronize()
+    qn, kn, vn = (t[0].float().cpu().numpy() for t in (q, k, v))
+    ref, _ = reference_attention(qn, kn, vn, causal=causal, window=same)
+    assert_close(got[0].float().cpu().numpy(), ref, np.float16 if dtype == "float16" else np.float32)

@@ -19,8 +19,9 @@ def rand(rng, shape, dtype):
     return rng.standard_normal(shape).astype(np.float32).astype(DTYPES[dtype])
 
 
-def reference(q, k, v, causal=True, scale=None, softcap=0.0):
-    """q (nq, H, D), k/v (nk, KVH, D) -> out (nq, H, D), lse (H, nq), float64; causal aligned to the end."""
+def reference(q, k, v, causal=True, scale=None, softcap=0.0, window=None):
+    """q (nq, H, D), k/v (nk, KVH, D) -> out (nq, H, D), lse (H, nq), float64; causal aligned to the end.
+    window: None, w (w keys each side) or (left, right), -1 unbounded; causal forces right = 0."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     nq, H, D = q.shape
     nk, KVH = k.shape[:2]
@@ -33,9 +34,16 @@ def reference(q, k, v, causal=True, scale=None, softcap=0.0):
     s = np.einsum("qhd,khd->hqk", q, k) * scale
     if softcap:
         s = softcap * np.tanh(s / softcap)
+    left, right = (-1, -1) if window is None else (window, window) if np.ndim(window) == 0 else window
     if causal:
-        mask = np.arange(nk)[None, :] > (np.arange(nq)[:, None] + nk - nq)
-        s = np.where(mask[None], -np.inf, s)
+        right = 0
+    pos, j = np.arange(nq)[:, None] + nk - nq, np.arange(nk)[None, :]
+    visible = np.ones((nq, nk), dtype=bool)
+    if left >= 0:
+        visible &= j >= pos - left
+    if right >= 0:
+        visible &= j <= pos + right
+    s = np.where(visible[None], s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
@@ -211,6 +219,186 @@ def test_raw_rejects_bad_arrays():
                             rand(rng, (4, 4, 2, 16), "float32"), **ok)
     with pytest.raises(ValueError, match="qo_indptr"):
         paged_attention_raw(q, kp, kp, qo_indptr=np.array([0, 2], np.int32), **ok)
+
+
+# --- sliding window -------------------------------------------------------------------------------
+
+def raw_pool(rng, lens, ps, kvh, D, dtype, spare=2):
+    """A caller-owned pool (pages in shuffled order) holding sequences of the given lengths:
+    (k_pages, v_pages, kv_indptr, kv_indices, kv_last_page_len)."""
+    npages = [(n + ps - 1) // ps for n in lens]
+    total = sum(npages) + spare
+    kp, vp = rand(rng, (total, ps, kvh, D), dtype), rand(rng, (total, ps, kvh, D), dtype)
+    indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+    indices = rng.permutation(total).astype(np.int32)[:indptr[-1]]
+    last = np.array([n - (p - 1) * ps if p else 0 for n, p in zip(lens, npages)], dtype=np.int32)
+    return kp, vp, indptr, indices, last
+
+
+def seq_kv(pages, indptr, indices, b, n):
+    """Sequence b's first n tokens of a page pool, contiguous."""
+    return pages[indices[indptr[b]:indptr[b + 1]]].reshape(-1, *pages.shape[2:])[:n]
+
+
+def window_left(window):
+    return window if np.ndim(window) == 0 else window[0]
+
+
+BIG = 2**31 - 2
+DECODE_WINDOWS = [0, 1, 6, 31, 32, 33, 100, (5, 3), (-1, 2), (BIG, 0)]
+
+
+def check_window_decode(rng, dtype, D, splits, windows=DECODE_WINDOWS, causal_modes=(True, False)):
+    """Decode with a sliding window (GQA, odd page size, an empty and a one-token sequence). Every key
+    outside a sequence's window, the unused slots of last pages and the spare pages are NaN, so
+    reading any of them (even masked) turns the output into NaN: the kernel must skip them."""
+    heads, kvh, ps = 6, 2, 7
+    lens = [0, 1, 6, 7, 50, 333]
+    kp0, vp0, indptr, indices, last = raw_pool(rng, lens, ps, kvh, D, dtype)
+    q = rand(rng, (len(lens), heads, D), dtype)
+    for window in windows:
+        left = window_left(window)
+        kp, vp = np.full_like(kp0, np.nan), np.full_like(vp0, np.nan)
+        for b, n in enumerate(lens):
+            pages = indices[indptr[b]:indptr[b + 1]]
+            tok = np.arange(max(0, n - 1 - left) if left >= 0 else 0, n)  # the window of the last token
+            kp[pages[tok // ps], tok % ps] = kp0[pages[tok // ps], tok % ps]
+            vp[pages[tok // ps], tok % ps] = vp0[pages[tok // ps], tok % ps]
+        for causal in causal_modes:
+            out = np.full(q.shape, np.nan, dtype=q.dtype)
+            got, lse = paged_attention_raw(q, kp, vp, indptr, indices, last, window=window, causal=causal,
+                                           num_splits=splits, return_lse=True, out=out)
+            assert got is out
+            for b, n in enumerate(lens):
+                k, v = seq_kv(kp0, indptr, indices, b, n), seq_kv(vp0, indptr, indices, b, n)
+                ref, ref_lse = reference(q[b:b + 1], k, v, causal, window=window)
+                what = f"window {window} causal={causal} splits {splits} len {n}"
+                assert_close(got[b:b + 1], ref, dtype, what)
+                np.testing.assert_allclose(lse[:, b], ref_lse[:, 0], rtol=1e-3, atol=1e-3, err_msg=what)
+
+
+PREFILL_WINDOWS = [(0, None), (3, None), (17, 4.0), ((5, 2), None), ((-1, 6), None), ((12, -1), 2.5),
+                   ((40, 40), None), (200, None)]
+
+
+def check_window_prefill(rng, dtype, causal, splits, windows=PREFILL_WINDOWS, D=48):
+    """Chunked prefill of two sequences through the cache, each chunk attending with a window (and
+    softcap) over everything cached so far."""
+    heads, kvh, ps = 8, 2, 6
+    cache = PagedKVCache(1, 200, ps, kvh, D, dtype)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    full = {a: ([], []), b: ([], [])}
+    for chunk_a, chunk_b in [(13, 1), (1, 70), (45, 0), (5, 7)]:
+        ks = [rand(rng, (n, kvh, D), dtype) for n in (chunk_a, chunk_b)]
+        vs = [rand(rng, (n, kvh, D), dtype) for n in (chunk_a, chunk_b)]
+        cache.append([a, b], 0, np.concatenate(ks), np.concatenate(vs), counts=[chunk_a, chunk_b])
+        for sid, k, v in zip((a, b), ks, vs):
+            full[sid][0].append(k)
+            full[sid][1].append(v)
+        q = rand(rng, (chunk_a + chunk_b, heads, D), dtype)
+        for window, softcap in windows:
+            out = np.full(q.shape, np.nan, dtype=q.dtype)
+            got, lse = paged_attention(q, cache, 0, [a, b], q_lens=[chunk_a, chunk_b], causal=causal, window=window,
+                                       softcap=softcap, num_splits=splits, return_lse=True, out=out)
+            for sid, rows in ((a, slice(0, chunk_a)), (b, slice(chunk_a, chunk_a + chunk_b))):
+                ref, ref_lse = reference(q[rows], np.concatenate(full[sid][0]), np.concatenate(full[sid][1]), causal,
+                                         softcap=softcap, window=window)
+                what = f"window {window} softcap {softcap} causal={causal} splits {splits}"
+                assert_close(got[rows], ref, dtype, what)
+                np.testing.assert_allclose(lse[:, rows], ref_lse, rtol=1e-3, atol=1e-3, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 40])  # 40: not a multiple of the vector width (staging path)
+@pytest.mark.parametrize("splits", [1, 3, 0])
+def test_window_decode_reads_only_the_window(dtype, D, splits):
+    check_window_decode(np.random.default_rng(D * 10 + splits), dtype, D, splits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("splits", [1, 3, 0])
+def test_window_chunked_prefill(dtype, causal, splits):
+    check_window_prefill(np.random.default_rng(splits * 2 + causal), dtype, causal, splits)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_window_every_cpu_isa(isa):
+    levels = ["generic", "avx2", "avx512"]
+    if levels.index(isa) > levels.index(mk.info()["best_cpu_isa"]):
+        pytest.skip(f"CPU lacks {isa}")
+    before = mk.cpu_isa()
+    mk.set_cpu_isa(isa)
+    try:
+        rng = np.random.default_rng(50)
+        for dtype, D in (("float32", 64), ("float16", 40), ("bfloat16", 64)):
+            check_window_decode(rng, dtype, D, 3, windows=[0, 6, 33, (5, 3)], causal_modes=(True,))
+        check_window_prefill(rng, "float32", True, 3, windows=[(3, None), (17, 4.0)], D=40)
+        check_window_prefill(rng, "float16", False, 0, windows=[((5, 2), None), ((12, -1), 2.5)])
+    finally:
+        mk.set_cpu_isa(before)
+
+
+def test_window_rows_that_see_no_key():
+    """q_len > kv_len (raw arrays): the first rows sit before key 0; with a window whose right side
+    ends before key 0 (non-causal) or causal, they see nothing: output 0 and lse -inf, also split."""
+    rng = np.random.default_rng(51)
+    kp, vp, indptr, indices, last = raw_pool(rng, [5, 40], 4, 1, 32, "float32")
+    q = rand(rng, (12, 2, 32), "float32")
+    qo = np.array([0, 9, 12], np.int32)
+    for causal, window in ((True, 2), (False, (1, 1)), (False, (-1, 0)), (True, (BIG, 5))):
+        for splits in (1, 3):
+            got, lse = paged_attention_raw(q, kp, vp, indptr, indices, last, qo, causal=causal, window=window,
+                                           num_splits=splits, return_lse=True, out=np.full_like(q, np.nan))
+            for b, rows, n in ((0, slice(0, 9), 5), (1, slice(9, 12), 40)):
+                k, v = seq_kv(kp, indptr, indices, b, n), seq_kv(vp, indptr, indices, b, n)
+                ref, ref_lse = reference(q[rows], k, v, causal, window=window)
+                assert_close(got[rows], ref, "float32", f"window {window} causal={causal}")
+                np.testing.assert_allclose(lse[:, rows], ref_lse, rtol=1e-4, atol=1e-4)
+            assert np.all(got[:3] == 0) and np.all(np.isneginf(lse[:, :3]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_near_int_max(causal):
+    """Window bounds near INT_MAX (and Python ints past it) must not overflow the position arithmetic:
+    they mean "unbounded" (issue 13 #9, issue 15 #1)."""
+    rng = np.random.default_rng(52)
+    kp, vp, indptr, indices, last = raw_pool(rng, [5, 40, 3, 0], 4, 2, 64, "float32")
+    q = rand(rng, (18, 4, 64), "float32")
+    qo = np.array([0, 8, 12, 15, 18], np.int32)  # 8 rows over 5 keys: positions below 0
+    cases = [(BIG, -1), ((BIG, 3), (-1, 3)), ((3, BIG), (3, -1)), ((2**31 - 1, 2**31 - 1), -1),
+             (2**40, -1), ((np.int64(BIG), BIG + 1), -1)]
+    for splits in (1, 3, 0):
+        for window, same in cases:
+            kw = dict(causal=causal, num_splits=splits, return_lse=True)
+            got, lse = paged_attention_raw(q, kp, vp, indptr, indices, last, qo, window=window, **kw)
+            want, want_lse = paged_attention_raw(q, kp, vp, indptr, indices, last, qo, window=same, **kw)
+            np.testing.assert_array_equal(got, want, err_msg=f"window {window}")
+            np.testing.assert_array_equal(lse, want_lse, err_msg=f"window {window}")
+            for b, n in enumerate([5, 40, 3, 0]):
+                rows = slice(qo[b], qo[b + 1])
+                k, v = seq_kv(kp, indptr, indices, b, n), seq_kv(vp, indptr, indices, b, n)
+                assert_close(got[rows], reference(q[rows], k, v, causal, window=same)[0], "float32", f"{window}")
+    cache = PagedKVCache(1, 20, 16, 2, 64, "float32")
+    ids, data = fill(cache, rng, [70], "float32")
+    q = rand(rng, (6, 4, 64), "float32")
+    got = paged_attention(q, cache, 0, ids, q_lens=[6], causal=causal, window=BIG)
+    assert_close(got, reference(q, *data[ids[0], 0], causal)[0], "float32", "cache, window 2^31 - 2")
+
+
+def test_window_bad_values():
+    rng = np.random.default_rng(53)
+    cache = PagedKVCache(1, 4, 4, 1, 16, "float32")
+    ids, _ = fill(cache, rng, [5], "float32")
+    q = rand(rng, (1, 2, 16), "float32")
+    for bad in (-2, (3, -5), "wide", (1, 2, 3), 2.5j):
+        with pytest.raises(ValueError, match="window"):
+            paged_attention(q, cache, 0, ids, window=bad)
+    kp, vp, indptr, indices, last = raw_pool(rng, [5], 4, 1, 16, "float32")
+    with pytest.raises(ValueError, match="window"):
+        paged_attention_raw(q, kp, vp, indptr, indices, last, window=(-3, 0))
+    # np.int64 is an int here, as in a config read with NumPy
+    paged_attention(q, cache, 0, ids, window=np.int64(2))
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -617,6 +805,38 @@ def test_kivi_prefill_fork_truncate():
         cache.k_pages(0)
 
 
+@pytest.mark.parametrize("kind", ["int8", "kivi4", "kivi2"])
+def test_window_quantized_pages(kind):
+    """Sliding window over int8 and KIVI pages (KIVI: quantized pages and the float32 recent window
+    both inside it), decode and chunked prefill, split and not, against the dequantized values."""
+    rng = np.random.default_rng(60)
+    heads, kvh, D, ps = 8, 2, 40, 8
+    lens = [1, 9, 100, 333]
+    cache = PagedKVCache(1, sum((n + ps - 1) // ps for n in lens) + 2, ps, kvh, D, kind)
+    ids, _ = fill(cache, rng, lens, "float32")
+    kv = [dequant(cache, s, 0) if kind == "int8" else cache.read_kv(s, 0) for s in ids]
+    q = rand(rng, (len(ids), heads, D), "float32")
+    for window in (0, 5, 30, (BIG, 0)):
+        for splits in (1, 3, 0):
+            got, lse = paged_attention(q, cache, 0, ids, window=window, num_splits=splits, return_lse=True,
+                                       out=np.full_like(q, np.nan))
+            for i in range(len(ids)):
+                ref, ref_lse = reference(q[i:i + 1], *kv[i], window=window)
+                assert_close(got[i:i + 1], ref, "float32", f"{kind} window {window} splits {splits}")
+                np.testing.assert_allclose(lse[:, i], ref_lse[:, 0], rtol=1e-4, atol=1e-4)
+    q_lens = [1, 5, 20, 3]
+    q = rand(rng, (sum(q_lens), heads, D), "float32")
+    rows = np.concatenate([[0], np.cumsum(q_lens)])
+    for causal, window, softcap in ((True, 7, None), (False, (7, 3), 3.0), (True, (BIG, 0), 2.0)):
+        for splits in (1, 3):
+            got = paged_attention(q, cache, 0, ids, q_lens=q_lens, causal=causal, window=window, softcap=softcap,
+                                  num_splits=splits, out=np.full_like(q, np.nan))
+            for i in range(len(ids)):
+                r = slice(rows[i], rows[i + 1])
+                ref, _ = reference(q[r], *kv[i], causal, softcap=softcap, window=window)
+                assert_close(got[r], ref, "float32", f"{kind} prefill window {window} causal={causal}")
+
+
 @pytest.mark.skipif(not mk.info()["cuda_available"], reason="no CUDA device")
 def test_cuda_matches_cpu():
     torch = pytest.importorskip("torch")
@@ -679,3 +899,70 @@ def test_cuda_softcap_splits_and_odd_head_dim(num_splits):
             ref, ref_lse = reference(qn[rows], *data[s], causal=causal, softcap=3.0)
             assert_close(out[rows].float().cpu().numpy(), ref, "float16", f"cuda causal={causal}")
             np.testing.assert_allclose(lse[:, rows].cpu().numpy(), ref_lse, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not mk.info()["cuda_available"], reason="no CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+def test_cuda_window(dtype, num_splits):
+    """The CPU window cases on the GPU: decode and chunked prefill, GQA, causal and not, softcap,
+    head dims 128 (vector loads) and 40 (scalar), bounds near INT_MAX, rows that see no key."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    tdt = getattr(torch, dtype)
+    tol = dtype if dtype != "float32" else "float16"
+    rng = np.random.default_rng(22)
+    for heads, kvh, D, ps in ((8, 2, 128, 16), (6, 3, 40, 7)):
+        lens = [1, 6, 50, 333, 2000]
+        gpu = PagedKVCache(1, sum((n + ps - 1) // ps for n in lens) + 2, ps, kvh, D, dtype, device="cuda")
+        ids, data = [], {}
+        for n in lens:
+            s = gpu.add_sequence()
+            k = torch.from_numpy(rand(rng, (n, kvh, D), "float32")).to("cuda", tdt)
+            v = torch.from_numpy(rand(rng, (n, kvh, D), "float32")).to("cuda", tdt)
+            gpu.append([s], 0, k, v, counts=[n])
+            ids.append(s)
+            data[s] = (k.float().cpu().numpy(), v.float().cpu().numpy())
+        q = torch.from_numpy(rand(rng, (len(ids), heads, D), "float32")).to("cuda", tdt)
+        qn = q.float().cpu().numpy()
+        for window in (0, 1, 31, 200, (5, 3), (BIG, 0), 2**40):
+            out, lse = paged_attention(q, gpu, 0, ids, window=window, num_splits=num_splits, return_lse=True,
+                                       out=torch.full_like(q, float("nan")))
+            torch.cuda.synchronize()
+            for i, s in enumerate(ids):
+                ref, ref_lse = reference(qn[i:i + 1], *data[s], window=window)
+                assert_close(out[i:i + 1].float().cpu().numpy(), ref, tol, f"cuda decode window {window}")
+                np.testing.assert_allclose(lse[:, i].cpu().numpy(), ref_lse[:, 0], rtol=2e-3, atol=2e-3)
+        q_lens = [1, 6, 37, 100, 9]
+        q = torch.from_numpy(rand(rng, (sum(q_lens), heads, D), "float32")).to("cuda", tdt)
+        qn = q.float().cpu().numpy()
+        rows = np.concatenate([[0], np.cumsum(q_lens)])
+        for causal, window, softcap in ((True, 9, None), (True, 64, 4.0), (False, (7, 3), None),
+                                        (False, (-1, 5), 2.5), (True, (BIG, 0), None), (False, (3, BIG), None)):
+            out, lse = paged_attention(q, gpu, 0, ids, q_lens=q_lens, causal=causal, window=window, softcap=softcap,
+                                       num_splits=num_splits, return_lse=True, out=torch.full_like(q, float("nan")))
+            torch.cuda.synchronize()
+            for i, s in enumerate(ids):
+                r = slice(rows[i], rows[i + 1])
+                ref, ref_lse = reference(qn[r], *data[s], causal, softcap=softcap, window=window)
+                what = f"cuda prefill window {window} causal={causal}"
+                assert_close(out[r].float().cpu().numpy(), ref, tol, what)
+                np.testing.assert_allclose(lse[:, r].cpu().numpy(), ref_lse, rtol=2e-3, atol=2e-3, err_msg=what)
+    # q_len > kv_len through raw arrays: rows before key 0 see nothing (0 and -inf)
+    kp, vp, indptr, indices, last = raw_pool(rng, [5, 40], 4, 1, 32, dtype)
+    qh = rand(rng, (12, 2, 32), dtype)
+    qo = np.array([0, 9, 12], np.int32)
+    dev = [torch.from_numpy(np.asarray(x, np.float32)).to("cuda", tdt) for x in (qh, kp, vp)]
+    idx = [torch.from_numpy(x).to("cuda") for x in (indptr, indices, last, qo)]
+    for causal, window in ((True, 2), (False, (1, 1))):
+        out, lse = paged_attention_raw(dev[0], dev[1], dev[2], *idx[:3], idx[3], causal=causal, window=window,
+                                       num_splits=num_splits, max_q_len=9, return_lse=True)
+        torch.cuda.synchronize()
+        got = out.float().cpu().numpy()
+        for b, r, n in ((0, slice(0, 9), 5), (1, slice(9, 12), 40)):
+            k = seq_kv(np.asarray(kp, np.float32), indptr, indices, b, n)
+            v = seq_kv(np.asarray(vp, np.float32), indptr, indices, b, n)
+            ref, _ = reference(np.asarray(qh[r], np.float32), k, v, causal, window=window)
+            assert_close(got[r], ref, tol, f"cuda raw window {window}")
+        assert np.all(got[:3] == 0) and np.all(np.isneginf(lse[:, :3].cpu().numpy()))

@@ -23,8 +23,12 @@
 // Paged attention (FlashInfer-style arrays; the cache builds them from its tables):
 //   q (total_q, heads, head_dim); sequence b owns q rows [qo_indptr[b], qo_indptr[b+1]) and pages
 //   kv_indices[kv_indptr[b] .. kv_indptr[b+1]), the last of which holds kv_last_page_len[b] tokens.
-//   Query i of a sequence with q_len rows and kv_len keys sees key j iff (not causal) or
-//   j <= i + kv_len - q_len (the new tokens are the last ones in the cache, as in chunked prefill).
+//   Query i of a sequence with q_len rows and kv_len keys sits at position a = i + kv_len - q_len
+//   (the new tokens are the last ones in the cache, as in chunked prefill) and sees key j iff
+//     a - window_left <= j <= a + window_right,
+//   a negative bound meaning unbounded and causal setting window_right = 0 (as flash_attention).
+//   A model's sliding window of W tokens including the current one (Hugging Face `sliding_window`
+//   for Mistral, Gemma-2) is window_left = W - 1, as in FlashAttention's window_size.
 //   out like q; lse (heads, total_q) float32, natural log; a row that sees no key gets 0 and -inf.
 #pragma once
 
@@ -41,6 +45,8 @@ struct PagedAttentionOptions {
   bool causal = true;    // only matters when a sequence has more than one query row
   float softcap = 0.0f;  // > 0: scores become softcap * tanh(scores / softcap)
   int num_splits = 0;    // split-KV pieces per sequence; 0 = choose from the work and thread count
+  int window_left = -1;  // sliding window (see the header comment); < 0: unbounded. Keys outside
+  int window_right = -1; // it are not read. window_right is ignored (0) when causal.
 };
 
 // The kernel alone. k_pages / v_pages: (num_pages, page_size, kv_heads, head_dim), the last two

@@ -120,10 +120,12 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
 
-  // Keys any row of this block may see.
-  const int last = i0 + nrows - 1;
-  int lo = p.window_left >= 0 ? std::max(0, i0 + off - p.window_left) : 0;
-  int hi = p.window_right >= 0 ? std::min(Sk, last + off + p.window_right + 1) : Sk;
+  // Keys any row of this block may see. Window bounds are in 64-bit: near INT_MAX they mean
+  // "unbounded" and must not wrap around (which masked every key).
+  const int64_t first = int64_t(i0) + off, last = first + nrows - 1;  // positions of the first/last row
+  const int64_t wl = p.window_left, wr = p.window_right;
+  const int lo = wl >= 0 ? int(std::max<int64_t>(0, first - wl)) : 0;
+  const int hi = wr >= 0 ? int(std::max<int64_t>(0, std::min<int64_t>(Sk, last + wr + 1))) : Sk;
 
   for (int kb = lo / BK * BK; kb < hi; kb += BK) {
     const int nk = std::min(BK, Sk - kb);
@@ -136,13 +138,12 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
       for (int r = 0; r < nrows; ++r)
         for (int c = 0; c < nk; ++c) S[r * BK + c] = p.softcap * std::tanh(S[r * BK + c] / p.softcap) * kLog2e;
     }
-    const bool needs_mask = kb + BK > Sk || (p.window_left >= 0 && kb < last + off - p.window_left) ||
-                            (p.window_right >= 0 && kb + BK - 1 > i0 + off + p.window_right);
+    const bool needs_mask = kb + BK > Sk || (wl >= 0 && kb < last - wl) || (wr >= 0 && kb + BK - 1 > first + wr);
     if (needs_mask) {
       for (int r = 0; r < nrows; ++r) {
-        const int i = i0 + r;
-        const int jlo = p.window_left >= 0 ? i + off - p.window_left : kb;
-        const int jhi = std::min(Sk - 1, p.window_right >= 0 ? i + off + p.window_right : Sk - 1);
+        const int64_t i = first + r;  // this row's position
+        const int64_t jlo = wl >= 0 ? i - wl : kb;
+        const int64_t jhi = std::min<int64_t>(Sk - 1, wr >= 0 ? i + wr : Sk - 1);
         float* srow = S + r * BK;
         for (int c = 0; c < BK; ++c)
           if (kb + c < jlo || kb + c > jhi) srow[c] = kNegInf;

@@ -5,7 +5,8 @@
 // read in order, once. Its rows are every query head of those kv heads for those positions, so
 // each K/V row is read once for the whole group. Keys are walked page by page in blocks of at most
 // BK tokens (a block never crosses a page); for each block and kv head: S = q . k (vectorised over head_dim, one horizontal sum per row and key),
-// mask, online softmax in base 2 (q is pre-scaled by scale * log2 e), O += P V with register
+// mask (causal and sliding window; keys outside every row's window are skipped, not read),
+// online softmax in base 2 (q is pre-scaled by scale * log2 e), O += P V with register
 // accumulators. K/V are read straight from the pages in their own dtype (fp16/bf16 widened in
 // registers) when head_dim is a multiple of the vector width; other head dims go through a small
 // fp32 staging buffer. Long contexts with little other work are split across threads (split-KV):
@@ -192,18 +193,35 @@ inline void softmax_block(State& st, int ra, int rb, int nk) {
 
 struct RowMap {  // row r of a task -> (position, q head); the keys the task may see
   int p0, g0, group, rpg;
-  int off;     // kv_len - q_len: query position i sees keys <= i + off when causal
-  int kv_end;  // keys [t.kv_lo, kv_end) are visible to some row of the task
+  int kv_lo = 0, kv_hi = 0;  // keys [kv_lo, kv_hi) of this split visible to some row of the task
+  int all_lo = 0, all_hi = 0;  // keys [all_lo, all_hi) visible to every row (no mask needed)
+  const PagedProblem* p = nullptr;
+  int b = 0;
   int pos(int r) const { return p0 + (r % rpg) / group; }
   int head(int r) const { return (g0 + r / rpg) * group + (r % rpg) % group; }
+  // Sets S to -inf for the keys [j0, j0 + nk) that rows [ra, rb) must not see.
+  void mask(State& st, int ra, int rb, int j0, int nk) const {
+    if (j0 >= all_lo && j0 + nk <= all_hi) return;
+    for (int r = ra; r < rb; ++r) {
+      const KeyRange k = p->keys(b, pos(r));
+      float* srow = st.s + r * BK;
+      for (int j = 0; j < nk; ++j)
+        if (j0 + j < k.lo || j0 + j >= k.hi) srow[j] = kNegInf;
+    }
+  }
 };
 
 // Loads the task's query rows (pre-scaled, zero-padded to dp), resets its softmax state and
-// returns its row map and visible key range.
+// returns its row map and visible key range. Rows are ordered by position, whose visible ranges
+// only move right: the task sees [lo of its first position, hi of its last).
 RowMap start_task(const PagedProblem& p, const Task& t, State& st) {
   const int D = p.head_dim, group = p.heads / p.kv_heads, dp = st.dp;
-  const int rpg = (t.p1 - t.p0) * group, off = p.kv_len(t.b) - p.q_len(t.b);
-  const RowMap rm{t.p0, t.g0, group, rpg, off, p.causal ? std::min(t.kv_hi, t.p1 + off) : t.kv_hi};
+  const int rpg = (t.p1 - t.p0) * group;
+  RowMap rm{t.p0, t.g0, group, rpg};
+  const KeyRange first = p.keys(t.b, t.p0), last = p.keys(t.b, t.p1 - 1);
+  rm.kv_lo = std::max(t.kv_lo, first.lo), rm.kv_hi = std::min(t.kv_hi, last.hi);
+  rm.all_lo = last.lo, rm.all_hi = first.hi;
+  rm.p = &p, rm.b = t.b;
   st.rows = rpg * (t.g1 - t.g0);
   const float q_scale = p.softcap > 0.0f ? p.scale : p.scale * kLog2e;
   const int esize = dtype_size(p.dtype);
@@ -250,7 +268,7 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
               float* row) {
   const int D = p.head_dim, dp = st.dp;
   const RowMap rm = start_task(p, t, st);
-  const int rpg = rm.rpg, off = rm.off, hi = rm.kv_end;
+  const int rpg = rm.rpg, hi = rm.kv_hi;
   const bool capped = p.softcap > 0.0f;
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
   const T* kbase = static_cast<const T*>(p.k);
@@ -263,7 +281,7 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
   const float* kfs[BK];
   const float* vfs[BK];
   for (int j = 0; j < BK; ++j) kfs[j] = kbuf + j * dp, vfs[j] = vbuf + j * dp;
-  for (int j0 = t.kv_lo; j0 < hi;) {
+  for (int j0 = rm.kv_lo; j0 < hi;) {  // keys outside the window are never read
     const int nk = std::min(BK, hi - j0);
     for (int j = 0; j < nk; ++j) {
       const int tok = j0 + j, page = pages[tok / p.page_size], in_page = tok % p.page_size;
@@ -271,7 +289,6 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
       voff[j] = page * p.v_page + int64_t(in_page) * p.v_tok;
       if (p.k_scale) kso[j] = page * p.ks_page + int64_t(in_page) * p.ks_tok, vso[j] = page * p.vs_page + int64_t(in_page) * p.vs_tok;
     }
-    const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
     for (int g = t.g0; g < t.g1; ++g) {
       const int ra = (g - t.g0) * rpg, rb = ra + rpg;
       for (int j = 0; j < nk; ++j) kps[j] = kbase + koff[j] + g * p.k_head, vps[j] = vbase + voff[j] + g * p.v_head;
@@ -292,12 +309,7 @@ void run_task(const PagedProblem& p, const Task& t, State& st, float* kbuf, floa
       if (capped)
         for (int r = ra; r < rb; ++r)
           for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
-      if (masked) {
-        for (int r = ra; r < rb; ++r) {
-          const int last = rm.pos(r) + off;  // last visible key of this row
-          for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r * BK + j] = kNegInf;
-        }
-      }
+      rm.mask(st, ra, rb, j0, nk);
       if (direct && j0 + nk < hi) {  // the next block's first keys of this head
         const int nj = j0 + nk, cnt = std::min(PF, hi - nj);
         for (int j = 0; j < cnt; ++j) {
@@ -334,7 +346,7 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
   const int D = p.head_dim, dp = st.dp, ps = p.page_size;
   const int nfull = p.kv_len(t.b) / ps * ps;  // keys in whole (quantized) pages
   const RowMap rm = start_task(p, t, st);
-  const int rpg = rm.rpg, off = rm.off, hi = rm.kv_end;
+  const int rpg = rm.rpg, hi = rm.kv_hi;
   const bool capped = p.softcap > 0.0f;
   const int32_t* pages = p.kv_indices + p.kv_indptr[t.b];
   const uint8_t* base = static_cast<const uint8_t*>(p.k);
@@ -345,7 +357,7 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
   std::vector<float> qz(size_t(st.rows)), vz_sum(size_t(st.rows));
   State sq = st;  // the same state with q replaced by q * k_scale
   sq.q = qsbuf;
-  for (int j0 = t.kv_lo; j0 < hi;) {
+  for (int j0 = rm.kv_lo; j0 < hi;) {
     const bool quant = j0 < nfull;
     const int nk = quant ? std::min({BK, hi - j0, ps - j0 % ps, nfull - j0}) : std::min(BK, hi - j0);
     const uint8_t* blk = base + pages[j0 / ps] * p.k_page;
@@ -353,7 +365,6 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
     const float* kz = reinterpret_cast<const float*>(blk + p.kv_kz);
     const float* vs = reinterpret_cast<const float*>(blk + p.kv_vs);
     const float* vz = reinterpret_cast<const float*>(blk + p.kv_vz);
-    const bool masked = p.causal && j0 + nk - 1 > t.p0 + off;
     for (int g = t.g0; g < t.g1; ++g) {
       const int ra = (g - t.g0) * rpg, rb = ra + rpg;
       for (int j = 0; j < nk; ++j) {
@@ -391,11 +402,7 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
       if (capped)
         for (int r = ra; r < rb; ++r)
           for (int j = 0; j < nk; ++j) st.s[r * BK + j] = p.softcap * std::tanh(st.s[r * BK + j] / p.softcap) * kLog2e;
-      if (masked)
-        for (int r = ra; r < rb; ++r) {
-          const int last = rm.pos(r) + off;
-          for (int j = std::max(0, last + 1 - j0); j < nk; ++j) st.s[r * BK + j] = kNegInf;
-        }
+      rm.mask(st, ra, rb, j0, nk);
       softmax_block(st, ra, rb, nk);
       if (quant) {
         for (int r = ra; r < rb; ++r) {
@@ -429,13 +436,22 @@ void paged_attention(const PagedProblem& p) {
   const int npos = std::max(1, RMAX / (nkv * group));
   const int max_rows = std::max(RMAX, group);
   const int kv_tasks = (p.kv_heads + nkv - 1) / nkv;
+  // Keys [lo, hi) that positions [p0, p1) of sequence b see (visible ranges only move right).
+  auto span = [&](int b, int p0, int p1) { return KeyRange{p.keys(b, p0).lo, p.keys(b, p1 - 1).hi}; };
   int64_t base_tasks = 0;
-  for (int b = 0; b < p.batch; ++b) base_tasks += int64_t(kv_tasks) * ((p.q_len(b) + npos - 1) / npos);
+  int max_span = 0;  // the widest key range a sequence's queries see: a window bounds it, not the context
+  for (int b = 0; b < p.batch; ++b) {
+    base_tasks += int64_t(kv_tasks) * ((p.q_len(b) + npos - 1) / npos);
+    if (p.q_len(b) > 0) {
+      const KeyRange k = span(b, 0, p.q_len(b));
+      max_span = std::max(max_span, k.hi - k.lo);
+    }
+  }
   int splits = p.num_splits > 0 ? p.num_splits : 1;
   if (p.num_splits <= 0 && base_tasks < 2 * threads)
     splits = int(std::min<int64_t>((2 * threads + base_tasks - 1) / std::max<int64_t>(base_tasks, 1),
-                                   std::max(1, p.max_kv_len / MIN_SPLIT_KEYS)));
-  splits = std::max(1, std::min(splits, std::max(1, p.max_kv_len)));
+                                   std::max(1, max_span / MIN_SPLIT_KEYS)));
+  splits = std::max(1, std::min(splits, std::max(1, max_span)));
 
   std::vector<Task> tasks;
   tasks.reserve(size_t(base_tasks) * splits);
@@ -444,19 +460,23 @@ void paged_attention(const PagedProblem& p) {
   std::vector<Merge> merges;
   for (int b = 0; b < p.batch; ++b) {
     const int qlen = p.q_len(b), kvlen = p.kv_len(b);
-    const int ns = splits > 1 ? std::max(1, std::min(splits, (kvlen + BK - 1) / BK)) : 1;
-    const int chunk = ns > 1 ? (kvlen + ns - 1) / ns : kvlen;
     for (int g0 = 0; g0 < p.kv_heads; g0 += nkv)
       for (int p0 = 0; p0 < qlen; p0 += npos) {
         const int p1 = std::min(qlen, p0 + npos), g1 = std::min(p.kv_heads, g0 + nkv);
+        // Split the keys this task sees (not the whole context) into pieces of at least BK keys.
+        const KeyRange k = span(b, p0, p1);
+        const int n = k.hi - k.lo;
+        const int ns = splits > 1 ? std::max(1, std::min(splits, (n + BK - 1) / BK)) : 1;
         if (ns == 1) {
           tasks.push_back({b, p0, p1, g0, g1, 0, kvlen, -1, 0});
           continue;
         }
+        const int chunk = (n + ns - 1) / ns;
         const int64_t piece = int64_t(p1 - p0) * (g1 - g0) * group * (dp + 2);
         merges.push_back({{b, p0, p1, g0, g1, 0, kvlen, -1, scratch_floats}, ns});
-        for (int s = 0; s < ns; ++s) {
-          tasks.push_back({b, p0, p1, g0, g1, std::min(kvlen, s * chunk), std::min(kvlen, (s + 1) * chunk), s,
+        for (int s = 0; s < ns; ++s) {  // a piece that sees no key leaves l = 0: the merge skips it
+          tasks.push_back({b, p0, p1, g0, g1, k.lo + int(std::min<int64_t>(n, int64_t(s) * chunk)),
+                           k.lo + int(std::min<int64_t>(n, int64_t(s + 1) * chunk)), s,
                            scratch_floats});
           scratch_floats += piece;
         }
