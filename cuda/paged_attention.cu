@@ -3,12 +3,12 @@
 // Attention: one block of 4 warps per (sequence, kv head, tile of RT query rows, KV split of the
 // keys the tile sees: with a sliding window only the window is read). The rows of a tile are query
 // heads of the kv head's group (and positions, for prefill), so a K/V row is read once for all of
-// them. Lanes split head_dim (EPL elements each, one coalesced row
-// load per warp and token); warps take every 4th key; each warp keeps an online softmax per row in
-// registers, and the warps are merged through shared memory at the end. With several KV splits the
-// blocks write unnormalised partials (O, max, sum) to a stream-ordered workspace and a second
-// kernel merges them by log-sum-exp. Decode is memory-bound, so this SIMT design reads K/V once
-// at full coalescing; prefill uses the same kernel (correct, not tensor-core fast).
+// them. Lanes split head_dim (EPL elements each, one coalesced row load per warp and token); warps
+// take every 4th key; each warp keeps an online softmax per row in registers, and the warps are
+// merged through shared memory at the end. With several KV splits the blocks write unnormalised
+// partials (O, max, sum) to a stream-ordered workspace and a second kernel merges them by
+// log-sum-exp. Decode is memory-bound, so this SIMT design reads K/V once at full coalescing;
+// prefill uses the same kernel (correct, not tensor-core fast).
 // Index arrays are device memory we cannot validate without a sync: every index is clamped.
 #include <algorithm>
 #include <cstdint>
