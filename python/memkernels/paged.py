@@ -44,8 +44,8 @@ _INT_MAX = 2**31 - 1
 
 
 def _window(window, causal):
-    """(left, right) for the kernel, as flash_attention reads `window`; a bound past INT_MAX keys
-    sees the whole sequence anyway, so it is clamped (the kernel takes a C int)."""
+    """(left, right) for the kernel, as flash_attention reads `window`. A bound of INT_MAX keys or
+    more covers any sequence (at most 2^31 - 1 keys), so it is clamped to the kernel's C int."""
     if isinstance(window, np.integer):
         window = int(window)
     left, right = _window_bounds(window, causal)
@@ -227,6 +227,5 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
                            bool(causal), scale, left, right, softcap, int(num_splits), int(max_q_len),
-                           stream_handle(stream),
-                           k_scales, v_scales)
+                           stream_handle(stream), k_scales, v_scales)
     return (out, lse) if return_lse else out
