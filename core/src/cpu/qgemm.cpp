@@ -1,16 +1,19 @@
 // CPU quantized GEMM: codes are unpacked in registers and multiplied with fp32 activations; the
 // dequantized matrix never exists in memory.
 //
-// For row n, y[t][n] = sum_g s[n][g] * (sum_{k in g} T[q_k] x[t][k] - z[n][g] * xsum[t][g]), where
-// T[q] is the raw level of a code (the integer, or the NF4 value) and xsum the per-group sum of x.
-// So the inner loop is just "unpack 32 codes to floats, FMA with x"; the scale and zero point are
-// applied once per group (a vector FMA and a scalar term), not per weight.
+// For row n, y[t][n] = sum_g s[n][g] * (sum_{k in g} T[q_k] x[t][k] - z[n][g] * xsum[t][g])
+//                      + m[n][g] * xsum[t][g],
+// where T[q] is the raw level of a code (the integer, or the NF4 value), xsum the per-group sum of x
+// (computed once per call) and m the int4_min group minimum. So the inner loop is just "unpack 32
+// codes to floats, FMA with x"; the scale, zero point and min are applied once per group (a vector
+// FMA and a scalar term; the mins as one vector dot product per row), not per weight.
 //
 // 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
 // (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
 // slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, one token,
-// int4: x quantized to int8 and integer dot products, AVX512-VNNI or AVX2 (gemv_int4_int8x).
+// int4 / int4_sym / int4_min / int8: x quantized to int8 and integer dot products, AVX512-VNNI or
+// AVX2 (gemv_int4_int8x, gemv_int8_int8x).
 #include <omp.h>
 
 #include <algorithm>
@@ -194,9 +197,33 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
         for (int t = 0; t < NT; ++t) corr[t] += sz * xsum[t * G + g];
       }
     }
+    if (w.mins) {  // + sum_g m[n][g] * xsum[t][g]: a dot product over the row's groups
+      const float* mrow = w.mins + n * G;
+      #pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        const float* xs = xsum + t * G;
+        VecF md = VecF::zero();
+        int64_t g = 0;
+        for (; g + VL <= G; g += VL) md = VecF::fma(VecF::load(mrow + g), VecF::load(xs + g), md);
+        float m = md.reduce_add();
+        for (; g < G; ++g) m += mrow[g] * xs[g];
+        corr[t] -= m;
+      }
+    }
     #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) y[t * ldy + n] = tot[t].reduce_add() - corr[t];
   }
+}
+
+// v, which the compiler must materialise: keeps a * b + c from being contracted into one FMA where
+// the result must be float32(float32(a * b) + c) bit for bit (int4_min, as GGUF readers compute it).
+inline VecF opaque(VecF v) {
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+  __asm__("" : "+x"(v.v));
+#else
+  __asm__("" : "+m"(v));
+#endif
+  return v;
 }
 
 // Row n dequantized to fp32 (scale and zero applied) into dst[0:K].
@@ -206,19 +233,24 @@ void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
   constexpr int CB = BITS * 4;
   const uint8_t* row = w.codes + n * w.row_bytes;
   for (int64_t g = 0; g < w.groups; ++g) {
-    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g));
+    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
     for (int c = 0; c < chunks; ++c) {
       VecF wv[CV];
       decode<BITS, NF4>(row + (g * chunks + c) * CB, tab, wv);
       float* d = dst + (g * chunks + c) * 32;
-      #pragma GCC unroll 16
-      for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+      if (w.mins) {
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
+      } else {
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+      }
     }
   }
 }
 
 // Several tokens: y[t * ldy + n] += partial dot over chunks [c0, c1) for rows [n0, n1) x NT tokens
-// (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s - z * s) and
+// (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s + (m - z * s)) and
 // reused by all NT tokens, and FR rows share each x load.
 template <int BITS, bool NF4, int NT, int R>
 void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1, int64_t n0,
@@ -239,7 +271,7 @@ void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
         #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const float sc = w.scale(n + r, gcur);
-          vs[r] = VecF::set1(sc), vb[r] = VecF::set1(-sc * w.zero(n + r, gcur));
+          vs[r] = VecF::set1(sc), vb[r] = VecF::set1(w.min(n + r, gcur) - sc * w.zero(n + r, gcur));
         }
       }
       VecF wv[R][CV];
@@ -288,7 +320,8 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
 // its high nibbles weights 16-31, so x is rearranged once into the same order (xa: per 4-chunk
 // block, 64 bytes of "low" x then 64 of "high" x). vpdpbusd sums 4 neighbouring bytes into a 32-bit
 // lane, so lanes 4c..4c+3 belong to chunk c: one per-lane scale vector applies the group scales.
-// y[n] = dx * (sum_c s_c * dot_c - sum_g s_g * z_g * xsum_g), z including the symmetric offset.
+// y[n] = dx * (sum_c s_c * dot_c - sum_g (s_g * z_g - m_g) * xsum_g), z including the symmetric
+// offset, m the int4_min mins (0 otherwise).
 __attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx,
                                                              const float* xsum, int64_t n0, int64_t n1, float* y) {
   const int64_t chunks = w.cols / 32, G = w.groups;
@@ -314,9 +347,65 @@ __attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, c
       const __m512 sv = _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + g0));
       accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sv), accf);
     }
-    float corr = 0.0f;
-    for (int64_t g = 0; g < G; ++g) corr += srow[g] * w.zero(n, g) * xsum[g];
+    float corr = 0.0f;  // zero points and int4_min mins, on the int8 x sums
+    for (int64_t g = 0; g < G; ++g) corr += (srow[g] * w.zero(n, g) - w.min(n, g)) * xsum[g];
     y[n] = dx * (_mm512_reduce_add_ps(accf) - corr);
+  }
+}
+
+// int8 weights x int8 activations (x in natural order, xq padded with zeros to a multiple of 64).
+// vpdpbusd multiplies unsigned by signed bytes, so the sign of each weight moves onto x:
+// w * x = |w| * (sign(w) x), with |-128| = 128 read as unsigned. Lanes 4j..4j+3 of a 64-byte step
+// sum bytes 16j.. of it: lanes 0-7 are its first chunk, 8-15 its second. Integer sums run over at
+// most kFlush steps (no int32 overflow: 4 * 128 * 127 per step and lane), then go to fp32 scaled.
+constexpr int64_t kFlush = 1024;
+
+__attribute__((target("avx512vnni"))) inline __m512i dot64_s8s8(const __m512i& acc, __m512i wv, __m512i xv) {
+  const __mmask64 neg = _mm512_movepi8_mask(wv);
+  const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+  return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(wv), xs);
+}
+
+__attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, const int8_t* xq, float dx,
+                                                             int64_t n0, int64_t n1, float* y) {
+  const int64_t K = w.cols, G = w.groups, gs = w.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+    const float* srow = w.scales + n * G;
+    __m512 accf = _mm512_setzero_ps();
+    if (gs == 32) {  // 4 groups (two 64-byte steps) per scale load
+      const __m512i lo2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m512i hi2 = _mm512_add_epi32(lo2, _mm512_set1_epi32(2));
+      for (int64_t k = 0; k < K; k += 128) {
+        const int64_t left = K - k;  // a multiple of 32
+        const __mmask64 m0 = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+        const __mmask64 m1 = left >= 128 ? ~__mmask64(0) : left > 64 ? (__mmask64(1) << (left - 64)) - 1 : 0;
+        const __m512i d0 = dot64_s8s8(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(m0, row + k),
+                                      _mm512_loadu_si512(xq + k));
+        const __m512i d1 = dot64_s8s8(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(m1, row + k + 64),
+                                      _mm512_maskz_loadu_epi8(m1, xq + k + 64));
+        const int ng = int(std::min<int64_t>(4, left / 32));
+        const __m512 sv = _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + k / 32));
+        accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(lo2, sv), accf);
+        accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(hi2, sv), accf);
+      }
+    } else {  // groups of 64, 128 or the whole row: whole 64-byte steps, except a 32-byte row tail
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k1 = (g + 1) * gs;
+        for (int64_t k0 = g * gs; k0 < k1; k0 += 64 * kFlush) {
+          const int64_t ke = std::min(k1, k0 + 64 * kFlush);
+          __m512i acc = _mm512_setzero_si512();
+          int64_t k = k0;
+          for (; k + 64 <= ke; k += 64)
+            acc = dot64_s8s8(acc, _mm512_loadu_si512(row + k), _mm512_loadu_si512(xq + k));
+          if (k < ke)
+            acc = dot64_s8s8(acc, _mm512_maskz_loadu_epi8((__mmask64(1) << (ke - k)) - 1, row + k),
+                             _mm512_loadu_si512(xq + k));
+          accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(srow[g]), accf);
+        }
+      }
+    }
+    y[n] = dx * _mm512_reduce_add_ps(accf);
   }
 }
 
@@ -330,6 +419,36 @@ bool int8_dots_available() {
 
 #elif defined(MK_ISA_AVX2)
 inline bool int8_dots_available() { return true; }
+
+// int8 x int8 on AVX2: vpmaddubsw takes |w| (unsigned; |-128| = 128) and sign(w) * x (vpsignb), pair
+// sums at most 2 * 128 * 127 (no saturation), then vpmaddwd with ones gives 8 int32 lanes per chunk.
+constexpr int64_t kFlush = 2048;  // chunks summed in int32 before going to fp32 (no overflow)
+
+inline __m256i dot32_s8s8(const int8_t* wp, const int8_t* xp) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+  const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+void gemv_int8_int8x(const QuantView& w, const int8_t* xq, float dx, int64_t n0, int64_t n1, float* y) {
+  const int64_t G = w.groups, gs = w.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+    const float* srow = w.scales + n * G;
+    __m256 accf = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k1 = (g + 1) * gs;
+      for (int64_t k0 = g * gs; k0 < k1; k0 += 32 * kFlush) {
+        const int64_t ke = std::min(k1, k0 + 32 * kFlush);
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t k = k0; k < ke; k += 32) acc = _mm256_add_epi32(acc, dot32_s8s8(row + k, xq + k));
+        accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(srow[g]), accf);
+      }
+    }
+    y[n] = dx * VecF{accf}.reduce_add();
+  }
+}
 
 // AVX2 form of the VNNI gemv_int4_int8x over the same x layout: vpmaddubsw (u8 x s8 -> pairs summed in s16;
 // at most 2 * 15 * 127, no saturation) then vpmaddwd with ones also sums 4 neighbouring bytes per
@@ -366,14 +485,24 @@ void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx, const float
         accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2(row, c)), sv, accf);
       }
     }
-    float corr = 0.0f;
-    for (int64_t g = 0; g < G; ++g) corr += srow[g] * w.zero(n, g) * xsum[g];
+    float corr = 0.0f;  // zero points and int4_min mins, on the int8 x sums
+    for (int64_t g = 0; g < G; ++g) corr += (srow[g] * w.zero(n, g) - w.min(n, g)) * xsum[g];
     y[n] = dx * (VecF{accf}.reduce_add() - corr);
   }
 }
 #endif
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+// Quantizes x (one token) to int8 in natural order, padded with zeros to a multiple of 64 (int8 weights).
+void prepare_int8_x_linear(const float* x, int64_t K, std::vector<int8_t>& xq, float& dx) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  dx = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const float inv = 1.0f / dx;
+  xq.assign(size_t((K + 63) / 64 * 64), 0);
+  for (int64_t k = 0; k < K; ++k) xq[size_t(k)] = int8_t(std::lrint(x[k] * inv));
+}
+
 // Quantizes x (one token) to int8 in the VNNI block order; per-group sums of the int8 values.
 void prepare_int8_x(const float* x, int64_t K, int group, std::vector<int8_t>& xa, std::vector<float>& xsum,
                     float& dx) {
@@ -403,6 +532,21 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int threads = num_threads();
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+  if constexpr (BITS == 8) {
+    if (T == 1 && p.int8_activations && int8_dots_available()) {
+      std::vector<int8_t> xq;
+      std::vector<float> y(static_cast<size_t>(N));
+      float dx = 1.0f;
+      prepare_int8_x_linear(x, K, xq, dx);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+        gemv_int8_int8x(w, xq.data(), dx, n0, n1, y.data());
+        store_rows(p, bias, 0, n0, n1, y.data() + n0);
+      }
+      return;
+    }
+  }
   if constexpr (BITS == 4 && !NF4) {
     if (T == 1 && p.int8_activations && int8_dots_available()) {
       std::vector<int8_t> xa;
