@@ -151,6 +151,44 @@ inline void decode(const uint8_t* src, const Table& tab, VecF (&w)[CV]) {
 #endif
 }
 
+// sum_g (s[n][g] * z[n][g] - m[n][g]) * xsum[g] over row n's groups: the zero-point and min terms
+// of one output, vectorised over the groups (z includes the symmetric offset). Needs fp32 scales
+// (every format with a zero point or a min has them).
+inline float group_corr(const QuantView& w, int64_t n, const float* xsum) {
+  const int64_t G = w.groups;
+  const float* s = w.scales + n * G;
+  const uint8_t* z = w.zeros ? w.zeros + n * G : nullptr;
+  const float* m = w.mins ? w.mins + n * G : nullptr;
+  const float off = w.code_offset;
+  int64_t g = 0;
+  float tot = 0.0f;
+#if defined(MK_ISA_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (G - g)) - 1);
+    __m512 zv = _mm512_set1_ps(off);
+    if (z) zv = _mm512_add_ps(zv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, z + g))));
+    __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + g), zv);
+    if (m) t = _mm512_sub_ps(t, _mm512_maskz_loadu_ps(k, m + g));
+    acc = _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(k, xsum + g), acc);
+  }
+  tot = _mm512_reduce_add_ps(acc);
+#elif defined(MK_ISA_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8) {
+    __m256 zv = _mm256_set1_ps(off);
+    if (z) zv = _mm256_add_ps(zv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                       reinterpret_cast<const __m128i*>(z + g)))));
+    __m256 t = _mm256_mul_ps(_mm256_loadu_ps(s + g), zv);
+    if (m) t = _mm256_sub_ps(t, _mm256_loadu_ps(m + g));
+    acc = _mm256_fmadd_ps(t, _mm256_loadu_ps(xsum + g), acc);
+  }
+  tot = VecF{acc}.reduce_add();
+#endif
+  for (; g < G; ++g) tot += (s[g] * ((z ? float(z[g]) : 0.0f) + off) - (m ? m[g] : 0.0f)) * xsum[g];
+  return tot;
+}
+
 // Fused unpack + dot over rows [n0, n1) for NT tokens: y[t * ldy + n].
 template <int BITS, bool NF4, int NT>
 void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, const float* xsum, int64_t n0,
@@ -158,13 +196,12 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
   const int64_t G = w.groups;
   const int chunks = w.group_size / 32;
   constexpr int CB = BITS * 4;  // bytes per chunk
-  const bool has_zero = w.zeros != nullptr || w.code_offset != 0.0f;
+  const bool has_corr = w.zeros != nullptr || w.code_offset != 0.0f || w.mins != nullptr;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes;
     VecF tot[NT];
-    float corr[NT];
     #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) tot[t] = VecF::zero(), corr[t] = 0.0f;
+    for (int t = 0; t < NT; ++t) tot[t] = VecF::zero();
     for (int64_t g = 0; g < G; ++g) {
       VecF acc[NT][CV];
       #pragma GCC unroll 16
@@ -191,27 +228,10 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
         for (int i = 1; i < CV; ++i) a = a + acc[t][i];
         tot[t] = VecF::fma(vs, a, tot[t]);
       }
-      if (has_zero) {
-        const float sz = s * w.zero(n, g);
-        #pragma GCC unroll 16
-        for (int t = 0; t < NT; ++t) corr[t] += sz * xsum[t * G + g];
-      }
-    }
-    if (w.mins) {  // + sum_g m[n][g] * xsum[t][g]: a dot product over the row's groups
-      const float* mrow = w.mins + n * G;
-      #pragma GCC unroll 16
-      for (int t = 0; t < NT; ++t) {
-        const float* xs = xsum + t * G;
-        VecF md = VecF::zero();
-        int64_t g = 0;
-        for (; g + VL <= G; g += VL) md = VecF::fma(VecF::load(mrow + g), VecF::load(xs + g), md);
-        float m = md.reduce_add();
-        for (; g < G; ++g) m += mrow[g] * xs[g];
-        corr[t] -= m;
-      }
     }
     #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) y[t * ldy + n] = tot[t].reduce_add() - corr[t];
+    for (int t = 0; t < NT; ++t)
+      y[t * ldy + n] = tot[t].reduce_add() - (has_corr ? group_corr(w, n, xsum + t * G) : 0.0f);
   }
 }
 
@@ -347,8 +367,7 @@ __attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, c
       const __m512 sv = _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + g0));
       accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sv), accf);
     }
-    float corr = 0.0f;  // zero points and int4_min mins, on the int8 x sums
-    for (int64_t g = 0; g < G; ++g) corr += (srow[g] * w.zero(n, g) - w.min(n, g)) * xsum[g];
+    const float corr = group_corr(w, n, xsum);  // zero points and int4_min mins, on the int8 x sums
     y[n] = dx * (_mm512_reduce_add_ps(accf) - corr);
   }
 }
@@ -485,8 +504,7 @@ void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx, const float
         accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2(row, c)), sv, accf);
       }
     }
-    float corr = 0.0f;  // zero points and int4_min mins, on the int8 x sums
-    for (int64_t g = 0; g < G; ++g) corr += (srow[g] * w.zero(n, g) - w.min(n, g)) * xsum[g];
+    const float corr = group_corr(w, n, xsum);  // zero points and int4_min mins, on the int8 x sums
     y[n] = dx * (VecF{accf}.reduce_add() - corr);
   }
 }
