@@ -9,7 +9,7 @@ Prints Markdown tables: time per call (best of the repetitions), the stored byte
 the ratios peer time / our time ("numpy/ours", "torch fp32/ours", "torch bf16/ours" on the CPU,
 "cublas/ours" against torch fp16 on the GPU; > 1 means memkernels is faster). --quick: int4 g128
 and one shape only. "+i8x": int8_activations=True (activations quantized to int8 per token, VNNI
-dot products; batch 1 only, where it applies).
+dot products; batches up to 8, where it applies).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def cpu(args):
                 variants = []
                 for f, g in formats:
                     variants.append((f, g, False))
-                    if b == 1 and (f, g) in i8x:
+                    if b <= 8 and (f, g) in i8x:
                         variants.append((f, g, True))  # x quantized to int8 on the fly (VNNI)
                 for f, g, i8 in variants:
                     qm = qms[(f, g)]

@@ -90,9 +90,9 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_acti
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
     int8_activations: quantize x to int8 on the fly (one scale per token) and use integer dot
-    products: faster, adds at most ``sum_k |w_k| * max|x| / 254`` of error per output. Used for int4,
-    int4_sym, int4_min and int8 with one token on CPUs with AVX512-VNNI or AVX2; ignored (exact
-    path) otherwise.
+    products: faster, adds at most ``sum_k |w_k| * max|x_t| / 254`` of error per output of token t.
+    Used for int4, int4_sym, int4_min and int8 with 1 to 8 tokens on CPUs with AVX512-VNNI or
+    AVX2; ignored (exact path) otherwise (more tokens, other formats, CUDA).
     """
     _check_qm(qm)
     lead = tuple(x.shape[:-1])

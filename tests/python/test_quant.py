@@ -405,6 +405,24 @@ def test_int8_activations_error_bound(fmt, group, k):
         np.testing.assert_array_equal(y, exact)
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int4_sym", 64)])
+def test_int8_activations_several_tokens(isa, fmt, group):
+    n, k = 29, 640 if group != 128 else 768
+    _, qm, d = qm_and_ref(fmt, n, k, group, seed=90)
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    for tokens in (3, 7, 8):
+        X = rng(91 + tokens).standard_normal((tokens, k)).astype(np.float32)
+        out = np.full((tokens, n), np.nan, np.float32)
+        Y = mk.qgemm(X, qm, out=out, int8_activations=True)
+        if not (isa == "avx2" or (isa == "avx512" and vnni)):
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm))
+            continue
+        for t in range(tokens):
+            dx = np.abs(X[t]).max() / 127
+            xq = np.rint(X[t] / np.float32(dx)).astype(np.float64) * dx
+            np.testing.assert_allclose(Y[t], d @ xq, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
+
+
 def test_qgemm_nd_input():
     _, qm, d = qm_and_ref("nf4", 24, 128, 64, seed=40)
     x = rng(41).standard_normal((2, 3, 128)).astype(np.float32)
@@ -576,17 +594,33 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
     assert np.all(np.abs(y - ref) <= bound)
     exact = mk.qgemm(x, qm, bias)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    if isa == "avx2" or (isa == "avx512" and vnni):
+    integer_path = isa == "avx2" or (isa == "avx512" and vnni)
+
+    def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token
+        dx = np.abs(xt).max() / 127
+        return np.rint(xt / np.float32(dx)).astype(np.float64) * dx
+
+    if integer_path:
         assert not np.array_equal(y, exact)  # the int8 path really ran
         # and it is an integer dot product of the rounded x, not an approximation of one
-        dx = np.abs(x).max() / 127
-        xq = np.rint(x / np.float32(dx)).astype(np.float64) * dx
+        xq = rounded(x)
         np.testing.assert_allclose(y, d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
     else:
         np.testing.assert_array_equal(y, exact)
-    # more than one token: the flag is ignored (exact path)
-    x2 = np.stack([x, x[::-1]])
-    np.testing.assert_array_equal(mk.qgemm(x2, qm, int8_activations=True), mk.qgemm(x2, qm))
+    # 2 to 8 tokens share each weight load (each token its own scale); 9 and more: the exact path
+    for tokens in (2, 5, 8, 9):
+        X = (rng(k + tokens).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
+        out = np.full((tokens, n), np.nan, np.float32)
+        Y = mk.qgemm(X, qm, bias, out=out, int8_activations=True)
+        if tokens > 8 or not integer_path:
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias))
+            continue
+        for t in range(tokens):
+            ref = d @ X[t].astype(np.float64) + bias
+            bound = np.abs(d).sum(axis=1) * np.abs(X[t]).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(X[t])) + 1e-5
+            assert np.all(np.abs(Y[t] - ref) <= bound), (tokens, t)
+            xq = rounded(X[t])
+            np.testing.assert_allclose(Y[t], d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
 
 
 @pytest.mark.parametrize("fmt,group", [("int8", 32), ("int8", 128), ("int4_min", 32), ("int4_min", 64)])

@@ -149,8 +149,8 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
   // dot products (AVX512-VNNI or AVX2). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
-  // per output. Honoured for int4 / int4_sym / int4_min / int8 with one token on CPUs with VNNI or
-  // AVX2; ignored elsewhere (the exact path runs).
+  // per output. Honoured for int4 / int4_sym / int4_min / int8 with 1 to 8 tokens on CPUs with VNNI
+  // or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact path runs).
   bool int8_activations = false;
 };
 
