@@ -426,16 +426,12 @@ __attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, c
 }
 
 // int8 weights x int8 activations (x in natural order, zero-padded to a multiple of 64).
-// vpdpbusd multiplies unsigned by signed bytes, so the sign of each weight moves onto x:
-// w * x = |w| * (sign(w) x), with |-128| = 128 read as unsigned. Lanes 4j..4j+3 of a 64-byte step
-// sum bytes 4j.. of it: lanes 0-7 are its first chunk, 8-15 its second. Integer sums run over at
-// most kFlush steps (no int32 overflow: 4 * 128 * 127 per step and lane), then go to fp32 scaled.
+// vpdpbusd multiplies unsigned by signed bytes, so the weights are offset to unsigned: w ^ 0x80 is
+// the byte w + 128, and sum (w + 128) x = sum w x + 128 * xsum, the last term taken off per group
+// with the x sums (group_corr with offset 128). Lanes 4j..4j+3 of a 64-byte step sum bytes 4j.. of
+// it: lanes 0-7 are its first chunk, 8-15 its second. Integer sums run over at most kFlush steps
+// (no int32 overflow: 4 * 255 * 127 per step and lane), then go to fp32 scaled.
 constexpr int64_t kFlush = 1024;
-
-__attribute__((target("avx512vnni"))) inline __m512i dot64_s8s8(__m512i acc, __m512i wabs, __mmask64 neg,
-                                                                  __m512i xv) {
-  return _mm512_dpbusd_epi32(acc, wabs, _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv));
-}
 
 template <int NT>
 __attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, const Int8X& xq, int64_t t0,
@@ -443,6 +439,9 @@ __attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, c
   const int64_t K = w.cols, G = w.groups, gs = w.group_size;
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  QuantView w128 = w;  // the +128 offset of the weight bytes, as a symmetric offset
+  w128.code_offset = 128.0f;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
     const float* srow = w.scales + n * G;
@@ -453,14 +452,14 @@ __attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, c
       const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
       for (int64_t k = 0; k < K; k += 64) {
         const bool full = K - k >= 64;
-        const __m512i wv = full ? _mm512_loadu_si512(row + k) : _mm512_maskz_loadu_epi8(0xffffffffull, row + k);
-        const __mmask64 neg = _mm512_movepi8_mask(wv);
-        const __m512i wabs = _mm512_abs_epi8(wv);
+        // a 32-byte row tail: the missing half reads as 0 ^ 0x80 = 128, times the zero x padding
+        const __m512i wu = _mm512_xor_si512(
+            full ? _mm512_loadu_si512(row + k) : _mm512_maskz_loadu_epi8(0xffffffffull, row + k), flip);
         const __m512 sv = _mm512_permutexvar_ps(
             sel, _mm512_castps128_ps512(_mm_maskz_loadu_ps(full ? 3 : 1, srow + k / 32)));
         #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
-          const __m512i d = dot64_s8s8(_mm512_setzero_si512(), wabs, neg, _mm512_loadu_si512(xr[t] + k));
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xr[t] + k));
           accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, accf[t]);
         }
       }
@@ -473,12 +472,13 @@ __attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, c
           #pragma GCC unroll 8
           for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_si512();
           for (int64_t k = k0; k < ke; k += 64) {
-            const __m512i wv = ke - k >= 64 ? _mm512_loadu_si512(row + k)
-                                            : _mm512_maskz_loadu_epi8((__mmask64(1) << (ke - k)) - 1, row + k);
-            const __mmask64 neg = _mm512_movepi8_mask(wv);
-            const __m512i wabs = _mm512_abs_epi8(wv);
+            // a 32-byte row tail meets zero x padding: whatever its other half holds adds 0
+            const __m512i wu = _mm512_xor_si512(
+                ke - k >= 64 ? _mm512_loadu_si512(row + k)
+                             : _mm512_maskz_loadu_epi8((__mmask64(1) << (ke - k)) - 1, row + k),
+                flip);
             #pragma GCC unroll 8
-            for (int t = 0; t < NT; ++t) acc[t] = dot64_s8s8(acc[t], wabs, neg, _mm512_loadu_si512(xr[t] + k));
+            for (int t = 0; t < NT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], wu, _mm512_loadu_si512(xr[t] + k));
           }
           const __m512 sv = _mm512_set1_ps(srow[g]);
           #pragma GCC unroll 8
@@ -486,7 +486,9 @@ __attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, c
         }
       }
     }
-    for (int t = 0; t < NT; ++t) y[(t0 + t) * ldy + n] = xq.scale[size_t(t0 + t)] * _mm512_reduce_add_ps(accf[t]);
+    for (int t = 0; t < NT; ++t)
+      y[(t0 + t) * ldy + n] =
+          xq.scale[size_t(t0 + t)] * (_mm512_reduce_add_ps(accf[t]) - group_corr(w128, n, xq.sums(t0 + t)));
   }
 }
 
