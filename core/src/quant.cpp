@@ -125,10 +125,11 @@ void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* sca
     // w = s * q + m with m the group minimum: q = round((w - m) / s) in [0, 15]
     float lo = w[0], hi = w[0];
     for (int i = 1; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
-    const float s = (hi - lo) / 15.0f;
-    const float inv = s > 0.0f ? 1.0f / s : 0.0f;  // a constant group: s = 0, every q = 0, w = m exactly
+    // in double: hi - lo can overflow float for weights near its range
+    const float s = float((double(hi) - double(lo)) / 15.0);
+    const double inv = s > 0.0f ? 1.0 / double(s) : 0.0;  // a constant group: s = 0, every q = 0, w = m exactly
     for (int i = 0; i < n; ++i)
-      q[i] = uint8_t(std::min(std::max(std::nearbyint((w[i] - lo) * inv), 0.0f), 15.0f));
+      q[i] = uint8_t(std::min(std::max(std::nearbyint((double(w[i]) - double(lo)) * inv), 0.0), 15.0));
     *scale = s;
     *min = lo;
     return;

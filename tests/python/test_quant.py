@@ -488,6 +488,16 @@ def test_int4_min_constant_group_is_exact():
     assert (d[1, :32] == 0.75).all() and (d[2, 32:] == -2.5).all()
 
 
+def test_int4_min_huge_range_stays_finite():
+    # weights near the float32 range: scale, codes and dequantized values stay finite and in bound
+    w = np.tile(np.array([-1.6e38, 1.6e38, 0.0, 1e30] * 8, np.float32), (2, 1))
+    qm = mk.quantize(w, "int4_min", group_size=32)
+    assert np.isfinite(qm.scales()).all()
+    d = mk.dequantize(qm).astype(np.float64)
+    assert np.isfinite(d).all()
+    assert np.abs(d - w).max() <= 0.5 * qm.scales().max() * 1.001
+
+
 def test_bits_per_weight_new_formats():
     w = rng(52).standard_normal((64, 1024)).astype(np.float32)
     assert mk.quantize(w, "int8", group_size=32).bits_per_weight == pytest.approx(8 + 32 / 32)
