@@ -15,8 +15,9 @@
 //   nf4       group-wise NormalFloat-4 (QLoRA): w = s[n][g] * NF4[q] with s = absmax of the group;
 //             double_quant stores the scales as int8: s = scale_offset + step[j / 256] * c[j],
 //             j = n * groups + g, one fp32 step per 256 scales.
-// Round-to-nearest; asymmetric ranges always include 0 (so 0 is exact), symmetric scales are
-// absmax / (2^(b-1) - 1). Bound on |w - dequantize(w)|: s / 2 (int formats), s * 0.152 (nf4, half
+// Round-to-nearest; int4/3/2 ranges always include 0 (so 0 is exact; int4_min's range is the
+// group's own [min, max]), symmetric scales are absmax / (2^(b-1) - 1). Format ids in the header
+// are the QuantFormat values. Bound on |w - dequantize(w)|: s / 2 (int formats), s * 0.152 (nf4, half
 // the widest NF4 gap), plus the scale error for double_quant.
 //
 // Packed layout (CPU and CUDA share it; serialise writes it as is). Each row's K codes are cut
