@@ -4,6 +4,9 @@
 // 16-wide k step, and with 32-weight chunks whose byte i holds weights i and i + 16 (4-bit), or
 // i, i+8, i+16, i+24 (2/3-bit), those and the next k step's come from the same two bytes.
 //
+// Every format is w = s * (T[q] - z) + m per group: T the integer code or NF4 level, z the zero
+// point (or the symmetric offset), m the int4_min minimum (0 otherwise); int8 may be per channel
+// (one group per row) or grouped, which the kernels see only as group_size.
 // Paths:
 //  - GEMV (tokens <= 4, and float32 x): a warp per output row, each lane a 32-weight chunk per
 //    step (16 contiguous bytes for int4: a warp reads 512 coalesced bytes), fp32 FMAs, warp sum.
@@ -35,6 +38,11 @@ __device__ __forceinline__ float dev_scale(const QuantView& w, int64_t n, int64_
 
 __device__ __forceinline__ float dev_zero(const QuantView& w, int64_t n, int64_t g) {
   return (w.zeros ? float(__ldg(w.zeros + n * w.groups + g)) : 0.0f) + w.code_offset;
+}
+
+// int4_min's group minimum (0 for the other formats): w = s * (T[q] - z) + m.
+__device__ __forceinline__ float dev_min(const QuantView& w, int64_t n, int64_t g) {
+  return w.mins ? __ldg(w.mins + n * w.groups + g) : 0.0f;
 }
 
 template <bool NF4>
@@ -159,7 +167,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     float e[32];
     decode32<BITS, NF4>(row + ch * CB, nf4, e);
     const int64_t g = ch / cpg;
-    const float s = dev_scale(w, n, g), z = dev_zero(w, n, g);
+    const float s = dev_scale(w, n, g), z = dev_zero(w, n, g), m = dev_min(w, n, g);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (t0 + t >= tokens) break;
@@ -168,7 +176,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       float d = 0.0f, sx = 0.0f;
 #pragma unroll
       for (int i = 0; i < 32; ++i) d = fmaf(e[i], xv[i], d), sx += xv[i];
-      acc[t] = fmaf(s, d - z * sx, acc[t]);
+      // chunk sum of s * (T[q] - z) + m times x
+      acc[t] = fmaf(m, sx, fmaf(s, d - z * sx, acc[t]));
     }
   }
 #pragma unroll
@@ -245,20 +254,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   for (int j = 0; j < NT8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   int64_t gcur = -1;
-  float sA = 0.0f, zA = 0.0f, sB = 0.0f, zB = 0.0f;
+  float sA = 0.0f, zA = 0.0f, sB = 0.0f, zB = 0.0f, mA = 0.0f, mB = 0.0f;
 #pragma unroll 2
   for (int64_t ch = ch0; ch < ch1; ++ch) {
     const int64_t g = ch / cpg;
     if (g != gcur) {
       gcur = g;
-      sA = dev_scale(w, rA, g), zA = dev_zero(w, rA, g);
-      sB = dev_scale(w, rB, g), zB = dev_zero(w, rB, g);
+      sA = dev_scale(w, rA, g), zA = dev_zero(w, rA, g), mA = dev_min(w, rA, g);
+      sB = dev_scale(w, rB, g), zB = dev_zero(w, rB, g), mB = dev_min(w, rB, g);
     }
     float eA[8], eB[8];
     decode8<BITS, NF4>(rowA + ch * CB, c, nf4, eA);
     decode8<BITS, NF4>(rowB + ch * CB, c, nf4, eB);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) eA[i] = (eA[i] - zA) * sA, eB[i] = (eB[i] - zB) * sB;
+    for (int i = 0; i < 8; ++i) eA[i] = fmaf(eA[i] - zA, sA, mA), eB[i] = fmaf(eB[i] - zB, sB, mB);
     // A fragments of the two k16 steps: {row g k c..c+1, row g+8 k c..c+1, row g k c+8.., row g+8 k c+8..}
     const uint32_t a0[4] = {pack2<T>(eA[0], eA[1]), pack2<T>(eB[0], eB[1]), pack2<T>(eA[2], eA[3]),
                             pack2<T>(eB[2], eB[3])};
@@ -305,10 +314,12 @@ __global__ void dequant_kernel(QuantView w, T* __restrict__ out) {
   const int64_t n = id / chunks, ch = id % chunks, g = ch / (w.group_size / 32);
   float e[32];
   decode32<BITS, NF4>(w.codes + n * w.row_bytes + ch * BITS * 4, nf4, e);
-  const float s = dev_scale(w, n, g), z = dev_zero(w, n, g);
+  const float s = dev_scale(w, n, g), z = dev_zero(w, n, g), m = dev_min(w, n, g);
   T* dst = out + n * w.cols + ch * 32;
+  // float32(float32((T[q] - z) * s) + m), never fused into one FMA: bit for bit the CPU result (and
+  // GGUF's dequantization for int4_min); m = 0 adds nothing for the other formats.
 #pragma unroll
-  for (int i = 0; i < 32; ++i) dst[i] = from_float<T>((e[i] - z) * s);
+  for (int i = 0; i < 32; ++i) dst[i] = from_float<T>(__fadd_rn(__fmul_rn(e[i] - z, s), m));
 }
 
 // Calls fn.template operator()<BITS, NF4>() for the format.

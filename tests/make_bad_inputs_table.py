@@ -149,7 +149,7 @@ def main():
     case(qt, "in_features not a multiple of group_size", lambda: mk.quantize(f32(8, 200), "int4", group_size=128))
     case(qt, "group_size 48", lambda: mk.quantize(w, "int4", group_size=48))
     case(qt, "group_size 0", lambda: mk.quantize(w, "int4", group_size=0))
-    case(qt, "int8 with a group size", lambda: mk.quantize(w, "int8", group_size=64))
+    case(qt, "int8 with group size 48", lambda: mk.quantize(w, "int8", group_size=48))
     case(qt, "format 'int5'", lambda: mk.quantize(w, "int5"))
     case(qt, "double_quant with int4", lambda: mk.quantize(w, "int4", double_quant=True))
     case(qt, "1-D w", lambda: mk.quantize(w[0], "int4"))
@@ -165,8 +165,22 @@ def main():
     case(qg, "float16 bias, float32 x", lambda: mk.qgemm(x, qm, np.zeros(16, np.float16)))
     case(qg, "out of the wrong shape", lambda: mk.qgemm(x, qm, out=np.zeros((2, 15), np.float32)))
     case(qg, "a dense array for qm", lambda: mk.qgemm(x, np.zeros((16, 256), np.float32)))
-    case("pack_quantized", "nf4 scales of zeros", lambda: mk.pack_quantized(
-        "nf4", np.zeros((4, 64), np.uint8), np.zeros((4, 2), np.float32), group_size=32))
+    case("pack_quantized", "nf4 scales with a NaN", lambda: mk.pack_quantized(
+        "nf4", np.zeros((4, 64), np.uint8), np.full((4, 2), np.nan, np.float32), group_size=32))
+    case("pack_quantized", "int4_min without mins", lambda: mk.pack_quantized(
+        "int4_min", np.zeros((4, 64), np.uint8), np.ones((4, 2), np.float32), group_size=32))
+    case("pack_quantized", "int4_min mins of shape (4, 3)", lambda: mk.pack_quantized(
+        "int4_min", np.zeros((4, 64), np.uint8), np.ones((4, 2), np.float32), mins=np.zeros((4, 3), np.float32),
+        group_size=32))
+    case("pack_quantized", "int4_min int32 mins", lambda: mk.pack_quantized(
+        "int4_min", np.zeros((4, 64), np.uint8), np.ones((4, 2), np.float32), mins=np.zeros((4, 2), np.int32),
+        group_size=32))
+    case("pack_quantized", "int4_min mins with an infinity", lambda: mk.pack_quantized(
+        "int4_min", np.zeros((4, 64), np.uint8), np.ones((4, 2), np.float32), mins=np.full((4, 2), np.inf, np.float32),
+        group_size=32))
+    case("pack_quantized", "mins given to int4_sym", lambda: mk.pack_quantized(
+        "int4_sym", np.zeros((4, 64), np.uint8), np.ones((4, 2), np.float32), mins=np.zeros((4, 2), np.float32),
+        group_size=32))
     case("pack_quantized", "int2 zero points >= 4", lambda: mk.pack_quantized(
         "int2", np.zeros((4, 64), np.uint8), np.ones((4, 2), np.float32), np.full((4, 2), 4, np.uint8), group_size=32))
     b = bytearray(qm.to_bytes())

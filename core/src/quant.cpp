@@ -37,7 +37,7 @@ constexpr float kNF4[16] = {-1.0f,
                             1.0f};
 
 constexpr const char* kNames[kNumQuantFormats] = {"int8", "int4", "int4_sym", "int3", "int3_sym",
-                                                  "int2", "int2_sym", "nf4"};
+                                                  "int2", "int2_sym", "nf4", "int4_min"};
 
 size_t align64(size_t x) { return (x + 63) / 64 * 64; }
 
@@ -76,13 +76,15 @@ int resolve_group(QuantFormat f, int64_t rows, int64_t cols, int group_size, boo
         c + ": matrix (" + str(rows) + ", " + str(cols) + ") is too large");
   check(!double_quant || f == QuantFormat::NF4, kind,
         c + ": double_quant applies to nf4 only, not " + quant_format_name(f));
-  if (f == QuantFormat::Int8) {
-    check(group_size == 0 || group_size == cols, kind,
-          c + ": int8 is quantized per output channel; group_size must be 0/None or in_features (" + str(cols) +
-              "), got " + str(group_size));
+  if (f == QuantFormat::Int8 && (group_size == 0 || group_size == cols)) {
+    // per output channel (the default): one group spanning the row
     check(cols % 32 == 0, kind, c + ": int8 needs in_features to be a multiple of 32, got " + str(cols));
     return int(cols);
   }
+  if (f == QuantFormat::Int8)
+    check(group_size == 32 || group_size == 64 || group_size == 128, kind,
+          c + ": int8 is quantized per output channel (group_size 0/None or in_features, " + str(cols) +
+              ") or in groups of 32, 64 or 128; got group_size " + str(group_size));
   const int g = group_size == 0 ? 128 : group_size;
   check(g == 32 || g == 64 || g == 128, kind,
         c + ": group_size must be 32, 64 or 128 for " + quant_format_name(f) + ", got " + str(group_size));
@@ -116,9 +118,22 @@ uint8_t nearest_nf4(float v) {
   return uint8_t(q);
 }
 
-// Quantizes one group of `n` weights: codes into q[], scale (and zero) out.
-void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* scale, uint8_t* zero) {
+// Quantizes one group of `n` weights: codes into q[], scale (and zero or min) out.
+void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* scale, uint8_t* zero, float* min) {
   const int bits = quant_bits(f);
+  if (f == QuantFormat::Int4Min) {
+    // w = s * q + m with m the group minimum: q = round((w - m) / s) in [0, 15]
+    float lo = w[0], hi = w[0];
+    for (int i = 1; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
+    // in double: hi - lo can overflow float for weights near its range
+    const float s = float((double(hi) - double(lo)) / 15.0);
+    const double inv = s > 0.0f ? 1.0 / double(s) : 0.0;  // a constant group: s = 0, every q = 0, w = m exactly
+    for (int i = 0; i < n; ++i)
+      q[i] = uint8_t(std::min(std::max(std::nearbyint((double(w[i]) - double(lo)) * inv), 0.0), 15.0));
+    *scale = s;
+    *min = lo;
+    return;
+  }
   if (f == QuantFormat::NF4 || f == QuantFormat::Int8 || !quant_is_asymmetric(f)) {
     float amax = 0.0f;
     for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(w[i]));
@@ -178,7 +193,8 @@ QuantFormat parse_quant_format(const std::string& name) {
   for (int i = 0; i < kNumQuantFormats; ++i)
     if (name == kNames[i]) return QuantFormat(i);
   throw_error(ErrorKind::Value, "unknown quantization format '" + name +
-                                    "' (expected int8, int4, int4_sym, int3, int3_sym, int2, int2_sym or nf4)");
+                                    "' (expected int8, int4, int4_sym, int4_min, int3, int3_sym, int2, int2_sym "
+                                    "or nf4)");
 }
 
 int quant_bits(QuantFormat f) {
@@ -195,6 +211,8 @@ int quant_bits(QuantFormat f) {
 bool quant_is_asymmetric(QuantFormat f) {
   return f == QuantFormat::Int4 || f == QuantFormat::Int3 || f == QuantFormat::Int2;
 }
+
+bool quant_has_mins(QuantFormat f) { return f == QuantFormat::Int4Min; }
 
 const float* nf4_codebook() { return kNF4; }
 
@@ -223,6 +241,10 @@ QuantizedMatrix QuantizedMatrix::allocate(QuantFormat f, int64_t rows, int64_t c
   if (quant_is_asymmetric(f)) {
     m.off_zeros_ = off;
     off = align64(off + nscales);
+  }
+  if (quant_has_mins(f)) {
+    m.off_mins_ = off;
+    off = align64(off + nscales * 4);
   }
   m.bytes_ = off;
   void* p = device_malloc(device, off);
@@ -381,6 +403,7 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
   std::vector<float> raw_scales(dq ? size_t(N * G) : 0);
   float* scales = dq ? raw_scales.data() : const_cast<float*>(m.scales());
   uint8_t* zeros = const_cast<uint8_t*>(m.zeros());
+  float* mins = const_cast<float*>(m.mins());
   uint8_t* codes = m.mutable_data();
   const int esize = dtype_size(w.dtype);
   bool finite = true;
@@ -395,8 +418,10 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
       for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(row[k]);
       for (int64_t gi = 0; gi < G; ++gi) {
         uint8_t z = 0;
-        quantize_group(format, row.data() + gi * g, g, q.data() + gi * g, &scales[n * G + gi], &z);
+        float mn = 0.0f;
+        quantize_group(format, row.data() + gi * g, g, q.data() + gi * g, &scales[n * G + gi], &z, &mn);
         if (zeros) zeros[n * G + gi] = z;
+        if (mins) mins[n * G + gi] = mn;
       }
       for (int64_t c = 0; c < K / 32; ++c) pack_chunk(bits, q.data() + c * 32, codes + n * rb + c * (bits * 4));
     }
@@ -408,6 +433,11 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
 
 QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
                                const TensorView* zeros, const QuantOptions& opts) {
+  return pack_quantized(format, codes, scales, zeros, nullptr, opts);
+}
+
+QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
+                               const TensorView* zeros, const TensorView* mins, const QuantOptions& opts) {
   expect_ndim(codes, "codes", 2);
   expect_dtype(codes, "codes", {DType::UInt8, DType::Int8});
   expect_contiguous(codes, "codes");
@@ -422,17 +452,20 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
   expect_shape(scales, "scales", {N, G});
   check(scales.device.is_cpu(), ErrorKind::Value, "pack_quantized: scales must be a CPU array");
   const float* s = scales.ptr<const float>();
+  // Any sign and 0 are fine (GGUF block scales can be negative or 0); NaN and infinity are not.
   for (int64_t j = 0; j < N * G; ++j)
-    check(std::isfinite(s[j]) && s[j] > 0.0f, ErrorKind::Value,
-          "pack_quantized: scales must be finite and > 0; scales[" + str(j / G) + ", " + str(j % G) +
-              "] = " + std::to_string(s[j]));
+    if (!std::isfinite(s[j]))
+      throw Error(ErrorKind::Value, "pack_quantized: scales must be finite; scales[" + str(j / G) + ", " +
+                                        str(j % G) + "] = " + std::to_string(s[j]));
   const int bits = quant_bits(format);
   const uint8_t* q = codes.ptr<const uint8_t>();
   if (format != QuantFormat::Int8) {
+    // The message is built only for a bad code: building it per element made packing a 1B model take minutes.
     for (int64_t i = 0; i < N * K; ++i)
-      check(q[i] < (1u << bits), ErrorKind::Value,
-            "pack_quantized: codes must be < 2^" + str(bits) + " for " + quant_format_name(format) + "; codes[" +
-                str(i / K) + ", " + str(i % K) + "] = " + str(q[i]));
+      if (q[i] >= (1u << bits))
+        throw Error(ErrorKind::Value, "pack_quantized: codes must be < 2^" + str(bits) + " for " +
+                                          quant_format_name(format) + "; codes[" + str(i / K) + ", " + str(i % K) +
+                                          "] = " + str(q[i]));
   }
   if (quant_is_asymmetric(format)) {
     check(zeros != nullptr, ErrorKind::Value,
@@ -448,7 +481,27 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
     std::memcpy(const_cast<uint8_t*>(m.zeros()), z, size_t(N * G));
   } else {
     check(zeros == nullptr, ErrorKind::Value,
-          std::string("pack_quantized: ") + quant_format_name(format) + " is symmetric; pass no zeros");
+          std::string("pack_quantized: ") + quant_format_name(format) + " has no zero points; pass no zeros" +
+              (quant_has_mins(format) ? " (its offsets are the float mins)" : " (it is symmetric)"));
+  }
+  if (quant_has_mins(format)) {
+    check(mins != nullptr, ErrorKind::Value,
+          std::string("pack_quantized: ") + quant_format_name(format) + " needs mins (N, groups) float32");
+    expect_ndim(*mins, "mins", 2);
+    expect_dtype(*mins, "mins", {DType::Float32});
+    expect_contiguous(*mins, "mins");
+    expect_shape(*mins, "mins", {N, G});
+    expect_not_null(*mins, "mins");
+    check(mins->device.is_cpu(), ErrorKind::Value, "pack_quantized: mins must be a CPU array");
+    const float* mn = mins->ptr<const float>();
+    for (int64_t j = 0; j < N * G; ++j)
+      if (!std::isfinite(mn[j]))
+        throw Error(ErrorKind::Value, "pack_quantized: mins must be finite; mins[" + str(j / G) + ", " +
+                                          str(j % G) + "] = " + std::to_string(mn[j]));
+    std::memcpy(const_cast<float*>(m.mins()), mn, size_t(N * G) * 4);
+  } else {
+    check(mins == nullptr, ErrorKind::Value,
+          std::string("pack_quantized: mins apply to int4_min only, not ") + quant_format_name(format));
   }
   if (opts.double_quant) {
     double_quantize_scales(m, std::vector<float>(s, s + N * G));

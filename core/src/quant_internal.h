@@ -20,6 +20,7 @@ struct QuantView {
   const uint8_t* codes = nullptr;
   const float* scales = nullptr;       // [N][groups]; null with double_quant
   const uint8_t* zeros = nullptr;      // [N][groups]; asymmetric formats only
+  const float* mins = nullptr;         // [N][groups]; int4_min only: w = s * (T[q] - zero) + min
   const int8_t* scale_codes = nullptr; // double_quant: [N * groups]
   const float* scale_steps = nullptr;  // double_quant: one per 256 scale codes
   float scale_offset = 0.0f;
@@ -32,6 +33,7 @@ struct QuantView {
     return scales ? scales[j] : scale_offset + scale_steps[j >> 8] * float(scale_codes[j]);
   }
   float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[n * groups + g]) : 0.0f) + code_offset; }
+  float min(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : 0.0f; }
 };
 
 inline QuantView make_quant_view(const QuantizedMatrix& qm) {
@@ -45,6 +47,7 @@ inline QuantView make_quant_view(const QuantizedMatrix& qm) {
   v.codes = qm.codes();
   v.scales = qm.scales();
   v.zeros = qm.zeros();
+  v.mins = qm.mins();
   v.scale_codes = qm.scale_codes();
   v.scale_steps = qm.scale_steps();
   v.scale_offset = qm.scale_offset();

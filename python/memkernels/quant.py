@@ -2,20 +2,26 @@
 
 A weight matrix W of shape (out_features, in_features) is stored in 2 to 8 bits per weight with
 per-group scales; `qgemm(x, qm)` computes ``x @ dequantize(qm).T`` without materialising W in
-float. Formats (``w`` = dequantized weight, ``q`` = stored code, ``s`` / ``z`` = group scale / zero):
+float. Formats (``w`` = dequantized weight, ``q`` = stored code, ``s`` / ``z`` / ``m`` = group
+scale / zero point / minimum):
 
 ==========  ===========================  ======================================================
 format      grouping                     value
 ==========  ===========================  ======================================================
-int8        per output channel           ``s * q``, q in [-127, 127]
+int8        per output channel (default) ``s * q``, q in [-128, 127] (quantize: [-127, 127]);
+            or group 32/64/128           group 32 is GGUF's Q8_0
 int4/3/2    group 32/64/128, asymmetric  ``s * (q - z)``, q, z in [0, 2^bits)
-int*_sym    group 32/64/128, symmetric   ``s * (q - 2^(bits-1))``, s = absmax / (2^(bits-1) - 1)
+int*_sym    group 32/64/128, symmetric   ``s * (q - 2^(bits-1))``, s = absmax / (2^(bits-1) - 1);
+                                         int4_sym group 32 is GGUF's Q4_0
+int4_min    group 32/64/128, float min   ``s * q + m`` (float32(float32(s * q) + m), never
+                                         fused), q in [0, 16), s and m float32; quantize: s =
+                                         (max - min) / 15, m = min. GGUF's Q4_1 and Q4_K
 nf4         group 32/64/128              ``s * NF4[q]``, s = absmax (QLoRA NormalFloat-4);
                                          ``double_quant=True`` stores s itself in int8
 ==========  ===========================  ======================================================
 
-in_features must be a multiple of the group size (of 32 for int8); pad W (and x) with zero
-columns otherwise. The packed layout is documented in ``memkernels/quant.h``.
+in_features must be a multiple of the group size (of 32 for per-channel int8); pad W (and x) with
+zero columns otherwise. The packed layout is documented in ``memkernels/quant.h``.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from ._arrays import check_out, device_of, dtype_name, empty_like, stream_handle
 
 QuantizedMatrix = _C.QuantizedMatrix
 
-FORMATS = ("int8", "int4", "int4_sym", "int3", "int3_sym", "int2", "int2_sym", "nf4")
+FORMATS = ("int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4")
 
 
 def _check_qm(qm):
@@ -40,7 +46,7 @@ def quantize(w, format: str = "int4", *, group_size: int | None = None, double_q
     """Round-to-nearest quantization of w (out_features, in_features), float32/float16/bfloat16 on the CPU.
 
     format: one of FORMATS. group_size: 32, 64 or 128 (default 128) for the grouped formats; int8 is
-    per output channel and takes None. double_quant: nf4 only, stores the group scales in int8 too
+    per output channel by default (None) or takes 32, 64 or 128. double_quant: nf4 only, stores the group scales in int8 too
     (about 0.37 fewer bits per weight at group 64). Returns a CPU QuantizedMatrix; move it to a GPU
     with ``qm.to("cuda")``.
     """
@@ -84,8 +90,9 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_acti
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
     int8_activations: quantize x to int8 on the fly (one scale per token) and use integer dot
-    products: faster, adds at most ``sum_k |w_k| * max|x| / 254`` of error per output. Used for int4 and
-    int4_sym with one token on CPUs with AVX512-VNNI or AVX2; ignored (exact path) otherwise.
+    products: faster, adds at most ``sum_k |w_k| * max|x_t| / 254`` of error per output of token t.
+    Used for int4, int4_sym, int4_min and int8 with 1 to 8 tokens on CPUs with AVX512-VNNI or
+    AVX2; ignored (exact path) otherwise (more tokens, other formats, CUDA).
     """
     _check_qm(qm)
     lead = tuple(x.shape[:-1])
@@ -105,19 +112,35 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_acti
     return out if len(lead) == 1 else out.reshape(lead + (qm.out_features,))
 
 
-def pack_quantized(format: str, codes, scales, zeros=None, *, group_size: int | None = None,
-                   double_quant: bool = False) -> QuantizedMatrix:
-    """A QuantizedMatrix from codes computed elsewhere (e.g. by an external quantizer).
+def _float_param(a, name):
+    """scales / mins as a contiguous float32 array: float16/bfloat16 convert exactly, float64 rounds;
+    a non-float array is a TypeError naming the argument."""
+    arr = np.asarray(a)
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        raise TypeError(f"{name}: expected a float array (float32; float16, bfloat16 and float64 are "
+                        f"converted), got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
-    codes: (out_features, in_features) uint8 codes q (int8 format: the signed values as int8);
-    scales: (out_features, groups) float32 > 0; zeros: (out_features, groups) uint8 for int4/int3/int2
-    (None for the symmetric formats and nf4). Dequantized values follow the table in this module.
+
+def pack_quantized(format: str, codes, scales, zeros=None, *, mins=None, group_size: int | None = None,
+                   double_quant: bool = False) -> QuantizedMatrix:
+    """A QuantizedMatrix from codes computed elsewhere (an external quantizer, a GGUF importer).
+
+    codes: (out_features, in_features) uint8 codes q (int8 format: the signed values, as int8 or as
+    their uint8 bits); scales: (out_features, groups) float, finite, any sign, zero allowed (stored
+    as float32, bit for bit); zeros: (out_features, groups) uint8 for int4/int3/int2 only; mins:
+    (out_features, groups) float, finite, for int4_min only. group_size: 32, 64 or 128 (default
+    128; int8: None = per output channel). Dequantized values follow the table in this module, e.g.
+    GGUF blocks: ``pack_quantized("int8", q8_0_codes, d, group_size=32)``,
+    ``pack_quantized("int4_sym", q4_0_codes, d, group_size=32)``,
+    ``pack_quantized("int4_min", q4_k_codes, d * sc, mins=-dmin * mn, group_size=32)``.
     """
     codes = np.ascontiguousarray(codes)
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    scales = _float_param(scales, "scales")
     zeros = None if zeros is None else np.ascontiguousarray(zeros)
+    mins = None if mins is None else _float_param(mins, "mins")
     gs = 0 if group_size is None else int(group_size)
-    return _C.pack_quantized(format, codes, scales, zeros, gs, bool(double_quant))
+    return _C.pack_quantized(format, codes, scales, zeros, gs, bool(double_quant), mins)
 
 
 def _group_params(fmt: str, bits: int, wg: np.ndarray):
@@ -126,6 +149,9 @@ def _group_params(fmt: str, bits: int, wg: np.ndarray):
     if fmt == "nf4":
         s = np.abs(wg).max(axis=1)
         return np.where(s > 0, s, 1.0), None
+    if fmt == "int4_min":  # returns (scale, min): w = s * q + m
+        lo, hi = wg.min(axis=1), wg.max(axis=1)
+        return (hi - lo) / 15, lo
     if fmt == "int8" or fmt.endswith("_sym"):
         qmax = 2 ** (bits - 1) - 1
         s = np.abs(wg).max(axis=1) / qmax
@@ -143,6 +169,10 @@ def _quantize_column(fmt, bits, w, s, z, levels):
     if fmt == "nf4":
         q = np.abs((w / s)[:, None] - levels[None, :]).argmin(axis=1)
         return q.astype(np.uint8), s * levels[q]
+    if fmt == "int4_min":  # z is the group minimum here
+        safe = np.where(s > 0, s, 1.0)
+        q = np.clip(np.rint((w - z) / safe), 0, 15)
+        return q.astype(np.uint8), (s * q).astype(np.float32).astype(np.float64) + z
     if z is None:
         qmax = 2 ** (bits - 1) - 1
         q = np.clip(np.rint(w / s), -qmax, qmax)
@@ -204,7 +234,7 @@ def quantize_gptq(w, format: str = "int4", *, group_size: int | None = None, hes
     groups = k // g
     codes = np.empty((n, k), np.uint8)
     scales = np.empty((n, groups), np.float64)
-    zeros = np.empty((n, groups), np.float64) if format in ("int4", "int3", "int2") else None
+    zeros = np.empty((n, groups), np.float64) if format in ("int4", "int3", "int2", "int4_min") else None
     bs = max(g, block_size // g * g) if g < k else block_size
     s = z = None
     for b0 in range(0, k, bs):
@@ -222,12 +252,16 @@ def quantize_gptq(w, format: str = "int4", *, group_size: int | None = None, hes
                 if zeros is not None:
                     zeros[:, col // g] = z
             s32 = s.astype(np.float32).astype(np.float64)
-            q, dq = _quantize_column(format, bits, W1[:, i], s32, z, levels)
+            z32 = z.astype(np.float32).astype(np.float64) if format == "int4_min" else z
+            q, dq = _quantize_column(format, bits, W1[:, i], s32, z32, levels)
             codes[:, col] = q
             err = (W1[:, i] - dq) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E[:, i] = err
         W[:, b1:] -= E @ U[b0:b1, b1:]
+    if format == "int4_min":
+        return pack_quantized(format, codes, scales.astype(np.float32), mins=zeros.astype(np.float32),
+                              group_size=group_size)
     return pack_quantized(format, codes.view(np.int8) if format == "int8" else codes, scales.astype(np.float32),
                           None if zeros is None else zeros.astype(np.uint8), group_size=group_size,
                           double_quant=double_quant)

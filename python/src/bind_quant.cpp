@@ -58,6 +58,17 @@ MK_PYTHON_BINDING(quant) {
         size_t shape[2] = {size_t(N), size_t(G)};
         return nb::ndarray<nb::numpy, float, nb::ndim<2>>(data, 2, shape, owner);
       })
+      .def("mins", [](const QuantizedMatrix& q) -> nb::object {
+        // The fp32 group minimums (N, groups) of int4_min (a host copy); None for other formats.
+        if (!quant_has_mins(q.format())) return nb::none();
+        const QuantizedMatrix h = q.to(Device{});
+        const size_t count = size_t(q.rows() * q.groups());
+        float* data = new float[count];
+        std::copy(h.mins(), h.mins() + count, data);
+        nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+        size_t shape[2] = {size_t(q.rows()), size_t(q.groups())};
+        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(data, 2, shape, owner));
+      })
       .def("__repr__", [](const QuantizedMatrix& q) {
         return "QuantizedMatrix(format='" + std::string(quant_format_name(q.format())) + "', shape=(" +
                std::to_string(q.rows()) + ", " + std::to_string(q.cols()) + "), group_size=" +
@@ -86,18 +97,19 @@ MK_PYTHON_BINDING(quant) {
     return quantize(tw, f, o);
   }, nb::arg("w"), nb::arg("format"), nb::arg("group_size"), nb::arg("double_quant"));
   m.def("pack_quantized", [](const std::string& format, nb::handle codes, nb::handle scales, nb::handle zeros,
-                             int group_size, bool double_quant) {
+                             int group_size, bool double_quant, nb::handle mins) {
     ArrayKeeper keep;
     TensorView tc = as_tensor(codes, "codes", keep), ts = as_tensor(scales, "scales", keep);
     std::optional<TensorView> tz = as_optional_tensor(zeros, "zeros", keep);
+    std::optional<TensorView> tm = as_optional_tensor(mins, "mins", keep);
     QuantFormat f = parse_quant_format(format);
     QuantOptions o;
     o.group_size = group_size;
     o.double_quant = double_quant;
     nb::gil_scoped_release release;
-    return pack_quantized(f, tc, ts, tz ? &*tz : nullptr, o);
+    return pack_quantized(f, tc, ts, tz ? &*tz : nullptr, tm ? &*tm : nullptr, o);
   }, nb::arg("format"), nb::arg("codes"), nb::arg("scales"), nb::arg("zeros").none(), nb::arg("group_size"),
-     nb::arg("double_quant"));
+     nb::arg("double_quant"), nb::arg("mins").none() = nb::none());
   m.def("nf4_codebook", []() { return std::vector<float>(nf4_codebook(), nf4_codebook() + 16); });
   m.def("dequantize", [](const QuantizedMatrix& q, nb::handle out, uintptr_t stream) {
     ArrayKeeper keep;

@@ -1,7 +1,9 @@
 // Quantized matrices: quantize -> dequantize error, qgemm against a double reference, serialisation.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -48,8 +50,13 @@ TEST(Quant, QgemmMatchesDequantizedReference) {
   std::vector<float> w = randn(size_t(N * K), 2), bias = randn(size_t(N), 3);
   for (int64_t T : {1, 2, 3, 5, 9}) {
     std::vector<float> x = randn(size_t(T * K), 4 + unsigned(T));
-    for (QuantFormat fmt : {QuantFormat::Int4, QuantFormat::NF4, QuantFormat::Int3Sym, QuantFormat::Int8}) {
-      QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {fmt == QuantFormat::Int8 ? 0 : 64, false});
+    for (int variant = 0; variant < 6; ++variant) {
+      // int8 per channel and in groups of 32, the grouped formats with groups of 64
+      const QuantFormat fmt = std::array<QuantFormat, 6>{QuantFormat::Int4, QuantFormat::NF4, QuantFormat::Int3Sym,
+                                                         QuantFormat::Int8, QuantFormat::Int8,
+                                                         QuantFormat::Int4Min}[size_t(variant)];
+      const int group = variant == 3 ? 0 : variant == 4 ? 32 : 64;
+      QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {group, false});
       std::vector<float> d = deq(q), y(size_t(T * N), NAN);
       TensorView tb(bias.data(), DType::Float32, {N});
       qgemm(TensorView(x.data(), DType::Float32, {T, K}), q, &tb, TensorView(y.data(), DType::Float32, {T, N}));
@@ -164,15 +171,87 @@ TEST(Quant, Int8ActivationsWithinBound) {
   }
 }
 
+// GGUF-style blocks: scales of any sign and 0, int8 codes -128..127, int4_min mins; dequantize is
+// the formula in float32 bit for bit (a product, then a sum), qgemm matches it in double.
+TEST(Quant, PackQuantizedGroupWiseInt8AndInt4Min) {
+  const int64_t N = 9, K = 256, G = K / 32;
+  std::mt19937 rng(40);
+  std::uniform_int_distribution<int> code8(-128, 127), code4(0, 15);
+  std::vector<int8_t> c8(size_t(N * K));
+  std::vector<uint8_t> c4(size_t(N * K));
+  for (auto& c : c8) c = int8_t(code8(rng));
+  for (auto& c : c4) c = uint8_t(code4(rng));
+  std::vector<float> s = randn(size_t(N * G), 41), m = randn(size_t(N * G), 42);
+  s[0] = 0.0f, s[1] = -std::fabs(s[1]), s[5] = -0.0f;
+  QuantOptions o;
+  o.group_size = 32;
+  TensorView ts(s.data(), DType::Float32, {N, G}), tm(m.data(), DType::Float32, {N, G});
+  QuantizedMatrix q8 = pack_quantized(QuantFormat::Int8, TensorView(c8.data(), DType::Int8, {N, K}), ts, nullptr, o);
+  QuantizedMatrix q4 = pack_quantized(QuantFormat::Int4Min, TensorView(c4.data(), DType::UInt8, {N, K}), ts, nullptr,
+                                      &tm, o);
+  EXPECT_EQ(q8.group_size(), 32);
+  ASSERT_NE(q4.mins(), nullptr);
+  EXPECT_EQ(q8.mins(), nullptr);
+  const std::vector<float> d8 = deq(q8), d4 = deq(q4);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const size_t j = size_t(n * G + k / 32), i = size_t(n * K + k);
+      volatile float prod = s[j] * float(c4[i]);  // rounded to float32 before the sum
+      ASSERT_EQ(d8[i], s[j] * float(c8[i])) << n << "," << k;
+      ASSERT_EQ(d4[i], prod + m[j]) << n << "," << k;
+    }
+  const std::vector<uint8_t> b = q4.serialize();
+  QuantizedMatrix r = QuantizedMatrix::deserialize(b.data(), b.size());
+  EXPECT_EQ(r.format(), QuantFormat::Int4Min);
+  EXPECT_EQ(deq(r), d4);
+  for (const std::vector<float>* d : {&d8, &d4}) {
+    const QuantizedMatrix& q = d == &d8 ? q8 : q4;
+    for (int64_t T : {1, 4, 7}) {
+      std::vector<float> x = randn(size_t(T * K), 43 + unsigned(T)), y(size_t(T * N), NAN);
+      qgemm(TensorView(x.data(), DType::Float32, {T, K}), q, nullptr, TensorView(y.data(), DType::Float32, {T, N}));
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0, mag = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            ref += double(x[size_t(t * K + k)]) * (*d)[size_t(n * K + k)];
+            mag += std::fabs(double(x[size_t(t * K + k)]) * (*d)[size_t(n * K + k)]);
+          }
+          ASSERT_NEAR(y[size_t(t * N + n)], ref, 2e-5 * mag + 1e-6) << quant_format_name(q.format()) << " T=" << T;
+        }
+    }
+  }
+  // NaN scales, missing or misshapen mins, mins on another format: Error(Value)
+  std::vector<float> bad = s;
+  bad[3] = NAN;
+  TensorView tbad(bad.data(), DType::Float32, {N, G}), tm2(m.data(), DType::Float32, {N, G - 1});
+  for (int c = 0; c < 4; ++c) {
+    try {
+      if (c == 0) pack_quantized(QuantFormat::Int8, TensorView(c8.data(), DType::Int8, {N, K}), tbad, nullptr, o);
+      if (c == 1) pack_quantized(QuantFormat::Int4Min, TensorView(c4.data(), DType::UInt8, {N, K}), ts, nullptr, o);
+      if (c == 2)
+        pack_quantized(QuantFormat::Int4Min, TensorView(c4.data(), DType::UInt8, {N, K}), ts, nullptr, &tm2, o);
+      if (c == 3)
+        pack_quantized(QuantFormat::Int4Sym, TensorView(c4.data(), DType::UInt8, {N, K}), ts, nullptr, &tm, o);
+      FAIL() << "case " << c << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Value);
+      EXPECT_NE(std::string(e.what()).find(c == 0 ? "scales" : "mins"), std::string::npos) << e.what();
+    }
+  }
+}
+
 // Runs on a GPU machine only: CUDA qgemm (GEMV and mma paths) against the CPU result.
 TEST(Quant, CudaMatchesCpu) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const Device gpu{DeviceType::CUDA, 0};
   const int64_t N = 70, K = 256;
   std::vector<float> w = randn(size_t(N * K), 30);
-  for (QuantFormat fmt : {QuantFormat::Int4, QuantFormat::NF4, QuantFormat::Int3, QuantFormat::Int8}) {
+  for (int variant = 0; variant < 6; ++variant) {
+    const QuantFormat fmt = std::array<QuantFormat, 6>{QuantFormat::Int4, QuantFormat::NF4, QuantFormat::Int3,
+                                                       QuantFormat::Int8, QuantFormat::Int8,
+                                                       QuantFormat::Int4Min}[size_t(variant)];
     QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt,
-                                 {fmt == QuantFormat::Int8 ? 0 : 64, false});
+                                 {variant == 3 ? 0 : variant == 4 ? 32 : 64, false});
     QuantizedMatrix g = q.to(gpu);
     std::vector<float> d = deq(q);
     for (int64_t T : {1, 3, 16}) {

@@ -54,14 +54,18 @@ def test_flash_attention_shapes_dtypes(batch, sq, sk, kvh, group, d, dtype, caus
 
 
 @SETTINGS
-@given(fmt=st.sampled_from(["int8", "int4", "int4_sym", "int3", "int3_sym", "int2", "int2_sym", "nf4"]),
+@given(fmt=st.sampled_from(["int8", "int8_g", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym",
+                           "nf4"]),
        n=st.integers(1, 37), groups=st.integers(1, 4), group=st.sampled_from([32, 64, 128]),
        tokens=st.integers(1, 9), dtype=st.sampled_from(DTYPE_NAMES), bias=st.booleans(), vector=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_qgemm_shapes_dtypes(fmt, n, groups, group, tokens, dtype, bias, vector, seed):
     k = groups * group
     w = _rand(seed, (n, k), "float32")
-    qm = mk.quantize(w, fmt, group_size=None if fmt == "int8" else group)
+    if fmt == "int8_g":  # int8 in groups (GGUF Q8_0 is group 32) rather than per channel
+        qm = mk.quantize(w, "int8", group_size=group)
+    else:
+        qm = mk.quantize(w, fmt, group_size=None if fmt == "int8" else group)
     wq = mk.dequantize(qm).astype(np.float64)  # the exact weights qgemm multiplies by
     x = _rand(seed + 1, (tokens, k), dtype)
     b = _rand(seed + 2, (n,), dtype) if bias else None

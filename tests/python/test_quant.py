@@ -6,7 +6,7 @@ import memkernels as mk
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
-FORMATS = ["int8", "int4", "int4_sym", "int3", "int3_sym", "int2", "int2_sym", "nf4"]
+FORMATS = ["int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4"]
 GROUPED = [f for f in FORMATS if f != "int8"]
 ISAS = [i for i in ("generic", "avx2", "avx512") if ["generic", "avx2", "avx512"].index(i) <=
         ["generic", "avx2", "avx512"].index(mk.info()["best_cpu_isa"])]
@@ -209,7 +209,7 @@ def test_bad_quantize_args():
     with pytest.raises(ValueError, match="group_size"):
         mk.quantize(w, "int4", group_size=0)
     with pytest.raises(ValueError, match="per output channel"):
-        mk.quantize(w, "int8", group_size=64)
+        mk.quantize(w, "int8", group_size=48)
     with pytest.raises(ValueError, match="unknown quantization format"):
         mk.quantize(w, "int5")
     with pytest.raises(ValueError, match="double_quant applies to nf4"):
@@ -344,8 +344,8 @@ def test_pack_quantized_bad_input():
         mk.pack_quantized("int4_sym", codes, scales, np.zeros((4, 2), np.uint8), group_size=32)
     with pytest.raises(ValueError, match="scales"):
         mk.pack_quantized("nf4", codes, np.ones((4, 3), np.float32), group_size=32)
-    with pytest.raises(ValueError, match="finite and > 0"):
-        mk.pack_quantized("nf4", codes, np.zeros((4, 2), np.float32), group_size=32)
+    with pytest.raises(ValueError, match="scales must be finite"):
+        mk.pack_quantized("nf4", codes, np.full((4, 2), np.nan, np.float32), group_size=32)
     with pytest.raises(ValueError, match="zeros must be < 2\\^2"):
         mk.pack_quantized("int2", codes, scales, np.full((4, 2), 4, np.uint8), group_size=32)
 
@@ -405,6 +405,24 @@ def test_int8_activations_error_bound(fmt, group, k):
         np.testing.assert_array_equal(y, exact)
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int4_sym", 64)])
+def test_int8_activations_several_tokens(isa, fmt, group):
+    n, k = 29, 640 if group != 128 else 768
+    _, qm, d = qm_and_ref(fmt, n, k, group, seed=90)
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    for tokens in (3, 7, 8):
+        X = rng(91 + tokens).standard_normal((tokens, k)).astype(np.float32)
+        out = np.full((tokens, n), np.nan, np.float32)
+        Y = mk.qgemm(X, qm, out=out, int8_activations=True)
+        if not (isa == "avx2" or (isa == "avx512" and vnni)):
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm))
+            continue
+        for t in range(tokens):
+            dx = np.abs(X[t]).max() / 127
+            xq = np.rint(X[t] / np.float32(dx)).astype(np.float64) * dx
+            np.testing.assert_allclose(Y[t], d @ xq, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
+
+
 def test_qgemm_nd_input():
     _, qm, d = qm_and_ref("nf4", 24, 128, 64, seed=40)
     x = rng(41).standard_normal((2, 3, 128)).astype(np.float32)
@@ -416,3 +434,316 @@ def test_qgemm_nd_input():
     np.testing.assert_allclose(out, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="out"):
         mk.qgemm(x, qm, out=np.zeros((6, 24), np.float32))
+
+
+# ---- group-wise int8 and int4_min (the GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K import targets) -----------------
+
+NEW = [("int8", 32), ("int8", 64), ("int8", 128), ("int4_min", 32), ("int4_min", 64), ("int4_min", 128)]
+
+
+def packed_case(fmt, n, k, group, seed, raw=False):
+    """Random codes, scales of both signs with some exactly 0 (as GGUF blocks have), and mins: the
+    packed matrix and its float64 value computed here from the formula, not by the library
+    (raw=True: also the float32 codes, scales, mins given)."""
+    r = rng(seed)
+    groups = k // group
+    scales = (r.standard_normal((n, groups)) * 0.1).astype(np.float32)
+    scales[r.random((n, groups)) < 0.1] = 0.0
+    if fmt == "int8":
+        codes = r.integers(-128, 128, (n, k), dtype=np.int8)
+        qm = mk.pack_quantized("int8", codes.view(np.uint8), scales, group_size=group)
+        d = np.repeat(scales.astype(np.float64), group, 1) * codes
+        return (qm, d, (codes, scales, None)) if raw else (qm, d)
+    codes = r.integers(0, 16, (n, k), dtype=np.uint8)
+    mins = r.standard_normal((n, groups)).astype(np.float32)
+    qm = mk.pack_quantized("int4_min", codes, scales, mins=mins, group_size=group)
+    d = (np.repeat(scales, group, 1) * codes.astype(np.float32)).astype(np.float64) + np.repeat(mins, group, 1)
+    return (qm, d, (codes, scales, mins)) if raw else (qm, d)
+
+
+@pytest.mark.parametrize("fmt,group", NEW)
+def test_new_formats_quantize_error_bound(fmt, group):
+    w, qm, d = qm_and_ref(fmt, 23, 384, group, seed=50)
+    assert (qm.format, qm.group_size) == (fmt, group)
+    s = np.repeat(qm.scales().astype(np.float64), group, axis=1)
+    err = np.abs(d - w)
+    assert (err <= s * 0.5 * (1 + 1e-5) + 1e-6).all()
+    assert np.linalg.norm(d - w) / np.linalg.norm(w) < (0.01 if fmt == "int8" else 0.12)
+    if fmt == "int4_min":
+        m = qm.mins()
+        assert m.shape == (23, 384 // group) and m.dtype == np.float32
+        # m is the group minimum, and s = (max - min) / 15
+        wg = w.reshape(23, -1, group)
+        np.testing.assert_array_equal(m, wg.min(axis=2))
+        np.testing.assert_allclose(qm.scales(), (wg.max(axis=2) - wg.min(axis=2)) / 15, rtol=1e-6)
+    else:
+        assert qm.mins() is None
+
+
+def test_int4_min_constant_group_is_exact():
+    w = rng(51).standard_normal((3, 64)).astype(np.float32)
+    w[1, :32] = 0.75
+    w[2, 32:] = -2.5
+    d = mk.dequantize(mk.quantize(w, "int4_min", group_size=32))
+    assert (d[1, :32] == 0.75).all() and (d[2, 32:] == -2.5).all()
+
+
+def test_int4_min_huge_range_stays_finite():
+    # weights near the float32 range: scale, codes and dequantized values stay finite and in bound
+    w = np.tile(np.array([-1.6e38, 1.6e38, 0.0, 1e30] * 8, np.float32), (2, 1))
+    qm = mk.quantize(w, "int4_min", group_size=32)
+    assert np.isfinite(qm.scales()).all()
+    d = mk.dequantize(qm).astype(np.float64)
+    assert np.isfinite(d).all()
+    assert np.abs(d - w).max() <= 0.5 * qm.scales().max() * 1.001
+
+
+def test_bits_per_weight_new_formats():
+    w = rng(52).standard_normal((64, 1024)).astype(np.float32)
+    assert mk.quantize(w, "int8", group_size=32).bits_per_weight == pytest.approx(8 + 32 / 32)
+    assert mk.quantize(w, "int4_min", group_size=32).bits_per_weight == pytest.approx(4 + 64 / 32)
+    assert mk.quantize(w, "int4_min", group_size=128).bits_per_weight == pytest.approx(4 + 64 / 128)
+
+
+@pytest.mark.parametrize("fmt,group", NEW + [("int4_sym", 32)])
+def test_pack_quantized_round_trip_exact(fmt, group):
+    """dequantize(pack_quantized(...)) is the formula evaluated in float32, bit for bit, with
+    negative and zero scales (GGUF's d), int8 codes -128..127 and mins of any sign."""
+    n, k = 13, 4 * group
+    if fmt == "int4_sym":  # GGUF Q4_0: w = d * (q - 8)
+        r = rng(53)
+        codes = r.integers(0, 16, (n, k), dtype=np.uint8)
+        scales = r.standard_normal((n, k // group)).astype(np.float32)
+        scales[0, 0] = 0.0
+        scales[1, :] = -np.abs(scales[1, :])
+        qm = mk.pack_quantized("int4_sym", codes, scales, group_size=group)
+        expect = np.repeat(scales, group, 1) * (codes.astype(np.float32) - np.float32(8))
+    else:
+        qm, _, (codes, scales, mins) = packed_case(fmt, n, k, group, seed=54, raw=True)
+        assert (scales < 0).any() and (scales == 0).any() and (scales > 0).any()
+        if fmt == "int8":
+            expect = np.repeat(scales, group, 1) * codes.astype(np.float32)
+        else:  # float32 product, then float32 sum: what GGUF readers compute
+            expect = np.repeat(scales, group, 1) * codes.astype(np.float32) + np.repeat(mins, group, 1)
+            np.testing.assert_array_equal(qm.mins(), mins)
+    assert expect.dtype == np.float32
+    for isa in ISAS:
+        old = mk.cpu_isa()
+        mk.set_cpu_isa(isa)
+        try:
+            out = np.full((n, k), np.nan, np.float32)
+            got = mk.dequantize(qm, out=out)
+            np.testing.assert_array_equal(got, expect, err_msg=isa)
+        finally:
+            mk.set_cpu_isa(old)
+    np.testing.assert_array_equal(qm.scales(), scales)
+
+
+def test_int8_pack_accepts_int8_and_uint8_bits():
+    r = rng(55)
+    codes = r.integers(-128, 128, (5, 64), dtype=np.int8)
+    codes[0, 0] = -128
+    scales = r.standard_normal((5, 2)).astype(np.float32)
+    a = mk.pack_quantized("int8", codes, scales, group_size=32)
+    b = mk.pack_quantized("int8", codes.view(np.uint8), scales, group_size=32)
+    assert a.to_bytes() == b.to_bytes()
+    assert mk.dequantize(a)[0, 0] == np.float32(-128) * scales[0, 0]
+
+
+@pytest.mark.parametrize("fmt,group", NEW)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 9, 17])
+def test_new_formats_qgemm_matches_reference(isa, fmt, group, tokens):
+    n, k = 41, 3 * 128 + (128 if group == 128 else 64)  # odd N; K not a multiple of 128 unless g128
+    qm, d = packed_case(fmt, n, k, group, seed=60 + tokens + group)
+    x = rng(61 + tokens).standard_normal((tokens, k)).astype(np.float32)
+    bias = rng(62).standard_normal(n).astype(np.float32)
+    out = np.full((tokens, n), np.nan, np.float32)
+    y = mk.qgemm(x, qm, bias, out=out)
+    assert y is out
+    ref = reference(x, d, bias)
+    mag = np.abs(x).astype(np.float64) @ np.abs(d).T + np.abs(bias)
+    assert np.all(np.abs(y - ref) <= 2e-5 * mag + 1e-6), np.abs(y - ref).max()
+    # a quantize()d matrix of the format too (non-negative scales, the usual path)
+    _, qq, dq = qm_and_ref(fmt, n, k, group, seed=63)
+    out = np.full((tokens, n), np.nan, np.float32)
+    mk.qgemm(x, qq, out=out)
+    mag = np.abs(x).astype(np.float64) @ np.abs(dq).T
+    assert np.all(np.abs(out - reference(x, dq, None)) <= 2e-5 * mag + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16])
+@pytest.mark.parametrize("fmt,group", [("int8", 32), ("int4_min", 32), ("int4_min", 128)])
+def test_new_formats_half_precision(dtype, fmt, group):
+    n, k = 19, 256
+    qm, d = packed_case(fmt, n, k, group, seed=64)
+    for tokens in (1, 6):
+        x = rng(65).standard_normal((tokens, k)).astype(dtype)
+        out = np.full((tokens, n), np.nan, dtype)
+        mk.qgemm(x, qm, out=out)
+        ref = reference(x.astype(np.float64), d, None)
+        mag = np.abs(x.astype(np.float64)) @ np.abs(d).T
+        err = np.abs(out.astype(np.float64) - ref)
+        assert np.all(err <= tol_for(dtype) * np.maximum(np.abs(ref), 1e-3 * mag) + 1e-4 * mag)
+    out = mk.dequantize(qm, np.dtype(dtype).name)
+    np.testing.assert_allclose(out.astype(np.float64), d, rtol=tol_for(dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,group", NEW)
+@pytest.mark.parametrize("k", [128, 384, 4224])
+def test_new_formats_int8_activations(isa, fmt, group, k):
+    if k % group:
+        pytest.skip("k not a multiple of the group")
+    n = 37
+    qm, d = packed_case(fmt, n, k, group, seed=k + group)
+    x = rng(k + 1).standard_normal(k).astype(np.float32)
+    bias = rng(3).standard_normal(n).astype(np.float32)
+    out = np.full(n, np.nan, np.float32)
+    y = mk.qgemm(x, qm, bias, out=out, int8_activations=True)
+    ref = d @ x.astype(np.float64) + bias
+    bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x)) + 1e-5
+    assert np.all(np.abs(y - ref) <= bound)
+    exact = mk.qgemm(x, qm, bias)
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    integer_path = isa == "avx2" or (isa == "avx512" and vnni)
+
+    def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token
+        dx = np.abs(xt).max() / 127
+        return np.rint(xt / np.float32(dx)).astype(np.float64) * dx
+
+    if integer_path:
+        assert not np.array_equal(y, exact)  # the int8 path really ran
+        # and it is an integer dot product of the rounded x, not an approximation of one
+        xq = rounded(x)
+        np.testing.assert_allclose(y, d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
+    else:
+        np.testing.assert_array_equal(y, exact)
+    # 2 to 8 tokens share each weight load (each token its own scale); 9 and more: the exact path
+    for tokens in (2, 5, 8, 9):
+        X = (rng(k + tokens).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
+        out = np.full((tokens, n), np.nan, np.float32)
+        Y = mk.qgemm(X, qm, bias, out=out, int8_activations=True)
+        if tokens > 8 or not integer_path:
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias))
+            continue
+        for t in range(tokens):
+            ref = d @ X[t].astype(np.float64) + bias
+            bound = np.abs(d).sum(axis=1) * np.abs(X[t]).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(X[t])) + 1e-5
+            assert np.all(np.abs(Y[t] - ref) <= bound), (tokens, t)
+            xq = rounded(X[t])
+            np.testing.assert_allclose(Y[t], d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 32), ("int8", 128), ("int4_min", 32), ("int4_min", 64)])
+def test_new_formats_serialise_round_trip(fmt, group, tmp_path):
+    qm, d = packed_case(fmt, 9, 256, group, seed=70)
+    b = qm.to_bytes()
+    r = mk.from_bytes(b)
+    assert (r.format, r.shape, r.group_size) == (fmt, (9, 256), group)
+    np.testing.assert_array_equal(mk.dequantize(r), mk.dequantize(qm))
+    assert r.to_bytes() == b
+    if fmt == "int4_min":
+        np.testing.assert_array_equal(r.mins(), qm.mins())
+    path = tmp_path / "w.mkq"
+    qm.save(str(path))
+    np.testing.assert_array_equal(mk.dequantize(mk.load_quantized(path)), mk.dequantize(qm))
+    # every flipped byte (header, codes, scales, mins, checksum) and every truncation is refused
+    for pos in list(range(0, 64)) + list(range(64, len(b), 37)) + [len(b) - 200, len(b) - 9, len(b) - 1]:
+        bad = bytearray(b)
+        bad[pos] ^= 0x21
+        with pytest.raises(mk.CorruptDataError):
+            mk.from_bytes(bytes(bad))
+    for cut in (0, 63, 64, 65, len(b) // 2, len(b) - 8, len(b) - 1):
+        with pytest.raises(mk.CorruptDataError):
+            mk.from_bytes(bytes(b[:cut]))
+
+
+def test_per_channel_int8_bytes_unchanged():
+    # files written before group-wise int8 existed are per-channel int8 with group_size == cols:
+    # the same header and layout still load (version 1)
+    w = rng(71).standard_normal((6, 96)).astype(np.float32)
+    qm = mk.quantize(w, "int8")
+    b = qm.to_bytes()
+    assert b[:4] == b"MKQM" and int.from_bytes(b[4:8], "little") == 1
+    assert int.from_bytes(b[32:36], "little") == 96  # group_size field = in_features
+    assert mk.from_bytes(b).group_size == 96
+
+
+def test_new_formats_bad_input():
+    codes = np.zeros((4, 64), np.uint8)
+    scales = np.ones((4, 2), np.float32)
+    mins = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="needs mins"):
+        mk.pack_quantized("int4_min", codes, scales, group_size=32)
+    with pytest.raises(ValueError, match="mins"):
+        mk.pack_quantized("int4_min", codes, scales, mins=np.zeros((4, 3), np.float32), group_size=32)
+    with pytest.raises(ValueError, match="mins"):
+        mk.pack_quantized("int4_min", codes, scales, mins=np.zeros(8, np.float32), group_size=32)
+    with pytest.raises(TypeError, match="mins"):
+        mk.pack_quantized("int4_min", codes, scales, mins=np.zeros((4, 2), np.int32), group_size=32)
+    with pytest.raises(TypeError, match="scales"):
+        mk.pack_quantized("int4_min", codes, np.ones((4, 2), np.int64), mins=mins, group_size=32)
+    bad = mins.copy()
+    bad[2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"mins must be finite; mins\[2, 1\]"):
+        mk.pack_quantized("int4_min", codes, scales, mins=bad, group_size=32)
+    for v in (np.nan, np.inf, -np.inf):
+        s = scales.copy()
+        s[3, 0] = v
+        for fmt in ("int8", "int4_sym", "nf4"):
+            with pytest.raises(ValueError, match=r"scales must be finite; scales\[3, 0\]"):
+                mk.pack_quantized(fmt, codes, s, group_size=32)
+    with pytest.raises(ValueError, match="mins apply to int4_min only"):
+        mk.pack_quantized("int4_sym", codes, scales, mins=mins, group_size=32)
+    with pytest.raises(ValueError, match="no zero points"):
+        mk.pack_quantized("int4_min", codes, scales, np.zeros((4, 2), np.uint8), mins=mins, group_size=32)
+    with pytest.raises(ValueError, match="codes must be < 2\\^4"):
+        mk.pack_quantized("int4_min", np.full((4, 64), 16, np.uint8), scales, mins=mins, group_size=32)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        mk.pack_quantized("int4_min", np.zeros((4, 48), np.uint8), scales, mins=mins, group_size=32)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        mk.pack_quantized("int8", np.zeros((4, 96), np.uint8), np.ones((4, 1), np.float32), group_size=64)
+    with pytest.raises(ValueError, match="scales"):  # int8 g32 wants (N, K / 32) scales
+        mk.pack_quantized("int8", codes, np.ones((4, 1), np.float32), group_size=32)
+    w = rng(72).standard_normal((4, 96)).astype(np.float32)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        mk.quantize(w, "int4_min", group_size=64)
+    with pytest.raises(ValueError, match="in groups of 32, 64 or 128"):
+        mk.quantize(w, "int8", group_size=16)
+    with pytest.raises(ValueError, match="double_quant applies to nf4"):
+        mk.quantize(w, "int4_min", group_size=32, double_quant=True)
+
+
+def test_gptq_int4_min_and_int8_groups():
+    r = rng(73)
+    n, k, m = 24, 128, 512
+    X = r.standard_normal((m, k)) @ (r.standard_normal((k, k)) * 0.3 + np.eye(k))
+    W = r.standard_normal((n, k)).astype(np.float32)
+    for fmt, group in (("int4_min", 32), ("int8", 32)):
+        rtn = mk.dequantize(mk.quantize(W, fmt, group_size=group)).astype(np.float64)
+        qg = mk.quantize_gptq(W, fmt, group_size=group, activations=X)
+        assert (qg.format, qg.group_size) == (fmt, group)
+        gq = mk.dequantize(qg).astype(np.float64)
+        assert np.linalg.norm(X @ (W - gq).T) < 0.9 * np.linalg.norm(X @ (W - rtn).T), fmt
+
+
+@cuda
+@pytest.mark.parametrize("fmt,group", NEW)
+@pytest.mark.parametrize("tokens", [1, 3, 5, 16, 33])
+def test_cuda_new_formats(fmt, group, tokens):
+    torch = _torch_cuda()
+    n, k = 131, 512
+    qm, d = packed_case(fmt, n, k, group, seed=80 + tokens)
+    g = qm.to("cuda")
+    for dt, eps in ((torch.float32, 1e-6), (torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)):
+        x = torch.randn(tokens, k, device="cuda").to(dt)
+        bias = torch.randn(n, device="cuda").to(dt)
+        out = torch.full((tokens, n), float("nan"), device="cuda", dtype=dt)
+        mk.qgemm(x, g, bias, out=out)
+        xr = x.double().cpu().numpy()
+        ref = xr @ d.T + bias.double().cpu().numpy()
+        mag = np.abs(xr) @ np.abs(d).T
+        err = np.abs(out.double().cpu().numpy() - ref)
+        assert np.all(err <= eps * (np.abs(ref) + 0.51 * mag) + 3e-5 * mag), (fmt, dt, tokens)
+    dd = mk.dequantize(g, like=torch.empty(1, device="cuda"))
+    np.testing.assert_array_equal(dd.cpu().numpy(), mk.dequantize(qm))  # bit for bit, never fused
+    assert g.to_bytes() == qm.to_bytes()

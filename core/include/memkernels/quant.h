@@ -4,14 +4,20 @@
 // per-group scales; qgemm multiplies activations by it without ever materialising W in float.
 //
 // Formats and their dequantized value, for weight k of row n in group g = k / group_size:
-//   int8      per output channel (group_size = K), symmetric: w = s[n] * int8(q)
+//   int8      symmetric, per output channel (group_size = K, the default) or group-wise (32, 64,
+//             128; GGUF Q8_0 is group 32): w = s[n][g] * int8(q), q any int8 value
 //   int4/3/2  group-wise asymmetric: w = s[n][g] * (q - z[n][g]),  q, z in [0, 2^b)
 //   int4_sym/int3_sym/int2_sym group-wise symmetric: w = s[n][g] * (q - 2^(b-1))
+//   int4_min  group-wise with a float minimum (GGUF Q4_1 and Q4_K import losslessly):
+//             w = s[n][g] * q + m[n][g], q in [0, 16), s and m fp32. quantize(): s = (max - min) / 15,
+//             m = min of the group (s = 0 for a constant group). Dequantized exactly as
+//             float32(float32(s * q) + m) (a product, then a sum: never fused), as GGUF readers do.
 //   nf4       group-wise NormalFloat-4 (QLoRA): w = s[n][g] * NF4[q] with s = absmax of the group;
 //             double_quant stores the scales as int8: s = scale_offset + step[j / 256] * c[j],
 //             j = n * groups + g, one fp32 step per 256 scales.
-// Round-to-nearest; asymmetric ranges always include 0 (so 0 is exact), symmetric scales are
-// absmax / (2^(b-1) - 1). Bound on |w - dequantize(w)|: s / 2 (int formats), s * 0.152 (nf4, half
+// Round-to-nearest; int4/3/2 ranges always include 0 (so 0 is exact; int4_min's range is the
+// group's own [min, max]), symmetric scales are absmax / (2^(b-1) - 1). Format ids in the header
+// are the QuantFormat values. Bound on |w - dequantize(w)|: s / 2 (int formats), s * 0.152 (nf4, half
 // the widest NF4 gap), plus the scale error for double_quant.
 //
 // Packed layout (CPU and CUDA share it; serialise writes it as is). Each row's K codes are cut
@@ -23,15 +29,20 @@
 //   3-bit: the 2-bit chunk of the low two bits (8 bytes) followed by a little-endian uint32 whose
 //          bit i is bit 2 of weight i (12 bytes per 32 weights).
 // Rows follow each other (row stride = K * bits / 8 bytes). Then, each section 64-byte aligned:
-// scales fp32 [N][groups]; zeros uint8 [N][groups] (asymmetric only); for nf4 + double_quant the
-// scales section is replaced by int8 codes [N * groups] and fp32 steps [ceil(N * groups / 256)].
-// K must be a multiple of group_size (32, 64 or 128) for the grouped formats and of 32 for int8
-// (whole chunks). No padding is done: another K raises Error(Value) naming the sizes.
+// scales fp32 [N][groups]; zeros uint8 [N][groups] (asymmetric only); mins fp32 [N][groups]
+// (int4_min only); for nf4 + double_quant the scales section is replaced by int8 codes [N * groups]
+// and fp32 steps [ceil(N * groups / 256)].
+// K must be a multiple of group_size (32, 64 or 128) for the grouped formats and of 32 for
+// per-channel int8 (whole chunks). No padding is done: another K raises Error(Value) naming the sizes.
+// Scales (and mins) may have any sign and may be 0 (GGUF's block scales d can be negative or zero);
+// they must be finite. quantize() itself only produces scales >= 0.
 //
 // Serialised form (little-endian): a 64-byte header {magic "MKQM", version u32 = 1, format u8,
 // double_quant u8, 2 reserved, rows i64, cols i64, group_size i32, scale_offset f32, payload
 // bytes u64, 16 reserved}, the payload (the buffer above), then an FNV-1a 64-bit checksum of
 // header and payload. Any truncation, bad field or checksum mismatch raises Error(CorruptData).
+// Version 1 covers every format here: group-wise int8 is int8 with group_size < cols, int4_min is
+// format id 8 (a reader that predates it refuses the id; files it wrote still load here).
 #pragma once
 
 #include <cstdint>
@@ -43,17 +54,18 @@
 
 namespace memkernels {
 
-enum class QuantFormat : uint8_t { Int8 = 0, Int4, Int4Sym, Int3, Int3Sym, Int2, Int2Sym, NF4 };
-constexpr int kNumQuantFormats = 8;
+enum class QuantFormat : uint8_t { Int8 = 0, Int4, Int4Sym, Int3, Int3Sym, Int2, Int2Sym, NF4, Int4Min };
+constexpr int kNumQuantFormats = 9;
 
-const char* quant_format_name(QuantFormat f);       // "int8", "int4", "int4_sym", ..., "nf4"
+const char* quant_format_name(QuantFormat f);       // "int8", "int4", "int4_sym", ..., "nf4", "int4_min"
 QuantFormat parse_quant_format(const std::string& name);  // throws Error(Value) for an unknown name
 int quant_bits(QuantFormat f);
 bool quant_is_asymmetric(QuantFormat f);               // has zero points
+bool quant_has_mins(QuantFormat f);                    // has float minimums (int4_min)
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
 struct QuantOptions {
-  int group_size = 0;         // 0: 128 for grouped formats, K for int8 (int8 accepts only 0 or K)
+  int group_size = 0;         // 0: 128 for grouped formats, K for int8 (int8 accepts 0, K, 32, 64, 128)
   bool double_quant = false;  // nf4 only: int8-quantised scales
 };
 
@@ -77,6 +89,7 @@ class QuantizedMatrix {
   const uint8_t* codes() const { return at(off_codes_); }
   const float* scales() const { return reinterpret_cast<const float*>(at(off_scales_)); }
   const uint8_t* zeros() const { return at(off_zeros_); }
+  const float* mins() const { return reinterpret_cast<const float*>(at(off_mins_)); }
   const int8_t* scale_codes() const { return reinterpret_cast<const int8_t*>(at(off_scale_codes_)); }
   const float* scale_steps() const { return reinterpret_cast<const float*>(at(off_scale_steps_)); }
   int64_t row_bytes() const;          // bytes of codes per row
@@ -113,17 +126,21 @@ class QuantizedMatrix {
   std::shared_ptr<void> buf_;
   size_t bytes_ = 0;
   size_t off_codes_ = kNone, off_scales_ = kNone, off_zeros_ = kNone, off_scale_codes_ = kNone,
-         off_scale_steps_ = kNone;
+         off_scale_steps_ = kNone, off_mins_ = kNone;
 };
 
 // Round-to-nearest quantization of w (N, K) float32/float16/bfloat16 on the CPU, rows contiguous.
 QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOptions& opts = {});
 
-// Packs given codes into a QuantizedMatrix (for external quantizers such as GPTQ): codes (N, K)
-// uint8 holding each weight's code q (int8: the signed value, as int8 or uint8 bits), scales
-// (N, groups) float32 > 0 and finite, zeros (N, groups) uint8 for the asymmetric formats (null
-// otherwise), all contiguous on the CPU. Codes and zeros must lie in [0, 2^bits). nf4 with
-// opts.double_quant quantizes the scales as quantize() does.
+// Packs given codes into a QuantizedMatrix (for external quantizers such as GPTQ, and importers of
+// GGUF blocks): codes (N, K) uint8 holding each weight's code q (int8: the signed value, as int8 or
+// uint8 bits, any of the 256), scales (N, groups) float32, finite, of any sign and possibly 0,
+// zeros (N, groups) uint8 for the asymmetric formats, mins (N, groups) float32 finite for int4_min
+// (null otherwise), all contiguous on the CPU. Codes and zeros must lie in [0, 2^bits). Scales and
+// mins are stored bit for bit. nf4 with opts.double_quant quantizes the scales as quantize() does.
+QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
+                               const TensorView* zeros, const TensorView* mins, const QuantOptions& opts = {});
+// The same without mins (every format but int4_min).
 QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
                                const TensorView* zeros, const QuantOptions& opts = {});
 
@@ -133,7 +150,8 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
   // dot products (AVX512-VNNI or AVX2). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
-  // per output. Honoured for int4 / int4_sym with one token on CPUs with VNNI or AVX2; ignored elsewhere.
+  // per output. Honoured for int4 / int4_sym / int4_min / int8 with 1 to 8 tokens on CPUs with VNNI
+  // or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact path runs).
   bool int8_activations = false;
 };
 

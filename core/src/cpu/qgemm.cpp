@@ -1,16 +1,19 @@
 // CPU quantized GEMM: codes are unpacked in registers and multiplied with fp32 activations; the
 // dequantized matrix never exists in memory.
 //
-// For row n, y[t][n] = sum_g s[n][g] * (sum_{k in g} T[q_k] x[t][k] - z[n][g] * xsum[t][g]), where
-// T[q] is the raw level of a code (the integer, or the NF4 value) and xsum the per-group sum of x.
-// So the inner loop is just "unpack 32 codes to floats, FMA with x"; the scale and zero point are
-// applied once per group (a vector FMA and a scalar term), not per weight.
+// For row n, y[t][n] = sum_g s[n][g] * (sum_{k in g} T[q_k] x[t][k] - z[n][g] * xsum[t][g])
+//                      + m[n][g] * xsum[t][g],
+// where T[q] is the raw level of a code (the integer, or the NF4 value), xsum the per-group sum of x
+// (computed once per call) and m the int4_min group minimum. So the inner loop is just "unpack 32
+// codes to floats, FMA with x"; the scale, zero point and min are applied once per group (a vector
+// FMA and a scalar term; the mins as one vector dot product per row), not per weight.
 //
 // 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
 // (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
-// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, one token,
-// int4: x quantized to int8 and integer dot products, AVX512-VNNI or AVX2 (gemv_int4_int8x).
+// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, 1-8 tokens,
+// int4 / int4_sym / int4_min / int8: x quantized to int8 and integer dot products, AVX512-VNNI or
+// AVX2 (gemv_int4_int8x, gemv_int8_int8x), each weight load serving up to 8 (AVX2: 4) tokens.
 #include <omp.h>
 
 #include <algorithm>
@@ -148,6 +151,44 @@ inline void decode(const uint8_t* src, const Table& tab, VecF (&w)[CV]) {
 #endif
 }
 
+// sum_g (s[n][g] * z[n][g] - m[n][g]) * xsum[g] over row n's groups: the zero-point and min terms
+// of one output, vectorised over the groups (z includes the symmetric offset). Needs fp32 scales
+// (every format with a zero point or a min has them).
+inline float group_corr(const QuantView& w, int64_t n, const float* xsum) {
+  const int64_t G = w.groups;
+  const float* s = w.scales + n * G;
+  const uint8_t* z = w.zeros ? w.zeros + n * G : nullptr;
+  const float* m = w.mins ? w.mins + n * G : nullptr;
+  const float off = w.code_offset;
+  int64_t g = 0;
+  float tot = 0.0f;
+#if defined(MK_ISA_AVX512)
+  __m512 acc = _mm512_setzero_ps();
+  for (; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (G - g)) - 1);
+    __m512 zv = _mm512_set1_ps(off);
+    if (z) zv = _mm512_add_ps(zv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, z + g))));
+    __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + g), zv);
+    if (m) t = _mm512_sub_ps(t, _mm512_maskz_loadu_ps(k, m + g));
+    acc = _mm512_fmadd_ps(t, _mm512_maskz_loadu_ps(k, xsum + g), acc);
+  }
+  tot = _mm512_reduce_add_ps(acc);
+#elif defined(MK_ISA_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8) {
+    __m256 zv = _mm256_set1_ps(off);
+    if (z) zv = _mm256_add_ps(zv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                       reinterpret_cast<const __m128i*>(z + g)))));
+    __m256 t = _mm256_mul_ps(_mm256_loadu_ps(s + g), zv);
+    if (m) t = _mm256_sub_ps(t, _mm256_loadu_ps(m + g));
+    acc = _mm256_fmadd_ps(t, _mm256_loadu_ps(xsum + g), acc);
+  }
+  tot = VecF{acc}.reduce_add();
+#endif
+  for (; g < G; ++g) tot += (s[g] * ((z ? float(z[g]) : 0.0f) + off) - (m ? m[g] : 0.0f)) * xsum[g];
+  return tot;
+}
+
 // Fused unpack + dot over rows [n0, n1) for NT tokens: y[t * ldy + n].
 template <int BITS, bool NF4, int NT>
 void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, const float* xsum, int64_t n0,
@@ -155,13 +196,12 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
   const int64_t G = w.groups;
   const int chunks = w.group_size / 32;
   constexpr int CB = BITS * 4;  // bytes per chunk
-  const bool has_zero = w.zeros != nullptr || w.code_offset != 0.0f;
+  const bool has_corr = w.zeros != nullptr || w.code_offset != 0.0f || w.mins != nullptr;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes;
     VecF tot[NT];
-    float corr[NT];
     #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) tot[t] = VecF::zero(), corr[t] = 0.0f;
+    for (int t = 0; t < NT; ++t) tot[t] = VecF::zero();
     for (int64_t g = 0; g < G; ++g) {
       VecF acc[NT][CV];
       #pragma GCC unroll 16
@@ -188,15 +228,22 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
         for (int i = 1; i < CV; ++i) a = a + acc[t][i];
         tot[t] = VecF::fma(vs, a, tot[t]);
       }
-      if (has_zero) {
-        const float sz = s * w.zero(n, g);
-        #pragma GCC unroll 16
-        for (int t = 0; t < NT; ++t) corr[t] += sz * xsum[t * G + g];
-      }
     }
     #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t) y[t * ldy + n] = tot[t].reduce_add() - corr[t];
+    for (int t = 0; t < NT; ++t)
+      y[t * ldy + n] = tot[t].reduce_add() - (has_corr ? group_corr(w, n, xsum + t * G) : 0.0f);
   }
+}
+
+// v, which the compiler must materialise: keeps a * b + c from being contracted into one FMA where
+// the result must be float32(float32(a * b) + c) bit for bit (int4_min, as GGUF readers compute it).
+inline VecF opaque(VecF v) {
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+  __asm__("" : "+x"(v.v));
+#else
+  __asm__("" : "+m"(v));
+#endif
+  return v;
 }
 
 // Row n dequantized to fp32 (scale and zero applied) into dst[0:K].
@@ -206,19 +253,24 @@ void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
   constexpr int CB = BITS * 4;
   const uint8_t* row = w.codes + n * w.row_bytes;
   for (int64_t g = 0; g < w.groups; ++g) {
-    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g));
+    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
     for (int c = 0; c < chunks; ++c) {
       VecF wv[CV];
       decode<BITS, NF4>(row + (g * chunks + c) * CB, tab, wv);
       float* d = dst + (g * chunks + c) * 32;
-      #pragma GCC unroll 16
-      for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+      if (w.mins) {
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
+      } else {
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+      }
     }
   }
 }
 
 // Several tokens: y[t * ldy + n] += partial dot over chunks [c0, c1) for rows [n0, n1) x NT tokens
-// (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s - z * s) and
+// (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s + (m - z * s)) and
 // reused by all NT tokens, and FR rows share each x load.
 template <int BITS, bool NF4, int NT, int R>
 void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1, int64_t n0,
@@ -239,7 +291,7 @@ void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
         #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const float sc = w.scale(n + r, gcur);
-          vs[r] = VecF::set1(sc), vb[r] = VecF::set1(-sc * w.zero(n + r, gcur));
+          vs[r] = VecF::set1(sc), vb[r] = VecF::set1(w.min(n + r, gcur) - sc * w.zero(n + r, gcur));
         }
       }
       VecF wv[R][CV];
@@ -282,15 +334,60 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
   store_floats(v, p.dtype, n1 - n0, dst);
 }
 
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+// Activations quantized to int8 for the integer-dot paths: one scale per token (max|x| / 127).
+struct Int8X {
+  std::vector<int8_t> q;     // per token, `stride` bytes in the order the weight format needs
+  std::vector<float> sum;    // per token, the per-group sums of its int8 values (zero / min terms)
+  std::vector<float> scale;  // per token
+  int64_t stride = 0, groups = 0;
+  const int8_t* row(int64_t t) const { return q.data() + t * stride; }
+  const float* sums(int64_t t) const { return sum.data() + t * groups; }
+};
+
+// int4 formats: VNNI block order (per 4-chunk block, the 64 "low" x then the 64 "high" x, see
+// gemv_int4_int8x). int8: natural order, zero-padded to a multiple of 64.
+Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int group, bool int4_order) {
+  Int8X r;
+  const int64_t chunks = K / 32;
+  r.stride = int4_order ? (chunks + 3) / 4 * 128 : (K + 63) / 64 * 64;
+  r.groups = K / group;
+  r.q.assign(size_t(T * r.stride), 0);
+  r.sum.assign(size_t(T * r.groups), 0.0f);
+  r.scale.assign(size_t(T), 1.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * ldx;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xt[k]));
+    const float dx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / dx;
+    r.scale[size_t(t)] = dx;
+    int8_t* xa = r.q.data() + t * r.stride;
+    float* xs = r.sum.data() + t * r.groups;
+    for (int64_t k = 0; k < K; ++k) {
+      const int q = int(std::lrint(xt[k] * inv));
+      const int64_t c = k / 32, j = k % 32;
+      const int64_t pos = int4_order ? (c / 4) * 128 + (j < 16 ? 0 : 64) + (c % 4) * 16 + (j % 16) : k;
+      xa[pos] = int8_t(q);
+      xs[k / group] += float(q);
+    }
+  }
+  return r;
+}
+#endif
+
 #if defined(MK_ISA_AVX512)
+constexpr int kInt8xTokens = 8;  // tokens per pass of the integer-dot kernels (accumulators in zmm)
+
 // int4 GEMV with x quantized to int8 (one scale dx per token) and VNNI u8 x s8 dot products.
 // One 64-byte load holds 4 chunks (128 weights): its low nibbles are weights 0-15 of each chunk and
 // its high nibbles weights 16-31, so x is rearranged once into the same order (xa: per 4-chunk
 // block, 64 bytes of "low" x then 64 of "high" x). vpdpbusd sums 4 neighbouring bytes into a 32-bit
 // lane, so lanes 4c..4c+3 belong to chunk c: one per-lane scale vector applies the group scales.
-// y[n] = dx * (sum_c s_c * dot_c - sum_g s_g * z_g * xsum_g), z including the symmetric offset.
-__attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx,
-                                                             const float* xsum, int64_t n0, int64_t n1, float* y) {
+// y[n] = dx * (sum_c s_c * dot_c - sum_g (s_g * z_g - m_g) * xsum_g), z including the symmetric
+// offset, m the int4_min mins (0 otherwise). NT tokens t0.. share every unpacked weight load.
+template <int NT>
+__attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, const Int8X& xq, int64_t t0,
+                                                             int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t chunks = w.cols / 32, G = w.groups;
   const int cpg = w.group_size / 32;
   const int64_t blocks = (chunks + 3) / 4;
@@ -299,24 +396,99 @@ __attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, c
   for (int l = 0; l < 16; ++l) gi[l] = (l / 4) / cpg;
   const __m512i gidx = _mm512_load_si512(gi);
   const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const int8_t* xa[NT];
+  for (int t = 0; t < NT; ++t) xa[t] = xq.row(t0 + t);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes;
     const float* srow = w.scales + n * G;
-    __m512 accf = _mm512_setzero_ps();
+    __m512 accf[NT];
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t nc = std::min<int64_t>(4, chunks - 4 * b);
       const __mmask64 cm = nc == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nc)) - 1;
       const __m512i v = _mm512_maskz_loadu_epi8(cm, row + b * 64);
       const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xa + b * 128));
-      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xa + b * 128 + 64));
       const int64_t g0 = 4 * b / cpg, ng = (nc + cpg - 1) / cpg;
-      const __m512 sv = _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + g0));
-      accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(gidx, sv), accf);
+      const __m512 sv = _mm512_permutexvar_ps(
+          gidx, _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + g0)));
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) {
+        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xa[t] + b * 128));
+        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xa[t] + b * 128 + 64));
+        accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, accf[t]);
+      }
     }
-    float corr = 0.0f;
-    for (int64_t g = 0; g < G; ++g) corr += srow[g] * w.zero(n, g) * xsum[g];
-    y[n] = dx * (_mm512_reduce_add_ps(accf) - corr);
+    for (int t = 0; t < NT; ++t)
+      y[(t0 + t) * ldy + n] =
+          xq.scale[size_t(t0 + t)] * (_mm512_reduce_add_ps(accf[t]) - group_corr(w, n, xq.sums(t0 + t)));
+  }
+}
+
+// int8 weights x int8 activations (x in natural order, zero-padded to a multiple of 64).
+// vpdpbusd multiplies unsigned by signed bytes, so the weights are offset to unsigned: w ^ 0x80 is
+// the byte w + 128, and sum (w + 128) x = sum w x + 128 * xsum, the last term taken off per group
+// with the x sums (group_corr with offset 128). Lanes 4j..4j+3 of a 64-byte step sum bytes 4j.. of
+// it: lanes 0-7 are its first chunk, 8-15 its second. Integer sums run over at most kFlush steps
+// (no int32 overflow: 4 * 255 * 127 per step and lane), then go to fp32 scaled.
+constexpr int64_t kFlush = 1024;
+
+template <int NT>
+__attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, const Int8X& xq, int64_t t0,
+                                                             int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t K = w.cols, G = w.groups, gs = w.group_size;
+  const int8_t* xr[NT];
+  for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  QuantView w128 = w;  // the +128 offset of the weight bytes, as a symmetric offset
+  w128.code_offset = 128.0f;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+    const float* srow = w.scales + n * G;
+    __m512 accf[NT];
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
+    if (gs == 32) {  // one 64-byte step = 2 groups: lanes 0-7 take scale g, 8-15 scale g + 1
+      const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+      for (int64_t k = 0; k < K; k += 64) {
+        const bool full = K - k >= 64;
+        // a 32-byte row tail: the missing half reads as 0 ^ 0x80 = 128, times the zero x padding
+        const __m512i wu = _mm512_xor_si512(
+            full ? _mm512_loadu_si512(row + k) : _mm512_maskz_loadu_epi8(0xffffffffull, row + k), flip);
+        const __m512 sv = _mm512_permutexvar_ps(
+            sel, _mm512_castps128_ps512(_mm_maskz_loadu_ps(full ? 3 : 1, srow + k / 32)));
+        #pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xr[t] + k));
+          accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, accf[t]);
+        }
+      }
+    } else {  // groups of 64, 128 or the whole row: whole 64-byte steps, except a 32-byte row tail
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k1 = (g + 1) * gs;
+        for (int64_t k0 = g * gs; k0 < k1; k0 += 64 * kFlush) {
+          const int64_t ke = std::min(k1, k0 + 64 * kFlush);
+          __m512i acc[NT];
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_si512();
+          for (int64_t k = k0; k < ke; k += 64) {
+            // a 32-byte row tail meets zero x padding: whatever its other half holds adds 0
+            const __m512i wu = _mm512_xor_si512(
+                ke - k >= 64 ? _mm512_loadu_si512(row + k)
+                             : _mm512_maskz_loadu_epi8((__mmask64(1) << (ke - k)) - 1, row + k),
+                flip);
+            #pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], wu, _mm512_loadu_si512(xr[t] + k));
+          }
+          const __m512 sv = _mm512_set1_ps(srow[g]);
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), sv, accf[t]);
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t)
+      y[(t0 + t) * ldy + n] =
+          xq.scale[size_t(t0 + t)] * (_mm512_reduce_add_ps(accf[t]) - group_corr(w128, n, xq.sums(t0 + t)));
   }
 }
 
@@ -329,67 +501,133 @@ bool int8_dots_available() {
 }
 
 #elif defined(MK_ISA_AVX2)
+constexpr int kInt8xTokens = 4;  // 16 ymm registers
 inline bool int8_dots_available() { return true; }
+
+// int8 x int8 on AVX2: vpmaddubsw takes |w| (unsigned; |-128| = 128) and sign(w) * x (vpsignb), pair
+// sums at most 2 * 128 * 127 (no saturation), then vpmaddwd with ones gives 8 int32 lanes per chunk.
+constexpr int64_t kFlush = 2048;  // chunks summed in int32 before going to fp32 (no overflow)
+
+template <int NT>
+void gemv_int8_int8x(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy) {
+  const int64_t G = w.groups, gs = w.group_size;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xr[NT];
+  for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+    const float* srow = w.scales + n * G;
+    __m256 accf[NT];
+    for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k1 = (g + 1) * gs;
+      for (int64_t k0 = g * gs; k0 < k1; k0 += 32 * kFlush) {
+        const int64_t ke = std::min(k1, k0 + 32 * kFlush);
+        __m256i acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+        for (int64_t k = k0; k < ke; k += 32) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+          const __m256i wabs = _mm256_abs_epi8(wv);
+          for (int t = 0; t < NT; ++t) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[t] + k));
+            const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+          }
+        }
+        const __m256 sv = _mm256_set1_ps(srow[g]);
+        for (int t = 0; t < NT; ++t) accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), sv, accf[t]);
+      }
+    }
+    for (int t = 0; t < NT; ++t) y[(t0 + t) * ldy + n] = xq.scale[size_t(t0 + t)] * VecF{accf[t]}.reduce_add();
+  }
+}
 
 // AVX2 form of the VNNI gemv_int4_int8x over the same x layout: vpmaddubsw (u8 x s8 -> pairs summed in s16;
 // at most 2 * 15 * 127, no saturation) then vpmaddwd with ones also sums 4 neighbouring bytes per
 // 32-bit lane. A 32-byte step holds 2 chunks (half h of a 4-chunk block): lanes 0-3 chunk c, 4-7
 // chunk c + 1. Groups of 2+ chunks sum integers over the group and apply its scale once.
-void gemv_int4_int8x(const QuantView& w, const int8_t* xa, float dx, const float* xsum, int64_t n0, int64_t n1,
-                     float* y) {
+template <int NT>
+void gemv_int4_int8x(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy) {
   const int64_t chunks = w.cols / 32, G = w.groups;
   const int cpg = w.group_size / 32;
   const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  // int32 lane sums of chunks c (and c + 1 when it exists) against x
-  auto dot2 = [&](const uint8_t* row, int64_t c) {
-    const __m256i v = c + 1 < chunks ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16))
-                                     : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
-    const int8_t* xb = xa + (c / 4) * 128 + ((c % 4) / 2) * 32;
-    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
-    const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64)));
-    return _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
-  };
+  const int8_t* xa[NT];
+  for (int t = 0; t < NT; ++t) xa[t] = xq.row(t0 + t);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes;
     const float* srow = w.scales + n * G;
-    __m256 accf = _mm256_setzero_ps();
+    __m256 accf[NT];
+    for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
+    // int32 lane sums of chunks c (and c + 1 when it exists) against each token's x
+    auto step = [&](int64_t c, __m256i (&d)[NT]) {
+      const __m256i v = c + 1 < chunks ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16))
+                                       : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      const int64_t off = (c / 4) * 128 + ((c % 4) / 2) * 32;
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* xb = xa[t] + off;
+        const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+        const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64)));
+        d[t] = _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
+      }
+    };
+    __m256i d[NT];
     if (cpg >= 2) {  // chunks per group even: whole steps per group
       for (int64_t g = 0; g < G; ++g) {
-        __m256i acc = _mm256_setzero_si256();
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c += 2) acc = _mm256_add_epi32(acc, dot2(row, c));
-        accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(srow[g]), accf);
+        __m256i acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c += 2) {
+          step(c, d);
+          for (int t = 0; t < NT; ++t) acc[t] = _mm256_add_epi32(acc[t], d[t]);
+        }
+        const __m256 sv = _mm256_set1_ps(srow[g]);
+        for (int t = 0; t < NT; ++t) accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), sv, accf[t]);
       }
     } else {  // group 32: each half of a step has its own scale
       for (int64_t c = 0; c < chunks; c += 2) {
         const __m256 sv = _mm256_set_m128(_mm_set1_ps(c + 1 < chunks ? srow[c + 1] : 0.0f), _mm_set1_ps(srow[c]));
-        accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2(row, c)), sv, accf);
+        step(c, d);
+        for (int t = 0; t < NT; ++t) accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[t]), sv, accf[t]);
       }
     }
-    float corr = 0.0f;
-    for (int64_t g = 0; g < G; ++g) corr += srow[g] * w.zero(n, g) * xsum[g];
-    y[n] = dx * (VecF{accf}.reduce_add() - corr);
+    for (int t = 0; t < NT; ++t)
+      y[(t0 + t) * ldy + n] =
+          xq.scale[size_t(t0 + t)] * (VecF{accf[t]}.reduce_add() - group_corr(w, n, xq.sums(t0 + t)));
   }
 }
 #endif
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-// Quantizes x (one token) to int8 in the VNNI block order; per-group sums of the int8 values.
-void prepare_int8_x(const float* x, int64_t K, int group, std::vector<int8_t>& xa, std::vector<float>& xsum,
-                    float& dx) {
-  float amax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  dx = amax > 0.0f ? amax / 127.0f : 1.0f;
-  const float inv = 1.0f / dx;
-  const int64_t chunks = K / 32;
-  xa.assign(size_t((chunks + 3) / 4 * 128), 0);
-  xsum.assign(size_t(K / group), 0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    const int q = int(std::lrint(x[k] * inv));
-    const int64_t c = k / 32, j = k % 32;
-    const int64_t pos = (c / 4) * 128 + (j < 16 ? 0 : 64) + (c % 4) * 16 + (j % 16);
-    xa[size_t(pos)] = int8_t(q);
-    xsum[size_t(k / group)] += float(q);
+// One pass of the integer-dot kernel instantiated for nt tokens (1 .. kInt8xTokens).
+template <bool INT4, int NT = kInt8xTokens>
+void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  if (nt == NT) {
+    if constexpr (INT4) gemv_int4_int8x<NT>(w, xq, t0, n0, n1, y, ldy);
+    else gemv_int8_int8x<NT>(w, xq, t0, n0, n1, y, ldy);
+  } else if constexpr (NT > 1) {
+    int8x_pass<INT4, NT - 1>(nt, w, xq, t0, n0, n1, y, ldy);
+  }
+}
+
+// The integer-dot path (up to kInt8xMaxTokens tokens): x quantized once per token, rows split over
+// the threads, every unpacked weight used by kInt8xTokens tokens.
+constexpr int64_t kInt8xMaxTokens = 8;  // decode-sized batches; longer inputs take the exact path
+template <bool INT4>
+void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
+  const QuantView& w = p.w;
+  const int64_t N = w.rows, T = p.tokens;
+  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, w.group_size, INT4);
+  std::vector<float> y(static_cast<size_t>(T * N));
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic, 4)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+    for (int64_t t0 = 0; t0 < T; t0 += kInt8xTokens)
+      int8x_pass<INT4>(std::min<int64_t>(kInt8xTokens, T - t0), w, xq, t0, n0, n1, y.data(), N);
+    for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
   }
 }
 #endif
@@ -403,20 +641,9 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int threads = num_threads();
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-  if constexpr (BITS == 4 && !NF4) {
-    if (T == 1 && p.int8_activations && int8_dots_available()) {
-      std::vector<int8_t> xa;
-      std::vector<float> xs, y(static_cast<size_t>(N));
-      float dx = 1.0f;
-      prepare_int8_x(x, K, w.group_size, xa, xs, dx);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
-        gemv_int4_int8x(w, xa.data(), dx, xs.data(), n0, n1, y.data());
-        store_rows(p, bias, 0, n0, n1, y.data() + n0);
-      }
-      return;
-    }
+  if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
+    if constexpr (BITS == 8) return qgemm_int8x<false>(p, x, ldx, bias);
+    if constexpr (BITS == 4 && !NF4) return qgemm_int8x<true>(p, x, ldx, bias);
   }
 #endif
   if (T <= 3) {
