@@ -335,7 +335,7 @@ def _open_reader(path):
             OSError) as e:
         import memkernels as mk
         msg = str(e)
-        m = re.search(r"(\d+) is not a valid GGMLQuantizationType", msg)
+        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", msg)
         if m:
             raise UnsupportedModelError(f"{os.fspath(path)}: a tensor has GGML data type {m.group(1)}, which is "
                                         "not known (unsupported type, or a corrupt file)") from None
@@ -343,8 +343,13 @@ def _open_reader(path):
                                   f"{type(e).__name__}: {msg}") from None
 
 
+def _decimal(v):
+    """A float read from GGUF's float32 as the decimal that was written (1e-5, not 9.99999974e-06)."""
+    return float(str(np.float32(v))) if isinstance(v, float) else v
+
+
 def _scalar(meta, key, path, default=None, required=False):
-    v = meta.get(key, default)
+    v = _decimal(meta.get(key, default))
     if v is None and required:
         _fail(path, f"GGUF metadata key '{key}' is missing")
     if isinstance(v, (list, np.ndarray)):
