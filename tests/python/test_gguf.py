@@ -342,6 +342,9 @@ def test_float_tensors_and_config_equal_transformers(tmp_path, arch):
             assert cfg[key] == getattr(c, key), key
         assert cfg["layer_types"] == list(c.layer_types)
     assert cfg["bos_token_id"] == 1 and cfg["eos_token_id"] == 2
+    config_mod = pytest.importorskip("memkernels.models.config")
+    mc = config_mod.ModelConfig.from_dict(cfg)  # the models package accepts every key
+    assert mc.head_dim == cfg["head_dim"] and mc.tie_word_embeddings == c.tie_word_embeddings
     assert ck.tokenizer is not None and ck.tokenizer.eos_token_ids == {2}
 
 

@@ -432,7 +432,6 @@ def _build_config(meta, arch, names, path, tensors_by_name) -> dict:
         "vocab_size": None if vocab is None else int(vocab),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
-        "torch_dtype": "float32",
     }
     rope_dim = _scalar(meta, key("rope.dimension_count"), path)
     if rope_dim is not None and int(rope_dim) != head_dim:
@@ -487,12 +486,22 @@ def _build_config(meta, arch, names, path, tensors_by_name) -> dict:
         for k in ("attn_logit_softcapping", "final_logit_softcapping"):
             if meta.get(key(k)):
                 _fail(path, f"{key(k)} is not supported for architecture {arch}")
-        cfg["sliding_window"] = None if sw is None else int(sw)
+        if sw is not None:
+            if arch == "gemma":
+                _fail(path, f"{key('attention.sliding_window')} is not supported for architecture gemma")
+            cfg["sliding_window"] = int(sw)
     if arch == "qwen2":
-        cfg["use_sliding_window"] = False
+        cfg["use_sliding_window"] = False  # as Qwen2 configs have it; llama.cpp has no window for qwen2
     if arch == "llama":
-        cfg["attention_bias"] = any(n.endswith("attn_q.bias") for n in names)
-        cfg["mlp_bias"] = any(n.endswith("ffn_up.bias") for n in names)
+        attn_bias = any(n.endswith("attn_q.bias") for n in names)
+        mlp_bias = any(n.endswith("ffn_up.bias") for n in names)
+        if sw is not None:
+            # Mistral files use the llama architecture; the sliding window is what sets them apart
+            if attn_bias or mlp_bias:
+                _fail(path, "a llama-architecture file with both a sliding window and biases is not supported")
+            cfg["model_type"], cfg["architectures"] = "mistral", ["MistralForCausalLM"]
+        else:
+            cfg["attention_bias"], cfg["mlp_bias"] = attn_bias, mlp_bias
     if arch == "phi3":
         orig = _scalar(meta, key("rope.scaling.original_context_length"), path)
         if orig is not None:
@@ -572,7 +581,14 @@ def load_gguf(path, *, dequantize: bool = False, verbose: bool = True) -> GGUFCh
     if warnings and verbose:
         print("memkernels: warning: " + "; ".join(w.split(": ", 1)[1] for w in warnings) + f" ({path})",
               file=sys.stderr)
-    tok = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
+    tok = None
+    if "tokenizer.ggml.model" in meta:
+        try:
+            tok = Tokenizer.from_gguf_metadata(meta)
+        except UnsupportedModelError as e:  # the weights still load: prompts can be given as token ids
+            warnings.append(f"{path}: no tokenizer: {e}")
+            if verbose:
+                print(f"memkernels: warning: {e}; give prompts as token ids ({path})", file=sys.stderr)
     if cfg["vocab_size"] is None and tok is not None:
         cfg["vocab_size"] = tok.vocab_size
     return GGUFCheckpoint(path, reader, arch, cfg, sources, tensors, tok, meta, warnings)
@@ -603,12 +619,21 @@ def _convert(path, hf, src, dequantize, lossy):
         out = np.array(gg_dequantize(np.ascontiguousarray(data), t.tensor_type), np.float32)
         return out - np.float32(src.offset) if src.offset else out
     rows = data.shape[0]
+    cols = int(t.shape[0])
+    step = max(1, (1 << 24) // max(1, cols))  # row chunks: bounded temporaries (~16M values)
     if tname in _LOSSLESS:
-        fmt, codes, scales, mins = unpack_blocks(data, tname)
+        fmt = _LOSSLESS[tname][0]
+        codes = np.empty((rows, cols), np.uint8)
+        scales = np.empty((rows, cols // _GROUP), np.float32)
+        mins = np.empty((rows, cols // _GROUP), np.float32) if fmt == "int4_min" else None
+        for r0 in range(0, rows, step):
+            _, c, s, m = unpack_blocks(data[r0:r0 + step], tname)
+            codes[r0:r0 + step], scales[r0:r0 + step] = c, s
+            if mins is not None:
+                mins[r0:r0 + step] = m
         return _pack(fmt, codes, scales, mins, hf)
-    # lossy: dequantize exactly, re-quantize to int8 group 32 in row chunks (bounded temporary memory)
+    # lossy: dequantize exactly, re-quantize to int8 group 32 in row chunks
     chunks_c, chunks_s, err = [], [], 0.0
-    step = max(1, (1 << 24) // max(1, data.shape[1] * 8))
     for r0 in range(0, rows, step):
         w = np.asarray(gg_dequantize(np.ascontiguousarray(data[r0:r0 + step]), t.tensor_type), np.float32)
         c, s, e = _requantize_int8(w)
