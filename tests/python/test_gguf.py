@@ -251,7 +251,11 @@ def _hf_model(arch, **over):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
     common.update(over)
     if arch == "llama":
-        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=5000.0)
+        cfg = transformers.LlamaConfig(**{"tie_word_embeddings": False, "rope_theta": 5000.0, **common})
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=4)
+    elif arch == "gemma":
+        cfg = transformers.GemmaConfig(**common, head_dim=16, hidden_activation="gelu_pytorch_tanh")
     elif arch == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
     elif arch == "gemma2":
@@ -279,10 +283,22 @@ _LAYER_TO_GGUF = {
 }
 
 
+def llama3_divisors(theta, head_dim, rs):
+    """The rope_freqs tensor llama.cpp's converter writes for a Llama 3 rope scaling (from its description)."""
+    inv = theta ** (-np.arange(0, head_dim, 2) / head_dim)
+    wl = 2 * np.pi / inv
+    orig, lo, hi, factor = rs["original_max_position_embeddings"], rs["low_freq_factor"], rs["high_freq_factor"], rs["factor"]
+    sm = (orig / wl - lo) / (hi - lo)
+    return np.where(wl < orig / hi, 1.0, np.where(wl > orig / lo, factor, 1 / ((1 - sm) / factor + sm)))
+
+
 def hf_to_gguf(model, arch, path, qtype="F32"):
     """Writes a transformers model as llama.cpp's converter would: names, Q/K permutation (llama),
     norm + 1 (Gemma), metadata. 2-D weights in qtype, 1-D tensors in F32."""
     c = model.config
+    gemma = arch in ("gemma", "gemma2")
+    if arch == "mistral":
+        arch = "llama"  # llama.cpp writes Mistral models as llama
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -301,12 +317,17 @@ def hf_to_gguf(model, arch, path, qtype="F32"):
             g = f"blk.{m.group(1)}.{layer_map[m.group(2)]}.{m.group(3)}"
         if arch == "llama" and (".q_proj." in k or ".k_proj." in k):
             v = llama_permute(v, c.num_attention_heads if ".q_proj." in k else c.num_key_value_heads)
-        if arch == "gemma2" and k.endswith("norm.weight"):
+        if gemma and k.endswith("norm.weight"):
             v = v + np.float32(1)
         tensors[g] = (v, qtype if v.ndim == 2 else "F32")
     rp = getattr(c, "rope_parameters", None) or {}
     theta = rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     extra = []
+    rs = rp if rp.get("rope_type") == "llama3" else (getattr(c, "rope_scaling", None) or {})
+    if rs.get("rope_type") == "llama3":
+        tensors["rope_freqs.weight"] = (llama3_divisors(theta, c.head_dim, rs), "F32")
+    if getattr(c, "sliding_window", None) and c.model_type == "mistral":
+        extra.append(("add_sliding_window", c.sliding_window))
     if arch == "gemma2":
         extra = [("add_attn_logit_softcapping", c.attn_logit_softcapping),
                  ("add_final_logit_softcapping", c.final_logit_softcapping), ("add_sliding_window", c.sliding_window)]
@@ -324,7 +345,7 @@ def test_float_tensors_and_config_equal_transformers(tmp_path, arch):
     assert set(ck.tensors) == set(sd)
     for k, v in sd.items():
         got = np.asarray(ck.tensors[k])
-        if arch == "gemma2" and k.endswith("norm.weight"):
+        if gemma and k.endswith("norm.weight"):
             # stored as w + 1 in float32: back within one rounding of 1
             np.testing.assert_allclose(got, v, rtol=0, atol=2 ** -23, err_msg=k)
         else:
@@ -484,6 +505,33 @@ def test_end_to_end_f32_logits_equal_transformers(tmp_path, arch):
     m = mk.load_model(str(path), exact=True) if _accepts_exact() else mk.load_model(str(path))
     got = np.asarray(m.logits(ids))
     assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
+@needs_load_model
+@pytest.mark.parametrize("arch,over", [
+    ("mistral", {}), ("gemma", {}), ("llama", {"attention_bias": True, "mlp_bias": True}),
+    ("llama", {"head_dim": 32}), ("llama", {"rope_parameters": LLAMA3_ROPE, "head_dim": 16}),
+], ids=["mistral-window", "gemma", "llama-bias", "llama-head-dim", "llama3-rope"])
+def test_end_to_end_variants_equal_transformers(tmp_path, arch, over):
+    torch = pytest.importorskip("torch")
+    model = _hf_model(arch, **over)
+    path, _ = hf_to_gguf(model, arch, tmp_path / f"{arch}.gguf")
+    ck = load_gguf(path)
+    if "rope_parameters" in over:
+        rs = ck.config["rope_scaling"]
+        assert rs["rope_type"] == "llama3" and rs["original_max_position_embeddings"] == 64
+        assert rs["high_freq_factor"] == pytest.approx(4.0)
+    if arch == "mistral":
+        assert ck.config["model_type"] == "mistral" and ck.config["sliding_window"] == 4
+    ids = [1, 5, 9, 30, 31, 7, 100, 3, 64, 12, 2, 77, 90, 91]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = np.asarray(mk.load_model(str(path)).logits(ids))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 

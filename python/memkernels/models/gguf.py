@@ -364,35 +364,43 @@ def _fit_llama3(factors: np.ndarray, theta: float, dim: int, path):
     """Llama 3 rope-scaling parameters that reproduce llama.cpp's rope_freqs divisors.
 
     Divisors are 1 for short wavelengths, `factor` for long ones and 1 / ((1 - s) / factor + s) between,
-    with s linear in 1 / wavelength; only the two band edges matter, so low_freq_factor is fixed to 1
-    and the others solved for (the typical Llama 3.x values come out when they were used)."""
+    with s linear in 1 / wavelength: s = (orig / wavelength - low) / (high - low). Only the two band
+    edges (orig / high, orig / low) matter, so low_freq_factor is fixed to 1 and the others solved for
+    (the Llama 3.x values come back when they were used). Returns None for all-1 divisors."""
     f = factors.astype(np.float64)
+    if not np.all(np.isfinite(f)) or f.min() <= 0:
+        _fail(path, "rope_freqs tensor has non-positive or non-finite values")
     F = float(f.max())
-    inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-    wl = 2 * np.pi / inv
-    mid = (np.abs(f - 1) > 1e-6) & (np.abs(f - F) > 1e-6 * F)
+    if np.all(np.abs(f - 1) <= 1e-6):
+        return None
+    wl = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    ones = np.abs(f - 1) <= 1e-6
+    full = np.abs(f - F) <= 1e-6 * F
+    mid = ~ones & ~full
     if mid.sum() >= 2:
         s = (1 / f[mid] - 1 / F) / (1 - 1 / F)
-        a, c = np.polyfit(1 / wl[mid], s, 1)  # s = a / wl + c, a = orig / (hff - lff), c = -lff / (hff - lff)
+        a, c = np.polyfit(1 / wl[mid], s, 1)  # s = a / wl + c: a = orig / (high - low), c = -low / (high - low)
         if a <= 0 or c >= 0:
             _fail(path, "rope_freqs tensor is not a Llama 3 rope scaling")
-        b = -c
-        params = {"factor": F, "low_freq_factor": 1.0, "high_freq_factor": 1.0 + 1.0 / b,
-                  "original_max_position_embeddings": a / b}
-        params["original_max_position_embeddings"] = float(round(params["original_max_position_embeddings"], 3))
-        params["high_freq_factor"] = float(round(params["high_freq_factor"], 6))
+        orig, high = float(round(a / -c, 3)), float(round(1.0 + 1.0 / -c, 6))
+    elif mid.sum() == 0 and ones.any() and full.any() and wl[ones].max() < wl[full].min():
+        # no wavelength inside the band: put its edges just inside the gap
+        lo_edge, hi_edge = wl[ones].max(), wl[full].min()
+        orig = float(hi_edge * 0.999)
+        high = orig / (lo_edge * 1.001)
     else:
-        params = {"factor": F, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    # check: recompute the divisors from the parameters
-    lo_wl = params["original_max_position_embeddings"] / params["low_freq_factor"]
-    hi_wl = params["original_max_position_embeddings"] / params["high_freq_factor"]
-    sm = (params["original_max_position_embeddings"] / wl - params["low_freq_factor"]) / (
-        params["high_freq_factor"] - params["low_freq_factor"])
-    want = np.where(wl < hi_wl, 1.0, np.where(wl > lo_wl, F, 1 / ((1 - sm) / F + sm)))
+        _fail(path, "rope_freqs tensor is not a Llama 3 rope scaling (cannot place the band edges)")
+    params = {"factor": F, "low_freq_factor": 1.0, "high_freq_factor": high, "original_max_position_embeddings": orig}
+    # check: the divisors recomputed from the parameters
+    sm = (orig / wl - 1.0) / (high - 1.0)
+    want = np.where(wl < orig / high, 1.0, np.where(wl > orig, F, 1 / ((1 - sm) / F + sm)))
     if not np.allclose(want, f, rtol=1e-5, atol=0):
         _fail(path, "rope_freqs tensor does not match a Llama 3 rope scaling (max deviation "
                     f"{float(np.abs(want - f).max()):.3g}); not supported")
-    return {"rope_type": "llama3", **{k: float(v) for k, v in params.items()}}
+    out = {"rope_type": "llama3", **{k: float(v) for k, v in params.items()}}
+    if out["original_max_position_embeddings"].is_integer():
+        out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return out
 
 
 def _build_config(meta, arch, names, path, tensors_by_name) -> dict:
