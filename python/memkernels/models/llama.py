@@ -313,26 +313,43 @@ class Model:
         rng = np.random.default_rng(seed)
         self._ensure_cache(sum(-(-(len(t) + max_new_tokens) // PAGE_SIZE) + 1 for t in toks) + 1)
         cache = self._cache
-        seqs, starts, chunks = [], [], []
+        # prompts whose first page repeats an earlier prompt's wait for a second prefill pass, so the
+        # cache offers them the pages the first pass filled (prefix reuse within one call)
+        wave, seen = [0] * len(toks), set()
+        for i, t in enumerate(toks):
+            key = tuple(t[:PAGE_SIZE]) if len(t) > PAGE_SIZE else None
+            if key is not None and key in seen:
+                wave[i] = 1
+            elif key is not None:
+                seen.add(key)
+        seqs, starts = [None] * len(toks), [0] * len(toks)
+        logits = np.zeros((len(toks), self.config.vocab_size), np.float32)
+        out = [[] for _ in toks]
+        n_prefill, t_prefill = 0, 0.0
         try:
-            for t in toks:
-                sid = cache.add_sequence(prefix_tokens=t)
-                cached = cache.length(sid)
-                if cached >= len(t):  # keep one token to compute: its logits pick the first new token
-                    cache.truncate(sid, len(t) - 1)
-                    cached = len(t) - 1
-                seqs.append(sid)
-                starts.append(cached)
-                chunks.append(t[cached:])
-            out = [[] for _ in toks]
-            t0 = time.perf_counter()
-            logits = self._forward(seqs, chunks, starts) if max_new_tokens else None
-            t_prefill = time.perf_counter() - t0
-            n_prefill = sum(len(c) for c in chunks)
+            for w in (0, 1):
+                batch = [i for i in range(len(toks)) if wave[i] == w]
+                if not batch:
+                    continue
+                for i in batch:
+                    t = toks[i]
+                    sid = cache.add_sequence(prefix_tokens=t)
+                    seqs[i] = sid
+                    cached = cache.length(sid)
+                    if cached >= len(t):  # keep one token to compute: its logits pick the first new token
+                        cache.truncate(sid, len(t) - 1)
+                        cached = len(t) - 1
+                    starts[i] = cached
+                if not max_new_tokens:
+                    continue
+                chunks = [toks[i][starts[i]:] for i in batch]
+                t0 = time.perf_counter()
+                logits[batch] = self._forward([seqs[i] for i in batch], chunks, [starts[i] for i in batch])
+                t_prefill += time.perf_counter() - t0
+                n_prefill += sum(len(c) for c in chunks)
             lengths = [len(t) for t in toks]
             active = list(range(len(toks)))
             n_decode, t_decode = 0, 0.0
-            step = 0
             while max_new_tokens and active:
                 nxt = []
                 for row, i in enumerate(active):
@@ -343,7 +360,6 @@ class Model:
                     if not (tok in eos or len(out[i]) >= max_new_tokens):
                         nxt.append(i)
                 active = nxt
-                step += 1
                 if not active:
                     break
                 t0 = time.perf_counter()
@@ -353,7 +369,8 @@ class Model:
                 n_decode += len(active)
         finally:
             for sid in seqs:
-                cache.free(sid)
+                if sid is not None:
+                    cache.free(sid)
         self.last_stats = {"prefill_tokens": n_prefill, "prefill_s": t_prefill, "decode_tokens": n_decode,
                            "decode_s": t_decode, "reused_prefix_tokens": sum(starts)}
         return out[0] if single else out
