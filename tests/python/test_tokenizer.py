@@ -88,8 +88,8 @@ def make_bpe_dir(tmp_path, pre="default", add_bos=True, vocab_size=420):
 
 
 def read_gguf_metadata(path):
-    from memkernels.models.gguf import _metadata
-    return _metadata(gguf.GGUFReader(str(path)))
+    from memkernels.models.gguf import read_gguf_metadata as read
+    return read(path)
 
 
 def write_vocab_gguf(path, model, tokens, types, *, merges=None, scores=None, pre=None, bos=None, eos=None,

@@ -1,6 +1,7 @@
 """GGUF checkpoints (the llama.cpp file format) read into Hugging Face names, configs and layouts.
 
-``load_gguf(path)`` memory-maps the file with the ``gguf`` package's reader and returns a
+``load_gguf(path)`` memory-maps the file (own parser; the ``gguf`` package supplies the type table
+and the dequantizer for the types kept lossy) and returns a
 `GGUFCheckpoint`: ``.config`` is a transformers ``config.json``-style dict, ``.tensors`` maps HF tensor
 names (``model.layers.0.self_attn.q_proj.weight``) to arrays or `memkernels.QuantizedMatrix`,
 ``.tokenizer`` is a `Tokenizer` built from the GGUF vocabulary, ``.metadata`` is every key/value.
@@ -48,7 +49,8 @@ import numpy as np
 
 from .tokenizer import Tokenizer, UnsupportedModelError  # one definition (config.py's when it has it)
 
-__all__ = ["GGUFCheckpoint", "UnsupportedModelError", "load_gguf", "gguf_format_available"]
+__all__ = ["GGUFCheckpoint", "UnsupportedModelError", "load_gguf", "read_gguf_metadata", "gguf_format_available",
+           "unpack_blocks"]
 
 _GROUP = 32
 
@@ -311,36 +313,156 @@ class GGUFCheckpoint:
         return f"GGUFCheckpoint({self.path!r}, arch={self.arch!r}, tensors={len(self.tensors)})"
 
 
-def _metadata(reader) -> dict:
-    from gguf.constants import GGUFValueType
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if field.types and field.types[0] == GGUFValueType.ARRAY and field.types[-1] != GGUFValueType.STRING:
-            # numeric arrays (scores, token types) in one NumPy gather instead of a Python list per element
-            meta[key] = np.concatenate([field.parts[i] for i in field.data]) if field.data else np.empty(0)
-        else:
-            meta[key] = field.contents()
-    return meta
+class _GGUFTensor:
+    """One tensor of the file: name, GGML type, shape in GGML order (columns first), and data: a
+    read-only view of the file, (rows, cols) for F32/F16, (rows, bytes per row) uint8 otherwise."""
+    __slots__ = ("name", "tensor_type", "shape", "data")
+
+    def __init__(self, name, tensor_type, shape, data):
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
 
 
-def _open_reader(path):
-    from gguf import GGUFReader
-    try:
-        return GGUFReader(path, "r")
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, TypeError, AssertionError,
-            OSError) as e:
+class _GGUFFile:
+    """A GGUF file (versions 2 and 3) parsed from a memory map: `fields` (key -> value; numeric
+    arrays as NumPy arrays, string arrays as lists) and `tensors`. Every length and offset is checked
+    against the file size, so a truncated or corrupt file raises CorruptDataError, never reads past
+    the end or allocates what the file cannot hold. (The gguf package's GGUFReader builds a NumPy
+    array per string, about 30 s for a 128k-token vocabulary here; this takes well under a second.)"""
+
+    _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
+                11: "<i8", 12: "<f8"}
+    _STRING, _ARRAY, _BOOL = 8, 9, 7
+
+    def __init__(self, path):
+        import mmap
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                self._corrupt(0, f"the file has {size} bytes, less than a GGUF header")
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
+        self.pos = 0
+        if bytes(self.mm[:4]) != b"GGUF":
+            self._corrupt(0, f"no GGUF magic (starts with {bytes(self.mm[:4])!r})")
+        self.pos = 4
+        version = self._u32()
+        if version not in (2, 3):
+            self._corrupt(4, f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = self._u64(), self._u64()
+        if n_tensors > size or n_kv > size:
+            self._corrupt(8, f"{n_tensors} tensors / {n_kv} keys cannot fit in {size} bytes")
+        self.fields = {}
+        for _ in range(n_kv):
+            key = self._string()
+            vtype = self._u32()
+            self.fields[key] = self._value(vtype, key)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._u32()
+            if not 1 <= n_dims <= 4:
+                self._corrupt(self.pos, f"tensor '{name}' has {n_dims} dimensions")
+            dims = tuple(self._u64() for _ in range(n_dims))
+            infos.append((name, dims, self._u32(), self._u64()))
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            self._corrupt(0, f"general.alignment {align!r} is not a power of two")
+        start = -(-self.pos // align) * align
+        self.tensors = []
+        seen = set()
+        for name, dims, tcode, offset in infos:
+            if name in seen:
+                self._corrupt(start, f"tensor '{name}' appears twice")
+            seen.add(name)
+            self.tensors.append(self._tensor(name, dims, tcode, start + offset))
+
+    def _corrupt(self, at, msg):
         import memkernels as mk
-        msg = str(e)
-        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", msg)
-        if m:
-            raise UnsupportedModelError(f"{os.fspath(path)}: a tensor has GGML data type {m.group(1)}, which is "
-                                        "not known (unsupported type, or a corrupt file)") from None
-        raise mk.CorruptDataError(f"{os.fspath(path)}: not a readable GGUF file (truncated or corrupt): "
-                                  f"{type(e).__name__}: {msg}") from None
+        raise mk.CorruptDataError(f"{self.path}: not a readable GGUF file (truncated or corrupt): {msg} "
+                                  f"(at byte {at})")
+
+    def _need(self, n):
+        if n < 0 or self.pos + n > self.size:
+            self._corrupt(self.pos, f"{n} more bytes needed, the file has {self.size - self.pos} left")
+
+    def _int(self, n):
+        self._need(n)
+        v = int.from_bytes(self.mm[self.pos:self.pos + n], "little")
+        self.pos += n
+        return v
+
+    def _u32(self):
+        return self._int(4)
+
+    def _u64(self):
+        return self._int(8)
+
+    def _string(self):
+        n = self._u64()
+        self._need(n)
+        raw = self.mm[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")  # some vocabularies hold invalid UTF-8 pieces
+
+    def _value(self, vtype, key):
+        if vtype == self._STRING:
+            return self._string()
+        if vtype == self._ARRAY:
+            etype, count = self._u32(), self._u64()
+            if etype == self._STRING:
+                if count * 8 > self.size - self.pos:
+                    self._corrupt(self.pos, f"'{key}' claims {count} strings")
+                return [self._string() for _ in range(count)]
+            if etype == self._ARRAY:
+                return [self._value(self._ARRAY, key) for _ in range(count)]
+            dt = self._dtype(etype, key)
+            self._need(count * dt.itemsize)
+            arr = np.frombuffer(self.mm, dt, count, self.pos).copy()
+            self.pos += count * dt.itemsize
+            return arr.astype(bool) if etype == self._BOOL else arr
+        dt = self._dtype(vtype, key)
+        self._need(dt.itemsize)
+        v = np.frombuffer(self.mm, dt, 1, self.pos)[0].item()
+        self.pos += dt.itemsize
+        return bool(v) if vtype == self._BOOL else v
+
+    def _dtype(self, code, key):
+        if code not in self._SCALARS:
+            self._corrupt(self.pos, f"metadata '{key}' has value type {code}")
+        return np.dtype(self._SCALARS[code])
+
+    def _tensor(self, name, dims, tcode, at):
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        try:
+            ttype = GGMLQuantizationType(tcode)
+        except ValueError:
+            raise UnsupportedModelError(f"{self.path}: tensor '{name}' has GGML data type {tcode}, which is not "
+                                        "known (an unsupported type, or a corrupt file)") from None
+        block, type_size = GGML_QUANT_SIZES[ttype]
+        n = int(np.prod(dims, dtype=np.float64))
+        if n > self.size * 8 or dims[0] % block:
+            self._corrupt(at, f"tensor '{name}' shape {dims} does not fit type {ttype.name}")
+        nbytes = n // block * type_size
+        if at + nbytes > self.size:
+            self._corrupt(at, f"tensor '{name}' ({nbytes} bytes at {at}) runs past the end of the file "
+                              f"({self.size} bytes)")
+        rows_shape = tuple(reversed(dims))
+        plain = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                 "I32": np.int32, "I64": np.int64}.get(ttype.name)
+        if plain is not None:
+            data = np.frombuffer(self.mm, plain, n, at).reshape(rows_shape)
+        else:
+            data = np.frombuffer(self.mm, np.uint8, nbytes, at).reshape(*rows_shape[:-1], dims[0] // block * type_size)
+        return _GGUFTensor(name, ttype, dims, data)
+
+
+def read_gguf_metadata(path) -> dict:
+    """Every key/value of a GGUF file (numeric arrays as NumPy arrays), without loading tensors."""
+    return _GGUFFile(path).fields
 
 
 def _decimal(v):
@@ -540,8 +662,8 @@ def load_gguf(path, *, dequantize: bool = False, verbose: bool = True) -> GGUFCh
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = _open_reader(path)
-    meta = _metadata(reader)
+    reader = _GGUFFile(path)
+    meta = reader.fields
     arch = meta.get("general.architecture")
     if arch is None:
         _fail(path, "GGUF metadata has no 'general.architecture'")

@@ -47,7 +47,12 @@ _BPE_PRE = {
     "qwen2": ("split", _QWEN2_SPLIT),
     "smollm": ("digits", None),
     "starcoder": ("digits", None),
+    "refact": ("digits", None),
+    "command-r": ("digits", None),
+    "mpt": ("gpt2", None),
 }
+# Families whose tokenizer.json normalizes to NFC first.
+_NFC_PRE = {"qwen2", "command-r", "mpt"}
 
 
 def _token_str(tok):
@@ -306,8 +311,8 @@ def _gguf_bpe(fields, tokens, types, ids):
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if pre == "qwen2":
-        backend.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json
+    if pre in _NFC_PRE:
+        backend.normalizer = normalizers.NFC()  # as these models' tokenizer.json
     backend.decoder = decoders.ByteLevel()
     _add_specials(backend, tokens, types)
     pp = _post_processor(fields, tokens, ids, default_bos=False)
