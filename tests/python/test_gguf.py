@@ -559,3 +559,27 @@ def _accepts_exact():
         return "exact" in inspect.signature(mk.load_model).parameters
     except (TypeError, ValueError):
         return False
+
+
+def test_mutated_files_fail_cleanly(tmp_path):
+    """Random byte changes in the header and metadata: a clean error (or a successful load), never
+    another exception type, a crash, or a read past the end."""
+    good = _tiny(tmp_path, more={"blk.0.attn_q.weight": (np.ones((64, 64)), "Q8_0")}).read_bytes()
+    from memkernels.models.gguf import read_gguf_metadata
+    header_end = good.index(b"blk.0.attn_q.weight") + 64
+    rng = np.random.default_rng(11)
+    bad = tmp_path / "m.gguf"
+    outcomes = set()
+    for _ in range(150):
+        data = bytearray(good)
+        for at in rng.integers(4, header_end, size=rng.integers(1, 4)):
+            data[at] = rng.integers(0, 256)
+        bad.write_bytes(bytes(data))
+        try:
+            load_gguf(bad, verbose=False)
+            outcomes.add("ok")
+        except (mk.CorruptDataError, UnsupportedModelError) as e:
+            assert str(bad) in str(e)
+            outcomes.add(type(e).__name__)
+    assert "CorruptDataError" in outcomes
+    assert read_gguf_metadata(_tiny(tmp_path, "n.gguf"))["general.architecture"] == "llama"

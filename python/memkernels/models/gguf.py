@@ -233,11 +233,11 @@ def gguf_format_available(fmt: str) -> bool:
     return True
 
 
-def _pack(fmt, codes, scales, mins, name):
+def _pack(fmt, codes, scales, mins, name, path):
     import memkernels as mk
     if not gguf_format_available(fmt):
         raise UnsupportedModelError(
-            f"tensor '{name}': this memkernels build has no group-32 '{fmt}' format with signed scales "
+            f"{path}: tensor '{name}': this memkernels build has no group-32 '{fmt}' format with signed scales "
             f"(needed to keep the GGUF weights quantized); pass dequantize=True to load them as float32")
     if fmt == "int4_min":
         return mk.pack_quantized(fmt, codes, scales, mins=mins, group_size=_GROUP)
@@ -533,11 +533,20 @@ def _build_config(meta, arch, names, path, tensors_by_name) -> dict:
     for k in ("expert_count", "expert_used_count"):
         if _scalar(meta, key(k), path, 0):
             _fail(path, f"mixture-of-experts models ({key(k)} = {meta[key(k)]}) are not supported")
-    hidden = int(_scalar(meta, key("embedding_length"), path, required=True))
-    heads = int(_scalar(meta, key("attention.head_count"), path, required=True))
-    kv_heads = int(_scalar(meta, key("attention.head_count_kv"), path, heads))
-    head_dim = int(_scalar(meta, key("attention.key_length"), path, hidden // heads))
-    v_dim = int(_scalar(meta, key("attention.value_length"), path, head_dim))
+    def posint(k, default=None, required=False):
+        v = _scalar(meta, key(k), path, default, required)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            _fail(path, f"GGUF metadata '{key(k)}' must be a positive integer, got {v!r}")
+        return v
+
+    layers = _scalar(meta, key("block_count"), path, required=True)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        _fail(path, f"GGUF metadata '{key('block_count')}' must be a non-negative integer, got {layers!r}")
+    hidden = posint("embedding_length", required=True)
+    heads = posint("attention.head_count", required=True)
+    kv_heads = posint("attention.head_count_kv", heads)
+    head_dim = posint("attention.key_length", max(1, hidden // heads))
+    v_dim = posint("attention.value_length", head_dim)
     if v_dim != head_dim:
         _fail(path, f"key length {head_dim} != value length {v_dim} is not supported")
     model_type, hf_class, _, _ = _ARCHS[arch]
@@ -550,8 +559,8 @@ def _build_config(meta, arch, names, path, tensors_by_name) -> dict:
         "architectures": [hf_class],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(_scalar(meta, key("feed_forward_length"), path, required=True)),
-        "num_hidden_layers": int(_scalar(meta, key("block_count"), path, required=True)),
+        "intermediate_size": posint("feed_forward_length", required=True),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -719,6 +728,9 @@ def load_gguf(path, *, dequantize: bool = False, verbose: bool = True) -> GGUFCh
             warnings.append(f"{path}: no tokenizer: {e}")
             if verbose:
                 print(f"memkernels: warning: {e}; give prompts as token ids ({path})", file=sys.stderr)
+        except ValueError as e:  # inconsistent vocabulary metadata
+            import memkernels as mk
+            raise mk.CorruptDataError(f"{path}: tokenizer metadata is inconsistent: {e}") from None
     if cfg["vocab_size"] is None and tok is not None:
         cfg["vocab_size"] = tok.vocab_size
     return GGUFCheckpoint(path, reader, arch, cfg, sources, tensors, tok, meta, warnings)
@@ -761,7 +773,7 @@ def _convert(path, hf, src, dequantize, lossy):
             codes[r0:r0 + step], scales[r0:r0 + step] = c, s
             if mins is not None:
                 mins[r0:r0 + step] = m
-        return _pack(fmt, codes, scales, mins, hf)
+        return _pack(fmt, codes, scales, mins, hf, path)
     # lossy: dequantize exactly, re-quantize to int8 group 32 in row chunks
     chunks_c, chunks_s, err = [], [], 0.0
     for r0 in range(0, rows, step):
@@ -771,4 +783,4 @@ def _convert(path, hf, src, dequantize, lossy):
         chunks_s.append(s)
         err = max(err, e)
     lossy[tname] = max(lossy.get(tname, 0.0), err)
-    return _pack("int8", np.concatenate(chunks_c), np.concatenate(chunks_s), None, hf)
+    return _pack("int8", np.concatenate(chunks_c), np.concatenate(chunks_s), None, hf, path)
