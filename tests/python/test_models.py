@@ -371,3 +371,84 @@ def test_cli_unsupported_inputs_exit_2(tmp_path):
     assert r.returncode == 2 and "--tokens" in r.stderr
     r = _cli("--model", cases["missing tensor"][0], "--prompt", "hi", "--dram-budget", "1000", cwd=work)
     assert r.returncode == 2 and "issue 17" in r.stderr
+
+
+# -- tokenizer.json in the checkpoint directory ----------------------------------------------------
+
+CORPUS = ["the cat sat on the mat", "a dog ran in the park", "hello world, hello model", "memory efficient kernels",
+          "the quick brown fox jumps over the lazy dog"] * 4
+
+
+def _add_tokenizer(d):
+    """A small BPE tokenizer.json (< 128 ids) trained here, with <s>/</s> and a chat template."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=110, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size() <= 128
+    tok.save(os.path.join(d, "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template},
+              open(os.path.join(d, "tokenizer_config.json"), "w"))
+
+
+def test_text_prompts_with_tokenizer_json(tmp_path):
+    d, hf = build(tmp_path, "llama", {})
+    _add_tokenizer(d)
+    m = mk.load_model(d)
+    assert m.tokenizer is not None and 2 in m.tokenizer.eos_token_ids
+    ids = m.tokenizer.encode("the cat sat on the mat")
+    assert ids[0] == 1 and len(ids) > 3
+    want = hf_greedy(hf, ids, 8)
+    assert m.generate("the cat sat on the mat", 8, stop_at_eos=False) == want
+    both = m.generate(["the cat sat on the mat", ids], 8, stop_at_eos=False)
+    assert both == [want, want]
+
+    r = _cli("--model", d, "--prompt", "the cat sat on the mat", "--max-new-tokens", "8", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    stop = next((i + 1 for i, t in enumerate(want) if t == 2), len(want))  # the CLI stops at </s>
+    assert out["tokens"] == want[:stop]
+    assert out["text"] == m.tokenizer.decode(want[:stop])
+
+    # streamed text, then the speeds line
+    r = _cli("--model", d, "--prompt", "hello world", "--max-new-tokens", "6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    new = m.generate("hello world", 6)
+    assert r.stdout.startswith(m.tokenizer.decode(new))
+    assert "tokens/s" in r.stdout and "peak RSS" in r.stdout
+
+    chat = m.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}])
+    r = _cli("--model", d, "--prompt", "hello", "--chat", "--max-new-tokens", "5", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == m.generate(m.tokenizer.encode(chat, add_special_tokens=False), 5)
+
+
+def test_dynamic_rope_batched_decode_is_per_sequence(tmp_path):
+    """Each sequence of a batch gets the dynamic-NTK frequencies of its own length (as transformers
+    running it alone), so batching does not change the tokens."""
+    d, _ = build(tmp_path, *VARIANTS["llama_dynamic"])
+    m = mk.load_model(d)
+    prompts = [IDS[:3], IDS[:11], IDS[4:18]]
+    alone = [mk.load_model(d).generate(p, 10, stop_at_eos=False) for p in prompts]
+    assert m.generate(prompts, 10, stop_at_eos=False) == alone
+    cfg_cls, model_cls = transformers.LlamaConfig, transformers.LlamaForCausalLM
+    for p, want in zip(prompts, alone):
+        assert hf_greedy(model_cls.from_pretrained(d, dtype=torch.float32).eval(), p, 10) == want
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path):
+    d, _ = build(tmp_path, "llama", {})
+    m = mk.load_model(d)
+    a = m.generate(IDS[:6], 10, temperature=1.0, seed=3, stop_at_eos=False)
+    assert a == m.generate(IDS[:6], 10, temperature=1.0, seed=3, stop_at_eos=False)
+    assert a != m.generate(IDS[:6], 10, temperature=1.0, seed=4, stop_at_eos=False)
+    greedy = m.generate(IDS[:6], 10, stop_at_eos=False)
+    assert m.generate(IDS[:6], 10, temperature=0.7, top_p=1e-6, seed=5, stop_at_eos=False) == greedy
+    with pytest.raises(ValueError, match="top_p"):
+        m.generate(IDS[:6], 2, temperature=1.0, top_p=0.0)

@@ -50,7 +50,7 @@ def activation(xp, x, kind):
     if kind == "gelu":
         return _gelu_erf(xp, x)
     if kind == "relu":
-        return xp.maximum(x, 0)
+        return x * (x > 0)
     raise UnsupportedModelError(f"hidden_act {kind!r} is not supported")
 
 
@@ -156,12 +156,18 @@ class Model:
     def _norm(self, x, name):
         return self.ops.rms_norm(x, self._dev[name], self.config.rms_norm_eps)
 
-    def _rope_tables(self, positions, seq_len):
-        inv, att = self.config.rope.inv_freq(seq_len)
-        ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None, :]
-        cos = np.concatenate([np.cos(ang), np.cos(ang)], -1) * att
-        sin = np.concatenate([np.sin(ang), np.sin(ang)], -1) * att
-        return self.ops.to_device(cos), self.ops.to_device(sin)
+    def _rope_tables(self, starts, lens):
+        """cos, sin (tokens, rotary_dim) for each sequence's new positions. 'dynamic' rope takes its
+        frequencies from each sequence's length at this step, as transformers does running that
+        sequence alone (keys already cached keep the rotation they were stored with)."""
+        rope, parts = self.config.rope, []
+        for s, n in zip(starts, lens):
+            inv, att = rope.inv_freq(s + n if rope.rope_type == "dynamic" else None)
+            ang = np.arange(s, s + n, dtype=np.float64)[:, None] * inv[None, :]
+            parts.append((np.cos(ang) * att, np.sin(ang) * att))
+        cos = np.concatenate([p[0] for p in parts])
+        sin = np.concatenate([p[1] for p in parts])
+        return (self.ops.to_device(np.concatenate([cos, cos], -1)), self.ops.to_device(np.concatenate([sin, sin], -1)))
 
     def _rope(self, x, cos, sin):
         rd = self.config.rope.rotary_dim
@@ -213,8 +219,7 @@ class Model:
         tokens = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunks])
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
-        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
-        cos, sin = self._rope_tables(positions, max(kv_lens))
+        cos, sin = self._rope_tables(starts, lens)
         idx = tokens if self.device == "cpu" else ops.to_device(tokens, "int64")
         x = self._embed[idx]
         if self._embed_scale is not None:
