@@ -254,6 +254,9 @@ def _hf_model(arch, **over):
         cfg = transformers.LlamaConfig(**{"tie_word_embeddings": False, "rope_theta": 5000.0, **common})
     elif arch == "mistral":
         cfg = transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=4)
+    elif arch == "phi3":
+        cfg = transformers.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
     elif arch == "gemma":
         cfg = transformers.GemmaConfig(**common, head_dim=16, hidden_activation="gelu_pytorch_tanh")
     elif arch == "qwen2":
@@ -280,6 +283,7 @@ _LAYER_TO_GGUF = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused projections
 }
 
 
@@ -515,8 +519,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 @needs_load_model
 @pytest.mark.parametrize("arch,over", [
     ("mistral", {}), ("gemma", {}), ("llama", {"attention_bias": True, "mlp_bias": True}),
-    ("llama", {"head_dim": 32}), ("llama", {"rope_parameters": LLAMA3_ROPE, "head_dim": 16}),
-], ids=["mistral-window", "gemma", "llama-bias", "llama-head-dim", "llama3-rope"])
+    ("llama", {"head_dim": 32}), ("llama", {"rope_parameters": LLAMA3_ROPE, "head_dim": 16}), ("phi3", {}),
+], ids=["mistral-window", "gemma", "llama-bias", "llama-head-dim", "llama3-rope", "phi3"])
 def test_end_to_end_variants_equal_transformers(tmp_path, arch, over):
     torch = pytest.importorskip("torch")
     model = _hf_model(arch, **over)
