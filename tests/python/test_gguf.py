@@ -541,10 +541,13 @@ def test_end_to_end_variants_equal_transformers(tmp_path, arch, over):
 
 @needs_load_model
 @needs_format("int8")
-def test_end_to_end_q8_0_equals_float64_reference(tmp_path):
+@needs_format("int4_sym")
+@needs_format("int4_min")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_end_to_end_quantized_equals_float64_reference(tmp_path, qtype):
     torch = pytest.importorskip("torch")
     model = _hf_model("llama")
-    path, _ = hf_to_gguf(model, "llama", tmp_path / "q8.gguf", qtype="Q8_0")
+    path, _ = hf_to_gguf(model, "llama", tmp_path / "q.gguf", qtype=qtype)
     ref = load_gguf(path, dequantize=True)
     # the float64 forward of the dequantized weights: transformers in float64 with those weights
     m64 = model.double()
