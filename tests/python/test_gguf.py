@@ -590,3 +590,28 @@ def test_mutated_files_fail_cleanly(tmp_path):
             outcomes.add(type(e).__name__)
     assert "CorruptDataError" in outcomes
     assert read_gguf_metadata(_tiny(tmp_path, "n.gguf"))["general.architecture"] == "llama"
+
+
+def test_unsupported_tokenizer_keeps_weights(tmp_path, capsys):
+    # a byte-level vocabulary with a pre-tokenizer this loader does not know
+    rng = np.random.default_rng(4)
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "llama")
+    for fn, v in (("add_context_length", 64), ("add_embedding_length", 64), ("add_block_count", 0),
+                  ("add_feed_forward_length", 96), ("add_head_count", 4), ("add_head_count_kv", 4),
+                  ("add_layer_norm_rms_eps", 1e-5)):
+        getattr(w, fn)(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("some-new-family")
+    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(125)])
+    w.add_token_merges(["a b"])
+    w.add_tensor("token_embd.weight", rng.standard_normal((128, 64)).astype(np.float32))
+    w.add_tensor("output_norm.weight", rng.standard_normal(64).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = load_gguf(tmp_path / "v.gguf")
+    assert ck.tokenizer is None
+    assert "some-new-family" in capsys.readouterr().err
+    assert any("no tokenizer" in x and "some-new-family" in x for x in ck.warnings)
+    assert ck.tensors["model.embed_tokens.weight"].shape == (128, 64)

@@ -414,3 +414,16 @@ def test_chat_template_file_and_generation_config(tmp_path):
     assert tok.apply_chat_template([{"role": "user", "content": "q"}]) == "[q]"
     assert tok.eos_token_ids == {1, 3}
     assert np.array_equal(sorted(tok.eos_token_ids), [1, 3])
+
+
+@pytest.mark.parametrize("json_adds_bos", [True, False])
+def test_from_dir_follows_tokenizer_json_like_transformers(tmp_path, json_adds_bos):
+    """tokenizer.json's post-processor decides BOS (transformers 5 too), whatever add_bos_token says."""
+    transformers = pytest.importorskip("transformers")
+    d, _ = make_bpe_dir(tmp_path, "default", add_bos=json_adds_bos)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = not json_adds_bos
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    want = transformers.AutoTokenizer.from_pretrained(str(d)).encode("hello there")
+    assert Tokenizer.from_dir(d).encode("hello there") == want
+    assert (want[0] == 0) == json_adds_bos
