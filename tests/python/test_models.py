@@ -452,3 +452,41 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tmp_path):
     assert m.generate(IDS[:6], 10, temperature=0.7, top_p=1e-6, seed=5, stop_at_eos=False) == greedy
     with pytest.raises(ValueError, match="top_p"):
         m.generate(IDS[:6], 2, temperature=1.0, top_p=0.0)
+
+
+def test_activation_fields_as_transformers_reads_them():
+    g = ModelConfig.from_dict({**BASE, "model_type": "gemma", "hidden_act": "gelu"})
+    assert g.hidden_act == "gelu_pytorch_tanh"  # legacy value of the official Gemma configs
+    g = ModelConfig.from_dict({**BASE, "model_type": "gemma", "hidden_act": "gelu", "hidden_activation": "gelu"})
+    assert g.hidden_act == "gelu"
+    assert ModelConfig.from_dict({**BASE, "model_type": "gemma2"}).hidden_act == "gelu_pytorch_tanh"
+    with pytest.raises(UnsupportedModelError, match="disagree"):
+        ModelConfig.from_dict({**BASE, "model_type": "gemma2", "hidden_act": "silu"})
+    assert ModelConfig.from_dict({**BASE, "model_type": "qwen2", "use_mrope": False}).qkv_bias
+    with pytest.raises(UnsupportedModelError, match="use_mrope"):
+        ModelConfig.from_dict({**BASE, "model_type": "qwen2", "use_mrope": True})
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_other_activations_match_transformers(tmp_path, act):
+    d, hf = build(tmp_path, "llama", {"hidden_act": act})
+    m = mk.load_model(d)
+    assert rel_err(m.logits(IDS), hf_logits(hf, IDS)) < TOL
+
+
+def test_missing_keys_take_transformers_defaults():
+    """A config.json that omits a key means transformers' class default for it."""
+    for mt in ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"):
+        hf_cls = getattr(transformers, ARCH[mt][0])
+        mine = ModelConfig.from_dict({**BASE, "model_type": mt})
+        hf = hf_cls(**BASE)
+        assert mine.rms_norm_eps == pytest.approx(hf.rms_norm_eps), mt
+        assert mine.tie_word_embeddings == bool(hf.tie_word_embeddings), mt
+        assert mine.head_dim == (getattr(hf, "head_dim", None) or 16), mt
+        assert mine.rope.theta == hf.rope_parameters["rope_theta"], mt
+        hf_window = getattr(hf, "sliding_window", None)
+        types = getattr(hf, "layer_types", None) or ["full_attention" if hf_window is None else "sliding_attention"] * 2
+        assert mine.layer_windows == [hf_window if t == "sliding_attention" else None for t in types], mt
+        if mt == "gemma2":
+            assert (mine.attn_softcap, mine.final_softcap) == (hf.attn_logit_softcapping, hf.final_logit_softcapping)
+            assert mine.attn_scale == hf.query_pre_attn_scalar ** -0.5

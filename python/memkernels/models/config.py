@@ -50,13 +50,33 @@ _COMMON = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"
 ARCH_KEYS = {
     "llama": _COMMON | {"attention_bias", "mlp_bias"},
     "mistral": _COMMON | {"sliding_window"},
-    "qwen2": _COMMON | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "qwen2": _COMMON | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "use_mrope"},
     "gemma": _COMMON | {"attention_bias", "hidden_activation", "use_bidirectional_attention"},
     "gemma2": _COMMON | {"attention_bias", "hidden_activation", "use_bidirectional_attention",
                          "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
                          "sliding_window", "layer_types", "cache_implementation"},
     "phi3": _COMMON | {"sliding_window", "original_max_position_embeddings"},
 }
+
+# transformers' class defaults for the keys that change the math, used when config.json omits a key
+# (as transformers does when it reads the file); structural sizes have no default and are required.
+DEFAULTS = {
+    "llama": {"rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
+              "mlp_bias": False, "max_position_embeddings": 2048},
+    "mistral": {"rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": 4096,
+                "max_position_embeddings": 4096 * 32},
+    "qwen2": {"rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
+              "sliding_window": 4096, "max_window_layers": 28, "max_position_embeddings": 32768},
+    "gemma": {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "head_dim": 256, "attention_bias": False,
+              "max_position_embeddings": 8192},
+    "gemma2": {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "head_dim": 256, "attention_bias": False,
+               "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "max_position_embeddings": 8192},
+    "phi3": {"rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": None,
+             "max_position_embeddings": 4096},
+}
+# architectures whose missing num_key_value_heads means multi-head attention (others default to a number)
+_KV_DEFAULTS_TO_HEADS = ("llama", "phi3")
 
 # Keys that mean a mixture of experts (or another block) this forward does not have.
 MOE_KEYS = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "n_routed_experts",
@@ -225,6 +245,9 @@ class ModelConfig:
         for k in MOE_KEYS:
             if k in d and d[k] not in (None, 0, False, [], 1 if k == "decoder_sparse_step" else None):
                 _fail(f"config field {k!r} = {d[k]!r}: mixture-of-experts models are not supported")
+        d = {**DEFAULTS[mt], **d}
+        if "num_key_value_heads" not in d and mt not in _KV_DEFAULTS_TO_HEADS:
+            _fail(f"config field 'num_key_value_heads' is missing (a {mt} config must give it)")
         allowed = ARCH_KEYS[mt] | HARMLESS_KEYS
         unknown = sorted(k for k in d if k not in allowed and k not in MOE_KEYS and k != "quantization_config")
         if unknown:
@@ -242,7 +265,7 @@ class ModelConfig:
             return v
 
         hidden, heads = posint("hidden_size"), posint("num_attention_heads")
-        kv_heads = posint("num_key_value_heads", d.get("num_key_value_heads") or heads)
+        kv_heads = posint("num_key_value_heads", d["num_key_value_heads"] if "num_key_value_heads" in d else heads)
         if heads % kv_heads:
             _fail(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         head_dim = d.get("head_dim")
@@ -253,14 +276,21 @@ class ModelConfig:
         head_dim = posint("head_dim", head_dim)
         layers = posint("num_hidden_layers")
 
-        act = d.get("hidden_act")
-        if mt in ("gemma", "gemma2") and d.get("hidden_activation") is not None:
-            act = d["hidden_activation"]  # Gemma2's own key; gemma configs may carry both
-        if mt == "gemma" and d.get("hidden_activation") is None and d.get("hidden_act") is None:
-            act = "gelu_pytorch_tanh"
-        act = act or "silu"
+        act = d.get("hidden_act") or "silu"
+        if mt == "gemma":
+            # transformers 4 read hidden_activation; "gelu" in hidden_act is the legacy value of the
+            # official releases, meant (and run by transformers 5) as the tanh approximation
+            act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+            if act == "gelu" and not d.get("hidden_activation"):
+                act = "gelu_pytorch_tanh"
+        if mt == "gemma2":  # Gemma2 runs hidden_activation; a differing hidden_act would be ignored there
+            act = d.get("hidden_activation") or "gelu_pytorch_tanh"
+            if d.get("hidden_act") not in (None, act):
+                _fail(f"config fields hidden_act {d['hidden_act']!r} and hidden_activation {act!r} disagree")
         if act not in ACTIVATIONS:
             _fail(f"config field hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if d.get("use_mrope"):
+            _fail("config field 'use_mrope' = true: multimodal rotary embeddings (Qwen2-VL) are not supported")
         if d.get("use_bidirectional_attention"):
             _fail("config field 'use_bidirectional_attention' = true: only causal decoders are supported")
 
@@ -296,7 +326,7 @@ class ModelConfig:
             cfg.sandwich_norms = True
             cfg.attn_softcap = _opt_float(d, "attn_logit_softcapping")
             cfg.final_softcap = _opt_float(d, "final_logit_softcapping")
-            qpas = d.get("query_pre_attn_scalar", head_dim)
+            qpas = d.get("query_pre_attn_scalar")
             if not isinstance(qpas, (int, float)) or qpas <= 0:
                 _fail(f"config field 'query_pre_attn_scalar' must be > 0, got {qpas!r}")
             cfg.attn_scale = float(qpas) ** -0.5
