@@ -22,9 +22,9 @@ def needs_format(fmt):
                                      "(mk.pack_quantized refuses it)")
 
 
-def random_raw(rng, qtype, rows, cols):
+def random_raw(rng, qtype, rows, cols, scale=1.0):
     """Raw GGUF rows of type qtype: quantized with the gguf package where it can, otherwise random
-    valid blocks (random bits with finite float16 scales, negative ones included)."""
+    valid blocks (random bits with finite float16 scales, negative ones included, times `scale`)."""
     if qtype in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0, T.Q5_1):
         w = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 1, (rows, 1)).astype(np.float32)
         w[0, :32] = 0  # an all-zero block: scale 0
@@ -33,7 +33,7 @@ def random_raw(rng, qtype, rows, cols):
     raw = rng.integers(0, 256, size=(rows, cols // bs, ts), dtype=np.uint8)
 
     def put_f16(off):
-        v = (rng.uniform(1e-3, 2e-2, raw.shape[:2]) * rng.choice([-1, 1], raw.shape[:2])).astype(np.float16)
+        v = (rng.uniform(1e-3, 2e-2, raw.shape[:2]) * scale * rng.choice([-1, 1], raw.shape[:2])).astype(np.float16)
         raw[..., off:off + 2] = v.view(np.uint8).reshape(*raw.shape[:2], 2)
 
     if qtype in (T.Q4_K, T.Q5_K):
@@ -615,3 +615,36 @@ def test_unsupported_tokenizer_keeps_weights(tmp_path, capsys):
     assert "some-new-family" in capsys.readouterr().err
     assert any("no tokenizer" in x and "some-new-family" in x for x in ck.warnings)
     assert ck.tensors["model.embed_tokens.weight"].shape == (128, 64)
+
+
+@needs_load_model
+@needs_format("int4_min")
+@pytest.mark.parametrize("qtype", ["Q4_K"])
+def test_end_to_end_kquant_equals_float64_reference(tmp_path, qtype):
+    """Q4_K blocks (random, valid) for every linear weight: logits equal a float64 forward of the
+    dequantized weights (the conversion to int4_min is exact)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    H, F, V = 256, 512, len(VOCAB)
+    model = _hf_model("llama", hidden_size=H, intermediate_size=F, num_hidden_layers=1)
+    names = {"attn_q": (H, H), "attn_k": (128, H), "attn_v": (128, H), "attn_output": (H, H),
+             "ffn_gate": (F, H), "ffn_up": (F, H), "ffn_down": (H, F)}
+    tensors = {f"blk.0.{n}.weight": (random_raw(rng, T[qtype], *shape, scale=5e-3), qtype, "raw")
+               for n, shape in names.items()}
+    tensors["blk.0.attn_norm.weight"] = (rng.uniform(0.5, 1.5, H), "F32")
+    tensors["blk.0.ffn_norm.weight"] = (rng.uniform(0.5, 1.5, H), "F32")
+    tensors["output_norm.weight"] = (rng.uniform(0.5, 1.5, H), "F32")
+    tensors["token_embd.weight"] = (rng.standard_normal((V, H)), "F32")
+    tensors["output.weight"] = (rng.standard_normal((V, H)) * 0.05, "F16")
+    path = write_gguf(tmp_path / "k.gguf", "llama", tensors, hidden=H, ff=F, layers=1, heads=4, kv_heads=2,
+                      theta=5000.0)
+    ref = load_gguf(path, dequantize=True)
+    m64 = model.double()
+    with torch.no_grad():
+        for k, p in m64.state_dict().items():
+            p.copy_(torch.from_numpy(ref.tensors[k].astype(np.float64)))
+        ids = [1, 4, 8, 15, 16, 23, 42, 2]
+        want = m64(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(want).max() > 0.1  # not a degenerate model
+    m = mk.load_model(str(path))
+    np.testing.assert_allclose(np.asarray(m.logits(ids), np.float64), want, rtol=0, atol=1e-4)
