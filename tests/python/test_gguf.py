@@ -117,7 +117,8 @@ def write_gguf(path, arch, tensors, *, hidden, ff, layers, heads, kv_heads, head
         elif tname == "F16":
             w.add_tensor(name, np.ascontiguousarray(arr, np.float16))
         else:
-            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, np.float32), T[tname]), raw_dtype=T[tname])
+            raw = gguf.quants.quantize(np.ascontiguousarray(arr, np.float32), T[tname])
+            w.add_tensor(name, raw, raw_dtype=T[tname])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -291,7 +292,8 @@ def llama3_divisors(theta, head_dim, rs):
     """The rope_freqs tensor llama.cpp's converter writes for a Llama 3 rope scaling (from its description)."""
     inv = theta ** (-np.arange(0, head_dim, 2) / head_dim)
     wl = 2 * np.pi / inv
-    orig, lo, hi, factor = rs["original_max_position_embeddings"], rs["low_freq_factor"], rs["high_freq_factor"], rs["factor"]
+    orig, lo, hi = rs["original_max_position_embeddings"], rs["low_freq_factor"], rs["high_freq_factor"]
+    factor = rs["factor"]
     sm = (orig / wl - lo) / (hi - lo)
     return np.where(wl < orig / hi, 1.0, np.where(wl > orig / lo, factor, 1 / ((1 - sm) / factor + sm)))
 

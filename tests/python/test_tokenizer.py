@@ -6,7 +6,6 @@ trainers (one per pre-tokenizer family GGUF names), SentencePiece BPE with byte 
 must give the same ids as the reference tokenizer.
 """
 import json
-import os
 
 import numpy as np
 import pytest

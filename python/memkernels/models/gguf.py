@@ -40,7 +40,6 @@ package's dequantizer after the conversions above): the reference for checking a
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import sys

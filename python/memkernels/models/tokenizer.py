@@ -209,7 +209,8 @@ class Tokenizer:
         types = [NORMAL] * n if types is None else [int(t) for t in types]
         if len(types) != n:
             raise ValueError(f"tokenizer.ggml.token_type: expected {n} entries (one per token), got {len(types)}")
-        ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding", "eot", "eom")}
+        ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id")
+               for k in ("bos", "eos", "unknown", "padding", "eot", "eom")}
         for k, v in ids.items():
             if v is not None and not 0 <= int(v) < n:
                 raise ValueError(f"tokenizer.ggml.{k}_token_id: {v} is outside the vocabulary [0, {n})")
@@ -305,8 +306,9 @@ def _gguf_bpe(fields, tokens, types, ids):
     if kind == "gpt2":
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif kind == "digits":
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
