@@ -426,3 +426,17 @@ def test_from_dir_follows_tokenizer_json_like_transformers(tmp_path, json_adds_b
     want = transformers.AutoTokenizer.from_pretrained(str(d)).encode("hello there")
     assert Tokenizer.from_dir(d).encode("hello there") == want
     assert (want[0] == 0) == json_adds_bos
+
+
+def test_chat_template_generation_block_and_namespace(tmp_path):
+    """`{% generation %}` blocks (assistant-mask templates) and namespace() render as in transformers."""
+    transformers = pytest.importorskip("transformers")
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{% if m['role'] == 'assistant' %}{% generation %}<a>{{ m['content'] }}</a>{% endgeneration %}"
+                "{% else %}<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}[{{ ns.n }}]"
+                "{% if add_generation_prompt %}<a>{% endif %}")
+    d, _ = make_bpe_dir(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    want = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, chat_template=template)
+    got = Tokenizer.from_dir(d).apply_chat_template(MESSAGES, chat_template=template)
+    assert got == want and "<a>Hello. ✓</a>" in got and "[4]" in got

@@ -17,6 +17,7 @@ Chat templates run in a sandboxed jinja2 environment with the helpers templates 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -379,6 +380,27 @@ def _gguf_spm(fields, tokens, types, ids):
 _TEMPLATE_CACHE: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _generation_extension():
+    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks in some
+    templates): rendered as its body, since nothing here needs the mask."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationBlock
+
+
 def _compile_template(source: str):
     """A chat template compiled in a sandbox: no attribute access to internals, no I/O."""
     tpl = _TEMPLATE_CACHE.get(source)
@@ -396,7 +418,8 @@ def _compile_template(source: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _generation_extension()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
