@@ -463,6 +463,8 @@ def test_unsupported_inputs(tmp_path):
         load_gguf(_tiny(tmp_path, "d.gguf", extra=[("add_expert_count", 8)]))
     with pytest.raises(UnsupportedModelError, match="'llama.some_new_setting'"):
         load_gguf(_tiny(tmp_path, "e.gguf", extra=[("add_float32", "llama.some_new_setting", 2.0)]))
+    with pytest.raises(UnsupportedModelError, match="split into 3 files"):
+        load_gguf(_tiny(tmp_path, "s.gguf", extra=[("add_uint16", "split.count", 3)]))
     with pytest.raises(UnsupportedModelError, match="rope scaling type 'longrope'"):
         load_gguf(_tiny(tmp_path, "f.gguf", extra=[("add_string", "llama.rope.scaling.type", "longrope")]))
     # a data type without a dequantizer (integer tensor)

@@ -326,7 +326,7 @@ class _GGUFFile:
     arrays as NumPy arrays, string arrays as lists) and `tensors`. Every length and offset is checked
     against the file size, so a truncated or corrupt file raises CorruptDataError, never reads past
     the end or allocates what the file cannot hold. (The gguf package's GGUFReader builds a NumPy
-    array per string, about 30 s for a 128k-token vocabulary here; this takes well under a second.)"""
+    array per string: 33 s for Llama 3's 128k-token vocabulary here, this 1.3 s.)"""
 
     _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
                 11: "<i8", 12: "<f8"}
@@ -672,6 +672,10 @@ def load_gguf(path, *, dequantize: bool = False, verbose: bool = True) -> GGUFCh
         raise FileNotFoundError(f"GGUF file not found: {path}")
     reader = _GGUFFile(path)
     meta = reader.fields
+    parts = meta.get("split.count", 1)
+    if isinstance(parts, int) and parts > 1:
+        _fail(path, f"this is part of a GGUF split into {parts} files, which is not supported: merge the parts "
+                    "into one file first (llama.cpp's gguf-split --merge)")
     arch = meta.get("general.architecture")
     if arch is None:
         _fail(path, "GGUF metadata has no 'general.architecture'")
