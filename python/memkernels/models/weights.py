@@ -3,7 +3,7 @@
 A weight is a NumPy float32 array or a `memkernels.QuantizedMatrix` (GGUF quantized tensors).
 Float16 and bfloat16 checkpoint tensors are converted to float32 once, here, at load (bfloat16
 through integer bit shifts, so ml_dtypes is not needed); float32 tensors stay memory-mapped.
-`bind_weights` maps the Hugging Face names onto the forward's slots and fails, naming the tensor,
+`check_tensors` checks the Hugging Face names and shapes against the config and fails, naming the tensor,
 on any tensor that is missing, has the wrong shape, or would not be used.
 """
 from __future__ import annotations
