@@ -508,3 +508,13 @@ def test_cli_cuda_without_gpu_exits_2(tmp_path):
     d, _ = build(tmp_path, "llama", {})
     r = _cli("--model", d, "--tokens", "1,2", "--device", "cuda", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma2", "qwen2_window"])
+def test_chunked_prefill_equals_one_pass(tmp_path, variant):
+    d, hf = build(tmp_path, *VARIANTS[variant])
+    m = mk.load_model(d)
+    m.prefill_chunk = 7  # smaller than the prompts and the windows' reach
+    assert rel_err(m.logits(IDS), hf_logits(hf, IDS)) < TOL
+    prompts = [IDS[:18] + [5], IDS[:18] + [6, 7], IDS[3:12]]
+    assert m.generate(prompts, 6, stop_at_eos=False) == [hf_greedy(hf, p, 6) for p in prompts]

@@ -88,6 +88,9 @@ class Model:
         self.last_stats = {}
         self.ops: ArrayOps = array_ops(device)
         self._cache = None
+        # prompts are prefilled in pieces of at most this many tokens per forward (all sequences
+        # together), which bounds the activations a long prompt holds; chunked prefill is exact
+        self.prefill_chunk = 512
         self._prepare()
         if quantize:
             self._quantize(quantize)
@@ -270,6 +273,37 @@ class Model:
             logits = xp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return np.asarray(ops.to_host(logits), dtype=np.float32)
 
+    def _prefill(self, seq_ids, chunks, starts, all_rows=False):
+        """_forward in pieces of at most prefill_chunk tokens; logits of every row (all_rows) or of
+        each sequence's last row, as one forward would give."""
+        budget = max(1, int(self.prefill_chunk))
+        done = [0] * len(chunks)
+        rows = [[] for _ in chunks]
+        last = [None] * len(chunks)
+        while any(d < len(c) for d, c in zip(done, chunks)):
+            take, left = [], budget
+            for i, c in enumerate(chunks):
+                n = min(len(c) - done[i], left)
+                if n > 0:
+                    take.append((i, n))
+                    left -= n
+                if left == 0:
+                    break
+            out = self._forward([seq_ids[i] for i, _ in take], [chunks[i][done[i]:done[i] + n] for i, n in take],
+                                [starts[i] + done[i] for i, _ in take], all_rows=all_rows)
+            at = 0
+            for i, n in take:
+                if all_rows:
+                    rows[i].append(out[at:at + n])
+                    at += n
+                else:
+                    last[i] = out[at]
+                    at += 1
+                done[i] += n
+        if all_rows:
+            return np.concatenate([r for rr in rows for r in rr])
+        return np.stack(last)
+
     # -- public API ----------------------------------------------------------------------------
     def _tokens(self, prompt) -> list:
         if isinstance(prompt, str):
@@ -287,7 +321,7 @@ class Model:
         self._ensure_cache(-(-len(ids) // PAGE_SIZE) + 1)
         sid = self._cache.add_sequence()
         try:
-            return self._forward([sid], [ids], [0], all_rows=True)
+            return self._prefill([sid], [ids], [0], all_rows=True)
         finally:
             self._cache.free(sid)
 
@@ -349,7 +383,7 @@ class Model:
                     continue
                 chunks = [toks[i][starts[i]:] for i in batch]
                 t0 = time.perf_counter()
-                logits[batch] = self._forward([seqs[i] for i in batch], chunks, [starts[i] for i in batch])
+                logits[batch] = self._prefill([seqs[i] for i in batch], chunks, [starts[i] for i in batch])
                 t_prefill += time.perf_counter() - t0
                 n_prefill += sum(len(c) for c in chunks)
             lengths = [len(t) for t in toks]
