@@ -518,3 +518,16 @@ def test_chunked_prefill_equals_one_pass(tmp_path, variant):
     assert rel_err(m.logits(IDS), hf_logits(hf, IDS)) < TOL
     prompts = [IDS[:18] + [5], IDS[:18] + [6, 7], IDS[3:12]]
     assert m.generate(prompts, 6, stop_at_eos=False) == [hf_greedy(hf, p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("variant", ["llama_head_dim_bias", "gemma2", "phi3", "mistral_window"])
+def test_torch_arrays_run_the_same_driver(tmp_path, variant):
+    """framework='torch' on the CPU: the code path --device cuda takes (torch tensors between the
+    kernels, DLPack into them), checked without a GPU."""
+    d, hf = build(tmp_path, *VARIANTS[variant])
+    m = mk.load_model(d, framework="torch")
+    assert not m._numpy
+    assert rel_err(m.logits(IDS), hf_logits(hf, IDS)) < TOL
+    assert m.generate(IDS[:9], 8, stop_at_eos=False) == hf_greedy(hf, IDS[:9], 8)
+    q = mk.load_model(d, framework="torch", quantize="int8")
+    assert rel_err(q.logits(IDS[:6]), q.reference_logits(IDS[:6])) < TOL

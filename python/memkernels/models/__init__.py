@@ -19,7 +19,8 @@ from .weights import read_checkpoint_tensors
 QUANTIZE_FORMATS = ("int8", "int4", "int4_sym", "nf4")
 
 
-def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None, exact: bool = True) -> Model:
+def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None, exact: bool = True,
+               framework: str = "auto") -> Model:
     """Loads a checkpoint directory (config.json + *.safetensors, optional tokenizer.json) or a .gguf file.
 
     device: 'cpu' or 'cuda[:N]' (arrays through PyTorch or CuPy). Weights run as stored: float
@@ -27,6 +28,8 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
     quantized tensors through qgemm. quantize: None, or one of QUANTIZE_FORMATS to quantize every
     linear weight at load (the measured logit drift vs the float weights is in `m.quantization`).
     exact: keep activations in float everywhere (no int8-activation qgemm shortcut).
+    framework: the arrays between kernels: 'auto' (NumPy on the CPU; PyTorch, else CuPy, on a
+    GPU), 'numpy', 'torch' or 'cupy'.
     dram_budget_bytes: streaming real models from flash under a budget is not implemented yet
     (issue 17); anything but None raises UnsupportedModelError.
     """
@@ -44,13 +47,14 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
         tensors = read_checkpoint_tensors(path)
         from .tokenizer import Tokenizer
         tok = Tokenizer.from_dir(path)
-        return Model(cfg, tensors, tok, device=device, exact=exact, quantize=quantize, source=path)
+        return Model(cfg, tensors, tok, device=device, exact=exact, quantize=quantize, source=path,
+                     framework=framework)
     if path.endswith(".gguf") or _is_gguf(path):
         from .gguf import load_gguf
         ck = load_gguf(path)
         cfg = ModelConfig.from_dict(ck.config)
         return Model(cfg, dict(ck.tensors), ck.tokenizer, device=device, exact=exact, quantize=quantize,
-                     source=path, warnings=getattr(ck, "warnings", ()))
+                     source=path, warnings=getattr(ck, "warnings", ()), framework=framework)
     if not os.path.exists(path):
         raise UnsupportedModelError(f"model path {path!r} does not exist")
     raise UnsupportedModelError(f"{path}: not a checkpoint directory (config.json + *.safetensors) or a .gguf file")

@@ -76,7 +76,7 @@ class Model:
     generate), warnings (list of strings, e.g. GGUF K-quant conversions)."""
 
     def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, *, device="cpu", exact=True,
-                 quantize=None, source="", warnings=()):
+                 quantize=None, source="", warnings=(), framework="auto"):
         self.config = cfg = config
         self.tokenizer = tokenizer
         self.device = device
@@ -86,7 +86,10 @@ class Model:
         self.weights = check_tensors(cfg, tensors)
         self.quantization = None
         self.last_stats = {}
-        self.ops: ArrayOps = array_ops(device)
+        # the arrays between kernels: NumPy on the CPU by default; PyTorch / CuPy on a GPU (or
+        # framework="torch" on the CPU, which runs the GPU driver's code path without a GPU)
+        self.ops: ArrayOps = array_ops(device, framework)
+        self._numpy = self.ops.xp is np
         self._cache = None
         # prompts are prefilled in pieces of at most this many tokens per forward (all sequences
         # together), which bounds the activations a long prompt holds; chunked prefill is exact
@@ -106,7 +109,7 @@ class Model:
             elif name.endswith("norm.weight"):
                 # Gemma's RMSNorm multiplies by (1 + w), computed in float32 as transformers does
                 self._dev[name] = ops.to_device(np.asarray(a, np.float32) + np.float32(cfg.norm_offset))
-            elif self.device == "cpu":
+            elif self._numpy:
                 self._dev[name] = np.asarray(a, dtype=np.float32)  # float32 checkpoints stay memory-mapped
             else:
                 self._dev[name] = ops.to_device(a)
@@ -192,7 +195,7 @@ class Model:
         # until paged_attention takes window=: flash attention over each sequence's cached K/V
         outs, at = [], 0
         for sid, n in zip(seq_ids, q_lens):
-            k, v = self._cache.read_kv(sid, layer)
+            k, v = (self.ops.to_device(a) for a in self._cache.read_kv(sid, layer))
             outs.append(_attention.flash_attention(q[None, at:at + n], k[None], v[None], causal=True, window=w,
                                                    **kw)[0])
             at += n
@@ -223,7 +226,7 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
         cos, sin = self._rope_tables(starts, lens)
-        idx = tokens if self.device == "cpu" else ops.to_device(tokens, "int64")
+        idx = tokens if self._numpy else ops.to_device(tokens, "int64")
         x = self._embed[idx]
         if self._embed_scale is not None:
             x = x * self._embed_scale
@@ -263,7 +266,7 @@ class Model:
                 m = self._norm(m, p + "post_feedforward_layernorm.weight")
             x = x + m
         if not all_rows:
-            x = x[np.cumsum(lens) - 1] if self.device == "cpu" else x[ops.to_device(np.cumsum(lens) - 1, "int64")]
+            x = x[np.cumsum(lens) - 1] if self._numpy else x[ops.to_device(np.cumsum(lens) - 1, "int64")]
         x = self._norm(x, "model.norm.weight")
         if isinstance(self._head, QuantizedMatrix):
             logits = qgemm(ops.contiguous(x), self._head, int8_activations=not self.exact)
