@@ -531,3 +531,15 @@ def test_torch_arrays_run_the_same_driver(tmp_path, variant):
     assert m.generate(IDS[:9], 8, stop_at_eos=False) == hf_greedy(hf, IDS[:9], 8)
     q = mk.load_model(d, framework="torch", quantize="int8")
     assert rel_err(q.logits(IDS[:6]), q.reference_logits(IDS[:6])) < TOL
+
+
+def test_prompt_fully_cached_recomputes_its_last_token(tmp_path):
+    d, hf = build(tmp_path, "llama", {})
+    m = mk.load_model(d)
+    p = IDS[:16]  # exactly one page: the second call finds all of it cached
+    want = hf_greedy(hf, p, 6)
+    assert m.generate(p, 6, stop_at_eos=False) == want
+    assert m.generate(p, 6, stop_at_eos=False) == want
+    assert m.last_stats["reused_prefix_tokens"] == 15 and m.last_stats["prefill_tokens"] == 1
+    assert m.generate([p, p + [1]], 6, stop_at_eos=False) == [want, hf_greedy(hf, p + [1], 6)]
+    m.cache.check_invariants()
