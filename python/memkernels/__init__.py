@@ -19,6 +19,7 @@ from .quant import (QuantizedMatrix, dequantize, from_bytes, load_quantized, pac
                     quantize_gptq)
 from .sparse import SparseMatrix, prune, spmm
 from .weight_store import WeightStore, convert_to_weight_store, write_weight_store
+from .models import Model, UnsupportedModelError, load_model
 
 __version__ = _C.build_info()["version"]
 
@@ -70,4 +71,5 @@ __all__ = [
     "pack_quantized", "quantize_gptq",
     "SparseMatrix", "prune", "spmm",
     "WeightStore", "write_weight_store", "convert_to_weight_store",
+    "Model", "UnsupportedModelError", "load_model",
 ]

@@ -231,6 +231,99 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def _peak_rss_bytes() -> int:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024  # Linux reports KiB
+
+
+def cmd_generate(args) -> int:
+    """Loads a real checkpoint, streams generated text, then prints speeds and peak RSS."""
+    import json
+
+    from .models import UnsupportedModelError
+
+    def fail(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        if args.tokens is not None:
+            try:
+                ids = [int(t) for t in args.tokens.replace(",", " ").split()]
+            except ValueError:
+                return fail(f"--tokens: expected integers separated by commas or spaces, got {args.tokens!r}")
+            if not ids:
+                return fail("--tokens: no token ids given")
+        m = mk.load_model(args.model, device=args.device, dram_budget_bytes=args.dram_budget,
+                          quantize=args.quantize, exact=args.exact)
+        tok = m.tokenizer
+        if args.tokens is None:
+            if tok is None:
+                return fail(f"{args.model} has no tokenizer: give --tokens instead of --prompt")
+            text = args.prompt
+            if args.chat:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+                ids = tok.encode(text, add_special_tokens=False)
+            else:
+                ids = tok.encode(text, add_special_tokens=True)
+        elif args.chat:
+            return fail("--chat needs --prompt (text), not --tokens")
+        if any(t < 0 or t >= m.config.vocab_size for t in ids):
+            return fail(f"--tokens: ids must be in [0, {m.config.vocab_size})")
+    except (UnsupportedModelError, ValueError, TypeError, OSError, mk.CorruptDataError) as e:
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    for w in m.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if m.quantization:
+        q = m.quantization
+        print(f"quantized to {q['format']}: logit drift vs the float checkpoint {q['max_abs_logit_drift']:.4g} "
+              f"(relative {q['relative_logit_drift']:.3g})", file=sys.stderr)
+    stream = not args.json
+    decoder = tok.incremental_decoder() if tok is not None and hasattr(tok, "incremental_decoder") else None
+
+    def on_token(_, t):
+        if not stream:
+            return
+        piece = decoder.push(t) if decoder is not None else (tok.decode([t]) if tok is not None else f" {t}")
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    new = m.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed, callback=on_token)
+    if stream and decoder is not None:
+        sys.stdout.write(decoder.flush())
+    st = m.last_stats
+    text = tok.decode(new) if tok is not None else " ".join(map(str, new))
+    result = {"tokens": new, "text": text,
+              "prefill_tokens_per_s": st["prefill_tokens"] / st["prefill_s"] if st["prefill_s"] > 0 else None,
+              "decode_tokens_per_s": st["decode_tokens"] / st["decode_s"] if st["decode_s"] > 0 else None,
+              "prefill_tokens": st["prefill_tokens"], "decode_tokens": st["decode_tokens"]}
+    if args.check:
+        ref = m.reference_logits(ids + new)
+        ours = m.logits(ids + new)
+        err = float(np.abs(ours - ref).max())
+        result["max_logit_error"] = err
+        result["max_logit_error_relative"] = err / max(float(np.abs(ref).max()), 1e-30)
+    if m.quantization:
+        result["quantization"] = m.quantization
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    print(f"\n\nprefill {result['prefill_tokens']} tokens: {fmt(result['prefill_tokens_per_s'])} tokens/s, "
+          f"decode {result['decode_tokens']} tokens: {fmt(result['decode_tokens_per_s'])} tokens/s, "
+          f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if args.check:
+        ok = result["max_logit_error_relative"] <= 1e-4
+        print(f"check vs float64 forward of the checkpoint's weights: max logit error {result['max_logit_error']:.3g} "
+              f"(relative {result['max_logit_error_relative']:.3g}) {'OK' if ok else 'MISMATCH'}")
+        return 0 if ok else 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +352,29 @@ def main(argv=None) -> int:
     c.add_argument("dst", help="the weight store to write")
     c.add_argument("--no-bundle", action="store_true", help="store the FFN matrices whole, not by neuron")
     c.set_defaults(fn=cmd_convert)
+    g = sub.add_parser("generate", help="generate text with a real checkpoint (HF directory or .gguf file)")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors) or .gguf file")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    src.add_argument("--tokens", help="prompt token ids, comma or space separated")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--dram-budget", type=int, default=None, metavar="BYTES",
+                   help="stream weights under a DRAM budget (not implemented for real models yet: issue 17)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")
+    g.add_argument("--check", action="store_true",
+                   help="compare the logits with a float64 NumPy forward of the checkpoint's own weights")
+    g.add_argument("--exact", action="store_true", default=True,
+                   help="float activations everywhere (default; no int8-activation shortcuts)")
+    g.add_argument("--fast", dest="exact", action="store_false",
+                   help="allow int8-activation qgemm for quantized weights (faster, not bit-comparable)")
+    g.add_argument("--quantize", choices=["int8", "int4", "int4_sym", "nf4"], default=None,
+                   help="quantize the linear weights at load (prints the logit drift vs the float weights)")
+    g.set_defaults(fn=cmd_generate)
     b = sub.add_parser("bench", help="run every benchmark in bench/ and print a summary of ratios")
     b.add_argument("--quick", action="store_true", help="fewer shapes per benchmark")
     b.add_argument("--json", metavar="FILE", help="also write the ratios as JSON")

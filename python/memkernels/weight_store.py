@@ -265,9 +265,11 @@ def _split_ffn(arrays: Mapping[str, np.ndarray], ffn_pattern: str | None):
     return tensors, ffn
 
 
-def read_safetensors(path) -> dict:
+def read_safetensors(path, *, raw_bf16: bool = False) -> dict:
     """name -> NumPy array (memory-mapped) from a .safetensors file, parsed without the
-    `safetensors` package. Malformed files raise CorruptDataError."""
+    `safetensors` package. Malformed files raise CorruptDataError. BF16 tensors come back as
+    ml_dtypes bfloat16 arrays, or with raw_bf16=True as their uint16 bit patterns (no ml_dtypes
+    needed; `safetensors_dtypes` tells which tensors those are)."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -294,7 +296,7 @@ def read_safetensors(path) -> dict:
         except (KeyError, TypeError, ValueError):
             raise CorruptDataError(f"{path}: bad safetensors entry for {name!r}") from None
         if dt == "BF16":
-            np_dt = numpy_dtype("bfloat16")
+            np_dt = np.dtype(np.uint16) if raw_bf16 else numpy_dtype("bfloat16")
         elif dt in _ST_DTYPES:
             np_dt = np.dtype(_ST_DTYPES[dt])
         else:
@@ -305,6 +307,17 @@ def read_safetensors(path) -> dict:
                                    f"or the file size")
         out[name] = mm[base + b0: base + b1].view(np_dt).reshape(shape)
     return out
+
+
+def safetensors_dtypes(path) -> dict:
+    """name -> safetensors dtype string ('F32', 'BF16', ...) from a file's header."""
+    with open(os.fspath(path), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+            return {k: e["dtype"] for k, e in header.items() if k != "__metadata__"}
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptDataError(f"{path}: bad safetensors header ({e})") from None
 
 
 def read_numpy(path) -> dict:

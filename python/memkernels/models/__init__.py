@@ -1,0 +1,72 @@
+"""Real-model support: configs, safetensors and GGUF checkpoints, tokenizer, one Llama-family
+forward on memkernels kernels, generation.
+
+    m = memkernels.load_model("path/to/checkpoint_dir_or_file.gguf")
+    m.logits([1, 2, 3])                 # (3, vocab) float32
+    m.generate("Hello", max_new_tokens=20)
+
+A checkpoint is understood completely or refused with `UnsupportedModelError` (a ValueError)
+naming the model_type, config field, rope type or tensor that is not understood.
+"""
+from __future__ import annotations
+
+import os
+
+from .config import ModelConfig, RopeConfig, UnsupportedModelError
+from .llama import Model, paged_attention_has_window, reference_forward
+from .weights import read_checkpoint_tensors
+
+QUANTIZE_FORMATS = ("int8", "int4", "int4_sym", "nf4")
+
+
+def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None, exact: bool = True,
+               framework: str = "auto") -> Model:
+    """Loads a checkpoint directory (config.json + *.safetensors, optional tokenizer.json) or a .gguf file.
+
+    device: 'cpu' or 'cuda[:N]' (arrays through PyTorch or CuPy). Weights run as stored: float
+    tensors as float32 matmuls (float16/bfloat16 converted to float32 once, at load), GGUF
+    quantized tensors through qgemm. quantize: None, or one of QUANTIZE_FORMATS to quantize every
+    linear weight at load (the measured logit drift vs the float weights is in `m.quantization`).
+    exact: keep activations in float everywhere (no int8-activation qgemm shortcut).
+    framework: the arrays between kernels: 'auto' (NumPy on the CPU; PyTorch, else CuPy, on a
+    GPU), 'numpy', 'torch' or 'cupy'.
+    dram_budget_bytes: streaming real models from flash under a budget is not implemented yet
+    (issue 17); anything but None raises UnsupportedModelError.
+    """
+    if dram_budget_bytes is not None:
+        raise UnsupportedModelError("dram_budget_bytes: streaming real models under a DRAM budget is not implemented "
+                                    "yet (issue 17); load without a budget")
+    if quantize is not None and quantize not in QUANTIZE_FORMATS:
+        raise ValueError(f"quantize: expected None or one of {QUANTIZE_FORMATS}, got {quantize!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise UnsupportedModelError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+        cfg = ModelConfig.from_json(cfg_path)
+        tensors = read_checkpoint_tensors(path)
+        from .tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(path)
+        return Model(cfg, tensors, tok, device=device, exact=exact, quantize=quantize, source=path,
+                     framework=framework)
+    if path.endswith(".gguf") or _is_gguf(path):
+        from .gguf import load_gguf
+        ck = load_gguf(path)
+        cfg = ModelConfig.from_dict(ck.config)
+        return Model(cfg, dict(ck.tensors), ck.tokenizer, device=device, exact=exact, quantize=quantize,
+                     source=path, warnings=getattr(ck, "warnings", ()), framework=framework)
+    if not os.path.exists(path):
+        raise UnsupportedModelError(f"model path {path!r} does not exist")
+    raise UnsupportedModelError(f"{path}: not a checkpoint directory (config.json + *.safetensors) or a .gguf file")
+
+
+def _is_gguf(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+__all__ = ["ModelConfig", "RopeConfig", "UnsupportedModelError", "Model", "load_model", "reference_forward",
+           "paged_attention_has_window", "QUANTIZE_FORMATS"]
