@@ -61,11 +61,7 @@ template <> struct MmaTraits<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_f16(c, a, b0, b1);
   }
 };
 template <> struct MmaTraits<__nv_bfloat16> {
@@ -74,20 +70,9 @@ template <> struct MmaTraits<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_bf16(c, a, b0, b1);
   }
 };
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem_row) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 // Copies rows [row_begin, row_begin + ROWS) of a (rows, D) strided matrix into shared memory
 // (leading dimension LD), 16 bytes at a time; rows at or past row_end are zero-filled.
@@ -111,8 +96,7 @@ constexpr size_t mma_smem_bytes() { return size_t(64 + 2 * mma_block_n<D>()) * (
 template <typename T, int D>
 __global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
   constexpr int BM = 64, BN = mma_block_n<D>(), LD = D + 8;  // +8 halves: conflict-free fragment loads
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  MK_DYNAMIC_SHARED(T, sQ);
   T* sK = sQ + BM * LD;
   T* sV = sK + BN * LD;
 
@@ -250,7 +234,7 @@ size_t generic_smem_bytes(int d) {
 
 template <typename T>
 __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem p) {
-  extern __shared__ float smem[];
+  MK_DYNAMIC_SHARED(float, smem);
   const int D = p.head_dim, BN = generic_block_n(D), LDK = D + 1;  // +1: lanes read different keys
   float* sK = smem;
   float* sV = sK + BN * LDK;
@@ -362,7 +346,7 @@ void launch_mma(const AttentionProblem& p, cudaStream_t stream) {
   check_cuda(cudaFuncSetAttribute(flash_fwd_mma<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "flash_attention: cudaFuncSetAttribute");
   dim3 grid((p.seqlen_q + 63) / 64, p.heads, p.batch);
-  flash_fwd_mma<T, D><<<grid, 128, smem, stream>>>(p);
+  launch_kernel(flash_fwd_mma<T, D>, grid, 128, smem, stream, p);
   check_launch("flash_attention (mma kernel)");
 }
 
@@ -396,7 +380,7 @@ void flash_attention(const AttentionProblem& p, void* stream_ptr) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(cudaFuncSetAttribute(flash_fwd_generic<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "flash_attention: cudaFuncSetAttribute");
-    flash_fwd_generic<T><<<grid, 128, smem, stream>>>(p);
+    launch_kernel(flash_fwd_generic<T>, grid, 128, smem, stream, p);
   });
   check_launch("flash_attention (generic kernel)");
 }
