@@ -177,7 +177,20 @@ bool run_block(Worker& w, const LaunchConfig& cfg, uint3 bid) {
     }
     w.batch.swap(w.ready);
     w.ready.clear();
-    if (w.seed) std::shuffle(w.batch.begin(), w.batch.end(), w.rng);
+    if (w.seed) {
+      // Random order, and each runnable thread sits out the round with probability 1/2: warps
+      // then drift several collectives apart, as on the GPU, so a thread overwriting shared memory
+      // another warp still reads (a missing barrier) shows up. (Without this, warps would advance
+      // in lockstep, one collective per round, and hide such races.)
+      std::shuffle(w.batch.begin(), w.batch.end(), w.rng);
+      size_t keep = 0;
+      for (size_t j = 0; j < w.batch.size(); ++j) {
+        const bool must_run = keep == 0 && j + 1 == w.batch.size();  // at least one thread per round
+        if (!must_run && (w.rng() & 1)) w.ready.push_back(w.batch[j]);
+        else w.batch[keep++] = w.batch[j];
+      }
+      w.batch.resize(keep);
+    }
     for (int i : w.batch) {
       w.running = i;
       Thread& t = w.threads[size_t(i)];

@@ -58,8 +58,8 @@ int launch(const LaunchConfig& cfg, const Body& body) {
 }
 
 // Test hooks. Seed 0 (the default, or env MKEMU_SEED): threads run in index order between barriers;
-// any other seed runs them in a random order per round, so a missing __syncthreads shows up as a
-// wrong result. Workers: OS threads a launch uses (default: env MKEMU_WORKERS or the core count).
+// any other seed runs them in a random order and lets threads fall behind by whole segments, so a
+// missing __syncthreads shows up as a wrong result. Workers: OS threads a launch uses (default: env MKEMU_WORKERS or the core count).
 void set_schedule_seed(uint64_t seed);
 void set_workers(int workers);
 
