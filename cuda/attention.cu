@@ -93,14 +93,14 @@ constexpr int mma_block_n() { return D > 128 ? 32 : 64; }
 template <int D>
 constexpr size_t mma_smem_bytes() { return size_t(64 + 2 * mma_block_n<D>()) * (D + 8) * 2; }
 
+// One CTA's work: query rows [m0, m0 + 64) of batch b, head h.
 template <typename T, int D>
-__global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
+__device__ __forceinline__ void flash_fwd_mma_tile(const AttentionProblem& p, const int b, const int h, const int m0) {
   constexpr int BM = 64, BN = mma_block_n<D>(), LD = D + 8;  // +8 halves: conflict-free fragment loads
   MK_DYNAMIC_SHARED(T, sQ);
   T* sK = sQ + BM * LD;
   T* sV = sK + BN * LD;
 
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
   const SeqBounds sb = seq_bounds(p, b);
   if (m0 >= sb.sq) return;
   const int kvh = h / (p.heads / p.kv_heads);
@@ -222,6 +222,17 @@ __global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
   }
 }
 
+// The CTA takes row tiles blockIdx.x, blockIdx.x + gridDim.x, ...: a grid sized from a too-small
+// max_seqlen_q hint (varlen; the offsets are never read back to the host) still covers every row.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
+  const int sq = seq_bounds(p, blockIdx.z).sq;
+  for (int m0 = blockIdx.x * 64; m0 < sq; m0 += gridDim.x * 64) {
+    __syncthreads();  // the previous tile is done with shared memory
+    flash_fwd_mma_tile<T, D>(p, blockIdx.z, blockIdx.y, m0);
+  }
+}
+
 // ------------------------------------------------------------------ generic kernel (any dtype, any head_dim)
 
 constexpr int kGenericRows = 16;  // query rows per CTA (4 warps x 4 rows)
@@ -232,8 +243,9 @@ size_t generic_smem_bytes(int d) {
   return (size_t(2) * bn * (d + 1) + size_t(2) * kGenericRows * d) * sizeof(float);
 }
 
+// One CTA's work: query rows [m0, m0 + kGenericRows) of batch b, head h.
 template <typename T>
-__global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem p) {
+__device__ __forceinline__ void flash_fwd_generic_tile(const AttentionProblem& p, const int b, const int h, const int m0) {
   MK_DYNAMIC_SHARED(float, smem);
   const int D = p.head_dim, BN = generic_block_n(D), LDK = D + 1;  // +1: lanes read different keys
   float* sK = smem;
@@ -242,7 +254,6 @@ __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem 
   float* sO = sQ + kGenericRows * D;
   __shared__ float s_m[kGenericRows], s_l[kGenericRows];
 
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kGenericRows;
   const SeqBounds sb = seq_bounds(p, b);
   if (m0 >= sb.sq) return;
   const int kvh = h / (p.heads / p.kv_heads), off = sb.sk - sb.sq;
@@ -322,6 +333,16 @@ __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem 
     const float l = s_l[threadIdx.x];
     p.lse[b * p.lse_batch + h * p.lse_head + sb.row0_q + m0 + threadIdx.x] =
         l > 0.0f ? s_m[threadIdx.x] * kLn2 + logf(l) : -INFINITY;
+  }
+}
+
+// Row tiles blockIdx.x, blockIdx.x + gridDim.x, ... (as flash_fwd_mma).
+template <typename T>
+__global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem p) {
+  const int sq = seq_bounds(p, blockIdx.z).sq;
+  for (int m0 = blockIdx.x * kGenericRows; m0 < sq; m0 += gridDim.x * kGenericRows) {
+    __syncthreads();  // the previous tile is done with shared memory
+    flash_fwd_generic_tile<T>(p, blockIdx.z, blockIdx.y, m0);
   }
 }
 

@@ -165,8 +165,9 @@ TEST(EmulatedCudaAttention, UnalignedRowsTakeTheGenericKernel) {
   check_attention({1, 37, 53, 2, 1, 64, opts(false)}, DType::BFloat16, 3);
 }
 
+// max_q_hint: the max_seqlen_q passed on (0: the true maximum).
 void check_varlen(DType dt, const std::vector<int>& lq, const std::vector<int>& lk, int h, int hkv, int d,
-                  const AttentionOptions& o) {
+                  const AttentionOptions& o, int max_q_hint = 0) {
   SCOPED_TRACE(std::string("varlen ") + dtype_name(dt) + " d " + std::to_string(d));
   std::vector<int32_t> cq{0}, ck{0};
   for (size_t i = 0; i < lq.size(); ++i) cq.push_back(cq.back() + lq[i]), ck.push_back(ck.back() + lk[i]);
@@ -189,6 +190,7 @@ void check_varlen(DType dt, const std::vector<int>& lq, const std::vector<int>& 
   TensorView tl(dlse.ptr, DType::Float32, {h, tq}, kCuda);
   int max_q = 0;
   for (int x : lq) max_q = std::max(max_q, x);
+  if (max_q_hint > 0) max_q = max_q_hint;
   flash_attention_varlen(TensorView(dq.ptr, dt, {tq, h, d}, kCuda), TensorView(dk.ptr, dt, {tk, hkv, d}, kCuda),
                          TensorView(dv.ptr, dt, {tk, hkv, d}, kCuda), TensorView(dcq.ptr, DType::Int32, {bsz}, kCuda),
                          TensorView(dck.ptr, DType::Int32, {bsz}, kCuda), TensorView(dout.ptr, dt, {tq, h, d}, kCuda), &tl, o,
@@ -206,6 +208,14 @@ TEST(EmulatedCudaAttention, Varlen) {
       check_varlen(dt, {3, 20, 1}, {9, 20, 30}, 2, 1, 40, opts(causal, 9, causal ? 0 : 4));
     }
   check_varlen(DType::Float16, {5, 0, 64, 77}, {5, 0, 64, 77}, 4, 4, 64, opts(true, 9, 0, 5.0f));
+}
+
+// max_seqlen_q only sizes the grid (it is never checked against the offsets on the GPU): a hint
+// smaller than the longest sequence must still give every row (issue 15 #3), on both kernels.
+TEST(EmulatedCudaAttention, VarlenGridHintTooSmall) {
+  for (DType dt : kDtypes)
+    for (int hint : {1, 20, 64}) check_varlen(dt, {5, 150, 64, 77}, {5, 150, 64, 90}, 2, 1, 64, opts(true), hint);
+  check_varlen(DType::Float32, {3, 40}, {9, 40}, 2, 2, 40, opts(false), 16);
 }
 
 // ---------------------------------------------------------------- SpMM
