@@ -396,6 +396,19 @@ void flash_attention(const AttentionProblem& p, void* stream_ptr) {
   check(p.head_dim <= 512, ErrorKind::NotImplemented,
         "flash_attention (CUDA): head_dim " + std::to_string(p.head_dim) + " > 512 is not supported on CUDA");
   const size_t smem = generic_smem_bytes(p.head_dim);
+  // Per-block shared memory differs by GPU (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89):
+  // say which head_dim fits instead of failing in cudaFuncSetAttribute.
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device),
+             "flash_attention: cudaDeviceGetAttribute");
+  if (smem > size_t(optin)) {
+    int fits = 1;
+    while (fits < 512 && generic_smem_bytes(fits + 1) <= size_t(optin)) ++fits;
+    throw_error(ErrorKind::NotImplemented,
+                "flash_attention (CUDA): head_dim " + std::to_string(p.head_dim) + " in " + dtype_name(p.dtype) + " needs " +
+                    std::to_string(smem) + " bytes of shared memory per block, this GPU allows " + std::to_string(optin) +
+                    " (head_dim <= " + std::to_string(fits) + " fits)");
+  }
   dim3 grid((p.seqlen_q + kGenericRows - 1) / kGenericRows, p.heads, p.batch);
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -158,6 +159,26 @@ TEST(EmulatedCudaAttention, FullyMaskedRowsAndLargeHeadDim) {
   for (DType dt : kDtypes) check_attention({1, 40, 10, 2, 1, 64, opts(true)}, dt);  // rows 0..29 see no key
   check_attention({1, 17, 33, 1, 1, 512, opts(true)}, DType::Float32);                 // 131 KB of shared memory
   check_attention({1, 9, 12, 1, 1, 300, opts(false)}, DType::BFloat16);
+}
+
+// On a GPU with 99 KB of shared memory per block (sm_86/89, modelled with MKEMU_SMEM_OPTIN), fp32
+// head_dim 512 does not fit: a NotImplemented error naming the limit and the head_dim that fits.
+TEST(EmulatedCudaAttention, SharedMemoryLimitOfSmallerGpus) {
+  setenv("MKEMU_SMEM_OPTIN", "101376", 1);
+  check_attention({1, 9, 12, 1, 1, 384, opts(true)}, DType::Float32);  // 98 KB: fits
+  std::vector<float> q(512 * 4, 1.0f), out(q.size());
+  void* d = device_malloc(kCuda, q.size() * 4);
+  const TensorView t(d, DType::Float32, {1, 4, 1, 512}, kCuda);
+  try {
+    flash_attention(t, t, t, t, nullptr, {});
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::NotImplemented);
+    EXPECT_NE(std::string(e.what()).find("this GPU allows 101376"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("head_dim <= 395 fits"), std::string::npos) << e.what();
+  }
+  device_free(kCuda, d);
+  unsetenv("MKEMU_SMEM_OPTIN");
 }
 
 TEST(EmulatedCudaAttention, UnalignedRowsTakeTheGenericKernel) {

@@ -51,6 +51,11 @@ size_t max_dynamic_smem(const void* kernel) {
   return it == func_smem().end() ? kDefaultDynamicSmem : it->second;
 }
 
+size_t device_smem_optin() {
+  if (const char* env = std::getenv("MKEMU_SMEM_OPTIN")) return size_t(std::strtoull(env, nullptr, 10));
+  return kMaxDynamicSmem;
+}
+
 }  // namespace mkemu::detail
 
 using namespace mkemu::detail;
@@ -100,7 +105,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   prop->warpSize = 32;
   prop->maxThreadsPerBlock = kMaxThreadsPerBlock;
   prop->sharedMemPerBlock = kDefaultDynamicSmem;
-  prop->sharedMemPerBlockOptin = kMaxDynamicSmem;
+  prop->sharedMemPerBlockOptin = device_smem_optin();
   prop->multiProcessorCount = 2;
   prop->totalGlobalMem = size_t(1) << 34;
   return cudaSuccess;
@@ -109,7 +114,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   if (device != 0) return fail(cudaErrorInvalidDevice, "invalid device ordinal");
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = 2; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(kMaxDynamicSmem); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(device_smem_optin()); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
     case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
@@ -121,9 +126,9 @@ cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize)
     return fail(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute not emulated");
-  if (value < 0 || size_t(value) > kMaxDynamicSmem)
+  if (value < 0 || size_t(value) > device_smem_optin())
     return fail(cudaErrorInvalidValue, "cudaFuncSetAttribute: " + std::to_string(value) +
-                                           " bytes of dynamic shared memory exceed the device's " + std::to_string(kMaxDynamicSmem));
+                                           " bytes of dynamic shared memory exceed the device's " + std::to_string(device_smem_optin()));
   std::lock_guard<std::mutex> lock(g_mutex);
   func_smem()[func] = size_t(value);
   return cudaSuccess;
