@@ -17,6 +17,12 @@
 #include "mkemu/tensor_core.h"
 #include "mkemu/warp.h"
 
+// The emulated device is an sm_90 part, and everything after this line is "device code": a body
+// behind `#if __CUDA_ARCH__ >= 800` is compiled, so one left as inline asm fails to compile here
+// instead of vanishing and leaving zeros. (Defined after the toolkit headers, whose host versions
+// are the ones that compile under a host compiler.)
+#define __CUDA_ARCH__ 900
+
 // __shared__ inside a kernel: one copy per OS worker = per running block (see execution.h).
 #undef __shared__
 #define __shared__ static thread_local
