@@ -71,11 +71,7 @@ template <> struct MmaTraits<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_f16(c, a, b0, b1);
   }
 };
 template <> struct MmaTraits<__nv_bfloat16> {
@@ -84,20 +80,9 @@ template <> struct MmaTraits<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_m16n8k16_bf16(c, a, b0, b1);
   }
 };
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem_row) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 // Copies rows [row_begin, row_begin + ROWS) of a (rows, D) strided matrix into shared memory
 // (leading dimension LD), 16 bytes at a time; rows at or past row_end are zero-filled.
@@ -118,15 +103,14 @@ constexpr int mma_block_n() { return D > 128 ? 32 : 64; }
 template <int D>
 constexpr size_t mma_smem_bytes() { return size_t(64 + 2 * mma_block_n<D>()) * (D + 8) * 2; }
 
+// One CTA's work: query rows [m0, m0 + 64) of batch b, head h.
 template <typename T, int D>
-__global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
+__device__ __forceinline__ void flash_fwd_mma_tile(const AttentionProblem& p, const int b, const int h, const int m0) {
   constexpr int BM = 64, BN = mma_block_n<D>(), LD = D + 8;  // +8 halves: conflict-free fragment loads
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  MK_DYNAMIC_SHARED(T, sQ);
   T* sK = sQ + BM * LD;
   T* sV = sK + BN * LD;
 
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * BM;
   const SeqBounds sb = seq_bounds(p, b);
   if (m0 >= sb.sq) return;
   const int kvh = h / (p.heads / p.kv_heads);
@@ -247,6 +231,17 @@ __global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
   }
 }
 
+// The CTA takes row tiles blockIdx.x, blockIdx.x + gridDim.x, ...: a grid sized from a too-small
+// max_seqlen_q hint (varlen; the offsets are never read back to the host) still covers every row.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) flash_fwd_mma(const AttentionProblem p) {
+  const int sq = seq_bounds(p, blockIdx.z).sq;
+  for (int m0 = blockIdx.x * 64; m0 < sq; m0 += gridDim.x * 64) {
+    __syncthreads();  // the previous tile is done with shared memory
+    flash_fwd_mma_tile<T, D>(p, blockIdx.z, blockIdx.y, m0);
+  }
+}
+
 // ------------------------------------------------------------------ generic kernel (any dtype, any head_dim)
 
 constexpr int kGenericRows = 16;  // query rows per CTA (4 warps x 4 rows)
@@ -257,9 +252,10 @@ size_t generic_smem_bytes(int d) {
   return (size_t(2) * bn * (d + 1) + size_t(2) * kGenericRows * d) * sizeof(float);
 }
 
+// One CTA's work: query rows [m0, m0 + kGenericRows) of batch b, head h.
 template <typename T>
-__global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem p) {
-  extern __shared__ float smem[];
+__device__ __forceinline__ void flash_fwd_generic_tile(const AttentionProblem& p, const int b, const int h, const int m0) {
+  MK_DYNAMIC_SHARED(float, smem);
   const int D = p.head_dim, BN = generic_block_n(D), LDK = D + 1;  // +1: lanes read different keys
   float* sK = smem;
   float* sV = sK + BN * LDK;
@@ -267,7 +263,6 @@ __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem 
   float* sO = sQ + kGenericRows * D;
   __shared__ float s_m[kGenericRows], s_l[kGenericRows];
 
-  const int b = blockIdx.z, h = blockIdx.y, m0 = blockIdx.x * kGenericRows;
   const SeqBounds sb = seq_bounds(p, b);
   if (m0 >= sb.sq) return;
   const int kvh = h / (p.heads / p.kv_heads), off = sb.sk - sb.sq;
@@ -349,6 +344,16 @@ __global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem 
   }
 }
 
+// Row tiles blockIdx.x, blockIdx.x + gridDim.x, ... (as flash_fwd_mma).
+template <typename T>
+__global__ void __launch_bounds__(128) flash_fwd_generic(const AttentionProblem p) {
+  const int sq = seq_bounds(p, blockIdx.z).sq;
+  for (int m0 = blockIdx.x * kGenericRows; m0 < sq; m0 += gridDim.x * kGenericRows) {
+    __syncthreads();  // the previous tile is done with shared memory
+    flash_fwd_generic_tile<T>(p, blockIdx.z, blockIdx.y, m0);
+  }
+}
+
 // ------------------------------------------------------------------ launch
 
 bool aligned16(const void* ptr, int64_t stride_elems, int elem_size) {
@@ -370,7 +375,7 @@ void launch_mma(const AttentionProblem& p, cudaStream_t stream) {
   check_cuda(cudaFuncSetAttribute(flash_fwd_mma<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "flash_attention: cudaFuncSetAttribute");
   dim3 grid((p.seqlen_q + 63) / 64, p.heads, p.batch);
-  flash_fwd_mma<T, D><<<grid, 128, smem, stream>>>(p);
+  launch_kernel(flash_fwd_mma<T, D>, grid, 128, smem, stream, p);
   check_launch("flash_attention (mma kernel)");
 }
 
@@ -399,12 +404,25 @@ void flash_attention(const AttentionProblem& p, void* stream_ptr) {
   check(p.head_dim <= 512, ErrorKind::NotImplemented,
         "flash_attention (CUDA): head_dim " + std::to_string(p.head_dim) + " > 512 is not supported on CUDA");
   const size_t smem = generic_smem_bytes(p.head_dim);
+  // Per-block shared memory differs by GPU (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89):
+  // say which head_dim fits instead of failing in cudaFuncSetAttribute.
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device),
+             "flash_attention: cudaDeviceGetAttribute");
+  if (smem > size_t(optin)) {
+    int fits = 1;
+    while (fits < 512 && generic_smem_bytes(fits + 1) <= size_t(optin)) ++fits;
+    throw_error(ErrorKind::NotImplemented,
+                "flash_attention (CUDA): head_dim " + std::to_string(p.head_dim) + " in " + dtype_name(p.dtype) + " needs " +
+                    std::to_string(smem) + " bytes of shared memory per block, this GPU allows " + std::to_string(optin) +
+                    " (head_dim <= " + std::to_string(fits) + " fits)");
+  }
   dim3 grid((p.seqlen_q + kGenericRows - 1) / kGenericRows, p.heads, p.batch);
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(cudaFuncSetAttribute(flash_fwd_generic<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "flash_attention: cudaFuncSetAttribute");
-    flash_fwd_generic<T><<<grid, 128, smem, stream>>>(p);
+    launch_kernel(flash_fwd_generic<T>, grid, 128, smem, stream, p);
   });
   check_launch("flash_attention (generic kernel)");
 }

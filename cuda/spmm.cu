@@ -111,9 +111,9 @@ void launch(const SpmmProblem& p, cudaStream_t stream) {
     const int64_t n = std::min(per_launch, p.tokens - t0);
     const dim3 grid(unsigned((p.rows + kWarps - 1) / kWarps), unsigned((n + NT - 1) / NT));
     if (p.format == SparseFormat::CSR)
-      spmm_csr_kernel<VT, XT, NT><<<grid, block, 0, stream>>>(p, t0);
+      launch_kernel(spmm_csr_kernel<VT, XT, NT>, grid, block, 0, stream, p, t0);
     else
-      spmm_bitmap_kernel<VT, XT, NT><<<grid, block, 0, stream>>>(p, t0);
+      launch_kernel(spmm_bitmap_kernel<VT, XT, NT>, grid, block, 0, stream, p, t0);
     check_launch("spmm");
   }
 }
