@@ -71,7 +71,12 @@ int num_threads() {
   return n > 0 ? n : default_threads();
 }
 
-void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
+void set_num_threads(int n) {
+  check(n <= kMaxThreads, ErrorKind::Value,
+        "set_num_threads: n must be <= " + std::to_string(kMaxThreads) + " (or <= 0 for the default of " +
+            std::to_string(default_threads()) + " cores), got " + std::to_string(n));
+  g_num_threads.store(n > 0 ? n : 0);
+}
 
 bool cuda_built() {
 #if MEMKERNELS_WITH_CUDA

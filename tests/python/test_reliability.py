@@ -1,0 +1,70 @@
+"""Regression tests for issue 13 (reliability round 2): each test failed before its fix."""
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import memkernels as mk
+from memkernels import _memkernels as _C
+
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _attention_ref(q, k, v, scale=None):
+    """float64 reference for (batch, seq, heads, dim) inputs, no mask."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.einsum("bihd,bjhd->bhij", q, k) * scale
+        s = s - s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        return np.einsum("bhij,bjhd->bihd", p, v)
+
+
+def _run_script(body, timeout=120):
+    """Runs `body` in a fresh interpreter; a hang fails the test instead of hanging the suite."""
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the script hung for more than {timeout} s")
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.fixture
+def restore_threads():
+    n = mk.num_threads()
+    yield
+    mk.set_num_threads(n)
+
+
+# ---- 4: set_num_threads is bounded ----
+@pytest.mark.parametrize("n", [100000, 2**31 - 1, 1025])
+def test_set_num_threads_rejects_absurd_counts(n, restore_threads, rng):
+    before = mk.num_threads()
+    with pytest.raises(ValueError, match="set_num_threads"):
+        mk.set_num_threads(n)
+    assert mk.num_threads() == before
+    q = _f32(rng, 1, 8, 2, 16)
+    out = mk.flash_attention(q, q, q)
+    np.testing.assert_allclose(out, _attention_ref(q, q, q), rtol=1e-4, atol=1e-5)
+
+
+def test_set_num_threads_accepts_the_maximum(restore_threads, rng):
+    mk.set_num_threads(64)
+    assert mk.num_threads() == 64
+    q = _f32(rng, 1, 130, 4, 16)
+    out = mk.flash_attention(q, q, q)
+    np.testing.assert_allclose(out, _attention_ref(q, q, q), rtol=1e-4, atol=1e-5)
