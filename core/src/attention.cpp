@@ -139,11 +139,21 @@ void flash_attention_varlen(const TensorView& q, const TensorView& k, const Tens
   p.total_q = total_q, p.total_k = total_k;
   p.cu_seqlens_q = cu_seqlens_q.ptr<const int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.ptr<const int32_t>();
+  // CPU: the kernel reads a private copy of the offsets, validated below. The caller's arrays may
+  // change while the kernel runs (another thread, the GIL released): reading them again after the
+  // checks would let such a change move writes outside `out`.
+  std::vector<int32_t> cu_copy[2];
   if (q.device.is_cpu()) {
+    for (int i = 0; i < 2; ++i) {
+      const int32_t* src = cus[i]->ptr<const int32_t>();
+      cu_copy[i].assign(src, src + cus[i]->size(0));
+    }
+    p.cu_seqlens_q = cu_copy[0].data();
+    p.cu_seqlens_k = cu_copy[1].data();
     // Validate the offsets fully: they decide every address the kernel touches.
     const TensorView* totals_for[] = {&q, &k};
     for (int i = 0; i < 2; ++i) {
-      const int32_t* cu = cus[i]->ptr<const int32_t>();
+      const int32_t* cu = cu_copy[i].data();
       const int64_t total = totals_for[i]->size(0);
       check(cu[0] == 0, ErrorKind::Value, std::string(cu_names[i]) + "[0] must be 0, got " + str(cu[0]));
       for (int b = 0; b < p.batch; ++b)

@@ -50,6 +50,41 @@ def restore_threads():
     mk.set_num_threads(n)
 
 
+# ---- 3: flash_attention_varlen copies cu_seqlens before validating them ----
+def test_varlen_cu_seqlens_changed_by_another_thread_cannot_move_writes_outside_out(rng):
+    total, heads, dim, guard = 256, 2, 32, 256
+    qbig = _f32(rng, total + guard, heads, dim)
+    kbig = _f32(rng, total + guard, heads, dim)
+    vbig = _f32(rng, total + guard, heads, dim)
+    q, k, v = qbig[:total], kbig[:total], vbig[:total]
+    cu = np.array([0, 64, total], np.int32)
+    # Same lengths per sequence (the kernel's tiling is sized from the validated ones), but the second
+    # sequence starts at row `total`: read after the checks, it moves writes past the end of out.
+    evil = np.array([0, total, 2 * total - 64], np.int32)
+    stop = threading.Event()
+
+    def flip():  # keeps rewriting the array the caller passed while kernels run
+        while not stop.is_set():
+            cu[:] = evil
+            cu[:] = [0, 64, total]
+
+    t = threading.Thread(target=flip)
+    outbig = np.zeros((total + guard, heads, dim), np.float32)
+    sentinel = np.float32(12345.0)
+    t.start()
+    try:
+        for _ in range(300):
+            outbig[total:] = sentinel
+            try:
+                mk.flash_attention_varlen(q, k, v, cu, cu.copy(), out=outbig[:total])
+            except ValueError:
+                pass  # the snapshot saw the bad offsets: refused, fine
+            assert np.all(outbig[total:] == sentinel), "the kernel wrote outside out"
+    finally:
+        stop.set()
+        t.join()
+
+
 # ---- 4: set_num_threads is bounded ----
 @pytest.mark.parametrize("n", [100000, 2**31 - 1, 1025])
 def test_set_num_threads_rejects_absurd_counts(n, restore_threads, rng):
