@@ -103,3 +103,6 @@ def test_set_num_threads_accepts_the_maximum(restore_threads, rng):
     q = _f32(rng, 1, 130, 4, 16)
     out = mk.flash_attention(q, q, q)
     np.testing.assert_allclose(out, _attention_ref(q, q, q), rtol=1e-4, atol=1e-5)
+
+
+# ---- 5: see tests/cpp/test_parallel_errors.cpp (a failing allocation inside OpenMP regions) ----

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../attention_internal.h"
@@ -200,19 +201,22 @@ void flash_attention(const AttentionProblem& p) {
   std::vector<float> kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);
   for (int u0 = 0; u0 < units; u0 += chunk) {
     const int nunits = std::min(chunk, units - u0);
+    ParallelGuard guard;
 #pragma omp parallel num_threads(threads)
     {
-      Scratch w(D, dp);
+      std::unique_ptr<Scratch> scratch;  // allocated inside: first touch by its own thread
+      const bool ok = guard.run([&] { scratch.reset(new Scratch(D, dp)); });
       // 1. Pack K^T and V of the chunk's units, in slices of BK keys.
       const int slices = int(sk_pad / BK);
 #pragma omp for schedule(static)
       for (int t = 0; t < nunits * slices; ++t) {
+        if (!ok) continue;
         const int u = t / slices, j0 = (t % slices) * BK, b = (u0 + u) / p.kv_heads, kvh = (u0 + u) % p.kv_heads;
         const int Sk = p.seq_k(b);
         float* ktu = kt.data() + size_t(u) * sk_pad * D;
         float* vpu = vp.data() + size_t(u) * sk_pad * dp;
         const int j1 = std::min(j0 + BK, Sk);
-        if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, w.row.data());
+        if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, scratch->row.data());
         // zero the padding keys so masked columns multiply finite zeros
         for (int j = std::max(j0, Sk); j < j0 + BK; ++j) {
           float* panel = ktu + int64_t(j / NR) * D * NR + j % NR;
@@ -223,14 +227,16 @@ void flash_attention(const AttentionProblem& p) {
       // 2. Attention tasks; longest (last, under a causal mask) query blocks first.
 #pragma omp for schedule(dynamic, 1)
       for (int t = 0; t < nunits * tasks_per_unit; ++t) {
+        if (!ok || guard.failed()) continue;
         const int u = t % nunits, rest = t / nunits;
         const int g = rest % group, qb = qblocks - 1 - rest / group;
         const int b = (u0 + u) / p.kv_heads, kvh = (u0 + u) % p.kv_heads;
         if (qb * BQ >= p.seq_q(b)) continue;
         attend_block(p, b, kvh * group + g, qb * BQ, kt.data() + size_t(u) * sk_pad * D,
-                     vp.data() + size_t(u) * sk_pad * dp, dp, w);
+                     vp.data() + size_t(u) * sk_pad * dp, dp, *scratch);
       }
     }
+    guard.rethrow();
   }
 }
 
