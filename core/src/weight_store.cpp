@@ -238,8 +238,20 @@ struct WeightStoreWriter::Impl {
 WeightStoreWriter::WeightStoreWriter(const std::string& path) : impl_(new Impl) {
   impl_->path = path;
   impl_->tmp_path = path + ".partial";
-  impl_->fd = ::open(impl_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  check(impl_->fd >= 0, ErrorKind::IO, "WeightStoreWriter: cannot create '" + impl_->tmp_path + "': " + errno_text(errno));
+  // A FIFO would block open(2) until a reader comes (O_NONBLOCK: it fails at once instead), and a
+  // device or FIFO is no place for a store: only a regular file (new or replaced) is written.
+  struct stat st;
+  check(::stat(impl_->tmp_path.c_str(), &st) != 0 || S_ISREG(st.st_mode), ErrorKind::IO,
+        "WeightStoreWriter: '" + impl_->tmp_path + "' exists and is not a regular file");
+  const int fd = ::open(impl_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0644);
+  const int open_errno = errno;
+  check(fd >= 0, ErrorKind::IO, "WeightStoreWriter: cannot create '" + impl_->tmp_path + "': " + errno_text(open_errno));
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorKind::IO, "WeightStoreWriter: '" + impl_->tmp_path + "' is not a regular file");
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  impl_->fd = fd;
 }
 
 WeightStoreWriter::~WeightStoreWriter() { abort(); }
@@ -738,17 +750,21 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   s.budget = dram_budget_bytes;
 
   // Open with O_DIRECT; filesystems such as tmpfs refuse it (EINVAL) -> buffered + fadvise.
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); it changes
+  // nothing for regular files and is cleared once the file is known to be one.
   if (opts.direct_io) {
-    s.fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    s.fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC | O_NONBLOCK);
     s.direct = s.fd >= 0;
   }
   if (s.fd < 0) {
-    s.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    check(s.fd >= 0, ErrorKind::IO, "WeightStore.open: cannot open '" + path + "': " + errno_text(errno));
+    s.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    const int e = errno;
+    check(s.fd >= 0, ErrorKind::IO, "WeightStore.open: cannot open '" + path + "': " + errno_text(e));
   }
   struct stat st;
   check(::fstat(s.fd, &st) == 0, ErrorKind::IO, "WeightStore.open: cannot stat '" + path + "'");
   check(S_ISREG(st.st_mode), ErrorKind::IO, "WeightStore.open: '" + path + "' is not a regular file");
+  ::fcntl(s.fd, F_SETFL, ::fcntl(s.fd, F_GETFL) & ~O_NONBLOCK);
   const uint64_t actual = uint64_t(st.st_size);
   HostBuffer head(kAlign, false);
   int err = 0;

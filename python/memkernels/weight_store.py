@@ -20,9 +20,11 @@ arrays (packed codes, scales, CSR index arrays) with any integer dtype.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from typing import Mapping
 
 import numpy as np
@@ -265,10 +267,18 @@ def _split_ffn(arrays: Mapping[str, np.ndarray], ffn_pattern: str | None):
     return tensors, ffn
 
 
+def _require_regular_file(path: str) -> None:
+    """OSError unless `path` is a regular file: opening a FIFO blocks until a writer comes, and a
+    device or directory is not a checkpoint."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or directory?)", path)
+
+
 def read_safetensors(path) -> dict:
     """name -> NumPy array (memory-mapped) from a .safetensors file, parsed without the
     `safetensors` package. Malformed files raise CorruptDataError."""
     path = os.fspath(path)
+    _require_regular_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -310,6 +320,7 @@ def read_safetensors(path) -> dict:
 def read_numpy(path) -> dict:
     """name -> array from a .npz (its keys) or a .npy file (named by the file stem)."""
     path = os.fspath(path)
+    _require_regular_file(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

@@ -106,3 +106,51 @@ def test_set_num_threads_accepts_the_maximum(restore_threads, rng):
 
 
 # ---- 5: see tests/cpp/test_parallel_errors.cpp (a failing allocation inside OpenMP regions) ----
+
+
+# ---- 6: a FIFO (or any non-regular file) never blocks open(2) ----
+def _fifo(tmp_path, name):
+    p = tmp_path / name
+    os.mkfifo(p)
+    return p
+
+
+def test_weight_store_open_of_a_fifo_is_refused_without_blocking(tmp_path):
+    p = _fifo(tmp_path, "store.mkws")
+    _run_script(f"""
+        import memkernels as mk
+        try:
+            mk.WeightStore.open({str(p)!r}, 1 << 24)
+        except OSError as e:
+            assert "regular file" in str(e), e
+        else:
+            raise SystemExit("no error")
+    """, timeout=60)
+
+
+def test_convert_from_a_fifo_source_is_refused_without_blocking(tmp_path):
+    for name in ("src.safetensors", "src.npy", "src.npz"):
+        p = _fifo(tmp_path, name)
+        _run_script(f"""
+            import memkernels as mk
+            try:
+                mk.convert_to_weight_store({str(p)!r}, {str(tmp_path / 'out.mkws')!r})
+            except (OSError, ValueError) as e:
+                assert "regular file" in str(e), e
+            else:
+                raise SystemExit("no error")
+        """, timeout=60)
+
+
+def test_writer_refuses_a_fifo_as_partial_file_without_blocking(tmp_path):
+    _fifo(tmp_path, "out.mkws.partial")
+    _run_script(f"""
+        import numpy as np, memkernels as mk
+        try:
+            mk.write_weight_store({str(tmp_path / 'out.mkws')!r}, {{"a": np.ones(4, np.float32)}})
+        except OSError as e:
+            assert "regular file" in str(e), e
+        else:
+            raise SystemExit("no error")
+    """, timeout=60)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "out.mkws.partial").st_mode)
