@@ -511,9 +511,28 @@ struct WeightStore::Impl {
   std::atomic<uint64_t> bytes_read{0}, reads_issued{0};
   uint64_t hits = 0, misses = 0, prefetched = 0, evictions = 0, resident = 0, peak_resident = 0;
 
+  // The process that opened the store. A child made by fork() inherits this object but not the
+  // I/O threads (nor the state of their locks): every operation there fails clearly instead of
+  // waiting forever for reads no thread will do.
+  pid_t owner_pid = ::getpid();
+  void check_process(const char* op) const {
+    check(::getpid() == owner_pid, ErrorKind::Value,
+          std::string("WeightStore.") + op + ": this store was opened in another process (before a fork); " +
+              "its I/O threads do not exist here: open the file again in this process");
+  }
+
   ~Impl() { shutdown(); }
 
   void shutdown() {
+    if (::getpid() != owner_pid) {
+      // Forked child: the threads are the parent's. Never join them (they do not exist here) and
+      // never destroy joinable std::thread objects (std::terminate): leak the handles.
+      static_cast<void>(new std::vector<std::thread>(std::move(threads)));
+      threads.clear();
+      if (fd >= 0) ::close(fd);
+      fd = -1;
+      return;
+    }
     {
       std::lock_guard<std::mutex> lk(qmu);
       stopping = true;
@@ -732,7 +751,20 @@ struct WeightStore::Impl {
 };
 
 WeightStore::WeightStore() : impl_(new Impl) {}
-WeightStore::~WeightStore() = default;
+WeightStore::~WeightStore() {
+  Impl* s = impl_.get();
+  if (s == nullptr || ::getpid() == s->owner_pid) return;  // the normal case: ~Impl joins the I/O threads
+  // A child made by fork(): the store's condition variables still count the parent's waiting I/O
+  // threads, and destroying them (pthread_cond_destroy) would wait for those threads forever. Close
+  // the file, free the large host buffers, and leak the rest of the state.
+  impl_.release();
+  if (s->fd >= 0) ::close(s->fd);
+  s->fd = -1;
+  if (!s->opts.device.is_cuda()) {  // pinned CUDA memory is not freed in a forked child
+    s->arena.reset();
+    for (auto& b : s->stages) b.reset();
+  }
+}
 
 std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t dram_budget_bytes,
                                                const WeightStoreOptions& opts) {
@@ -969,6 +1001,7 @@ static void check_out(const TensorView& out, const Device& dev, DType dtype, con
 
 void WeightStore::get(const std::string& name, const TensorView& out, void* stream) {
   Impl& s = *impl_;
+  s.check_process("get");
   const StoredTensorInfo& t = tensor_info(name);
   const size_t ti = s.tensor_index[name];
   check_out(out, s.opts.device, t.dtype, t.shape, "WeightStore.get");
@@ -1010,6 +1043,7 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
 
 void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream) {
   Impl& s = *impl_;
+  s.check_process("get_rows");
   const StoredLayerInfo& L = layer_info(layer);
   const int32_t li = int32_t(s.layer_index[layer]);
   check(count >= 0, ErrorKind::Value, "get_rows: count must be >= 0");
@@ -1116,6 +1150,7 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
 
 void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
   Impl& s = *impl_;
+  s.check_process("prefetch");
   const StoredLayerInfo& L = layer_info(layer);
   const int32_t li = int32_t(s.layer_index[layer]);
   for (int64_t k = 0; k < count; ++k)
@@ -1148,12 +1183,14 @@ void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
 
 void WeightStore::wait_prefetch() {
   Impl& s = *impl_;
+  s.check_process("wait_prefetch");
   std::unique_lock<std::mutex> lk(s.mu);
   s.prefetch_cv.wait(lk, [&] { return s.prefetch_pending == 0; });
 }
 
 void WeightStore::next_token() {
   Impl& s = *impl_;
+  s.check_process("next_token");
   std::lock_guard<std::mutex> lk(s.mu);
   ++s.token;
   if (s.opts.window_tokens <= 0) return;
@@ -1172,6 +1209,7 @@ void WeightStore::next_token() {
 
 void WeightStore::clear_cache() {
   Impl& s = *impl_;
+  s.check_process("clear_cache");
   wait_prefetch();
   std::lock_guard<std::mutex> call(s.call_mu);
   std::lock_guard<std::mutex> lk(s.mu);
@@ -1181,6 +1219,7 @@ void WeightStore::clear_cache() {
 
 WeightStoreStats WeightStore::stats() const {
   const Impl& s = *impl_;
+  s.check_process("stats");
   std::lock_guard<std::mutex> lk(s.mu);
   WeightStoreStats r;
   r.bytes_read = s.bytes_read.load();
@@ -1199,6 +1238,7 @@ WeightStoreStats WeightStore::stats() const {
 
 void WeightStore::reset_stats() {
   Impl& s = *impl_;
+  s.check_process("reset_stats");
   std::lock_guard<std::mutex> lk(s.mu);
   s.bytes_read = 0;
   s.reads_issued = 0;

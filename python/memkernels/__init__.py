@@ -43,7 +43,8 @@ def info_string() -> str:
 
 
 def num_threads() -> int:
-    """Threads the CPU kernels use (default: the number of cores)."""
+    """Threads the CPU kernels use (default: the number of cores). In a child made by os.fork()
+    (or multiprocessing's 'fork') after a kernel ran, 1: the OpenMP threads stay in the parent."""
     return _C.num_threads()
 
 

@@ -154,3 +154,83 @@ def test_writer_refuses_a_fifo_as_partial_file_without_blocking(tmp_path):
             raise SystemExit("no error")
     """, timeout=60)
     assert stat.S_ISFIFO(os.stat(tmp_path / "out.mkws.partial").st_mode)
+
+
+# ---- 7: kernels and weight stores after os.fork ----
+_FORK_PRELUDE = """
+    import os, sys, time
+    import numpy as np
+    import memkernels as mk
+
+    def wait_child(pid, timeout=60):
+        end = time.time() + timeout
+        while time.time() < end:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise SystemExit("the forked child hung")
+
+    def attention_ok():
+        rng = np.random.default_rng(1)
+        q = rng.standard_normal((1, 300, 4, 32)).astype(np.float32)
+        out = mk.flash_attention(q, q, q, causal=True)
+        return bool(np.all(np.isfinite(out)))
+
+    mk.set_num_threads(4)
+    assert attention_ok()   # the parent's OpenMP pool now exists
+"""
+
+
+def test_kernels_run_in_a_child_made_by_os_fork():
+    _run_script(_FORK_PRELUDE + """
+    pid = os.fork()
+    if pid == 0:
+        ok = attention_ok() and attention_ok()
+        os._exit(0 if ok else 3)
+    assert wait_child(pid) == 0
+    assert attention_ok()   # the parent still runs multithreaded
+    """)
+
+
+def test_kernels_run_in_multiprocessing_fork_workers():
+    _run_script(_FORK_PRELUDE + """
+    import multiprocessing as mp
+
+    def work(i):
+        return attention_ok()
+
+    if __name__ == "__main__":
+        with mp.get_context("fork").Pool(2) as pool:
+            assert all(pool.map_async(work, range(4)).get(timeout=60))
+    """)
+
+
+def test_weight_store_in_a_forked_child_fails_clearly(tmp_path):
+    path = tmp_path / "w.mkws"
+    _run_script(_FORK_PRELUDE + f"""
+    rng = np.random.default_rng(0)
+    up = rng.standard_normal((64, 32)).astype(np.float32)
+    mk.write_weight_store({str(path)!r}, {{"t": up}}, {{0: {{"up": up, "down": up.T.copy()}}}})
+    ws = mk.WeightStore.open({str(path)!r}, 1 << 24, io_threads=2, direct_io=False)
+    ws.prefetch(0, [1, 2, 3])
+    ws.wait_prefetch()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ws.prefetch(0, [4, 5])
+            ws.wait_prefetch()
+            os._exit(4)      # no error: the child must not use the parent's I/O threads
+        except ValueError as e:
+            if "fork" not in str(e):
+                os._exit(5)
+        ws2 = mk.WeightStore.open({str(path)!r}, 1 << 24, io_threads=2, direct_io=False)
+        ok = np.array_equal(ws2.get_rows(0, [4, 5])[:, 0], up[[4, 5]])
+        ws.close()           # closing the inherited handle must not hang either
+        ws2.close()
+        os._exit(0 if ok else 6)
+    assert wait_child(pid) == 0
+    assert np.array_equal(ws.get_rows(0, [7])[:, 0], up[[7]])
+    """)
