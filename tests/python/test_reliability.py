@@ -234,3 +234,81 @@ def test_weight_store_in_a_forked_child_fails_clearly(tmp_path):
     assert wait_child(pid) == 0
     assert np.array_equal(ws.get_rows(0, [7])[:, 0], up[[7]])
     """)
+
+
+# ---- 10: NaN and Inf propagate through CPU flash attention as in float64 ----
+ISAS = [i for i in ("generic", "avx2", "avx512")
+        if ["generic", "avx2", "avx512"].index(i) <= ["generic", "avx2", "avx512"].index(mk.info()["best_cpu_isa"])]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    old = mk.info()["cpu_isa"]
+    mk.set_cpu_isa(request.param)
+    yield request.param
+    mk.set_cpu_isa(old)
+
+
+def _causal_ref(q, k, v, causal, softcap=None):
+    """float64 attention; scores that overflow float32 (the accumulation type) are inf/NaN here too."""
+    sq, sk = q.shape[1], k.shape[1]
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s32 = np.einsum("bihd,bjhd->bhij", q, k)
+        q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+        s = np.einsum("bihd,bjhd->bhij", q, k)
+        s = np.where(np.isfinite(s32), s, s32) / np.sqrt(q.shape[-1])
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        if causal:
+            i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
+            s = np.where(j <= i + sk - sq, s, -np.inf)
+        m = s.max(axis=-1, keepdims=True)
+        p = np.exp(s - m)
+        l = p.sum(axis=-1, keepdims=True)
+        out = np.einsum("bhij,bjhd->bihd", p / l, v)
+        lse = (m + np.log(l))[..., 0]
+    return out, lse
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("where", ["key", "query", "overflow", "inf_query"])
+def test_flash_attention_nan_and_inf_propagate(isa, rng, causal, where):
+    b, sq, sk, h, hk, d = 2, 150, 150, 4, 2, 40
+    q, k, v = _f32(rng, b, sq, h, d), _f32(rng, b, sk, hk, d), _f32(rng, b, sk, hk, d)
+    if where == "key":
+        k[0, 70, 1, 3] = np.nan          # rows of heads 2, 3 that see key 70 become NaN
+    elif where == "query":
+        q[1, 5, 0, 7] = np.nan           # only that row
+    elif where == "overflow":
+        q[0, 100, 2] = 3e19              # q.k overflows float32 -> +-inf scores
+        k[0, 20, 1] = 3e19
+    else:
+        q[1, 33, 3, 0] = np.inf
+    out = np.full_like(q, 7.0)
+    out, lse = mk.flash_attention(q, k, v, causal=causal, return_lse=True, out=out)
+    ref, ref_lse = _causal_ref(q, k, v, causal)
+    bad = ~np.isfinite(ref)
+    assert bad.any()
+    np.testing.assert_array_equal(np.isnan(out), bad, err_msg="NaN pattern differs from float64")
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse), err_msg="lse NaN pattern differs")
+    np.testing.assert_allclose(out[~bad], ref[~bad], rtol=1e-4, atol=1e-4)
+
+
+def test_flash_attention_softcap_keeps_infinite_scores_finite(isa, rng):
+    q, k, v = _f32(rng, 1, 70, 2, 16), _f32(rng, 1, 70, 2, 16), _f32(rng, 1, 70, 2, 16)
+    q[0, 3, 1] = 3e19
+    k[0, 9, 1] = 3e19                   # score +inf, softcap*tanh(inf) = softcap: finite in float64
+    out = mk.flash_attention(q, k, v, softcap=30.0)
+    ref, _ = _causal_ref(q, k, v, False, softcap=30.0)
+    assert np.all(np.isfinite(ref))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_flash_attention_nan_in_a_masked_key_stays_hidden(isa, rng):
+    q, k, v = _f32(rng, 1, 100, 2, 16), _f32(rng, 1, 100, 2, 16), _f32(rng, 1, 100, 2, 16)
+    k[0, 99, 0, 0] = np.nan             # only the last query row sees it under the causal mask
+    out = mk.flash_attention(q, k, v, causal=True)
+    assert np.all(np.isnan(out[0, 99, 0])) and np.all(np.isfinite(out[0, :99]))
+    assert np.all(np.isfinite(out[0, :, 1]))

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -96,9 +97,20 @@ void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, 
 
 struct Scratch {
   std::vector<float> q, s, o, m, l, row;
+  std::vector<uint8_t> nonfinite;  // per row: a visible score was NaN or +inf
   Scratch(int head_dim, int dp)
-      : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)) {}
+      : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)),
+        nonfinite(BQ) {}
 };
+
+// True when a score of the row is NaN or +inf (masked keys are -inf). In float64 such a score makes
+// the whole softmax row NaN (max - max = NaN); the base-2 exp below would turn it into a finite
+// weight, so the caller records it and writes NaN.
+inline bool has_nan_or_posinf(const float* srow, int width) {
+  bool bad = false;
+  for (int c = 0; c < width; ++c) bad |= !(srow[c] < std::numeric_limits<float>::infinity());
+  return bad;
+}
 
 // One task: query rows [i0, i0 + BQ) of head h in batch b, against packed K/V of its kv head.
 void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* kt, const float* vp, int dp,
@@ -120,6 +132,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   std::fill(w.o.begin(), w.o.begin() + size_t(rows_pad) * dp, 0.0f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill(w.nonfinite.begin(), w.nonfinite.end(), uint8_t(0));
 
   // Keys any row of this block may see.
   const int last = i0 + nrows - 1;
@@ -157,6 +170,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
         std::fill(srow, srow + BK, 0.0f);
         continue;
       }
+      if (has_nan_or_posinf(srow, BK)) w.nonfinite[r] = 1;
       online_softmax_row(srow, BK, w.m[r], w.l[r], w.o.data() + size_t(r) * dp, dp);
     }
 
@@ -173,15 +187,18 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   const int64_t o_base = b * p.o_batch + p.row0_q(b) * p.o_row + h * p.o_head;
   char* out = static_cast<char*>(p.out);
   const int esize = dtype_size(p.dtype);
+  // Rows with a NaN or +inf score are NaN (output and lse), as in float64.
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   for (int r = 0; r < nrows; ++r) {
     const float l = w.l[r];
+    const bool nan_row = w.nonfinite[r] != 0;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     float* orow = w.o.data() + size_t(r) * dp;
-    for (int d = 0; d < D; ++d) w.row[d] = orow[d] * inv;
+    for (int d = 0; d < D; ++d) w.row[d] = nan_row ? kNaN : orow[d] * inv;
     store_floats(w.row.data(), p.dtype, D, out + (o_base + int64_t(i0 + r) * p.o_row) * esize);
     if (p.lse)
       p.lse[b * p.lse_batch + h * p.lse_head + p.row0_q(b) + i0 + r] =
-          l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
+          nan_row ? kNaN : l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
   }
 }
 
