@@ -447,7 +447,7 @@ struct Slot {
 struct Group {
   std::mutex m;
   std::condition_variable cv;
-  int pending = 0;
+  int64_t pending = 0;  // chunks of one tensor: not bounded by 2^31
   std::exception_ptr error;
   void done(std::exception_ptr e) {
     std::lock_guard<std::mutex> lk(m);
@@ -497,7 +497,7 @@ struct WeightStore::Impl {
   std::vector<std::vector<int32_t>> table;  // per layer: neuron -> slot or -1
   int32_t lru_head = -1, lru_tail = -1;
   uint64_t token = 0;
-  int prefetch_pending = 0;
+  int64_t prefetch_pending = 0;
   std::condition_variable prefetch_cv;
   std::string prefetch_error;
 
@@ -1008,7 +1008,7 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
   std::lock_guard<std::mutex> call(s.call_mu);
   const uint64_t nchunks = (t.nbytes + t.chunk_bytes - 1) / t.chunk_bytes;
   auto group = std::make_shared<Group>();
-  group->pending = int(nchunks);
+  group->pending = int64_t(nchunks);
   uint8_t* dst = static_cast<uint8_t*>(out.data);
   const bool cuda = s.opts.device.is_cuda();
   for (uint64_t c = 0; c < nchunks; ++c) {

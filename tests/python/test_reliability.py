@@ -312,3 +312,17 @@ def test_flash_attention_nan_in_a_masked_key_stays_hidden(isa, rng):
     out = mk.flash_attention(q, k, v, causal=True)
     assert np.all(np.isnan(out[0, 99, 0])) and np.all(np.isfinite(out[0, :99]))
     assert np.all(np.isfinite(out[0, :, 1]))
+
+
+# ---- 15: sizes beyond 32 bits are refused instead of truncated ----
+def test_flash_attention_rejects_dims_beyond_int(rng):
+    q = _f32(rng, 1, 4, 2, 8)
+    huge = np.lib.stride_tricks.as_strided(q, shape=(2**32 + 1, 4, 2, 8), strides=(0,) + q.strides[1:])
+    out = np.lib.stride_tricks.as_strided(np.zeros_like(q), shape=huge.shape, strides=huge.strides)
+    with pytest.raises(ValueError, match="batch"):
+        mk.flash_attention(huge, huge, huge, out=out)
+    heads = np.lib.stride_tricks.as_strided(q, shape=(1, 4, 2**32 + 2, 8), strides=(0, q.strides[1], 0, 4))
+    outh = np.lib.stride_tricks.as_strided(np.zeros_like(q), shape=heads.shape, strides=heads.strides)
+    kv = q[:, :, :2]
+    with pytest.raises(ValueError, match="heads"):
+        mk.flash_attention(heads, kv, kv, out=outh)
