@@ -1,6 +1,8 @@
 """Flash attention: exact attention in tiles with an online softmax, O(seq) extra memory."""
 from __future__ import annotations
 
+import numpy as np
+
 from . import _memkernels as _C
 from ._arrays import check_out, dtype_name, empty_like, require_array, stream_handle
 
@@ -22,13 +24,26 @@ def _window_bounds(window, causal):
     return left, (0 if causal else right)
 
 
+def _float32_option(value, name):
+    """A scale or softcap as the float32 the kernels receive; None -> 0.0 (the default / off).
+    A positive value that rounds to 0.0 in float32 would silently mean the default: refused."""
+    if value is None:
+        return 0.0
+    x = float(value)
+    if x > 0 and np.float32(x) == 0:
+        raise ValueError(f"{name} = {value!r} is positive but rounds to 0 in float32 (the kernels' type; "
+                         f"0 means {'1/sqrt(head_dim)' if name == 'scale' else 'no softcap'}): use a value "
+                         f">= {float(np.finfo(np.float32).smallest_subnormal):g}")
+    return x
+
+
 def _common(arrays, scale, softcap):
     for name, a in arrays.items():
         require_array(a, name)
-    scale = 0.0 if scale is None else float(scale)
+    scale = _float32_option(scale, "scale")
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
-    return scale, 0.0 if softcap is None else float(softcap)
+    return scale, _float32_option(softcap, "softcap")
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, return_lse=False,

@@ -326,3 +326,16 @@ def test_flash_attention_rejects_dims_beyond_int(rng):
     kv = q[:, :, :2]
     with pytest.raises(ValueError, match="heads"):
         mk.flash_attention(heads, kv, kv, out=outh)
+
+
+# ---- 16: a positive scale or softcap that rounds to 0.0f is refused ----
+@pytest.mark.parametrize("arg", ["scale", "softcap"])
+def test_tiny_positive_scale_or_softcap_is_refused(arg, rng):
+    q = _f32(rng, 1, 4, 2, 8)
+    with pytest.raises(ValueError, match=arg):
+        mk.flash_attention(q, q, q, **{arg: 1e-50})
+    cu = np.array([0, 4], np.int32)
+    with pytest.raises(ValueError, match=arg):
+        mk.flash_attention_varlen(q[0], q[0], q[0], cu, cu, **{arg: 1e-46})
+    out = mk.flash_attention(q, q, q, **{arg: 1e-30})  # small but representable: used as given
+    assert np.all(np.isfinite(out))
