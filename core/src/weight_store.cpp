@@ -284,15 +284,21 @@ void WeightStoreWriter::add_tensor(const std::string& name, const TensorView& t,
   std::vector<uint32_t> crcs;
   const bool contig = t.is_contiguous();
   int64_t idx[kMaxDims] = {};
+  int part = 0;  // bytes of the current element already written (chunks need not hold whole elements)
   for (uint64_t done = 0; done < info.nbytes;) {
     const uint64_t n = std::min<uint64_t>(chunk_bytes, info.nbytes - done);
     if (contig) {
       std::memcpy(buf.data(), static_cast<const uint8_t*>(t.data) + done, n);
     } else {
-      for (uint64_t e = 0; e < n / es; ++e) {  // odometer over the multi-index
+      for (uint64_t filled = 0; filled < n;) {  // odometer over the multi-index
         int64_t off = 0;
         for (int d = 0; d < t.ndim; ++d) off += idx[d] * t.strides[d];
-        std::memcpy(buf.data() + e * es, static_cast<const uint8_t*>(t.data) + off * es, es);
+        const int take = int(std::min<uint64_t>(uint64_t(es - part), n - filled));
+        std::memcpy(buf.data() + filled, static_cast<const uint8_t*>(t.data) + off * es + part, size_t(take));
+        filled += uint64_t(take);
+        part += take;
+        if (part < es) break;  // the element continues in the next chunk
+        part = 0;
         for (int d = t.ndim - 1; d >= 0; --d) {
           if (++idx[d] < t.shape[d]) break;
           idx[d] = 0;

@@ -339,3 +339,24 @@ def test_tiny_positive_scale_or_softcap_is_refused(arg, rng):
         mk.flash_attention_varlen(q[0], q[0], q[0], cu, cu, **{arg: 1e-46})
     out = mk.flash_attention(q, q, q, **{arg: 1e-30})  # small but representable: used as given
     assert np.all(np.isfinite(out))
+
+
+# ---- 18: non-contiguous tensors with chunk_bytes not a multiple of the item size ----
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int8])
+@pytest.mark.parametrize("chunk", [4097, 4099, 5000, 4096])
+def test_write_weight_store_non_contiguous_odd_chunks(tmp_path, rng, dtype, chunk):
+    a = (rng.standard_normal((3000, 7)) * 50).astype(dtype)
+    views = {"t": a.T, "strided": a[::3, 1:6], "f": np.asfortranarray(a)}
+    path = tmp_path / "s.mkws"
+    mk.write_weight_store(path, views, chunk_bytes=chunk)
+    with mk.WeightStore.open(path, 1 << 24, direct_io=False) as ws:
+        for name, v in views.items():
+            np.testing.assert_array_equal(ws.get(name), v)
+
+
+def test_convert_fortran_order_npy(tmp_path, rng):
+    a = np.asfortranarray(rng.standard_normal((2000, 3)).astype(np.float32))
+    np.save(tmp_path / "w.npy", a)
+    mk.convert_to_weight_store(tmp_path / "w.npy", tmp_path / "w.mkws", chunk_bytes=4098)
+    with mk.WeightStore.open(tmp_path / "w.mkws", 1 << 24, direct_io=False) as ws:
+        np.testing.assert_array_equal(ws.get("w"), a)
