@@ -235,7 +235,15 @@ struct WeightStoreWriter::Impl {
   }
 };
 
+// A NUL inside a path would cut it short at the system call: another file would be written or read.
+static void check_path(const std::string& path, const char* op) {
+  check(path.find('\0') == std::string::npos, ErrorKind::Value,
+        std::string(op) + ": path contains a NUL byte: '" + path.substr(0, path.find('\0')) + "\\0...'");
+  check(!path.empty(), ErrorKind::Value, std::string(op) + ": path is empty");
+}
+
 WeightStoreWriter::WeightStoreWriter(const std::string& path) : impl_(new Impl) {
+  check_path(path, "WeightStoreWriter");
   impl_->path = path;
   impl_->tmp_path = path + ".partial";
   // A FIFO would block open(2) until a reader comes (O_NONBLOCK: it fails at once instead), and a
@@ -781,6 +789,7 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   check(dram_budget_bytes > 0, ErrorKind::Value,
         "WeightStore.open: dram_budget_bytes must be > 0, got " + std::to_string(dram_budget_bytes));
   require_cuda_usable("WeightStore.open", opts.device);
+  check_path(path, "WeightStore.open");
   std::unique_ptr<WeightStore> store(new WeightStore());
   Impl& s = *store->impl_;
   s.path = path;

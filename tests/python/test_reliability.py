@@ -360,3 +360,20 @@ def test_convert_fortran_order_npy(tmp_path, rng):
     mk.convert_to_weight_store(tmp_path / "w.npy", tmp_path / "w.mkws", chunk_bytes=4098)
     with mk.WeightStore.open(tmp_path / "w.mkws", 1 << 24, direct_io=False) as ws:
         np.testing.assert_array_equal(ws.get("w"), a)
+
+
+# ---- 19: NUL in a path ----
+def test_paths_with_nul_are_refused(tmp_path):
+    victim = tmp_path / "victim.mkws"
+    mk.write_weight_store(victim, {"a": np.arange(5, dtype=np.float32)})
+    before = victim.read_bytes()
+    bad = str(victim) + "\0.tmp"
+    with pytest.raises(ValueError, match="NUL"):
+        _C.WeightStoreWriter(bad)
+    with pytest.raises(ValueError, match="NUL"):
+        mk.write_weight_store(bad, {"a": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="NUL"):
+        _C.WeightStore.open(bad, 1 << 24, "cpu", 0, 1, 0, False, 0, 1 << 20)
+    with pytest.raises(ValueError, match="NUL"):
+        mk.WeightStore.open(bad, 1 << 24)
+    assert victim.read_bytes() == before
