@@ -246,9 +246,13 @@ WeightStoreWriter::WeightStoreWriter(const std::string& path) : impl_(new Impl) 
   check_path(path, "WeightStoreWriter");
   impl_->path = path;
   impl_->tmp_path = path + ".partial";
+  // The rename in finish() replaces whatever `path` names: a device node, a FIFO or a directory
+  // must not be replaced by a store. Only a new file or an existing regular file is.
+  struct stat st;
+  check(::stat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode), ErrorKind::IO,
+        "WeightStoreWriter: '" + path + "' exists and is not a regular file; refusing to replace it");
   // A FIFO would block open(2) until a reader comes (O_NONBLOCK: it fails at once instead), and a
   // device or FIFO is no place for a store: only a regular file (new or replaced) is written.
-  struct stat st;
   check(::stat(impl_->tmp_path.c_str(), &st) != 0 || S_ISREG(st.st_mode), ErrorKind::IO,
         "WeightStoreWriter: '" + impl_->tmp_path + "' exists and is not a regular file");
   const int fd = ::open(impl_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0644);

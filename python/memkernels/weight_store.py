@@ -328,6 +328,23 @@ def read_numpy(path) -> dict:
     return {stem: np.load(path, mmap_mode="c", allow_pickle=False)}
 
 
+def _refuse_source_as_destination(dst, srcs) -> None:
+    """ValueError when `dst` is one of the source files (the same inode under any name): the
+    converted store would replace the checkpoint it is read from."""
+    try:
+        d = os.stat(dst)
+    except (OSError, ValueError):
+        return  # no such file (or a NUL in the name, refused by the writer): nothing to destroy
+    for s in srcs:
+        try:
+            st = os.stat(s)
+        except (OSError, ValueError):
+            continue
+        if (st.st_dev, st.st_ino) == (d.st_dev, d.st_ino):
+            raise ValueError(f"dst: {os.fspath(dst)!r} is the source file {os.fspath(s)!r} (same file); "
+                             f"converting in place would destroy the checkpoint: choose another destination")
+
+
 def convert_to_weight_store(src, dst, *, ffn_pattern: str | None = DEFAULT_FFN_PATTERN,
                             chunk_bytes: int = 1 << 20) -> dict:
     """Converts .safetensors (one file or a list of shards), .npz or .npy files, or a Hugging Face
@@ -347,6 +364,7 @@ def convert_to_weight_store(src, dst, *, ffn_pattern: str | None = DEFAULT_FFN_P
                 arrays["config.json"] = np.frombuffer(f.read(), dtype=np.uint8)
         src = [os.path.join(src, f) for f in shards]
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    _refuse_source_as_destination(dst, srcs)
     for s in srcs:
         s = os.fspath(s)
         if s.endswith(".safetensors"):

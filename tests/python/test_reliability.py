@@ -377,3 +377,35 @@ def test_paths_with_nul_are_refused(tmp_path):
     with pytest.raises(ValueError, match="NUL"):
         mk.WeightStore.open(bad, 1 << 24)
     assert victim.read_bytes() == before
+
+
+# ---- 20: non-regular destinations and destination == source ----
+def test_write_refuses_non_regular_destination(tmp_path):
+    fifo = tmp_path / "fifo.mkws"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="regular file"):
+        mk.write_weight_store(fifo, {"a": np.ones(3, np.float32)})
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    d = tmp_path / "dir.mkws"
+    d.mkdir()
+    with pytest.raises(OSError, match="regular file"):
+        mk.write_weight_store(d, {"a": np.ones(3, np.float32)})
+    assert d.is_dir()
+    if os.path.exists("/dev/null"):
+        with pytest.raises(OSError, match="regular file"):
+            _C.WeightStoreWriter("/dev/null")
+        assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_convert_refuses_destination_that_is_the_source(tmp_path, rng):
+    a = rng.standard_normal((10, 4)).astype(np.float32)
+    src = tmp_path / "x.npy"
+    np.save(src, a)
+    before = src.read_bytes()
+    with pytest.raises(ValueError, match="source"):
+        mk.convert_to_weight_store(src, src)
+    link = tmp_path / "link.npy"
+    os.link(src, link)  # another name for the same file
+    with pytest.raises(ValueError, match="source"):
+        mk.convert_to_weight_store(src, link)
+    assert src.read_bytes() == before
