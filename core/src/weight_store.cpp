@@ -178,8 +178,9 @@ void write_all(int fd, const void* data, size_t n, uint64_t offset, const std::s
   const uint8_t* p = static_cast<const uint8_t*>(data);
   while (n > 0) {
     ssize_t w = ::pwrite(fd, p, n, off_t(offset));
-    if (w < 0 && errno == EINTR) continue;
-    check(w > 0, ErrorKind::IO, "weight store: cannot write '" + path + "': " + errno_text(errno));
+    const int e = errno;
+    if (w < 0 && e == EINTR) continue;
+    check(w > 0, ErrorKind::IO, "weight store: cannot write '" + path + "': " + (w == 0 ? "no progress" : errno_text(e)));
     p += w, n -= size_t(w), offset += uint64_t(w);
   }
 }
@@ -437,11 +438,15 @@ void WeightStoreWriter::finish() {
   std::vector<uint8_t> page(kAlign, 0);
   std::memcpy(page.data(), h.b.data(), h.b.size());
   write_all(w.fd, page.data(), page.size(), 0, w.tmp_path);
-  check(::fdatasync(w.fd) == 0, ErrorKind::IO, "WeightStoreWriter: fdatasync failed: " + errno_text(errno));
+  // errno is read right after each call: as an argument next to the call in check(...) the message
+  // could be built first, from a stale errno ("Success").
+  const int sync_rc = ::fdatasync(w.fd), sync_errno = errno;
+  check(sync_rc == 0, ErrorKind::IO, "WeightStoreWriter: fdatasync failed: " + errno_text(sync_errno));
   ::close(w.fd);
   w.fd = -1;
-  check(::rename(w.tmp_path.c_str(), w.path.c_str()) == 0, ErrorKind::IO,
-        "WeightStoreWriter: cannot rename '" + w.tmp_path + "' to '" + w.path + "': " + errno_text(errno));
+  const int rename_rc = ::rename(w.tmp_path.c_str(), w.path.c_str()), rename_errno = errno;
+  check(rename_rc == 0, ErrorKind::IO,
+        "WeightStoreWriter: cannot rename '" + w.tmp_path + "' to '" + w.path + "': " + errno_text(rename_errno));
   w.finished = true;
 }
 

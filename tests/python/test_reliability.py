@@ -409,3 +409,17 @@ def test_convert_refuses_destination_that_is_the_source(tmp_path, rng):
     with pytest.raises(ValueError, match="source"):
         mk.convert_to_weight_store(src, link)
     assert src.read_bytes() == before
+
+
+# ---- 22: a failed rename reports its own errno ----
+def test_failed_rename_reports_the_real_error(tmp_path):
+    dst = tmp_path / "d.mkws"
+    w = _C.WeightStoreWriter(str(dst))
+    w.add_tensor("a", np.ones(4, np.float32), 4096)
+    dst.mkdir()
+    (dst / "keep").write_text("x")  # rename(file, non-empty dir) fails with EISDIR
+    with pytest.raises(OSError) as e:
+        w.finish()
+    assert "Success" not in str(e.value)
+    assert "directory" in str(e.value).lower()
+    w.abort()
