@@ -91,6 +91,8 @@ def check_out(out, shape, dtype: str, ref, name: str = "out"):
         raise TypeError(f"{name}: expected dtype {dtype}, got {dtype_name(out)}")
     if device_of(out) != device_of(ref):
         raise ValueError(f"{name} is on {device_of(out)} but the inputs are on {device_of(ref)}")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only, but the result is written into it; pass a writable array")
     return out
 
 

@@ -214,9 +214,7 @@ def _as_array(a, name):
         if not (hasattr(a, "__array__") or isinstance(a, (list, tuple))):
             raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
         a = np.asarray(a)
-    if not a.flags.writeable:  # DLPack export needs a writable array; the writer only reads it
-        a = a.copy()
-    return a
+    return a  # read-only arrays (memory-mapped checkpoints) are written without a copy
 
 
 def write_weight_store(path, tensors: Mapping[str, np.ndarray] | None = None,

@@ -411,6 +411,58 @@ def test_convert_refuses_destination_that_is_the_source(tmp_path, rng):
     assert src.read_bytes() == before
 
 
+# ---- 21: read-only inputs work, read-only outputs are refused by name, big-endian by byte order ----
+def _readonly_variants(a, tmp_path, tag="a"):
+    np.save(tmp_path / f"ro_{tag}.npy", a)
+    mm = np.load(tmp_path / f"ro_{tag}.npy", mmap_mode="r")
+    fb = np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)
+    ro = a.copy()
+    ro.flags.writeable = False
+    return {"mmap_r": mm, "frombuffer": fb, "flag": ro}
+
+
+def test_read_only_inputs_work_in_flash_attention(tmp_path, rng):
+    q = _f32(rng, 1, 20, 2, 16)
+    ref = mk.flash_attention(q, q, q)
+    for name, ro in _readonly_variants(q, tmp_path).items():
+        assert not ro.flags.writeable
+        np.testing.assert_array_equal(mk.flash_attention(ro, ro, ro), ref, err_msg=name)
+    b = np.broadcast_to(q[:, :, :1], (1, 20, 2, 16))  # read-only, stride 0 on heads
+    np.testing.assert_allclose(mk.flash_attention(b, b, b), mk.flash_attention(*[b.copy()] * 3), rtol=1e-6)
+    cu = np.array([0, 20], np.int32)
+    cu.flags.writeable = False
+    np.testing.assert_array_equal(mk.flash_attention_varlen(q[0], q[0], q[0], cu, cu), ref[0])
+
+
+def test_read_only_inputs_work_in_spmm_and_weight_store(tmp_path, rng):
+    w = _f32(rng, 40, 64)
+    w[np.abs(w) < 0.8] = 0
+    x = _f32(rng, 3, 64)
+    xs = _readonly_variants(x, tmp_path, "x")
+    for name, ro in _readonly_variants(w, tmp_path, "w").items():
+        sp = mk.SparseMatrix.from_dense(ro)
+        xr = xs[name]
+        np.testing.assert_allclose(mk.spmm(sp, xr), x @ w.T, rtol=1e-5, atol=1e-5, err_msg=name)
+        mk.write_weight_store(tmp_path / "ro.mkws", {"w": ro})
+        with mk.WeightStore.open(tmp_path / "ro.mkws", 1 << 24, direct_io=False) as ws:
+            np.testing.assert_array_equal(ws.get("w"), w)
+
+
+def test_read_only_out_is_refused_by_name(rng):
+    q = _f32(rng, 1, 8, 2, 16)
+    out = np.empty_like(q)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out.*read-only"):
+        mk.flash_attention(q, q, q, out=out)
+
+
+def test_big_endian_arrays_get_a_byte_order_message(rng):
+    q = _f32(rng, 1, 8, 2, 16)
+    be = q.astype(q.dtype.newbyteorder(">"))
+    with pytest.raises(TypeError, match="q.*(big-endian|byte order)"):
+        mk.flash_attention(be, q, q)
+
+
 # ---- 22: a failed rename reports its own errno ----
 def test_failed_rename_reports_the_real_error(tmp_path):
     dst = tmp_path / "d.mkws"
