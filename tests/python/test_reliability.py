@@ -475,3 +475,53 @@ def test_failed_rename_reports_the_real_error(tmp_path):
     assert "Success" not in str(e.value)
     assert "directory" in str(e.value).lower()
     w.abort()
+
+
+# ---- 24: integers out of range, NumPy integers, device strings ----
+def test_huge_python_ints_give_a_clear_value_error(rng):
+    q = _f32(rng, 1, 8, 2, 16)
+    for window in (2**40, (1, 2**63), -2**40):
+        with pytest.raises(ValueError, match="window"):
+            mk.flash_attention(q, q, q, window=window)
+    cu = np.array([0, 8], np.int32)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        mk.flash_attention_varlen(q[0], q[0], q[0], cu, cu, max_seqlen_q=2**40)
+    with pytest.raises(ValueError, match="n"):
+        mk.set_num_threads(2**70)
+
+
+def test_weight_store_huge_ints_give_value_errors(tmp_path):
+    path = tmp_path / "s.mkws"
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        mk.write_weight_store(path, {"a": np.ones(3, np.float32)}, chunk_bytes=2**40)
+    mk.write_weight_store(path, {"a": np.ones(3, np.float32)})
+    for kw in ({"io_threads": 2**40}, {"window_tokens": 2**40}, {"dram_budget_bytes": 2**70},
+               {"merge_gap_bytes": 2**70}):
+        args = {"dram_budget_bytes": 1 << 24, **kw}
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            mk.WeightStore.open(path, **args)
+    with mk.WeightStore.open(path, 1 << 24, direct_io=False) as ws:
+        with pytest.raises(ValueError, match="layer"):
+            ws.get_rows(2**70, [0])
+
+
+def test_numpy_integers_are_accepted(rng):
+    q = _f32(rng, 1, 30, 2, 16)
+    np.testing.assert_array_equal(mk.flash_attention(q, q, q, window=np.int64(4)),
+                                  mk.flash_attention(q, q, q, window=4))
+    np.testing.assert_array_equal(mk.flash_attention(q, q, q, window=(np.int32(3), np.uint8(2))),
+                                  mk.flash_attention(q, q, q, window=(3, 2)))
+    with pytest.raises(ValueError, match="window"):
+        mk.flash_attention(q, q, q, window=4.5)
+    with pytest.raises(ValueError, match="window"):
+        mk.flash_attention(q, q, q, window=True)
+
+
+@pytest.mark.parametrize("device", ["cudaXYZ", "cuda:", "cuda:x", "cuda:-1", "cuda:1.5", "gpu", " cuda", "cpu:0"])
+def test_device_strings_are_parsed_strictly(tmp_path, device):
+    w = np.eye(8, dtype=np.float32)
+    with pytest.raises(ValueError, match="device"):
+        mk.SparseMatrix.from_dense(w).to(device)
+    mk.write_weight_store(tmp_path / "s.mkws", {"a": w})
+    with pytest.raises(ValueError, match="device"):
+        mk.WeightStore.open(tmp_path / "s.mkws", 1 << 24, device=device)
