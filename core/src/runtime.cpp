@@ -63,6 +63,12 @@ void set_cpu_isa(CpuIsa isa) {
 }
 
 static int default_threads() {
+  // MEMKERNELS_NUM_THREADS=n (1..kMaxThreads) overrides the core count (sanitizer runs use 1).
+  if (const char* env = std::getenv("MEMKERNELS_NUM_THREADS")) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return int(v);
+  }
   int n = omp_get_num_procs();
   return n > 0 ? n : int(std::thread::hardware_concurrency());
 }
