@@ -34,11 +34,18 @@ class ParallelGuard {
   }
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
   void rethrow() const {
-    if (error_) std::rethrow_exception(error_);
+    std::exception_ptr e;
+    {
+      // The region's closing barrier already orders this read; the lock makes that visible to
+      // ThreadSanitizer, which cannot see libgomp's barriers.
+      std::lock_guard<std::mutex> lk(mu_);
+      e = error_;
+    }
+    if (e) std::rethrow_exception(e);
   }
 
  private:
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::atomic<bool> failed_{false};
   std::exception_ptr error_;
 };
