@@ -111,7 +111,8 @@ static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, b
     nb::ndarray<nb::ro> ro;
     if (!nb::try_cast(src, ro, /*convert=*/false)) throw not_an_array(obj, name);
     if (written)
-      throw Error(ErrorKind::Value, std::string(name) + ": the array is read-only, but it is written; pass a writable array");
+      throw Error(ErrorKind::Value, std::string(name) + ": a read-only array is not accepted here (the call writes it or "
+                                        "takes only writable arrays); pass a writable array");
     arr = nb::ndarray<>(ro);
   }
   TensorView t;

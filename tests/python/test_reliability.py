@@ -454,6 +454,8 @@ def test_read_only_out_is_refused_by_name(rng):
     out.flags.writeable = False
     with pytest.raises(ValueError, match="out.*read-only"):
         mk.flash_attention(q, q, q, out=out)
+    with pytest.raises(ValueError, match="out.*read-only"):  # the binding refuses it by name too
+        _C.flash_attention(q, q, q, out, None, False, 0.0, -1, -1, 0.0, 0)
 
 
 def test_big_endian_arrays_get_a_byte_order_message(rng):
