@@ -19,7 +19,7 @@ cmake -S . -B build/tsan -DMEMKERNELS_TESTS=ON -DMEMKERNELS_PYTHON=ON -DMEMKERNE
   -DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=thread
 cmake --build build/tsan -j "$jobs"
 export MEMKERNELS_NUM_THREADS=1
-export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 history_size=4 ${TSAN_OPTIONS:-}"
+export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 history_size=4 suppressions=$PWD/tests/tsan.supp ${TSAN_OPTIONS:-}"
 # TSan needs a low-entropy address space on recent kernels: run without ASLR where setarch can.
 norand=""
 if setarch "$(uname -m)" -R true 2>/dev/null; then norand="setarch $(uname -m) -R"; fi
