@@ -58,6 +58,13 @@ Found by hand while probing extreme arguments (the same classes of input): `Page
 pool size overflows int64 wrapped to a 0-byte pool that `append` wrote past (segfault); now ValueError.
 Found by UBSan (tests/run_sanitized.sh): `WeightStore.open` of a store holding an empty tensor passed a null
 pointer to memcpy (0 bytes; undefined behaviour); now skipped.
+Found by the adversarial probe of issue 13 (regression tests in tests/python/test_reliability.py and
+tests/cpp/test_parallel_errors.cpp): paths with NUL, FIFOs and devices as store paths, sources or
+destinations, a destination that is the source, Python ints beyond the C types, NumPy integers,
+`cudaXYZ` devices, read-only and big-endian arrays, scales that round to 0.0f, stride-0 views with
+dimensions beyond 2^31 (the rows above). Without a row here: cu_seqlens changed by another thread
+during flash_attention_varlen, a failed allocation inside an OpenMP region, os.fork after a kernel ran,
+NaN/Inf hidden by flash attention, odd chunk_bytes with non-contiguous tensors, a stale rename errno.
 """
 
 
@@ -83,6 +90,19 @@ def main():
     case(fa, "softcap NaN", lambda: mk.flash_attention(q, k, k, softcap=float("nan")))
     case(fa, "a string for q", lambda: mk.flash_attention("q", k, k))
     case(fa, "a list for q", lambda: mk.flash_attention([[1.0]], k, k))
+    case(fa, "scale 1e-50 (0.0 in float32)", lambda: mk.flash_attention(q, k, k, scale=1e-50))
+    case(fa, "softcap 1e-50 (0.0 in float32)", lambda: mk.flash_attention(q, k, k, softcap=1e-50))
+    case(fa, "window 2^40", lambda: mk.flash_attention(q, k, k, window=2**40))
+    case(fa, "window 4.5", lambda: mk.flash_attention(q, k, k, window=4.5))
+    ro_out = np.empty_like(q)
+    ro_out.flags.writeable = False
+    case(fa, "read-only out", lambda: mk.flash_attention(q, k, k, out=ro_out))
+    case(fa, "big-endian q", lambda: mk.flash_attention(q.astype(">f4"), k, k))
+    case(fa, "complex q", lambda: mk.flash_attention(q.astype(np.complex64), k, k))
+    huge = np.lib.stride_tricks.as_strided(q, shape=(2**32 + 1,) + q.shape[1:], strides=(0,) + q.strides[1:])
+    huge_out = np.lib.stride_tricks.as_strided(np.empty_like(q), huge.shape, huge.strides)
+    case(fa, "batch 2^32 + 1 (stride-0 views)", lambda: mk.flash_attention(huge, huge[:, :, :2], huge[:, :, :2],
+                                                                             out=huge_out))
     fv = "flash_attention_varlen"
     qv, kv = f32(10, 4, 16), f32(12, 2, 16)
     okq, okk = i32([0, 4, 10]), i32([0, 5, 12])
@@ -91,6 +111,9 @@ def main():
     case(fv, "cu_seqlens_q[0] != 0", lambda: mk.flash_attention_varlen(qv, kv, kv, i32([1, 4, 10]), okk))
     case(fv, "int64 cu_seqlens", lambda: mk.flash_attention_varlen(qv, kv, kv, okq.astype(np.int64), okk))
     case(fv, "cu_seqlens of different batch", lambda: mk.flash_attention_varlen(qv, kv, kv, okq, okk[:2]))
+    case(fv, "max_seqlen_q 2^40", lambda: mk.flash_attention_varlen(qv, kv, kv, okq, okk, max_seqlen_q=2**40))
+    case("set_num_threads", "n = 100000", lambda: mk.set_num_threads(100000))
+    case("set_num_threads", "n = 2^70", lambda: mk.set_num_threads(2**70))
 
     # ---- paged KV cache / paged attention ----
     pr = "paged_attention_raw"
@@ -115,8 +138,8 @@ def main():
     case(pr, "no qo_indptr, q rows != batch", lambda: mk.paged_attention_raw(f32(2, 4, 16), kp, kp, **ok))
     case(pr, "int8 pages without scales", lambda: mk.paged_attention_raw(
         qd, kp.astype(np.int8), kp.astype(np.int8), **ok))
-    case(pr, "pages with a strided token axis", lambda: mk.paged_attention_raw(
-        qd, f32(4, 8, 2, 16)[:, ::2], f32(4, 8, 2, 16)[:, ::2], **ok))
+    case(pr, "pages with a strided head_dim axis", lambda: mk.paged_attention_raw(
+        qd, f32(4, 4, 2, 32)[..., ::2], f32(4, 4, 2, 32)[..., ::2], **ok))
     pc = "PagedKVCache"
     cache = mk.PagedKVCache(1, 4, 4, 2, 16)
     a = cache.add_sequence()
@@ -256,6 +279,8 @@ def main():
     struct.pack_into("<q", nz, 32, 2**62)
     case(fsb, "re-sealed, nnz = 2^62", lambda: mk.SparseMatrix.from_bytes(reseal_tail64(bytes(nz), sparse_checksum)))
     case("SparseMatrix.to", "device 'tpu'", lambda: sp.to("tpu"))
+    case("SparseMatrix.to", "device 'cuda:x'", lambda: sp.to("cuda:x"))
+    case("SparseMatrix.to", "device 'cudaXYZ'", lambda: sp.to("cudaXYZ"))
     case("prune", "sparsity 1.5", lambda: mk.prune(ws, 1.5))
     case("prune", "method 'random'", lambda: mk.prune(ws, 0.5, method="random"))
 
@@ -279,6 +304,13 @@ def main():
     case(wo, "missing file", lambda: mk.WeightStore.open(os.path.join(tmp, "missing.mkws"), 1 << 20))
     case(wo, "a directory", lambda: mk.WeightStore.open(tmp, 1 << 20))
     case(wo, "device 'tpu'", lambda: mk.WeightStore.open(path, 1 << 20, device="tpu"))
+    case(wo, "device 'cudaXYZ'", lambda: mk.WeightStore.open(path, 1 << 20, device="cudaXYZ"))
+    case(wo, "a path with a NUL byte", lambda: mk.WeightStore.open(path + "\0x", 1 << 20))
+    fifo = os.path.join(tmp, "fifo.mkws")
+    os.mkfifo(fifo)
+    case(wo, "a FIFO", lambda: mk.WeightStore.open(fifo, 1 << 20))
+    case(wo, "io_threads 2^40", lambda: mk.WeightStore.open(path, 1 << 20, io_threads=2**40))
+    case(wo, "dram_budget_bytes 2^70", lambda: mk.WeightStore.open(path, 2**70))
     case(wo, "truncated to 10 bytes", lambda: reopen(data[:10]))
     case(wo, "truncated by 1 byte", lambda: reopen(data[:-1]))
     case(wo, "bad magic", lambda: reopen(b"NOTSTORE" + data[8:]))
@@ -315,6 +347,19 @@ def main():
         os.path.join(tmp, "x.mkws"), None, {0: {"up": np.zeros((10, 4), np.float32), "down": np.zeros((4, 10), np.float16)}}))
     case("convert_to_weight_store", "a .bin file", lambda: mk.convert_to_weight_store(os.path.join(tmp, "x.bin"),
                                                                                      os.path.join(tmp, "o.mkws")))
+    ww = "write_weight_store"
+    case(ww, "a path with a NUL byte", lambda: mk.write_weight_store(path + "\0x", {"a": f32(4)}))
+    case(ww, "destination a FIFO", lambda: mk.write_weight_store(fifo, {"a": f32(4)}))
+    case(ww, "destination a directory", lambda: mk.write_weight_store(tmp, {"a": f32(4)}))
+    case(ww, "chunk_bytes 2^40", lambda: mk.write_weight_store(os.path.join(tmp, "y.mkws"), {"a": f32(4)},
+                                                               chunk_bytes=2**40))
+    npy = os.path.join(tmp, "src.npy")
+    np.save(npy, f32(4, 4))
+    cv = "convert_to_weight_store"
+    case(cv, "destination = source", lambda: mk.convert_to_weight_store(npy, npy))
+    fifo_src = os.path.join(tmp, "fifo.npy")
+    os.mkfifo(fifo_src)
+    case(cv, "a FIFO source", lambda: mk.convert_to_weight_store(fifo_src, os.path.join(tmp, "o.mkws")))
 
     print("# Bad inputs tried per API, and the error each gets\n")
     print("Generated by `python tests/make_bad_inputs_table.py > tests/BAD_INPUTS.md` from real calls "

@@ -1,5 +1,7 @@
 // flash_attention / flash_attention_varlen: argument checks, then the CPU or CUDA backend.
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -48,6 +50,13 @@ void check_qkv(const TensorView& q, const TensorView& k, const TensorView& v, co
   check(std::equal(out.shape, out.shape + ndim, q.shape), ErrorKind::Value,
         "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
   check(q.size(-1) > 0, ErrorKind::Value, "q: head_dim must be > 0");
+  // The problem description holds sizes as int: larger ones (stride-0 views) would wrap.
+  const char* dim_names[] = {"batch", "seq", "heads", "head_dim"};
+  for (int i = 0; i < 2; ++i)
+    for (int d = 0; d < ndim; ++d)
+      check(ts[i]->size(d) <= INT32_MAX, ErrorKind::Value,
+            std::string(names[i]) + ": " + dim_names[d + 4 - ndim] + " = " + str(ts[i]->size(d)) +
+                " is larger than 2^31 - 1");
   // The CPU kernel indexes rows in 32 bits per batch.
   check(q.size(-3) < (int64_t(1) << 30) && k.size(-3) < (int64_t(1) << 30), ErrorKind::Value,
         "sequence too long (>= 2^30 rows)");
@@ -112,6 +121,7 @@ void flash_attention_varlen(const TensorView& q, const TensorView& k, const Tens
     expect_contiguous(*cus[i], cu_names[i]);
     expect_same_device(*cus[i], cu_names[i], q, "q");
   }
+  check(cu_seqlens_q.size(0) <= INT32_MAX, ErrorKind::Value, "cu_seqlens_q: more than 2^31 - 1 entries");
   check(cu_seqlens_q.size(0) >= 1 && cu_seqlens_q.size(0) == cu_seqlens_k.size(0), ErrorKind::Value,
         "cu_seqlens_q " + cu_seqlens_q.shape_str() + " and cu_seqlens_k " + cu_seqlens_k.shape_str() +
             " must both have batch + 1 >= 1 entries");
@@ -139,11 +149,21 @@ void flash_attention_varlen(const TensorView& q, const TensorView& k, const Tens
   p.total_q = total_q, p.total_k = total_k;
   p.cu_seqlens_q = cu_seqlens_q.ptr<const int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.ptr<const int32_t>();
+  // CPU: the kernel reads a private copy of the offsets, validated below. The caller's arrays may
+  // change while the kernel runs (another thread, the GIL released): reading them again after the
+  // checks would let such a change move writes outside `out`.
+  std::vector<int32_t> cu_copy[2];
   if (q.device.is_cpu()) {
+    for (int i = 0; i < 2; ++i) {
+      const int32_t* src = cus[i]->ptr<const int32_t>();
+      cu_copy[i].assign(src, src + cus[i]->size(0));
+    }
+    p.cu_seqlens_q = cu_copy[0].data();
+    p.cu_seqlens_k = cu_copy[1].data();
     // Validate the offsets fully: they decide every address the kernel touches.
     const TensorView* totals_for[] = {&q, &k};
     for (int i = 0; i < 2; ++i) {
-      const int32_t* cu = cus[i]->ptr<const int32_t>();
+      const int32_t* cu = cu_copy[i].data();
       const int64_t total = totals_for[i]->size(0);
       check(cu[0] == 0, ErrorKind::Value, std::string(cu_names[i]) + "[0] must be 0, got " + str(cu[0]));
       for (int b = 0; b < p.batch; ++b)

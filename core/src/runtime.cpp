@@ -1,4 +1,5 @@
 #include <omp.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -62,16 +63,41 @@ void set_cpu_isa(CpuIsa isa) {
 }
 
 static int default_threads() {
+  // MEMKERNELS_NUM_THREADS=n (1..kMaxThreads) overrides the core count (sanitizer runs use 1).
+  if (const char* env = std::getenv("MEMKERNELS_NUM_THREADS")) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return int(v);
+  }
   int n = omp_get_num_procs();
   return n > 0 ? n : int(std::thread::hardware_concurrency());
 }
 
+// fork() after an OpenMP region ran: the child inherits the runtime's thread pool state (GNU
+// libgomp) but not its threads, and its first multithreaded region waits for them forever. Such a
+// child runs the kernels on one thread (a region of one thread never touches the pool).
+static std::atomic<bool> g_pool_started{false};
+static std::atomic<bool> g_forked_after_pool{false};
+static void after_fork_in_child() {
+  if (g_pool_started.load(std::memory_order_relaxed)) g_forked_after_pool.store(true, std::memory_order_relaxed);
+}
+static const bool g_atfork_registered = [] { return ::pthread_atfork(nullptr, nullptr, after_fork_in_child) == 0; }();
+
 int num_threads() {
+  (void)g_atfork_registered;
+  if (g_forked_after_pool.load(std::memory_order_relaxed)) return 1;
+  // Every kernel asks for its thread count right before its parallel region.
+  g_pool_started.store(true, std::memory_order_relaxed);
   int n = g_num_threads.load(std::memory_order_relaxed);
   return n > 0 ? n : default_threads();
 }
 
-void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
+void set_num_threads(int n) {
+  check(n <= kMaxThreads, ErrorKind::Value,
+        "set_num_threads: n must be <= " + std::to_string(kMaxThreads) + " (or <= 0 for the default of " +
+            std::to_string(default_threads()) + " cores), got " + std::to_string(n));
+  g_num_threads.store(n > 0 ? n : 0);
+}
 
 bool cuda_built() {
 #if MEMKERNELS_WITH_CUDA

@@ -1,6 +1,9 @@
 // Internal runtime helpers shared by the dispatch files (not installed).
 #pragma once
 
+#include <atomic>
+#include <exception>
+#include <mutex>
 #include <string>
 
 #include "memkernels/runtime.h"
@@ -10,6 +13,42 @@ namespace memkernels {
 
 // Throws a clear Error(Device) when `device` is CUDA but this build or machine cannot run CUDA.
 void require_cuda_usable(const char* op, const Device& device);
+
+// An exception leaving an OpenMP parallel region calls std::terminate. Code inside a region that may
+// throw (a scratch allocation) runs through guard.run(f); the first exception is kept, the other
+// threads skip their remaining work (guard.failed()), and guard.rethrow() after the region raises it.
+class ParallelGuard {
+ public:
+  template <class F>
+  bool run(F&& f) noexcept {
+    if (failed()) return false;
+    try {
+      f();
+      return true;
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!error_) error_ = std::current_exception();
+      failed_.store(true, std::memory_order_relaxed);
+      return false;
+    }
+  }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  void rethrow() const {
+    std::exception_ptr e;
+    {
+      // The region's closing barrier already orders this read; the lock makes that visible to
+      // ThreadSanitizer, which cannot see libgomp's barriers.
+      std::lock_guard<std::mutex> lk(mu_);
+      e = error_;
+    }
+    if (e) std::rethrow_exception(e);
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+};
 
 namespace cuda_backend {
 // Implemented in cuda/runtime.cu; only called when MEMKERNELS_WITH_CUDA is set.

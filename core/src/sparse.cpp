@@ -113,11 +113,14 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
   };
 
   // Pass 1: masks (or counts for CSR), and the 2:4 check.
+  ParallelGuard guard;  // a failed row allocation is rethrown after the region, not std::terminate
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> row(size_t(T) * kSparseTile, 0.0f);
+    std::vector<float> row;
+    const bool ok = guard.run([&] { row.assign(size_t(T) * kSparseTile, 0.0f); });
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
+      if (!ok || guard.failed()) continue;
       fill_row(r, row.data());
       if (q8) {  // symmetric per-row scale: the largest |w| of the row maps to 127
         float amax = 0.0f;
@@ -165,6 +168,7 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
       counts[size_t(r) + 1] = n;
     }
   }
+  guard.rethrow();
   check(nonfinite_row < 0, ErrorKind::Value,
         "int8 values need finite weights, but row " + str(nonfinite_row) + " holds inf or NaN");
   check(bad_row < 0, ErrorKind::Value,
@@ -180,11 +184,14 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
   if (f == SparseFormat::CSR) m.indices = SparseBuffer(m.device, size_t(m.nnz) * 4 + 4);
 
   // Pass 2: values (and CSR indices) in column order.
+  ParallelGuard guard2;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> row(size_t(T) * kSparseTile, 0.0f);
+    std::vector<float> row;
+    const bool ok = guard2.run([&] { row.assign(size_t(T) * kSparseTile, 0.0f); });
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
+      if (!ok || guard2.failed()) continue;
       fill_row(r, row.data());
       if (q8) drop_q8_zeros(r, row.data());
       int64_t k = rp[r];
@@ -208,6 +215,7 @@ std::shared_ptr<SparseMatrix::Impl> build(int64_t rows, int64_t cols, SparseForm
       }
     }
   }
+  guard2.rethrow();
   return impl;
 }
 

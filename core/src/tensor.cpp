@@ -55,8 +55,13 @@ TensorView::TensorView(void* data_, DType dtype_, std::initializer_list<int64_t>
 }
 
 int64_t TensorView::numel() const {
+  // Views with zero strides can describe more elements than int64 counts: refuse, do not wrap.
   int64_t n = 1;
-  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  for (int d = 0; d < ndim; ++d)
+    if (shape[d] == 0) return 0;
+  for (int d = 0; d < ndim; ++d)
+    check(shape[d] >= 0 && !__builtin_mul_overflow(n, shape[d], &n), ErrorKind::Value,
+          "array of shape " + shape_str() + ": the element count overflows 64 bits");
   return n;
 }
 

@@ -178,8 +178,9 @@ void write_all(int fd, const void* data, size_t n, uint64_t offset, const std::s
   const uint8_t* p = static_cast<const uint8_t*>(data);
   while (n > 0) {
     ssize_t w = ::pwrite(fd, p, n, off_t(offset));
-    if (w < 0 && errno == EINTR) continue;
-    check(w > 0, ErrorKind::IO, "weight store: cannot write '" + path + "': " + errno_text(errno));
+    const int e = errno;
+    if (w < 0 && e == EINTR) continue;
+    check(w > 0, ErrorKind::IO, "weight store: cannot write '" + path + "': " + (w == 0 ? "no progress" : errno_text(e)));
     p += w, n -= size_t(w), offset += uint64_t(w);
   }
 }
@@ -235,11 +236,35 @@ struct WeightStoreWriter::Impl {
   }
 };
 
+// A NUL inside a path would cut it short at the system call: another file would be written or read.
+static void check_path(const std::string& path, const char* op) {
+  check(path.find('\0') == std::string::npos, ErrorKind::Value,
+        std::string(op) + ": path contains a NUL byte: '" + path.substr(0, path.find('\0')) + "\\0...'");
+  check(!path.empty(), ErrorKind::Value, std::string(op) + ": path is empty");
+}
+
 WeightStoreWriter::WeightStoreWriter(const std::string& path) : impl_(new Impl) {
+  check_path(path, "WeightStoreWriter");
   impl_->path = path;
   impl_->tmp_path = path + ".partial";
-  impl_->fd = ::open(impl_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  check(impl_->fd >= 0, ErrorKind::IO, "WeightStoreWriter: cannot create '" + impl_->tmp_path + "': " + errno_text(errno));
+  // The rename in finish() replaces whatever `path` names: a device node, a FIFO or a directory
+  // must not be replaced by a store. Only a new file or an existing regular file is.
+  struct stat st;
+  check(::stat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode), ErrorKind::IO,
+        "WeightStoreWriter: '" + path + "' exists and is not a regular file; refusing to replace it");
+  // A FIFO would block open(2) until a reader comes (O_NONBLOCK: it fails at once instead), and a
+  // device or FIFO is no place for a store: only a regular file (new or replaced) is written.
+  check(::stat(impl_->tmp_path.c_str(), &st) != 0 || S_ISREG(st.st_mode), ErrorKind::IO,
+        "WeightStoreWriter: '" + impl_->tmp_path + "' exists and is not a regular file");
+  const int fd = ::open(impl_->tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, 0644);
+  const int open_errno = errno;
+  check(fd >= 0, ErrorKind::IO, "WeightStoreWriter: cannot create '" + impl_->tmp_path + "': " + errno_text(open_errno));
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorKind::IO, "WeightStoreWriter: '" + impl_->tmp_path + "' is not a regular file");
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  impl_->fd = fd;
 }
 
 WeightStoreWriter::~WeightStoreWriter() { abort(); }
@@ -272,15 +297,21 @@ void WeightStoreWriter::add_tensor(const std::string& name, const TensorView& t,
   std::vector<uint32_t> crcs;
   const bool contig = t.is_contiguous();
   int64_t idx[kMaxDims] = {};
+  int part = 0;  // bytes of the current element already written (chunks need not hold whole elements)
   for (uint64_t done = 0; done < info.nbytes;) {
     const uint64_t n = std::min<uint64_t>(chunk_bytes, info.nbytes - done);
     if (contig) {
       std::memcpy(buf.data(), static_cast<const uint8_t*>(t.data) + done, n);
     } else {
-      for (uint64_t e = 0; e < n / es; ++e) {  // odometer over the multi-index
+      for (uint64_t filled = 0; filled < n;) {  // odometer over the multi-index
         int64_t off = 0;
         for (int d = 0; d < t.ndim; ++d) off += idx[d] * t.strides[d];
-        std::memcpy(buf.data() + e * es, static_cast<const uint8_t*>(t.data) + off * es, es);
+        const int take = int(std::min<uint64_t>(uint64_t(es - part), n - filled));
+        std::memcpy(buf.data() + filled, static_cast<const uint8_t*>(t.data) + off * es + part, size_t(take));
+        filled += uint64_t(take);
+        part += take;
+        if (part < es) break;  // the element continues in the next chunk
+        part = 0;
         for (int d = t.ndim - 1; d >= 0; --d) {
           if (++idx[d] < t.shape[d]) break;
           idx[d] = 0;
@@ -407,11 +438,15 @@ void WeightStoreWriter::finish() {
   std::vector<uint8_t> page(kAlign, 0);
   std::memcpy(page.data(), h.b.data(), h.b.size());
   write_all(w.fd, page.data(), page.size(), 0, w.tmp_path);
-  check(::fdatasync(w.fd) == 0, ErrorKind::IO, "WeightStoreWriter: fdatasync failed: " + errno_text(errno));
+  // errno is read right after each call: as an argument next to the call in check(...) the message
+  // could be built first, from a stale errno ("Success").
+  const int sync_rc = ::fdatasync(w.fd), sync_errno = errno;
+  check(sync_rc == 0, ErrorKind::IO, "WeightStoreWriter: fdatasync failed: " + errno_text(sync_errno));
   ::close(w.fd);
   w.fd = -1;
-  check(::rename(w.tmp_path.c_str(), w.path.c_str()) == 0, ErrorKind::IO,
-        "WeightStoreWriter: cannot rename '" + w.tmp_path + "' to '" + w.path + "': " + errno_text(errno));
+  const int rename_rc = ::rename(w.tmp_path.c_str(), w.path.c_str()), rename_errno = errno;
+  check(rename_rc == 0, ErrorKind::IO,
+        "WeightStoreWriter: cannot rename '" + w.tmp_path + "' to '" + w.path + "': " + errno_text(rename_errno));
   w.finished = true;
 }
 
@@ -435,7 +470,7 @@ struct Slot {
 struct Group {
   std::mutex m;
   std::condition_variable cv;
-  int pending = 0;
+  int64_t pending = 0;  // chunks of one tensor: not bounded by 2^31
   std::exception_ptr error;
   void done(std::exception_ptr e) {
     std::lock_guard<std::mutex> lk(m);
@@ -485,7 +520,7 @@ struct WeightStore::Impl {
   std::vector<std::vector<int32_t>> table;  // per layer: neuron -> slot or -1
   int32_t lru_head = -1, lru_tail = -1;
   uint64_t token = 0;
-  int prefetch_pending = 0;
+  int64_t prefetch_pending = 0;
   std::condition_variable prefetch_cv;
   std::string prefetch_error;
 
@@ -499,9 +534,28 @@ struct WeightStore::Impl {
   std::atomic<uint64_t> bytes_read{0}, reads_issued{0};
   uint64_t hits = 0, misses = 0, prefetched = 0, evictions = 0, resident = 0, peak_resident = 0;
 
+  // The process that opened the store. A child made by fork() inherits this object but not the
+  // I/O threads (nor the state of their locks): every operation there fails clearly instead of
+  // waiting forever for reads no thread will do.
+  pid_t owner_pid = ::getpid();
+  void check_process(const char* op) const {
+    check(::getpid() == owner_pid, ErrorKind::Value,
+          std::string("WeightStore.") + op + ": this store was opened in another process (before a fork); " +
+              "its I/O threads do not exist here: open the file again in this process");
+  }
+
   ~Impl() { shutdown(); }
 
   void shutdown() {
+    if (::getpid() != owner_pid) {
+      // Forked child: the threads are the parent's. Never join them (they do not exist here) and
+      // never destroy joinable std::thread objects (std::terminate): leak the handles.
+      static_cast<void>(new std::vector<std::thread>(std::move(threads)));
+      threads.clear();
+      if (fd >= 0) ::close(fd);
+      fd = -1;
+      return;
+    }
     {
       std::lock_guard<std::mutex> lk(qmu);
       stopping = true;
@@ -720,7 +774,20 @@ struct WeightStore::Impl {
 };
 
 WeightStore::WeightStore() : impl_(new Impl) {}
-WeightStore::~WeightStore() = default;
+WeightStore::~WeightStore() {
+  Impl* s = impl_.get();
+  if (s == nullptr || ::getpid() == s->owner_pid) return;  // the normal case: ~Impl joins the I/O threads
+  // A child made by fork(): the store's condition variables still count the parent's waiting I/O
+  // threads, and destroying them (pthread_cond_destroy) would wait for those threads forever. Close
+  // the file, free the large host buffers, and leak the rest of the state.
+  impl_.release();
+  if (s->fd >= 0) ::close(s->fd);
+  s->fd = -1;
+  if (!s->opts.device.is_cuda()) {  // pinned CUDA memory is not freed in a forked child
+    s->arena.reset();
+    for (auto& b : s->stages) b.reset();
+  }
+}
 
 std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t dram_budget_bytes,
                                                const WeightStoreOptions& opts) {
@@ -731,6 +798,7 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   check(dram_budget_bytes > 0, ErrorKind::Value,
         "WeightStore.open: dram_budget_bytes must be > 0, got " + std::to_string(dram_budget_bytes));
   require_cuda_usable("WeightStore.open", opts.device);
+  check_path(path, "WeightStore.open");
   std::unique_ptr<WeightStore> store(new WeightStore());
   Impl& s = *store->impl_;
   s.path = path;
@@ -738,17 +806,21 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
   s.budget = dram_budget_bytes;
 
   // Open with O_DIRECT; filesystems such as tmpfs refuse it (EINVAL) -> buffered + fadvise.
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); it changes
+  // nothing for regular files and is cleared once the file is known to be one.
   if (opts.direct_io) {
-    s.fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    s.fd = ::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC | O_NONBLOCK);
     s.direct = s.fd >= 0;
   }
   if (s.fd < 0) {
-    s.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    check(s.fd >= 0, ErrorKind::IO, "WeightStore.open: cannot open '" + path + "': " + errno_text(errno));
+    s.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    const int e = errno;
+    check(s.fd >= 0, ErrorKind::IO, "WeightStore.open: cannot open '" + path + "': " + errno_text(e));
   }
   struct stat st;
   check(::fstat(s.fd, &st) == 0, ErrorKind::IO, "WeightStore.open: cannot stat '" + path + "'");
   check(S_ISREG(st.st_mode), ErrorKind::IO, "WeightStore.open: '" + path + "' is not a regular file");
+  ::fcntl(s.fd, F_SETFL, ::fcntl(s.fd, F_GETFL) & ~O_NONBLOCK);
   const uint64_t actual = uint64_t(st.st_size);
   HostBuffer head(kAlign, false);
   int err = 0;
@@ -953,13 +1025,14 @@ static void check_out(const TensorView& out, const Device& dev, DType dtype, con
 
 void WeightStore::get(const std::string& name, const TensorView& out, void* stream) {
   Impl& s = *impl_;
+  s.check_process("get");
   const StoredTensorInfo& t = tensor_info(name);
   const size_t ti = s.tensor_index[name];
   check_out(out, s.opts.device, t.dtype, t.shape, "WeightStore.get");
   std::lock_guard<std::mutex> call(s.call_mu);
   const uint64_t nchunks = (t.nbytes + t.chunk_bytes - 1) / t.chunk_bytes;
   auto group = std::make_shared<Group>();
-  group->pending = int(nchunks);
+  group->pending = int64_t(nchunks);
   uint8_t* dst = static_cast<uint8_t*>(out.data);
   const bool cuda = s.opts.device.is_cuda();
   for (uint64_t c = 0; c < nchunks; ++c) {
@@ -994,6 +1067,7 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
 
 void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream) {
   Impl& s = *impl_;
+  s.check_process("get_rows");
   const StoredLayerInfo& L = layer_info(layer);
   const int32_t li = int32_t(s.layer_index[layer]);
   check(count >= 0, ErrorKind::Value, "get_rows: count must be >= 0");
@@ -1100,6 +1174,7 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
 
 void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
   Impl& s = *impl_;
+  s.check_process("prefetch");
   const StoredLayerInfo& L = layer_info(layer);
   const int32_t li = int32_t(s.layer_index[layer]);
   for (int64_t k = 0; k < count; ++k)
@@ -1132,12 +1207,14 @@ void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
 
 void WeightStore::wait_prefetch() {
   Impl& s = *impl_;
+  s.check_process("wait_prefetch");
   std::unique_lock<std::mutex> lk(s.mu);
   s.prefetch_cv.wait(lk, [&] { return s.prefetch_pending == 0; });
 }
 
 void WeightStore::next_token() {
   Impl& s = *impl_;
+  s.check_process("next_token");
   std::lock_guard<std::mutex> lk(s.mu);
   ++s.token;
   if (s.opts.window_tokens <= 0) return;
@@ -1156,6 +1233,7 @@ void WeightStore::next_token() {
 
 void WeightStore::clear_cache() {
   Impl& s = *impl_;
+  s.check_process("clear_cache");
   wait_prefetch();
   std::lock_guard<std::mutex> call(s.call_mu);
   std::lock_guard<std::mutex> lk(s.mu);
@@ -1165,6 +1243,7 @@ void WeightStore::clear_cache() {
 
 WeightStoreStats WeightStore::stats() const {
   const Impl& s = *impl_;
+  s.check_process("stats");
   std::lock_guard<std::mutex> lk(s.mu);
   WeightStoreStats r;
   r.bytes_read = s.bytes_read.load();
@@ -1183,6 +1262,7 @@ WeightStoreStats WeightStore::stats() const {
 
 void WeightStore::reset_stats() {
   Impl& s = *impl_;
+  s.check_process("reset_stats");
   std::lock_guard<std::mutex> lk(s.mu);
   s.bytes_read = 0;
   s.reads_issued = 0;

@@ -13,6 +13,7 @@ if _os.environ.get("MEMKERNELS_BUILD_DIR"):
 
 from . import _memkernels as _C  # noqa: E402
 from ._memkernels import CacheFullError, CorruptDataError
+from ._arrays import INT32 as _INT32, as_int as _as_int
 from .attention import flash_attention, flash_attention_varlen
 from .paged import PagedKVCache, paged_attention, paged_attention_raw
 from .quant import (QuantizedMatrix, dequantize, from_bytes, load_quantized, pack_quantized, qgemm, quantize,
@@ -44,13 +45,14 @@ def info_string() -> str:
 
 
 def num_threads() -> int:
-    """Threads the CPU kernels use (default: the number of cores)."""
+    """Threads the CPU kernels use (default: the number of cores). In a child made by os.fork()
+    (or multiprocessing's 'fork') after a kernel ran, 1: the OpenMP threads stay in the parent."""
     return _C.num_threads()
 
 
 def set_num_threads(n: int) -> None:
     """Sets the CPU kernels' thread count; n <= 0 restores the default."""
-    _C.set_num_threads(int(n))
+    _C.set_num_threads(_as_int(n, "set_num_threads: n", *_INT32))
 
 
 def cpu_isa() -> str:

@@ -6,11 +6,46 @@ so results come back as the kind of array the caller passed in.
 """
 from __future__ import annotations
 
+import operator
+import re
+
 import numpy as np
 
 from . import _memkernels as _C
 
 CPU, CUDA = "cpu", "cuda"
+
+INT32 = (-(2**31), 2**31 - 1)  # C int
+INT64 = (-(2**63), 2**63 - 1)
+UINT32 = (0, 2**32 - 1)
+
+
+def as_int(value, name: str, lo: int, hi: int) -> int:
+    """`value` as a Python int in [lo, hi]: Python and NumPy integers (and integral floats) are
+    accepted; anything else is a TypeError and an out-of-range value a ValueError naming `name`
+    (instead of a nanobind signature dump for ints that do not fit the C type)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            v = int(value)
+        else:
+            raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} = {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def parse_device(device) -> tuple[str, int]:
+    """('cpu', 0) or ('cuda', index) from 'cpu', 'cuda' or 'cuda:N' (N a decimal index); anything
+    else (e.g. 'cudaXYZ', 'cuda:x', 'cuda:-1') is a ValueError naming the argument."""
+    text = str(device) if not isinstance(device, str) else device
+    m = re.fullmatch(r"(cpu)|cuda(?::([0-9]+))?", text)
+    if m is None or (m.group(2) is not None and int(m.group(2)) > INT32[1]):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return (CPU, 0) if m.group(1) else (CUDA, int(m.group(2) or 0))
 
 try:  # NumPy has no bfloat16 of its own; ml_dtypes provides the one JAX and others use.
     import ml_dtypes as _ml_dtypes
@@ -91,6 +126,8 @@ def check_out(out, shape, dtype: str, ref, name: str = "out"):
         raise TypeError(f"{name}: expected dtype {dtype}, got {dtype_name(out)}")
     if device_of(out) != device_of(ref):
         raise ValueError(f"{name} is on {device_of(out)} but the inputs are on {device_of(ref)}")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{name}: the array is read-only, but the result is written into it; pass a writable array")
     return out
 
 

@@ -1,34 +1,48 @@
 """Flash attention: exact attention in tiles with an online softmax, O(seq) extra memory."""
 from __future__ import annotations
 
+import numpy as np
+
 from . import _memkernels as _C
-from ._arrays import check_out, dtype_name, empty_like, require_array, stream_handle
+from ._arrays import INT32, as_int, check_out, dtype_name, empty_like, require_array, stream_handle
 
 
 def _window_bounds(window, causal):
     """window: None, an int w (the w keys on each side; left only when causal) or (left, right)."""
     if window is None:
         return -1, -1
-    if isinstance(window, int):
-        left, right = window, window
-    else:
-        try:
-            left, right = (int(x) for x in window)
-        except (TypeError, ValueError):
-            raise ValueError(f"window: expected None, an int or a (left, right) pair, got {window!r}") from None
-    for side in (left, right):
-        if side < -1:
-            raise ValueError(f"window: bounds must be >= 0, or -1 for unbounded; got {window!r}")
+    try:
+        sides = (window, window) if isinstance(window, (int, np.integer)) else tuple(window)
+        if len(sides) != 2:
+            raise TypeError
+        left, right = (as_int(x, "window", -1, INT32[1]) for x in sides)
+    except TypeError:  # Python or NumPy integers only (not floats, not bools)
+        raise ValueError(f"window: expected None, an int or a (left, right) pair of ints, got {window!r}") from None
+    except ValueError:
+        raise ValueError(f"window: bounds must be in [0, 2^31 - 1], or -1 for unbounded; got {window!r}") from None
     return left, (0 if causal else right)
+
+
+def _float32_option(value, name):
+    """A scale or softcap as the float32 the kernels receive; None -> 0.0 (the default / off).
+    A positive value that rounds to 0.0 in float32 would silently mean the default: refused."""
+    if value is None:
+        return 0.0
+    x = float(value)
+    if x > 0 and np.float32(x) == 0:
+        raise ValueError(f"{name} = {value!r} is positive but rounds to 0 in float32 (the kernels' type; "
+                         f"0 means {'1/sqrt(head_dim)' if name == 'scale' else 'no softcap'}): use a value "
+                         f">= {float(np.finfo(np.float32).smallest_subnormal):g}")
+    return x
 
 
 def _common(arrays, scale, softcap):
     for name, a in arrays.items():
         require_array(a, name)
-    scale = 0.0 if scale is None else float(scale)
+    scale = _float32_option(scale, "scale")
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
-    return scale, 0.0 if softcap is None else float(softcap)
+    return scale, _float32_option(softcap, "softcap")
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, return_lse=False,
@@ -68,6 +82,6 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
     left, right = _window_bounds(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
-    _C.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, int(max_seqlen_q or 0), causal, scale,
+    _C.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, as_int(max_seqlen_q or 0, "max_seqlen_q", 0, INT32[1]), causal, scale,
                               left, right, softcap, stream_handle(stream))
     return (out, lse) if return_lse else out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import check_out, dtype_name, empty_like, numpy_dtype, stream_handle
+from ._arrays import check_out, dtype_name, empty_like, numpy_dtype, parse_device, stream_handle
 
 FORMATS = ("bitmap", "2:4", "csr")
 _VALUE_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -132,13 +132,8 @@ class SparseMatrix:
 
     def to(self, device) -> "SparseMatrix":
         """A copy on 'cpu', 'cuda' or 'cuda:<index>' (self when already there)."""
-        dev = str(device)
-        if dev == "cpu":
-            return SparseMatrix(self._h.to_device(False, 0))
-        if dev == "cuda" or dev.startswith("cuda:"):
-            index = int(dev[5:]) if dev.startswith("cuda:") else 0
-            return SparseMatrix(self._h.to_device(True, index))
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
+        kind, index = parse_device(device)
+        return SparseMatrix(self._h.to_device(kind == "cuda", index))
 
     # ---- properties --------------------------------------------------------------------------
     @property

@@ -20,15 +20,17 @@ arrays (packed codes, scales, CSR index arrays) with any integer dtype.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from typing import Mapping
 
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import numpy_dtype, stream_handle
+from ._arrays import INT32, INT64, UINT32, as_int, numpy_dtype, parse_device, stream_handle
 
 CorruptDataError = _C.CorruptDataError
 
@@ -42,13 +44,9 @@ _ST_DTYPES = {
 
 
 def _parse_device(device) -> tuple[str, int]:
-    if isinstance(device, str):
-        if device == "cpu":
-            return "cpu", 0
-        m = re.fullmatch(r"cuda(?::(\d+))?", device)
-        if m:
-            return "cuda", int(m.group(1) or 0)
-    raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not isinstance(device, str):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return parse_device(device)
 
 
 def _empty(shape, dtype: str, device: tuple[str, int]):
@@ -105,8 +103,10 @@ class WeightStore:
         CorruptDataError; a missing file OSError.
         """
         dev = _parse_device(device)
-        h = _C.WeightStore.open(os.fspath(path), int(dram_budget_bytes), dev[0], dev[1], int(io_threads),
-                                int(window_tokens), bool(direct_io), int(merge_gap_bytes), int(max_read_bytes))
+        h = _C.WeightStore.open(os.fspath(path), as_int(dram_budget_bytes, "dram_budget_bytes", *INT64), dev[0], dev[1],
+                                as_int(io_threads, "io_threads", *INT32), as_int(window_tokens, "window_tokens", *INT32),
+                                bool(direct_io), as_int(merge_gap_bytes, "merge_gap_bytes", *INT64),
+                                as_int(max_read_bytes, "max_read_bytes", *INT64))
         return cls(h, os.fspath(path), dev)
 
     def _h(self):
@@ -157,18 +157,18 @@ class WeightStore:
         [:, 0] gate_proj rows, [:, 1] up_proj rows, [:, 2] down_proj columns (without a gate:
         up, down). Neurons resident in the cache are hits; misses are read in coalesced runs and
         cached. On CUDA the copy is asynchronous on `stream`."""
-        info = self._h().layer_info(int(layer))
+        info = self._h().layer_info(as_int(layer, "layer", *INT64))
         ids = _ids(neuron_ids)
         shape = (ids.shape[0], info["parts"], info["d_model"])
         if out is None:
             out = _empty(shape, info["dtype"], self._device)
-        self._h().get_rows(int(layer), ids, out, stream_handle(stream))
+        self._h().get_rows(as_int(layer, "layer", *INT64), ids, out, stream_handle(stream))
         return out
 
     def prefetch(self, layer: int, neuron_ids) -> None:
         """Starts loading a predicted active set of `layer` in the background (returns at once);
         a later get_rows() finds them resident. Stops at the budget."""
-        self._h().prefetch(int(layer), _ids(neuron_ids))
+        self._h().prefetch(as_int(layer, "layer", *INT64), _ids(neuron_ids))
 
     def wait_prefetch(self) -> None:
         """Blocks until every prefetch issued so far has landed."""
@@ -212,9 +212,7 @@ def _as_array(a, name):
         if not (hasattr(a, "__array__") or isinstance(a, (list, tuple))):
             raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
         a = np.asarray(a)
-    if not a.flags.writeable:  # DLPack export needs a writable array; the writer only reads it
-        a = a.copy()
-    return a
+    return a  # read-only arrays (memory-mapped checkpoints) are written without a copy
 
 
 def write_weight_store(path, tensors: Mapping[str, np.ndarray] | None = None,
@@ -227,7 +225,7 @@ def write_weight_store(path, tensors: Mapping[str, np.ndarray] | None = None,
     w = _C.WeightStoreWriter(os.fspath(path))
     try:
         for name, a in (tensors or {}).items():
-            w.add_tensor(str(name), _as_array(a, name), int(chunk_bytes))
+            w.add_tensor(str(name), _as_array(a, name), as_int(chunk_bytes, "chunk_bytes", *UINT32))
         for layer, parts in (ffn_layers or {}).items():
             missing = {"up", "down"} - set(parts)
             if missing:
@@ -239,7 +237,7 @@ def write_weight_store(path, tensors: Mapping[str, np.ndarray] | None = None,
             if down.ndim != 2 or up.ndim != 2 or down.shape != up.shape[::-1]:
                 raise ValueError(f"ffn_layers[{layer}]: down must be (d_model, d_ff) = {up.shape[::-1]} for up "
                                  f"{up.shape}, got {down.shape}")
-            w.add_ffn_layer(int(layer), gate, up, down.T)
+            w.add_ffn_layer(as_int(layer, f"ffn_layers key {layer!r}", *INT64), gate, up, down.T)
         w.finish()
     except BaseException:
         w.abort()  # no partial file left behind
@@ -265,12 +263,20 @@ def _split_ffn(arrays: Mapping[str, np.ndarray], ffn_pattern: str | None):
     return tensors, ffn
 
 
+def _require_regular_file(path: str) -> None:
+    """OSError unless `path` is a regular file: opening a FIFO blocks until a writer comes, and a
+    device or directory is not a checkpoint."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or directory?)", path)
+
+
 def read_safetensors(path, *, raw_bf16: bool = False) -> dict:
     """name -> NumPy array (memory-mapped) from a .safetensors file, parsed without the
     `safetensors` package. Malformed files raise CorruptDataError. BF16 tensors come back as
     ml_dtypes bfloat16 arrays, or with raw_bf16=True as their uint16 bit patterns (no ml_dtypes
     needed; `safetensors_dtypes` tells which tensors those are)."""
     path = os.fspath(path)
+    _require_regular_file(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -323,11 +329,29 @@ def safetensors_dtypes(path) -> dict:
 def read_numpy(path) -> dict:
     """name -> array from a .npz (its keys) or a .npy file (named by the file stem)."""
     path = os.fspath(path)
+    _require_regular_file(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     stem = os.path.splitext(os.path.basename(path))[0]
     return {stem: np.load(path, mmap_mode="c", allow_pickle=False)}
+
+
+def _refuse_source_as_destination(dst, srcs) -> None:
+    """ValueError when `dst` is one of the source files (the same inode under any name): the
+    converted store would replace the checkpoint it is read from."""
+    try:
+        d = os.stat(dst)
+    except (OSError, ValueError):
+        return  # no such file (or a NUL in the name, refused by the writer): nothing to destroy
+    for s in srcs:
+        try:
+            st = os.stat(s)
+        except (OSError, ValueError):
+            continue
+        if (st.st_dev, st.st_ino) == (d.st_dev, d.st_ino):
+            raise ValueError(f"dst: {os.fspath(dst)!r} is the source file {os.fspath(s)!r} (same file); "
+                             f"converting in place would destroy the checkpoint: choose another destination")
 
 
 def convert_to_weight_store(src, dst, *, ffn_pattern: str | None = DEFAULT_FFN_PATTERN,
@@ -349,6 +373,7 @@ def convert_to_weight_store(src, dst, *, ffn_pattern: str | None = DEFAULT_FFN_P
                 arrays["config.json"] = np.frombuffer(f.read(), dtype=np.uint8)
         src = [os.path.join(src, f) for f in shards]
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    _refuse_source_as_destination(dst, srcs)
     for s in srcs:
         s = os.fspath(s)
         if s.endswith(".safetensors"):

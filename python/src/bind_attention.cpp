@@ -19,7 +19,7 @@ MK_PYTHON_BINDING(attention) {
       [](nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, bool causal, float scale,
          int window_left, int window_right, float softcap, uintptr_t stream) {
         ArrayKeeper keep;
-        TensorView tq = as_tensor(q, "q", keep), tk = as_tensor(k, "k", keep), tv = as_tensor(v, "v", keep);
+        TensorView tq = as_input(q, "q", keep), tk = as_input(k, "k", keep), tv = as_input(v, "v", keep);
         TensorView to = as_tensor(out, "out", keep);
         std::optional<TensorView> tl = as_optional_tensor(lse, "lse", keep);
         AttentionOptions o = make_options(causal, scale, window_left, window_right, softcap);
@@ -35,8 +35,8 @@ MK_PYTHON_BINDING(attention) {
          int max_seqlen_q, bool causal, float scale, int window_left, int window_right, float softcap,
          uintptr_t stream) {
         ArrayKeeper keep;
-        TensorView tq = as_tensor(q, "q", keep), tk = as_tensor(k, "k", keep), tv = as_tensor(v, "v", keep);
-        TensorView tcq = as_tensor(cu_q, "cu_seqlens_q", keep), tck = as_tensor(cu_k, "cu_seqlens_k", keep);
+        TensorView tq = as_input(q, "q", keep), tk = as_input(k, "k", keep), tv = as_input(v, "v", keep);
+        TensorView tcq = as_input(cu_q, "cu_seqlens_q", keep), tck = as_input(cu_k, "cu_seqlens_k", keep);
         TensorView to = as_tensor(out, "out", keep);
         std::optional<TensorView> tl = as_optional_tensor(lse, "lse", keep);
         AttentionOptions o = make_options(causal, scale, window_left, window_right, softcap);

@@ -21,9 +21,12 @@ namespace nb = nanobind;
 using ArrayKeeper = std::vector<nb::ndarray<>>;
 
 // Converts a NumPy array (including ml_dtypes.bfloat16) or any DLPack-capable array to a view.
-// `name` is the argument name used in error messages.
+// `name` is the argument name used in error messages. as_tensor: an array the call may write
+// (read-only arrays are refused by name); as_input: an array only read (read-only arrays welcome).
 TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep);
 std::optional<TensorView> as_optional_tensor(nb::handle obj, const char* name, ArrayKeeper& keep);
+TensorView as_input(nb::handle obj, const char* name, ArrayKeeper& keep);
+std::optional<TensorView> as_optional_input(nb::handle obj, const char* name, ArrayKeeper& keep);
 
 // A CUDA stream passed from Python as an int handle (0 = default stream).
 inline void* as_stream(uintptr_t handle) { return reinterpret_cast<void*>(handle); }

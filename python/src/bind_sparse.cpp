@@ -60,7 +60,7 @@ MK_PYTHON_BINDING(sparse) {
       "sparse_from_dense",
       [](nb::handle w, const std::string& format, const std::string& dtype, float threshold) {
         ArrayKeeper keep;
-        TensorView t = as_tensor(w, "w", keep);
+        TensorView t = as_input(w, "w", keep);
         SparseFormat f = parse_sparse_format(format);
         DType vd = value_dtype_from_name(dtype);
         nb::gil_scoped_release release;
@@ -73,8 +73,8 @@ MK_PYTHON_BINDING(sparse) {
       [](int64_t rows, int64_t cols, nb::handle indptr, nb::handle indices, nb::handle data, const std::string& format,
          const std::string& dtype) {
         ArrayKeeper keep;
-        TensorView a = as_tensor(indptr, "indptr", keep), b = as_tensor(indices, "indices", keep),
-                   c = as_tensor(data, "data", keep);
+        TensorView a = as_input(indptr, "indptr", keep), b = as_input(indices, "indices", keep),
+                   c = as_input(data, "data", keep);
         SparseFormat f = parse_sparse_format(format);
         DType vd = value_dtype_from_name(dtype);
         nb::gil_scoped_release release;
@@ -94,7 +94,7 @@ MK_PYTHON_BINDING(sparse) {
       "spmm",
       [](const SparseMatrix& s, nb::handle x, nb::handle out, uintptr_t stream) {
         ArrayKeeper keep;
-        TensorView tx = as_tensor(x, "x", keep), to = as_tensor(out, "out", keep);
+        TensorView tx = as_input(x, "x", keep), to = as_tensor(out, "out", keep);
         nb::gil_scoped_release release;
         spmm(s, tx, to, as_stream(stream));
       },

@@ -7,7 +7,7 @@
 namespace memkernels::py {
 
 static void ids_of(nb::handle ids, ArrayKeeper& keep, TensorView* view) {
-  *view = as_tensor(ids, "neuron_ids", keep);
+  *view = as_input(ids, "neuron_ids", keep);
   expect_dtype(*view, "neuron_ids", {DType::Int64});
   expect_ndim(*view, "neuron_ids", 1);
   if (view->numel() > 0) expect_contiguous(*view, "neuron_ids");
@@ -44,7 +44,7 @@ MK_PYTHON_BINDING(weight_store) {
           "add_tensor",
           [](WeightStoreWriter& w, const std::string& name, nb::handle a, uint32_t chunk_bytes) {
             ArrayKeeper keep;
-            TensorView t = as_tensor(a, "tensor", keep);
+            TensorView t = as_input(a, "tensor", keep);
             nb::gil_scoped_release release;
             w.add_tensor(name, t, chunk_bytes);
           },
@@ -53,8 +53,8 @@ MK_PYTHON_BINDING(weight_store) {
           "add_ffn_layer",
           [](WeightStoreWriter& w, int64_t layer, nb::handle gate, nb::handle up, nb::handle down) {
             ArrayKeeper keep;
-            std::optional<TensorView> g = as_optional_tensor(gate, "gate", keep);
-            TensorView u = as_tensor(up, "up", keep), d = as_tensor(down, "down", keep);
+            std::optional<TensorView> g = as_optional_input(gate, "gate", keep);
+            TensorView u = as_input(up, "up", keep), d = as_input(down, "down", keep);
             nb::gil_scoped_release release;
             w.add_ffn_layer(layer, g ? &*g : nullptr, u, d);
           },

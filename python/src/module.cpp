@@ -74,7 +74,29 @@ static bool is_numpy_bfloat16(nb::handle obj) {
   return nb::isinstance<nb::str>(dname) && std::strcmp(nb::cast<const char*>(dname), "bfloat16") == 0;
 }
 
-TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
+// Why `obj` could not be taken as an array, for the error message: NumPy byte order and dtype first.
+static Error not_an_array(nb::handle obj, const char* name) {
+  std::string tname = nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))).attr("__name__")));
+  if (nb::hasattr(obj, "dtype") && nb::hasattr(obj, "shape")) {
+    nb::object dt = obj.attr("dtype");
+    nb::object order = nb::getattr(dt, "byteorder", nb::none());
+    std::string dstr = nb::cast<std::string>(nb::str(dt));
+    if (nb::isinstance<nb::str>(order)) {
+      const std::string o = nb::cast<std::string>(order);
+      const bool little = nb::cast<std::string>(nb::module_::import_("sys").attr("byteorder")) == "little";
+      if ((o == ">" && little) || (o == "<" && !little))
+        return Error(ErrorKind::Type, std::string(name) + ": " + (little ? "big" : "little") +
+                                          "-endian (byte-swapped) arrays are not supported (dtype " +
+                                          nb::cast<std::string>(nb::str(dt.attr("str"))) +
+                                          "); convert with a.astype(a.dtype.newbyteorder('='))");
+    }
+    return Error(ErrorKind::Type, std::string(name) + ": cannot take a " + tname + " of dtype " + dstr +
+                                      " as an array (unsupported dtype or memory layout)");
+  }
+  return Error(ErrorKind::Type, std::string(name) + ": expected a NumPy or DLPack-capable array, got " + tname);
+}
+
+static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, bool written) {
   if (obj.is_none()) throw Error(ErrorKind::Type, std::string(name) + ": expected an array, got None");
   bool bf16_view = false;
   nb::object src = nb::borrow(obj);
@@ -82,10 +104,16 @@ TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
     src = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
     bf16_view = true;
   }
+  // Read-only arrays (np.load(mmap_mode="r"), np.frombuffer, broadcast_to) are fine as inputs;
+  // an array the kernel writes must be writable.
   nb::ndarray<> arr;
   if (!nb::try_cast(src, arr, /*convert=*/false)) {
-    std::string tname = nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))).attr("__name__")));
-    throw Error(ErrorKind::Type, std::string(name) + ": expected a NumPy or DLPack-capable array, got " + tname);
+    nb::ndarray<nb::ro> ro;
+    if (!nb::try_cast(src, ro, /*convert=*/false)) throw not_an_array(obj, name);
+    if (written)
+      throw Error(ErrorKind::Value, std::string(name) + ": a read-only array is not accepted here (the call writes it or "
+                                        "takes only writable arrays); pass a writable array");
+    arr = nb::ndarray<>(ro);
   }
   TensorView t;
   t.data = arr.data();
@@ -110,9 +138,17 @@ TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
   return t;
 }
 
+TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) { return to_view(obj, name, keep, true); }
+TensorView as_input(nb::handle obj, const char* name, ArrayKeeper& keep) { return to_view(obj, name, keep, false); }
+
 std::optional<TensorView> as_optional_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
   if (obj.is_none()) return std::nullopt;
   return as_tensor(obj, name, keep);
+}
+
+std::optional<TensorView> as_optional_input(nb::handle obj, const char* name, ArrayKeeper& keep) {
+  if (obj.is_none()) return std::nullopt;
+  return as_input(obj, name, keep);
 }
 
 }  // namespace memkernels::py

@@ -18,7 +18,11 @@ CpuIsa best_cpu_isa();        // what this CPU (and this build) supports
 CpuIsa active_cpu_isa();      // what the kernels use now
 void set_cpu_isa(CpuIsa isa); // throws Error(Value) if the CPU does not support it
 
-// Threads used by CPU kernels; default = number of cores. n <= 0 restores the default.
+// Threads used by CPU kernels; default = number of cores. n <= 0 restores the default;
+// n > kMaxThreads throws Error(Value) (each thread gets its own stack and scratch buffers).
+// In a child made by fork() after a kernel ran, the kernels use one thread (the OpenMP runtime's
+// threads stay in the parent); num_threads() then returns 1.
+constexpr int kMaxThreads = 1024;
 int num_threads();
 void set_num_threads(int n);
 

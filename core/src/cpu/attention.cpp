@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../attention_internal.h"
@@ -39,11 +41,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // S[r][0:NR] = sum_d Q[r][d] * Kt[d][0:NR] for r < MR.
-inline void qk_tile(const float* q, int ldq, const float* kt, int head_dim, float* s, int lds) {
+inline void qk_tile(const float* q, int64_t ldq, const float* kt, int head_dim, float* s, int lds) {
   VecF acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = VecF::zero();
   for (int d = 0; d < head_dim; ++d) {
-    VecF k0 = VecF::load(kt + d * NR), k1 = VecF::load(kt + d * NR + VL);
+    VecF k0 = VecF::load(kt + int64_t(d) * NR), k1 = VecF::load(kt + int64_t(d) * NR + VL);
     for (int r = 0; r < MR; ++r) {
       VecF qv = VecF::set1(q[r * ldq + d]);
       acc[r][0] = VecF::fma(qv, k0, acc[r][0]);
@@ -58,7 +60,7 @@ inline void qk_tile(const float* q, int ldq, const float* kt, int head_dim, floa
 
 // O[r][0:NV*VL] += sum_j P[r][j] * V[j][0:NV*VL] for r < MR, j < nkeys.
 template <int NV>
-inline void pv_tile(const float* p, int ldp, const float* v, int ldv, int nkeys, float* o, int ldo) {
+inline void pv_tile(const float* p, int ldp, const float* v, int64_t ldv, int nkeys, float* o, int64_t ldo) {
   VecF acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = VecF::load(o + r * ldo + c * VL);
@@ -86,7 +88,7 @@ void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, 
   for (int j = j0; j < j1; ++j) {
     load_floats(elem_ptr(p.k, p.dtype, k_base + j * p.k_row), p.dtype, D, row);
     float* panel = kt + int64_t(j / NR) * D * NR + j % NR;
-    for (int d = 0; d < D; ++d) panel[d * NR] = row[d];
+    for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = row[d];
     float* vrow = vp + int64_t(j) * dp;
     load_floats(elem_ptr(p.v, p.dtype, v_base + j * p.v_row), p.dtype, D, vrow);
     std::fill(vrow + D, vrow + dp, 0.0f);
@@ -95,9 +97,20 @@ void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, 
 
 struct Scratch {
   std::vector<float> q, s, o, m, l, row;
+  std::vector<uint8_t> nonfinite;  // per row: a visible score was NaN or +inf
   Scratch(int head_dim, int dp)
-      : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)) {}
+      : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)),
+        nonfinite(BQ) {}
 };
+
+// True when a score of the row is NaN or +inf (masked keys are -inf). In float64 such a score makes
+// the whole softmax row NaN (max - max = NaN); the base-2 exp below would turn it into a finite
+// weight, so the caller records it and writes NaN.
+inline bool has_nan_or_posinf(const float* srow, int width) {
+  bool bad = false;
+  for (int c = 0; c < width; ++c) bad |= !(srow[c] < std::numeric_limits<float>::infinity());
+  return bad;
+}
 
 // One task: query rows [i0, i0 + BQ) of head h in batch b, against packed K/V of its kv head.
 void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* kt, const float* vp, int dp,
@@ -110,7 +123,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   // Q rows, pre-scaled, zero-padded to a multiple of MR rows.
   const int64_t q_base = b * p.q_batch + p.row0_q(b) * p.q_row + h * p.q_head;
   for (int r = 0; r < rows_pad; ++r) {
-    float* dst = w.q.data() + r * D;
+    float* dst = w.q.data() + int64_t(r) * D;
     if (r < nrows)
       load_floats(elem_ptr(p.q, p.dtype, q_base + int64_t(i0 + r) * p.q_row), p.dtype, D, dst, q_scale);
     else
@@ -119,6 +132,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   std::fill(w.o.begin(), w.o.begin() + size_t(rows_pad) * dp, 0.0f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill(w.nonfinite.begin(), w.nonfinite.end(), uint8_t(0));
 
   // Keys any row of this block may see. Window bounds are in 64-bit: near INT_MAX they mean
   // "unbounded" and must not wrap around (which masked every key).
@@ -132,7 +146,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
     float* S = w.s.data();
     for (int r = 0; r < rows_pad; r += MR)
       for (int c = 0; c < BK; c += NR)
-        qk_tile(w.q.data() + r * D, D, kt + int64_t((kb + c) / NR) * D * NR, D, S + r * BK + c, BK);
+        qk_tile(w.q.data() + int64_t(r) * D, D, kt + int64_t((kb + c) / NR) * D * NR, D, S + r * BK + c, BK);
 
     if (capped) {  // softcap * tanh(s / softcap), then to base-2 units
       for (int r = 0; r < nrows; ++r)
@@ -157,6 +171,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
         std::fill(srow, srow + BK, 0.0f);
         continue;
       }
+      if (has_nan_or_posinf(srow, BK)) w.nonfinite[r] = 1;
       online_softmax_row(srow, BK, w.m[r], w.l[r], w.o.data() + size_t(r) * dp, dp);
     }
 
@@ -173,15 +188,18 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   const int64_t o_base = b * p.o_batch + p.row0_q(b) * p.o_row + h * p.o_head;
   char* out = static_cast<char*>(p.out);
   const int esize = dtype_size(p.dtype);
+  // Rows with a NaN or +inf score are NaN (output and lse), as in float64.
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   for (int r = 0; r < nrows; ++r) {
     const float l = w.l[r];
+    const bool nan_row = w.nonfinite[r] != 0;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     float* orow = w.o.data() + size_t(r) * dp;
-    for (int d = 0; d < D; ++d) w.row[d] = orow[d] * inv;
+    for (int d = 0; d < D; ++d) w.row[d] = nan_row ? kNaN : orow[d] * inv;
     store_floats(w.row.data(), p.dtype, D, out + (o_base + int64_t(i0 + r) * p.o_row) * esize);
     if (p.lse)
       p.lse[b * p.lse_batch + h * p.lse_head + p.row0_q(b) + i0 + r] =
-          l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
+          nan_row ? kNaN : l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
   }
 }
 
@@ -191,47 +209,55 @@ void flash_attention(const AttentionProblem& p) {
   const int threads = num_threads();
   const int D = p.head_dim, dp = int(round_up(D, VL));
   const int group = p.heads / p.kv_heads;
-  const int units = p.batch * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
+  // 64-bit counts: group x q-blocks alone passes 2^31 with 2^25 query heads (stride-0 views).
+  const int64_t units = int64_t(p.batch) * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
   const int64_t sk_pad = round_up(std::max(p.seqlen_k, 1), BK);
   const int qblocks = int((p.seqlen_q + BQ - 1) / BQ);
-  const int tasks_per_unit = std::max(1, group * qblocks);
+  const int64_t tasks_per_unit = std::max<int64_t>(1, int64_t(group) * qblocks);
   // Pack enough units at once to give every thread a few tasks, no more (bounds the memory).
-  const int chunk = std::min(units, std::max(1, (4 * threads + tasks_per_unit - 1) / tasks_per_unit));
+  const int64_t chunk =
+      std::min(units, std::max<int64_t>(1, (4 * int64_t(threads) + tasks_per_unit - 1) / tasks_per_unit));
 
   std::vector<float> kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);
-  for (int u0 = 0; u0 < units; u0 += chunk) {
-    const int nunits = std::min(chunk, units - u0);
+  for (int64_t u0 = 0; u0 < units; u0 += chunk) {
+    const int64_t nunits = std::min(chunk, units - u0);
+    ParallelGuard guard;
 #pragma omp parallel num_threads(threads)
     {
-      Scratch w(D, dp);
+      std::unique_ptr<Scratch> scratch;  // allocated inside: first touch by its own thread
+      const bool ok = guard.run([&] { scratch.reset(new Scratch(D, dp)); });
       // 1. Pack K^T and V of the chunk's units, in slices of BK keys.
-      const int slices = int(sk_pad / BK);
+      const int64_t slices = sk_pad / BK;
 #pragma omp for schedule(static)
-      for (int t = 0; t < nunits * slices; ++t) {
-        const int u = t / slices, j0 = (t % slices) * BK, b = (u0 + u) / p.kv_heads, kvh = (u0 + u) % p.kv_heads;
+      for (int64_t t = 0; t < nunits * slices; ++t) {
+        if (!ok) continue;
+        const int64_t u = t / slices;
+        const int j0 = int(t % slices) * BK, b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
         const int Sk = p.seq_k(b);
         float* ktu = kt.data() + size_t(u) * sk_pad * D;
         float* vpu = vp.data() + size_t(u) * sk_pad * dp;
         const int j1 = std::min(j0 + BK, Sk);
-        if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, w.row.data());
+        if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, scratch->row.data());
         // zero the padding keys so masked columns multiply finite zeros
         for (int j = std::max(j0, Sk); j < j0 + BK; ++j) {
           float* panel = ktu + int64_t(j / NR) * D * NR + j % NR;
-          for (int d = 0; d < D; ++d) panel[d * NR] = 0.0f;
+          for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = 0.0f;
           std::fill(vpu + int64_t(j) * dp, vpu + int64_t(j + 1) * dp, 0.0f);
         }
       }
       // 2. Attention tasks; longest (last, under a causal mask) query blocks first.
 #pragma omp for schedule(dynamic, 1)
-      for (int t = 0; t < nunits * tasks_per_unit; ++t) {
-        const int u = t % nunits, rest = t / nunits;
-        const int g = rest % group, qb = qblocks - 1 - rest / group;
-        const int b = (u0 + u) / p.kv_heads, kvh = (u0 + u) % p.kv_heads;
+      for (int64_t t = 0; t < nunits * tasks_per_unit; ++t) {
+        if (!ok || guard.failed()) continue;
+        const int64_t u = t % nunits, rest = t / nunits;
+        const int g = int(rest % group), qb = qblocks - 1 - int(rest / group);
+        const int b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
         if (qb * BQ >= p.seq_q(b)) continue;
         attend_block(p, b, kvh * group + g, qb * BQ, kt.data() + size_t(u) * sk_pad * D,
-                     vp.data() + size_t(u) * sk_pad * dp, dp, w);
+                     vp.data() + size_t(u) * sk_pad * dp, dp, *scratch);
       }
     }
+    guard.rethrow();
   }
 }
 

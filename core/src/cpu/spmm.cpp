@@ -324,16 +324,23 @@ void spmm_sparse_compute(const SpmmProblem& p) {
   const char* x = static_cast<const char*>(p.x);
   char* out = static_cast<char*>(p.out);
   constexpr int64_t kColBlock = 256;
+  ParallelGuard guard;  // a failed scratch allocation is rethrown after the region
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<int32_t> cols(size_t(kColTiles * kSparseTile) + 16);
-    std::vector<float> vals(size_t(kColTiles * kSparseTile) + 16), res(size_t(RB) * W), tmp(RB), xrow(kColBlock);
+    std::vector<int32_t> cols;
+    std::vector<float> vals, res, tmp, xrow;
+    const bool ok = guard.run([&] {
+      cols.resize(size_t(kColTiles * kSparseTile) + 16);
+      vals.resize(size_t(kColTiles * kSparseTile) + 16);
+      res.resize(size_t(RB) * W), tmp.resize(RB), xrow.resize(kColBlock);
+    });
     int64_t kcur[RB];
     for (int64_t n0 = 0; n0 < p.tokens; n0 += W) {
       const int nt = int(std::min<int64_t>(W, p.tokens - n0));
       // Transpose x[n0 : n0 + nt, :] into xt (zeros for missing tokens and padding columns).
 #pragma omp for schedule(static)
       for (int64_t c0 = 0; c0 < kp; c0 += kColBlock) {
+        if (!ok) continue;
         const int64_t nc = std::min<int64_t>(kColBlock, kp - c0), valid = std::max<int64_t>(0, std::min(nc, p.cols - c0));
         std::fill(xtp + c0 * W, xtp + (c0 + nc) * W, 0.0f);
         for (int n = 0; n < nt && valid > 0; ++n) {
@@ -343,6 +350,7 @@ void spmm_sparse_compute(const SpmmProblem& p) {
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < row_blocks; ++b) {
+        if (!ok || guard.failed()) continue;
         const int64_t r0 = b * RB, nr = std::min<int64_t>(RB, p.rows - r0);
         std::fill(res.begin(), res.end(), 0.0f);
         for (int64_t i = 0; i < nr; ++i) kcur[i] = p.row_ptr[r0 + i];
@@ -374,6 +382,7 @@ void spmm_sparse_compute(const SpmmProblem& p) {
       }
     }
   }
+  guard.rethrow();
 }
 
 template <int NV>
@@ -406,19 +415,23 @@ void spmm(const SpmmProblem& p) {
   const char* x = static_cast<const char*>(p.x);
   char* out = static_cast<char*>(p.out);
 
+  ParallelGuard guard;  // a failed scratch allocation is rethrown after the region
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<float> res(size_t(RB) * TB + size_t(4) * TB), tmp(RB);
+    std::vector<float> res, tmp;
+    const bool ok = guard.run([&] { res.resize(size_t(RB) * TB + size_t(4) * TB), tmp.resize(RB); });
     for (int64_t c0 = 0; c0 < p.tokens; c0 += chunk) {
       const int64_t nc = std::min(chunk, p.tokens - c0);
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < nc; ++n) {
+        if (!ok) continue;
         float* dst = xpp + n * ldx;
         load_floats(x + (c0 + n) * p.x_row * xes, p.x_dtype, p.cols, dst);
         std::fill(dst + p.cols, dst + ldx, 0.0f);
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < row_blocks; ++b) {
+        if (!ok || guard.failed()) continue;
         const int64_t r0 = b * RB, nr = std::min<int64_t>(RB, p.rows - r0);
         for (int64_t n0 = 0; n0 < nc; n0 += TB) {
           const int nt = int(std::min<int64_t>(TB, nc - n0));
@@ -436,6 +449,7 @@ void spmm(const SpmmProblem& p) {
       }
     }
   }
+  guard.rethrow();
 }
 
 }  // namespace memkernels::cpu::MK_ISA_NS
