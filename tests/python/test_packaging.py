@@ -10,6 +10,11 @@ import pytest
 
 import memkernels as mk
 
+# MEMKERNELS_BUILD_DIR runs the source tree against a CMake build (e.g. tests/run_sanitized.sh): there
+# is no installed package to check.
+pytestmark = pytest.mark.skipif(bool(os.environ.get("MEMKERNELS_BUILD_DIR")),
+                                reason="checks the installed package; MEMKERNELS_BUILD_DIR runs the source tree")
+
 PKG = os.path.dirname(os.path.abspath(mk.__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -217,6 +217,8 @@ def test_requires_grad_is_refused():
     # Under no_grad (or inference_mode) the same tensors are fine.
     with torch.no_grad():
         assert mkt.flash_attention(q, k, k).shape == q.shape
+    with torch.inference_mode():
+        assert mkt.qgemm(torch.randn(2, 64), qm).shape == (2, 24)
     # Calling the op directly records no usable backward: backward raises instead of returning nothing.
     out, _ = torch.ops.memkernels.flash_attention(q, k, k, False, 0.0, -1, -1, 0.0)
     with pytest.raises(RuntimeError, match="inference-only"):
