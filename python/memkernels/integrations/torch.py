@@ -23,6 +23,7 @@ On CUDA every operator runs on PyTorch's current stream of the inputs' device.
 
 Needs PyTorch with opaque custom-op arguments (``torch._library.opaque_object``, PyTorch 2.10+).
 """
+import atexit
 from typing import Optional, Tuple
 
 import torch
@@ -291,6 +292,21 @@ def spmm(sp, x: Tensor) -> Tensor:
 
 for _op in (_flash_attention, _flash_attention_varlen, _paged_attention_raw, _qgemm, _dequantize, _spmm):
     _op.register_autograd(_no_backward)
+
+
+def _release_traced_matrices() -> None:
+    """At exit: PyTorch's fake-tensor cache keys hold the opaque arguments of traced calls (and so the
+    matrices) past interpreter shutdown, which nanobind would report as leaked instances."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        FakeTensorMode.cache_clear()
+        torch._dynamo.reset()
+    except Exception:  # pragma: no cover - best effort during shutdown
+        pass
+
+
+atexit.register(_release_traced_matrices)
 
 
 # ---- modules ----------------------------------------------------------------------------------------
