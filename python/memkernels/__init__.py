@@ -25,6 +25,18 @@ from .models import Model, UnsupportedModelError, load_model
 __version__ = _C.build_info()["version"]
 
 
+def cmake_dir() -> str:
+    """The folder holding memkernels' CMake package: C++ projects find the installed library, its
+    headers and the ``memkernels::memkernels`` target with ``-Dmemkernels_DIR=<this folder>``
+    (``python -m memkernels --cmake-dir`` prints it)."""
+    return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "cmake")
+
+
+def include_dir() -> str:
+    """The folder holding the C++ headers (``memkernels/memkernels.h``) of the installed package."""
+    return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "include")
+
+
 def info() -> dict:
     """Version, build options, CPU ISA in use, thread count, CUDA built/available and the GPU name."""
     d = dict(_C.build_info())
@@ -67,6 +79,7 @@ def set_cpu_isa(name: str) -> None:
 
 __all__ = [
     "CacheFullError", "CorruptDataError", "flash_attention", "flash_attention_varlen", "info", "info_string",
+    "cmake_dir", "include_dir",
     "num_threads", "set_num_threads", "cpu_isa", "set_cpu_isa",
     "PagedKVCache", "paged_attention", "paged_attention_raw",
     "QuantizedMatrix", "quantize", "dequantize", "qgemm", "from_bytes", "load_quantized",

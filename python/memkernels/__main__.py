@@ -325,6 +325,9 @@ def cmd_generate(args) -> int:
 
 
 def main(argv=None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["--cmake-dir"]:  # as pybind11 / nanobind do
+        print(mk.cmake_dir())
+        return 0
     parser = argparse.ArgumentParser(prog="python -m memkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build and machine information").set_defaults(fn=cmd_info)
