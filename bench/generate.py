@@ -94,7 +94,7 @@ class _LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                    n_threads=threads, n_threads_batch=threads, use_mmap=True, use_mlock=False,
                                    logits_all=False, verbose=False)
-        self.weights = "as stored (GGUF)"
+        self.weights = "as stored (mmap)"
 
     def _last_logits(self):
         # with logits_all off, llama-cpp-python keeps the last position's logits in scores[n_tokens - 1]
@@ -164,10 +164,19 @@ class _Ours:
         self.mk = mk
         self.version = mk.__version__
         self.model = mk.load_model(path, device="cpu")
-        self.weights = "as stored (GGUF quants kept)"
-        warn = getattr(self.model, "warnings", None)
-        if warn:
-            self.weights += f" ({len(warn)} load warnings)"
+        self.weights = self._describe(self.model)
+
+    @staticmethod
+    def _describe(model):
+        """What the loaded weights really are, e.g. '210 int4_f32min g32 + 1 int8 g32 + 61 float32'."""
+        kinds = {}
+        for w in getattr(model, "weights", {}).values():
+            fmt = getattr(w, "format", None)
+            key = f"{fmt} g{w.group_size}" if fmt and getattr(w, "group_size", None) else (fmt or str(w.dtype))
+            kinds[key] = kinds.get(key, 0) + 1
+        text = " + ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or "?"
+        warn = getattr(model, "warnings", None)
+        return text + (f" ({len(warn)} load warnings)" if warn else "")
 
     def tokenize(self, text):
         if getattr(self.model, "tokenizer", None) is None:
@@ -315,7 +324,32 @@ def machine_line(threads):
     except (OSError, StopIteration):
         pass
     return (f"memkernels {info['version']}, CPU ISA {info['cpu_isa']}, {cpu}, {os.cpu_count()} cores, "
-            f"{threads} threads for every engine; {platform.node()} {time.strftime('%Y-%m-%d %H:%M')}")
+            f"{threads} threads for every engine; {platform.node()} {time.strftime('%Y-%m-%d %H:%M')}; "
+            f"{loadavg()}")
+
+
+def loadavg():
+    try:
+        return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "load average n/a"
+
+
+def describe_gguf(path):
+    """Architecture and tensor types of a GGUF file, e.g. 'llama, 272 tensors: 210 Q4_1, 61 F32, 1 Q8_0'."""
+    try:
+        from gguf import GGUFReader
+        r = GGUFReader(path)
+        arch = r.fields.get("general.architecture")
+        arch = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else "?"
+        kinds = {}
+        for t in r.tensors:
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+        params = sum(int(t.n_elements) for t in r.tensors)
+        return (f"{arch}, {params / 1e6:.0f}M parameters, {len(r.tensors)} tensors: "
+                + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    except Exception as e:  # the gguf package is optional here
+        return f"(not described: {type(e).__name__})"
 
 
 def common_prefix(a, b):
@@ -374,7 +408,8 @@ def main():
     engines = [e for e in ENGINES if e in wanted and available(e)]
     missing = [e for e in wanted if e not in engines]
 
-    print(f"# generate: {os.path.basename(args.model)} ({os.path.getsize(args.model) / 2**20:.1f} MiB)")
+    print(f"# generate: {os.path.basename(args.model)} ({os.path.getsize(args.model) / 2**20:.1f} MiB; "
+          f"{describe_gguf(args.model)})")
     print(machine_line(args.threads))
     if missing:
         print(f"not installed, skipped: {', '.join(missing)}")
@@ -443,6 +478,8 @@ def main():
                 rows.append(row)
         print_table("Greedy agreement", ["engines", "same first tokens", "same tokens (position by position)",
                                          "top-1 agreement, teacher-forced on the prompt"], rows)
+    print(f"\nat the end: {loadavg()} (other processes on the machine share its cores: a high load slows "
+          "every engine, the multithreaded ones most)")
     if errors:
         return 1
     return 0
