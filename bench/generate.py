@@ -18,9 +18,12 @@ set_num_threads, llama.cpp n_threads / n_threads_batch, torch.set_num_threads):
   transformers   AutoModelForCausalLM.from_pretrained(dir, gguf_file=...): the GGUF dequantized to
                  float32 (--transformers-dtype bfloat16 for bf16), prompt and decode loop with its
                  KV cache; skipped when transformers / torch are not importable
-Greedy decoding everywhere. Prefill tokens/s = prompt tokens / time to the first new token's logits;
-decode tokens/s = (new tokens - 1) / time of the following one-token steps. Best of --rounds runs
-after a warm-up. Peak RSS = the child's VmHWM right after the timed runs (before the agreement check).
+Greedy decoding everywhere. Prefill tokens/s = prompt tokens / time to the first new token (its
+argmax included); decode tokens/s = (new tokens - 1) / time of the following one-token steps. Wall
+time of the best of --rounds runs after a warm-up; the CPU time of all the engine's threads is shown
+too. On a shared machine (load above the core count) multithreaded engines that spin-wait (llama.cpp,
+torch's OpenMP) collapse: `--threads 1` then adds CPU-time ratios, which the load barely moves.
+Peak RSS = the child's VmHWM right after the timed runs (before the agreement check).
 Ratio columns "llama.cpp/ours", "transformers/ours": ours tokens/s / peer tokens/s for speed, peer
 peak RSS / ours for memory: > 1 means memkernels is faster / smaller.
 Agreement: the greedy continuations compared token by token (common prefix), and teacher-forced
@@ -82,6 +85,15 @@ def _peak_rss():
     return v
 
 
+def _clock():
+    """(wall, CPU time of the process: every thread, spin-waiting included)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _sub(a, b):
+    return a[0] - b[0], a[1] - b[1]
+
+
 def _argmax(row):
     import numpy as np
     return int(np.argmax(np.asarray(row, dtype=np.float32)))
@@ -94,23 +106,27 @@ class _LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                    n_threads=threads, n_threads_batch=threads, use_mmap=True, use_mlock=False,
                                    logits_all=False, verbose=False)
+        self.lib, self.n_vocab = llama_cpp, self.llm.n_vocab()
         self.weights = "as stored (mmap)"
 
     def _last_logits(self):
-        # with logits_all off, llama-cpp-python keeps the last position's logits in scores[n_tokens - 1]
-        return self.llm.scores[self.llm.n_tokens - 1]
+        # with logits_all off, llama-cpp-python (0.3.x) no longer copies logits into scores: read the
+        # last position's row from the context (llama_get_logits_ith(ctx, -1))
+        import numpy as np
+        ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def run(self, ids, new_tokens):
         self.llm.reset()
-        t0 = time.perf_counter()
+        t0 = _clock()
         self.llm.eval(ids)
         out = [_argmax(self._last_logits())]
-        t1 = time.perf_counter()
+        t1 = _clock()
         for _ in range(new_tokens - 1):
             self.llm.eval([out[-1]])
             out.append(_argmax(self._last_logits()))
-        t2 = time.perf_counter()
-        return out, t1 - t0, t2 - t1
+        t2 = _clock()
+        return out, _sub(t1, t0), _sub(t2, t1)
 
     def next_token_argmax(self, ids):
         self.llm.reset()
@@ -140,16 +156,16 @@ class _Transformers:
         torch = self.torch
         with torch.inference_mode():
             x = torch.tensor([ids], dtype=torch.long)
-            t0 = time.perf_counter()
+            t0 = _clock()
             o = self.model(input_ids=x, use_cache=True, logits_to_keep=1)
             out = [int(o.logits[0, -1].argmax())]
-            t1 = time.perf_counter()
+            t1 = _clock()
             for _ in range(new_tokens - 1):
                 kw = {self.cache_name: getattr(o, self.cache_name)}
                 o = self.model(input_ids=torch.tensor([[out[-1]]]), use_cache=True, logits_to_keep=1, **kw)
                 out.append(int(o.logits[0, -1].argmax()))
-            t2 = time.perf_counter()
-        return out, t1 - t0, t2 - t1
+            t2 = _clock()
+        return out, _sub(t1, t0), _sub(t2, t1)
 
     def next_token_argmax(self, ids):
         with self.torch.inference_mode():
@@ -194,25 +210,22 @@ class _Ours:
 
     def run(self, ids, new_tokens):
         self._fresh_cache()
-        t0 = time.perf_counter()
-        out = self.model.generate(list(ids), new_tokens, temperature=0.0, stop_at_eos=False)
-        wall = time.perf_counter() - t0
-        st = dict(getattr(self.model, "last_stats", None) or {})
-        if st.get("reused_prefix_tokens"):
-            raise RuntimeError(f"ours: {st['reused_prefix_tokens']} prompt tokens came from the prefix cache")
+        first = []  # clocks when the first new token is chosen: the end of the prefill
+
+        def on_token(_prompt, _token):
+            if not first:
+                first.append(_clock())
+
+        t0 = _clock()
+        out = self.model.generate(list(ids), new_tokens, temperature=0.0, stop_at_eos=False, callback=on_token)
+        t2 = _clock()
+        reused = (getattr(self.model, "last_stats", None) or {}).get("reused_prefix_tokens")
+        if reused:
+            raise RuntimeError(f"ours: {reused} prompt tokens came from the prefix cache")
         out = [int(t) for t in out]
-        if len(out) != new_tokens:
+        if len(out) != new_tokens or not first:
             raise RuntimeError(f"ours: generate returned {len(out)} tokens, asked for {new_tokens}")
-        if "prefill_s" in st:
-            # the model's own prefill time; decode = the rest of the call, so that sampling and the
-            # Python loop count as they do in the other engines' loops
-            return out, st["prefill_s"], wall - st["prefill_s"]
-        # no timings from the model: prefill = a one-token generate, decode = the rest of the full run
-        self._fresh_cache()
-        t0 = time.perf_counter()
-        self.model.generate(list(ids), 1, temperature=0.0, stop_at_eos=False)
-        t_prefill = time.perf_counter() - t0
-        return out, t_prefill, wall - t_prefill
+        return out, _sub(first[0], t0), _sub(t2, first[0])
 
     def next_token_argmax(self, ids):
         import numpy as np
@@ -250,13 +263,14 @@ def child_main(args):
            "rss_loaded": rss_loaded}
     ids = [int(v) for v in args.ids.split(",")]
     eng.run(ids[: min(8, len(ids))], min(4, args.new_tokens))  # warm-up: thread pools, allocations, caches
-    best_p, best_d, tokens = float("inf"), float("inf"), None
+    best_p, best_d, tokens = (float("inf"),) * 2, (float("inf"),) * 2, None
     for _ in range(args.rounds):
         toks, tp, td = eng.run(ids, args.new_tokens)
         if tokens is not None and toks != tokens:
             raise RuntimeError(f"{args.engine}: greedy tokens changed between rounds")
-        tokens, best_p, best_d = toks, min(best_p, tp), min(best_d, td)
-    res.update(tokens=tokens, prefill_s=best_p, decode_s=best_d, peak_rss=_peak_rss())
+        tokens, best_p, best_d = toks, min(best_p, tp), min(best_d, td)  # the round with the least wall time
+    res.update(tokens=tokens, prefill_s=best_p[0], decode_s=best_d[0], prefill_cpu_s=best_p[1],
+               decode_cpu_s=best_d[1], peak_rss=_peak_rss())
     if args.agreement:
         res["teacher_argmax"] = eng.next_token_argmax(ids)
     print(json.dumps(res))
@@ -320,7 +334,11 @@ def machine_line(threads):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
+        have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+        cpu += f" ({' '.join(have) or 'no AVX2'})"
     except (OSError, StopIteration):
         pass
     return (f"memkernels {info['version']}, CPU ISA {info['cpu_isa']}, {cpu}, {os.cpu_count()} cores, "
@@ -430,34 +448,41 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "ids": ids, "results": results, "errors": errors}, f, indent=1)
 
-    def tps(r, which):
-        n = len(ids) if which == "prefill" else args.new_tokens - 1
-        s = r[f"{which}_s"]
+    n_decode = args.new_tokens - 1
+
+    def tps(r, which, clock="s"):
+        n = len(ids) if which == "prefill" else n_decode
+        s = r[f"{which}_{clock}"]
         return n / s if s > 0 else None
 
     rows = []
     for e, r in results.items():
         p, d = tps(r, "prefill"), tps(r, "decode")
         rows.append([e, r["version"], r["weights"], f"{p:.1f}" if p else "n/a", f"{d:.1f}" if d else "n/a",
-                     f"{1e3 * r['decode_s'] / (args.new_tokens - 1):.2f}", f"{r['peak_rss'] / 2**20:.0f}",
-                     f"{r['rss_loaded'] / 2**20:.0f}" if r.get("rss_loaded") else "n/a", f"{r['load_s']:.2f}"])
+                     f"{1e3 * r['decode_s'] / n_decode:.2f}", f"{1e3 * r['decode_cpu_s'] / n_decode:.2f}",
+                     f"{r['peak_rss'] / 2**20:.0f}", f"{r['rss_loaded'] / 2**20:.0f}" if r.get("rss_loaded") else "n/a",
+                     f"{r['load_s']:.2f}"])
     print_table(f"Generation, {os.path.basename(args.model)}, {args.threads} threads",
-                ["engine", "version", "weights", "prefill tok/s", "decode tok/s", "decode ms/token", "peak RSS MiB",
-                 "RSS after load MiB", "load s"], rows,
-                note=f"prefill: {len(ids)} prompt tokens to the first new token; decode: {args.new_tokens - 1} "
-                     "one-token steps. Peak RSS: the engine's whole process (Python and imports included).")
+                ["engine", "version", "weights", "prefill tok/s", "decode tok/s", "decode ms/token",
+                 "decode CPU ms/token", "peak RSS MiB", "RSS after load MiB", "load s"], rows,
+                note=f"prefill: {len(ids)} prompt tokens to the first new token; decode: {n_decode} one-token steps "
+                     "(wall time, the best round). CPU ms: user + system time of all the engine's threads, spin-waits "
+                     "included. Peak RSS: the engine's whole process (Python and imports included).")
 
     if "ours" in results and len(results) > 1:
         ours = results["ours"]
         peers = [e for e in results if e != "ours"]
 
-        def speed(e, which):
-            a, b = tps(results[e], which), tps(ours, which)
+        def speed(e, which, clock="s"):
+            a, b = tps(results[e], which, clock), tps(ours, which, clock)
             return fmt_ratio(b, a) if a and b else "n/a"  # ours tok/s over the peer's = peer time / ours
 
         ratio_rows = [[f"prefill {len(ids)} tokens"] + [speed(e, "prefill") for e in peers],
-                      [f"decode {args.new_tokens - 1} tokens"] + [speed(e, "decode") for e in peers],
-                      ["peak RSS"] + [fmt_ratio(results[e]["peak_rss"], ours["peak_rss"]) for e in peers]]
+                      [f"decode {n_decode} tokens"] + [speed(e, "decode") for e in peers]]
+        if args.threads == 1:  # one thread: CPU time is the work done, whatever else runs on the machine
+            ratio_rows += [[f"prefill {len(ids)} tokens, CPU time"] + [speed(e, "prefill", "cpu_s") for e in peers],
+                           [f"decode {n_decode} tokens, CPU time"] + [speed(e, "decode", "cpu_s") for e in peers]]
+        ratio_rows.append(["peak RSS"] + [fmt_ratio(results[e]["peak_rss"], ours["peak_rss"]) for e in peers])
         print_table("Generation, peers vs ours", ["metric"] + [f"{e}/ours" for e in peers], ratio_rows,
                     note="Speed: ours tokens/s / the peer's (= peer time / ours); peak RSS: the peer's / ours. "
                          "> 1 means memkernels is faster / smaller.")
