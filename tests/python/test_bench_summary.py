@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,11 @@ pytestmark = pytest.mark.skipif(not (BENCH / "_common.py").is_file(), reason="no
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
+HAVE_TRANSFORMERS = HAVE_TORCH and importlib.util.find_spec("transformers") is not None
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+# bench/generate.py needs a real GGUF model (none ships with the repository): it runs here only when
+# MEMKERNELS_BENCH_GGUF names one; otherwise it must skip quickly (test_generate_skips_without_a_model)
+GGUF = os.environ.get("MEMKERNELS_BENCH_GGUF")
 
 # script, arguments of a cheap run, ratio columns it must print on any CPU machine
 CASES = [
@@ -34,10 +40,14 @@ CASES = [
     ("weight_stream", ["--quick", "--d-model", "256", "--d-ff", "1024", "--tokens", "6"],
      {"naive/ours bytes", "naive/ours time", "mmap-drop/ours bytes", "mmap-drop/ours time", "mmap/ours time"}),
 ]
+if GGUF and hasattr(mk, "load_model"):
+    CASES.append(("generate", ["--quick", "--rounds", "1", "--new-tokens", "4", "--prompt-tokens", "16"],
+                  ({"llama.cpp/ours"} if HAVE_LLAMA_CPP else set())
+                  | ({"transformers/ours"} if HAVE_TRANSFORMERS else set())))
 
 
-def run_bench(name, args):
-    env = dict(os.environ)
+def run_bench(name, args, env=None):
+    env = dict(os.environ if env is None else env)
     # the child imports the same memkernels as this process
     pkg_root = str(Path(mk.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -51,6 +61,8 @@ def run_bench(name, args):
 def test_bench_ratios_reach_the_summary(name, args, expected):
     out = run_bench(name, args)
     rows = _ratio_rows(name, out)
+    if name == "generate" and not expected:
+        pytest.skip("neither llama-cpp-python nor transformers installed: no peer to compare with")
     assert rows, f"no ratio rows parsed from {name}:\n{out}"
     columns = {col for _, _, _, col, _ in rows}
     assert expected <= columns, f"{name}: missing ratio columns {expected - columns}:\n{out}"
@@ -85,3 +97,23 @@ def test_print_table_rows_parse_back(capsys):
     print("trailing text")
     rows = _ratio_rows("qgemm", capsys.readouterr().out)
     assert rows == [("qgemm", "GPU qgemm, fp16 x", "28672x8192 batch 1 int4 g128", "cublas/ours", 2.5)]
+
+
+def test_generate_skips_without_a_model():
+    # `python -m memkernels bench` runs every script: without a GGUF model generate.py must say why it
+    # did nothing and succeed, quickly (before loading any engine)
+    env = {k: v for k, v in os.environ.items() if k != "MEMKERNELS_BENCH_GGUF"}
+    t = time.perf_counter()
+    out = run_bench("generate", ["--quick"], env=env)
+    assert time.perf_counter() - t < 60
+    assert "skipped" in out and "MEMKERNELS_BENCH_GGUF" in out, out
+    assert _ratio_rows("generate", out) == [] and "|" not in out, out
+
+
+def test_generate_rejects_a_missing_model(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(mk.__file__).resolve().parents[1]))
+    missing = tmp_path / "none.gguf"
+    res = subprocess.run([sys.executable, str(BENCH / "generate.py"), str(missing), "--quick"], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=str(BENCH.parent))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert str(missing) in res.stderr and "Traceback" not in res.stderr, res.stderr
