@@ -62,8 +62,12 @@ void set_cpu_isa(CpuIsa isa) {
 }
 
 static int default_threads() {
-  int n = omp_get_num_procs();
-  return n > 0 ? n : int(std::thread::hardware_concurrency());
+  // cached: omp_get_num_procs() asks the kernel for the affinity mask, and this runs on every call
+  static const int n = [] {
+    int p = omp_get_num_procs();
+    return p > 0 ? p : int(std::thread::hardware_concurrency());
+  }();
+  return n;
 }
 
 int num_threads() {

@@ -65,6 +65,18 @@ static DType dtype_from_dlpack(nb::dlpack::dtype t, const char* name) {
                                    ", " + std::to_string(bits) + " bits)");
 }
 
+static bool dtype_supported(nb::dlpack::dtype t) {
+  using nb::dlpack::dtype_code;
+  if (t.lanes != 1) return false;
+  switch (t.code) {
+    case uint8_t(dtype_code::Float): return t.bits == 16 || t.bits == 32 || t.bits == 64;
+    case uint8_t(dtype_code::Bfloat): return t.bits == 16;
+    case uint8_t(dtype_code::Int): return t.bits == 8 || t.bits == 16 || t.bits == 32 || t.bits == 64;
+    case uint8_t(dtype_code::UInt): return t.bits == 8 || t.bits == 16 || t.bits == 32;
+    default: return false;
+  }
+}
+
 static bool is_numpy_bfloat16(nb::handle obj) {
   if (!nb::hasattr(obj, "dtype") || !nb::hasattr(obj, "view")) return false;
   nb::object tp = nb::borrow(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())));
@@ -76,14 +88,19 @@ static bool is_numpy_bfloat16(nb::handle obj) {
 
 TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep) {
   if (obj.is_none()) throw Error(ErrorKind::Type, std::string(name) + ": expected an array, got None");
-  bool bf16_view = false;
-  nb::object src = nb::borrow(obj);
-  if (is_numpy_bfloat16(obj)) {  // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
-    src = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
-    bf16_view = true;
-  }
+  // The plain cast first: the ml_dtypes.bfloat16 probe costs several attribute lookups, paid on
+  // every call, so it only runs when the cast fails or gives a dtype we do not take.
   nb::ndarray<> arr;
-  if (!nb::try_cast(src, arr, /*convert=*/false)) {
+  bool ok = nb::try_cast(obj, arr, /*convert=*/false);
+  bool bf16_view = false;
+  if ((!ok || !dtype_supported(arr.dtype())) && is_numpy_bfloat16(obj)) {
+    // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
+    nb::object bits = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
+    arr = nb::ndarray<>();
+    ok = nb::try_cast(bits, arr, /*convert=*/false);
+    bf16_view = ok;
+  }
+  if (!ok) {
     std::string tname = nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()))).attr("__name__")));
     throw Error(ErrorKind::Type, std::string(name) + ": expected a NumPy or DLPack-capable array, got " + tname);
   }

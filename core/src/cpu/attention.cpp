@@ -188,7 +188,10 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
 }  // namespace
 
 void flash_attention(const AttentionProblem& p) {
-  const int threads = num_threads();
+  // Below ~256K multiply-adds (a decode step over a short context) the call takes microseconds on
+  // one core, less than starting an OpenMP team: stay on the calling thread.
+  const int64_t macs = int64_t(p.batch) * p.heads * p.seqlen_q * std::max(p.seqlen_k, 1) * p.head_dim * 2;
+  const int threads = macs < (int64_t(1) << 18) ? 1 : num_threads();
   const int D = p.head_dim, dp = int(round_up(D, VL));
   const int group = p.heads / p.kv_heads;
   const int units = p.batch * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
@@ -201,7 +204,7 @@ void flash_attention(const AttentionProblem& p) {
   std::vector<float> kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);
   for (int u0 = 0; u0 < units; u0 += chunk) {
     const int nunits = std::min(chunk, units - u0);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
       Scratch w(D, dp);
       // 1. Pack K^T and V of the chunk's units, in slices of BK keys.

@@ -36,6 +36,14 @@ constexpr int FR = 1;  // 16 ymm registers: 8 accumulators + 4 weight vectors
 #endif
 constexpr int64_t ROWS = 16;  // rows per parallel task
 
+// Threads for a call of T tokens on w: below about a million multiply-adds (a 576 x 1536 layer, one
+// token) the whole product takes some tens of microseconds on one core, and starting an OpenMP team
+// costs several (tens when the other cores are busy), so small problems stay on the calling thread.
+constexpr int64_t kParallelMacs = int64_t(1) << 20;
+inline int threads_for(const QuantView& w, int64_t T) {
+  return w.rows * w.cols * T < kParallelMacs ? 1 : num_threads();
+}
+
 // The NF4 levels in the form each ISA looks them up from.
 struct Table {
 #if defined(MK_ISA_AVX512)
@@ -622,7 +630,8 @@ void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
   const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, w.group_size, INT4);
   std::vector<float> y(static_cast<size_t>(T * N));
   const int64_t blocks = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(num_threads()) schedule(dynamic, 4)
+  const int threads = threads_for(w, T);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
     for (int64_t t0 = 0; t0 < T; t0 += kInt8xTokens)
@@ -638,7 +647,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const Table tab(nf4_codebook());
   const int64_t N = w.rows, K = w.cols, G = w.groups, T = p.tokens;
   const int64_t blocks = (N + ROWS - 1) / ROWS;
-  const int threads = num_threads();
+  const int threads = threads_for(w, T);
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
   if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
@@ -656,7 +665,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
         xsum[t * G + g] = s;
       }
     std::vector<float> y(static_cast<size_t>(T * N));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
       if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
@@ -675,7 +684,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int64_t tp = (T + nt - 1) / nt * nt, nchunks = K / 32;
   std::vector<float> xp(static_cast<size_t>(tp * K), 0.0f);
   for (int64_t t = 0; t < T; ++t) std::memcpy(xp.data() + t * K, x + t * ldx, size_t(K) * 4);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> y(static_cast<size_t>(nt * ROWS));
 #pragma omp for schedule(dynamic, 1)
