@@ -81,7 +81,9 @@ def dequantize(qm: QuantizedMatrix, dtype: str = "float32", *, out=None, like=No
     return out
 
 
-_FAST_DTYPES = frozenset(d for d in (np.dtype(np.float32), np.dtype(np.float16), bfloat16) if d is not None)
+# dtypes of the fast path, compared by identity (NumPy's builtin dtypes are singletons; `in` on a
+# set would call dtype.__eq__, which converts its argument and costs a microsecond)
+_F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
 
 
 def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bool = False,
@@ -107,7 +109,8 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
         exact = not int8_activations
     # The common decode call (a 2-D NumPy x, no out, no stream) allocates its result and goes
     # straight to the kernel: per-call Python work is a few attribute reads (bench/qgemm.py --small).
-    if out is None and stream is None and type(x) is np.ndarray and x.dtype in _FAST_DTYPES:
+    if out is None and stream is None and type(x) is np.ndarray and (
+            (dt := x.dtype) is _F32 or dt is _F16 or (dt is bfloat16 and dt is not None)):
         if x.ndim == 2:
             _check_qm(qm)
             out = np.empty((x.shape[0], qm.out_features), x.dtype)

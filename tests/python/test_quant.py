@@ -747,3 +747,51 @@ def test_cuda_new_formats(fmt, group, tokens):
     dd = mk.dequantize(g, like=torch.empty(1, device="cuda"))
     np.testing.assert_array_equal(dd.cpu().numpy(), mk.dequantize(qm))  # bit for bit, never fused
     assert g.to_bytes() == qm.to_bytes()
+
+
+# ---- default path (issue 14): int8 activations where they apply, exact=True keeps fp32 ----------------
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("int8", 32), ("int8", None),
+                                       ("int4", 128), ("nf4", 64), ("int3", 128)])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9])
+def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
+    n, k = 45, 640  # a small-model size: the single-thread branch of the kernels
+    w = rng(7).standard_normal((n, k)).astype(np.float32)
+    qm = mk.quantize(w, fmt, group_size=group)
+    d = mk.dequantize(qm).astype(np.float64)
+    X = rng(8 + tokens).standard_normal((tokens, k)).astype(np.float32)
+    bias = rng(9).standard_normal(n).astype(np.float32)
+    y = mk.qgemm(X, qm, bias)
+    # the default is the int8_activations path, exact=True the fp32 one, bit for bit
+    np.testing.assert_array_equal(y, mk.qgemm(X, qm, bias, out=np.full((tokens, n), np.nan, np.float32),
+                                              int8_activations=True))
+    exact = mk.qgemm(X, qm, bias, exact=True)
+    np.testing.assert_array_equal(exact, mk.qgemm(X, qm, bias, int8_activations=False))
+    ref = X.astype(np.float64) @ d.T + bias
+    np.testing.assert_allclose(exact, ref, rtol=1e-4, atol=1e-4 * (np.abs(X) @ np.abs(d).T).max())
+    # the bound documented in quant.h, against the float64 product
+    bound = (np.abs(d).sum(axis=1)[None, :] * np.abs(X).max(axis=1)[:, None] / 254 * 1.001
+             + 1e-4 * (np.abs(X) @ np.abs(d).T) + 1e-5)
+    assert np.all(np.abs(y - ref) <= bound)
+    # 1-D x takes the same path as a 1-token batch
+    np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    integer_path = (fmt in ("int4", "int4_sym", "int4_min", "int8") and tokens <= 8
+                    and (isa == "avx2" or (isa == "avx512" and vnni)))
+    assert np.array_equal(y, exact) != integer_path
+
+
+def test_qgemm_exact_and_int8_activations_conflict():
+    qm = mk.quantize(rng(1).standard_normal((8, 32)).astype(np.float32), "int4", group_size=32)
+    x = rng(2).standard_normal((1, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match="exact=True and int8_activations=True"):
+        mk.qgemm(x, qm, exact=True, int8_activations=True)
+    with pytest.raises(TypeError, match="qm"):  # the fast path still names a wrong argument
+        mk.qgemm(x, "not a matrix")
+    with pytest.raises(ValueError, match="features"):
+        mk.qgemm(x[:, :16], qm)
+    for dt in (np.float16,) + ((mk._arrays.bfloat16,) if mk._arrays.bfloat16 is not None else ()):
+        xd = x.astype(dt)
+        y = mk.qgemm(xd, qm)
+        assert y.dtype == xd.dtype and y.shape == (1, 8)
+        np.testing.assert_allclose(y.astype(np.float32), mk.qgemm(xd.astype(np.float32), qm), rtol=2e-2, atol=2e-2)
