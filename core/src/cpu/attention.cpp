@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../attention_internal.h"
@@ -93,8 +94,20 @@ void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, 
   }
 }
 
+// A float buffer left uninitialised: every scratch row below is written before it is read, and
+// zero-filling them (tens of KB) was a visible part of a decode-sized call.
+struct Buf {
+  std::unique_ptr<float[]> p;
+  size_t n = 0;
+  explicit Buf(size_t size) : p(new float[size]), n(size) {}
+  float* data() { return p.get(); }
+  float* begin() { return p.get(); }
+  float* end() { return p.get() + n; }
+  float& operator[](size_t i) { return p[i]; }
+};
+
 struct Scratch {
-  std::vector<float> q, s, o, m, l, row;
+  Buf q, s, o, m, l, row;
   Scratch(int head_dim, int dp)
       : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)) {}
 };
@@ -201,7 +214,7 @@ void flash_attention(const AttentionProblem& p) {
   // Pack enough units at once to give every thread a few tasks, no more (bounds the memory).
   const int chunk = std::min(units, std::max(1, (4 * threads + tasks_per_unit - 1) / tasks_per_unit));
 
-  std::vector<float> kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);
+  Buf kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);  // every key slice is packed or zeroed
   for (int u0 = 0; u0 < units; u0 += chunk) {
     const int nunits = std::min(chunk, units - u0);
 #pragma omp parallel num_threads(threads) if (threads > 1)
