@@ -95,7 +95,7 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
     the last dimension replaced by out_features, in x's dtype; `out` may be given (that shape; for
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
-    By default, for int4, int4_sym, int4_min and int8 with 1 to 8 tokens on CPUs with AVX512-VNNI or
+    By default, for int4, int4_sym, int4_min and int8 with 1 to 64 tokens on CPUs with AVX512-VNNI or
     AVX2, x is quantized to int8 on the fly (one scale per token, max|x_t| / 127) and the dot
     products are integer: faster, and each output of token t is within
     ``sum_k |w_k| * max|x_t| / 254`` (plus fp32 rounding) of the exact product (the bound is in

@@ -617,12 +617,13 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
         np.testing.assert_allclose(y, d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
     else:
         np.testing.assert_array_equal(y, exact)
-    # 2 to 8 tokens share each weight load (each token its own scale); 9 and more: the exact path
-    for tokens in (2, 5, 8, 9):
+    # 2 to 8 tokens share each weight load (each token its own scale), up to 64 in passes of 8;
+    # 65 and more: the exact path
+    for tokens in (2, 5, 8, 9, 27, 64, 65):
         X = (rng(k + tokens).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, bias, out=out, int8_activations=True)
-        if tokens > 8 or not integer_path:
+        if tokens > 64 or not integer_path:
             np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias, exact=True))
             continue
         for t in range(tokens):
@@ -753,7 +754,7 @@ def test_cuda_new_formats(fmt, group, tokens):
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("int8", 32), ("int8", None),
                                        ("int4", 128), ("nf4", 64), ("int3", 128)])
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33, 65])
 def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     n, k = 45, 640  # a small-model size: the single-thread branch of the kernels
     w = rng(7).standard_normal((n, k)).astype(np.float32)
@@ -776,7 +777,7 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     # 1-D x takes the same path as a 1-token batch
     np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    integer_path = (fmt in ("int4", "int4_sym", "int4_min", "int8") and tokens <= 8
+    integer_path = (fmt in ("int4", "int4_sym", "int4_min", "int8") and tokens <= 64
                     and (isa == "avx2" or (isa == "avx512" and vnni)))
     assert np.array_equal(y, exact) != integer_path
 

@@ -149,7 +149,7 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
-  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 with 1 to 8
+  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 with 1 to 64
   // tokens on CPUs with VNNI or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact
   // path runs).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):

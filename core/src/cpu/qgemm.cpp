@@ -11,7 +11,7 @@
 // 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
 // (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
-// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, 1-8 tokens,
+// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, 1-64 tokens,
 // int4 / int4_sym / int4_min / int8: x quantized to int8 and integer dot products, AVX512-VNNI or
 // AVX2 (gemv_int4_int8x, gemv_int8_int8x), each weight load serving up to 8 (AVX2: 4) tokens.
 #include <omp.h>
@@ -635,7 +635,9 @@ void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int
 
 // The integer-dot path (up to kInt8xMaxTokens tokens): x quantized once per token, rows split over
 // the threads, every unpacked weight used by kInt8xTokens tokens.
-constexpr int64_t kInt8xMaxTokens = 8;  // decode-sized batches; longer inputs take the exact path
+// Up to 64 tokens (each pass of kInt8xTokens re-reads a row block's codes, which stay in cache);
+// longer inputs take the exact path, whose buffers do not grow with the token count.
+constexpr int64_t kInt8xMaxTokens = 64;
 template <bool INT4>
 void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
