@@ -9,7 +9,14 @@ Prints Markdown tables: time per call (best of the repetitions), the stored byte
 the ratios peer time / our time ("numpy/ours", "torch fp32/ours", "torch bf16/ours" on the CPU,
 "cublas/ours" against torch fp16 on the GPU; > 1 means memkernels is faster). --quick: int4 g128
 and one shape only. "+i8x": int8_activations=True (activations quantized to int8 per token, VNNI
-dot products; batches up to 8, where it applies).
+dot products; batches up to 64, where it applies; since issue 14 the default, "exact" rows use
+exact=True). Peers in the same run when present: torch's int4 CPU kernel
+(``_weight_int4pack_mm_for_cpu``, group 128 and 32, bf16 activations) and torch bf16 ``F.linear``;
+ggml's MUL_MAT through ggml's own ``test-backend-ops perf`` binary when MEMKERNELS_GGML_TEST_BACKEND_OPS
+names one (its perf shapes are fixed: 4096x14336 at 1-8 and 512 tokens, 2 threads, wall time).
+"GB/s": weight bytes read per call / our time.
+--small: per-call times over a 135M model's decode shapes (SmolLM2: hidden 576, FFN 1536, vocab
+49152), 1 token, next to NumPy fp32 on the same data, plus the fixed cost of the smallest calls.
 """
 from __future__ import annotations
 
@@ -31,16 +38,62 @@ import memkernels as mk  # noqa: E402
 
 try:
     import torch
+    import torch.nn.functional as F
 except ImportError:  # pragma: no cover
     torch = None
 
 
+def torch_int4(w, group):
+    """torch's packed int4 CPU weights for w (N, K) float32: asymmetric round-to-nearest per group of
+    `group`, as torch's own int4 weight-only quantizer lays them out. Returns a function x -> y taking
+    bf16 x (tokens, K), or None when this torch lacks the kernel."""
+    if torch is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    n, k = w.shape
+    wg = torch.from_numpy(w).reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+
+
+GGML_TYPES = {"int4 g128": None, "int4_sym g32": "q4_0", "int4_min g32": "q4_1", "int8 g32": "q8_0"}
+
+
+def ggml_mul_mat_us():
+    """{(ggml type, n_out, tokens, k): microseconds per MUL_MAT} from the binary named by
+    MEMKERNELS_GGML_TEST_BACKEND_OPS (ggml's `test-backend-ops perf -o MUL_MAT`), {} without one."""
+    exe = os.environ.get("MEMKERNELS_GGML_TEST_BACKEND_OPS")
+    if not exe:
+        return {}
+    import re
+    import subprocess
+
+    pat = "type_a=(q4_0|q4_1|q4_K|q8_0),type_b=f32,m=4096,n=(1|8),k=14336,"
+    try:
+        res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
+                             timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"ggml test-backend-ops failed: {e}")
+        return {}
+    times = {}
+    for m in re.finditer(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=(\d+),k=(\d+),[^)]*\):\s+\d+ runs -\s+([\d.]+) us/run",
+                         res.stdout):
+        times[(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))] = float(m.group(5))
+    if not times:
+        print("ggml test-backend-ops printed no MUL_MAT timings:\n" + res.stdout[-2000:] + res.stderr[-2000:])
+    return times
+
+
 CLOCK = time.perf_counter
+SMALL = "--small" in sys.argv  # microsecond calls: more repetitions
 
 
 def bench(fn):
     # best of the repetitions: on a shared machine the median mostly measures the scheduler
-    return best_time(fn, repeat=3, max_reps=200, clock=CLOCK)
+    return best_time(fn, repeat=3, max_reps=2000 if SMALL else 200, clock=CLOCK)
 
 
 def cpu(args):
@@ -58,9 +111,13 @@ def cpu(args):
         shapes = [args.shape]
     print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {mk.num_threads()} threads"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""))
-    headers = ["case", "B/weight", "ours ms", "numpy fp32 ms", "numpy/ours"]
+    headers = ["case", "B/weight", "ours ms", "GB/s", "numpy fp32 ms", "numpy/ours"]
     if torch:
-        headers += ["torch fp32 ms", "torch bf16 ms", "torch fp32/ours", "torch bf16/ours"]
+        headers += ["torch fp32 ms", "torch bf16 ms", "torch fp32/ours", "torch bf16/ours",
+                    "torch int4 g128 ms", "torch int4 g32 ms", "torch int4 g128/ours", "torch int4 g32/ours"]
+    ggml = ggml_mul_mat_us()
+    if ggml:
+        headers += ["ggml q4_K ms", "ggml same-format ms", "ggml q4_K/ours", "ggml same/ours"]
     rng = np.random.default_rng(0)
 
     def rows():
@@ -69,6 +126,7 @@ def cpu(args):
             tw = torch.from_numpy(w) if torch else None
             tw16 = tw.to(torch.bfloat16) if torch else None
             qms = {(f, g): mk.quantize(w, f, group_size=g) for f, g in formats}
+            ti4 = {g: torch_int4(w, g) for g in (128, 32)} if torch else {}
             for b in batches:
                 x = rng.standard_normal((b, k), dtype=np.float32)
                 if b == 1:
@@ -80,25 +138,112 @@ def cpu(args):
                     tx = torch.from_numpy(x)
                     tx16 = tx.to(torch.bfloat16)
                     t_t32 = bench(lambda: tx @ tw.T)
-                    t_t16 = bench(lambda: tx16 @ tw16.T)
+                    t_t16 = bench(lambda: F.linear(tx16, tw16))
+                    t_i4 = {g: (bench(lambda: f(tx16)) if f else None) for g, f in ti4.items()}
                 out = np.empty((b, n), np.float32)
                 variants = []
                 for f, g in formats:
                     variants.append((f, g, False))
-                    if b <= 8 and (f, g) in i8x:
+                    if b <= 64 and (f, g) in i8x:
                         variants.append((f, g, True))  # x quantized to int8 on the fly (VNNI)
                 for f, g, i8 in variants:
                     qm = qms[(f, g)]
-                    t = bench(lambda: mk.qgemm(x, qm, out=out, int8_activations=i8))
-                    name = (f if g is None else f"{f} g{g}") + ("+i8x" if i8 else "")
+                    t = bench(lambda: mk.qgemm(x, qm, out=out, exact=not i8))
+                    fname = f if g is None else f"{f} g{g}"
+                    name = fname + ("+i8x" if i8 else " exact")
                     row = [f"{n}x{k} batch {b} {name}", f"{qm.bits_per_weight / 8:.3f}", fmt_ms(t, 3),
-                           fmt_ms(t_np, 3), fmt_ratio(t_np, t)]
+                           f"{qm.nbytes / t / 1e9:.1f}", fmt_ms(t_np, 3), fmt_ratio(t_np, t)]
                     if torch:
-                        row += [fmt_ms(t_t32, 3), fmt_ms(t_t16, 3), fmt_ratio(t_t32, t), fmt_ratio(t_t16, t)]
+                        row += [fmt_ms(t_t32, 3), fmt_ms(t_t16, 3), fmt_ratio(t_t32, t), fmt_ratio(t_t16, t),
+                                fmt_ms(t_i4[128], 3), fmt_ms(t_i4[32], 3), fmt_ratio(t_i4[128], t),
+                                fmt_ratio(t_i4[32], t)]
+                    if ggml:
+                        gk = ggml.get(("q4_K", n, b, k))
+                        gs = ggml.get((GGML_TYPES.get(fname), n, b, k))
+                        gk, gs = (None if v is None else v * 1e-6 for v in (gk, gs))
+                        row += [fmt_ms(gk, 3), fmt_ms(gs, 3), fmt_ratio(gk, t), fmt_ratio(gs, t)]
                     yield row
 
     print_table("CPU qgemm, fp32 x", headers, rows(),
-                note="y = x @ W.T, case = out x in features, batch, format; ratios: peer ms / ours ms.")
+                note="y = x @ W.T, case = out x in features, batch, format; ratios: peer ms / ours ms. "
+                     "torch int4: bf16 x, asymmetric int4 weights packed by torch. ggml: test-backend-ops perf "
+                     "(its own thread count and wall clock; only its 4096x14336 shapes exist there). GB/s: our "
+                     "stored weight bytes / our time.")
+
+
+SMOL = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
+        ("down", 576, 1536), ("lm_head", 49152, 576)]
+SMOL_CALLS = {"q_proj / o_proj": 2, "k_proj / v_proj": 2, "gate / up": 2, "down": 1}  # per layer, 30 layers
+
+
+def small(args):
+    """Per-call times of a 135M model's decode GEMVs and of the smallest kernel calls."""
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {mk.num_threads()} threads")
+    rng = np.random.default_rng(0)
+    formats = [("int4_sym", 32), ("int8", 32), ("int4_min", 32), ("int4", 32)]
+
+    def us(t):
+        return "n/a" if t is None else f"{t * 1e6:.1f}"
+
+    per_token = {f: [0.0, 0.0] for f in formats}
+    per_token_np = [0.0]
+
+    def rows():
+        for role, n, k in SMOL:
+            w = rng.standard_normal((n, k), dtype=np.float32) * 0.05
+            x = rng.standard_normal(k, dtype=np.float32)
+            t_np = bench(lambda: w @ x)
+            ti4 = torch_int4(w, 32) if torch else None
+            t_i4 = None
+            if ti4:
+                tx16 = torch.from_numpy(x[None]).to(torch.bfloat16)
+                t_i4 = bench(lambda: ti4(tx16))
+            calls = SMOL_CALLS.get(role, 1 / 30) * 30
+            per_token_np[0] += calls * t_np
+            for f, g in formats:
+                qm = mk.quantize(w, f, group_size=g)
+                t = bench(lambda: mk.qgemm(x, qm))
+                te = bench(lambda: mk.qgemm(x, qm, exact=True))
+                per_token[(f, g)][0] += calls * t
+                per_token[(f, g)][1] += calls * te
+                yield [f"{role} {n}x{k} {f} g{g}", us(t), us(te), f"{qm.nbytes / t / 1e9:.1f}", us(t_np),
+                       fmt_ratio(t_np, t), us(t_i4) if f == "int4" else "", fmt_ratio(t_i4, t) if f == "int4" else ""]
+
+    print_table("CPU qgemm, small-model decode shapes (1 token)",
+                ["case", "ours us", "ours exact us", "GB/s", "numpy fp32 us", "numpy/ours", "torch int4 g32 us",
+                 "torch int4/ours"], rows(),
+                note="case = layer, out x in features, format; 'ours' is the default (int8 activations), "
+                     "'exact' exact=True. torch int4 g32: bf16 x.")
+    # the GEMVs of one decode step of the 30-layer model (7 per layer + the vocabulary projection)
+    print_table("CPU qgemm, one 135M-model decode step (210 layer GEMVs + lm_head)",
+                ["format", "ours ms", "ours exact ms", "numpy fp32 ms"],
+                ([f"{f} g{g}", fmt_ms(a, 2), fmt_ms(b, 2), fmt_ms(per_token_np[0], 2)]
+                 for (f, g), (a, b) in per_token.items()),
+                note="Sum of the per-call times above x calls per token; llama.cpp decodes the whole model "
+                     "(every op) in 8-9.5 ms per token on this machine with 2 threads (issue 14).")
+
+    def fixed():
+        qm = mk.quantize(rng.standard_normal((8, 32), dtype=np.float32), "int4", group_size=32)
+        x = rng.standard_normal((1, 32), dtype=np.float32)
+        out = np.empty((1, 8), np.float32)
+        yield ["qgemm 8x32 int4 g32, 1 token", us(bench(lambda: mk.qgemm(x, qm)))]
+        yield ["qgemm 8x32 int4 g32, 1 token, out=", us(bench(lambda: mk.qgemm(x, qm, out=out)))]
+        yield ["qgemm 8x32 int4 g32, 1 token, exact", us(bench(lambda: mk.qgemm(x, qm, exact=True)))]
+        q = rng.standard_normal((1, 1, 1, 8), dtype=np.float32)
+        yield ["flash_attention 1x1x1x8", us(bench(lambda: mk.flash_attention(q, q, q)))]
+        q = rng.standard_normal((1, 1, 9, 64), dtype=np.float32)
+        kv = rng.standard_normal((1, 1, 3, 64), dtype=np.float32)
+        yield ["flash_attention 9 heads, 3 kv heads, d 64, 1 key", us(bench(lambda: mk.flash_attention(q, kv, kv)))]
+        c = mk.PagedKVCache(1, 8, 16, 3, 64)
+        sid = c.add_sequence()
+        c.append([sid], 0, kv[0], kv[0])
+        q3 = q[0]
+        yield ["paged_attention decode, 9 heads, 3 kv heads, d 64, 1 key",
+               us(bench(lambda: mk.paged_attention(q3, c, 0, [sid])))]
+        yield ["numpy: np.empty((1, 8)) (reference)", us(bench(lambda: np.empty((1, 8), np.float32)))]
+
+    print_table("Fixed cost per call from Python (smallest problems)", ["call", "us"], fixed(),
+                note="Each is almost entirely fixed cost: wrapper, argument conversion and checks, dispatch.")
 
 
 def gpu(args):
@@ -152,6 +297,8 @@ def main():
     ap.add_argument("--gguf", action="store_true",
                     help="CPU: the GGUF import formats (int8 g32, int4_min g32, int4_sym g32) and int4 g128 on "
                          "4096x14336, batch 1 and 8")
+    ap.add_argument("--small", action="store_true",
+                    help="CPU: per-call times over a 135M model's decode shapes and the fixed cost per call")
     ap.add_argument("--shape", type=shape_arg, default=None,
                     help="one layer shape N_OUTxK_IN instead of the defaults (e.g. 1024x1024 for a smoke run)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -164,7 +311,12 @@ def main():
         mk.set_num_threads(1)
         if torch is not None:
             torch.set_num_threads(1)
-    gpu(args) if args.cuda else cpu(args)
+    if args.cuda:
+        gpu(args)
+    elif args.small:
+        small(args)
+    else:
+        cpu(args)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ namespace {
 std::string str(int64_t x) { return std::to_string(x); }
 
 void fill_options(AttentionProblem& p, const AttentionOptions& o) {
-  check(p.head_dim > 0, ErrorKind::Value, "flash_attention: head_dim must be > 0, got " + str(p.head_dim));
+  if (p.head_dim <= 0)
+    throw_error(ErrorKind::Value, "flash_attention: head_dim must be > 0, got " + str(p.head_dim));
   check(p.kv_heads > 0 && p.heads > 0, ErrorKind::Value, "flash_attention: heads and kv_heads must be > 0");
-  check(p.heads % p.kv_heads == 0, ErrorKind::Value,
-        "flash_attention: q heads (" + str(p.heads) + ") must be a multiple of k/v heads (" + str(p.kv_heads) + ")");
+  if (p.heads % p.kv_heads != 0)
+    throw_error(ErrorKind::Value, "flash_attention: q heads (" + str(p.heads) + ") must be a multiple of k/v heads (" +
+                                      str(p.kv_heads) + ")");
   check(std::isfinite(o.scale) && o.scale >= 0.0f, ErrorKind::Value, "flash_attention: scale must be finite and >= 0");
   check(std::isfinite(o.softcap) && o.softcap >= 0.0f, ErrorKind::Value,
         "flash_attention: softcap must be finite and >= 0 (0 disables it)");
@@ -40,26 +42,28 @@ void check_qkv(const TensorView& q, const TensorView& k, const TensorView& v, co
     expect_same_device(*ts[i], names[i], q, "q");
   }
   for (int i = 1; i < 4; ++i)
-    check(ts[i]->dtype == q.dtype, ErrorKind::Type,
-          std::string(names[i]) + " has dtype " + dtype_name(ts[i]->dtype) + " but q has " + dtype_name(q.dtype) +
-              "; q, k, v and out must share one dtype");
-  check(k.ndim == v.ndim && std::equal(k.shape, k.shape + ndim, v.shape), ErrorKind::Value,
-        "k " + k.shape_str() + " and v " + v.shape_str() + " must have the same shape");
-  check(k.size(-1) == q.size(-1), ErrorKind::Value,
-        "head_dim of k (" + str(k.size(-1)) + ") differs from q (" + str(q.size(-1)) + ")");
-  check(std::equal(out.shape, out.shape + ndim, q.shape), ErrorKind::Value,
-        "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
-  check(q.size(-1) > 0, ErrorKind::Value, "q: head_dim must be > 0");
+    if (ts[i]->dtype != q.dtype)
+      throw_error(ErrorKind::Type, std::string(names[i]) + " has dtype " + dtype_name(ts[i]->dtype) + " but q has " +
+                                       dtype_name(q.dtype) + "; q, k, v and out must share one dtype");
+  if (!(k.ndim == v.ndim && std::equal(k.shape, k.shape + ndim, v.shape)))
+    throw_error(ErrorKind::Value, "k " + k.shape_str() + " and v " + v.shape_str() + " must have the same shape");
+  if (k.size(-1) != q.size(-1))
+    throw_error(ErrorKind::Value,
+                "head_dim of k (" + str(k.size(-1)) + ") differs from q (" + str(q.size(-1)) + ")");
+  if (!std::equal(out.shape, out.shape + ndim, q.shape))
+    throw_error(ErrorKind::Value, "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
+  if (q.size(-1) <= 0) throw_error(ErrorKind::Value, "q: head_dim must be > 0");
   // The problem description holds sizes as int: larger ones (stride-0 views) would wrap.
   const char* dim_names[] = {"batch", "seq", "heads", "head_dim"};
   for (int i = 0; i < 2; ++i)
     for (int d = 0; d < ndim; ++d)
-      check(ts[i]->size(d) <= INT32_MAX, ErrorKind::Value,
-            std::string(names[i]) + ": " + dim_names[d + 4 - ndim] + " = " + str(ts[i]->size(d)) +
-                " is larger than 2^31 - 1");
-  // The CPU kernel indexes rows in 32 bits per batch.
-  check(q.size(-3) < (int64_t(1) << 30) && k.size(-3) < (int64_t(1) << 30), ErrorKind::Value,
-        "sequence too long (>= 2^30 rows)");
+      if (ts[i]->size(d) > INT32_MAX)
+        throw_error(ErrorKind::Value, std::string(names[i]) + ": " + dim_names[d + 4 - ndim] + " = " +
+                                          str(ts[i]->size(d)) + " is larger than 2^31 - 1");
+  // The CPU kernel indexes rows in 32 bits per batch. (Messages are built only on failure: these
+  // checks run on every call, and a decode-sized call costs a few microseconds in all.)
+  if (!(q.size(-3) < (int64_t(1) << 30) && k.size(-3) < (int64_t(1) << 30)))
+    throw_error(ErrorKind::Value, "sequence too long (>= 2^30 rows)");
 }
 
 void run(AttentionProblem& p, const Device& device, void* stream) {
@@ -80,8 +84,8 @@ void run(AttentionProblem& p, const Device& device, void* stream) {
 void flash_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                      const TensorView* lse, const AttentionOptions& opts, void* stream) {
   check_qkv(q, k, v, out, 4);
-  check(k.size(0) == q.size(0), ErrorKind::Value,
-        "batch of k (" + str(k.size(0)) + ") differs from q (" + str(q.size(0)) + ")");
+  if (k.size(0) != q.size(0))
+    throw_error(ErrorKind::Value, "batch of k (" + str(k.size(0)) + ") differs from q (" + str(q.size(0)) + ")");
   AttentionProblem p;
   p.dtype = q.dtype;
   p.batch = int(q.size(0));

@@ -64,33 +64,33 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 4);
-    check(t.dtype == q.dtype || t.dtype == DType::Int8 || (kivi && t.dtype == DType::UInt8), ErrorKind::Type,
-          std::string(names[i]) + " has dtype " + dtype_name(t.dtype) + " but q has " + dtype_name(q.dtype) +
-              "; the pages must have the dtype of q and out, or be int8 with scales");
+    if (!(t.dtype == q.dtype || t.dtype == DType::Int8 || (kivi && t.dtype == DType::UInt8)))
+      throw_error(ErrorKind::Type, std::string(names[i]) + " has dtype " + dtype_name(t.dtype) + " but q has " + dtype_name(q.dtype) +
+          "; the pages must have the dtype of q and out, or be int8 with scales");
     expect_same_device(t, names[i], q, "q");
-    check(t.stride(3) == 1 && t.stride(2) == t.size(3), ErrorKind::Value,
-          std::string(names[i]) + ": the (kv_heads, head_dim) block of each token must be contiguous");
-    check(t.stride(0) >= 0 && t.stride(1) >= 0, ErrorKind::Value,
-          std::string(names[i]) + ": negative page or token stride");
+    if (!(t.stride(3) == 1 && t.stride(2) == t.size(3)))
+      throw_error(ErrorKind::Value, std::string(names[i]) + ": the (kv_heads, head_dim) block of each token must be contiguous");
+    if (!(t.stride(0) >= 0 && t.stride(1) >= 0))
+      throw_error(ErrorKind::Value, std::string(names[i]) + ": negative page or token stride");
   }
   check(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
-  check(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape), ErrorKind::Value,
-        "k_pages " + k_pages.shape_str() + " and v_pages " + v_pages.shape_str() + " must have the same shape");
+  if (!(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape)))
+    throw_error(ErrorKind::Value, "k_pages " + k_pages.shape_str() + " and v_pages " + v_pages.shape_str() + " must have the same shape");
   const int64_t num_pages = k_pages.size(0), page_size = k_pages.size(1), kv_heads = k_pages.size(2);
   const int64_t D = q.size(2), heads = q.size(1), total_q = q.size(0);
-  check(k_pages.size(3) == D, ErrorKind::Value,
-        "head_dim of the pages (" + str(k_pages.size(3)) + ") differs from q (" + str(D) + ")");
+  if (!(k_pages.size(3) == D))
+    throw_error(ErrorKind::Value, "head_dim of the pages (" + str(k_pages.size(3)) + ") differs from q (" + str(D) + ")");
   check(D > 0 && heads > 0 && kv_heads > 0 && page_size > 0, ErrorKind::Value,
         "paged_attention: head_dim, heads, kv_heads and page_size must be > 0");
-  check(heads % kv_heads == 0, ErrorKind::Value,
-        "paged_attention: q heads (" + str(heads) + ") must be a multiple of kv heads (" + str(kv_heads) + ")");
+  if (!(heads % kv_heads == 0))
+    throw_error(ErrorKind::Value, "paged_attention: q heads (" + str(heads) + ") must be a multiple of kv heads (" + str(kv_heads) + ")");
   check(num_pages < (int64_t(1) << 31) && total_q < (int64_t(1) << 31), ErrorKind::Value,
         "paged_attention: too many pages or query rows (>= 2^31)");
   expect_ndim(out, "out", 3);
-  check(out.dtype == q.dtype, ErrorKind::Type,
-        std::string("out has dtype ") + dtype_name(out.dtype) + " but q has " + dtype_name(q.dtype));
-  check(std::equal(out.shape, out.shape + 3, q.shape), ErrorKind::Value,
-        "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
+  if (!(out.dtype == q.dtype))
+    throw_error(ErrorKind::Type, std::string("out has dtype ") + dtype_name(out.dtype) + " but q has " + dtype_name(q.dtype));
+  if (!(std::equal(out.shape, out.shape + 3, q.shape)))
+    throw_error(ErrorKind::Value, "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
   expect_last_dim_contiguous(out, "out");
   expect_same_device(out, "out", q, "q");
   check(std::isfinite(opts.scale) && opts.scale >= 0.0f, ErrorKind::Value,
@@ -100,7 +100,8 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
   check(opts.num_splits >= 0, ErrorKind::Value, "paged_attention: num_splits must be >= 0");
 
   expect_ndim(kv_indptr, "kv_indptr", 1);
-  check(kv_indptr.size(0) >= 1, ErrorKind::Value, "kv_indptr: expected batch + 1 >= 1 entries");
+  if (!(kv_indptr.size(0) >= 1))
+    throw_error(ErrorKind::Value, "kv_indptr: expected batch + 1 >= 1 entries");
   const int64_t batch = kv_indptr.size(0) - 1;
   expect_index_array(kv_indptr, "kv_indptr", q, batch + 1);
   expect_index_array(kv_indices, "kv_indices", q, -1);
@@ -108,9 +109,9 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
   if (qo_indptr) {
     expect_index_array(*qo_indptr, "qo_indptr", q, batch + 1);
   } else {
-    check(total_q == batch, ErrorKind::Value,
-          "q: without qo_indptr there is one query row per sequence, so q needs " + str(batch) + " rows, got " +
-              str(total_q));
+    if (!(total_q == batch))
+      throw_error(ErrorKind::Value, "q: without qo_indptr there is one query row per sequence, so q needs " + str(batch) + " rows, got " +
+          str(total_q));
   }
 
   PagedProblem p;
@@ -132,12 +133,11 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
       expect_ndim(t, snames[i], 3);
       expect_dtype(t, snames[i], {DType::Float32});
       expect_same_device(t, snames[i], q, "q");
-      check(t.size(0) == k_pages.size(0) && t.size(1) == k_pages.size(1) && t.size(2) == k_pages.size(2),
-            ErrorKind::Value,
-            std::string(snames[i]) + ": expected (num_pages, page_size, kv_heads) = (" + str(k_pages.size(0)) + ", " +
-                str(k_pages.size(1)) + ", " + str(k_pages.size(2)) + "), got " + t.shape_str());
-      check(t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) >= 0, ErrorKind::Value,
-            std::string(snames[i]) + ": the (page_size, kv_heads) dims must be contiguous");
+      if (!(t.size(0) == k_pages.size(0) && t.size(1) == k_pages.size(1) && t.size(2) == k_pages.size(2)))
+        throw_error(ErrorKind::Value, std::string(snames[i]) + ": expected (num_pages, page_size, kv_heads) = (" + str(k_pages.size(0)) + ", " +
+            str(k_pages.size(1)) + ", " + str(k_pages.size(2)) + "), got " + t.shape_str());
+      if (!(t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) >= 0))
+        throw_error(ErrorKind::Value, std::string(snames[i]) + ": the (page_size, kv_heads) dims must be contiguous");
       if (t.size(0) > 0) expect_not_null(t, snames[i]);
     }
     p.k_scale = k_scales->ptr<const float>(), p.v_scale = v_scales->ptr<const float>();
@@ -191,25 +191,26 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
   // CPU: validate every index; they decide every address the kernel reads.
   check_indptr(p.kv_indptr, p.batch, p.nnz_pages, "kv_indptr", "the entries of kv_indices");
   if (p.qo_indptr) {
-    check(p.qo_indptr[0] == 0, ErrorKind::Value, "qo_indptr[0] must be 0, got " + str(p.qo_indptr[0]));
+    if (!(p.qo_indptr[0] == 0))
+      throw_error(ErrorKind::Value, "qo_indptr[0] must be 0, got " + str(p.qo_indptr[0]));
     check_indptr(p.qo_indptr, p.batch, total_q, "qo_indptr", "the rows of q");
-    check(p.qo_indptr[p.batch] == total_q, ErrorKind::Value,
-          "qo_indptr[-1] = " + str(p.qo_indptr[p.batch]) + " must equal the rows of q (" + str(total_q) + ")");
+    if (!(p.qo_indptr[p.batch] == total_q))
+      throw_error(ErrorKind::Value, "qo_indptr[-1] = " + str(p.qo_indptr[p.batch]) + " must equal the rows of q (" + str(total_q) + ")");
   }
   int max_q = 1;
   for (int b = 0; b < p.batch; ++b) {
     const int npg = p.kv_indptr[b + 1] - p.kv_indptr[b];
     if (npg > 0) {
       const int last = p.last_page_len[b];
-      check(last >= 1 && last <= page_size, ErrorKind::Value,
-            "kv_last_page_len[" + str(b) + "] = " + str(last) + " is outside [1, page_size = " + str(page_size) + "]");
-      check(int64_t(npg - 1) * page_size + last < (int64_t(1) << 31), ErrorKind::Value,
-            "sequence " + str(b) + " is too long (>= 2^31 tokens)");
+      if (!(last >= 1 && last <= page_size))
+        throw_error(ErrorKind::Value, "kv_last_page_len[" + str(b) + "] = " + str(last) + " is outside [1, page_size = " + str(page_size) + "]");
+      if (!(int64_t(npg - 1) * page_size + last < (int64_t(1) << 31)))
+        throw_error(ErrorKind::Value, "sequence " + str(b) + " is too long (>= 2^31 tokens)");
     }
     for (int i = p.kv_indptr[b]; i < p.kv_indptr[b + 1]; ++i)
-      check(p.kv_indices[i] >= 0 && p.kv_indices[i] < num_pages, ErrorKind::Value,
-            "kv_indices[" + str(i) + "] = " + str(p.kv_indices[i]) + " is not a page id in [0, " + str(num_pages) +
-                ")");
+      if (!(p.kv_indices[i] >= 0 && p.kv_indices[i] < num_pages))
+        throw_error(ErrorKind::Value, "kv_indices[" + str(i) + "] = " + str(p.kv_indices[i]) + " is not a page id in [0, " + str(num_pages) +
+            ")");
     max_q = std::max(max_q, p.q_len(b));
   }
   p.max_q_len = max_q;
@@ -907,8 +908,8 @@ bool PagedKVCache::is_swapped(int64_t seq_id) const {
 void PagedKVCache::build_indices(const std::vector<int64_t>& seq_ids, int layer, std::vector<int32_t>& kv_indptr,
                                  std::vector<int32_t>& kv_indices, std::vector<int32_t>& last_page_len) const {
   const Impl& m = *impl_;
-  check(layer >= 0 && layer < m.L, ErrorKind::Value,
-        "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  if (!(layer >= 0 && layer < m.L))
+    throw_error(ErrorKind::Value, "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
   std::lock_guard<std::mutex> lock(m.mu);
   kv_indptr.assign(1, 0);
   kv_indices.clear();
@@ -927,20 +928,21 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
                              const std::vector<int64_t>& q_lens, const TensorView& out, const TensorView* lse,
                              const PagedAttentionOptions& opts, void* stream) {
   const Impl& m = *impl_;
-  check(q.device == m.device, ErrorKind::Value,
-        "paged_attention: q is on " + q.device.str() + " but the cache is on " + m.device.str());
-  check(q.ndim != 3 || q.size(2) == m.D, ErrorKind::Value,
-        "paged_attention: q head_dim " + str(q.ndim == 3 ? q.size(2) : 0) + " differs from the cache's " + str(m.D));
-  check(q_lens.empty() || q_lens.size() == seq_ids.size(), ErrorKind::Value,
-        "paged_attention: q_lens has " + str(int64_t(q_lens.size())) + " entries for " +
-            str(int64_t(seq_ids.size())) + " sequences");
+  if (!(q.device == m.device))
+    throw_error(ErrorKind::Value, "paged_attention: q is on " + q.device.str() + " but the cache is on " + m.device.str());
+  if (!(q.ndim != 3 || q.size(2) == m.D))
+    throw_error(ErrorKind::Value, "paged_attention: q head_dim " + str(q.ndim == 3 ? q.size(2) : 0) + " differs from the cache's " + str(m.D));
+  if (!(q_lens.empty() || q_lens.size() == seq_ids.size()))
+    throw_error(ErrorKind::Value, "paged_attention: q_lens has " + str(int64_t(q_lens.size())) + " entries for " +
+        str(int64_t(seq_ids.size())) + " sequences");
   std::vector<int32_t> indptr, indices, last;
   build_indices(seq_ids, layer, indptr, indices, last);
   std::vector<int32_t> qo(1, 0);
   int max_q = 1;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     const int64_t n = q_lens.empty() ? 1 : q_lens[i];
-    check(n >= 0, ErrorKind::Value, "paged_attention: q_lens[" + str(int64_t(i)) + "] is negative");
+    if (!(n >= 0))
+      throw_error(ErrorKind::Value, "paged_attention: q_lens[" + str(int64_t(i)) + "] is negative");
     check(qo.back() + n < (int64_t(1) << 31), ErrorKind::Value, "paged_attention: too many query rows");
     qo.push_back(int32_t(qo.back() + n));
     max_q = std::max<int>(max_q, int(n));

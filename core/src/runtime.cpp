@@ -63,14 +63,18 @@ void set_cpu_isa(CpuIsa isa) {
 }
 
 static int default_threads() {
+  // Cached: omp_get_num_procs() asks the kernel for the affinity mask, and this runs on every call.
   // MEMKERNELS_NUM_THREADS=n (1..kMaxThreads) overrides the core count (sanitizer runs use 1).
-  if (const char* env = std::getenv("MEMKERNELS_NUM_THREADS")) {
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return int(v);
-  }
-  int n = omp_get_num_procs();
-  return n > 0 ? n : int(std::thread::hardware_concurrency());
+  static const int n = [] {
+    if (const char* env = std::getenv("MEMKERNELS_NUM_THREADS")) {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      if (end != env && *end == '\0' && v >= 1 && v <= kMaxThreads) return int(v);
+    }
+    int p = omp_get_num_procs();
+    return p > 0 ? p : int(std::thread::hardware_concurrency());
+  }();
+  return n;
 }
 
 // fork() after an OpenMP region ran: the child inherits the runtime's thread pool state (GNU

@@ -118,14 +118,16 @@ void expect_last_dim_contiguous(const TensorView& t, const char* what) {
 void expect_shape(const TensorView& t, const char* what, std::initializer_list<int64_t> shape) {
   bool ok = int(shape.size()) == t.ndim;
   int d = 0;
-  std::string want = "(";
   for (int64_t s : shape) {
     if (ok && s >= 0 && t.shape[d] != s) ok = false;
-    want += (d ? ", " : "") + (s >= 0 ? std::to_string(s) : std::string("*"));
     ++d;
   }
+  if (ok) return;  // the message is built only on failure (this runs on every kernel call)
+  std::string want = "(";
+  d = 0;
+  for (int64_t s : shape) want += (d++ ? ", " : "") + (s >= 0 ? std::to_string(s) : std::string("*"));
   want += shape.size() == 1 ? ",)" : ")";
-  if (!ok) throw_error(ErrorKind::Value, std::string(what) + ": expected shape " + want + ", got " + t.shape_str());
+  throw_error(ErrorKind::Value, std::string(what) + ": expected shape " + want + ", got " + t.shape_str());
 }
 
 void expect_same_device(const TensorView& a, const char* a_name, const TensorView& b, const char* b_name) {

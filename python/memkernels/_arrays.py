@@ -55,6 +55,12 @@ except ImportError:  # pragma: no cover - ml_dtypes is optional
     bfloat16 = None
 
 
+_NP_DTYPES = {n: np.dtype(n) for n in ("float32", "float16", "float64", "int32", "int64", "int8", "uint8")}
+if bfloat16 is not None:
+    _NP_DTYPES["bfloat16"] = bfloat16
+_NP_NAMES = {dt: n for n, dt in _NP_DTYPES.items()}
+
+
 def numpy_dtype(name: str):
     """The NumPy dtype for a dtype name, 'bfloat16' included (through ml_dtypes)."""
     if name == "bfloat16":
@@ -88,6 +94,9 @@ def device_of(a) -> tuple[str, int]:
 
 def dtype_name(a) -> str:
     """'float32', 'float16', 'bfloat16', 'int32', ... for NumPy, CuPy and PyTorch arrays."""
+    if type(a) is np.ndarray:  # np.dtype.name is computed in Python on every access: look it up
+        dt = a.dtype
+        return _NP_NAMES.get(dt) or dt.name
     dt = a.dtype
     name = getattr(dt, "name", None) or str(dt)
     return name.replace("torch.", "")
@@ -100,6 +109,8 @@ def _framework(a) -> str:
 
 def empty_like(ref, shape, dtype: str | None = None):
     """An uninitialised array of `shape` on ref's device, from ref's framework, dtype by name."""
+    if type(ref) is np.ndarray:  # the per-call fast path of every CPU wrapper
+        return np.empty(shape, ref.dtype if dtype is None else _NP_DTYPES.get(dtype) or numpy_dtype(dtype))
     dtype = dtype or dtype_name(ref)
     shape = tuple(int(s) for s in shape)
     device, index = device_of(ref)
@@ -120,6 +131,9 @@ def empty_like(ref, shape, dtype: str | None = None):
 
 def check_out(out, shape, dtype: str, ref, name: str = "out"):
     """Validates a caller-provided output array (shape, dtype, device) before a kernel writes it."""
+    if type(out) is np.ndarray and type(ref) is np.ndarray and out.shape == tuple(shape) and \
+            _NP_NAMES.get(out.dtype) == dtype:
+        return out  # both NumPy (so on the CPU) and as expected: the common case, checked cheaply
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
     if dtype_name(out) != dtype:

@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import check_out, device_of, dtype_name, empty_like, stream_handle
+from ._arrays import bfloat16, check_out, device_of, dtype_name, empty_like, stream_handle
 
 QuantizedMatrix = _C.QuantizedMatrix
 
@@ -81,7 +81,13 @@ def dequantize(qm: QuantizedMatrix, dtype: str = "float32", *, out=None, like=No
     return out
 
 
-def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_activations: bool = False):
+# dtypes of the fast path, compared by identity (NumPy's builtin dtypes are singletons; `in` on a
+# set would call dtype.__eq__, which converts its argument and costs a microsecond)
+_F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
+
+
+def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bool = False,
+          int8_activations: bool | None = None):
     """``x @ dequantize(qm).T (+ bias)`` with the weights unpacked on the fly, accumulated in fp32.
 
     x: (tokens, in_features), (in_features,) or (..., in_features), float32/float16/bfloat16, NumPy or
@@ -89,11 +95,32 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_acti
     the last dimension replaced by out_features, in x's dtype; `out` may be given (that shape; for
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
-    int8_activations: quantize x to int8 on the fly (one scale per token) and use integer dot
-    products: faster, adds at most ``sum_k |w_k| * max|x_t| / 254`` of error per output of token t.
-    Used for int4, int4_sym, int4_min and int8 with 1 to 8 tokens on CPUs with AVX512-VNNI or
-    AVX2; ignored (exact path) otherwise (more tokens, other formats, CUDA).
+    By default, for int4, int4_sym, int4_min and int8 with 1 to 64 tokens on CPUs with AVX512-VNNI or
+    AVX2, x is quantized to int8 on the fly (one scale per token, max|x_t| / 127) and the dot
+    products are integer: faster, and each output of token t is within
+    ``sum_k |w_k| * max|x_t| / 254`` (plus fp32 rounding) of the exact product (the bound is in
+    memkernels/quant.h). exact=True keeps x in fp32 everywhere (the results of the fp32 path);
+    other formats, more tokens and CUDA always run the fp32 path. int8_activations: the older
+    spelling (False = exact=True; True = the default).
     """
+    if int8_activations is not None:
+        if exact and int8_activations:
+            raise ValueError("qgemm: exact=True and int8_activations=True contradict each other; pass one")
+        exact = not int8_activations
+    # The common decode call (a 2-D NumPy x, no out, no stream) allocates its result and goes
+    # straight to the kernel: per-call Python work is a few attribute reads (bench/qgemm.py --small).
+    if out is None and stream is None and type(x) is np.ndarray and (
+            (dt := x.dtype) is _F32 or dt is _F16 or (dt is bfloat16 and dt is not None)):
+        if x.ndim == 2:
+            _check_qm(qm)
+            out = np.empty((x.shape[0], qm.out_features), x.dtype)
+            _C.qgemm(x, qm, bias, out, 0, not exact)
+            return out
+        if x.ndim == 1:
+            _check_qm(qm)
+            out = np.empty(qm.out_features, x.dtype)
+            _C.qgemm(x[None], qm, bias, out[None], 0, not exact)
+            return out
     _check_qm(qm)
     lead = tuple(x.shape[:-1])
     if len(x.shape) != 2:  # (in_features,) or (..., in_features): run as 2-D, shape the result back
@@ -108,7 +135,7 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, int8_acti
         out = empty_like(x, shape)
     else:
         check_out(out, shape, dtype_name(x), x)
-    _C.qgemm(x, qm, bias, out, stream_handle(stream), bool(int8_activations))
+    _C.qgemm(x, qm, bias, out, stream_handle(stream), not exact)
     return out if len(lead) == 1 else out.reshape(lead + (qm.out_features,))
 
 

@@ -65,6 +65,18 @@ static DType dtype_from_dlpack(nb::dlpack::dtype t, const char* name) {
                                    ", " + std::to_string(bits) + " bits)");
 }
 
+static bool dtype_supported(nb::dlpack::dtype t) {
+  using nb::dlpack::dtype_code;
+  if (t.lanes != 1) return false;
+  switch (t.code) {
+    case uint8_t(dtype_code::Float): return t.bits == 16 || t.bits == 32 || t.bits == 64;
+    case uint8_t(dtype_code::Bfloat): return t.bits == 16;
+    case uint8_t(dtype_code::Int): return t.bits == 8 || t.bits == 16 || t.bits == 32 || t.bits == 64;
+    case uint8_t(dtype_code::UInt): return t.bits == 8 || t.bits == 16 || t.bits == 32;
+    default: return false;
+  }
+}
+
 static bool is_numpy_bfloat16(nb::handle obj) {
   if (!nb::hasattr(obj, "dtype") || !nb::hasattr(obj, "view")) return false;
   nb::object tp = nb::borrow(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())));
@@ -98,23 +110,31 @@ static Error not_an_array(nb::handle obj, const char* name) {
 
 static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, bool written) {
   if (obj.is_none()) throw Error(ErrorKind::Type, std::string(name) + ": expected an array, got None");
-  bool bf16_view = false;
-  nb::object src = nb::borrow(obj);
-  if (is_numpy_bfloat16(obj)) {  // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
-    src = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
-    bf16_view = true;
-  }
+  // The plain cast first: the ml_dtypes.bfloat16 probe costs several attribute lookups, paid on
+  // every call, so it only runs when the cast fails or gives a dtype we do not take.
   // Read-only arrays (np.load(mmap_mode="r"), np.frombuffer, broadcast_to) are fine as inputs;
   // an array the kernel writes must be writable.
-  nb::ndarray<> arr;
-  if (!nb::try_cast(src, arr, /*convert=*/false)) {
+  auto try_view = [&](nb::handle src, nb::ndarray<>& out) {
+    if (nb::try_cast(src, out, /*convert=*/false)) return true;
     nb::ndarray<nb::ro> ro;
-    if (!nb::try_cast(src, ro, /*convert=*/false)) throw not_an_array(obj, name);
+    if (!nb::try_cast(src, ro, /*convert=*/false)) return false;
     if (written)
       throw Error(ErrorKind::Value, std::string(name) + ": a read-only array is not accepted here (the call writes it or "
                                         "takes only writable arrays); pass a writable array");
-    arr = nb::ndarray<>(ro);
+    out = nb::ndarray<>(ro);
+    return true;
+  };
+  nb::ndarray<> arr;
+  bool ok = try_view(obj, arr);
+  bool bf16_view = false;
+  if ((!ok || !dtype_supported(arr.dtype())) && is_numpy_bfloat16(obj)) {
+    // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
+    nb::object bits = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
+    arr = nb::ndarray<>();
+    ok = try_view(bits, arr);
+    bf16_view = ok;
   }
+  if (!ok) throw not_an_array(obj, name);
   TensorView t;
   t.data = arr.data();
   t.dtype = bf16_view ? DType::BFloat16 : dtype_from_dlpack(arr.dtype(), name);

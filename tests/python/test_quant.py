@@ -86,7 +86,7 @@ def test_qgemm_matches_reference(isa, fmt, tokens):
     x = rng(100 + tokens).standard_normal((tokens, k)).astype(np.float32)
     bias = rng(7).standard_normal(n).astype(np.float32)
     out = np.full((tokens, n), np.nan, np.float32)
-    y = mk.qgemm(x, qm, bias, out=out)
+    y = mk.qgemm(x, qm, bias, out=out, exact=True)
     assert y is out
     ref = reference(x, d, bias)
     mag = np.abs(x).astype(np.float64) @ np.abs(d).T + np.abs(bias)
@@ -102,7 +102,7 @@ def test_qgemm_dtypes(dtype, tokens, fmt):
     x = rng(6).standard_normal((tokens, k)).astype(dtype)
     bias = rng(8).standard_normal(n).astype(dtype)
     out = np.full((tokens, n), np.nan, dtype)
-    mk.qgemm(x, qm, bias, out=out)
+    mk.qgemm(x, qm, bias, out=out, exact=True)
     assert out.dtype == np.dtype(dtype)
     ref = reference(x.astype(np.float64), d, bias.astype(np.float64))
     mag = np.abs(x.astype(np.float64)) @ np.abs(d).T + np.abs(bias.astype(np.float64))
@@ -116,7 +116,7 @@ def test_qgemm_shapes(n, k, tokens):
     for fmt, group in (("int4", 32), ("int3", 32), ("nf4", 32), ("int8", None)):
         _, qm, d = qm_and_ref(fmt, n, k, group, seed=n + k)
         x = rng(tokens).standard_normal((tokens, k)).astype(np.float32)
-        y = mk.qgemm(x, qm)
+        y = mk.qgemm(x, qm, exact=True)
         mag = np.abs(x).astype(np.float64) @ np.abs(d).T
         assert np.all(np.abs(y - reference(x, d, None)) <= 2e-5 * mag + 1e-6), fmt
 
@@ -124,12 +124,12 @@ def test_qgemm_shapes(n, k, tokens):
 def test_qgemm_vector_and_strided_rows():
     _, qm, d = qm_and_ref("int4", 50, 256, 128, seed=9)
     x = rng(10).standard_normal(256).astype(np.float32)
-    y = mk.qgemm(x, qm)
+    y = mk.qgemm(x, qm, exact=True)
     assert y.shape == (50,)
     np.testing.assert_allclose(y, d @ x, rtol=1e-4, atol=1e-4)
     big = rng(11).standard_normal((6, 300)).astype(np.float32)
     xs = big[:, 10:266]  # rows strided, last dim contiguous
-    np.testing.assert_allclose(mk.qgemm(xs, qm), xs.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mk.qgemm(xs, qm, exact=True), xs.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
 
 
 def test_dequantize_dtypes():
@@ -285,7 +285,7 @@ def test_cuda_qgemm(fmt, tokens):
     for dt, eps in ((torch.float32, 1e-6), (torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)):
         x = torch.randn(tokens, k, device="cuda").to(dt)
         bias = torch.randn(n, device="cuda").to(dt)
-        y = mk.qgemm(x, g, bias)
+        y = mk.qgemm(x, g, bias, exact=True)
         xr = x.double().cpu().numpy()
         ref = xr @ d.T + bias.double().cpu().numpy()
         mag = np.abs(xr) @ np.abs(d).T
@@ -305,7 +305,7 @@ def test_cuda_nf4_double_quant():
     g = qm.to("cuda")
     for tokens in (1, 9):  # gemv and tensor-core paths
         x = torch.randn(tokens, k, device="cuda").to(torch.float16)
-        y = mk.qgemm(x, g)
+        y = mk.qgemm(x, g, exact=True)
         xr = x.double().cpu().numpy()
         ref = xr @ d.T
         mag = np.abs(xr) @ np.abs(d).T
@@ -368,7 +368,7 @@ def test_gptq_beats_rtn_on_calibration_data(fmt, group):
     qh = mk.quantize_gptq(W, fmt, group_size=group, hessian=X.T @ X / m)
     assert qh.to_bytes() == qg.to_bytes()
     x = r.standard_normal((3, k)).astype(np.float32)
-    np.testing.assert_allclose(mk.qgemm(x, qg), x.astype(np.float64) @ gq.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mk.qgemm(x, qg, exact=True), x.astype(np.float64) @ gq.T, rtol=1e-4, atol=1e-4)
 
 
 def test_gptq_bad_input():
@@ -397,7 +397,7 @@ def test_int8_activations_error_bound(fmt, group, k):
     ref = d @ x.astype(np.float64) + bias
     bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x))
     assert np.all(np.abs(y - ref) <= bound)
-    exact = mk.qgemm(x, qm, bias)
+    exact = mk.qgemm(x, qm, bias, exact=True)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
     if fmt != "nf4" and (mk.cpu_isa() == "avx2" or (mk.cpu_isa() == "avx512" and vnni)):
         assert not np.array_equal(y, exact)  # the int8 path really ran
@@ -415,7 +415,7 @@ def test_int8_activations_several_tokens(isa, fmt, group):
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, out=out, int8_activations=True)
         if not (isa == "avx2" or (isa == "avx512" and vnni)):
-            np.testing.assert_array_equal(Y, mk.qgemm(X, qm))
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))
             continue
         for t in range(tokens):
             dx = np.abs(X[t]).max() / 127
@@ -426,11 +426,11 @@ def test_int8_activations_several_tokens(isa, fmt, group):
 def test_qgemm_nd_input():
     _, qm, d = qm_and_ref("nf4", 24, 128, 64, seed=40)
     x = rng(41).standard_normal((2, 3, 128)).astype(np.float32)
-    y = mk.qgemm(x, qm)
+    y = mk.qgemm(x, qm, exact=True)
     assert y.shape == (2, 3, 24)
     np.testing.assert_allclose(y, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
     out = np.full((2, 3, 24), np.nan, np.float32)
-    assert mk.qgemm(x, qm, out=out) is not None
+    assert mk.qgemm(x, qm, out=out, exact=True) is not None
     np.testing.assert_allclose(out, x.astype(np.float64) @ d.T, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="out"):
         mk.qgemm(x, qm, out=np.zeros((6, 24), np.float32))
@@ -558,7 +558,7 @@ def test_new_formats_qgemm_matches_reference(isa, fmt, group, tokens):
     x = rng(61 + tokens).standard_normal((tokens, k)).astype(np.float32)
     bias = rng(62).standard_normal(n).astype(np.float32)
     out = np.full((tokens, n), np.nan, np.float32)
-    y = mk.qgemm(x, qm, bias, out=out)
+    y = mk.qgemm(x, qm, bias, out=out, exact=True)
     assert y is out
     ref = reference(x, d, bias)
     mag = np.abs(x).astype(np.float64) @ np.abs(d).T + np.abs(bias)
@@ -566,7 +566,7 @@ def test_new_formats_qgemm_matches_reference(isa, fmt, group, tokens):
     # a quantize()d matrix of the format too (non-negative scales, the usual path)
     _, qq, dq = qm_and_ref(fmt, n, k, group, seed=63)
     out = np.full((tokens, n), np.nan, np.float32)
-    mk.qgemm(x, qq, out=out)
+    mk.qgemm(x, qq, out=out, exact=True)
     mag = np.abs(x).astype(np.float64) @ np.abs(dq).T
     assert np.all(np.abs(out - reference(x, dq, None)) <= 2e-5 * mag + 1e-6)
 
@@ -579,7 +579,7 @@ def test_new_formats_half_precision(dtype, fmt, group):
     for tokens in (1, 6):
         x = rng(65).standard_normal((tokens, k)).astype(dtype)
         out = np.full((tokens, n), np.nan, dtype)
-        mk.qgemm(x, qm, out=out)
+        mk.qgemm(x, qm, out=out, exact=True)
         ref = reference(x.astype(np.float64), d, None)
         mag = np.abs(x.astype(np.float64)) @ np.abs(d).T
         err = np.abs(out.astype(np.float64) - ref)
@@ -602,7 +602,7 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
     ref = d @ x.astype(np.float64) + bias
     bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x)) + 1e-5
     assert np.all(np.abs(y - ref) <= bound)
-    exact = mk.qgemm(x, qm, bias)
+    exact = mk.qgemm(x, qm, bias, exact=True)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
     integer_path = isa == "avx2" or (isa == "avx512" and vnni)
 
@@ -617,13 +617,14 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
         np.testing.assert_allclose(y, d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
     else:
         np.testing.assert_array_equal(y, exact)
-    # 2 to 8 tokens share each weight load (each token its own scale); 9 and more: the exact path
-    for tokens in (2, 5, 8, 9):
+    # 2 to 8 tokens share each weight load (each token its own scale), up to 64 in passes of 8;
+    # 65 and more: the exact path
+    for tokens in (2, 5, 8, 9, 27, 64, 65):
         X = (rng(k + tokens).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, bias, out=out, int8_activations=True)
-        if tokens > 8 or not integer_path:
-            np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias))
+        if tokens > 64 or not integer_path:
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias, exact=True))
             continue
         for t in range(tokens):
             ref = d @ X[t].astype(np.float64) + bias
@@ -738,7 +739,7 @@ def test_cuda_new_formats(fmt, group, tokens):
         x = torch.randn(tokens, k, device="cuda").to(dt)
         bias = torch.randn(n, device="cuda").to(dt)
         out = torch.full((tokens, n), float("nan"), device="cuda", dtype=dt)
-        mk.qgemm(x, g, bias, out=out)
+        mk.qgemm(x, g, bias, out=out, exact=True)
         xr = x.double().cpu().numpy()
         ref = xr @ d.T + bias.double().cpu().numpy()
         mag = np.abs(xr) @ np.abs(d).T
@@ -747,3 +748,51 @@ def test_cuda_new_formats(fmt, group, tokens):
     dd = mk.dequantize(g, like=torch.empty(1, device="cuda"))
     np.testing.assert_array_equal(dd.cpu().numpy(), mk.dequantize(qm))  # bit for bit, never fused
     assert g.to_bytes() == qm.to_bytes()
+
+
+# ---- default path (issue 14): int8 activations where they apply, exact=True keeps fp32 ----------------
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("int8", 32), ("int8", None),
+                                       ("int4", 128), ("nf4", 64), ("int3", 128)])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33, 65])
+def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
+    n, k = 45, 640  # a small-model size: the single-thread branch of the kernels
+    w = rng(7).standard_normal((n, k)).astype(np.float32)
+    qm = mk.quantize(w, fmt, group_size=group)
+    d = mk.dequantize(qm).astype(np.float64)
+    X = rng(8 + tokens).standard_normal((tokens, k)).astype(np.float32)
+    bias = rng(9).standard_normal(n).astype(np.float32)
+    y = mk.qgemm(X, qm, bias)
+    # the default is the int8_activations path, exact=True the fp32 one, bit for bit
+    np.testing.assert_array_equal(y, mk.qgemm(X, qm, bias, out=np.full((tokens, n), np.nan, np.float32),
+                                              int8_activations=True))
+    exact = mk.qgemm(X, qm, bias, exact=True)
+    np.testing.assert_array_equal(exact, mk.qgemm(X, qm, bias, int8_activations=False))
+    ref = X.astype(np.float64) @ d.T + bias
+    np.testing.assert_allclose(exact, ref, rtol=1e-4, atol=1e-4 * (np.abs(X) @ np.abs(d).T).max())
+    # the bound documented in quant.h, against the float64 product
+    bound = (np.abs(d).sum(axis=1)[None, :] * np.abs(X).max(axis=1)[:, None] / 254 * 1.001
+             + 1e-4 * (np.abs(X) @ np.abs(d).T) + 1e-5)
+    assert np.all(np.abs(y - ref) <= bound)
+    # 1-D x takes the same path as a 1-token batch
+    np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    integer_path = (fmt in ("int4", "int4_sym", "int4_min", "int8") and tokens <= 64
+                    and (isa == "avx2" or (isa == "avx512" and vnni)))
+    assert np.array_equal(y, exact) != integer_path
+
+
+def test_qgemm_exact_and_int8_activations_conflict():
+    qm = mk.quantize(rng(1).standard_normal((8, 32)).astype(np.float32), "int4", group_size=32)
+    x = rng(2).standard_normal((1, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match="exact=True and int8_activations=True"):
+        mk.qgemm(x, qm, exact=True, int8_activations=True)
+    with pytest.raises(TypeError, match="qm"):  # the fast path still names a wrong argument
+        mk.qgemm(x, "not a matrix")
+    with pytest.raises(ValueError, match="features"):
+        mk.qgemm(x[:, :16], qm)
+    for dt in (np.float16,) + ((mk._arrays.bfloat16,) if mk._arrays.bfloat16 is not None else ()):
+        xd = x.astype(dt)
+        y = mk.qgemm(xd, qm)
+        assert y.dtype == xd.dtype and y.shape == (1, 8)
+        np.testing.assert_allclose(y.astype(np.float32), mk.qgemm(xd.astype(np.float32), qm), rtol=2e-2, atol=2e-2)

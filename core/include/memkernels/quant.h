@@ -149,9 +149,15 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
-  // dot products (AVX512-VNNI or AVX2). Faster, less exact: adds at most sum_k |w_k| * max|x| / 254 of error
-  // per output. Honoured for int4 / int4_sym / int4_min / int8 with 1 to 8 tokens on CPUs with VNNI
-  // or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact path runs).
+  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 with 1 to 64
+  // tokens on CPUs with VNNI or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact
+  // path runs).
+  // Error bound against the exact path, for output n of token t (w = the dequantized weights):
+  //     |y_int8[t][n] - y_exact[t][n]| <= sum_k |w[n][k]| * max_k |x[t][k]| / 254
+  // (each x is rounded to the nearest multiple of max|x_t| / 127, so moves by at most half of it;
+  // the integer sums are exact), plus fp32 rounding of the order of 1e-6 * sum_k |w[n][k] x[t][k]|.
+  // tests/python/test_quant.py checks the bound for every format and ISA. The Python qgemm() turns
+  // this on by default (exact=True turns it off); the C++ default stays the exact path.
   bool int8_activations = false;
 };
 

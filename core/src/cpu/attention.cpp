@@ -95,8 +95,20 @@ void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, 
   }
 }
 
+// A float buffer left uninitialised: every scratch row below is written before it is read, and
+// zero-filling them (tens of KB) was a visible part of a decode-sized call.
+struct Buf {
+  std::unique_ptr<float[]> p;
+  size_t n = 0;
+  explicit Buf(size_t size) : p(new float[size]), n(size) {}
+  float* data() { return p.get(); }
+  float* begin() { return p.get(); }
+  float* end() { return p.get() + n; }
+  float& operator[](size_t i) { return p[i]; }
+};
+
 struct Scratch {
-  std::vector<float> q, s, o, m, l, row;
+  Buf q, s, o, m, l, row;
   std::vector<uint8_t> nonfinite;  // per row: a visible score was NaN or +inf
   Scratch(int head_dim, int dp)
       : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)),
@@ -206,7 +218,10 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
 }  // namespace
 
 void flash_attention(const AttentionProblem& p) {
-  const int threads = num_threads();
+  // Below ~256K multiply-adds (a decode step over a short context) the call takes microseconds on
+  // one core, less than starting an OpenMP team: stay on the calling thread.
+  const int64_t macs = int64_t(p.batch) * p.heads * p.seqlen_q * std::max(p.seqlen_k, 1) * p.head_dim * 2;
+  const int threads = macs < (int64_t(1) << 18) ? 1 : num_threads();
   const int D = p.head_dim, dp = int(round_up(D, VL));
   const int group = p.heads / p.kv_heads;
   // 64-bit counts: group x q-blocks alone passes 2^31 with 2^25 query heads (stride-0 views).
@@ -218,11 +233,11 @@ void flash_attention(const AttentionProblem& p) {
   const int64_t chunk =
       std::min(units, std::max<int64_t>(1, (4 * int64_t(threads) + tasks_per_unit - 1) / tasks_per_unit));
 
-  std::vector<float> kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);
+  Buf kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);  // every key slice is packed or zeroed
   for (int64_t u0 = 0; u0 < units; u0 += chunk) {
     const int64_t nunits = std::min(chunk, units - u0);
     ParallelGuard guard;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
       std::unique_ptr<Scratch> scratch;  // allocated inside: first touch by its own thread
       const bool ok = guard.run([&] { scratch.reset(new Scratch(D, dp)); });

@@ -428,7 +428,6 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
 }  // namespace
 
 void paged_attention(const PagedProblem& p) {
-  const int threads = num_threads();
   const int D = p.head_dim, dp = (D + VL - 1) / VL * VL;
   const int group = p.heads / p.kv_heads;
   // Rows per task: all heads for a few positions; kv heads split only when the heads exceed RMAX.
@@ -440,13 +439,18 @@ void paged_attention(const PagedProblem& p) {
   auto span = [&](int b, int p0, int p1) { return KeyRange{p.keys(b, p0).lo, p.keys(b, p1 - 1).hi}; };
   int64_t base_tasks = 0;
   int max_span = 0;  // the widest key range a sequence's queries see: a window bounds it, not the context
+  int64_t macs = 0;  // q k^T and p v multiply-adds
   for (int b = 0; b < p.batch; ++b) {
+    macs += int64_t(p.q_len(b)) * p.kv_len(b) * p.heads * D * 2;
     base_tasks += int64_t(kv_tasks) * ((p.q_len(b) + npos - 1) / npos);
     if (p.q_len(b) > 0) {
       const KeyRange k = span(b, 0, p.q_len(b));
       max_span = std::max(max_span, k.hi - k.lo);
     }
   }
+  // A decode step over a short context (under ~256K multiply-adds) takes microseconds on one core,
+  // less than starting an OpenMP team: it stays on the calling thread.
+  const int threads = macs < (int64_t(1) << 18) ? 1 : num_threads();
   int splits = p.num_splits > 0 ? p.num_splits : 1;
   if (p.num_splits <= 0 && base_tasks < 2 * threads)
     splits = int(std::min<int64_t>((2 * threads + base_tasks - 1) / std::max<int64_t>(base_tasks, 1),
@@ -485,7 +489,7 @@ void paged_attention(const PagedProblem& p) {
   std::vector<float> scratch(static_cast<size_t>(scratch_floats));
   const int ntasks = int(tasks.size());
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> qbuf(size_t(max_rows) * dp), obuf(size_t(max_rows) * dp), sbuf(size_t(max_rows) * BK),
         mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp),

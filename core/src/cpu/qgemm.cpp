@@ -11,7 +11,7 @@
 // 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
 // (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
-// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, 1-8 tokens,
+// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, 1-64 tokens,
 // int4 / int4_sym / int4_min / int8: x quantized to int8 and integer dot products, AVX512-VNNI or
 // AVX2 (gemv_int4_int8x, gemv_int8_int8x), each weight load serving up to 8 (AVX2: 4) tokens.
 #include <omp.h>
@@ -35,6 +35,14 @@ constexpr int FR = 2;  // rows per register tile of the multi-token path (2 x 8 
 constexpr int FR = 1;  // 16 ymm registers: 8 accumulators + 4 weight vectors
 #endif
 constexpr int64_t ROWS = 16;  // rows per parallel task
+
+// Threads for a call of T tokens on w: below about a million multiply-adds (a 576 x 1536 layer, one
+// token) the whole product takes some tens of microseconds on one core, and starting an OpenMP team
+// costs several (tens when the other cores are busy), so small problems stay on the calling thread.
+constexpr int64_t kParallelMacs = int64_t(1) << 20;
+inline int threads_for(const QuantView& w, int64_t T) {
+  return w.rows * w.cols * T < kParallelMacs ? 1 : num_threads();
+}
 
 // The NF4 levels in the form each ISA looks them up from.
 struct Table {
@@ -355,20 +363,33 @@ Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int grou
   r.q.assign(size_t(T * r.stride), 0);
   r.sum.assign(size_t(T * r.groups), 0.0f);
   r.scale.assign(size_t(T), 1.0f);
+  // Vectorised per 32-weight chunk (a scalar lrint call and a division per element made this take
+  // several microseconds at K = 576, as long as the whole small GEMV). Round to nearest even, as
+  // lrint does; the sums are of integers below 2^24, so exact in any order.
+  const int64_t cpg = group / 32;
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xt[k]));
+    VecF vmax = VecF::zero();
+    for (int64_t k = 0; k < K; k += VL) {
+      const VecF v = VecF::load(xt + k);
+      vmax = VecF::max(vmax, VecF::max(v, VecF::zero() - v));
+    }
+    const float amax = vmax.reduce_max();
     const float dx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / dx;
     r.scale[size_t(t)] = dx;
     int8_t* xa = r.q.data() + t * r.stride;
     float* xs = r.sum.data() + t * r.groups;
-    for (int64_t k = 0; k < K; ++k) {
-      const int q = int(std::lrint(xt[k] * inv));
-      const int64_t c = k / 32, j = k % 32;
-      const int64_t pos = int4_order ? (c / 4) * 128 + (j < 16 ? 0 : 64) + (c % 4) * 16 + (j % 16) : k;
-      xa[pos] = int8_t(q);
-      xs[k / group] += float(q);
+    const VecF vinv = VecF::set1(inv);
+    for (int64_t c = 0; c < chunks; ++c) {
+      float qf[32];
+      for (int i = 0; i < CV; ++i) VecF::round(VecF::load(xt + c * 32 + i * VL) * vinv).store(qf + i * VL);
+      int8_t* dst = xa + (int4_order ? (c / 4) * 128 + (c % 4) * 16 : c * 32);
+      float sum = 0.0f;
+      for (int j = 0; j < 32; ++j) {
+        dst[int4_order ? (j < 16 ? j : 64 + j - 16) : j] = int8_t(int(qf[j]));
+        sum += qf[j];
+      }
+      xs[c / cpg] += sum;
     }
   }
   return r;
@@ -614,7 +635,9 @@ void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int
 
 // The integer-dot path (up to kInt8xMaxTokens tokens): x quantized once per token, rows split over
 // the threads, every unpacked weight used by kInt8xTokens tokens.
-constexpr int64_t kInt8xMaxTokens = 8;  // decode-sized batches; longer inputs take the exact path
+// Up to 64 tokens (each pass of kInt8xTokens re-reads a row block's codes, which stay in cache);
+// longer inputs take the exact path, whose buffers do not grow with the token count.
+constexpr int64_t kInt8xMaxTokens = 64;
 template <bool INT4>
 void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
@@ -622,7 +645,8 @@ void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
   const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, w.group_size, INT4);
   std::vector<float> y(static_cast<size_t>(T * N));
   const int64_t blocks = (N + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(num_threads()) schedule(dynamic, 4)
+  const int threads = threads_for(w, T);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
     for (int64_t t0 = 0; t0 < T; t0 += kInt8xTokens)
@@ -638,7 +662,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const Table tab(nf4_codebook());
   const int64_t N = w.rows, K = w.cols, G = w.groups, T = p.tokens;
   const int64_t blocks = (N + ROWS - 1) / ROWS;
-  const int threads = num_threads();
+  const int threads = threads_for(w, T);
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
   if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
@@ -656,7 +680,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
         xsum[t * G + g] = s;
       }
     std::vector<float> y(static_cast<size_t>(T * N));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
       if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
@@ -675,7 +699,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int64_t tp = (T + nt - 1) / nt * nt, nchunks = K / 32;
   std::vector<float> xp(static_cast<size_t>(tp * K), 0.0f);
   for (int64_t t = 0; t < T; ++t) std::memcpy(xp.data() + t * K, x + t * ldx, size_t(K) * 4);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> y(static_cast<size_t>(nt * ROWS));
 #pragma omp for schedule(dynamic, 1)
