@@ -285,10 +285,12 @@ def test_tensor_refusals_name_the_tensor(tmp_path, edit, needle):
     assert needle in str(e.value)
 
 
-def test_dram_budget_is_refused_clearly(tmp_path):
+def test_dram_budget_options_are_checked(tmp_path):
     d, _ = build(tmp_path, "llama", {})
-    with pytest.raises(ValueError, match="issue 17"):
-        mk.load_model(d, dram_budget_bytes=1 << 20)
+    with pytest.raises(ValueError, match="dram_budget_bytes"):
+        mk.load_model(d, sparsity=0.5)  # sparsity without streaming
+    with pytest.raises(UnsupportedModelError, match="CPU only"):
+        mk.load_model(d, device="cuda", dram_budget_bytes=1 << 20)
 
 
 def test_bad_token_ids(tmp_path):
