@@ -179,7 +179,8 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--whole", action="store_true")
     ap.add_argument("--drop", action="store_true")
-    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--part", choices=["all", "quality", "speed"], default="all")
+    ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args()
     if a.child:
         return {"convert": child_convert, "quality": child_quality, "speed": child_speed,
@@ -197,10 +198,10 @@ def main():
     file_bytes = os.path.getsize(a.model)
     del probe
     res = {"file_bytes": file_bytes, "resident_bytes": resident, "ffn_store_bytes": ffn, "staging_bytes": staging}
-    if not a.skip_quality:
+    if a.part in ("all", "quality"):
         res["quality"] = run(common + ["--child", "quality", "--ppl-tokens", str(a.ppl_tokens)])
     res["speed"] = []
-    for frac in (0.5, 0.25):
+    for frac in (() if a.part == "quality" else (0.5, 0.25)):
         budget = resident + staging + int(frac * ffn)
         for label, extra in (("threshold S=0.5", ["--sparsity", "0.5"]), ("threshold S=0 (exact)", []),
                              ("whole-layer reads", ["--whole"])):
@@ -210,7 +211,9 @@ def main():
             print(json.dumps(r), file=sys.stderr)
     bench_py = "/work/venv/bench/bin/python"
     res["llamacpp"] = []
-    if os.path.exists(bench_py) and subprocess.run([bench_py, "-c", "import llama_cpp"],
+    if a.part == "quality":
+        pass
+    elif os.path.exists(bench_py) and subprocess.run([bench_py, "-c", "import llama_cpp"],
                                                    capture_output=True).returncode == 0:
         for drop in (False, True):
             try:
@@ -221,6 +224,9 @@ def main():
     else:
         res["llamacpp_missing"] = "no llama_cpp in /work/venv/bench"
     print(json.dumps(res, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

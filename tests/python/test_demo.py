@@ -120,10 +120,10 @@ def test_cli_convert_checkpoint(tmp_path):
     dst = tmp_path / "c.mkws"
     res = run_cli("convert", str(tmp_path / "ckpt"), str(dst))
     assert res.returncode == 0, res.stderr
-    assert f"{cfg["num_hidden_layers"]} FFN layers bundled" in res.stdout
+    assert f"{cfg['num_hidden_layers']} FFN layers bundled" in res.stdout
     with mk.WeightStore.open(dst, 1 << 20) as store:
-        assert json.loads(store.get("config.json").tobytes())["hidden_size"] == cfg["hidden_size"]
-        assert len(store.layers()) == cfg["num_hidden_layers"]
+        assert json.loads(store.get("config.json").tobytes())["hidden_size"] == cfg['hidden_size']
+        assert len(store.layers()) == cfg['num_hidden_layers']
     res = run_cli("convert", str(tmp_path / "missing.safetensors"), str(dst))
     assert res.returncode == 2 and "missing.safetensors" in res.stderr
 
