@@ -67,7 +67,7 @@ class ArrayOps:
     """The array operations the model does between kernel calls, for one framework and device.
 
     NumPy (CPU) and CuPy (GPU) share this class (CuPy mirrors NumPy's API); `TorchOps` is the
-    PyTorch version. Everything is float32 on `device`; only token ids, the active-neuron ids and
+    PyTorch version. Everything is float32 on `device`; only token ids and
     the logits cross to the host.
     """
 
@@ -77,20 +77,11 @@ class ArrayOps:
     def to_device(self, host_array, dtype="float32"):
         return self.xp.asarray(np.asarray(host_array, dtype=dtype))
 
-    def from_store(self, a):
-        """An array the weight store returned (on this device) as this framework's array."""
-        return a if isinstance(a, self.xp.ndarray) else self.xp.from_dlpack(a)
-
     def to_host(self, a) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else self.xp.asnumpy(a)
 
     def contiguous(self, a):
         return self.xp.ascontiguousarray(a)
-
-    def synchronize(self):
-        """Waits for the device's queued work (for timings); nothing to wait for with NumPy."""
-        if self.xp is not np:
-            self.xp.cuda.Device().synchronize()
 
     def rms_norm(self, x, w, eps):
         return x / self.xp.sqrt(self.xp.mean(x * x, axis=-1, keepdims=True) + eps) * w
@@ -98,13 +89,6 @@ class ArrayOps:
     def rope(self, x, cos, sin):
         half = x.shape[-1] // 2
         return x * cos[:, None, :] + self.xp.concatenate([-x[..., half:], x[..., :half]], -1) * sin[:, None, :]
-
-    def act(self, x, kind):
-        return self.xp.maximum(x, 0) if kind == "relu" else x / (1 + self.xp.exp(-x))
-
-    def active_columns(self, g) -> np.ndarray:
-        """Host int32 ids of the columns of g with any positive entry."""
-        return self.to_host(self.xp.flatnonzero((g > 0).any(axis=0))).astype(np.int32)
 
 
 class TorchOps(ArrayOps):
@@ -119,24 +103,11 @@ class TorchOps(ArrayOps):
     def to_device(self, host_array, dtype="float32"):
         return self.xp.from_numpy(np.ascontiguousarray(host_array, dtype=dtype)).to(self.device)
 
-    def from_store(self, a):
-        return a if isinstance(a, self.xp.Tensor) else self.xp.from_dlpack(a)
-
     def to_host(self, a) -> np.ndarray:
         return a if isinstance(a, np.ndarray) else a.cpu().numpy()
 
     def contiguous(self, a):
         return a.contiguous()
-
-    def synchronize(self):
-        if self.device.startswith("cuda"):
-            self.xp.cuda.synchronize()
-
-    def act(self, x, kind):
-        return self.xp.relu(x) if kind == "relu" else self.xp.nn.functional.silu(x)
-
-    def active_columns(self, g) -> np.ndarray:
-        return self.to_host(self.xp.nonzero((g > 0).any(dim=0)).flatten()).astype(np.int32)
 
 
 def array_ops(device: str = "cpu", framework: str = "auto") -> ArrayOps:
