@@ -88,10 +88,10 @@ def child_quality(a):
     gen = dense.generate(prompt, max_new_tokens=a.new, stop_at_eos=False)
     rows = [{"config": "dense (GGUF weights in memory)", "ppl": _ppl(dense, ids), "agree": 1.0, "kept": 1.0}]
     seq = prompt + gen
-    for predictor in ("threshold", "lowrank"):
-        for s in (0.0, 0.25, 0.4, 0.5, 0.6, 0.7):
-            if predictor == "lowrank" and s == 0:
-                continue
+    levels = [float(x) for x in a.levels.split(",")]
+    lr_levels = [float(x) for x in a.lowrank_levels.split(",")] if a.lowrank_levels else []
+    for predictor, ss in (("threshold", levels), ("lowrank", lr_levels)):
+        for s in ss:
             m = StreamingModel(a.store, 1 << 34, sparsity=s, predictor=predictor)
             p = _ppl(m, ids)
             kept = m.stream_stats()["neurons_kept_fraction"]
@@ -106,7 +106,7 @@ def child_speed(a):
     import memkernels as mk
     from memkernels.models.stream import StreamingModel
     base = _rss()
-    m = StreamingModel(a.store, a.budget, sparsity=a.sparsity, whole_layer_reads=a.whole)
+    m = StreamingModel(a.store, a.budget, sparsity=a.sparsity, whole_layer_reads=a.whole, merge_gap_bytes=a.merge_gap)
     prompt = m.tokenizer.encode(PROMPT, add_special_tokens=False)[:32]
     load = _rss()
     _reset_peak()
@@ -178,7 +178,10 @@ def main():
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--whole", action="store_true")
+    ap.add_argument("--merge-gap", type=int, default=32 << 10)
     ap.add_argument("--drop", action="store_true")
+    ap.add_argument("--levels", default="0,0.25,0.4,0.5,0.6,0.7", help="threshold sparsities measured")
+    ap.add_argument("--lowrank-levels", default="0.25,0.4,0.5,0.6,0.7", help="lowrank sparsities measured")
     ap.add_argument("--part", choices=["all", "quality", "speed"], default="all")
     ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args()
@@ -199,7 +202,8 @@ def main():
     del probe
     res = {"file_bytes": file_bytes, "resident_bytes": resident, "ffn_store_bytes": ffn, "staging_bytes": staging}
     if a.part in ("all", "quality"):
-        res["quality"] = run(common + ["--child", "quality", "--ppl-tokens", str(a.ppl_tokens)])
+        res["quality"] = run(common + ["--child", "quality", "--ppl-tokens", str(a.ppl_tokens),
+                                     "--levels", a.levels, "--lowrank-levels", a.lowrank_levels])
     res["speed"] = []
     for frac in (() if a.part == "quality" else (0.5, 0.25)):
         budget = resident + staging + int(frac * ffn)

@@ -285,7 +285,7 @@ class StreamingModel(Model):
     budget (see the module docstring). `stream_stats()` reports the reads."""
 
     def __init__(self, store_path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold",
-                 whole_layer_reads=False, window_tokens=5, io_threads=4):
+                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=32 << 10):
         budget = int(dram_budget_bytes)
         with WeightStore.open(store_path, max(budget, 64 << 20)) as ws:
             meta = _read_meta(ws)
@@ -303,7 +303,7 @@ class StreamingModel(Model):
                              f"give more than that (the rest of the budget caches streamed FFN neurons)")
         try:
             self.store = WeightStore.open(store_path, budget - resident, window_tokens=window_tokens,
-                                          io_threads=io_threads)
+                                          io_threads=io_threads, merge_gap_bytes=merge_gap_bytes)
         except ValueError as e:
             raise ValueError(f"dram_budget_bytes: {budget} bytes leaves {budget - resident} after the "
                              f"{resident} resident bytes, too little for the weight store ({e})") from None
