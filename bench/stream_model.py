@@ -1,7 +1,8 @@
 """Weight streaming of a real model under a DRAM budget (issue 17): quality vs sparsity, then speed,
 bytes read and memory at two budgets, vs naive whole-layer streaming and llama.cpp through mmap.
 
-    python bench/stream_model.py MODEL.gguf [--work-dir DIR] [--quick]
+    python bench/stream_model.py MODEL.gguf [--work-dir DIR] [--quick] [--part quality|speed]
+    MEMKERNELS_BENCH_GGUF=MODEL.gguf python -m memkernels bench --only stream_model   (no model: exits 0)
 
 Steps (each measurement in its own subprocess, so peak RSS is per configuration):
 1. convert: the GGUF file into the streaming store (calibration on /usr/share/common-licenses/Apache-2.0).
@@ -169,7 +170,8 @@ def run(args, py=sys.executable):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("model")
+    ap.add_argument("model", nargs="?", default=os.environ.get("MEMKERNELS_BENCH_GGUF"))
+    ap.add_argument("--quick", action="store_true", help="8 new tokens, 256 perplexity tokens, threshold S=0.5 only")
     ap.add_argument("--work-dir", default="/tmp/mk-stream-bench")
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--ppl-tokens", type=int, default=1024)
@@ -185,6 +187,11 @@ def main():
     ap.add_argument("--part", choices=["all", "quality", "speed"], default="all")
     ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args()
+    if not a.model or not os.path.isfile(a.model):
+        print("stream_model: no model (give MODEL.gguf or set MEMKERNELS_BENCH_GGUF); nothing measured")
+        return 0
+    if a.quick:
+        a.new, a.ppl_tokens, a.levels, a.lowrank_levels = 8, 256, "0,0.5", "0.5"
     if a.child:
         return {"convert": child_convert, "quality": child_quality, "speed": child_speed,
                 "llamacpp": child_llamacpp}[a.child](a)
