@@ -48,101 +48,122 @@ def demo_attention():
         print(f"  {s:>6} {ours * 1e3:>10.2f}ms {naive * 1e3:>10.2f}ms {naive / ours:>8.1f}x {err:>9.1e}")
 
 
-def demo_model(args, ops) -> int:
+def demo_model(args) -> int:
+    """Runs a checkpoint (given, or the seeded random one written here) through memkernels.load_model
+    with the FFN streamed under a DRAM budget, then checks the logits against the float64 NumPy
+    forward of the checkpoint's own weights."""
     import os
+    import shutil
     import tempfile
 
     from . import model as M
+    from .models import UnsupportedModelError, load_model, reference_forward
+    from .models.stream import StreamingModel, store_path_for
 
+    work = args.work_dir or tempfile.mkdtemp(prefix="memkernels-demo-")
+    os.makedirs(work, exist_ok=True)
     try:
         if args.model:
-            cfg, weights = M.load_checkpoint(args.model)
-            source = f"checkpoint {args.model}"
+            path, source = args.model, f"checkpoint {args.model}"
         else:
-            cfg = M.ModelConfig(hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                intermediate_size=4 * args.hidden, num_attention_heads=args.hidden // 32,
-                                num_key_value_heads=max(1, args.hidden // 128), hidden_act=args.act)
-            cfg.validate()
-            weights = M.random_weights(cfg, seed=args.seed)
+            path = os.path.join(work, "seeded-model")
+            M.write_random_checkpoint(path, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                      intermediate_size=4 * args.hidden, num_attention_heads=max(1, args.hidden // 32),
+                                      num_key_value_heads=max(1, args.hidden // 128), hidden_act=args.act,
+                                      seed=args.seed)
             source = "seeded random weights"
-    except (ValueError, OSError, mk.CorruptDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # convert once with a generous budget, then size the real budget from what stays resident
+        probe = load_model(path, dram_budget_bytes=1 << 40, stream_dir=work)
+        resident, ffn = probe.resident_bytes, probe.whole_layer_bytes_per_token
+        staging = probe.store.stats()["staging_bytes"]
+        del probe
+        budget = resident + staging + int(args.budget_fraction * ffn)
+        m = load_model(path, dram_budget_bytes=budget, stream_dir=work, sparsity=args.sparsity,
+                       predictor=args.predictor)
+    except (UnsupportedModelError, ValueError, OSError, mk.CorruptDataError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    work = args.work_dir or tempfile.mkdtemp(prefix="memkernels-demo-", dir=os.getcwd() if os.access(os.getcwd(), os.W_OK) else None)
-    os.makedirs(work, exist_ok=True)
-    path = os.path.join(work, "model.mkws")
-    print(f"\nmodel: Llama-style decoder, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
+    assert isinstance(m, StreamingModel)
+    cfg = m.config
+    print(f"\nmodel: {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, d_ff={cfg.intermediate_size}, "
           f"FFN act {cfg.hidden_act} ({source})")
-    t0 = time.perf_counter()
-    sizes = M.prepare_store(cfg, weights, path, prune_sparsity=args.prune)
-    t_prepare = time.perf_counter() - t0
-    ffn_bytes = sizes["streamed FFN"]
-    budget = int(args.budget_fraction * ffn_bytes)
-    print(f"  weight store {path}: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items()))
-    print(f"  DRAM budget of the weight store (cache + I/O buffers): {budget / 2**20:.2f} MiB "
-          f"({args.budget_fraction:.0%} of {ffn_bytes / 2**20:.2f} MiB)")
+    print(f"  streaming store {store_path_for(path, work)}: resident weights {resident / 2**20:.2f} MiB, "
+          f"streamed FFN {ffn / 2**20:.2f} MiB ({m.meta['ffn_dtype']})")
+    print(f"  DRAM budget for the weights: {budget / 2**20:.2f} MiB (resident + I/O staging + "
+          f"{args.budget_fraction:.0%} of the FFN), sparsity {args.sparsity:.0%} ({args.predictor})")
     rng = np.random.default_rng(args.seed)
-    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (args.prompt_len, args.prompt_len // 2 + 3, 7)]
-    try:
-        store = mk.WeightStore.open(path, budget, ops.device, max_read_bytes=64 << 10, window_tokens=4,
-                                merge_gap_bytes=4096)
-    except ValueError as e:
-        print(f"error: {e} (raise --budget-fraction)", file=sys.stderr)
-        return 2
-    with store:
-        tokens, logits, t, model = M.generate(store, prompts, args.tokens, ops=ops)
-        stats = store.stats()
-        cache_stats = model.cache.stats()
-        print("  checking logits against the NumPy float64 model ...", flush=True)
-        err = M.max_logit_error(store, tokens, logits)
-    if not args.work_dir:
-        os.remove(path)
-        os.rmdir(work)
-    n_prompt = sum(len(p) for p in prompts)
-    print(f"\n  {'stage':<28}{'time':>10}  notes")
-    print(f"  {'prepare (int4, prune, write)':<28}{t_prepare:>9.2f}s")
-    print(f"  {'prefill (flash attention)':<28}{t['prefill']:>9.2f}s  {n_prompt} prompt tokens, "
-          f"{n_prompt / t['prefill']:.0f} tok/s")
-    print(f"  {'decode (paged attention)':<28}{t['decode']:>9.2f}s  {len(tokens)} sequences (one forked) x "
-          f"{args.tokens} tokens, {t['decode_tokens'] / t['decode']:.1f} tok/s")
-    naive = ffn_bytes * t["forward_passes"]
-    print(f"  streamed from disk: {stats['bytes_read'] / 2**20:.2f} MiB in {stats['reads_issued']} reads "
-          f"({stats['io_mode']} I/O), neuron hit rate {stats['hit_rate']:.0%}, "
-          f"mean active neurons {np.mean(model.active_fraction):.0%}; reading each FFN whole at every one of "
-          f"the {t['forward_passes']} forward passes: {naive / 2**20:.2f} MiB "
-          f"({naive / max(stats['bytes_read'], 1):.1f}x more)")
-    print(f"  store peak resident {stats['peak_resident_bytes'] / 2**20:.2f} MiB vs budget {budget / 2**20:.2f} MiB; "
-          f"process peak RSS {M.peak_rss_bytes() / 2**20:.0f} MiB")
-    print(f"  KV cache: {cache_stats['pages_used']} pages used, {cache_stats['bytes_per_token']} bytes/token, "
-          f"fragmentation {cache_stats['fragmentation']:.0%}")
-    print(f"  max |logit - float64 reference| = {err:.2e}")
-    ok = err < 1e-2 and stats["peak_resident_bytes"] <= budget
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (args.prompt_len, args.prompt_len // 2 + 3, 7)]
+    rss_before = M.peak_rss_bytes()
+    out = m.generate(prompts, max_new_tokens=args.tokens, stop_at_eos=False)
+    st, ss = m.last_stats, m.stream_stats()
+    rss_run = M.peak_rss_bytes()
+    for i, (p, o) in enumerate(zip(prompts, out)):
+        print(f"  prompt {i} ({len(p)} tokens) -> {o}")
+    print(f"\n  prefill {st['prefill_tokens']} tokens {st['prefill_s']:.3f}s, decode {st['decode_tokens']} tokens "
+          f"{st['decode_s']:.3f}s ({st['decode_tokens'] / max(st['decode_s'], 1e-9):.1f} tok/s)")
+    print(f"  streamed per decode token: {ss['bytes_read_per_token'] / 2**20:.3f} MiB (whole FFN layers: "
+          f"{ss['whole_layer_bytes_per_token'] / 2**20:.3f} MiB), neuron hit rate {ss['hit_rate']:.0%}, "
+          f"neurons kept {ss['neurons_kept_fraction']:.0%} ({ss['io_mode']} I/O)")
+    print(f"  the model run held at most {ss['peak_resident_bytes'] / 2**20:.2f} MiB of weights (budget "
+          f"{budget / 2**20:.2f} MiB); process peak RSS {rss_run / 2**20:.0f} MiB "
+          f"({rss_before / 2**20:.0f} MiB before generating; the check below is not counted)")
+    print("  checking logits against the float64 NumPy forward of the checkpoint ...", flush=True)
+    from .models.weights import read_checkpoint_tensors
+    if os.path.isdir(path):
+        weights = read_checkpoint_tensors(path)
+    else:
+        from .models.gguf import load_gguf
+        weights = dict(load_gguf(path, verbose=False).tensors)
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    err = 0.0
+    for p, o in zip(prompts, out):
+        seq = p + o
+        ours = m.logits(seq)
+        ref = reference_forward(cfg, weights, seq)
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        e = float(np.abs(ours - ref).max()) / scale if np.isfinite(ours).all() and np.isfinite(ref).all() \
+            else float("inf")
+        err = max(err, e)
+    tol = 1e-4 if args.sparsity == 0 else float("inf")
+    ok = np.isfinite(err) and err <= tol and ss["peak_resident_bytes"] <= budget
+    print(f"  max |logit - float64 reference| / max |logit| = {err:.2e}"
+          + ("" if args.sparsity == 0 else " (sparsity > 0 approximates the dense model: only finiteness checked)"))
     print("  OK" if ok else "  MISMATCH")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
 
 def cmd_demo(args) -> int:
     from . import model as M
 
-    if args.device.startswith("cuda") and not mk.info()["cuda_available"]:
-        why = "memkernels sees no CUDA device" if mk.info()["cuda_built"] else \
-            "this memkernels was built without CUDA (reinstall with nvcc on the PATH)"
-        print(f"error: --device {args.device}: {why}", file=sys.stderr)
-        return 2
+    if args.device != "cpu":
+        if args.device.startswith("cuda") and not mk.info()["cuda_available"]:
+            why = "memkernels sees no CUDA device" if mk.info()["cuda_built"] else \
+                "this memkernels was built without CUDA (reinstall with nvcc on the PATH)"
+            print(f"error: --device {args.device}: {why}", file=sys.stderr)
+            return 2
     try:
         ops = M.array_ops(args.device, args.framework)
     except ValueError as e:
         print(f"error: --device {args.device} --framework {args.framework}: {e}", file=sys.stderr)
         return 2
     print(mk.info_string())
-    print(f"model arrays: {type(ops).__name__} over {ops.xp.__name__} on {ops.device}")
+    if ops.device == "cpu" and ops.xp is not np:
+        print(f"error: --framework {args.framework}: the streaming demo runs NumPy arrays on the CPU",
+              file=sys.stderr)
+        return 2
+    if ops.device != "cpu":
+        print("error: the demo streams weights from flash, which runs on the CPU only; for GPU kernel timings "
+              "run python -m memkernels bench, for a GPU model run python -m memkernels generate --device cuda",
+              file=sys.stderr)
+        return 2
     if not args.model_only:
-        if ops.device == "cpu":
-            demo_attention()
-        else:
-            print("(GPU kernel timings against cuBLAS / PyTorch: python -m memkernels bench)")
-    return demo_model(args, ops)
+        demo_attention()
+    return demo_model(args)
 
 
 def cmd_convert(args) -> int:
@@ -256,8 +277,15 @@ def cmd_generate(args) -> int:
                 return fail(f"--tokens: expected integers separated by commas or spaces, got {args.tokens!r}")
             if not ids:
                 return fail("--tokens: no token ids given")
+        if args.dram_budget is None and (args.sparsity or args.predictor or args.stream_dir or args.whole_layer_reads):
+            return fail("--sparsity / --predictor / --stream-dir / --whole-layer-reads need --dram-budget")
+        if args.dram_budget is not None and args.check:
+            return fail("--check runs the dense float64 reference: load without --dram-budget")
+        skw = {} if args.dram_budget is None else dict(
+            sparsity=args.sparsity, predictor=args.predictor or "threshold", stream_dir=args.stream_dir,
+            whole_layer_reads=args.whole_layer_reads)
         m = mk.load_model(args.model, device=args.device, dram_budget_bytes=args.dram_budget,
-                          quantize=args.quantize, exact=args.exact)
+                          quantize=args.quantize, exact=args.exact, **skw)
         tok = m.tokenizer
         if args.tokens is None:
             if tok is None:
@@ -308,11 +336,19 @@ def cmd_generate(args) -> int:
         result["max_logit_error_relative"] = err / max(float(np.abs(ref).max()), 1e-30)
     if m.quantization:
         result["quantization"] = m.quantization
+    if hasattr(m, "stream_stats"):
+        result["stream"] = m.stream_stats()
     result["peak_rss_bytes"] = _peak_rss_bytes()
     if args.json:
         print(json.dumps(result))
         return 0
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    if "stream" in result:
+        ss = result["stream"]
+        print(f"\n\nstreamed: {ss['bytes_read_per_token'] / 2**20:.2f} MiB read per token (whole layers: "
+              f"{ss['whole_layer_bytes_per_token'] / 2**20:.2f} MiB), hit rate {ss['hit_rate']:.1%}, "
+              f"weights held at most {ss['peak_resident_bytes'] / 2**20:.1f} MiB of a "
+              f"{ss['dram_budget_bytes'] / 2**20:.1f} MiB budget", end="")
     print(f"\n\nprefill {result['prefill_tokens']} tokens: {fmt(result['prefill_tokens_per_s'])} tokens/s, "
           f"decode {result['decode_tokens']} tokens: {fmt(result['decode_tokens_per_s'])} tokens/s, "
           f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB")
@@ -340,12 +376,12 @@ def main(argv=None) -> int:
     d.add_argument("--prompt-len", type=int, default=24)
     d.add_argument("--hidden", type=int, default=256, help="hidden size of the seeded model (multiple of 128)")
     d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--act", choices=["relu", "silu"], default="relu",
-                   help="FFN gate activation of the seeded model: relu (ReLU-fied SwiGLU with a gate bias, as "
-                        "'LLM in a flash' streams: ~10%% of neurons fire, only those are read) or silu (plain "
-                        "SwiGLU: every neuron is active, the whole FFN streams through the budget)")
-    d.add_argument("--prune", type=float, default=0.5, help="FFN sparsity (magnitude pruning)")
-    d.add_argument("--budget-fraction", type=float, default=0.5, help="DRAM budget / streamed FFN bytes")
+    d.add_argument("--act", choices=["relu", "silu"], default="relu", help="FFN activation of the seeded model")
+    d.add_argument("--sparsity", type=float, default=0.0,
+                   help="fraction of FFN neurons predicted off and not read (0: exact, checked)")
+    d.add_argument("--predictor", choices=["threshold", "lowrank"], default="threshold")
+    d.add_argument("--budget-fraction", type=float, default=0.5,
+                   help="DRAM budget = resident weights + this fraction of the streamed FFN bytes")
     d.add_argument("--work-dir", help="where the weight store is written (kept when given)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--model-only", action="store_true", help="skip the kernel timing table")
@@ -367,7 +403,16 @@ def main(argv=None) -> int:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dram-budget", type=int, default=None, metavar="BYTES",
-                   help="stream weights under a DRAM budget (not implemented for real models yet: issue 17)")
+                   help="stream the FFN weights from a weight store (converted once, cached next to the model) "
+                        "with at most BYTES of weights in memory")
+    g.add_argument("--sparsity", type=float, default=0.0,
+                   help="with --dram-budget: fraction of FFN neurons predicted off and never read (0: exact)")
+    g.add_argument("--predictor", choices=["threshold", "lowrank"], default=None,
+                   help="with --dram-budget: how neurons are chosen (default threshold: exact gate + calibrated "
+                        "magnitude threshold; lowrank: a fitted low-rank predictor)")
+    g.add_argument("--stream-dir", default=None, help="with --dram-budget: where the converted store is cached")
+    g.add_argument("--whole-layer-reads", action="store_true",
+                   help="with --dram-budget: read every FFN layer whole each token (the naive baseline)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")
     g.add_argument("--check", action="store_true",
                    help="compare the logits with a float64 NumPy forward of the checkpoint's own weights")

@@ -285,10 +285,12 @@ def test_tensor_refusals_name_the_tensor(tmp_path, edit, needle):
     assert needle in str(e.value)
 
 
-def test_dram_budget_is_refused_clearly(tmp_path):
+def test_dram_budget_options_are_checked(tmp_path):
     d, _ = build(tmp_path, "llama", {})
-    with pytest.raises(ValueError, match="issue 17"):
-        mk.load_model(d, dram_budget_bytes=1 << 20)
+    with pytest.raises(ValueError, match="dram_budget_bytes"):
+        mk.load_model(d, sparsity=0.5)  # sparsity without streaming
+    with pytest.raises(UnsupportedModelError, match="CPU only"):
+        mk.load_model(d, device="cuda", dram_budget_bytes=1 << 20)
 
 
 def test_bad_token_ids(tmp_path):
@@ -369,8 +371,13 @@ def test_cli_unsupported_inputs_exit_2(tmp_path):
         assert os.listdir(work) == [], what  # nothing left behind
     r = _cli("--model", cases["missing tensor"][0], "--tokens", "1,x", cwd=work)
     assert r.returncode == 2 and "--tokens" in r.stderr
-    r = _cli("--model", cases["missing tensor"][0], "--prompt", "hi", "--dram-budget", "1000", cwd=work)
-    assert r.returncode == 2 and "issue 17" in r.stderr
+    # streaming converts through the same loader: the same one-line refusal, no store left behind
+    before = sorted(os.listdir(cases["missing tensor"][0]))
+    r = _cli("--model", cases["missing tensor"][0], "--tokens", "1,2", "--dram-budget", "1000000", cwd=work)
+    assert r.returncode == 2 and "is missing from the checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(cases["missing tensor"][0])) == before
+    r = _cli("--model", cases["missing tensor"][0], "--tokens", "1,2", "--sparsity", "0.5", cwd=work)
+    assert r.returncode == 2 and "--dram-budget" in r.stderr
 
 
 # -- tokenizer.json in the checkpoint directory ----------------------------------------------------

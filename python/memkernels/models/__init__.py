@@ -20,7 +20,8 @@ QUANTIZE_FORMATS = ("int8", "int4", "int4_sym", "nf4")
 
 
 def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None, exact: bool = True,
-               framework: str = "auto") -> Model:
+               framework: str = "auto", *, sparsity: float = 0.0, predictor: str = "threshold",
+               stream_dir=None, calibration_text=None, whole_layer_reads: bool = False) -> Model:
     """Loads a checkpoint directory (config.json + *.safetensors, optional tokenizer.json) or a .gguf file.
 
     device: 'cpu' or 'cuda[:N]' (arrays through PyTorch or CuPy). Weights run as stored: float
@@ -30,12 +31,26 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
     exact: keep activations in float everywhere (no int8-activation qgemm shortcut).
     framework: the arrays between kernels: 'auto' (NumPy on the CPU; PyTorch, else CuPy, on a
     GPU), 'numpy', 'torch' or 'cupy'.
-    dram_budget_bytes: streaming real models from flash under a budget is not implemented yet
-    (issue 17); anything but None raises UnsupportedModelError.
+    dram_budget_bytes: stream the FFN up/down weights from a weight store under this budget of
+    weight bytes (see memkernels.models.stream; CPU only): the checkpoint is converted once into
+    `stream_dir` (default: next to it) with sparsity thresholds and low-rank predictors calibrated
+    on `calibration_text`. sparsity: fraction of FFN neurons predicted off and never read (0: exact);
+    predictor: 'threshold' (exact gate, calibrated magnitude threshold) or 'lowrank'.
+    whole_layer_reads: read every FFN layer whole each token (the naive streaming baseline).
+    Returns a StreamingModel.
     """
-    if dram_budget_bytes is not None:
-        raise UnsupportedModelError("dram_budget_bytes: streaming real models under a DRAM budget is not implemented "
-                                    "yet (issue 17); load without a budget")
+    if dram_budget_bytes is None:
+        if sparsity or whole_layer_reads or stream_dir is not None:
+            raise ValueError("sparsity / whole_layer_reads / stream_dir apply to streaming: give dram_budget_bytes")
+    else:
+        if device != "cpu":
+            raise UnsupportedModelError(f"dram_budget_bytes: streaming runs on the CPU only, got device={device!r}")
+        if quantize is not None or not exact:
+            raise UnsupportedModelError("dram_budget_bytes: streaming runs the weights as stored with exact=True; "
+                                        "quantize= and exact=False are not supported with a budget")
+        from .stream import open_streaming
+        return open_streaming(path, dram_budget_bytes, sparsity=sparsity, predictor=predictor, stream_dir=stream_dir,
+                              calibration_text=calibration_text, whole_layer_reads=whole_layer_reads)
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
         raise ValueError(f"quantize: expected None or one of {QUANTIZE_FORMATS}, got {quantize!r}")
     path = os.fspath(path)

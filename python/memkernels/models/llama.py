@@ -201,6 +201,25 @@ class Model:
             at += n
         return self.ops.xp.concatenate(outs, 0) if len(outs) > 1 else outs[0]
 
+    def _embedding(self, tokens):
+        """Embedding rows of host token ids (int64) as an activation array."""
+        idx = tokens if self._numpy else self.ops.to_device(tokens, "int64")
+        return self._embed[idx]
+
+    def _mlp(self, h, L, p):
+        """The FFN of layer L (prefix p) on normed activations h (tokens, hidden)."""
+        cfg, xp = self.config, self.ops.xp
+        if cfg.fused_qkv:
+            gu = self._linear(h, p + "mlp.gate_up_proj.weight")
+            g, u = gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]
+        else:
+            mb = cfg.mlp_bias
+            g = self._linear(h, p + "mlp.gate_proj.weight", p + "mlp.gate_proj.bias" if mb else None)
+            u = self._linear(h, p + "mlp.up_proj.weight", p + "mlp.up_proj.bias" if mb else None)
+        m = self._linear(activation(xp, g, cfg.hidden_act) * u, p + "mlp.down_proj.weight",
+                         p + "mlp.down_proj.bias" if cfg.mlp_bias else None)
+        return m
+
     # -- the forward ---------------------------------------------------------------------------
     def _ensure_cache(self, pages_needed):
         cfg = self.config
@@ -226,8 +245,7 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}")
         cos, sin = self._rope_tables(starts, lens)
-        idx = tokens if self._numpy else ops.to_device(tokens, "int64")
-        x = self._embed[idx]
+        x = self._embedding(tokens)
         if self._embed_scale is not None:
             x = x * self._embed_scale
         T, H, KV, D = len(tokens), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -253,15 +271,7 @@ class Model:
             x = x + o
             h = self._norm(x, p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norms
                                    else "post_attention_layernorm.weight"))
-            if cfg.fused_qkv:
-                gu = self._linear(h, p + "mlp.gate_up_proj.weight")
-                g, u = gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]
-            else:
-                mb = cfg.mlp_bias
-                g = self._linear(h, p + "mlp.gate_proj.weight", p + "mlp.gate_proj.bias" if mb else None)
-                u = self._linear(h, p + "mlp.up_proj.weight", p + "mlp.up_proj.bias" if mb else None)
-            m = self._linear(activation(xp, g, cfg.hidden_act) * u, p + "mlp.down_proj.weight",
-                             p + "mlp.down_proj.bias" if cfg.mlp_bias else None)
+            m = self._mlp(h, L, p)
             if cfg.sandwich_norms:
                 m = self._norm(m, p + "post_feedforward_layernorm.weight")
             x = x + m

@@ -1,0 +1,244 @@
+"""Weight streaming of a real model under a DRAM budget (issue 17): quality vs sparsity, then speed,
+bytes read and memory at two budgets, vs naive whole-layer streaming and llama.cpp through mmap.
+
+    python bench/stream_model.py MODEL.gguf [--work-dir DIR] [--quick] [--part quality|speed]
+    MEMKERNELS_BENCH_GGUF=MODEL.gguf python -m memkernels bench --only stream_model   (no model: exits 0)
+
+Steps (each measurement in its own subprocess, so peak RSS is per configuration):
+1. convert: the GGUF file into the streaming store (calibration on /usr/share/common-licenses/Apache-2.0).
+2. quality: perplexity on a different English text (/usr/share/common-licenses/GPL-3, first
+   --ppl-tokens tokens, windows of 256 tokens) and top-1 agreement with the dense model: the dense
+   model greedily generates --new tokens after a prompt; each sparse model predicts every one of them
+   teacher-forced (argmax equal to the dense token). For sparsity 0, 25, 40, 50, 60, 70 % and both
+   predictors.
+3. speed: decode --new tokens after a 32-token prompt at budgets = resident weights + 50 % / 25 %
+   of the streamed FFN bytes (the literal 50 % / 25 % of the whole file are printed too: for a
+   small-vocabulary-heavy model they do not even hold the resident part), threshold predictor at
+   sparsity 0.5 and 0 vs whole-layer reads (clear the cache each token, read every neuron) on the
+   same store. Peak RSS = VmHWM reset (/proc/self/clear_refs) after load, so it is the decode's.
+4. llama.cpp (if /work/venv/bench has llama_cpp): the same file through mmap; before every token the
+   file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping) and from the page
+   cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALIB = "/usr/share/common-licenses/Apache-2.0"
+EVAL = "/usr/share/common-licenses/GPL-3"
+PROMPT = "The GNU General Public License is a free, copyleft license for software and other kinds of works. It"
+
+
+def _rss():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def child_convert(a):
+    from memkernels.models.stream import convert_for_streaming
+    t0 = time.perf_counter()
+    meta = convert_for_streaming(a.model, a.store, calibration_text=open(CALIB).read())
+    print(json.dumps({"convert_s": time.perf_counter() - t0, "ffn_dtype": meta["ffn_dtype"],
+                      "store_bytes": os.path.getsize(a.store), "rss": _rss()}))
+
+
+def _eval_ids(tok, n):
+    return tok.encode(open(EVAL).read(), add_special_tokens=False)[:n]
+
+
+def _ppl(m, ids, win=256):
+    import numpy as np
+    nll, n = 0.0, 0
+    for at in range(0, len(ids) - 1, win):
+        chunk = ids[at:at + win + 1]
+        if len(chunk) < 2:
+            break
+        lg = m.logits(chunk[:-1]).astype(np.float64)
+        lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+        nll += float((lse - lg[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+        n += len(chunk) - 1
+    return float(np.exp(nll / n))
+
+
+def child_quality(a):
+    import numpy as np
+    import memkernels as mk
+    from memkernels.models.stream import StreamingModel
+    dense = mk.load_model(a.model)
+    ids = _eval_ids(dense.tokenizer, a.ppl_tokens)
+    prompt = dense.tokenizer.encode(PROMPT, add_special_tokens=False)
+    gen = dense.generate(prompt, max_new_tokens=a.new, stop_at_eos=False)
+    rows = [{"config": "dense (GGUF weights in memory)", "ppl": _ppl(dense, ids), "agree": 1.0, "kept": 1.0}]
+    seq = prompt + gen
+    levels = [float(x) for x in a.levels.split(",")]
+    lr_levels = [float(x) for x in a.lowrank_levels.split(",")] if a.lowrank_levels else []
+    for predictor, ss in (("threshold", levels), ("lowrank", lr_levels)):
+        for s in ss:
+            m = StreamingModel(a.store, 1 << 34, sparsity=s, predictor=predictor)
+            p = _ppl(m, ids)
+            kept = m.stream_stats()["neurons_kept_fraction"]
+            am = m.logits(seq[:-1]).argmax(-1)[len(prompt) - 1:]
+            rows.append({"config": f"stream {predictor} S={s:.2f}", "ppl": p, "kept": kept,
+                         "agree": float((am == np.asarray(gen)).mean())})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print(json.dumps({"rows": rows, "ppl_tokens": len(ids), "new": a.new}))
+
+
+def child_speed(a):
+    import memkernels as mk
+    from memkernels.models.stream import StreamingModel
+    base = _rss()
+    m = StreamingModel(a.store, a.budget, sparsity=a.sparsity, whole_layer_reads=a.whole, merge_gap_bytes=a.merge_gap)
+    prompt = m.tokenizer.encode(PROMPT, add_special_tokens=False)[:32]
+    load = _rss()
+    _reset_peak()
+    m.generate(prompt, max_new_tokens=4, stop_at_eos=False)  # warm-up (its reads are not counted)
+    m.reset_stream_stats()
+    m.generate(prompt, max_new_tokens=a.new, stop_at_eos=False)
+    st = m.last_stats
+    r = _rss()
+    print(json.dumps({"decode_tokens_per_s": st["decode_tokens"] / st["decode_s"], "stream": m.stream_stats(),
+                      "rss_after_import": base["VmRSS"], "rss_after_load": load["VmRSS"],
+                      "peak_rss_decode": r["VmHWM"], "mk_threads": mk.info().get("threads") if hasattr(mk, "info")
+                      else None}))
+
+
+def child_llamacpp(a):
+    import ctypes
+    import numpy as np
+    from llama_cpp import Llama
+    base = _rss()
+    llm = Llama(a.model, n_ctx=256, n_threads=os.cpu_count(), use_mmap=True, verbose=False, logits_all=False)
+    toks = llm.tokenize(PROMPT.encode(), add_bos=False)[:32]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fd = os.open(a.model, os.O_RDONLY)
+    real = os.path.realpath(a.model)
+
+    def drop():
+        if not a.drop:
+            return
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith(real):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    llm.reset()
+    llm.eval(toks)
+    _reset_peak()
+    out, t0 = [], None
+    for i in range(a.new):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        if i == 0:
+            t0 = time.perf_counter()
+        drop()
+        llm.eval([nxt])
+    dt = time.perf_counter() - t0
+    r = _rss()
+    print(json.dumps({"decode_tokens_per_s": (a.new - 1) / dt, "peak_rss_decode": r["VmHWM"],
+                      "rss_after_import": base["VmRSS"], "dropped": bool(a.drop)}))
+
+
+def run(args, py=sys.executable):
+    r = subprocess.run([py, os.path.abspath(__file__)] + args, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{args[:2]} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default=os.environ.get("MEMKERNELS_BENCH_GGUF"))
+    ap.add_argument("--quick", action="store_true", help="8 new tokens, 256 perplexity tokens, threshold S=0.5 only")
+    ap.add_argument("--work-dir", default="/tmp/mk-stream-bench")
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--ppl-tokens", type=int, default=1024)
+    ap.add_argument("--child", choices=["convert", "quality", "speed", "llamacpp"])
+    ap.add_argument("--store")
+    ap.add_argument("--budget", type=int, default=0)
+    ap.add_argument("--sparsity", type=float, default=0.0)
+    ap.add_argument("--whole", action="store_true")
+    ap.add_argument("--merge-gap", type=int, default=32 << 10)
+    ap.add_argument("--drop", action="store_true")
+    ap.add_argument("--levels", default="0,0.25,0.4,0.5,0.6,0.7", help="threshold sparsities measured")
+    ap.add_argument("--lowrank-levels", default="0.25,0.4,0.5,0.6,0.7", help="lowrank sparsities measured")
+    ap.add_argument("--part", choices=["all", "quality", "speed"], default="all")
+    ap.add_argument("--out", help="also write the results as JSON here")
+    a = ap.parse_args()
+    if not a.model or not os.path.isfile(a.model):
+        print("stream_model: no model (give MODEL.gguf or set MEMKERNELS_BENCH_GGUF); nothing measured")
+        return 0
+    if a.quick:
+        a.new, a.ppl_tokens, a.levels, a.lowrank_levels = 8, 256, "0,0.5", "0.5"
+    if a.child:
+        return {"convert": child_convert, "quality": child_quality, "speed": child_speed,
+                "llamacpp": child_llamacpp}[a.child](a)
+    os.makedirs(a.work_dir, exist_ok=True)
+    store = os.path.join(a.work_dir, os.path.basename(a.model) + ".stream.mkws")
+    common = [a.model, "--store", store, "--new", str(a.new)]
+    if not os.path.exists(store):
+        print("convert:", run(common + ["--child", "convert"]))
+    import memkernels as mk
+    from memkernels.models.stream import StreamingModel
+    probe = StreamingModel(store, 1 << 34)
+    resident, ffn = probe.resident_bytes, probe.whole_layer_bytes_per_token
+    staging = probe.store.stats()["staging_bytes"]
+    file_bytes = os.path.getsize(a.model)
+    del probe
+    res = {"file_bytes": file_bytes, "resident_bytes": resident, "ffn_store_bytes": ffn, "staging_bytes": staging}
+    if a.part in ("all", "quality"):
+        res["quality"] = run(common + ["--child", "quality", "--ppl-tokens", str(a.ppl_tokens),
+                                     "--levels", a.levels, "--lowrank-levels", a.lowrank_levels])
+    res["speed"] = []
+    for frac in (() if a.part == "quality" else (0.5, 0.25)):
+        budget = resident + staging + int(frac * ffn)
+        for label, extra in (("threshold S=0.5", ["--sparsity", "0.5"]), ("threshold S=0 (exact)", []),
+                             ("whole-layer reads", ["--whole"])):
+            r = run(common + ["--child", "speed", "--budget", str(budget)] + extra)
+            r.update(label=label, budget=budget, frac=frac)
+            res["speed"].append(r)
+            print(json.dumps(r), file=sys.stderr)
+    bench_py = "/work/venv/bench/bin/python"
+    res["llamacpp"] = []
+    if a.part == "quality":
+        pass
+    elif os.path.exists(bench_py) and subprocess.run([bench_py, "-c", "import llama_cpp"],
+                                                   capture_output=True).returncode == 0:
+        for drop in (False, True):
+            try:
+                r = run(common + ["--child", "llamacpp"] + (["--drop"] if drop else []), py=bench_py)
+                res["llamacpp"].append(r)
+            except RuntimeError as e:
+                res["llamacpp"].append({"error": str(e)[-500:], "dropped": drop})
+    else:
+        res["llamacpp_missing"] = "no llama_cpp in /work/venv/bench"
+    print(json.dumps(res, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
