@@ -5,7 +5,6 @@
 #include <string>
 
 #include "attention_internal.h"
-#include "paged_internal.h"
 #include "quant_internal.h"
 
 namespace memkernels::cuda_backend {
@@ -16,10 +15,6 @@ namespace {
 }
 }  // namespace
 
-void paged_attention(const PagedProblem&, void*) { not_converted("paged_attention", "cuda/paged_attention.cu"); }
-void paged_append(const PagedAppend&, void*) { not_converted("paged_append", "cuda/paged_attention.cu"); }
-void* paged_upload(int, const void*, size_t, void*) { not_converted("paged_attention", "cuda/paged_attention.cu"); }
-void paged_scratch_free(int, void*, void*) {}
 void qgemm(const QGemmProblem&, void*) { not_converted("qgemm", "cuda/qgemm.cu"); }
 void dequantize(const DequantProblem&, void*) { not_converted("dequantize", "cuda/qgemm.cu"); }
 
