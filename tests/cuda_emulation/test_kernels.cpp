@@ -1,4 +1,4 @@
-// The library's CUDA kernels (cuda/attention.cu, cuda/spmm.cu, cuda/paged_attention.cu) run on the emulated device through
+// The library's CUDA kernels (cuda/attention.cu, spmm.cu, paged_attention.cu, qgemm.cu) run on the emulated device through
 // the normal C++ API, with the cases of their CPU tests, against the CPU backend on the same
 // inputs (which tests/cpp and tests/python check against float64 references). Outputs are poisoned
 // with NaN first: a kernel that writes nothing (e.g. a body compiled out) fails.
@@ -471,6 +471,149 @@ TEST(EmulatedCudaPaged, KvCacheOnDevice) {
       }
     }
   }
+}
+
+// ---------------------------------------------------------------- quantized GEMM
+
+struct QCase {
+  QuantFormat format;
+  int group_size;
+  bool double_quant;
+  std::string name() const {
+    return std::string(quant_format_name(format)) + " g" + std::to_string(group_size) + (double_quant ? " dq" : "");
+  }
+};
+
+// Every format: int8 per channel and grouped, the 4/3/2-bit formats in two group sizes, nf4 with
+// double-quantised scales.
+const QCase kQCases[] = {{QuantFormat::Int8, 0, false},     {QuantFormat::Int8, 32, false},   {QuantFormat::Int4, 128, false},
+                         {QuantFormat::Int4, 64, false},    {QuantFormat::Int4Sym, 64, false}, {QuantFormat::Int4Min, 32, false},
+                         {QuantFormat::Int3, 64, false},    {QuantFormat::Int3Sym, 128, false}, {QuantFormat::Int2, 64, false},
+                         {QuantFormat::Int2Sym, 32, false}, {QuantFormat::NF4, 64, false},     {QuantFormat::NF4, 64, true}};
+
+// qgemm on the emulated GPU against the CPU backend on the same quantized matrix, x and bias.
+// The CUDA mma path rounds the dequantized weights to x's dtype before multiplying (the CPU keeps
+// fp32): the bound is relative to sum_k |w_k x_k| (mag) as well as to the output. x_offset: x
+// starts that many elements into its buffer (unaligned loads).
+void check_qgemm(const QCase& qc, DType dt, int64_t rows, int64_t cols, int64_t tokens, bool with_bias, int x_offset = 0) {
+  SCOPED_TRACE(qc.name() + " " + dtype_name(dt) + " " + std::to_string(rows) + "x" + std::to_string(cols) + " tokens " +
+               std::to_string(tokens) + (with_bias ? " bias" : "") + " x_offset " + std::to_string(x_offset));
+  std::mt19937 rng(uint32_t(rows * 7 + cols + tokens * 13 + int(qc.format) * 101 + int(dt)));
+  std::vector<float> w(size_t(rows * cols));
+  std::normal_distribution<float> nd;
+  for (auto& v : w) v = nd(rng);
+  const QuantizedMatrix qm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), qc.format,
+                                      {qc.group_size, qc.double_quant});
+  const QuantizedMatrix dqm = qm.to(kCuda);
+  std::vector<float> deq(w.size());
+  dequantize(qm, TensorView(deq.data(), DType::Float32, {rows, cols}));
+  Buffer x = random_buffer(dt, size_t(tokens * cols) + x_offset, rng), bias = random_buffer(dt, size_t(rows), rng);
+  Buffer out_cpu(dt, size_t(tokens * rows)), out(dt, out_cpu.size());
+  out_cpu.poison(), out.poison();
+  const size_t es = size_t(dtype_size(dt));
+  TensorView tb(bias.bytes.data(), dt, {rows});
+  qgemm(TensorView(x.bytes.data() + x_offset * es, dt, {tokens, cols}), qm, with_bias ? &tb : nullptr,
+        TensorView(out_cpu.bytes.data(), dt, {tokens, rows}));
+  DeviceCopy dx(x.bytes.data(), x.bytes.size()), db(bias.bytes.data(), bias.bytes.size()), dout(out.bytes.data(), out.bytes.size());
+  TensorView tdb(db.ptr, dt, {rows}, kCuda);
+  qgemm(TensorView(static_cast<unsigned char*>(dx.ptr) + x_offset * es, dt, {tokens, cols}, kCuda), dqm, with_bias ? &tdb : nullptr,
+        TensorView(dout.ptr, dt, {tokens, rows}, kCuda));
+  dout.copy_to(out.bytes.data());
+  const float rel = dt == DType::Float32 ? 2e-6f : dt == DType::Float16 ? 2e-3f : 1.6e-2f;
+  const float rmag = dt == DType::Float32 ? 2e-6f : dt == DType::Float16 ? 1e-3f : 5e-3f;
+  int bad = 0;
+  for (int64_t t = 0; t < tokens && bad < 5; ++t)
+    for (int64_t n = 0; n < rows && bad < 5; ++n) {
+      double mag = with_bias ? std::fabs(bias.get(size_t(n))) : 0.0;
+      for (int64_t k = 0; k < cols; ++k) mag += std::fabs(double(deq[size_t(n * cols + k)]) * x.get(size_t(t * cols + k + x_offset)));
+      const float g = out.get(size_t(t * rows + n)), c = out_cpu.get(size_t(t * rows + n));
+      if (!(std::fabs(g - c) <= rel * std::fabs(c) + rmag * mag + 1e-6f)) {
+        ADD_FAILURE() << "token " << t << " row " << n << ": CUDA " << g << " CPU " << c << " (mag " << mag << ")";
+        ++bad;
+      }
+    }
+}
+
+// GEMV (<= 4 tokens; fp32 x at any count) and the mma path (fp16/bf16, > 4 tokens: 8- and
+// 16-token tiles, token tails), rows not a multiple of a warp's 16 or a block's 64.
+TEST(EmulatedCudaQgemm, EveryFormatDtypeAndTokenCount) {
+  for (const QCase& qc : kQCases)
+    for (DType dt : kDtypes)
+      for (int64_t tokens : {1, 3, 4, 5, 9, 17}) check_qgemm(qc, dt, 37, 256, tokens, tokens % 2 == 1);
+}
+
+// Split-K (the emulated GPU has 2 SMs: few row blocks and long rows split K into 2 to 8 pieces).
+TEST(EmulatedCudaQgemm, SplitK) {
+  for (const QCase& qc : {kQCases[0], kQCases[2], kQCases[5], kQCases[6], kQCases[11]})
+    for (DType dt : {DType::Float16, DType::BFloat16}) {
+      check_qgemm(qc, dt, 20, 2048, 6, true);   // 8 splits
+      check_qgemm(qc, dt, 70, 1024, 12, false); // 2 splits, 16-token tile with a tail
+    }
+  check_qgemm(kQCases[2], DType::Float32, 20, 2048, 6, true);  // fp32: GEMV at any token count
+}
+
+TEST(EmulatedCudaQgemm, UnalignedX) {
+  for (const QCase& qc : {kQCases[1], kQCases[3], kQCases[8]}) {
+    check_qgemm(qc, DType::Float32, 21, 128, 1, true, 1);  // GEMV scalar loads
+    check_qgemm(qc, DType::Float16, 21, 128, 3, false, 1);
+    check_qgemm(qc, DType::BFloat16, 21, 128, 7, true, 2);  // mma: 4-byte aligned is enough
+  }
+  // mma needs 4-byte aligned x rows: a clear error otherwise.
+  try {
+    check_qgemm(kQCases[2], DType::Float16, 21, 128, 7, false, 1);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Value);
+    EXPECT_NE(std::string(e.what()).find("4-byte aligned"), std::string::npos) << e.what();
+  }
+}
+
+// Split-K partials are added in a fixed order (issue 15 #8): the same bits on every run, whatever
+// order the blocks run in (several workers, shuffled thread orders).
+TEST(EmulatedCudaQgemm, SplitKIsDeterministic) {
+  const int64_t rows = 20, cols = 2048, tokens = 6;
+  std::mt19937 rng(5);
+  std::vector<float> w(size_t(rows * cols));
+  std::normal_distribution<float> nd;
+  for (auto& v : w) v = nd(rng) * 3.0f;
+  const QuantizedMatrix dqm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), QuantFormat::Int4, {32, false}).to(kCuda);
+  Buffer x = random_buffer(DType::Float16, size_t(tokens * cols), rng);
+  DeviceCopy dx(x.bytes.data(), x.bytes.size());
+  std::vector<std::vector<unsigned char>> results;
+  for (int run = 0; run < 6; ++run) {
+    Buffer out(DType::Float16, size_t(tokens * rows));
+    out.poison();
+    DeviceCopy dout(out.bytes.data(), out.bytes.size());
+    if (run % 2) setenv("MKEMU_SEED", std::to_string(run).c_str(), 1);
+    qgemm(TensorView(dx.ptr, DType::Float16, {tokens, cols}, kCuda), dqm, nullptr,
+          TensorView(dout.ptr, DType::Float16, {tokens, rows}, kCuda));
+    unsetenv("MKEMU_SEED");
+    dout.copy_to(out.bytes.data());
+    results.push_back(out.bytes);
+  }
+  for (size_t i = 1; i < results.size(); ++i) EXPECT_EQ(results[i], results[0]) << "run " << i;
+}
+
+// dequantize on the GPU is bit for bit the CPU's, every format and dtype.
+TEST(EmulatedCudaQgemm, DequantizeBitExact) {
+  const int64_t rows = 19, cols = 256;
+  std::mt19937 rng(3);
+  std::vector<float> w(size_t(rows * cols));
+  std::normal_distribution<float> nd;
+  for (auto& v : w) v = nd(rng);
+  for (const QCase& qc : kQCases)
+    for (DType dt : kDtypes) {
+      SCOPED_TRACE(qc.name() + " " + dtype_name(dt));
+      const QuantizedMatrix qm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), qc.format,
+                                          {qc.group_size, qc.double_quant});
+      Buffer want(dt, w.size()), got(dt, w.size());
+      want.poison(), got.poison();
+      dequantize(qm, TensorView(want.bytes.data(), dt, {rows, cols}));
+      DeviceCopy dout(got.bytes.data(), got.bytes.size());
+      dequantize(qm.to(kCuda), TensorView(dout.ptr, dt, {rows, cols}, kCuda));
+      dout.copy_to(got.bytes.data());
+      EXPECT_EQ(got.bytes, want.bytes);
+    }
 }
 
 // ---------------------------------------------------------------- SpMM
