@@ -12,6 +12,10 @@
 // Index arrays are device memory we cannot validate without a sync: every index is clamped.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -306,6 +310,88 @@ int sm_count(int device) {
   return n;
 }
 
+// Host staging for the index uploads (issue 15 #5): a copy from pageable memory goes through a
+// driver bounce buffer and may block the host; from pinned memory it is a plain DMA. One
+// persistent pinned ring per device: each upload takes the next span (wrapping at the end) and
+// records an event after its copy; a span is written again only once the copies that read it have
+// completed (the event), so the host never overwrites data still in flight. The ring doubles
+// (after draining) when one upload does not fit. Kept for the process lifetime on purpose: freed at
+// exit it would race the CUDA runtime's own teardown.
+class PinnedRing {
+ public:
+  // Copies `bytes` from host to device memory `dst` on stream s through the ring.
+  void upload(void* dst, const void* host, size_t bytes, cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t need = (bytes + 255) & ~size_t(255);
+    if (need > cap_) grow(need);
+    if (head_ + need > cap_) head_ = 0;
+    // Wait for (and retire) the in-flight spans this one overlaps; retire finished ones on the way.
+    for (auto it = flight_.begin(); it != flight_.end();) {
+      const bool overlaps = it->off < head_ + need && head_ < it->off + it->bytes;
+      if (overlaps) check_cuda(cudaEventSynchronize(it->done), "cudaEventSynchronize (pinned ring)");
+      if (overlaps || cudaEventQuery(it->done) == cudaSuccess) {
+        events_.push_back(it->done);
+        it = flight_.erase(it);
+      } else {
+        cudaGetLastError();  // cudaErrorNotReady is not an error
+        ++it;
+      }
+    }
+    unsigned char* src = base_ + head_;
+    std::memcpy(src, host, bytes);
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (paged indices)");
+    cudaEvent_t ev = nullptr;
+    if (!events_.empty()) {
+      ev = events_.back();
+      events_.pop_back();
+    } else {
+      check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate (pinned ring)");
+    }
+    const cudaError_t err = cudaEventRecord(ev, s);
+    if (err != cudaSuccess) {
+      events_.push_back(ev);
+      // Without the event the span's end is unknown: wait for the copy before reusing it.
+      cudaStreamSynchronize(s);
+      check_cuda(err, "cudaEventRecord (pinned ring)");
+    }
+    flight_.push_back({head_, need, ev});
+    head_ += need;
+  }
+  size_t capacity() const { return cap_; }
+
+ private:
+  struct Span {
+    size_t off, bytes;
+    cudaEvent_t done;
+  };
+  void grow(size_t need) {
+    for (const Span& sp : flight_) {
+      cudaEventSynchronize(sp.done);
+      events_.push_back(sp.done);
+    }
+    flight_.clear();
+    size_t cap = std::max<size_t>(cap_ ? 2 * cap_ : 64 * 1024, need);
+    void* p = nullptr;
+    check_cuda(cudaMallocHost(&p, cap), "cudaMallocHost (pinned ring for the page tables)");
+    if (base_) cudaFreeHost(base_);
+    base_ = static_cast<unsigned char*>(p), cap_ = cap, head_ = 0;
+  }
+  std::mutex mu_;
+  unsigned char* base_ = nullptr;
+  size_t cap_ = 0, head_ = 0;
+  std::list<Span> flight_;
+  std::vector<cudaEvent_t> events_;  // recorded and finished: reusable
+};
+
+PinnedRing& pinned_ring(int device) {
+  static std::mutex mu;
+  static std::map<int, PinnedRing*>* rings = new std::map<int, PinnedRing*>();  // never freed (see above)
+  std::lock_guard<std::mutex> lock(mu);
+  PinnedRing*& r = (*rings)[device];
+  if (!r) r = new PinnedRing();
+  return *r;
+}
+
 }  // namespace
 
 void* paged_upload(int device, const void* host, size_t bytes, void* stream) {
@@ -314,9 +400,12 @@ void* paged_upload(int device, const void* host, size_t bytes, void* stream) {
   void* d = nullptr;
   check_cuda(cudaMallocAsync(&d, bytes ? bytes : 4, s), "cudaMallocAsync (paged indices)");
   if (bytes) {
-    const cudaError_t err = cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, s);
-    if (err != cudaSuccess) cudaFreeAsync(d, s);
-    check_cuda(err, "cudaMemcpyAsync (paged indices)");
+    try {
+      pinned_ring(device).upload(d, host, bytes, s);
+    } catch (...) {
+      cudaFreeAsync(d, s);
+      throw;
+    }
   }
   return d;
 }

@@ -473,6 +473,42 @@ TEST(EmulatedCudaPaged, KvCacheOnDevice) {
   }
 }
 
+// The page-table and slot uploads go through a persistent pinned ring (64 KB at first): an
+// 8200-row append (66 KB of slots) makes it grow, then decode steps with ~6 KB of tables each
+// (one-token pages) wrap it; every result must still match the CPU cache (a span reused too
+// early, or a wrong offset after a wrap, would upload wrong tables).
+TEST(EmulatedCudaPaged, PinnedUploadRingWrapsAndGrows) {
+  const int P = 10000, ps = 1, kvh = 1, D = 8, H = 2;
+  const DType dt = DType::Float32;
+  PagedKVCache cpu(1, P, ps, kvh, D, dt), gpu(1, P, ps, kvh, D, dt, kCuda);
+  std::mt19937 rng(77);
+  auto append = [&](const std::vector<int64_t>& ic, const std::vector<int64_t>& ig, std::vector<int64_t> counts) {
+    int64_t rows = 0;
+    for (int64_t c : counts) rows += c;
+    Buffer k = random_buffer(dt, size_t(rows) * kvh * D, rng), v = random_buffer(dt, size_t(rows) * kvh * D, rng);
+    cpu.append(ic, 0, TensorView(k.bytes.data(), dt, {rows, kvh, D}), TensorView(v.bytes.data(), dt, {rows, kvh, D}), counts);
+    DeviceCopy dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
+    gpu.append(ig, 0, TensorView(dk.ptr, dt, {rows, kvh, D}, kCuda), TensorView(dv.ptr, dt, {rows, kvh, D}, kCuda), counts);
+  };
+  const int64_t big_c = cpu.add_sequence(), big_g = gpu.add_sequence();
+  append({big_c}, {big_g}, {8200});
+  cpu.free(big_c), gpu.free(big_g);
+  std::vector<int64_t> ids_c, ids_g;
+  for (int i = 0; i < 2; ++i) ids_c.push_back(cpu.add_sequence()), ids_g.push_back(gpu.add_sequence());
+  append(ids_c, ids_g, {1400, 3});
+  for (int step = 0; step < 16; ++step) {
+    append(ids_c, ids_g, {1, 1 + step % 3});
+    Buffer q = random_buffer(dt, size_t(2) * H * D, rng), out_c(dt, q.size()), out_g(dt, q.size());
+    out_c.poison(), out_g.poison();
+    const PagedAttentionOptions o = popts(true, 0);
+    cpu.attention(TensorView(q.bytes.data(), dt, {2, H, D}), 0, ids_c, {}, TensorView(out_c.bytes.data(), dt, {2, H, D}), nullptr, o);
+    DeviceCopy dq(q.bytes.data(), q.bytes.size()), dout(out_g.bytes.data(), out_g.bytes.size());
+    gpu.attention(TensorView(dq.ptr, dt, {2, H, D}, kCuda), 0, ids_g, {}, TensorView(dout.ptr, dt, {2, H, D}, kCuda), nullptr, o);
+    dout.copy_to(out_g.bytes.data());
+    expect_close(out_g, out_c, tolerance(dt), "step " + std::to_string(step));
+  }
+}
+
 // ---------------------------------------------------------------- quantized GEMM
 
 struct QCase {
