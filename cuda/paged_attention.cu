@@ -357,7 +357,6 @@ class PinnedRing {
     flight_.push_back({head_, need, ev});
     head_ += need;
   }
-  size_t capacity() const { return cap_; }
 
  private:
   struct Span {
