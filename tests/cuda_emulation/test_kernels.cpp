@@ -575,7 +575,7 @@ void check_qgemm(const QCase& qc, DType dt, int64_t rows, int64_t cols, int64_t 
 TEST(EmulatedCudaQgemm, EveryFormatDtypeAndTokenCount) {
   for (const QCase& qc : kQCases)
     for (DType dt : kDtypes)
-      for (int64_t tokens : {1, 3, 4, 5, 9, 17}) check_qgemm(qc, dt, 37, 256, tokens, tokens % 2 == 1);
+      for (int64_t tokens : {1, 3, 5, 9, 17}) check_qgemm(qc, dt, 37, 256, tokens, tokens % 3 != 0);
 }
 
 // Split-K (the emulated GPU has 2 SMs: few row blocks and long rows split K into 2 to 8 pieces).
