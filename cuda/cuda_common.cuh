@@ -40,6 +40,31 @@ struct DeviceGuard {
   ~DeviceGuard() { cudaSetDevice(previous); }
 };
 
+// Stream-ordered scratch memory freed (cudaFreeAsync on the same stream) when the scope ends,
+// also when a launch or check in between throws.
+class StreamScratch {
+ public:
+  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  ~StreamScratch() {
+    for (int i = 0; i < n_; ++i) cudaFreeAsync(ptrs_[i], stream_);
+  }
+  void* alloc(size_t bytes, const char* what) {
+    if (n_ == kMax) throw_error(ErrorKind::Value, std::string(what) + ": too many scratch buffers");
+    void* p = nullptr;
+    check_cuda(cudaMallocAsync(&p, bytes ? bytes : 4, stream_), what);
+    ptrs_[n_++] = p;
+    return p;
+  }
+
+ private:
+  static constexpr int kMax = 4;
+  cudaStream_t stream_;
+  void* ptrs_[kMax] = {};
+  int n_ = 0;
+};
+
 template <typename T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }

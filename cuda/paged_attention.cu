@@ -12,7 +12,13 @@
 // Index arrays are device memory we cannot validate without a sync: every index is clamped.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cuda_common.cuh"
 #include "paged_internal.h"
@@ -81,128 +87,135 @@ __global__ void __launch_bounds__(kWarps * 32) paged_attention_kernel(PagedProbl
     q0 = clampi(p.qo_indptr[b], 0, tq);
     qlen = clampi(p.qo_indptr[b + 1], q0, tq) - q0;
   }
-  const int rows_total = qlen * group, r0 = blockIdx.y * RT;
-  if (r0 >= rows_total) return;
-  const int nrows = min(RT, rows_total - r0);
+  const int rows_total = qlen * group;
   const int off = kvlen - qlen;
+  MK_DYNAMIC_SHARED(float, smem);
 
-  // Keys the tile's rows may see (causal, sliding window): from the first row's window start to
-  // the last row's end; keys outside are never read. This range is cut into the KV splits (pieces
-  // of at least 128 keys; trailing splits may be empty and leave sum 0 for the merge).
-  const KeyRange first = visible_keys(int64_t(r0 / group) + off, kvlen, p.window_left, p.window_right);
-  const KeyRange last = visible_keys(int64_t((r0 + nrows - 1) / group) + off, kvlen, p.window_left, p.window_right);
-  const int span = max(0, last.hi - first.lo);
-  const int chunk = int(max(int64_t(128), (int64_t(span) + nsplit - 1) / nsplit));
-  const int lo = first.lo + int(min(int64_t(span), int64_t(split) * chunk));
-  const int hi = first.lo + int(min(int64_t(span), int64_t(split + 1) * chunk));
+  // The grid's y extent comes from max_q_len, a hint the host cannot check without a sync: each
+  // block loops over row tiles blockIdx.y, + gridDim.y, ... so a hint that is too small still
+  // covers every row (issue 15 #3). rows_total is uniform in the block, so are the loop and its
+  // barriers.
+  for (int r0 = int(blockIdx.y) * RT; r0 < rows_total; r0 += int(gridDim.y) * RT) {
+    const int nrows = min(RT, rows_total - r0);
 
-  const bool capped = p.softcap > 0.0f;
-  const float q_scale = capped ? p.scale : p.scale * kLog2e;
-  const int d0 = lane * EPL;
-  float q[RT][EPL], o[RT][EPL], m[RT], l[RT];
-  int key_lo[RT], key_hi[RT];  // each row's visible keys [key_lo, key_hi)
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    const int flat = r0 + min(r, nrows - 1);
-    const int pos = flat / group, h = g * group + flat % group;
-    load_row<T, EPL, VEC>(static_cast<const T*>(p.q) + int64_t(q0 + pos) * p.q_row + int64_t(h) * p.q_head, d0, D,
-                          q[r]);
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) {
-      q[r][e] *= q_scale;
-      o[r][e] = 0.0f;
+    // Keys the tile's rows may see (causal, sliding window): from the first row's window start to
+    // the last row's end; keys outside are never read. This range is cut into the KV splits (pieces
+    // of at least 128 keys; trailing splits may be empty and leave sum 0 for the merge).
+    const KeyRange first = visible_keys(int64_t(r0 / group) + off, kvlen, p.window_left, p.window_right);
+    const KeyRange last = visible_keys(int64_t((r0 + nrows - 1) / group) + off, kvlen, p.window_left, p.window_right);
+    const int span = max(0, last.hi - first.lo);
+    const int chunk = int(max(int64_t(128), (int64_t(span) + nsplit - 1) / nsplit));
+    const int lo = first.lo + int(min(int64_t(span), int64_t(split) * chunk));
+    const int hi = first.lo + int(min(int64_t(span), int64_t(split + 1) * chunk));
+
+    const bool capped = p.softcap > 0.0f;
+    const float q_scale = capped ? p.scale : p.scale * kLog2e;
+    const int d0 = lane * EPL;
+    float q[RT][EPL], o[RT][EPL], m[RT], l[RT];
+    int key_lo[RT], key_hi[RT];  // each row's visible keys [key_lo, key_hi)
+  #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const int flat = r0 + min(r, nrows - 1);
+      const int pos = flat / group, h = g * group + flat % group;
+      load_row<T, EPL, VEC>(static_cast<const T*>(p.q) + int64_t(q0 + pos) * p.q_row + int64_t(h) * p.q_head, d0, D,
+                            q[r]);
+  #pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        q[r][e] *= q_scale;
+        o[r][e] = 0.0f;
+      }
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+      const KeyRange keys = visible_keys(int64_t(pos) + off, kvlen, p.window_left, p.window_right);
+      key_lo[r] = keys.lo, key_hi[r] = keys.hi;
     }
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
-    const KeyRange keys = visible_keys(int64_t(pos) + off, kvlen, p.window_left, p.window_right);
-    key_lo[r] = keys.lo, key_hi[r] = keys.hi;
-  }
 
-  const T* kbase = static_cast<const T*>(p.k) + int64_t(g) * p.k_head;
-  const T* vbase = static_cast<const T*>(p.v) + int64_t(g) * p.v_head;
-  const int maxpage = int(p.num_pages) - 1;
-  // U keys per warp in flight: their loads are issued before any of them is used.
-  constexpr int U = EPL >= 8 ? 2 : 4;
-  for (int j = lo + warp; j < hi; j += kWarps * U) {
-    float kx[U][EPL], vx[U][EPL];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int jj = j + u * kWarps;
-      if (jj < hi) {
-        const int page = clampi(p.kv_indices[pb + jj / ps], 0, maxpage);
-        load_row<T, EPL, VEC>(kbase + int64_t(page) * p.k_page + int64_t(jj % ps) * p.k_tok, d0, D, kx[u]);
-        load_row<T, EPL, VEC>(vbase + int64_t(page) * p.v_page + int64_t(jj % ps) * p.v_tok, d0, D, vx[u]);
+    const T* kbase = static_cast<const T*>(p.k) + int64_t(g) * p.k_head;
+    const T* vbase = static_cast<const T*>(p.v) + int64_t(g) * p.v_head;
+    const int maxpage = int(p.num_pages) - 1;
+    // U keys per warp in flight: their loads are issued before any of them is used.
+    constexpr int U = EPL >= 8 ? 2 : 4;
+    for (int j = lo + warp; j < hi; j += kWarps * U) {
+      float kx[U][EPL], vx[U][EPL];
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int jj = j + u * kWarps;
+        if (jj < hi) {
+          const int page = clampi(p.kv_indices[pb + jj / ps], 0, maxpage);
+          load_row<T, EPL, VEC>(kbase + int64_t(page) * p.k_page + int64_t(jj % ps) * p.k_tok, d0, D, kx[u]);
+          load_row<T, EPL, VEC>(vbase + int64_t(page) * p.v_page + int64_t(jj % ps) * p.v_tok, d0, D, vx[u]);
+        }
+      }
+  #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int jj = j + u * kWarps;
+        if (jj >= hi) break;
+  #pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          if (r >= nrows) break;
+          float s = 0.0f;
+  #pragma unroll
+          for (int e = 0; e < EPL; ++e) s = fmaf(q[r][e], kx[u][e], s);
+          s = warp_sum(s);
+          if (capped) s = p.softcap * tanhf(s / p.softcap) * kLog2e;
+          if (jj < key_lo[r] || jj >= key_hi[r]) continue;  // masked (uniform across the warp)
+          const float m_new = fmaxf(m[r], s);
+          const float c = exp2f(m[r] - m_new), pj = exp2f(s - m_new);
+          l[r] = l[r] * c + pj;
+  #pragma unroll
+          for (int e = 0; e < EPL; ++e) o[r][e] = fmaf(o[r][e], c, pj * vx[u][e]);
+          m[r] = m_new;
+        }
       }
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int jj = j + u * kWarps;
-      if (jj >= hi) break;
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        if (r >= nrows) break;
-        float s = 0.0f;
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) s = fmaf(q[r][e], kx[u][e], s);
-        s = warp_sum(s);
-        if (capped) s = p.softcap * tanhf(s / p.softcap) * kLog2e;
-        if (jj < key_lo[r] || jj >= key_hi[r]) continue;  // masked (uniform across the warp)
-        const float m_new = fmaxf(m[r], s);
-        const float c = exp2f(m[r] - m_new), pj = exp2f(s - m_new);
-        l[r] = l[r] * c + pj;
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) o[r][e] = fmaf(o[r][e], c, pj * vx[u][e]);
-        m[r] = m_new;
-      }
-    }
-  }
 
-  // Merge the warps: per row, max, sum and O through shared memory.
-  extern __shared__ float smem[];
-  float* sm_ml = smem;                      // [warp][RT][2]
-  float* sm_o = smem + kWarps * RT * 2;     // [warp][RT][EPL * 32]
-  constexpr int DW = EPL * 32;
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    if (lane == 0) {
-      sm_ml[(warp * RT + r) * 2] = m[r];
-      sm_ml[(warp * RT + r) * 2 + 1] = l[r];
+    // Merge the warps: per row, max, sum and O through shared memory.
+    float* sm_ml = smem;                      // [warp][RT][2]
+    float* sm_o = smem + kWarps * RT * 2;     // [warp][RT][EPL * 32]
+    constexpr int DW = EPL * 32;
+  #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      if (lane == 0) {
+        sm_ml[(warp * RT + r) * 2] = m[r];
+        sm_ml[(warp * RT + r) * 2 + 1] = l[r];
+      }
+  #pragma unroll
+      for (int e = 0; e < EPL; ++e) sm_o[(warp * RT + r) * DW + d0 + e] = o[r][e];
     }
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) sm_o[(warp * RT + r) * DW + d0 + e] = o[r][e];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < nrows * D; idx += blockDim.x) {
-    const int r = idx / D, d = idx % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      if (sm_ml[(w * RT + r) * 2 + 1] > 0.0f) mx = fmaxf(mx, sm_ml[(w * RT + r) * 2]);
-    float lsum = 0.0f, acc = 0.0f;
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float lw = sm_ml[(w * RT + r) * 2 + 1];
-        if (!(lw > 0.0f)) continue;
-        const float c = exp2f(sm_ml[(w * RT + r) * 2] - mx);
-        lsum += lw * c;
-        acc += sm_o[(w * RT + r) * DW + d] * c;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nrows * D; idx += blockDim.x) {
+      const int r = idx / D, d = idx % D;
+      float mx = -INFINITY;
+  #pragma unroll
+      for (int w = 0; w < kWarps; ++w)
+        if (sm_ml[(w * RT + r) * 2 + 1] > 0.0f) mx = fmaxf(mx, sm_ml[(w * RT + r) * 2]);
+      float lsum = 0.0f, acc = 0.0f;
+      if (mx != -INFINITY) {
+  #pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float lw = sm_ml[(w * RT + r) * 2 + 1];
+          if (!(lw > 0.0f)) continue;
+          const float c = exp2f(sm_ml[(w * RT + r) * 2] - mx);
+          lsum += lw * c;
+          acc += sm_o[(w * RT + r) * DW + d] * c;
+        }
+      }
+      const int flat = r0 + r, pos = flat / group, h = g * group + flat % group;
+      const int64_t qrow = q0 + pos;
+      if (nsplit > 1) {
+        float* dst = ws + ((int64_t(split) * p.total_q + qrow) * p.heads + h) * (D + 2);
+        dst[d] = acc;
+        if (d == 0) {
+          dst[D] = mx;
+          dst[D + 1] = lsum;
+        }
+      } else {
+        T* out = static_cast<T*>(p.out) + qrow * p.o_row + int64_t(h) * p.o_head;
+        out[d] = from_float<T>(lsum > 0.0f ? acc / lsum : 0.0f);
+        if (d == 0 && p.lse) p.lse[int64_t(h) * p.total_q + qrow] = lsum > 0.0f ? mx * kLn2 + logf(lsum) : -INFINITY;
       }
     }
-    const int flat = r0 + r, pos = flat / group, h = g * group + flat % group;
-    const int64_t qrow = q0 + pos;
-    if (nsplit > 1) {
-      float* dst = ws + ((int64_t(split) * p.total_q + qrow) * p.heads + h) * (D + 2);
-      dst[d] = acc;
-      if (d == 0) {
-        dst[D] = mx;
-        dst[D + 1] = lsum;
-      }
-    } else {
-      T* out = static_cast<T*>(p.out) + qrow * p.o_row + int64_t(h) * p.o_head;
-      out[d] = from_float<T>(lsum > 0.0f ? acc / lsum : 0.0f);
-      if (d == 0 && p.lse) p.lse[int64_t(h) * p.total_q + qrow] = lsum > 0.0f ? mx * kLn2 + logf(lsum) : -INFINITY;
-    }
+    __syncthreads();  // the next tile overwrites the shared memory just read
   }
 }
 
@@ -243,10 +256,8 @@ void launch(const PagedProblem& p, cudaStream_t stream, int sms) {
   // batch * group / RT row tiles per sequence (all but one exiting at once), skewed the split
   // heuristic below, and raised the 65535-tile error for large decode batches.
   const int max_q = p.qo_indptr ? std::max(p.max_q_len, 1) : 1;
-  const int64_t tiles = (int64_t(max_q) * group + RT - 1) / RT;
-  check(tiles <= 65535, ErrorKind::Value,
-        "paged_attention (CUDA): too many query rows per sequence (max_q_len * heads / kv_heads / " +
-            std::to_string(RT) + " must be <= 65535)");
+  // More tiles than the grid's y limit: each block loops over several (see the kernel).
+  const int64_t tiles = std::min<int64_t>((int64_t(max_q) * group + RT - 1) / RT, 65535);
   const int64_t blocks = int64_t(p.batch) * p.kv_heads * tiles;
   int nsplit = p.num_splits;
   // Enough blocks to keep ~8 per SM busy: decode is bound by how many loads are in flight.
@@ -256,22 +267,22 @@ void launch(const PagedProblem& p, cudaStream_t stream, int sms) {
                    reinterpret_cast<uintptr_t>(p.v) % 16 == 0 && reinterpret_cast<uintptr_t>(p.q) % 16 == 0 &&
                    p.q_row % EPL == 0 && p.q_head % EPL == 0 && p.k_page % EPL == 0 && p.k_tok % EPL == 0 &&
                    p.k_head % EPL == 0 && p.v_page % EPL == 0 && p.v_tok % EPL == 0 && p.v_head % EPL == 0;
+  StreamScratch scratch(stream);  // freed (stream-ordered) even if a launch below throws
   float* ws = nullptr;
-  if (nsplit > 1) {
-    const size_t bytes = size_t(nsplit) * size_t(p.total_q) * p.heads * (p.head_dim + 2) * sizeof(float);
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&ws), bytes, stream), "cudaMallocAsync (paged workspace)");
-  }
+  if (nsplit > 1)
+    ws = static_cast<float*>(scratch.alloc(size_t(nsplit) * size_t(p.total_q) * p.heads * (p.head_dim + 2) * sizeof(float),
+                                           "cudaMallocAsync (paged workspace)"));
   const dim3 grid(unsigned(int64_t(p.batch) * p.kv_heads), unsigned(tiles), unsigned(nsplit));
   const size_t smem = size_t(kWarps) * RT * (2 + EPL * 32) * sizeof(float);
   if (vec)
-    paged_attention_kernel<T, EPL, RT, true><<<grid, kWarps * 32, smem, stream>>>(p, ws, nsplit);
+    launch_kernel(paged_attention_kernel<T, EPL, RT, true>, grid, dim3(kWarps * 32), smem, stream, p, ws, nsplit);
   else
-    paged_attention_kernel<T, EPL, RT, false><<<grid, kWarps * 32, smem, stream>>>(p, ws, nsplit);
+    launch_kernel(paged_attention_kernel<T, EPL, RT, false>, grid, dim3(kWarps * 32), smem, stream, p, ws, nsplit);
   check_launch("paged_attention");
   if (nsplit > 1) {
-    paged_merge_kernel<T><<<unsigned(p.total_q * p.heads), 128, 0, stream>>>(p, ws, nsplit);
+    launch_kernel(paged_merge_kernel<T>, dim3(unsigned(p.total_q * p.heads)), dim3(128), 0, stream, p,
+                  static_cast<const float*>(ws), nsplit);
     check_launch("paged_attention (merge)");
-    check_cuda(cudaFreeAsync(ws, stream), "cudaFreeAsync (paged workspace)");
   }
 }
 
@@ -299,6 +310,87 @@ int sm_count(int device) {
   return n;
 }
 
+// Host staging for the index uploads (issue 15 #5): a copy from pageable memory goes through a
+// driver bounce buffer and may block the host; from pinned memory it is a plain DMA. One
+// persistent pinned ring per device: each upload takes the next span (wrapping at the end) and
+// records an event after its copy; a span is written again only once the copies that read it have
+// completed (the event), so the host never overwrites data still in flight. The ring doubles
+// (after draining) when one upload does not fit. Kept for the process lifetime on purpose: freed at
+// exit it would race the CUDA runtime's own teardown.
+class PinnedRing {
+ public:
+  // Copies `bytes` from host to device memory `dst` on stream s through the ring.
+  void upload(void* dst, const void* host, size_t bytes, cudaStream_t s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t need = (bytes + 255) & ~size_t(255);
+    if (need > cap_) grow(need);
+    if (head_ + need > cap_) head_ = 0;
+    // Wait for (and retire) the in-flight spans this one overlaps; retire finished ones on the way.
+    for (auto it = flight_.begin(); it != flight_.end();) {
+      const bool overlaps = it->off < head_ + need && head_ < it->off + it->bytes;
+      if (overlaps) check_cuda(cudaEventSynchronize(it->done), "cudaEventSynchronize (pinned ring)");
+      if (overlaps || cudaEventQuery(it->done) == cudaSuccess) {
+        events_.push_back(it->done);
+        it = flight_.erase(it);
+      } else {
+        cudaGetLastError();  // cudaErrorNotReady is not an error
+        ++it;
+      }
+    }
+    unsigned char* src = base_ + head_;
+    std::memcpy(src, host, bytes);
+    check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (paged indices)");
+    cudaEvent_t ev = nullptr;
+    if (!events_.empty()) {
+      ev = events_.back();
+      events_.pop_back();
+    } else {
+      check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate (pinned ring)");
+    }
+    const cudaError_t err = cudaEventRecord(ev, s);
+    if (err != cudaSuccess) {
+      events_.push_back(ev);
+      // Without the event the span's end is unknown: wait for the copy before reusing it.
+      cudaStreamSynchronize(s);
+      check_cuda(err, "cudaEventRecord (pinned ring)");
+    }
+    flight_.push_back({head_, need, ev});
+    head_ += need;
+  }
+
+ private:
+  struct Span {
+    size_t off, bytes;
+    cudaEvent_t done;
+  };
+  void grow(size_t need) {
+    for (const Span& sp : flight_) {
+      cudaEventSynchronize(sp.done);
+      events_.push_back(sp.done);
+    }
+    flight_.clear();
+    size_t cap = std::max<size_t>(cap_ ? 2 * cap_ : 64 * 1024, need);
+    void* p = nullptr;
+    check_cuda(cudaMallocHost(&p, cap), "cudaMallocHost (pinned ring for the page tables)");
+    if (base_) cudaFreeHost(base_);
+    base_ = static_cast<unsigned char*>(p), cap_ = cap, head_ = 0;
+  }
+  std::mutex mu_;
+  unsigned char* base_ = nullptr;
+  size_t cap_ = 0, head_ = 0;
+  std::list<Span> flight_;
+  std::vector<cudaEvent_t> events_;  // recorded and finished: reusable
+};
+
+PinnedRing& pinned_ring(int device) {
+  static std::mutex mu;
+  static std::map<int, PinnedRing*>* rings = new std::map<int, PinnedRing*>();  // never freed (see above)
+  std::lock_guard<std::mutex> lock(mu);
+  PinnedRing*& r = (*rings)[device];
+  if (!r) r = new PinnedRing();
+  return *r;
+}
+
 }  // namespace
 
 void* paged_upload(int device, const void* host, size_t bytes, void* stream) {
@@ -306,7 +398,14 @@ void* paged_upload(int device, const void* host, size_t bytes, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   void* d = nullptr;
   check_cuda(cudaMallocAsync(&d, bytes ? bytes : 4, s), "cudaMallocAsync (paged indices)");
-  if (bytes) check_cuda(cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (paged indices)");
+  if (bytes) {
+    try {
+      pinned_ring(device).upload(d, host, bytes, s);
+    } catch (...) {
+      cudaFreeAsync(d, s);
+      throw;
+    }
+  }
   return d;
 }
 
@@ -320,10 +419,37 @@ void paged_append(const PagedAppend& a, void* stream) {
   check(a.rows < (int64_t(1) << 31), ErrorKind::Value, "append (CUDA): too many rows in one call (>= 2^31)");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (dtype_size(a.dtype) == 4)
-    paged_append_kernel<float><<<unsigned(a.rows), 128, 0, s>>>(a);
+    launch_kernel(paged_append_kernel<float>, dim3(unsigned(a.rows)), dim3(128), 0, s, a);
   else
-    paged_append_kernel<unsigned short><<<unsigned(a.rows), 128, 0, s>>>(a);
+    launch_kernel(paged_append_kernel<unsigned short>, dim3(unsigned(a.rows)), dim3(128), 0, s, a);
   check_launch("paged append");
+}
+
+// qo_indptr is device memory. Rows of q no sequence covers would be left unwritten (or, with KV
+// splits, filled from an uninitialised workspace), so qo_indptr[-1] != total_q must be an error
+// (issue 15 #2): read the batch + 1 offsets back (one small copy and a sync of the stream) and
+// check them like the CPU does; this also gives the exact longest q_len for the grid. Under CUDA
+// graph capture a sync is not allowed: the check is skipped there and the kernel clamps.
+static void check_qo_indptr(PagedProblem& p, cudaStream_t s) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(s, &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) return;
+  std::vector<int32_t> qo(size_t(p.batch) + 1);
+  check_cuda(cudaMemcpyAsync(qo.data(), p.qo_indptr, qo.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, s),
+             "cudaMemcpyAsync (qo_indptr)");
+  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (qo_indptr)");
+  auto str = [](int64_t x) { return std::to_string(x); };
+  check(qo[0] == 0, ErrorKind::Value, "qo_indptr[0] must be 0, got " + str(qo[0]));
+  int max_q = 1;
+  for (int b = 0; b < p.batch; ++b) {
+    check(qo[b + 1] >= qo[b], ErrorKind::Value,
+          "qo_indptr must be non-decreasing, but entry " + str(b + 1) + " (" + str(qo[b + 1]) + ") < entry " + str(b) +
+              " (" + str(qo[b]) + ")");
+    max_q = std::max(max_q, qo[b + 1] - qo[b]);
+  }
+  check(qo[p.batch] == p.total_q, ErrorKind::Value,
+        "qo_indptr[-1] = " + str(qo[p.batch]) + " must equal the rows of q (" + str(p.total_q) + ")");
+  p.max_q_len = max_q;
 }
 
 void paged_attention(const PagedProblem& p, void* stream) {
@@ -332,16 +458,18 @@ void paged_attention(const PagedProblem& p, void* stream) {
         "paged_attention (CUDA): head_dim " + std::to_string(p.head_dim) + " > 256 is not supported");
   const int sms = sm_count(p.device);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  PagedProblem q = p;
+  if (p.qo_indptr && !p.qo_indptr_checked) check_qo_indptr(q, s);
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if (p.head_dim <= 32)
-      launch<T, 1, 8>(p, s, sms);
+      launch<T, 1, 8>(q, s, sms);
     else if (p.head_dim <= 64)
-      launch<T, 2, 8>(p, s, sms);
+      launch<T, 2, 8>(q, s, sms);
     else if (p.head_dim <= 128)
-      launch<T, 4, 8>(p, s, sms);
+      launch<T, 4, 8>(q, s, sms);
     else
-      launch<T, 8, 4>(p, s, sms);
+      launch<T, 8, 4>(q, s, sms);
   });
 }
 

@@ -13,8 +13,8 @@
 //  - mma (fp16/bf16 x, tokens > 4): each warp owns 16 weight rows x 8 or 16 tokens and runs
 //    m16n8k16 tensor-core MMAs with the A fragment dequantized straight into registers and the
 //    B fragment (x) read as 32-bit pairs. Split-K over blockIdx.z keeps every SM busy on short-N
-//    layers; partial sums go to an fp32 workspace (atomicAdd), then a small kernel adds the bias
-//    and converts.
+//    layers; each split writes its partial sums to its own fp32 slice of a workspace, then a small
+//    kernel adds the slices in split order (deterministic: no atomics), the bias, and converts.
 #include <algorithm>
 #include <type_traits>
 
@@ -33,7 +33,8 @@ __constant__ float kNF4Levels[16] = {-1.0f, -0.6961928009986877f, -0.52507305145
 
 __device__ __forceinline__ float dev_scale(const QuantView& w, int64_t n, int64_t g) {
   const int64_t j = n * w.groups + g;
-  return w.scales ? __ldg(w.scales + j) : w.scale_offset + __ldg(w.scale_steps + (j >> 8)) * float(w.scale_codes[j]);
+  // one explicit FMA, as QuantView::scale on the CPU: dequantize is bit for bit the CPU's
+  return w.scales ? __ldg(w.scales + j) : fmaf(__ldg(w.scale_steps + (j >> 8)), float(w.scale_codes[j]), w.scale_offset);
 }
 
 __device__ __forceinline__ float dev_zero(const QuantView& w, int64_t n, int64_t g) {
@@ -208,24 +209,13 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#endif
+  if constexpr (std::is_same_v<T, __half>) mma_m16n8k16_f16(d, a, b0, b1);
+  else mma_m16n8k16_bf16(d, a, b0, b1);
 }
 
-// ws[token][n] += partial sums over chunks [ch0, ch1) for 16 rows per warp and NT8 * 8 tokens.
+// ws[split][token][n] = partial sums over chunks [ch0, ch1) of split blockIdx.z, for 16 rows per
+// warp and NT8 * 8 tokens. Each element is written by exactly one lane (no atomics): the finish
+// kernel adds the splits in a fixed order, so results are the same bit for bit on every run.
 template <int BITS, bool NF4, int NT8, typename T>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     qgemm_mma_kernel(QuantView w, const T* __restrict__ x, int64_t ldx, float* __restrict__ ws, int64_t tokens,
@@ -287,17 +277,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     for (int h = 0; h < 4; ++h) {
       const int64_t n = row0 + gid + (h >= 2 ? 8 : 0);
       const int64_t t = tok0 + j * 8 + c + (h & 1);
-      if (n < w.rows && t < tokens) atomicAdd(ws + t * w.rows + n, acc[j][h]);
+      if (n < w.rows && t < tokens) ws[(int64_t(blockIdx.z) * tokens + t) * w.rows + n] = acc[j][h];
     }
 }
 
 template <typename T>
 __global__ void finish_kernel(const float* __restrict__ ws, const T* __restrict__ bias, T* __restrict__ out,
-                              int64_t ldo, int64_t rows, int64_t tokens) {
+                              int64_t ldo, int64_t rows, int64_t tokens, int splits) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * tokens) return;
   const int64_t t = i / rows, n = i % rows;
   float v = ws[i];
+  for (int s = 1; s < splits; ++s) v += ws[int64_t(s) * rows * tokens + i];  // fixed order: deterministic
   if (bias) v += to_float(bias[n]);
   out[t * ldo + n] = from_float<T>(v);
 }
@@ -353,8 +344,8 @@ struct GemmLauncher {
       const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (p.x_row * int64_t(sizeof(T))) % 16 == 0;
       const unsigned row_blocks = unsigned((w.rows + kGemvWarps - 1) / kGemvWarps);
       if (p.tokens == 1) {
-        qgemv_kernel<BITS, NF4, 1, T><<<row_blocks, kGemvWarps * 32, 0, st>>>(w, x, p.x_row, bias, out, p.out_row, 1,
-                                                                             aligned);
+        launch_kernel(qgemv_kernel<BITS, NF4, 1, T>, dim3(row_blocks), dim3(kGemvWarps * 32), 0, st, w, x, p.x_row, bias,
+                      out, p.out_row, int64_t(1), aligned);
         check_launch("qgemm (gemv)");
         return;
       }
@@ -365,8 +356,8 @@ struct GemmLauncher {
       for (int64_t t0 = 0; t0 < p.tokens; t0 += kSlab) {
         const int64_t nt = std::min(kSlab, p.tokens - t0);
         const dim3 grid{row_blocks, unsigned((nt + NT - 1) / NT)};
-        qgemv_kernel<BITS, NF4, NT, T><<<grid, kGemvWarps * 32, 0, st>>>(w, x + t0 * p.x_row, p.x_row, bias,
-                                                                         out + t0 * p.out_row, p.out_row, nt, aligned);
+        launch_kernel(qgemv_kernel<BITS, NF4, NT, T>, grid, dim3(kGemvWarps * 32), 0, st, w, x + t0 * p.x_row, p.x_row,
+                      bias, out + t0 * p.out_row, p.out_row, nt, aligned);
         check_launch("qgemm (gemv)");
       }
       return;
@@ -387,20 +378,20 @@ struct GemmLauncher {
       splits = std::min<int64_t>(splits, 65535);
       const int64_t per = (chunks + splits - 1) / splits;
       splits = (chunks + per - 1) / per;
-      float* ws = nullptr;
-      const size_t ws_bytes = size_t(p.tokens * w.rows) * sizeof(float);
-      check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&ws), ws_bytes, st), "cudaMallocAsync (qgemm workspace)");
-      check_cuda(cudaMemsetAsync(ws, 0, ws_bytes, st), "cudaMemsetAsync");
+      // One fp32 partial per split (each written once, no memset), summed in order by finish_kernel.
+      StreamScratch scratch(st);  // freed (stream-ordered) even if a launch below throws
+      float* ws = static_cast<float*>(
+          scratch.alloc(size_t(splits) * size_t(p.tokens * w.rows) * sizeof(float), "cudaMallocAsync (qgemm workspace)"));
       const dim3 grid{unsigned(rows_blocks), unsigned(tok_blocks), unsigned(splits)};
       if (wide)
-        qgemm_mma_kernel<BITS, NF4, 2, T><<<grid, kMmaWarps * 32, 0, st>>>(w, x, p.x_row, ws, p.tokens, per);
+        launch_kernel(qgemm_mma_kernel<BITS, NF4, 2, T>, grid, dim3(kMmaWarps * 32), 0, st, w, x, p.x_row, ws, p.tokens, per);
       else
-        qgemm_mma_kernel<BITS, NF4, 1, T><<<grid, kMmaWarps * 32, 0, st>>>(w, x, p.x_row, ws, p.tokens, per);
+        launch_kernel(qgemm_mma_kernel<BITS, NF4, 1, T>, grid, dim3(kMmaWarps * 32), 0, st, w, x, p.x_row, ws, p.tokens, per);
       check_launch("qgemm (mma)");
       const int64_t total = p.tokens * w.rows;
-      finish_kernel<T><<<unsigned((total + 255) / 256), 256, 0, st>>>(ws, bias, out, p.out_row, w.rows, p.tokens);
+      launch_kernel(finish_kernel<T>, dim3(unsigned((total + 255) / 256)), dim3(256), 0, st, static_cast<const float*>(ws),
+                    bias, out, p.out_row, w.rows, p.tokens, int(splits));
       check_launch("qgemm (finish)");
-      check_cuda(cudaFreeAsync(ws, st), "cudaFreeAsync");
     }
   }
 };
@@ -412,7 +403,8 @@ struct DequantLauncher {
   template <int BITS, bool NF4>
   void operator()() const {
     const int64_t total = p.w.rows * (p.w.cols / 32);
-    dequant_kernel<BITS, NF4, T><<<unsigned((total + 127) / 128), 128, 0, st>>>(p.w, static_cast<T*>(p.out));
+    launch_kernel(dequant_kernel<BITS, NF4, T>, dim3(unsigned((total + 127) / 128)), dim3(128), 0, st, p.w,
+                  static_cast<T*>(p.out));
     check_launch("dequantize");
   }
 };

@@ -64,6 +64,7 @@ struct PagedProblem {
   const float* const* resid = nullptr;
 
   const int32_t* qo_indptr = nullptr;  // null: row b for sequence b
+  bool qo_indptr_checked = false;      // CUDA: built and checked on the host (PagedKVCache)
   const int32_t* kv_indptr = nullptr;
   const int32_t* kv_indices = nullptr;
   const int32_t* last_page_len = nullptr;

@@ -55,7 +55,7 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
                                  const TensorView& kv_indices, const TensorView& kv_last_page_len,
                                  const TensorView& out, const TensorView* lse, const PagedAttentionOptions& opts,
                                  int max_q_len, void* stream, const TensorView* k_scales, const TensorView* v_scales,
-                                 const PagedProblem* kivi) {
+                                 const PagedProblem* kivi, bool qo_checked = false) {
   expect_ndim(q, "q", 3);
   expect_dtype(q, "q", {DType::Float32, DType::Float16, DType::BFloat16});
   expect_last_dim_contiguous(q, "q");
@@ -151,6 +151,7 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
   p.k_page = k_pages.stride(0), p.k_tok = k_pages.stride(1), p.k_head = k_pages.stride(2);
   p.v_page = v_pages.stride(0), p.v_tok = v_pages.stride(1), p.v_head = v_pages.stride(2);
   p.qo_indptr = qo_indptr ? qo_indptr->ptr<const int32_t>() : nullptr;
+  p.qo_indptr_checked = qo_checked;
   p.kv_indptr = kv_indptr.ptr<const int32_t>();
   p.kv_indices = kv_indices.ptr<const int32_t>();
   p.last_page_len = kv_last_page_len.ptr<const int32_t>();
@@ -994,8 +995,9 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
   TensorView tq(d + 2 * batch + 1, DType::Int32, {batch + 1}, m.device);
   TensorView tix(d + 3 * batch + 2, DType::Int32, {int64_t(indices.size())}, m.device);
   try {
-    paged_attention_raw(q, k_pages(layer), v_pages(layer), q_lens.empty() ? nullptr : &tq, tin, tix, tl, out, lse,
-                        opts, max_q, stream);
+    // qo is built here from the sequences' lengths: no read-back check of it on the device.
+    paged_attention_impl(q, k_pages(layer), v_pages(layer), q_lens.empty() ? nullptr : &tq, tin, tix, tl, out, lse,
+                         opts, max_q, stream, nullptr, nullptr, nullptr, true);
   } catch (...) {
     cuda_backend::paged_scratch_free(m.device.index, d, stream);
     throw;

@@ -2,6 +2,7 @@
 // and CUDA backends.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "memkernels/quant.h"
@@ -28,9 +29,11 @@ struct QuantView {
   // offset into `code_offset` (sym: 2^(b-1), int8: 0 with signed codes), nf4 looks T up.
   float code_offset = 0.0f;
 
+  // Double-quantised scales in one explicit FMA: left as a * b + c, whether the compiler fuses it
+  // depends on the ISA build (and nvcc fuses by default), and CPU and CUDA results differed.
   float scale(int64_t n, int64_t g) const {
     const int64_t j = n * groups + g;
-    return scales ? scales[j] : scale_offset + scale_steps[j >> 8] * float(scale_codes[j]);
+    return scales ? scales[j] : std::fma(scale_steps[j >> 8], float(scale_codes[j]), scale_offset);
   }
   float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[n * groups + g]) : 0.0f) + code_offset; }
   float min(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : 0.0f; }

@@ -145,11 +145,38 @@ def check_out(out, shape, dtype: str, ref, name: str = "out"):
     return out
 
 
-def stream_handle(stream) -> int:
-    """A CUDA stream as an integer handle: None/0 = default stream; accepts ints, CuPy streams (.ptr)
-    and PyTorch streams (.cuda_stream)."""
-    if stream is None:
+def current_stream_handle(a) -> int:
+    """The current CUDA stream of the framework `a` comes from, as an integer handle: for a PyTorch
+    tensor torch.cuda.current_stream(a.device), for a CuPy array cupy.cuda.get_current_stream() on
+    the array's device; 0 (the legacy default stream) for NumPy/CPU arrays and other frameworks."""
+    if a is None or isinstance(a, np.ndarray):
         return 0
+    device, index = device_of(a)
+    if device != CUDA:
+        return 0
+    fw = _framework(a)
+    if fw == "torch":
+        import torch
+
+        return int(torch.cuda.current_stream(a.device).cuda_stream)
+    if fw == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(index):
+            return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def stream_handle(stream, like=None) -> int:
+    """A CUDA stream as an integer handle. None: the current stream of the framework `like` (the
+    call's main input) comes from (see current_stream_handle), so that work the caller queued on a
+    side stream with `with torch.cuda.stream(s):` / `with cupy.cuda.Stream():` is ordered before the
+    kernel; 0 without `like`. Also accepts ints, CuPy streams (.ptr) and PyTorch streams
+    (.cuda_stream)."""
+    if stream is None:
+        return current_stream_handle(like)
+    if isinstance(stream, bool):
+        raise TypeError("stream: expected an int handle, a CuPy or a PyTorch stream, got bool")
     if isinstance(stream, int):
         return stream
     for attr in ("cuda_stream", "ptr", "handle"):

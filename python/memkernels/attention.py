@@ -58,13 +58,14 @@ def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=N
     the diagonal; only the left side when causal) or a (left, right) pair, -1 meaning unbounded.
     softcap: scores become softcap * tanh(scores / softcap). return_lse: also return the float32
     log-sum-exp of each row, shape (batch, heads, seq_q); rows that see no key give output 0, lse -inf.
-    out: optional output array shaped like q. stream: CUDA stream (int handle, CuPy or torch stream).
+    out: optional output array shaped like q. stream: CUDA stream (int handle, CuPy or torch stream);
+    None: the current stream of q's framework (torch.cuda.current_stream(), CuPy's current stream).
     """
     scale, softcap = _common(dict(q=q, k=k, v=v), scale, softcap)
     left, right = _window_bounds(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[0], q.shape[2], q.shape[1]), "float32") if return_lse and len(q.shape) == 4 else None
-    _C.flash_attention(q, k, v, out, lse, causal, scale, left, right, softcap, stream_handle(stream))
+    _C.flash_attention(q, k, v, out, lse, causal, scale, left, right, softcap, stream_handle(stream, q))
     return (out, lse) if return_lse else out
 
 
@@ -83,5 +84,5 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     _C.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, as_int(max_seqlen_q or 0, "max_seqlen_q", 0, INT32[1]), causal, scale,
-                              left, right, softcap, stream_handle(stream))
+                              left, right, softcap, stream_handle(stream, q))
     return (out, lse) if return_lse else out

@@ -125,7 +125,7 @@ class PagedKVCache:
         All or nothing: CacheFullError (or any error) leaves every sequence unchanged."""
         ids = _ids(seq_ids)
         counts = [] if counts is None else [int(c) for c in counts]
-        self._c.append(ids, int(layer), k, v, counts, stream_handle(stream))
+        self._c.append(ids, int(layer), k, v, counts, stream_handle(stream, k))
 
     def fork(self, seq_id) -> int:
         """A new sequence sharing every page of seq_id (copy-on-write on the next write)."""
@@ -204,7 +204,7 @@ def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, caus
     ids = _ids(seq_ids)
     q_lens = [] if q_lens is None else [int(n) for n in q_lens]
     cache._c.attention(q, int(layer), ids, q_lens, out, lse, bool(causal), scale, left, right, softcap,
-                       int(num_splits), stream_handle(stream))
+                       int(num_splits), stream_handle(stream, q))
     return (out, lse) if return_lse else out
 
 
@@ -227,5 +227,5 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
                            bool(causal), scale, left, right, softcap, int(num_splits), int(max_q_len),
-                           stream_handle(stream), k_scales, v_scales)
+                           stream_handle(stream, q), k_scales, v_scales)
     return (out, lse) if return_lse else out

@@ -77,7 +77,7 @@ def dequantize(qm: QuantizedMatrix, dtype: str = "float32", *, out=None, like=No
             out = empty_like(like, shape, dtype)
         else:
             out = empty_like(np.empty(0, np.float32), shape, dtype)
-    _C.dequantize(qm, out, stream_handle(stream))
+    _C.dequantize(qm, out, stream_handle(stream, out))
     return out
 
 
@@ -135,7 +135,7 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
         out = empty_like(x, shape)
     else:
         check_out(out, shape, dtype_name(x), x)
-    _C.qgemm(x, qm, bias, out, stream_handle(stream), not exact)
+    _C.qgemm(x, qm, bias, out, stream_handle(stream, x), not exact)
     return out if len(lead) == 1 else out.reshape(lead + (qm.out_features,))
 
 

@@ -184,7 +184,8 @@ def spmm(sp: SparseMatrix, x, *, out=None, stream=None):
 
     x: float32, float16 or bfloat16 (the result has x's dtype; float32 accumulation), a NumPy
     or DLPack array on the device of sp; a 1-D x (in_features,) gives (out_features,).
-    out: optional output array. stream: CUDA stream (int handle, CuPy or torch stream).
+    out: optional output array. stream: CUDA stream (int handle, CuPy or torch stream); None: the
+    current stream of x's framework (torch.cuda.current_stream(), CuPy's current stream).
     """
     if not isinstance(sp, SparseMatrix):
         raise TypeError(f"spmm: expected a SparseMatrix, got {type(sp).__name__}")
@@ -196,7 +197,7 @@ def spmm(sp: SparseMatrix, x, *, out=None, stream=None):
         raise ValueError(f"x: expected (tokens, in_features) or (in_features,), got shape {tuple(x.shape)}")
     shape = (x.shape[0], sp.shape[0])
     out = empty_like(x, shape) if out is None else check_out(out, shape, dtype_name(x), x)
-    _C.spmm(sp._h, x, out, stream_handle(stream))
+    _C.spmm(sp._h, x, out, stream_handle(stream, x))
     return out
 
 

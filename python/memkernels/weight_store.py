@@ -149,7 +149,7 @@ class WeightStore:
         info = self._h().tensor_info(name)
         if out is None:
             out = _empty(tuple(info["shape"]), info["dtype"], self._device)
-        self._h().get(name, out, stream_handle(stream))
+        self._h().get(name, out, stream_handle(stream, out))
         return out
 
     def get_rows(self, layer: int, neuron_ids, out=None, stream=None):
@@ -162,7 +162,7 @@ class WeightStore:
         shape = (ids.shape[0], info["parts"], info["d_model"])
         if out is None:
             out = _empty(shape, info["dtype"], self._device)
-        self._h().get_rows(as_int(layer, "layer", *INT64), ids, out, stream_handle(stream))
+        self._h().get_rows(as_int(layer, "layer", *INT64), ids, out, stream_handle(stream, out))
         return out
 
     def prefetch(self, layer: int, neuron_ids) -> None:

@@ -1,4 +1,4 @@
-// The library's CUDA kernels (cuda/attention.cu, cuda/spmm.cu) run on the emulated device through
+// The library's CUDA kernels (cuda/attention.cu, spmm.cu, paged_attention.cu, qgemm.cu) run on the emulated device through
 // the normal C++ API, with the cases of their CPU tests, against the CPU backend on the same
 // inputs (which tests/cpp and tests/python check against float64 references). Outputs are poisoned
 // with NaN first: a kernel that writes nothing (e.g. a body compiled out) fails.
@@ -8,8 +8,10 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -237,6 +239,417 @@ TEST(EmulatedCudaAttention, VarlenGridHintTooSmall) {
   for (DType dt : kDtypes)
     for (int hint : {1, 20, 64}) check_varlen(dt, {5, 150, 64, 77}, {5, 150, 64, 90}, 2, 1, 64, opts(true), hint);
   check_varlen(DType::Float32, {3, 40}, {9, 40}, 2, 2, 40, opts(false), 16);
+}
+
+// ---------------------------------------------------------------- paged attention
+
+struct PagedCase {
+  std::vector<int> kv_lens;  // tokens per sequence
+  std::vector<int> q_lens;   // query rows per sequence; empty: decode (no qo_indptr, one row each)
+  int heads, kv_heads, head_dim, page_size;
+  PagedAttentionOptions opts;
+  std::string name() const {
+    std::string s = "kv";
+    for (int x : kv_lens) s += " " + std::to_string(x);
+    s += " q";
+    for (int x : q_lens) s += " " + std::to_string(x);
+    return s + " h " + std::to_string(heads) + "/" + std::to_string(kv_heads) + " d " + std::to_string(head_dim) + " ps " +
+           std::to_string(page_size) + " causal " + std::to_string(opts.causal) + " window " +
+           std::to_string(opts.window_left) + "/" + std::to_string(opts.window_right) + " softcap " +
+           std::to_string(opts.softcap) + " splits " + std::to_string(opts.num_splits);
+  }
+};
+
+PagedAttentionOptions popts(bool causal, int splits = 0, int left = -1, int right = -1, float softcap = 0, float scale = 0) {
+  PagedAttentionOptions o;
+  o.causal = causal, o.num_splits = splits, o.window_left = left, o.window_right = right, o.softcap = softcap;
+  o.scale = scale;
+  return o;
+}
+
+// paged_attention_raw with FlashInfer-style tables over a pool whose pages are assigned to the
+// sequences in a shuffled order (some pages unused), K and V interleaved per page when
+// `interleaved` (strided pages, as a PagedKVCache layer), on the CPU and the emulated GPU.
+void check_paged(const PagedCase& c, DType dt, bool interleaved = false, int max_q_hint = 0) {
+  SCOPED_TRACE(c.name() + " dtype " + dtype_name(dt) + (interleaved ? " interleaved" : "") + " hint " +
+               std::to_string(max_q_hint));
+  const int B = int(c.kv_lens.size()), ps = c.page_size, kvh = c.kv_heads, D = c.head_dim, H = c.heads;
+  std::vector<int32_t> kv_indptr{0}, last, qo{0};
+  for (int b = 0; b < B; ++b) {
+    const int n = (c.kv_lens[b] + ps - 1) / ps;
+    kv_indptr.push_back(kv_indptr.back() + n);
+    last.push_back(n ? c.kv_lens[b] - (n - 1) * ps : 1);
+    qo.push_back(qo.back() + (c.q_lens.empty() ? 1 : c.q_lens[b]));
+  }
+  const int nnz = kv_indptr.back(), P = nnz + 3, tq = qo.back();
+  std::mt19937 rng(uint32_t(nnz * 131 + tq * 7 + D + int(dt)));
+  std::vector<int32_t> perm(P);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> indices(perm.begin(), perm.begin() + nnz);
+  const int64_t tok = int64_t(kvh) * D, page = (interleaved ? 2 : 1) * ps * tok;
+  Buffer kpool = random_buffer(dt, size_t(P) * page, rng), vpool = random_buffer(dt, interleaved ? 1 : size_t(P) * page, rng);
+  Buffer q = random_buffer(dt, size_t(tq) * H * D, rng);
+  auto pages = [&](void* kbase, void* vbase, Device dev, bool is_v) {
+    const size_t es = size_t(dtype_size(dt));
+    void* base = interleaved ? static_cast<unsigned char*>(kbase) + (is_v ? ps * tok * es : 0) : (is_v ? vbase : kbase);
+    TensorView t(base, dt, {P, ps, kvh, D}, dev);
+    t.strides[0] = page;
+    return t;
+  };
+  const bool decode = c.q_lens.empty();
+  const int64_t b1 = B + 1;
+  // CPU backend
+  Buffer out_cpu(dt, q.size()), lse_cpu(DType::Float32, size_t(H) * tq);
+  out_cpu.poison(), lse_cpu.poison();
+  TensorView tqo(qo.data(), DType::Int32, {b1}), tl_cpu(lse_cpu.bytes.data(), DType::Float32, {H, tq});
+  paged_attention_raw(TensorView(q.bytes.data(), dt, {tq, H, D}), pages(kpool.bytes.data(), vpool.bytes.data(), {}, false),
+                      pages(kpool.bytes.data(), vpool.bytes.data(), {}, true), decode ? nullptr : &tqo,
+                      TensorView(kv_indptr.data(), DType::Int32, {b1}), TensorView(indices.data(), DType::Int32, {nnz}),
+                      TensorView(last.data(), DType::Int32, {B}), TensorView(out_cpu.bytes.data(), dt, {tq, H, D}),
+                      &tl_cpu, c.opts);
+  // emulated CUDA
+  DeviceCopy dq(q.bytes.data(), q.bytes.size()), dk(kpool.bytes.data(), kpool.bytes.size()),
+      dv(vpool.bytes.data(), vpool.bytes.size());
+  DeviceCopy dqo(qo.data(), qo.size() * 4), dind(kv_indptr.data(), kv_indptr.size() * 4),
+      dix(indices.data(), std::max<size_t>(1, indices.size()) * 4), dlast(last.data(), last.size() * 4);
+  Buffer out(dt, q.size()), lse(DType::Float32, lse_cpu.size());
+  out.poison(), lse.poison();
+  DeviceCopy dout(out.bytes.data(), out.bytes.size()), dlse(lse.bytes.data(), lse.bytes.size());
+  TensorView tqo_d(dqo.ptr, DType::Int32, {b1}, kCuda), tl(dlse.ptr, DType::Float32, {H, tq}, kCuda);
+  paged_attention_raw(TensorView(dq.ptr, dt, {tq, H, D}, kCuda), pages(dk.ptr, dv.ptr, kCuda, false),
+                      pages(dk.ptr, dv.ptr, kCuda, true), decode ? nullptr : &tqo_d,
+                      TensorView(dind.ptr, DType::Int32, {b1}, kCuda), TensorView(dix.ptr, DType::Int32, {nnz}, kCuda),
+                      TensorView(dlast.ptr, DType::Int32, {B}, kCuda), TensorView(dout.ptr, dt, {tq, H, D}, kCuda), &tl,
+                      c.opts, max_q_hint);
+  dout.copy_to(out.bytes.data());
+  dlse.copy_to(lse.bytes.data());
+  expect_close(out, out_cpu, tolerance(dt), "paged out");
+  expect_close(lse, lse_cpu, dt == DType::Float32 ? 2e-5f : 2e-3f, "paged lse");
+}
+
+// Decode (one row per sequence): head dims of every kernel variant (EPL 1/2/4/8, vector loads or
+// not), GQA/MQA/MHA, empty and one-token sequences, pages not full, split-KV 1/3/auto.
+TEST(EmulatedCudaPaged, Decode) {
+  for (DType dt : kDtypes)
+    for (int splits : {1, 3, 0}) check_paged({{1, 37, 300, 16}, {}, 8, 2, 64, 16, popts(true, splits)}, dt);
+  const int dims[][4] = {{7, 2, 1, 5}, {32, 4, 4, 8}, {40, 6, 2, 7}, {96, 4, 1, 16}, {128, 8, 2, 16}, {256, 2, 1, 4}, {200, 3, 3, 3}};
+  for (const auto& d : dims)
+    for (DType dt : kDtypes) check_paged({{0, 1, 29, 70}, {}, d[1], d[2], d[0], d[3], popts(true)}, dt);
+}
+
+// Chunked prefill (qo_indptr): causal and not, q_len > kv_len (rows before the first key),
+// empty chunks, GQA groups larger than a row tile, split-KV, K/V interleaved in one pool.
+TEST(EmulatedCudaPaged, ChunkedPrefill) {
+  for (DType dt : kDtypes)
+    for (bool causal : {true, false})
+      for (int splits : {1, 3, 0}) {
+        check_paged({{10, 5, 161, 33}, {3, 0, 9, 1}, 4, 2, 64, 16, popts(causal, splits)}, dt);
+        check_paged({{61, 4}, {7, 6}, 3, 1, 40, 5, popts(causal, splits)}, dt, true);
+      }
+  check_paged({{150}, {9}, 16, 1, 128, 16, popts(true, 0)}, DType::Float16);  // 144 rows of one kv head
+  check_paged({{90, 17}, {12, 5}, 12, 4, 256, 8, popts(true, 2)}, DType::BFloat16, true);
+}
+
+// Sliding windows (decode and prefill), softcap, scale; windows near INT_MAX mean "no window".
+TEST(EmulatedCudaPaged, WindowsAndSoftcap) {
+  const int windows[][2] = {{0, 0}, {7, 0}, {40, 3}, {3, 9}, {2147483646, -1}, {2147483647, 2147483647}};
+  for (const auto& w : windows)
+    for (bool causal : {true, false})
+      for (int splits : {1, 3}) {
+        check_paged({{150, 33}, {9, 4}, 4, 2, 48, 6, popts(causal, splits, w[0], w[1])}, DType::Float32);
+        check_paged({{150, 1}, {}, 4, 2, 64, 16, popts(causal, splits, w[0], w[1])}, DType::BFloat16);
+      }
+  for (DType dt : kDtypes) {
+    check_paged({{70, 200}, {5, 3}, 4, 1, 64, 16, popts(true, 0, -1, -1, 5.0f)}, dt);
+    check_paged({{70, 200}, {}, 4, 1, 32, 16, popts(true, 3, 20, -1, 30.0f, 0.3f)}, dt);
+  }
+}
+
+// max_q_len sizes the grid. Under CUDA graph capture (modelled by MKEMU_CAPTURING) qo_indptr is
+// not read back, so a hint smaller than the longest chunk must still give every row: each block
+// loops over row tiles (issue 15 #3).
+TEST(EmulatedCudaPaged, GridHintTooSmallUnderCapture) {
+  setenv("MKEMU_CAPTURING", "1", 1);
+  for (DType dt : kDtypes)
+    for (int hint : {1, 3})
+      for (int splits : {1, 3}) check_paged({{10, 5, 81, 33}, {3, 0, 21, 1}, 4, 2, 64, 16, popts(true, splits)}, dt, false, hint);
+  check_paged({{60}, {25}, 12, 1, 40, 8, popts(false, 1)}, DType::Float32, true, 2);
+  unsetenv("MKEMU_CAPTURING");
+  // Outside capture the hint is replaced by the true maximum read back with the offsets.
+  check_paged({{10, 5, 81, 33}, {3, 0, 21, 1}, 4, 2, 64, 16, popts(true, 1)}, DType::Float32, false, 1);
+}
+
+// qo_indptr lives on the device; rows of q that no sequence covers used to stay unwritten (or be
+// filled from the uninitialised split workspace). Now a ValueError naming the mismatch (issue 15 #2).
+TEST(EmulatedCudaPaged, QoIndptrMustCoverQ) {
+  const int H = 2, D = 32, ps = 4;
+  std::vector<float> pool(size_t(4) * ps * D, 0.5f), q(size_t(6) * H * D, 1.0f);
+  DeviceCopy dk(pool.data(), pool.size() * 4), dq(q.data(), q.size() * 4), dout(q.data(), q.size() * 4);
+  std::vector<int32_t> kv_indptr{0, 2, 4}, indices{0, 1, 2, 3}, last{4, 3};
+  DeviceCopy dind(kv_indptr.data(), 12), dix(indices.data(), 16), dlast(last.data(), 8);
+  const TensorView pages(dk.ptr, DType::Float32, {4, ps, 1, D}, kCuda);
+  auto run = [&](std::vector<int32_t> qo, int splits) {
+    DeviceCopy dqo(qo.data(), 12);
+    const TensorView tqo(dqo.ptr, DType::Int32, {3}, kCuda);
+    paged_attention_raw(TensorView(dq.ptr, DType::Float32, {6, H, D}, kCuda), pages, pages, &tqo,
+                        TensorView(dind.ptr, DType::Int32, {3}, kCuda), TensorView(dix.ptr, DType::Int32, {4}, kCuda),
+                        TensorView(dlast.ptr, DType::Int32, {2}, kCuda), TensorView(dout.ptr, DType::Float32, {6, H, D}, kCuda),
+                        nullptr, popts(true, splits));
+  };
+  auto expect_value_error = [&](std::vector<int32_t> qo, int splits, const std::string& text) {
+    try {
+      run(qo, splits);
+      ADD_FAILURE() << "no error for " << text;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Value) << e.what();
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  for (int splits : {1, 3}) {
+    expect_value_error({0, 2, 4}, splits, "qo_indptr[-1] = 4 must equal the rows of q (6)");
+    expect_value_error({0, 2, 7}, splits, "qo_indptr[-1] = 7 must equal the rows of q (6)");
+    expect_value_error({1, 2, 6}, splits, "qo_indptr[0] must be 0, got 1");
+    expect_value_error({0, 5, 3}, splits, "qo_indptr must be non-decreasing");
+    EXPECT_NO_THROW(run({0, 2, 6}, splits));
+  }
+}
+
+// A PagedKVCache on the emulated device: appends scatter rows into the pages (paged_append),
+// attention builds and uploads the tables; compared with the same operations on a CPU cache.
+TEST(EmulatedCudaPaged, KvCacheOnDevice) {
+  for (DType dt : kDtypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    const int L = 2, P = 24, ps = 8, kvh = 2, D = 64, H = 4;
+    PagedKVCache cpu(L, P, ps, kvh, D, dt), gpu(L, P, ps, kvh, D, dt, kCuda);
+    std::mt19937 rng(21 + int(dt));
+    const std::vector<int> lens = {13, 1, 40};
+    std::vector<int64_t> ids_c, ids_g;
+    for (size_t i = 0; i < lens.size(); ++i) ids_c.push_back(cpu.add_sequence()), ids_g.push_back(gpu.add_sequence());
+    // prefill all three in one append per layer, then two decode steps (one row each)
+    auto append = [&](const std::vector<int64_t>& counts) {
+      const int64_t rows = counts.empty() ? int64_t(ids_c.size()) : std::accumulate(counts.begin(), counts.end(), int64_t(0));
+      for (int layer = 0; layer < L; ++layer) {
+        Buffer k = random_buffer(dt, size_t(rows) * kvh * D, rng), v = random_buffer(dt, size_t(rows) * kvh * D, rng);
+        cpu.append(ids_c, layer, TensorView(k.bytes.data(), dt, {rows, kvh, D}), TensorView(v.bytes.data(), dt, {rows, kvh, D}),
+                   counts);
+        DeviceCopy dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
+        gpu.append(ids_g, layer, TensorView(dk.ptr, dt, {rows, kvh, D}, kCuda), TensorView(dv.ptr, dt, {rows, kvh, D}, kCuda),
+                   counts);
+      }
+    };
+    append({13, 1, 40});
+    append({});
+    append({1, 1, 1});
+    // The scattered pages hold the same rows.
+    for (size_t i = 0; i < lens.size(); ++i) ASSERT_EQ(cpu.page_table(ids_c[i]), gpu.page_table(ids_g[i]));
+    const TensorView pool_c = cpu.pool(), pool_g = gpu.pool();
+    const size_t page_bytes = size_t(pool_c.strides[0]) * size_t(dtype_size(dt));
+    std::vector<unsigned char> host(page_bytes * P);
+    device_memcpy(host.data(), Device{}, pool_g.data, kCuda, host.size());
+    for (size_t i = 0; i < lens.size(); ++i) {
+      const auto table = cpu.page_table(ids_c[i]);
+      for (size_t j = 0; j + 1 < table.size(); ++j)  // full pages: every slot written
+        EXPECT_EQ(0, std::memcmp(host.data() + table[j] * page_bytes,
+                                 static_cast<const unsigned char*>(pool_c.data) + table[j] * page_bytes, page_bytes))
+            << "seq " << i << " page " << table[j];
+    }
+    for (int rows : {1, 5}) {  // decode, then a chunk of 5 rows per sequence
+      for (int splits : {1, 3, 0}) {
+        const std::vector<int64_t> q_lens = rows == 1 ? std::vector<int64_t>{} : std::vector<int64_t>{5, 2, 5};
+        const int64_t tq = rows == 1 ? 3 : 12;
+        Buffer q = random_buffer(dt, size_t(tq) * H * D, rng), out_c(dt, q.size()), out_g(dt, q.size());
+        out_c.poison(), out_g.poison();
+        PagedAttentionOptions o = popts(true, splits, 9);
+        cpu.attention(TensorView(q.bytes.data(), dt, {tq, H, D}), 1, ids_c, q_lens, TensorView(out_c.bytes.data(), dt, {tq, H, D}),
+                      nullptr, o);
+        DeviceCopy dq(q.bytes.data(), q.bytes.size()), dout(out_g.bytes.data(), out_g.bytes.size());
+        gpu.attention(TensorView(dq.ptr, dt, {tq, H, D}, kCuda), 1, ids_g, q_lens, TensorView(dout.ptr, dt, {tq, H, D}, kCuda),
+                      nullptr, o);
+        dout.copy_to(out_g.bytes.data());
+        expect_close(out_g, out_c, tolerance(dt), "cache attention rows " + std::to_string(rows));
+      }
+    }
+  }
+}
+
+// The page-table and slot uploads go through a persistent pinned ring (64 KB at first): an
+// 8200-row append (66 KB of slots) makes it grow, then decode steps with ~6 KB of tables each
+// (one-token pages) wrap it; every result must still match the CPU cache (a span reused too
+// early, or a wrong offset after a wrap, would upload wrong tables).
+TEST(EmulatedCudaPaged, PinnedUploadRingWrapsAndGrows) {
+  const int P = 10000, ps = 1, kvh = 1, D = 8, H = 2;
+  const DType dt = DType::Float32;
+  PagedKVCache cpu(1, P, ps, kvh, D, dt), gpu(1, P, ps, kvh, D, dt, kCuda);
+  std::mt19937 rng(77);
+  auto append = [&](const std::vector<int64_t>& ic, const std::vector<int64_t>& ig, std::vector<int64_t> counts) {
+    int64_t rows = 0;
+    for (int64_t c : counts) rows += c;
+    Buffer k = random_buffer(dt, size_t(rows) * kvh * D, rng), v = random_buffer(dt, size_t(rows) * kvh * D, rng);
+    cpu.append(ic, 0, TensorView(k.bytes.data(), dt, {rows, kvh, D}), TensorView(v.bytes.data(), dt, {rows, kvh, D}), counts);
+    DeviceCopy dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
+    gpu.append(ig, 0, TensorView(dk.ptr, dt, {rows, kvh, D}, kCuda), TensorView(dv.ptr, dt, {rows, kvh, D}, kCuda), counts);
+  };
+  const int64_t big_c = cpu.add_sequence(), big_g = gpu.add_sequence();
+  append({big_c}, {big_g}, {8200});
+  cpu.free(big_c), gpu.free(big_g);
+  std::vector<int64_t> ids_c, ids_g;
+  for (int i = 0; i < 2; ++i) ids_c.push_back(cpu.add_sequence()), ids_g.push_back(gpu.add_sequence());
+  append(ids_c, ids_g, {1400, 3});
+  for (int step = 0; step < 16; ++step) {
+    append(ids_c, ids_g, {1, 1 + step % 3});
+    Buffer q = random_buffer(dt, size_t(2) * H * D, rng), out_c(dt, q.size()), out_g(dt, q.size());
+    out_c.poison(), out_g.poison();
+    const PagedAttentionOptions o = popts(true, 0);
+    cpu.attention(TensorView(q.bytes.data(), dt, {2, H, D}), 0, ids_c, {}, TensorView(out_c.bytes.data(), dt, {2, H, D}), nullptr, o);
+    DeviceCopy dq(q.bytes.data(), q.bytes.size()), dout(out_g.bytes.data(), out_g.bytes.size());
+    gpu.attention(TensorView(dq.ptr, dt, {2, H, D}, kCuda), 0, ids_g, {}, TensorView(dout.ptr, dt, {2, H, D}, kCuda), nullptr, o);
+    dout.copy_to(out_g.bytes.data());
+    expect_close(out_g, out_c, tolerance(dt), "step " + std::to_string(step));
+  }
+}
+
+// ---------------------------------------------------------------- quantized GEMM
+
+struct QCase {
+  QuantFormat format;
+  int group_size;
+  bool double_quant;
+  std::string name() const {
+    return std::string(quant_format_name(format)) + " g" + std::to_string(group_size) + (double_quant ? " dq" : "");
+  }
+};
+
+// Every format: int8 per channel and grouped, the 4/3/2-bit formats in two group sizes, nf4 with
+// double-quantised scales.
+const QCase kQCases[] = {{QuantFormat::Int8, 0, false},     {QuantFormat::Int8, 32, false},   {QuantFormat::Int4, 128, false},
+                         {QuantFormat::Int4, 64, false},    {QuantFormat::Int4Sym, 64, false}, {QuantFormat::Int4Min, 32, false},
+                         {QuantFormat::Int3, 64, false},    {QuantFormat::Int3Sym, 128, false}, {QuantFormat::Int2, 64, false},
+                         {QuantFormat::Int2Sym, 32, false}, {QuantFormat::NF4, 64, false},     {QuantFormat::NF4, 64, true}};
+
+// qgemm on the emulated GPU against the CPU backend on the same quantized matrix, x and bias.
+// The CUDA mma path rounds the dequantized weights to x's dtype before multiplying (the CPU keeps
+// fp32): the bound is relative to sum_k |w_k x_k| (mag) as well as to the output. x_offset: x
+// starts that many elements into its buffer (unaligned loads).
+void check_qgemm(const QCase& qc, DType dt, int64_t rows, int64_t cols, int64_t tokens, bool with_bias, int x_offset = 0) {
+  SCOPED_TRACE(qc.name() + " " + dtype_name(dt) + " " + std::to_string(rows) + "x" + std::to_string(cols) + " tokens " +
+               std::to_string(tokens) + (with_bias ? " bias" : "") + " x_offset " + std::to_string(x_offset));
+  std::mt19937 rng(uint32_t(rows * 7 + cols + tokens * 13 + int(qc.format) * 101 + int(dt)));
+  std::vector<float> w(size_t(rows * cols));
+  std::normal_distribution<float> nd;
+  for (auto& v : w) v = nd(rng);
+  const QuantizedMatrix qm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), qc.format,
+                                      {qc.group_size, qc.double_quant});
+  const QuantizedMatrix dqm = qm.to(kCuda);
+  std::vector<float> deq(w.size());
+  dequantize(qm, TensorView(deq.data(), DType::Float32, {rows, cols}));
+  Buffer x = random_buffer(dt, size_t(tokens * cols) + x_offset, rng), bias = random_buffer(dt, size_t(rows), rng);
+  Buffer out_cpu(dt, size_t(tokens * rows)), out(dt, out_cpu.size());
+  out_cpu.poison(), out.poison();
+  const size_t es = size_t(dtype_size(dt));
+  TensorView tb(bias.bytes.data(), dt, {rows});
+  qgemm(TensorView(x.bytes.data() + x_offset * es, dt, {tokens, cols}), qm, with_bias ? &tb : nullptr,
+        TensorView(out_cpu.bytes.data(), dt, {tokens, rows}));
+  DeviceCopy dx(x.bytes.data(), x.bytes.size()), db(bias.bytes.data(), bias.bytes.size()), dout(out.bytes.data(), out.bytes.size());
+  TensorView tdb(db.ptr, dt, {rows}, kCuda);
+  qgemm(TensorView(static_cast<unsigned char*>(dx.ptr) + x_offset * es, dt, {tokens, cols}, kCuda), dqm, with_bias ? &tdb : nullptr,
+        TensorView(dout.ptr, dt, {tokens, rows}, kCuda));
+  dout.copy_to(out.bytes.data());
+  const float rel = dt == DType::Float32 ? 2e-6f : dt == DType::Float16 ? 2e-3f : 1.6e-2f;
+  const float rmag = dt == DType::Float32 ? 2e-6f : dt == DType::Float16 ? 1e-3f : 5e-3f;
+  int bad = 0;
+  for (int64_t t = 0; t < tokens && bad < 5; ++t)
+    for (int64_t n = 0; n < rows && bad < 5; ++n) {
+      double mag = with_bias ? std::fabs(bias.get(size_t(n))) : 0.0;
+      for (int64_t k = 0; k < cols; ++k) mag += std::fabs(double(deq[size_t(n * cols + k)]) * x.get(size_t(t * cols + k + x_offset)));
+      const float g = out.get(size_t(t * rows + n)), c = out_cpu.get(size_t(t * rows + n));
+      if (!(std::fabs(g - c) <= rel * std::fabs(c) + rmag * mag + 1e-6f)) {
+        ADD_FAILURE() << "token " << t << " row " << n << ": CUDA " << g << " CPU " << c << " (mag " << mag << ")";
+        ++bad;
+      }
+    }
+}
+
+// GEMV (<= 4 tokens; fp32 x at any count) and the mma path (fp16/bf16, > 4 tokens: 8- and
+// 16-token tiles, token tails), rows not a multiple of a warp's 16 or a block's 64.
+TEST(EmulatedCudaQgemm, EveryFormatDtypeAndTokenCount) {
+  for (const QCase& qc : kQCases)
+    for (DType dt : kDtypes)
+      for (int64_t tokens : {1, 3, 5, 9, 17}) check_qgemm(qc, dt, 37, 256, tokens, tokens % 3 != 0);
+}
+
+// Split-K (the emulated GPU has 2 SMs: few row blocks and long rows split K into 2 to 8 pieces).
+TEST(EmulatedCudaQgemm, SplitK) {
+  for (const QCase& qc : {kQCases[0], kQCases[2], kQCases[5], kQCases[6], kQCases[11]})
+    for (DType dt : {DType::Float16, DType::BFloat16}) {
+      check_qgemm(qc, dt, 20, 2048, 6, true);   // 8 splits
+      check_qgemm(qc, dt, 70, 1024, 12, false); // 2 splits, 16-token tile with a tail
+    }
+  check_qgemm(kQCases[2], DType::Float32, 20, 2048, 6, true);  // fp32: GEMV at any token count
+}
+
+TEST(EmulatedCudaQgemm, UnalignedX) {
+  for (const QCase& qc : {kQCases[1], kQCases[3], kQCases[8]}) {
+    check_qgemm(qc, DType::Float32, 21, 128, 1, true, 1);  // GEMV scalar loads
+    check_qgemm(qc, DType::Float16, 21, 128, 3, false, 1);
+    check_qgemm(qc, DType::BFloat16, 21, 128, 7, true, 2);  // mma: 4-byte aligned is enough
+  }
+  // mma needs 4-byte aligned x rows: a clear error otherwise.
+  try {
+    check_qgemm(kQCases[2], DType::Float16, 21, 128, 7, false, 1);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Value);
+    EXPECT_NE(std::string(e.what()).find("4-byte aligned"), std::string::npos) << e.what();
+  }
+}
+
+// Split-K partials are added in a fixed order (issue 15 #8): the same bits on every run, whatever
+// order the blocks run in (several workers, shuffled thread orders).
+TEST(EmulatedCudaQgemm, SplitKIsDeterministic) {
+  const int64_t rows = 20, cols = 2048, tokens = 6;
+  std::mt19937 rng(5);
+  std::vector<float> w(size_t(rows * cols));
+  std::normal_distribution<float> nd;
+  for (auto& v : w) v = nd(rng) * 3.0f;
+  const QuantizedMatrix dqm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), QuantFormat::Int4, {32, false}).to(kCuda);
+  Buffer x = random_buffer(DType::Float16, size_t(tokens * cols), rng);
+  DeviceCopy dx(x.bytes.data(), x.bytes.size());
+  std::vector<std::vector<unsigned char>> results;
+  for (int run = 0; run < 6; ++run) {
+    Buffer out(DType::Float16, size_t(tokens * rows));
+    out.poison();
+    DeviceCopy dout(out.bytes.data(), out.bytes.size());
+    if (run % 2) setenv("MKEMU_SEED", std::to_string(run).c_str(), 1);
+    qgemm(TensorView(dx.ptr, DType::Float16, {tokens, cols}, kCuda), dqm, nullptr,
+          TensorView(dout.ptr, DType::Float16, {tokens, rows}, kCuda));
+    unsetenv("MKEMU_SEED");
+    dout.copy_to(out.bytes.data());
+    results.push_back(out.bytes);
+  }
+  for (size_t i = 1; i < results.size(); ++i) EXPECT_EQ(results[i], results[0]) << "run " << i;
+}
+
+// dequantize on the GPU is bit for bit the CPU's, every format and dtype.
+TEST(EmulatedCudaQgemm, DequantizeBitExact) {
+  const int64_t rows = 19, cols = 256;
+  std::mt19937 rng(3);
+  std::vector<float> w(size_t(rows * cols));
+  std::normal_distribution<float> nd;
+  for (auto& v : w) v = nd(rng);
+  for (const QCase& qc : kQCases)
+    for (DType dt : kDtypes) {
+      SCOPED_TRACE(qc.name() + " " + dtype_name(dt));
+      const QuantizedMatrix qm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), qc.format,
+                                          {qc.group_size, qc.double_quant});
+      Buffer want(dt, w.size()), got(dt, w.size());
+      want.poison(), got.poison();
+      dequantize(qm, TensorView(want.bytes.data(), dt, {rows, cols}));
+      DeviceCopy dout(got.bytes.data(), got.bytes.size());
+      dequantize(qm.to(kCuda), TensorView(dout.ptr, dt, {rows, cols}, kCuda));
+      dout.copy_to(got.bytes.data());
+      EXPECT_EQ(got.bytes, want.bytes);
+    }
 }
 
 // ---------------------------------------------------------------- SpMM
