@@ -515,6 +515,8 @@ Device PagedKVCache::device() const { return impl_->device; }
 
 TensorView PagedKVCache::pool() const {
   const Impl& m = *impl_;
+  // int8 and KIVI layer blocks mix codes and float32 scales: a byte view (int8 / uint8) of the
+  // exact pool, layer_elems being bytes there.
   if (m.quant || m.kivi_bits) return TensorView(m.pool, m.dtype, {m.P, m.L, m.layer_elems}, m.device);
   return TensorView(m.pool, m.dtype, {m.P, m.L, m.ps, 2, m.kvh, m.D}, m.device);
 }

@@ -20,7 +20,9 @@ static nb::dlpack::dtype dlpack_of(DType t) {
     case DType::Float16: return {uint8_t(dtype_code::Float), 16, 1};
     case DType::BFloat16: return {uint8_t(dtype_code::UInt), 16, 1};  // NumPy has no bf16: the bits
     case DType::Int8: return {uint8_t(dtype_code::Int), 8, 1};
-    default: return {uint8_t(dtype_code::Float), 32, 1};
+    case DType::UInt8: return {uint8_t(dtype_code::UInt), 8, 1};  // KIVI pools (bytes)
+    case DType::Float32: return {uint8_t(dtype_code::Float), 32, 1};
+    default: throw Error(ErrorKind::Type, std::string("no array view for cache dtype ") + dtype_name(t));
   }
 }
 
