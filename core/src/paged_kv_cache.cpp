@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <list>
 #include <mutex>
 #include <string>
@@ -810,12 +811,18 @@ std::vector<int32_t> PagedKVCache::page_table(int64_t seq_id) const {
 }
 
 void PagedKVCache::read_kv(int64_t seq_id, int layer, float* k, float* v) const {
+  read_kv(seq_id, layer, [&](int64_t) { return std::make_pair(k, v); });
+}
+
+int64_t PagedKVCache::read_kv(int64_t seq_id, int layer,
+                              const std::function<std::pair<float*, float*>(int64_t)>& alloc) const {
   const Impl& m = *impl_;
   check(m.device.is_cpu(), ErrorKind::NotImplemented, "read_kv: CPU caches only");
   check(layer >= 0 && layer < m.L, ErrorKind::Value, "read_kv: layer " + str(layer) + " out of range");
   std::lock_guard<std::mutex> lock(m.mu);
   const Impl::Seq& s = const_cast<Impl&>(m).get_resident(seq_id, "read_kv");
   const int64_t len = s.layer_len[layer], row = int64_t(m.kvh) * m.D, kv_block = int64_t(m.ps) * row;
+  const auto [k, v] = alloc(len);
   for (int64_t t = 0; t < len; ++t) {
     const int32_t page = s.pages[size_t(t / m.ps)];
     const int in = int(t % m.ps);
@@ -843,6 +850,7 @@ void PagedKVCache::read_kv(int64_t seq_id, int layer, float* k, float* v) const 
       cpu::load_floats(tok + m.v_off * m.esize, m.dtype, row, vd);
     }
   }
+  return len;
 }
 
 std::vector<int64_t> PagedKVCache::sequences() const {

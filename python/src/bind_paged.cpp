@@ -1,6 +1,10 @@
 // Bindings: PagedKVCache and paged attention (memkernels/paged.py wraps them and allocates outputs).
 #include <nanobind/stl/tuple.h>
 
+#include <algorithm>
+#include <memory>
+#include <utility>
+
 #include "bind_common.h"
 
 namespace memkernels::py {
@@ -100,19 +104,27 @@ MK_PYTHON_BINDING(paged) {
       .def("page_table", &PagedKVCache::page_table)
       .def("read_kv",
            [](PagedKVCache& c, int64_t id, int layer) {
-             const int64_t n = c.length(id, layer);
-             const size_t shape[3] = {size_t(n), size_t(c.kv_heads()), size_t(c.head_dim())};
-             const size_t count = shape[0] * shape[1] * shape[2];
-             float* k = new float[count ? count : 1];
-             float* v = new float[count ? count : 1];
-             nb::capsule ok(k, [](void* p) noexcept { delete[] static_cast<float*>(p); });
-             nb::capsule ov(v, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             // Sized and filled under the cache's lock (an append from another thread in between
+             // would overflow buffers sized beforehand).
+             std::unique_ptr<float[]> k, v;
+             int64_t n = 0;
              {
                nb::gil_scoped_release r;
-               c.read_kv(id, layer, k, v);
+               n = c.read_kv(id, layer, [&](int64_t len) {
+                 const size_t count = std::max<size_t>(1, size_t(len) * size_t(c.kv_heads()) * size_t(c.head_dim()));
+                 k.reset(new float[count]), v.reset(new float[count]);
+                 return std::make_pair(k.get(), v.get());
+               });
              }
-             return nb::make_tuple(nb::ndarray<nb::numpy, float>(k, 3, shape, ok),
-                                   nb::ndarray<nb::numpy, float>(v, 3, shape, ov));
+             const size_t shape[3] = {size_t(n), size_t(c.kv_heads()), size_t(c.head_dim())};
+             float* kp = k.get();
+             nb::capsule ok(kp, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             k.release();  // owned by the capsule now
+             float* vp = v.get();
+             nb::capsule ov(vp, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             v.release();
+             return nb::make_tuple(nb::ndarray<nb::numpy, float>(kp, 3, shape, ok),
+                                   nb::ndarray<nb::numpy, float>(vp, 3, shape, ov));
            })
       .def("sequences", &PagedKVCache::sequences)
       .def("refcount", &PagedKVCache::refcount)

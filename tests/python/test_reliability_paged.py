@@ -50,3 +50,39 @@ def test_pool_view_has_the_pool_dtype_and_size(dtype, np_dtype):
     assert pool.shape[:2] == (5, 3)
     pool[...] = 0  # the whole view is the cache's memory: writing it must be safe
 
+
+# ---- 2: read_kv sizes its output and reads under one lock ----
+def test_read_kv_concurrent_with_append_never_overflows():
+    # Before: the output was sized from length(), then filled under the lock after an append from
+    # another thread had made the sequence longer: a heap overflow (a crash here, or garbage).
+    out = _run_script("""
+        import threading
+        import numpy as np
+        from memkernels import PagedKVCache
+        kvh, D, chunk = 8, 128, 48
+        cache = PagedKVCache(1, 400, 16, kvh, D)
+        seq = cache.add_sequence()
+        k = np.random.default_rng(0).standard_normal((chunk, kvh, D)).astype(np.float32)
+        stop = threading.Event()
+        def writer():
+            while not stop.is_set():
+                for _ in range(30):
+                    cache.append([seq], 0, k, k, [chunk])
+                cache.truncate(seq, 0)
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            reads = 0
+            for _ in range(600):
+                a, b = cache.read_kv(seq, 0)
+                assert a.shape == b.shape and a.shape[1:] == (kvh, D) and a.shape[0] % chunk == 0, a.shape
+                n = a.shape[0] // chunk
+                np.testing.assert_array_equal(a, np.tile(k, (n, 1, 1)))
+                reads += a.shape[0] > 0
+        finally:
+            stop.set()
+            t.join()
+        print("ok", reads)
+    """)
+    assert out.startswith("ok")
+

@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -128,6 +129,9 @@ class PagedKVCache {
   // The K and V of a layer as float32 (length(seq_id, layer), kv_heads, head_dim) each, dequantized
   // for int8/KIVI caches (host memory; CPU caches).
   void read_kv(int64_t seq_id, int layer, float* k, float* v) const;
+  // The same, sized and read under one lock (another thread may append meanwhile): alloc(len) is
+  // called with the layer's length and returns the (k, v) buffers of len rows; returns len.
+  int64_t read_kv(int64_t seq_id, int layer, const std::function<std::pair<float*, float*>(int64_t)>& alloc) const;
   std::vector<int64_t> sequences() const;
   int refcount(int32_t page) const;
 
