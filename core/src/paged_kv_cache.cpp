@@ -590,9 +590,11 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 3);
-    check(t.dtype == m.dtype || ((m.quant || m.kivi_bits) && (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
-                                              t.dtype == DType::BFloat16)),
-          ErrorKind::Type,
+    // Quantized caches (int8, KIVI) quantize float input on append: integer k/v (int8 codes, uint8)
+    // would be read as another dtype, so only float dtypes are taken there.
+    const bool is_float = t.dtype == DType::Float32 || t.dtype == DType::Float16 || t.dtype == DType::BFloat16;
+    const bool quantized = m.quant || m.kivi_bits;
+    check(quantized ? is_float : t.dtype == m.dtype, ErrorKind::Type,
           std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
               dtype_name(m.dtype) + (m.quant ? " (give float32, float16 or bfloat16 to quantize)" : ""));
     check(t.device == m.device, ErrorKind::Value,

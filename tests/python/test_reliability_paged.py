@@ -86,3 +86,22 @@ def test_read_kv_concurrent_with_append_never_overflows():
     """)
     assert out.startswith("ok")
 
+
+# ---- 8: quantized caches refuse integer k/v instead of reading them as another dtype ----
+@pytest.mark.parametrize("dtype", ["int8", "kivi4", "kivi2"])
+@pytest.mark.parametrize("kv_dtype", [np.int8, np.uint8, np.int32])
+def test_quantized_cache_refuses_integer_kv(dtype, kv_dtype):
+    cache = PagedKVCache(1, 4, 16, 2, 16, dtype)
+    seq = cache.add_sequence()
+    k = np.ones((3, 2, 16), kv_dtype)
+    with pytest.raises(TypeError, match=r"append: k has dtype .*float32, float16 or bfloat16"):
+        cache.append([seq], 0, k, k, [3])
+    assert cache.length(seq) == 0
+
+
+def test_float_cache_refuses_other_dtypes_by_name():
+    cache = PagedKVCache(1, 4, 16, 2, 16, "float16")
+    seq = cache.add_sequence()
+    with pytest.raises(TypeError, match="append: k has dtype float32 but the cache holds float16"):
+        cache.append([seq], 0, np.ones((1, 2, 16), np.float32), np.ones((1, 2, 16), np.float16))
+
