@@ -105,3 +105,76 @@ def test_float_cache_refuses_other_dtypes_by_name():
     with pytest.raises(TypeError, match="append: k has dtype float32 but the cache holds float16"):
         cache.append([seq], 0, np.ones((1, 2, 16), np.float32), np.ones((1, 2, 16), np.float16))
 
+
+# ---- 10: NaN / Inf in visible keys or queries make the row NaN, as in float64 ----
+def _paged_ref(q, k, v):
+    """float64 causal attention of q (sq, h, d) over k, v (sk, hk, d), the new rows last; scores that
+    overflow float32 (the kernel's accumulation type) are infinite here too."""
+    sq, sk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        s32 = np.einsum("ihd,jhd->hij", q, k)
+        q64, k64 = q.astype(np.float64), k.astype(np.float64)
+        s = np.einsum("ihd,jhd->hij", q64, k64)
+        s = np.where(np.isfinite(s32), s, s32) / np.sqrt(q.shape[-1])
+        i, j = np.arange(sq)[:, None], np.arange(sk)[None, :]
+        s = np.where(j <= i + sk - sq, s, -np.inf)
+        m = s.max(axis=-1, keepdims=True)
+        p = np.exp(s - m)
+        l = p.sum(axis=-1, keepdims=True)
+        out = np.einsum("hij,jhd->ihd", p / l, v.astype(np.float64))
+        lse = (m + np.log(l))[..., 0]
+    return out, lse
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("where", ["key", "query", "overflow", "inf_query"])
+def test_paged_attention_nan_and_inf_propagate(isa, rng, where, num_splits):
+    sq, sk, h, hk, d = 40, 150, 4, 2, 40
+    q, k, v = _f32(rng, sq, h, d), _f32(rng, sk, hk, d), _f32(rng, sk, hk, d)
+    if where == "key":
+        k[120, 1, 3] = np.nan       # rows of heads 2, 3 that see key 120 become NaN
+    elif where == "query":
+        q[5, 0, 7] = np.nan         # only that row
+    elif where == "overflow":
+        q[30, 2] = 3e19             # q.k overflows float32
+        k[20, 1] = 3e19
+    else:
+        q[33, 3, 0] = np.inf
+    cache = PagedKVCache(1, 20, 16, hk, d)
+    seq = cache.add_sequence()
+    cache.append([seq], 0, k, v, [sk])
+    out = np.full_like(q, 7.0)
+    out, lse = paged_attention(q, cache, 0, [seq], [sq], return_lse=True, out=out, num_splits=num_splits)
+    ref, ref_lse = _paged_ref(q, k, v)
+    bad = ~np.isfinite(ref)
+    assert bad.any()
+    np.testing.assert_array_equal(np.isnan(out), bad, err_msg="NaN pattern differs from float64")
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(ref_lse), err_msg="lse NaN pattern differs")
+    np.testing.assert_allclose(out[~bad], ref[~bad], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "kivi4"])
+def test_paged_attention_nan_query_is_nan_in_quantized_caches(rng, dtype):
+    q, k = _f32(rng, 3, 4, 32), _f32(rng, 60, 2, 32)
+    q[1, 2, 5] = np.nan
+    cache = PagedKVCache(1, 8, 16, 2, 32, dtype)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    cache.append(seqs, 0, k, k, [20, 20, 20])  # a quantized page and a float32 window each
+    out, lse = paged_attention(q, cache, 0, seqs, return_lse=True, out=np.full_like(q, 7.0))
+    nan = np.zeros(q.shape, bool)
+    nan[1, 2] = True
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    assert np.isnan(lse[2, 1]) and np.isfinite(np.delete(lse.ravel(), 2 * 3 + 1)).all()
+
+
+def test_paged_attention_nan_in_a_masked_key_stays_hidden(rng):
+    q, k, v = _f32(rng, 4, 2, 16), _f32(rng, 50, 2, 16), _f32(rng, 50, 2, 16)
+    k[10] = np.nan  # outside the window of every query row
+    cache = PagedKVCache(1, 8, 16, 2, 16)
+    seq = cache.add_sequence()
+    cache.append([seq], 0, k, v, [50])
+    out = paged_attention(q, cache, 0, [seq], [4], window=8)
+    assert np.isfinite(out).all()
+

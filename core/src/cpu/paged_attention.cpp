@@ -32,6 +32,8 @@ constexpr int MIN_SPLIT_KEYS = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct F16 { uint16_t bits; };
 struct BF16 { uint16_t bits; };
@@ -183,11 +185,18 @@ inline void pv(State& st, int ra, int rb, const T* const* vp, int nk) {
 }
 
 // Online-softmax update of rows [ra, rb) for a block of nk keys: P overwrites S, O is rescaled.
+// A visible score that is NaN or +inf (NaN in q or k, q.k overflowing float32; masked keys are
+// -inf) makes the whole row NaN in float64 (max - max = NaN), but the base-2 exp would turn it into
+// a finite weight: the row is marked by a NaN sum instead, which every later update keeps (NaN *
+// alpha + sum), and finish_task / the split merge write NaN output and lse for it.
 inline void softmax_block(State& st, int ra, int rb, int nk) {
   for (int r = ra; r < rb; ++r) {
     float* srow = st.s + r * BK;
     for (int j = nk; j < BK; ++j) srow[j] = kNegInf;
+    bool bad = false;
+    for (int j = 0; j < nk; ++j) bad |= !(srow[j] < kInf);
     online_softmax_row(srow, BK, st.m[r], st.l[r], st.o + r * st.dp, st.dp);
+    if (bad) st.l[r] = kNaN;
   }
 }
 
@@ -256,10 +265,11 @@ void finish_task(const PagedProblem& p, const Task& t, const State& st, const Ro
   for (int r = 0; r < st.rows; ++r) {
     const int h = rm.head(r);
     const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
+    const bool nan_row = std::isnan(l);  // see softmax_block
+    for (int d = 0; d < D; ++d) row[d] = nan_row ? kNaN : st.o[r * dp + d] * inv;
     const int64_t qrow = p.q0(t.b) + rm.pos(r);
     store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
-    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
+    if (p.lse) p.lse[h * p.total_q + qrow] = nan_row ? kNaN : l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
   }
 }
 
@@ -519,9 +529,11 @@ void paged_attention(const PagedProblem& p) {
       const int64_t piece = int64_t(rows) * (dp + 2);
       for (int r = 0; r < rows; ++r) {
         float mmax = kNegInf;
+        bool nan_row = false;  // a piece saw a NaN or +inf score (see softmax_block)
         for (int s = 0; s < mg.nsplit; ++s) {
           const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
           if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
+          nan_row |= std::isnan(src[D + 1]);
         }
         std::fill(row.begin(), row.begin() + D, 0.0f);
         float l = 0.0f;
@@ -535,11 +547,11 @@ void paged_attention(const PagedProblem& p) {
           }
         }
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int d = 0; d < D; ++d) row[d] *= inv;
+        for (int d = 0; d < D; ++d) row[d] = nan_row ? kNaN : row[d] * inv;
         const int h = rm.head(r);
         const int64_t qrow = p.q0(t.b) + rm.pos(r);
         store_floats(row.data(), p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
-        if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
+        if (p.lse) p.lse[h * p.total_q + qrow] = nan_row ? kNaN : l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
       }
     }
   }
