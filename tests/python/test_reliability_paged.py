@@ -178,3 +178,25 @@ def test_paged_attention_nan_in_a_masked_key_stays_hidden(rng):
     out = paged_attention(q, cache, 0, [seq], [4], window=8)
     assert np.isfinite(out).all()
 
+
+# ---- 5: a failed scratch allocation inside the OpenMP region raises MemoryError ----
+def test_paged_attention_raw_huge_group_raises_memory_error():
+    # 2^30 query heads over one kv head (stride-0 views; the issue used 2^26): the per-thread row buffers
+    # cannot be allocated. Before: std::bad_alloc left the OpenMP region and aborted the process.
+    out = _run_script("""
+        import numpy as np
+        from numpy.lib.stride_tricks import as_strided
+        import memkernels as mk
+        H, D = 2**30, 128  # the row buffers need 512 GiB per thread: no machine has them
+        base = np.ones((1, 1, D), np.float32)
+        q = as_strided(base, (1, H, D), (0, 0, 4), writeable=True)
+        out = as_strided(np.zeros((1, 1, D), np.float32), (1, H, D), (0, 0, 4), writeable=True)
+        pages = np.ones((2, 16, 1, D), np.float32)
+        i32 = lambda a: np.array(a, np.int32)
+        try:
+            mk.paged_attention_raw(q, pages, pages, i32([0, 1]), i32([0]), i32([16]), out=out)
+        except MemoryError as e:
+            print("MemoryError", e)
+    """)
+    assert out.startswith("MemoryError")
+

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../paged_internal.h"
+#include "../runtime_internal.h"
 #include "convert.h"
 #include "simd.h"
 
@@ -495,33 +496,43 @@ void paged_attention(const PagedProblem& p) {
   std::vector<float> scratch(static_cast<size_t>(scratch_floats));
   const int ntasks = int(tasks.size());
 
+  // An exception leaving the region would call std::terminate: the per-thread buffers (a group of
+  // 2^26 query heads needs tens of GiB) and the tasks run through the guard, rethrown after it.
+  ParallelGuard guard;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qbuf(size_t(max_rows) * dp), obuf(size_t(max_rows) * dp), sbuf(size_t(max_rows) * BK),
-        mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp),
-        qsbuf(p.kivi_bits ? size_t(max_rows) * dp : 0);
+    std::vector<float> qbuf, obuf, sbuf, mbuf, lbuf, kbuf, vbuf, row, qsbuf;
+    const bool ok = guard.run([&] {
+      qbuf.resize(size_t(max_rows) * dp), obuf.resize(size_t(max_rows) * dp), sbuf.resize(size_t(max_rows) * BK);
+      mbuf.resize(size_t(max_rows)), lbuf.resize(size_t(max_rows)), kbuf.resize(size_t(BK) * dp);
+      vbuf.resize(size_t(BK) * dp), row.resize(size_t(dp)), qsbuf.resize(p.kivi_bits ? size_t(max_rows) * dp : 0);
+    });
     State st;
     st.dp = dp;
     st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < ntasks; ++i) {
+      if (!ok || guard.failed()) continue;
       const Task& t = tasks[i];
-      if (p.kivi_bits) {
-        run_task_kivi(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data(), qsbuf.data());
-        continue;
-      }
-      switch (p.kv_dtype) {
-        case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-      }
+      guard.run([&] {  // run_task_kivi allocates
+        if (p.kivi_bits) {
+          run_task_kivi(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data(), qsbuf.data());
+          return;
+        }
+        switch (p.kv_dtype) {
+          case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+          case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+          case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+          default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        }
+      });
     }
     // Merge split pieces by their log-sum-exp.
     const int nmerge = int(merges.size());
     const int esize = dtype_size(p.dtype);
 #pragma omp for schedule(static)
     for (int i = 0; i < nmerge; ++i) {
+      if (!ok || guard.failed()) continue;
       const Merge& mg = merges[i];
       const Task& t = mg.t;
       const int rpg = (t.p1 - t.p0) * group, rows = rpg * (t.g1 - t.g0);
@@ -555,6 +566,7 @@ void paged_attention(const PagedProblem& p) {
       }
     }
   }
+  guard.rethrow();
 }
 
 }  // namespace memkernels::cpu::MK_ISA_NS
