@@ -200,3 +200,45 @@ def test_paged_attention_raw_huge_group_raises_memory_error():
     """)
     assert out.startswith("MemoryError")
 
+
+# ---- 14: int quantization of finite weights near the float32 limit ----
+FORMATS = ["int4", "int3", "int2", "int4_sym", "int3_sym", "int2_sym", "int4_min", "int8", "nf4"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_extreme_finite_weights_never_gives_nan(rng, fmt):
+    """Before: the asymmetric formats computed (max - min) / qmax in float32, infinite for +-3e38:
+    every weight of the group dequantized to NaN. Now the weights are quantized with a finite scale,
+    or, where even that cannot be dequantized in float32, refused naming the row and group."""
+    for row0 in ([3e38] * 64 + [-3e38] * 64, [3.4e38] * 64 + [-3.4e38] * 64, [1e38, -3e38] * 64):
+        w = _f32(rng, 4, 128)
+        w[0] = row0
+        w[2] *= 1e30
+        try:
+            qm = mk.quantize(w, fmt, group_size=64 if fmt != "int8" else None)
+        except ValueError as e:
+            assert fmt in ("int4", "int3", "int2", "int4_min"), f"{fmt}: {e}"
+            assert "w[0] group" in str(e) and "too wide" in str(e)
+            continue
+        deq = mk.dequantize(qm).astype(np.float64)
+        assert np.isfinite(deq).all(), f"{fmt}: non-finite dequantized weights"
+        for r in range(4):  # within a step of the row's range
+            assert np.max(np.abs(deq[r] - w[r])) <= 0.7 * np.max(np.abs(w[r].astype(np.float64))), (fmt, r)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int2"])
+def test_quantize_plus_minus_3e38_int_formats(rng, fmt):
+    # The issue's weights: +-3e38 within one group. int4 holds them (finite scale, zero point and
+    # dequantized values); for int3 and int2 the rounded zero point times the scale exceeds float32
+    # at one end: refused by name.
+    w = _f32(rng, 2, 64)
+    w[1, ::2], w[1, 1::2] = 3e38, -3e38
+    if fmt != "int4":
+        with pytest.raises(ValueError, match=rf"w\[1\] group 0 spans \[-3e\+38, 3e\+38\], too wide for {fmt}"):
+            mk.quantize(w, fmt, group_size=64)
+        return
+    deq = mk.dequantize(mk.quantize(w, fmt, group_size=64))
+    assert np.isfinite(deq).all()
+    step = 6e38 / (2 ** int(fmt[-1]) - 1)
+    assert np.max(np.abs(deq[1].astype(np.float64) - w[1])) <= 0.51 * step + 1e32
+
