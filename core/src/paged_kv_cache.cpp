@@ -2,6 +2,7 @@
 // (argument checks, then the CPU or CUDA backend).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <list>
@@ -615,6 +616,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     const int64_t n = counts.empty() ? 1 : counts[i];
     check(n >= 0, ErrorKind::Value, "append: counts[" + str(int64_t(i)) + "] = " + str(n) + " is negative");
+    check(n <= INT64_MAX - total, ErrorKind::Value, "append: counts add up to more than 2^63 - 1 tokens");
     total += n;
   }
   check(total == k.size(0), ErrorKind::Value,

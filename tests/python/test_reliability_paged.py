@@ -242,3 +242,46 @@ def test_quantize_plus_minus_3e38_int_formats(rng, fmt):
     step = 6e38 / (2 ** int(fmt[-1]) - 1)
     assert np.max(np.abs(deq[1].astype(np.float64) - w[1])) <= 0.51 * step + 1e32
 
+
+# ---- 24: device strings, counts, ids ----
+@pytest.mark.parametrize("device", ["cudaXYZ", "cuda:", "cuda:x", "gpu", "cpu:0"])
+def test_paged_cache_device_strings_are_parsed_strictly(device):
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda' or 'cuda:N', got"):
+        PagedKVCache(1, 4, 16, 2, 16, device=device)
+
+
+@pytest.mark.parametrize("counts", [[2**62] * 4, [2**63 - 1, 1], [2**63], [2**64 + 1]])
+def test_append_counts_overflowing_int64_are_a_value_error(counts):
+    cache = PagedKVCache(1, 4, 16, 2, 16)
+    seqs = [cache.add_sequence() for _ in counts]
+    k = np.zeros((0, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="counts") as e:
+        cache.append(seqs, 0, k, k, counts)
+    assert not isinstance(e.value, mk.CacheFullError)
+    assert [cache.length(s) for s in seqs] == [0] * len(seqs)
+
+
+def test_paged_numpy_integers_are_accepted_and_others_refused(rng):
+    cache = PagedKVCache(np.int64(2), np.int32(4), np.uint16(16), np.int8(2), np.int64(16))
+    seq = cache.add_sequence()
+    k = _f32(rng, 5, 2, 16)
+    cache.append(np.array([seq]), np.int64(1), k, k, np.array([5], np.int64))
+    cache.append(np.int64(seq), np.uint8(1), k[:1], k[:1])
+    assert cache.length(np.int64(seq), np.int32(1)) == 6
+    a, _ = cache.read_kv(np.int32(seq), np.int64(1))
+    np.testing.assert_array_equal(a, np.concatenate([k, k[:1]]))
+    q = _f32(rng, 1, 2, 16)
+    np.testing.assert_array_equal(paged_attention(q, cache, np.int64(1), np.array([seq])),
+                                  paged_attention(q, cache, 1, [seq]))
+    with pytest.raises(TypeError, match="layer"):
+        cache.append([seq], 1.5, k, k, [5])
+    with pytest.raises(TypeError, match="counts"):
+        cache.append([seq], 1, k, k, [4.5])
+    with pytest.raises(ValueError, match="seq_id"):
+        cache.length(2**70)
+    with pytest.raises(ValueError, match="layer"):
+        cache.length(seq, 2**40)
+    with pytest.raises(ValueError, match="num_pages"):
+        PagedKVCache(1, 2**40, 16, 2, 16)
+    assert cache.length(seq, 1) == 6
+
