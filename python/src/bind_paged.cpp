@@ -79,7 +79,7 @@ MK_PYTHON_BINDING(paged) {
              ArrayKeeper keep;
              int64_t cached = 0;
              if (tokens.is_none()) return c.add_sequence(nullptr, 0, &cached);
-             TensorView t = as_tensor(tokens, "prefix_tokens", keep);
+             TensorView t = as_input(tokens, "prefix_tokens", keep);
              expect_ndim(t, "prefix_tokens", 1);
              expect_dtype(t, "prefix_tokens", {DType::Int32});
              expect_contiguous(t, "prefix_tokens");
@@ -92,7 +92,7 @@ MK_PYTHON_BINDING(paged) {
            [](PagedKVCache& c, std::vector<int64_t> ids, int layer, nb::handle k, nb::handle v,
               std::vector<int64_t> counts, uintptr_t stream) {
              ArrayKeeper keep;
-             TensorView tk = as_tensor(k, "k", keep), tv = as_tensor(v, "v", keep);
+             TensorView tk = as_input(k, "k", keep), tv = as_input(v, "v", keep);
              nb::gil_scoped_release release;
              c.append(ids, layer, tk, tv, counts, as_stream(stream));
            },
@@ -165,7 +165,7 @@ MK_PYTHON_BINDING(paged) {
               nb::handle out, nb::handle lse, bool causal, float scale, int window_left, int window_right,
               float softcap, int num_splits, uintptr_t stream) {
              ArrayKeeper keep;
-             TensorView tq = as_tensor(q, "q", keep), to = as_tensor(out, "out", keep);
+             TensorView tq = as_input(q, "q", keep), to = as_tensor(out, "out", keep);
              std::optional<TensorView> tl = as_optional_tensor(lse, "lse", keep);
              PagedAttentionOptions o = make_opts(causal, scale, window_left, window_right, softcap, num_splits);
              nb::gil_scoped_release release;
@@ -182,14 +182,15 @@ MK_PYTHON_BINDING(paged) {
          int window_right, float softcap, int num_splits, int max_q_len, uintptr_t stream, nb::handle k_scales,
          nb::handle v_scales) {
         ArrayKeeper keep;
-        TensorView tq = as_tensor(q, "q", keep), tk = as_tensor(kp, "k_pages", keep),
-                   tv = as_tensor(vp, "v_pages", keep);
-        std::optional<TensorView> tqo = as_optional_tensor(qo, "qo_indptr", keep);
-        TensorView ti = as_tensor(indptr, "kv_indptr", keep), tx = as_tensor(indices, "kv_indices", keep),
-                   tl = as_tensor(last, "kv_last_page_len", keep), to = as_tensor(out, "out", keep);
+        // Inputs are only read (read-only arrays welcome); out and lse are written.
+        TensorView tq = as_input(q, "q", keep), tk = as_input(kp, "k_pages", keep),
+                   tv = as_input(vp, "v_pages", keep);
+        std::optional<TensorView> tqo = as_optional_input(qo, "qo_indptr", keep);
+        TensorView ti = as_input(indptr, "kv_indptr", keep), tx = as_input(indices, "kv_indices", keep),
+                   tl = as_input(last, "kv_last_page_len", keep), to = as_tensor(out, "out", keep);
         std::optional<TensorView> tlse = as_optional_tensor(lse, "lse", keep);
-        std::optional<TensorView> tks = as_optional_tensor(k_scales, "k_scales", keep);
-        std::optional<TensorView> tvs = as_optional_tensor(v_scales, "v_scales", keep);
+        std::optional<TensorView> tks = as_optional_input(k_scales, "k_scales", keep);
+        std::optional<TensorView> tvs = as_optional_input(v_scales, "v_scales", keep);
         PagedAttentionOptions o = make_opts(causal, scale, window_left, window_right, softcap, num_splits);
         nb::gil_scoped_release release;
         paged_attention_raw(tq, tk, tv, tqo ? &*tqo : nullptr, ti, tx, tl, to, tlse ? &*tlse : nullptr, o, max_q_len,

@@ -285,3 +285,24 @@ def test_paged_numpy_integers_are_accepted_and_others_refused(rng):
         PagedKVCache(1, 2**40, 16, 2, 16)
     assert cache.length(seq, 1) == 6
 
+
+# ---- 21: read-only inputs work in the paged API ----
+def test_read_only_inputs_work_in_the_paged_api(rng):
+    k = _f32(rng, 20, 2, 16)
+    k.flags.writeable = False
+    cache = PagedKVCache(1, 4, 16, 2, 16)
+    tokens = np.arange(20, dtype=np.int32)
+    tokens.flags.writeable = False
+    seq = cache.add_sequence(tokens)
+    cache.append([seq], 0, k, np.broadcast_to(k[:1], k.shape), [20])
+    q = np.broadcast_to(_f32(rng, 1, 1, 16), (1, 4, 16))
+    out = paged_attention(q, cache, 0, [seq])
+    kp, vp = cache.k_pages(0), cache.v_pages(0)
+    indptr, indices, last = cache.build_indices([seq], 0)
+    for a in (indptr, indices, last):
+        a.flags.writeable = False
+    kp.flags.writeable = False
+    np.testing.assert_array_equal(paged_attention_raw(q, kp, vp, indptr, indices, last), out)
+    with pytest.raises(ValueError, match="out: the array is read-only"):
+        paged_attention(q, cache, 0, [seq], out=np.broadcast_to(np.zeros((1, 1, 16), np.float32), (1, 4, 16)))
+
