@@ -7,6 +7,7 @@
 #include <functional>
 #include <list>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -262,7 +263,9 @@ struct PagedKVCache::Impl {
   int kivi_bits = 0;
   int64_t kv_vc = 0, kv_ks = 0, kv_kz = 0, kv_vs = 0, kv_vz = 0, code_row = 0;
   void* pool = nullptr;
-  mutable std::mutex mu;
+  // Exclusive for every table change and read; attention() holds it shared across the kernel, so
+  // free/truncate/swap/append (which release or rewrite pages and KIVI windows) wait for it.
+  mutable std::shared_mutex mu;
 
   std::vector<int32_t> free_list;  // stack of free page ids
   std::vector<int32_t> ref;        // references from sequence tables
@@ -551,7 +554,7 @@ int64_t PagedKVCache::add_sequence(const int32_t* prefix_tokens, int64_t num_tok
   check(num_tokens >= 0 && (num_tokens == 0 || prefix_tokens), ErrorKind::Value,
         "add_sequence: prefix tokens must be a valid array");
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq s;
   s.layer_len.assign(m.L, 0);
   if (m.kivi_bits) s.resid.assign(m.L, std::vector<float>(size_t(2) * m.ps * m.kvh * m.D, 0.0f));
@@ -597,7 +600,8 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     const bool quantized = m.quant || m.kivi_bits;
     check(quantized ? is_float : t.dtype == m.dtype, ErrorKind::Type,
           std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
-              dtype_name(m.dtype) + (m.quant ? " (give float32, float16 or bfloat16 to quantize)" : ""));
+              (m.kivi_bits ? std::string("kivi") + std::to_string(m.kivi_bits) : std::string(dtype_name(m.dtype))) +
+              (quantized ? " (give float32, float16 or bfloat16 to quantize)" : ""));
     check(t.device == m.device, ErrorKind::Value,
           std::string("append: ") + names[i] + " is on " + t.device.str() + " but the cache is on " + m.device.str());
     check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
@@ -626,7 +630,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     expect_not_null(v, "v");
   }
 
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   // 1. Plan: validate ids and count the pages needed (new pages + copy-on-write copies).
   std::unordered_set<int64_t> seen;
   int64_t need = 0;
@@ -756,7 +760,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
 
 int64_t PagedKVCache::fork(int64_t seq_id) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq copy = m.get_resident(seq_id, "fork");
   for (int32_t page : copy.pages) m.acquire_page(page);
   const int64_t id = m.next_id++;
@@ -766,7 +770,7 @@ int64_t PagedKVCache::fork(int64_t seq_id) {
 
 void PagedKVCache::free(int64_t seq_id) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get(seq_id, "free");
   for (int32_t page : s.pages) m.release_page(page);
   if (s.host) host_free_pinned(s.host);
@@ -775,7 +779,7 @@ void PagedKVCache::free(int64_t seq_id) {
 
 void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get_resident(seq_id, "truncate");
   check(length >= 0 && length <= s.length(), ErrorKind::Value,
         "truncate: length " + str(length) + " is outside [0, " + str(s.length()) + "] for sequence " + str(seq_id));
@@ -801,7 +805,7 @@ void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
 
 int64_t PagedKVCache::length(int64_t seq_id, int layer) const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   const Impl::Seq& s = m.get(seq_id, "length");
   if (layer < 0) return s.length();
   check(layer < m.L, ErrorKind::Value, "length: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
@@ -810,7 +814,7 @@ int64_t PagedKVCache::length(int64_t seq_id, int layer) const {
 
 std::vector<int32_t> PagedKVCache::page_table(int64_t seq_id) const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.get(seq_id, "page_table").pages;
 }
 
@@ -823,7 +827,8 @@ int64_t PagedKVCache::read_kv(int64_t seq_id, int layer,
   const Impl& m = *impl_;
   check(m.device.is_cpu(), ErrorKind::NotImplemented, "read_kv: CPU caches only");
   check(layer >= 0 && layer < m.L, ErrorKind::Value, "read_kv: layer " + str(layer) + " out of range");
-  std::lock_guard<std::mutex> lock(m.mu);
+  // Sized and read under one lock: an append from another thread between the two would overflow.
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   const Impl::Seq& s = const_cast<Impl&>(m).get_resident(seq_id, "read_kv");
   const int64_t len = s.layer_len[layer], row = int64_t(m.kvh) * m.D, kv_block = int64_t(m.ps) * row;
   const auto [k, v] = alloc(len);
@@ -859,7 +864,7 @@ int64_t PagedKVCache::read_kv(int64_t seq_id, int layer,
 
 std::vector<int64_t> PagedKVCache::sequences() const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   std::vector<int64_t> ids;
   for (auto& kv : m.seqs) ids.push_back(kv.first);
   std::sort(ids.begin(), ids.end());
@@ -869,13 +874,13 @@ std::vector<int64_t> PagedKVCache::sequences() const {
 int PagedKVCache::refcount(int32_t page) const {
   const Impl& m = *impl_;
   check(page >= 0 && page < m.P, ErrorKind::Value, "refcount: page " + str(page) + " out of range");
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.ref[page];
 }
 
 void PagedKVCache::swap_out(int64_t seq_id, void* stream) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get_resident(seq_id, "swap_out");
   const int64_t n = int64_t(s.pages.size());
   void* host = host_malloc_pinned(size_t(std::max<int64_t>(n, 1) * m.page_bytes));
@@ -892,7 +897,7 @@ void PagedKVCache::swap_out(int64_t seq_id, void* stream) {
 
 void PagedKVCache::swap_in(int64_t seq_id, void* stream) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get(seq_id, "swap_in");
   check(s.swapped, ErrorKind::Value, "swap_in: sequence " + str(seq_id) + " is not swapped out");
   check(s.host_pages <= m.available(), ErrorKind::CacheFull,
@@ -914,8 +919,25 @@ void PagedKVCache::swap_in(int64_t seq_id, void* stream) {
 
 bool PagedKVCache::is_swapped(int64_t seq_id) const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.get(seq_id, "is_swapped").swapped;
+}
+
+// The caller holds m.mu (shared or exclusive).
+static void build_indices_locked(const PagedKVCache::Impl& m, const std::vector<int64_t>& seq_ids, int layer,
+                                 std::vector<int32_t>& kv_indptr, std::vector<int32_t>& kv_indices,
+                                 std::vector<int32_t>& last_page_len) {
+  kv_indptr.assign(1, 0);
+  kv_indices.clear();
+  last_page_len.clear();
+  for (int64_t id : seq_ids) {
+    const PagedKVCache::Impl::Seq& s = const_cast<PagedKVCache::Impl&>(m).get_resident(id, "paged_attention");
+    const int64_t len = s.layer_len[layer];
+    const int64_t npg = (len + m.ps - 1) / m.ps;
+    kv_indices.insert(kv_indices.end(), s.pages.begin(), s.pages.begin() + npg);
+    kv_indptr.push_back(int32_t(kv_indices.size()));
+    last_page_len.push_back(npg ? int32_t(len - (npg - 1) * m.ps) : 0);
+  }
 }
 
 void PagedKVCache::build_indices(const std::vector<int64_t>& seq_ids, int layer, std::vector<int32_t>& kv_indptr,
@@ -923,18 +945,8 @@ void PagedKVCache::build_indices(const std::vector<int64_t>& seq_ids, int layer,
   const Impl& m = *impl_;
   check(layer >= 0 && layer < m.L, ErrorKind::Value,
         "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
-  std::lock_guard<std::mutex> lock(m.mu);
-  kv_indptr.assign(1, 0);
-  kv_indices.clear();
-  last_page_len.clear();
-  for (int64_t id : seq_ids) {
-    const Impl::Seq& s = const_cast<Impl&>(m).get_resident(id, "paged_attention");
-    const int64_t len = s.layer_len[layer];
-    const int64_t npg = (len + m.ps - 1) / m.ps;
-    kv_indices.insert(kv_indices.end(), s.pages.begin(), s.pages.begin() + npg);
-    kv_indptr.push_back(int32_t(kv_indices.size()));
-    last_page_len.push_back(npg ? int32_t(len - (npg - 1) * m.ps) : 0);
-  }
+  std::lock_guard<std::shared_mutex> lock(m.mu);
+  build_indices_locked(m, seq_ids, layer, kv_indptr, kv_indices, last_page_len);
 }
 
 void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
@@ -948,8 +960,14 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
   check(q_lens.empty() || q_lens.size() == seq_ids.size(), ErrorKind::Value,
         "paged_attention: q_lens has " + str(int64_t(q_lens.size())) + " entries for " +
             str(int64_t(seq_ids.size())) + " sequences");
+  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+        "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  // Held shared until the kernel has read the pages (on CUDA: until it is queued; later page
+  // writes are ordered after it on the stream): free, truncate, swap and append of any sequence
+  // wait, so the pages and KIVI windows read here are neither released nor rewritten meanwhile.
+  std::shared_lock<std::shared_mutex> reading(m.mu);
   std::vector<int32_t> indptr, indices, last;
-  build_indices(seq_ids, layer, indptr, indices, last);
+  build_indices_locked(m, seq_ids, layer, indptr, indices, last);
   std::vector<int32_t> qo(1, 0);
   int max_q = 1;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
@@ -962,11 +980,7 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
   const int64_t batch = int64_t(seq_ids.size());
   if (m.kivi_bits) {
     std::vector<const float*> resid;
-    {
-      std::lock_guard<std::mutex> lock(m.mu);
-      for (int64_t id : seq_ids)
-        resid.push_back(const_cast<Impl&>(m).get_resident(id, "paged_attention").resid[size_t(layer)].data());
-    }
+    for (int64_t id : seq_ids) resid.push_back(m.get(id, "paged_attention").resid[size_t(layer)].data());
     PagedProblem kv;
     kv.kivi_bits = m.kivi_bits, kv.resid = resid.data();
     kv.kv_vc = m.kv_vc, kv.kv_ks = m.kv_ks, kv.kv_kz = m.kv_kz, kv.kv_vs = m.kv_vs, kv.kv_vz = m.kv_vz;
@@ -1020,7 +1034,7 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
 
 PagedCacheStats PagedKVCache::stats() const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   PagedCacheStats st;
   st.num_pages = m.P, st.page_size = m.ps;
   st.pages_free = int64_t(m.free_list.size());
@@ -1048,7 +1062,7 @@ PagedCacheStats PagedKVCache::stats() const {
 
 void PagedKVCache::check_invariants() const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   std::vector<int> where(m.P, 0), refs(m.P, 0);
   for (int32_t p : m.free_list) {
     check(p >= 0 && p < m.P && where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " twice in free list");

@@ -14,7 +14,7 @@ from .attention import _window_bounds
 
 
 def _device(device) -> tuple[int, int]:
-    if device is None or device == "cpu":
+    if device is None:
         return 0, 0
     kind, index = parse_device(device)  # 'cudaXYZ', 'cuda:x'... are a ValueError naming device
     return (1 if kind == "cuda" else 0), index
@@ -76,7 +76,11 @@ class PagedKVCache:
     (k_scales/v_scales), read by attention without a dequantized copy; or 'kivi4' / 'kivi2' (CPU):
     KIVI pages, keys quantized per channel over each page and values per token (asymmetric 4 or 2
     bits, float32 scale + zero), when a page of a layer fills; the tokens after the last full page
-    (the recent window) stay float32. device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
+    (the recent window) stay float32. device: 'cpu' or 'cuda[:N]'.
+
+    Several Python threads may use one cache at once: one lock inside, which attention holds (shared)
+    until its kernel has read the pages, so a free, truncate, swap or append from another thread
+    waits for running attention calls instead of releasing pages under them.
 
     Sequences are integer ids. Every layer has its own length (a model appends layer by layer);
     length(seq) is the largest. Running out of pages raises CacheFullError and changes nothing.

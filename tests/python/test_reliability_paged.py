@@ -306,3 +306,54 @@ def test_read_only_inputs_work_in_the_paged_api(rng):
     with pytest.raises(ValueError, match="out: the array is read-only"):
         paged_attention(q, cache, 0, [seq], out=np.broadcast_to(np.zeros((1, 1, 16), np.float32), (1, 4, 16)))
 
+
+# ---- Also: freeing a sequence while attention() reads it ----
+@pytest.mark.parametrize("dtype", ["float32", "kivi4"])
+def test_free_during_attention_is_safe(rng, dtype):
+    """One thread runs attention over a sequence while another frees it and refills its pages with
+    other data. Before: attention read the freed pages (and a freed KIVI window): wrong results or
+    a crash. Now attention either completes on the old data or refuses the unknown id."""
+    ps, kvh, D, n = 16, 2, 64, 4000
+    k, v = _f32(rng, n, kvh, D), _f32(rng, n, kvh, D)
+    junk = np.full((n, kvh, D), 1e3, np.float32)
+    q = _f32(rng, 32, 8, D)  # a prefill chunk: attention takes tens of ms
+    cache = PagedKVCache(1, 2 * n // ps + 4, ps, kvh, D, dtype)
+    ref = None
+    barrier = threading.Barrier(2)
+    results, errors = [], []
+
+    def reader(seq):
+        barrier.wait()
+        try:
+            results.append(paged_attention(q, cache, 0, [seq], [32], num_splits=1))
+        except ValueError as e:
+            assert "unknown sequence" in str(e)
+            results.append(None)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    bad = 0
+    for it in range(30):
+        for s in cache.sequences():
+            cache.free(s)
+        seq = cache.add_sequence()
+        cache.append([seq], 0, k, v, [n])
+        if ref is None:
+            paged_attention(q, cache, 0, [seq], [32], num_splits=1)  # warm up the thread pool
+            t0 = time.perf_counter()
+            ref = paged_attention(q, cache, 0, [seq], [32], num_splits=1)
+            took = time.perf_counter() - t0
+        t = threading.Thread(target=reader, args=(seq,))
+        t.start()
+        barrier.wait()
+        time.sleep(took * it / 30)  # free at a different point of the attention call each round
+        cache.free(seq)
+        other = cache.add_sequence()
+        cache.append([other], 0, junk, junk, [n])
+        t.join()
+        assert not errors, errors
+        got = results[-1]
+        if got is not None and not np.array_equal(got, ref):
+            bad += 1
+    assert bad == 0, f"{bad} of 30 attention calls read pages freed and rewritten under them"
+    cache.check_invariants()

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "memkernels/tensor.h"
@@ -143,8 +144,9 @@ class PagedKVCache {
   void swap_in(int64_t seq_id, void* stream = nullptr);
   bool is_swapped(int64_t seq_id) const;
 
-  // Attention of q over `layer` of the given sequences. The page tables are read under the lock,
-  // the kernel runs without it: do not free, truncate or swap these sequences concurrently. q (total_q, heads, head_dim); q_lens[i]
+  // Attention of q over `layer` of the given sequences. The cache's lock is held shared until the
+  // kernel has read the pages, so other threads may call anything meanwhile: attention calls run
+  // together, free/truncate/swap/append wait for them. q (total_q, heads, head_dim); q_lens[i]
   // rows for seq_ids[i] (empty = one row each). See the header comment for masking and lse.
   void attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
                  const std::vector<int64_t>& q_lens, const TensorView& out, const TensorView* lse,
