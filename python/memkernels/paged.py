@@ -61,10 +61,16 @@ _INT_MAX = 2**31 - 1
 def _window(window, causal):
     """(left, right) for the kernel, as flash_attention reads `window`. A bound of INT_MAX keys or
     more covers any sequence (at most 2^31 - 1 keys), so it is clamped to the kernel's C int."""
-    if isinstance(window, np.integer):
-        window = int(window)
-    left, right = _window_bounds(window, causal)
-    return min(left, _INT_MAX), min(right, _INT_MAX)
+    def clamp(x):  # before _window_bounds, which refuses bounds past the C int
+        if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and int(x) > _INT_MAX:
+            return _INT_MAX
+        return x
+
+    if isinstance(window, (int, np.integer)):
+        window = clamp(window)
+    elif isinstance(window, (tuple, list)):
+        window = tuple(clamp(x) for x in window)
+    return _window_bounds(window, causal)
 
 
 class PagedKVCache:
