@@ -598,10 +598,12 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     // would be read as another dtype, so only float dtypes are taken there.
     const bool is_float = t.dtype == DType::Float32 || t.dtype == DType::Float16 || t.dtype == DType::BFloat16;
     const bool quantized = m.quant || m.kivi_bits;
+    const std::string cache_dtype =
+        m.kivi_bits ? "kivi" + std::to_string(m.kivi_bits) : std::string(dtype_name(m.dtype));
     check(quantized ? is_float : t.dtype == m.dtype, ErrorKind::Type,
-          std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
-              (m.kivi_bits ? std::string("kivi") + std::to_string(m.kivi_bits) : std::string(dtype_name(m.dtype))) +
-              (quantized ? " (give float32, float16 or bfloat16 to quantize)" : ""));
+          std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) +
+              (quantized ? ", but a " + cache_dtype + " cache quantizes k/v on append: give float32, float16 or bfloat16"
+                         : " but the cache holds " + cache_dtype));
     check(t.device == m.device, ErrorKind::Value,
           std::string("append: ") + names[i] + " is on " + t.device.str() + " but the cache is on " + m.device.str());
     check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,

@@ -94,7 +94,7 @@ def test_quantized_cache_refuses_integer_kv(dtype, kv_dtype):
     cache = PagedKVCache(1, 4, 16, 2, 16, dtype)
     seq = cache.add_sequence()
     k = np.ones((3, 2, 16), kv_dtype)
-    with pytest.raises(TypeError, match=r"append: k has dtype .*float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match=rf"append: k has dtype {np.dtype(kv_dtype).name}, but a {dtype} cache quantizes k/v on append: give float32, float16 or bfloat16"):
         cache.append([seq], 0, k, k, [3])
     assert cache.length(seq) == 0
 
