@@ -162,6 +162,18 @@ def main():
     case(pc, "page_size 2^31 - 1", lambda: mk.PagedKVCache(1, 4, 2**31 - 1, 1, 16))
     case(pc, "geometry whose pool size overflows int64 (fixed finding)", lambda: mk.PagedKVCache(2**30, 4, 2**20, 1, 2**13))
     case(pc, "num_pages 2^31 (does not fit the C++ int)", lambda: mk.PagedKVCache(1, 2**31, 4, 1, 16))
+    case(pc, "device 'cudaXYZ'", lambda: mk.PagedKVCache(1, 4, 4, 1, 16, device="cudaXYZ"))
+    case(pc, "counts adding up past 2^63 (0 rows)", lambda: cache.append([a, cache.add_sequence()], 0, kk[:0], kk[:0],
+                                                                         counts=[3 * 2**61, 3 * 2**61]))
+    case(pc, "a count of 2^64", lambda: cache.append([a], 0, kk, kk, counts=[2**64]))
+    case(pc, "a float layer 0.5", lambda: cache.append([a], 0.5, kk, kk))
+    case(pc, "sequence id 2^70", lambda: cache.length(2**70))
+    c8 = mk.PagedKVCache(1, 4, 4, 2, 16, "int8")
+    case(pc, "int8 k/v into an int8 cache (floats are quantized)", lambda: c8.append(
+        [c8.add_sequence()], 0, kk.astype(np.int8), kk.astype(np.int8)))
+    ck = mk.PagedKVCache(1, 4, 4, 2, 16, "kivi4")
+    case(pc, "uint8 k/v into a KIVI cache", lambda: ck.append([ck.add_sequence()], 0, kk.astype(np.uint8),
+                                                               kk.astype(np.uint8)))
     case("paged_attention", "head_dim 8 on a head_dim-16 cache", lambda: mk.paged_attention(f32(1, 4, 8), cache, 0, [a]))
     case("paged_attention", "q_lens not matching q rows", lambda: mk.paged_attention(f32(2, 4, 16), cache, 0, [a],
                                                                                    q_lens=[1]))

@@ -2,9 +2,12 @@
 // (argument checks, then the CPU or CUDA backend).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <functional>
 #include <list>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -262,7 +265,9 @@ struct PagedKVCache::Impl {
   int kivi_bits = 0;
   int64_t kv_vc = 0, kv_ks = 0, kv_kz = 0, kv_vs = 0, kv_vz = 0, code_row = 0;
   void* pool = nullptr;
-  mutable std::mutex mu;
+  // Exclusive for every table change and read; attention() holds it shared across the kernel, so
+  // free/truncate/swap/append (which release or rewrite pages and KIVI windows) wait for it.
+  mutable std::shared_mutex mu;
 
   std::vector<int32_t> free_list;  // stack of free page ids
   std::vector<int32_t> ref;        // references from sequence tables
@@ -517,6 +522,8 @@ Device PagedKVCache::device() const { return impl_->device; }
 
 TensorView PagedKVCache::pool() const {
   const Impl& m = *impl_;
+  // int8 and KIVI layer blocks mix codes and float32 scales: a byte view (int8 / uint8) of the
+  // exact pool, layer_elems being bytes there.
   if (m.quant || m.kivi_bits) return TensorView(m.pool, m.dtype, {m.P, m.L, m.layer_elems}, m.device);
   return TensorView(m.pool, m.dtype, {m.P, m.L, m.ps, 2, m.kvh, m.D}, m.device);
 }
@@ -549,7 +556,7 @@ int64_t PagedKVCache::add_sequence(const int32_t* prefix_tokens, int64_t num_tok
   check(num_tokens >= 0 && (num_tokens == 0 || prefix_tokens), ErrorKind::Value,
         "add_sequence: prefix tokens must be a valid array");
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq s;
   s.layer_len.assign(m.L, 0);
   if (m.kivi_bits) s.resid.assign(m.L, std::vector<float>(size_t(2) * m.ps * m.kvh * m.D, 0.0f));
@@ -589,11 +596,16 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   for (int i = 0; i < 2; ++i) {
     const TensorView& t = *kv[i];
     expect_ndim(t, names[i], 3);
-    check(t.dtype == m.dtype || ((m.quant || m.kivi_bits) && (t.dtype == DType::Float32 || t.dtype == DType::Float16 ||
-                                              t.dtype == DType::BFloat16)),
-          ErrorKind::Type,
-          std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) + " but the cache holds " +
-              dtype_name(m.dtype) + (m.quant ? " (give float32, float16 or bfloat16 to quantize)" : ""));
+    // Quantized caches (int8, KIVI) quantize float input on append: integer k/v (int8 codes, uint8)
+    // would be read as another dtype, so only float dtypes are taken there.
+    const bool is_float = t.dtype == DType::Float32 || t.dtype == DType::Float16 || t.dtype == DType::BFloat16;
+    const bool quantized = m.quant || m.kivi_bits;
+    const std::string cache_dtype =
+        m.kivi_bits ? "kivi" + std::to_string(m.kivi_bits) : std::string(dtype_name(m.dtype));
+    check(quantized ? is_float : t.dtype == m.dtype, ErrorKind::Type,
+          std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) +
+              (quantized ? ", but a " + cache_dtype + " cache quantizes k/v on append: give float32, float16 or bfloat16"
+                         : " but the cache holds " + cache_dtype));
     check(t.device == m.device, ErrorKind::Value,
           std::string("append: ") + names[i] + " is on " + t.device.str() + " but the cache is on " + m.device.str());
     check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
@@ -612,6 +624,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     const int64_t n = counts.empty() ? 1 : counts[i];
     check(n >= 0, ErrorKind::Value, "append: counts[" + str(int64_t(i)) + "] = " + str(n) + " is negative");
+    check(n <= INT64_MAX - total, ErrorKind::Value, "append: counts add up to more than 2^63 - 1 tokens");
     total += n;
   }
   check(total == k.size(0), ErrorKind::Value,
@@ -621,7 +634,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     expect_not_null(v, "v");
   }
 
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   // 1. Plan: validate ids and count the pages needed (new pages + copy-on-write copies).
   std::unordered_set<int64_t> seen;
   int64_t need = 0;
@@ -751,7 +764,7 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
 
 int64_t PagedKVCache::fork(int64_t seq_id) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq copy = m.get_resident(seq_id, "fork");
   for (int32_t page : copy.pages) m.acquire_page(page);
   const int64_t id = m.next_id++;
@@ -761,7 +774,7 @@ int64_t PagedKVCache::fork(int64_t seq_id) {
 
 void PagedKVCache::free(int64_t seq_id) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get(seq_id, "free");
   for (int32_t page : s.pages) m.release_page(page);
   if (s.host) host_free_pinned(s.host);
@@ -770,7 +783,7 @@ void PagedKVCache::free(int64_t seq_id) {
 
 void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get_resident(seq_id, "truncate");
   check(length >= 0 && length <= s.length(), ErrorKind::Value,
         "truncate: length " + str(length) + " is outside [0, " + str(s.length()) + "] for sequence " + str(seq_id));
@@ -796,7 +809,7 @@ void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
 
 int64_t PagedKVCache::length(int64_t seq_id, int layer) const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   const Impl::Seq& s = m.get(seq_id, "length");
   if (layer < 0) return s.length();
   check(layer < m.L, ErrorKind::Value, "length: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
@@ -805,17 +818,24 @@ int64_t PagedKVCache::length(int64_t seq_id, int layer) const {
 
 std::vector<int32_t> PagedKVCache::page_table(int64_t seq_id) const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.get(seq_id, "page_table").pages;
 }
 
 void PagedKVCache::read_kv(int64_t seq_id, int layer, float* k, float* v) const {
+  read_kv(seq_id, layer, [&](int64_t) { return std::make_pair(k, v); });
+}
+
+int64_t PagedKVCache::read_kv(int64_t seq_id, int layer,
+                              const std::function<std::pair<float*, float*>(int64_t)>& alloc) const {
   const Impl& m = *impl_;
   check(m.device.is_cpu(), ErrorKind::NotImplemented, "read_kv: CPU caches only");
   check(layer >= 0 && layer < m.L, ErrorKind::Value, "read_kv: layer " + str(layer) + " out of range");
-  std::lock_guard<std::mutex> lock(m.mu);
+  // Sized and read under one lock: an append from another thread between the two would overflow.
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   const Impl::Seq& s = const_cast<Impl&>(m).get_resident(seq_id, "read_kv");
   const int64_t len = s.layer_len[layer], row = int64_t(m.kvh) * m.D, kv_block = int64_t(m.ps) * row;
+  const auto [k, v] = alloc(len);
   for (int64_t t = 0; t < len; ++t) {
     const int32_t page = s.pages[size_t(t / m.ps)];
     const int in = int(t % m.ps);
@@ -843,11 +863,12 @@ void PagedKVCache::read_kv(int64_t seq_id, int layer, float* k, float* v) const 
       cpu::load_floats(tok + m.v_off * m.esize, m.dtype, row, vd);
     }
   }
+  return len;
 }
 
 std::vector<int64_t> PagedKVCache::sequences() const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   std::vector<int64_t> ids;
   for (auto& kv : m.seqs) ids.push_back(kv.first);
   std::sort(ids.begin(), ids.end());
@@ -857,13 +878,13 @@ std::vector<int64_t> PagedKVCache::sequences() const {
 int PagedKVCache::refcount(int32_t page) const {
   const Impl& m = *impl_;
   check(page >= 0 && page < m.P, ErrorKind::Value, "refcount: page " + str(page) + " out of range");
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.ref[page];
 }
 
 void PagedKVCache::swap_out(int64_t seq_id, void* stream) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get_resident(seq_id, "swap_out");
   const int64_t n = int64_t(s.pages.size());
   void* host = host_malloc_pinned(size_t(std::max<int64_t>(n, 1) * m.page_bytes));
@@ -880,7 +901,7 @@ void PagedKVCache::swap_out(int64_t seq_id, void* stream) {
 
 void PagedKVCache::swap_in(int64_t seq_id, void* stream) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get(seq_id, "swap_in");
   check(s.swapped, ErrorKind::Value, "swap_in: sequence " + str(seq_id) + " is not swapped out");
   check(s.host_pages <= m.available(), ErrorKind::CacheFull,
@@ -902,8 +923,25 @@ void PagedKVCache::swap_in(int64_t seq_id, void* stream) {
 
 bool PagedKVCache::is_swapped(int64_t seq_id) const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.get(seq_id, "is_swapped").swapped;
+}
+
+// The caller holds m.mu (shared or exclusive).
+static void build_indices_locked(const PagedKVCache::Impl& m, const std::vector<int64_t>& seq_ids, int layer,
+                                 std::vector<int32_t>& kv_indptr, std::vector<int32_t>& kv_indices,
+                                 std::vector<int32_t>& last_page_len) {
+  kv_indptr.assign(1, 0);
+  kv_indices.clear();
+  last_page_len.clear();
+  for (int64_t id : seq_ids) {
+    const PagedKVCache::Impl::Seq& s = const_cast<PagedKVCache::Impl&>(m).get_resident(id, "paged_attention");
+    const int64_t len = s.layer_len[layer];
+    const int64_t npg = (len + m.ps - 1) / m.ps;
+    kv_indices.insert(kv_indices.end(), s.pages.begin(), s.pages.begin() + npg);
+    kv_indptr.push_back(int32_t(kv_indices.size()));
+    last_page_len.push_back(npg ? int32_t(len - (npg - 1) * m.ps) : 0);
+  }
 }
 
 void PagedKVCache::build_indices(const std::vector<int64_t>& seq_ids, int layer, std::vector<int32_t>& kv_indptr,
@@ -911,18 +949,8 @@ void PagedKVCache::build_indices(const std::vector<int64_t>& seq_ids, int layer,
   const Impl& m = *impl_;
   if (!(layer >= 0 && layer < m.L))
     throw_error(ErrorKind::Value, "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
-  std::lock_guard<std::mutex> lock(m.mu);
-  kv_indptr.assign(1, 0);
-  kv_indices.clear();
-  last_page_len.clear();
-  for (int64_t id : seq_ids) {
-    const Impl::Seq& s = const_cast<Impl&>(m).get_resident(id, "paged_attention");
-    const int64_t len = s.layer_len[layer];
-    const int64_t npg = (len + m.ps - 1) / m.ps;
-    kv_indices.insert(kv_indices.end(), s.pages.begin(), s.pages.begin() + npg);
-    kv_indptr.push_back(int32_t(kv_indices.size()));
-    last_page_len.push_back(npg ? int32_t(len - (npg - 1) * m.ps) : 0);
-  }
+  std::lock_guard<std::shared_mutex> lock(m.mu);
+  build_indices_locked(m, seq_ids, layer, kv_indptr, kv_indices, last_page_len);
 }
 
 void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
@@ -936,8 +964,14 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
   if (!(q_lens.empty() || q_lens.size() == seq_ids.size()))
     throw_error(ErrorKind::Value, "paged_attention: q_lens has " + str(int64_t(q_lens.size())) + " entries for " +
         str(int64_t(seq_ids.size())) + " sequences");
+  if (!(layer >= 0 && layer < m.L))
+    throw_error(ErrorKind::Value, "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  // Held shared until the kernel has read the pages (on CUDA: until it is queued; later page
+  // writes are ordered after it on the stream): free, truncate, swap and append of any sequence
+  // wait, so the pages and KIVI windows read here are neither released nor rewritten meanwhile.
+  std::shared_lock<std::shared_mutex> reading(m.mu);
   std::vector<int32_t> indptr, indices, last;
-  build_indices(seq_ids, layer, indptr, indices, last);
+  build_indices_locked(m, seq_ids, layer, indptr, indices, last);
   std::vector<int32_t> qo(1, 0);
   int max_q = 1;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
@@ -951,11 +985,7 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
   const int64_t batch = int64_t(seq_ids.size());
   if (m.kivi_bits) {
     std::vector<const float*> resid;
-    {
-      std::lock_guard<std::mutex> lock(m.mu);
-      for (int64_t id : seq_ids)
-        resid.push_back(const_cast<Impl&>(m).get_resident(id, "paged_attention").resid[size_t(layer)].data());
-    }
+    for (int64_t id : seq_ids) resid.push_back(m.get(id, "paged_attention").resid[size_t(layer)].data());
     PagedProblem kv;
     kv.kivi_bits = m.kivi_bits, kv.resid = resid.data();
     kv.kv_vc = m.kv_vc, kv.kv_ks = m.kv_ks, kv.kv_kz = m.kv_kz, kv.kv_vs = m.kv_vs, kv.kv_vz = m.kv_vz;
@@ -1010,7 +1040,7 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
 
 PagedCacheStats PagedKVCache::stats() const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   PagedCacheStats st;
   st.num_pages = m.P, st.page_size = m.ps;
   st.pages_free = int64_t(m.free_list.size());
@@ -1038,7 +1068,7 @@ PagedCacheStats PagedKVCache::stats() const {
 
 void PagedKVCache::check_invariants() const {
   const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
+  std::lock_guard<std::shared_mutex> lock(m.mu);
   std::vector<int> where(m.P, 0), refs(m.P, 0);
   for (int32_t p : m.free_list) {
     check(p >= 0 && p < m.P && where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " twice in free list");

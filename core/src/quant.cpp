@@ -17,6 +17,11 @@ namespace memkernels {
 namespace {
 
 std::string str(int64_t x) { return std::to_string(x); }
+std::string num(float x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4g", double(x));
+  return buf;
+}
 
 // QLoRA's NormalFloat-4 levels (quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0).
 constexpr float kNF4[16] = {-1.0f,
@@ -118,8 +123,12 @@ uint8_t nearest_nf4(float v) {
   return uint8_t(q);
 }
 
-// Quantizes one group of `n` weights: codes into q[], scale (and zero or min) out.
-void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* scale, uint8_t* zero, float* min) {
+constexpr double kFloatMax = 3.4028234663852886e38;
+
+// Quantizes one group of `n` weights: codes into q[], scale (and zero or min) out. Returns false
+// (nothing meaningful written) when the group's range is too wide for the format near the float32
+// limit: a dequantized end code ((q - z) * s, z * s, or 15 * s before + min) would overflow.
+bool quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* scale, uint8_t* zero, float* min) {
   const int bits = quant_bits(f);
   if (f == QuantFormat::Int4Min) {
     // w = s * q + m with m the group minimum: q = round((w - m) / s) in [0, 15]
@@ -127,12 +136,13 @@ void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* sca
     for (int i = 1; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
     // in double: hi - lo can overflow float for weights near its range
     const float s = float((double(hi) - double(lo)) / 15.0);
+    if (15.0 * double(s) > kFloatMax) return false;  // dequantized as (q * s) + min: q * s must be finite
     const double inv = s > 0.0f ? 1.0 / double(s) : 0.0;  // a constant group: s = 0, every q = 0, w = m exactly
     for (int i = 0; i < n; ++i)
       q[i] = uint8_t(std::min(std::max(std::nearbyint((double(w[i]) - double(lo)) * inv), 0.0), 15.0));
     *scale = s;
     *min = lo;
-    return;
+    return true;
   }
   if (f == QuantFormat::NF4 || f == QuantFormat::Int8 || !quant_is_asymmetric(f)) {
     float amax = 0.0f;
@@ -141,7 +151,7 @@ void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* sca
       const float s = amax > 0.0f ? amax : 1.0f;
       for (int i = 0; i < n; ++i) q[i] = nearest_nf4(w[i] / s);
       *scale = s;
-      return;
+      return true;
     }
     const int qmax = (1 << (bits - 1)) - 1;  // symmetric levels -qmax..qmax
     const float s = amax > 0.0f ? amax / float(qmax) : 1.0f;
@@ -151,15 +161,20 @@ void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* sca
       q[i] = f == QuantFormat::Int8 ? uint8_t(int8_t(v)) : uint8_t(v + (1 << (bits - 1)));
     }
     *scale = s;
-    return;
+    return true;
   }
   // Asymmetric: range widened to include 0 so that zero is exact and z fits in [0, 2^b).
   float lo = 0.0f, hi = 0.0f;
   for (int i = 0; i < n; ++i) lo = std::min(lo, w[i]), hi = std::max(hi, w[i]);
   const int qmax = (1 << bits) - 1;
-  float s = (hi - lo) / float(qmax);
+  // In double: hi - lo overflows float for finite weights beyond about 1.7e38 (an infinite scale
+  // made every weight NaN); (hi - lo) / qmax is at most 2 * FLT_MAX / 3, a finite float.
+  float s = float((double(hi) - double(lo)) / double(qmax));
   if (!(s > 0.0f)) s = 1.0f;
   const float z = std::min(std::max(std::nearbyint(-lo / s), 0.0f), float(qmax));
+  // The rounded zero point can put an end code half a step past the float range: (0 - z) * s,
+  // (qmax - z) * s and the z * s of the matmul's zero term must stay finite.
+  if (double(z) * double(s) > kFloatMax || double(qmax - z) * double(s) > kFloatMax) return false;
   const float inv = 1.0f / s;
   for (int i = 0; i < n; ++i) {
     const float v = std::nearbyint(w[i] * inv) + z;
@@ -167,6 +182,7 @@ void quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* sca
   }
   *scale = s;
   *zero = uint8_t(z);
+  return true;
 }
 
 void run_dequant(const DequantProblem& p, const Device& device, void* stream) {
@@ -408,25 +424,44 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
   const int esize = dtype_size(w.dtype);
   bool finite = true;
 
+  // The row buffers are allocated inside the region: a failure there must not leave it (terminate).
+  // Rows are quantized through the guard too: a group too wide for the format throws.
+  ParallelGuard guard;
 #pragma omp parallel num_threads(num_threads()) reduction(&& : finite)
   {
-    std::vector<float> row(static_cast<size_t>(K));
-    std::vector<uint8_t> q(static_cast<size_t>(K));
+    std::vector<float> row;
+    std::vector<uint8_t> q;
+    const bool ok = guard.run([&] { row.resize(static_cast<size_t>(K)), q.resize(static_cast<size_t>(K)); });
 #pragma omp for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n) {
-      cpu::load_floats(static_cast<const char*>(w.data) + n * w.strides[0] * esize, w.dtype, K, row.data());
-      for (int64_t k = 0; k < K; ++k) finite = finite && std::isfinite(row[k]);
-      for (int64_t gi = 0; gi < G; ++gi) {
-        uint8_t z = 0;
-        float mn = 0.0f;
-        quantize_group(format, row.data() + gi * g, g, q.data() + gi * g, &scales[n * G + gi], &z, &mn);
-        if (zeros) zeros[n * G + gi] = z;
-        if (mins) mins[n * G + gi] = mn;
-      }
-      for (int64_t c = 0; c < K / 32; ++c) pack_chunk(bits, q.data() + c * 32, codes + n * rb + c * (bits * 4));
+      if (!ok || guard.failed()) continue;
+      guard.run([&] {
+        cpu::load_floats(static_cast<const char*>(w.data) + n * w.strides[0] * esize, w.dtype, K, row.data());
+        bool row_finite = true;
+        for (int64_t k = 0; k < K; ++k) row_finite = row_finite && std::isfinite(row[k]);
+        if (!row_finite) {  // reported after the region (NaN / inf weights), before the range check
+          finite = false;
+          return;
+        }
+        for (int64_t gi = 0; gi < G; ++gi) {
+          uint8_t z = 0;
+          float mn = 0.0f;
+          if (!quantize_group(format, row.data() + gi * g, g, q.data() + gi * g, &scales[n * G + gi], &z, &mn)) {
+            const float* x = row.data() + gi * g;
+            const auto [lo, hi] = std::minmax_element(x, x + g);
+            throw Error(ErrorKind::Value, "quantize: w[" + str(n) + "] group " + str(gi) + " spans [" +
+                                              num(*lo) + ", " + num(*hi) + "], too wide for " + quant_format_name(format) +
+                                              ": its dequantized values would overflow float32; scale the weights down");
+          }
+          if (zeros) zeros[n * G + gi] = z;
+          if (mins) mins[n * G + gi] = mn;
+        }
+        for (int64_t c = 0; c < K / 32; ++c) pack_chunk(bits, q.data() + c * 32, codes + n * rb + c * (bits * 4));
+      });
     }
   }
   check(finite, ErrorKind::Value, "quantize: w contains NaN or infinity");
+  guard.rethrow();
   if (dq) double_quantize_scales(m, raw_scales);
   return m;
 }

@@ -9,17 +9,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import bfloat16, check_out, dtype_name, empty_like, stream_handle
+from ._arrays import INT32, INT64, as_int, bfloat16, check_out, dtype_name, empty_like, parse_device, stream_handle
 from .attention import _window_bounds
 
 
 def _device(device) -> tuple[int, int]:
-    if device is None or device == "cpu":
+    if device is None:
         return 0, 0
-    if isinstance(device, str) and device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return 1, index
-    raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    kind, index = parse_device(device)  # 'cudaXYZ', 'cuda:x'... are a ValueError naming device
+    return (1 if kind == "cuda" else 0), index
 
 
 def _dtype(dtype) -> str:
@@ -29,8 +27,25 @@ def _dtype(dtype) -> str:
 
 def _ids(seq_ids) -> list[int]:
     if isinstance(seq_ids, (int, np.integer)):
-        return [int(seq_ids)]
-    return [int(s) for s in seq_ids]
+        return [_id(seq_ids)]
+    return [as_int(s, f"seq_ids[{i}]", *INT64) for i, s in enumerate(seq_ids)]
+
+
+def _id(seq_id, name="seq_id") -> int:
+    return as_int(seq_id, name, *INT64)
+
+
+def _layer(layer) -> int:
+    return as_int(layer, "layer", *INT32)
+
+
+def _counts(counts, name) -> list[int]:
+    """Python/NumPy integers >= 0 whose sum fits int64: checked here, before any work (a sum that
+    wrapped around in C++ used to reach the allocator as a bogus CacheFullError)."""
+    out = [as_int(c, f"{name}[{i}]", 0, INT64[1]) for i, c in enumerate(counts)]
+    if sum(out) > INT64[1]:
+        raise ValueError(f"{name} add up to {sum(out)} tokens, more than 2^63 - 1")
+    return out
 
 
 def _scale(scale, softcap):
@@ -46,10 +61,16 @@ _INT_MAX = 2**31 - 1
 def _window(window, causal):
     """(left, right) for the kernel, as flash_attention reads `window`. A bound of INT_MAX keys or
     more covers any sequence (at most 2^31 - 1 keys), so it is clamped to the kernel's C int."""
-    if isinstance(window, np.integer):
-        window = int(window)
-    left, right = _window_bounds(window, causal)
-    return min(left, _INT_MAX), min(right, _INT_MAX)
+    def clamp(x):  # before _window_bounds, which refuses bounds past the C int
+        if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and int(x) > _INT_MAX:
+            return _INT_MAX
+        return x
+
+    if isinstance(window, (int, np.integer)):
+        window = clamp(window)
+    elif isinstance(window, (tuple, list)):
+        window = tuple(clamp(x) for x in window)
+    return _window_bounds(window, causal)
 
 
 class PagedKVCache:
@@ -61,7 +82,11 @@ class PagedKVCache:
     (k_scales/v_scales), read by attention without a dequantized copy; or 'kivi4' / 'kivi2' (CPU):
     KIVI pages, keys quantized per channel over each page and values per token (asymmetric 4 or 2
     bits, float32 scale + zero), when a page of a layer fills; the tokens after the last full page
-    (the recent window) stay float32. device: 'cpu' or 'cuda[:N]'. Several Python threads may call it at once (one lock inside).
+    (the recent window) stay float32. device: 'cpu' or 'cuda[:N]'.
+
+    Several Python threads may use one cache at once: one lock inside, which attention holds (shared)
+    until its kernel has read the pages, so a free, truncate, swap or append from another thread
+    waits for running attention calls instead of releasing pages under them.
 
     Sequences are integer ids. Every layer has its own length (a model appends layer by layer);
     length(seq) is the largest. Running out of pages raises CacheFullError and changes nothing.
@@ -69,8 +94,10 @@ class PagedKVCache:
 
     def __init__(self, num_layers, num_pages, page_size, kv_heads, head_dim, dtype="float32", device="cpu"):
         dev_type, dev_index = _device(device)
-        self._c = _C.PagedKVCache(int(num_layers), int(num_pages), int(page_size), int(kv_heads), int(head_dim),
-                                  _dtype(dtype), dev_type, dev_index)
+        dims = [as_int(x, name, *INT32) for x, name in ((num_layers, "num_layers"), (num_pages, "num_pages"),
+                                                         (page_size, "page_size"), (kv_heads, "kv_heads"),
+                                                         (head_dim, "head_dim"))]
+        self._c = _C.PagedKVCache(*dims, _dtype(dtype), dev_type, dev_index)
 
     # -- geometry ------------------------------------------------------------------------------
     num_layers = property(lambda self: self._c.num_layers)
@@ -95,17 +122,17 @@ class PagedKVCache:
 
     def k_pages(self, layer):
         """K pages of a layer, (num_pages, page_size, kv_heads, head_dim), a strided zero-copy view."""
-        return self._view(self._c.k_pages(int(layer)))
+        return self._view(self._c.k_pages(_layer(layer)))
 
     def v_pages(self, layer):
-        return self._view(self._c.v_pages(int(layer)))
+        return self._view(self._c.v_pages(_layer(layer)))
 
     def k_scales(self, layer):
         """int8 caches: float32 scales of the K pages, (num_pages, page_size, kv_heads); K ~= q * scale."""
-        return self._c.k_scales(int(layer))
+        return self._c.k_scales(_layer(layer))
 
     def v_scales(self, layer):
-        return self._c.v_scales(int(layer))
+        return self._c.v_scales(_layer(layer))
 
     # -- sequences -----------------------------------------------------------------------------
     def add_sequence(self, prefix_tokens=None) -> int:
@@ -124,47 +151,47 @@ class PagedKVCache:
         order; counts[i] rows belong to seq_ids[i] (None: one row per sequence, a decode step).
         All or nothing: CacheFullError (or any error) leaves every sequence unchanged."""
         ids = _ids(seq_ids)
-        counts = [] if counts is None else [int(c) for c in counts]
-        self._c.append(ids, int(layer), k, v, counts, stream_handle(stream, k))
+        counts = [] if counts is None else _counts(counts, "counts")
+        self._c.append(ids, _layer(layer), k, v, counts, stream_handle(stream, k))
 
     def fork(self, seq_id) -> int:
         """A new sequence sharing every page of seq_id (copy-on-write on the next write)."""
-        return self._c.fork(int(seq_id))
+        return self._c.fork(_id(seq_id))
 
     def free(self, seq_id) -> None:
-        self._c.free(int(seq_id))
+        self._c.free(_id(seq_id))
 
     def truncate(self, seq_id, length) -> None:
         """Keeps the first `length` tokens of every layer."""
-        self._c.truncate(int(seq_id), int(length))
+        self._c.truncate(_id(seq_id), as_int(length, "length", *INT64))
 
     def length(self, seq_id, layer=None) -> int:
-        return self._c.length(int(seq_id), -1 if layer is None else int(layer))
+        return self._c.length(_id(seq_id), -1 if layer is None else _layer(layer))
 
     def read_kv(self, seq_id, layer):
         """(k, v) of a layer as float32 (length, kv_heads, head_dim) NumPy arrays, dequantized for
         int8 / KIVI caches (CPU caches)."""
-        return self._c.read_kv(int(seq_id), int(layer))
+        return self._c.read_kv(_id(seq_id), _layer(layer))
 
     def page_table(self, seq_id) -> np.ndarray:
-        return np.asarray(self._c.page_table(int(seq_id)), dtype=np.int32)
+        return np.asarray(self._c.page_table(_id(seq_id)), dtype=np.int32)
 
     def sequences(self) -> list[int]:
         return list(self._c.sequences())
 
     def refcount(self, page) -> int:
-        return self._c.refcount(int(page))
+        return self._c.refcount(as_int(page, "page", *INT32))
 
     def swap_out(self, seq_id, stream=None) -> None:
         """Copies the sequence's pages to host memory (pinned on CUDA, async on `stream`) and frees them."""
-        self._c.swap_out(int(seq_id), stream_handle(stream))
+        self._c.swap_out(_id(seq_id), stream_handle(stream))
 
     def swap_in(self, seq_id, stream=None) -> None:
         """Allocates pages again and copies the sequence back (CacheFullError if they are not free)."""
-        self._c.swap_in(int(seq_id), stream_handle(stream))
+        self._c.swap_in(_id(seq_id), stream_handle(stream))
 
     def is_swapped(self, seq_id) -> bool:
-        return self._c.is_swapped(int(seq_id))
+        return self._c.is_swapped(_id(seq_id))
 
     def stats(self) -> dict:
         """pages_used/free/cached/shared, tokens, bytes_per_token, pool_bytes, wasted_slots and
@@ -177,7 +204,7 @@ class PagedKVCache:
 
     def build_indices(self, seq_ids, layer):
         """(kv_indptr, kv_indices, kv_last_page_len) int32 arrays for paged_attention_raw."""
-        a, b, c = self._c.build_indices(_ids(seq_ids), int(layer))
+        a, b, c = self._c.build_indices(_ids(seq_ids), _layer(layer))
         return (np.asarray(a, dtype=np.int32), np.asarray(b, dtype=np.int32), np.asarray(c, dtype=np.int32))
 
 
@@ -202,9 +229,9 @@ def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, caus
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     ids = _ids(seq_ids)
-    q_lens = [] if q_lens is None else [int(n) for n in q_lens]
-    cache._c.attention(q, int(layer), ids, q_lens, out, lse, bool(causal), scale, left, right, softcap,
-                       int(num_splits), stream_handle(stream, q))
+    q_lens = [] if q_lens is None else _counts(q_lens, "q_lens")
+    cache._c.attention(q, _layer(layer), ids, q_lens, out, lse, bool(causal), scale, left, right, softcap,
+                       as_int(num_splits, "num_splits", *INT32), stream_handle(stream, q))
     return (out, lse) if return_lse else out
 
 
@@ -226,6 +253,7 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
-                           bool(causal), scale, left, right, softcap, int(num_splits), int(max_q_len),
+                           bool(causal), scale, left, right, softcap, as_int(num_splits, "num_splits", *INT32),
+                           as_int(max_q_len, "max_q_len", *INT32),
                            stream_handle(stream, q), k_scales, v_scales)
     return (out, lse) if return_lse else out

@@ -1,6 +1,10 @@
 // Bindings: PagedKVCache and paged attention (memkernels/paged.py wraps them and allocates outputs).
 #include <nanobind/stl/tuple.h>
 
+#include <algorithm>
+#include <memory>
+#include <utility>
+
 #include "bind_common.h"
 
 namespace memkernels::py {
@@ -20,7 +24,9 @@ static nb::dlpack::dtype dlpack_of(DType t) {
     case DType::Float16: return {uint8_t(dtype_code::Float), 16, 1};
     case DType::BFloat16: return {uint8_t(dtype_code::UInt), 16, 1};  // NumPy has no bf16: the bits
     case DType::Int8: return {uint8_t(dtype_code::Int), 8, 1};
-    default: return {uint8_t(dtype_code::Float), 32, 1};
+    case DType::UInt8: return {uint8_t(dtype_code::UInt), 8, 1};  // KIVI pools (bytes)
+    case DType::Float32: return {uint8_t(dtype_code::Float), 32, 1};
+    default: throw Error(ErrorKind::Type, std::string("no array view for cache dtype ") + dtype_name(t));
   }
 }
 
@@ -73,7 +79,7 @@ MK_PYTHON_BINDING(paged) {
              ArrayKeeper keep;
              int64_t cached = 0;
              if (tokens.is_none()) return c.add_sequence(nullptr, 0, &cached);
-             TensorView t = as_tensor(tokens, "prefix_tokens", keep);
+             TensorView t = as_input(tokens, "prefix_tokens", keep);
              expect_ndim(t, "prefix_tokens", 1);
              expect_dtype(t, "prefix_tokens", {DType::Int32});
              expect_contiguous(t, "prefix_tokens");
@@ -86,7 +92,7 @@ MK_PYTHON_BINDING(paged) {
            [](PagedKVCache& c, std::vector<int64_t> ids, int layer, nb::handle k, nb::handle v,
               std::vector<int64_t> counts, uintptr_t stream) {
              ArrayKeeper keep;
-             TensorView tk = as_tensor(k, "k", keep), tv = as_tensor(v, "v", keep);
+             TensorView tk = as_input(k, "k", keep), tv = as_input(v, "v", keep);
              nb::gil_scoped_release release;
              c.append(ids, layer, tk, tv, counts, as_stream(stream));
            },
@@ -98,19 +104,27 @@ MK_PYTHON_BINDING(paged) {
       .def("page_table", &PagedKVCache::page_table)
       .def("read_kv",
            [](PagedKVCache& c, int64_t id, int layer) {
-             const int64_t n = c.length(id, layer);
-             const size_t shape[3] = {size_t(n), size_t(c.kv_heads()), size_t(c.head_dim())};
-             const size_t count = shape[0] * shape[1] * shape[2];
-             float* k = new float[count ? count : 1];
-             float* v = new float[count ? count : 1];
-             nb::capsule ok(k, [](void* p) noexcept { delete[] static_cast<float*>(p); });
-             nb::capsule ov(v, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             // Sized and filled under the cache's lock (an append from another thread in between
+             // would overflow buffers sized beforehand).
+             std::unique_ptr<float[]> k, v;
+             int64_t n = 0;
              {
                nb::gil_scoped_release r;
-               c.read_kv(id, layer, k, v);
+               n = c.read_kv(id, layer, [&](int64_t len) {
+                 const size_t count = std::max<size_t>(1, size_t(len) * size_t(c.kv_heads()) * size_t(c.head_dim()));
+                 k.reset(new float[count]), v.reset(new float[count]);
+                 return std::make_pair(k.get(), v.get());
+               });
              }
-             return nb::make_tuple(nb::ndarray<nb::numpy, float>(k, 3, shape, ok),
-                                   nb::ndarray<nb::numpy, float>(v, 3, shape, ov));
+             const size_t shape[3] = {size_t(n), size_t(c.kv_heads()), size_t(c.head_dim())};
+             float* kp = k.get();
+             nb::capsule ok(kp, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             k.release();  // owned by the capsule now
+             float* vp = v.get();
+             nb::capsule ov(vp, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+             v.release();
+             return nb::make_tuple(nb::ndarray<nb::numpy, float>(kp, 3, shape, ok),
+                                   nb::ndarray<nb::numpy, float>(vp, 3, shape, ov));
            })
       .def("sequences", &PagedKVCache::sequences)
       .def("refcount", &PagedKVCache::refcount)
@@ -151,7 +165,7 @@ MK_PYTHON_BINDING(paged) {
               nb::handle out, nb::handle lse, bool causal, float scale, int window_left, int window_right,
               float softcap, int num_splits, uintptr_t stream) {
              ArrayKeeper keep;
-             TensorView tq = as_tensor(q, "q", keep), to = as_tensor(out, "out", keep);
+             TensorView tq = as_input(q, "q", keep), to = as_tensor(out, "out", keep);
              std::optional<TensorView> tl = as_optional_tensor(lse, "lse", keep);
              PagedAttentionOptions o = make_opts(causal, scale, window_left, window_right, softcap, num_splits);
              nb::gil_scoped_release release;
@@ -168,14 +182,15 @@ MK_PYTHON_BINDING(paged) {
          int window_right, float softcap, int num_splits, int max_q_len, uintptr_t stream, nb::handle k_scales,
          nb::handle v_scales) {
         ArrayKeeper keep;
-        TensorView tq = as_tensor(q, "q", keep), tk = as_tensor(kp, "k_pages", keep),
-                   tv = as_tensor(vp, "v_pages", keep);
-        std::optional<TensorView> tqo = as_optional_tensor(qo, "qo_indptr", keep);
-        TensorView ti = as_tensor(indptr, "kv_indptr", keep), tx = as_tensor(indices, "kv_indices", keep),
-                   tl = as_tensor(last, "kv_last_page_len", keep), to = as_tensor(out, "out", keep);
+        // Inputs are only read (read-only arrays welcome); out and lse are written.
+        TensorView tq = as_input(q, "q", keep), tk = as_input(kp, "k_pages", keep),
+                   tv = as_input(vp, "v_pages", keep);
+        std::optional<TensorView> tqo = as_optional_input(qo, "qo_indptr", keep);
+        TensorView ti = as_input(indptr, "kv_indptr", keep), tx = as_input(indices, "kv_indices", keep),
+                   tl = as_input(last, "kv_last_page_len", keep), to = as_tensor(out, "out", keep);
         std::optional<TensorView> tlse = as_optional_tensor(lse, "lse", keep);
-        std::optional<TensorView> tks = as_optional_tensor(k_scales, "k_scales", keep);
-        std::optional<TensorView> tvs = as_optional_tensor(v_scales, "v_scales", keep);
+        std::optional<TensorView> tks = as_optional_input(k_scales, "k_scales", keep);
+        std::optional<TensorView> tvs = as_optional_input(v_scales, "v_scales", keep);
         PagedAttentionOptions o = make_opts(causal, scale, window_left, window_right, softcap, num_splits);
         nb::gil_scoped_release release;
         paged_attention_raw(tq, tk, tv, tqo ? &*tqo : nullptr, ti, tx, tl, to, tlse ? &*tlse : nullptr, o, max_q_len,

@@ -33,7 +33,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "memkernels/tensor.h"
@@ -128,6 +130,9 @@ class PagedKVCache {
   // The K and V of a layer as float32 (length(seq_id, layer), kv_heads, head_dim) each, dequantized
   // for int8/KIVI caches (host memory; CPU caches).
   void read_kv(int64_t seq_id, int layer, float* k, float* v) const;
+  // The same, sized and read under one lock (another thread may append meanwhile): alloc(len) is
+  // called with the layer's length and returns the (k, v) buffers of len rows; returns len.
+  int64_t read_kv(int64_t seq_id, int layer, const std::function<std::pair<float*, float*>(int64_t)>& alloc) const;
   std::vector<int64_t> sequences() const;
   int refcount(int32_t page) const;
 
@@ -139,8 +144,9 @@ class PagedKVCache {
   void swap_in(int64_t seq_id, void* stream = nullptr);
   bool is_swapped(int64_t seq_id) const;
 
-  // Attention of q over `layer` of the given sequences. The page tables are read under the lock,
-  // the kernel runs without it: do not free, truncate or swap these sequences concurrently. q (total_q, heads, head_dim); q_lens[i]
+  // Attention of q over `layer` of the given sequences. The cache's lock is held shared until the
+  // kernel has read the pages, so other threads may call anything meanwhile: attention calls run
+  // together, free/truncate/swap/append wait for them. q (total_q, heads, head_dim); q_lens[i]
   // rows for seq_ids[i] (empty = one row each). See the header comment for masking and lse.
   void attention(const TensorView& q, int layer, const std::vector<int64_t>& seq_ids,
                  const std::vector<int64_t>& q_lens, const TensorView& out, const TensorView* lse,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../paged_internal.h"
+#include "../runtime_internal.h"
 #include "convert.h"
 #include "simd.h"
 
@@ -32,6 +33,8 @@ constexpr int MIN_SPLIT_KEYS = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct F16 { uint16_t bits; };
 struct BF16 { uint16_t bits; };
@@ -183,11 +186,18 @@ inline void pv(State& st, int ra, int rb, const T* const* vp, int nk) {
 }
 
 // Online-softmax update of rows [ra, rb) for a block of nk keys: P overwrites S, O is rescaled.
+// A visible score that is NaN or +inf (NaN in q or k, q.k overflowing float32; masked keys are
+// -inf) makes the whole row NaN in float64 (max - max = NaN), but the base-2 exp would turn it into
+// a finite weight: the row is marked by a NaN sum instead, which every later update keeps (NaN *
+// alpha + sum), and finish_task / the split merge write NaN output and lse for it.
 inline void softmax_block(State& st, int ra, int rb, int nk) {
   for (int r = ra; r < rb; ++r) {
     float* srow = st.s + r * BK;
     for (int j = nk; j < BK; ++j) srow[j] = kNegInf;
+    bool bad = false;
+    for (int j = 0; j < nk; ++j) bad |= !(srow[j] < kInf);
     online_softmax_row(srow, BK, st.m[r], st.l[r], st.o + r * st.dp, st.dp);
+    if (bad) st.l[r] = kNaN;
   }
 }
 
@@ -256,10 +266,11 @@ void finish_task(const PagedProblem& p, const Task& t, const State& st, const Ro
   for (int r = 0; r < st.rows; ++r) {
     const int h = rm.head(r);
     const float l = st.l[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int d = 0; d < D; ++d) row[d] = st.o[r * dp + d] * inv;
+    const bool nan_row = std::isnan(l);  // see softmax_block
+    for (int d = 0; d < D; ++d) row[d] = nan_row ? kNaN : st.o[r * dp + d] * inv;
     const int64_t qrow = p.q0(t.b) + rm.pos(r);
     store_floats(row, p.dtype, D, out + (qrow * p.o_row + h * p.o_head) * esize);
-    if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
+    if (p.lse) p.lse[h * p.total_q + qrow] = nan_row ? kNaN : l > 0.0f ? st.m[r] * kLn2 + std::log(l) : kNegInf;
   }
 }
 
@@ -489,33 +500,43 @@ void paged_attention(const PagedProblem& p) {
   std::vector<float> scratch(static_cast<size_t>(scratch_floats));
   const int ntasks = int(tasks.size());
 
+  // An exception leaving the region would call std::terminate: the per-thread buffers (a group of
+  // 2^26 query heads needs tens of GiB) and the tasks run through the guard, rethrown after it.
+  ParallelGuard guard;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> qbuf(size_t(max_rows) * dp), obuf(size_t(max_rows) * dp), sbuf(size_t(max_rows) * BK),
-        mbuf(max_rows), lbuf(max_rows), kbuf(size_t(BK) * dp), vbuf(size_t(BK) * dp), row(dp),
-        qsbuf(p.kivi_bits ? size_t(max_rows) * dp : 0);
+    std::vector<float> qbuf, obuf, sbuf, mbuf, lbuf, kbuf, vbuf, row, qsbuf;
+    const bool ok = guard.run([&] {
+      qbuf.resize(size_t(max_rows) * dp), obuf.resize(size_t(max_rows) * dp), sbuf.resize(size_t(max_rows) * BK);
+      mbuf.resize(size_t(max_rows)), lbuf.resize(size_t(max_rows)), kbuf.resize(size_t(BK) * dp);
+      vbuf.resize(size_t(BK) * dp), row.resize(size_t(dp)), qsbuf.resize(p.kivi_bits ? size_t(max_rows) * dp : 0);
+    });
     State st;
     st.dp = dp;
     st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < ntasks; ++i) {
+      if (!ok || guard.failed()) continue;
       const Task& t = tasks[i];
-      if (p.kivi_bits) {
-        run_task_kivi(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data(), qsbuf.data());
-        continue;
-      }
-      switch (p.kv_dtype) {
-        case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-      }
+      guard.run([&] {  // run_task_kivi allocates
+        if (p.kivi_bits) {
+          run_task_kivi(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data(), qsbuf.data());
+          return;
+        }
+        switch (p.kv_dtype) {
+          case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+          case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+          case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+          default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
+        }
+      });
     }
     // Merge split pieces by their log-sum-exp.
     const int nmerge = int(merges.size());
     const int esize = dtype_size(p.dtype);
 #pragma omp for schedule(static)
     for (int i = 0; i < nmerge; ++i) {
+      if (!ok || guard.failed()) continue;
       const Merge& mg = merges[i];
       const Task& t = mg.t;
       const int rpg = (t.p1 - t.p0) * group, rows = rpg * (t.g1 - t.g0);
@@ -523,9 +544,11 @@ void paged_attention(const PagedProblem& p) {
       const int64_t piece = int64_t(rows) * (dp + 2);
       for (int r = 0; r < rows; ++r) {
         float mmax = kNegInf;
+        bool nan_row = false;  // a piece saw a NaN or +inf score (see softmax_block)
         for (int s = 0; s < mg.nsplit; ++s) {
           const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
           if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
+          nan_row |= std::isnan(src[D + 1]);
         }
         std::fill(row.begin(), row.begin() + D, 0.0f);
         float l = 0.0f;
@@ -539,14 +562,15 @@ void paged_attention(const PagedProblem& p) {
           }
         }
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int d = 0; d < D; ++d) row[d] *= inv;
+        for (int d = 0; d < D; ++d) row[d] = nan_row ? kNaN : row[d] * inv;
         const int h = rm.head(r);
         const int64_t qrow = p.q0(t.b) + rm.pos(r);
         store_floats(row.data(), p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
-        if (p.lse) p.lse[h * p.total_q + qrow] = l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
+        if (p.lse) p.lse[h * p.total_q + qrow] = nan_row ? kNaN : l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
       }
     }
   }
+  guard.rethrow();
 }
 
 }  // namespace memkernels::cpu::MK_ISA_NS
