@@ -539,7 +539,7 @@ def test_end_to_end_variants_equal_transformers(tmp_path, arch, over):
     ids = [1, 5, 9, 30, 31, 7, 100, 3, 64, 12, 2, 77, 90, 91]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    got = np.asarray(mk.load_model(str(path)).logits(ids))
+    got = np.asarray(mk.load_model(str(path), exact=True).logits(ids))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
@@ -650,5 +650,5 @@ def test_end_to_end_kquant_equals_float64_reference(tmp_path, qtype):
         ids = [1, 4, 8, 15, 16, 23, 42, 2]
         want = m64(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(want).max() > 0.1  # not a degenerate model
-    m = mk.load_model(str(path))
+    m = mk.load_model(str(path), exact=True)
     np.testing.assert_allclose(np.asarray(m.logits(ids), np.float64), want, rtol=0, atol=1e-4)

@@ -221,7 +221,7 @@ def test_rope_frequencies_match_transformers(rope, head_dim):
 
 def test_quantize_option_reports_drift(tmp_path):
     d, hf = build(tmp_path, "llama", {})
-    m = mk.load_model(d, quantize="int8")
+    m = mk.load_model(d, quantize="int8", exact=True)
     q = m.quantization
     assert q["format"] == "int8" and 0 < q["relative_logit_drift"] < 0.05
     assert isinstance(m.weights["model.layers.0.self_attn.q_proj.weight"], mk.QuantizedMatrix)
@@ -494,7 +494,7 @@ def test_missing_keys_take_transformers_defaults():
 
 def test_exact_false_allows_int8_activations(tmp_path):
     d, _ = build(tmp_path, "llama", {})
-    exact = mk.load_model(d, quantize="int4")
+    exact = mk.load_model(d, quantize="int4", exact=True)
     fast = mk.load_model(d, quantize="int4", exact=False)
     ref = exact.reference_logits(IDS[:5])
     assert rel_err(exact.logits(IDS[:5]), ref) < TOL

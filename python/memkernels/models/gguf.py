@@ -765,7 +765,7 @@ def _convert(path, hf, src, dequantize, lossy):
         return out - np.float32(src.offset) if src.offset else out
     rows = data.shape[0]
     cols = int(t.shape[0])
-    step = max(1, (1 << 24) // max(1, cols))  # row chunks: bounded temporaries (~16M values)
+    step = max(1, (1 << 20) // max(1, cols))  # row chunks: bounded temporaries (~1M values, a few MiB)
     if tname in _LOSSLESS:
         fmt = _LOSSLESS[tname][0]
         codes = np.empty((rows, cols), np.uint8)
@@ -776,7 +776,10 @@ def _convert(path, hf, src, dequantize, lossy):
             codes[r0:r0 + step], scales[r0:r0 + step] = c, s
             if mins is not None:
                 mins[r0:r0 + step] = m
-        return _pack(fmt, codes, scales, mins, hf, path)
+            del c, s, m  # free each chunk's temporaries before the next
+        qm = _pack(fmt, codes, scales, mins, hf, path)
+        del codes, scales, mins
+        return qm
     # lossy: dequantize exactly, re-quantize to int8 group 32 in row chunks
     chunks_c, chunks_s, err = [], [], 0.0
     for r0 in range(0, rows, step):

@@ -22,7 +22,7 @@ import numpy as np
 from .. import attention as _attention
 from .. import paged as _paged
 from ..model import ArrayOps, array_ops
-from ..quant import QuantizedMatrix, qgemm, quantize as _quantize
+from ..quant import QuantizedMatrix, dequantize, qgemm, quantize as _quantize
 from .config import ModelConfig, UnsupportedModelError
 from .weights import as_float64, check_tensors
 
@@ -75,8 +75,8 @@ class Model:
     format and the measured logit drift vs the float checkpoint), last_stats (timings of the last
     generate), warnings (list of strings, e.g. GGUF K-quant conversions)."""
 
-    def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, *, device="cpu", exact=True,
-                 quantize=None, source="", warnings=(), framework="auto"):
+    def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, *, device="cpu", exact=False,
+                 quantize=None, source="", warnings=(), framework="auto", embedding_rows=None):
         self.config = cfg = config
         self.tokenizer = tokenizer
         self.device = device
@@ -86,6 +86,9 @@ class Model:
         self.weights = check_tensors(cfg, tensors)
         self.quantization = None
         self.last_stats = {}
+        # optional callable: host int64 token ids -> float32 embedding rows, bit-equal to the stored
+        # (quantized) embedding's rows (GGUF: read from the memory-mapped file)
+        self._embedding_rows = embedding_rows
         # the arrays between kernels: NumPy on the CPU by default; PyTorch / CuPy on a GPU (or
         # framework="torch" on the CPU, which runs the GPU driver's code path without a GPU)
         self.ops: ArrayOps = array_ops(device, framework)
@@ -102,6 +105,7 @@ class Model:
     def _prepare(self):
         """Device copies of the weights, norms with Gemma's +1 folded in, the embedding table."""
         cfg, ops, w = self.config, self.ops, self.weights
+        self._fuse_projections()
         self._dev = {}
         for name, a in w.items():
             if isinstance(a, QuantizedMatrix):
@@ -114,13 +118,41 @@ class Model:
             else:
                 self._dev[name] = ops.to_device(a)
         emb = w["model.embed_tokens.weight"]
-        # the embedding lookup gathers rows: a quantized table is dequantized once for it (the
-        # tied lm_head keeps using the quantized matrix through qgemm)
-        self._embed = ops.to_device(as_float64(emb).astype(np.float32)) if isinstance(emb, QuantizedMatrix) \
+        # the embedding lookup gathers rows: a quantized table stays quantized and only the looked-up
+        # rows are dequantized per step (the tied lm_head runs the same matrix through qgemm)
+        self._embed = _QuantizedRows(emb, ops, self._embedding_rows) if isinstance(emb, QuantizedMatrix) \
             else self._dev["model.embed_tokens.weight"]
         self._head = self._dev["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         # transformers multiplies the embeddings by sqrt(hidden) rounded to the model's dtype (float32 here)
         self._embed_scale = None if cfg.embed_scale is None else float(np.float32(cfg.embed_scale))
+
+    def _fuse_projections(self):
+        """q/k/v (and gate/up) quantized alike are replaced in `weights` by one QuantizedMatrix of
+        their stacked rows under the fused names (self_attn.qkv_proj, mlp.gate_up_proj, as Phi-3
+        names them): one qgemm per layer instead of three (two), and no second copy in memory."""
+        if self.config.fused_qkv:
+            return
+        w = self.weights
+        for L in range(self.config.num_hidden_layers):
+            p = f"model.layers.{L}."
+            for parts, fused in ((("q_proj", "k_proj", "v_proj"), "self_attn.qkv_proj"),
+                                 (("gate_proj", "up_proj"), "mlp.gate_up_proj")):
+                pre = p + fused.split(".")[0] + "."
+                qms = [w.get(pre + n + ".weight") for n in parts]
+                biases = [w.get(pre + n + ".bias") for n in parts]
+                if not fuse_rows_supported(qms) or (any(b is None for b in biases) and any(b is not None for b in biases)):
+                    continue
+                w[p + fused + ".weight"] = fuse_rows(qms)
+                if biases[0] is not None:
+                    w[p + fused + ".bias"] = np.concatenate([np.asarray(b, np.float32) for b in biases])
+                for n in parts:
+                    w.pop(pre + n + ".weight")
+                    w.pop(pre + n + ".bias", None)
+                del qms
+
+    def reset_cache(self):
+        """Drops the KV cache (every cached sequence and prefix page); the next call starts cold."""
+        self._cache = None
 
     def _quantize(self, fmt):
         """Quantizes every linear weight (not the embedding gather, not norms) to `fmt` and measures
@@ -234,8 +266,8 @@ class Model:
         for L in range(cfg.num_hidden_layers):
             p = f"model.layers.{L}."
             h = self._norm(x, p + "input_layernorm.weight")
-            if cfg.fused_qkv:
-                qkv = self._linear(h, p + "self_attn.qkv_proj.weight")
+            if p + "self_attn.qkv_proj.weight" in self._dev:
+                qkv = self._linear(h, p + "self_attn.qkv_proj.weight", p + "self_attn.qkv_proj.bias")
                 q, k, v = qkv[:, :cfg.q_dim], qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim], qkv[:, cfg.q_dim + cfg.kv_dim:]
             else:
                 bias = cfg.attention_bias or cfg.qkv_bias
@@ -253,8 +285,8 @@ class Model:
             x = x + o
             h = self._norm(x, p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norms
                                    else "post_attention_layernorm.weight"))
-            if cfg.fused_qkv:
-                gu = self._linear(h, p + "mlp.gate_up_proj.weight")
+            if p + "mlp.gate_up_proj.weight" in self._dev:
+                gu = self._linear(h, p + "mlp.gate_up_proj.weight", p + "mlp.gate_up_proj.bias")
                 g, u = gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]
             else:
                 mb = cfg.mlp_bias
@@ -423,6 +455,74 @@ class Model:
         return reference_forward(self.config, self.weights, self._tokens(token_ids))
 
 
+class _QuantizedRows:
+    """Row gather (``rows[idx]``) from a quantized embedding without a float copy of the table:
+    each step dequantizes only the looked-up rows, bit-equal to ``dequantize(qm)[idx]``."""
+
+    def __init__(self, qm, ops, rows_fn=None):
+        self.qm, self.ops, self.shape = qm, ops, tuple(qm.shape)
+        self._fn = rows_fn
+        self._codes = self._scales = None
+        if rows_fn is None and qm.format == "int8" and not qm.double_quant and qm.device == "cpu":
+            # int8 rows are plain int8 codes (quant.h): view them in the serialized copy (header 64 bytes)
+            n, k = self.shape
+            self._raw = qm.to_bytes()
+            self._codes = np.frombuffer(self._raw, np.int8, n * k, 64).reshape(n, k)
+            self._scales = np.asarray(qm.scales(), np.float32).reshape(n, -1)
+        elif rows_fn is None:  # other formats: dequantized once (as before)
+            self._full = ops.to_device(np.asarray(dequantize(qm), np.float32)) if qm.device == "cpu" else None
+            if self._full is None:
+                raise UnsupportedModelError("a GPU quantized embedding needs its rows from the checkpoint")
+
+    def __getitem__(self, idx):
+        if self._fn is None and self._codes is None:
+            return self._full[idx]
+        ids = np.asarray(self.ops.to_host(idx) if not isinstance(idx, np.ndarray) else idx, np.int64)
+        if self._fn is not None:
+            rows = np.asarray(self._fn(ids), np.float32)
+        else:
+            n, k = len(ids), self.shape[1]
+            s = self._scales[ids]
+            rows = (self._codes[ids].astype(np.float32).reshape(n, s.shape[1], -1) * s[..., None]).reshape(n, k)
+        return rows if self.ops.xp is np else self.ops.to_device(rows)
+
+
+_FUSABLE = ("int8", "int4_sym", "int4_min", "nf4")
+
+
+def fuse_rows_supported(qms) -> bool:
+    """Whether fuse_rows can stack these matrices (same CPU format, group size and in_features)."""
+    if not qms or any(not isinstance(q, QuantizedMatrix) for q in qms):
+        return False
+    a = qms[0]
+    return all(q.device == "cpu" and q.format == a.format and q.format in _FUSABLE and not q.double_quant
+               and q.group_size == a.group_size and q.in_features == a.in_features
+               and (q.format != "int8" or q.group_size < q.in_features) for q in qms)
+
+
+def _codes_of(qm) -> np.ndarray:
+    """The (rows, cols) uint8 codes of a CPU int8 / 4-bit QuantizedMatrix, from its packed layout
+    (quant.h: rows of 32-weight chunks; 4-bit chunk byte i = weight i low nibble, i + 16 high)."""
+    n, k = qm.shape
+    raw = qm.to_bytes()
+    if qm.bits == 8:
+        return np.frombuffer(raw, np.uint8, n * k, 64).reshape(n, k)
+    b = np.frombuffer(raw, np.uint8, n * k // 2, 64).reshape(n, k // 32, 16)
+    return np.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(n, k)
+
+
+def fuse_rows(qms):
+    """One QuantizedMatrix whose rows are those of `qms` stacked (same values, bit for bit)."""
+    from ..quant import pack_quantized
+    a = qms[0]
+    codes = np.concatenate([_codes_of(q) for q in qms])
+    scales = np.concatenate([np.asarray(q.scales(), np.float32).reshape(q.out_features, -1) for q in qms])
+    mins = None
+    if a.format == "int4_min":
+        mins = np.concatenate([np.asarray(q.mins(), np.float32).reshape(q.out_features, -1) for q in qms])
+    return pack_quantized(a.format, codes, scales, mins=mins, group_size=a.group_size)
+
+
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
@@ -442,9 +542,21 @@ def reference_forward(cfg: ModelConfig, weights: dict, ids) -> np.ndarray:
     """The checkpoint's forward in float64 NumPy for one fresh sequence (see Model.reference_logits)."""
     W = {}
 
+    # Model fuses quantized q/k/v and gate/up (qkv_proj, gate_up_proj): their rows, split back
+    qkv = (("q_proj", 0, cfg.q_dim), ("k_proj", cfg.q_dim, cfg.q_dim + cfg.kv_dim),
+           ("v_proj", cfg.q_dim + cfg.kv_dim, cfg.q_dim + 2 * cfg.kv_dim))
+    split = {f".self_attn.{n}.": (".self_attn.qkv_proj.", a, b) for n, a, b in qkv}
+    split.update({".mlp.gate_proj.": (".mlp.gate_up_proj.", 0, cfg.intermediate_size),
+                  ".mlp.up_proj.": (".mlp.gate_up_proj.", cfg.intermediate_size, 2 * cfg.intermediate_size)})
+
     def w(name):
         if name not in W:
-            W[name] = as_float64(weights[name])
+            if name in weights:
+                W[name] = as_float64(weights[name])
+            else:
+                part = next(k for k in split if k in name)
+                fused, a, b = split[part]
+                W[name] = w(name.replace(part, fused))[a:b]
         return W[name]
 
     def norm(x, name):
