@@ -54,7 +54,7 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
         from .tokenizer import Tokenizer
         tok = Tokenizer.from_dir(path)
         return Model(cfg, tensors, tok, device=device, exact=exact, quantize=quantize, source=path,
-                     framework=framework)
+                     framework=framework, _own_tensors=True)
     if path.endswith(".gguf") or _is_gguf(path):
         from .gguf import load_gguf
         ck = load_gguf(path)
@@ -68,7 +68,8 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
             rows = functools.partial(ck.dequantized, "model.embed_tokens.weight")
         tensors, ck.tensors = dict(ck.tensors), {}  # the model owns them (and may fuse some) from here
         return Model(cfg, tensors, ck.tokenizer, device=device, exact=exact, quantize=quantize,
-                     source=path, warnings=getattr(ck, "warnings", ()), framework=framework, embedding_rows=rows)
+                     source=path, warnings=getattr(ck, "warnings", ()), framework=framework, embedding_rows=rows,
+                     _own_tensors=True)
     if not os.path.exists(path):
         raise UnsupportedModelError(f"model path {path!r} does not exist")
     raise UnsupportedModelError(f"{path}: not a checkpoint directory (config.json + *.safetensors) or a .gguf file")

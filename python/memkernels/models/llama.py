@@ -44,6 +44,11 @@ def _gelu_erf(xp, x):
 
 def activation(xp, x, kind):
     if kind in ("silu", "swish"):
+        if xp is np:  # the same operations in one temporary (bit for bit)
+            t = np.negative(x)
+            np.exp(t, out=t)
+            t += 1
+            return np.divide(x, t, out=t)
         return x / (1 + xp.exp(-x))
     if kind in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
         return 0.5 * x * (1 + xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
@@ -76,7 +81,8 @@ class Model:
     generate), warnings (list of strings, e.g. GGUF K-quant conversions)."""
 
     def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, *, device="cpu", exact=False,
-                 quantize=None, source="", warnings=(), framework="auto", embedding_rows=None):
+                 quantize=None, source="", warnings=(), framework="auto", embedding_rows=None,
+                 _own_tensors=False):
         self.config = cfg = config
         self.tokenizer = tokenizer
         self.device = device
@@ -84,6 +90,8 @@ class Model:
         self.source = source
         self.warnings = list(warnings)
         self.weights = check_tensors(cfg, tensors)
+        if _own_tensors:  # load_model's own dict: drop its references so fused-away parts are freed at once
+            tensors.clear()
         self.quantization = None
         self.last_stats = {}
         # optional callable: host int64 token ids -> float32 embedding rows, bit-equal to the stored
@@ -94,6 +102,7 @@ class Model:
         self.ops: ArrayOps = array_ops(device, framework)
         self._numpy = self.ops.xp is np
         self._cache = None
+        self._rope_table = None
         # prompts are prefilled in pieces of at most this many tokens per forward (all sequences
         # together), which bounds the activations a long prompt holds; chunked prefill is exact
         self.prefill_chunk = 512
@@ -132,6 +141,7 @@ class Model:
         names them): one qgemm per layer instead of three (two), and no second copy in memory."""
         if self.config.fused_qkv:
             return
+        from .gguf import trim_heap
         w = self.weights
         for L in range(self.config.num_hidden_layers):
             p = f"model.layers.{L}."
@@ -149,6 +159,7 @@ class Model:
                     w.pop(pre + n + ".weight")
                     w.pop(pre + n + ".bias", None)
                 del qms
+            trim_heap()  # the parts' buffers and the temporaries: back to the OS before the next layer
 
     def reset_cache(self):
         """Drops the KV cache (every cached sequence and prefix page); the next call starts cold."""
@@ -192,6 +203,17 @@ class Model:
         return y + b if b is not None else y
 
     def _norm(self, x, name):
+        if self._numpy and x.ndim == 2 and x.dtype == np.float32:
+            # NumPy: the same operations as ArrayOps.rms_norm (sum / n is what mean does), bit for bit,
+            # with two temporaries instead of six
+            y = np.multiply(x, x)
+            ms = np.add.reduce(y, axis=-1, keepdims=True)
+            ms /= x.shape[-1]
+            ms += self.config.rms_norm_eps
+            np.sqrt(ms, out=ms)
+            np.divide(x, ms, out=y)
+            y *= self._dev[name]
+            return y
         return self.ops.rms_norm(x, self._dev[name], self.config.rms_norm_eps)
 
     def _rope_tables(self, starts, lens):
@@ -199,6 +221,22 @@ class Model:
         frequencies from each sequence's length at this step, as transformers does running that
         sequence alone (keys already cached keep the rotation they were stored with)."""
         rope, parts = self.config.rope, []
+        if rope.rope_type != "dynamic":
+            # positions' rows of a table grown on demand (same values as computing them per step)
+            end = max(s + n for s, n in zip(starts, lens))
+            if self._rope_table is None or self._rope_table[0].shape[0] < end:
+                size = max(end, 256, 0 if self._rope_table is None else 2 * self._rope_table[0].shape[0])
+                inv, att = rope.inv_freq(None)
+                ang = np.arange(size, dtype=np.float64)[:, None] * inv[None, :]
+                cos, sin = np.cos(ang) * att, np.sin(ang) * att
+                self._rope_table = (self.ops.to_device(np.concatenate([cos, cos], -1)),
+                                    self.ops.to_device(np.concatenate([sin, sin], -1)))
+            if len(starts) == 1:
+                sl = slice(starts[0], starts[0] + lens[0])
+                return self._rope_table[0][sl], self._rope_table[1][sl]
+            pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+            pos = pos if self._numpy else self.ops.to_device(pos, "int64")
+            return self._rope_table[0][pos], self._rope_table[1][pos]
         for s, n in zip(starts, lens):
             inv, att = rope.inv_freq(s + n if rope.rope_type == "dynamic" else None)
             ang = np.arange(s, s + n, dtype=np.float64)[:, None] * inv[None, :]
@@ -209,6 +247,16 @@ class Model:
 
     def _rope(self, x, cos, sin):
         rd = self.config.rope.rotary_dim
+        if rd == x.shape[-1] and self._numpy:
+            # ArrayOps.rope's operations (x * cos + rotate_half(x) * sin) in place, bit for bit
+            half, c, s = rd // 2, cos[:, None, :], sin[:, None, :]
+            rot = np.empty(x.shape, np.float32)
+            np.negative(x[..., half:], out=rot[..., :half])
+            rot[..., half:] = x[..., :half]
+            rot *= s
+            out = np.multiply(x, c)
+            out += rot
+            return out
         if rd == x.shape[-1]:
             return self.ops.rope(x, cos, sin)
         xp = self.ops.xp  # partial rotary (phi3): the leading rd dims rotate, the rest pass through
