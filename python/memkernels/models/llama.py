@@ -544,8 +544,7 @@ def fuse_rows_supported(qms) -> bool:
         return False
     a = qms[0]
     return all(q.device == "cpu" and q.format == a.format and q.format in _FUSABLE and not q.double_quant
-               and q.group_size == a.group_size and q.in_features == a.in_features
-               and (q.format != "int8" or q.group_size < q.in_features) for q in qms)
+               and q.group_size == a.group_size and q.in_features == a.in_features for q in qms)
 
 
 def _codes_of(qm) -> np.ndarray:
