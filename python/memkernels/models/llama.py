@@ -76,7 +76,8 @@ class Model:
     """A loaded checkpoint ready to run. Build with `memkernels.load_model(path)`.
 
     Attributes: config (ModelConfig), tokenizer (or None: then prompts are token ids), device,
-    weights (HF name -> float32 array or QuantizedMatrix), quantization (None or a dict with the
+    weights (HF name -> float32 array or QuantizedMatrix; quantized q/k/v and gate/up of a layer are
+    held fused under self_attn.qkv_proj / mlp.gate_up_proj), quantization (None or a dict with the
     format and the measured logit drift vs the float checkpoint), last_stats (timings of the last
     generate), warnings (list of strings, e.g. GGUF K-quant conversions)."""
 
