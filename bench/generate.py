@@ -203,10 +203,7 @@ class _Ours:
         # generate() reuses cached full pages of an earlier prompt (prefix caching): every timed
         # round must prefill the whole prompt, as the other engines do, so the cache is dropped
         # (it is rebuilt, outside the timed region, by the next call)
-        if hasattr(self.model, "reset_cache"):
-            self.model.reset_cache()
-        else:
-            self.model._cache = None
+        self.model.reset_cache()
 
     def run(self, ids, new_tokens):
         self._fresh_cache()

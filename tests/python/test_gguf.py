@@ -539,7 +539,7 @@ def test_end_to_end_variants_equal_transformers(tmp_path, arch, over):
     ids = [1, 5, 9, 30, 31, 7, 100, 3, 64, 12, 2, 77, 90, 91]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    got = np.asarray(mk.load_model(str(path)).logits(ids))
+    got = np.asarray(mk.load_model(str(path), exact=True).logits(ids))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
@@ -650,5 +650,53 @@ def test_end_to_end_kquant_equals_float64_reference(tmp_path, qtype):
         ids = [1, 4, 8, 15, 16, 23, 42, 2]
         want = m64(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(want).max() > 0.1  # not a degenerate model
-    m = mk.load_model(str(path))
+    m = mk.load_model(str(path), exact=True)
     np.testing.assert_allclose(np.asarray(m.logits(ids), np.float64), want, rtol=0, atol=1e-4)
+
+
+@needs_format("int4_min")
+@needs_format("int8")
+def test_quantized_model_keeps_embedding_quantized_and_fuses_projections(tmp_path):
+    """Q4_1 linears and a tied Q8_0 embedding (SmolLM2's mix): the embedding is gathered from the file
+    per step (no float32 table), q/k/v and gate/up run as one fused QuantizedMatrix each, and the
+    forward still equals the float64 reference of the file's own weights (exact=True); the default
+    (int8 activations for 1-8 tokens) stays close to it."""
+    rng = np.random.default_rng(21)
+    H, F, V = 128, 96 * 2, len(VOCAB)
+    names = {"attn_q": (H, H), "attn_k": (64, H), "attn_v": (64, H), "attn_output": (H, H),
+             "ffn_gate": (F, H), "ffn_up": (F, H), "ffn_down": (H, F)}
+    tensors = {}
+    for L in range(2):
+        for n, shape in names.items():
+            tensors[f"blk.{L}.{n}.weight"] = (rng.standard_normal(shape) * 0.1, "Q4_1")
+        tensors[f"blk.{L}.attn_norm.weight"] = (rng.uniform(0.5, 1.5, H), "F32")
+        tensors[f"blk.{L}.ffn_norm.weight"] = (rng.uniform(0.5, 1.5, H), "F32")
+    tensors["output_norm.weight"] = (rng.uniform(0.5, 1.5, H), "F32")
+    tensors["token_embd.weight"] = (rng.standard_normal((V, H)), "Q8_0")
+    path = write_gguf(tmp_path / "mix.gguf", "llama", tensors, hidden=H, ff=F, layers=2, heads=4, kv_heads=2)
+    ref = load_gguf(path, dequantize=True)
+    m = mk.load_model(str(path), exact=True)
+    assert m._embedding_rows is not None  # rows come from the memory-mapped file
+    ids = np.array([3, 0, V - 1, 17, 3])
+    np.testing.assert_array_equal(np.asarray(m._embed[ids]), ref.tensors["model.embed_tokens.weight"][ids])
+    for L in range(2):
+        p = f"model.layers.{L}."
+        assert isinstance(m.weights[p + "self_attn.qkv_proj.weight"], mk.QuantizedMatrix)
+        assert isinstance(m.weights[p + "mlp.gate_up_proj.weight"], mk.QuantizedMatrix)
+        assert p + "self_attn.q_proj.weight" not in m.weights and p + "mlp.up_proj.weight" not in m.weights
+        want = np.concatenate([ref.tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        np.testing.assert_array_equal(mk.dequantize(m.weights[p + "self_attn.qkv_proj.weight"]), want)
+    seq = [1, 4, 8, 15, 16, 23, 42, 2, 9]
+    want = m.reference_logits(seq)
+    got = np.asarray(m.logits(seq), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    exact_tokens = m.generate(seq, 6, stop_at_eos=False)
+    fast = mk.load_model(str(path))  # default: int8 activations on 1-8 token steps
+    assert not fast.exact
+    step = np.asarray(fast.logits(seq[:4]), np.float64)
+    assert np.abs(step - want[:4]).max() < 0.05 * np.abs(want[:4]).max()
+    fast.generate(seq, 3, stop_at_eos=False)
+    fast.reset_cache()
+    assert fast.cache is None
+    m.reset_cache()
+    assert m.generate(seq, 6, stop_at_eos=False) == exact_tokens  # a cold cache gives the same tokens

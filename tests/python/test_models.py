@@ -221,10 +221,12 @@ def test_rope_frequencies_match_transformers(rope, head_dim):
 
 def test_quantize_option_reports_drift(tmp_path):
     d, hf = build(tmp_path, "llama", {})
-    m = mk.load_model(d, quantize="int8")
+    m = mk.load_model(d, quantize="int8", exact=True)
     q = m.quantization
     assert q["format"] == "int8" and 0 < q["relative_logit_drift"] < 0.05
-    assert isinstance(m.weights["model.layers.0.self_attn.q_proj.weight"], mk.QuantizedMatrix)
+    # quantized q/k/v (and gate/up) are fused into one matrix each
+    assert isinstance(m.weights["model.layers.0.self_attn.qkv_proj.weight"], mk.QuantizedMatrix)
+    assert isinstance(m.weights["model.layers.0.mlp.down_proj.weight"], mk.QuantizedMatrix)
     # the quantized model matches the float64 forward of its own (dequantized) weights
     assert rel_err(m.logits(IDS), m.reference_logits(IDS)) < TOL
     # and drifts from the float checkpoint by about the reported amount
@@ -501,7 +503,7 @@ def test_missing_keys_take_transformers_defaults():
 
 def test_exact_false_allows_int8_activations(tmp_path):
     d, _ = build(tmp_path, "llama", {})
-    exact = mk.load_model(d, quantize="int4")
+    exact = mk.load_model(d, quantize="int4", exact=True)
     fast = mk.load_model(d, quantize="int4", exact=False)
     ref = exact.reference_logits(IDS[:5])
     assert rel_err(exact.logits(IDS[:5]), ref) < TOL
@@ -536,7 +538,7 @@ def test_torch_arrays_run_the_same_driver(tmp_path, variant):
     assert not m._numpy
     assert rel_err(m.logits(IDS), hf_logits(hf, IDS)) < TOL
     assert m.generate(IDS[:9], 8, stop_at_eos=False) == hf_greedy(hf, IDS[:9], 8)
-    q = mk.load_model(d, framework="torch", quantize="int8")
+    q = mk.load_model(d, framework="torch", quantize="int8", exact=True)
     assert rel_err(q.logits(IDS[:6]), q.reference_logits(IDS[:6])) < TOL
 
 
@@ -550,3 +552,58 @@ def test_prompt_fully_cached_recomputes_its_last_token(tmp_path):
     assert m.last_stats["reused_prefix_tokens"] == 15 and m.last_stats["prefill_tokens"] == 1
     assert m.generate([p, p + [1]], 6, stop_at_eos=False) == [want, hf_greedy(hf, p + [1], 6)]
     m.cache.check_invariants()
+
+
+@pytest.mark.parametrize("fmt,gs", [("int8", 32), ("int8", None), ("int4_sym", 32), ("int4_min", 32), ("nf4", 32)])
+@pytest.mark.parametrize("rows", [(7, 3, 5), (1, 1), (64, 16, 16)])
+def test_fuse_rows_stacks_quantized_matrices_bit_for_bit(fmt, gs, rows):
+    from memkernels.models.llama import fuse_rows, fuse_rows_supported
+    rng = np.random.default_rng(len(rows) + sum(rows))
+    for k in (32, 96, 160):
+        qs = [mk.quantize(rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 3), fmt, group_size=gs)
+              for n in rows]
+        assert fuse_rows_supported(qs)
+        f = fuse_rows(qs)
+        assert f.shape == (sum(rows), k) and f.format == fmt
+        np.testing.assert_array_equal(mk.dequantize(f), np.concatenate([mk.dequantize(q) for q in qs]))
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        np.testing.assert_allclose(mk.qgemm(x, f), np.concatenate([mk.qgemm(x, q) for q in qs], 1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_fuse_rows_refuses_mismatched_matrices():
+    from memkernels.models.llama import fuse_rows_supported
+    rng = np.random.default_rng(3)
+    a = mk.quantize(rng.standard_normal((4, 64)).astype(np.float32), "int4_sym", group_size=32)
+    assert not fuse_rows_supported([a, mk.quantize(rng.standard_normal((4, 64)).astype(np.float32), "int4_min",
+                                                   group_size=32)])
+    assert not fuse_rows_supported([a, mk.quantize(rng.standard_normal((4, 64)).astype(np.float32), "int4_sym",
+                                                   group_size=64)])
+    assert not fuse_rows_supported([a, mk.quantize(rng.standard_normal((4, 96)).astype(np.float32), "int4_sym",
+                                                   group_size=32)])
+    assert not fuse_rows_supported([a, rng.standard_normal((4, 64)).astype(np.float32)])
+    assert not fuse_rows_supported([a, None])
+
+
+@pytest.mark.parametrize("gs", [32, None])
+def test_quantized_embedding_rows_equal_dequantized_rows(gs):
+    from memkernels.model import array_ops
+    from memkernels.models.llama import _QuantizedRows
+    rng = np.random.default_rng(5)
+    for n, k in ((50, 64), (3, 32), (129, 96)):
+        q = mk.quantize(rng.standard_normal((n, k)).astype(np.float32), "int8", group_size=gs)
+        rows = _QuantizedRows(q, array_ops("cpu", "auto"))
+        idx = rng.integers(0, n, 7)
+        np.testing.assert_array_equal(rows[idx], mk.dequantize(q)[idx])
+
+
+def test_quantized_linears_are_fused_and_match_the_reference(tmp_path):
+    d, hf = build(tmp_path, "llama", {"attention_bias": True, "mlp_bias": True})
+    m = mk.load_model(d, quantize="int4_sym", exact=True)
+    assert "model.layers.0.self_attn.qkv_proj.weight" in m.weights
+    assert "model.layers.0.self_attn.qkv_proj.bias" in m.weights
+    assert "model.layers.1.mlp.gate_up_proj.weight" in m.weights and "model.layers.1.mlp.up_proj.bias" not in m.weights
+    assert rel_err(m.logits(IDS), m.reference_logits(IDS)) < TOL
+    first = m.generate(IDS[:9], 6, stop_at_eos=False)
+    m.reset_cache()
+    assert m.cache is None and m.generate(IDS[:9], 6, stop_at_eos=False) == first

@@ -120,6 +120,23 @@ _KNOWN_ARCH_KEYS = {
 }
 
 
+def trim_heap():
+    """Hands the heap memory freed by the unpacking temporaries back to the OS (glibc malloc_trim),
+    so that it does not stay resident (and add to the peak) while the next tensors are converted."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _fail(path, msg):
     raise UnsupportedModelError(f"{os.fspath(path)}: {msg}")
 
@@ -352,6 +369,7 @@ class _GGUFFile:
         if n_tensors > size or n_kv > size:
             self._corrupt(8, f"{n_tensors} tensors / {n_kv} keys cannot fit in {size} bytes")
         self.fields = {}
+        self.spans = {}  # tensor name -> (byte offset, bytes) in the file
         for _ in range(n_kv):
             key = self._string()
             vtype = self._u32()
@@ -375,6 +393,22 @@ class _GGUFFile:
                 self._corrupt(start, f"tensor '{name}' appears twice")
             seen.add(name)
             self.tensors.append(self._tensor(name, dims, tcode, start + offset))
+
+    def release(self, name, start_byte=0, nbytes=None):
+        """Drops the file pages of tensor `name` (or of its bytes [start_byte, start_byte + nbytes))
+        from this process's resident memory (MADV_DONTNEED on the read-only file mapping: the data
+        stays valid and is read back from the page cache if touched again). Called once a tensor (a
+        chunk of rows) has been converted into its own buffer."""
+        import mmap
+        at, n = self.spans.get(name, (0, 0))
+        at, n = at + start_byte, n - start_byte if nbytes is None else min(nbytes, n - start_byte)
+        page = mmap.PAGESIZE
+        start, end = -(-at // page) * page, (at + n) // page * page
+        if end > start and hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass  # only a memory hint
 
     def _corrupt(self, at, msg):
         import memkernels as mk
@@ -449,6 +483,7 @@ class _GGUFFile:
         if at + nbytes > self.size:
             self._corrupt(at, f"tensor '{name}' ({nbytes} bytes at {at}) runs past the end of the file "
                               f"({self.size} bytes)")
+        self.spans[name] = (at, nbytes)
         rows_shape = tuple(reversed(dims))
         plain = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
                  "I32": np.int32, "I64": np.int64}.get(ttype.name)
@@ -717,7 +752,11 @@ def load_gguf(path, *, dequantize: bool = False, verbose: bool = True) -> GGUFCh
     tensors: dict = {}
     lossy: dict[str, float] = {}
     for hf, src in sources.items():
-        tensors[hf] = _convert(path, hf, src, dequantize, lossy)
+        tensors[hf] = _convert(path, hf, src, dequantize, lossy, reader)
+        if not isinstance(tensors[hf], np.ndarray) or not np.may_share_memory(tensors[hf], src.tensor.data):
+            reader.release(src.tensor.name)  # converted into its own buffer: the file pages are not needed
+            if src.tensor.data.nbytes >= 1 << 20:
+                trim_heap()
     warnings = [f"{path}: {t} weights have no exact memkernels format; re-quantized to int8 (group 32), max "
                 f"abs error {err:.3g}" for t, err in sorted(lossy.items())]
     if warnings and verbose:
@@ -739,7 +778,7 @@ def load_gguf(path, *, dequantize: bool = False, verbose: bool = True) -> GGUFCh
     return GGUFCheckpoint(path, reader, arch, cfg, sources, tensors, tok, meta, warnings)
 
 
-def _convert(path, hf, src, dequantize, lossy):
+def _convert(path, hf, src, dequantize, lossy, reader=None):
     t = src.tensor
     tname = t.tensor_type.name
     data = t.data
@@ -765,7 +804,7 @@ def _convert(path, hf, src, dequantize, lossy):
         return out - np.float32(src.offset) if src.offset else out
     rows = data.shape[0]
     cols = int(t.shape[0])
-    step = max(1, (1 << 24) // max(1, cols))  # row chunks: bounded temporaries (~16M values)
+    step = max(1, (1 << 20) // max(1, cols))  # row chunks: bounded temporaries (~1M values, a few MiB)
     if tname in _LOSSLESS:
         fmt = _LOSSLESS[tname][0]
         codes = np.empty((rows, cols), np.uint8)
@@ -776,7 +815,12 @@ def _convert(path, hf, src, dequantize, lossy):
             codes[r0:r0 + step], scales[r0:r0 + step] = c, s
             if mins is not None:
                 mins[r0:r0 + step] = m
-        return _pack(fmt, codes, scales, mins, hf, path)
+            del c, s, m  # free each chunk's temporaries before the next
+            if reader is not None and src.perm is None:  # and the chunk's file pages
+                reader.release(t.name, r0 * data.shape[1], step * data.shape[1])
+        qm = _pack(fmt, codes, scales, mins, hf, path)
+        del codes, scales, mins
+        return qm
     # lossy: dequantize exactly, re-quantize to int8 group 32 in row chunks
     chunks_c, chunks_s, err = [], [], 0.0
     for r0 in range(0, rows, step):

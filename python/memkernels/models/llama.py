@@ -22,7 +22,7 @@ import numpy as np
 from .. import attention as _attention
 from .. import paged as _paged
 from ..model import ArrayOps, array_ops
-from ..quant import QuantizedMatrix, qgemm, quantize as _quantize
+from ..quant import QuantizedMatrix, dequantize, qgemm, quantize as _quantize
 from .config import ModelConfig, UnsupportedModelError
 from .weights import as_float64, check_tensors
 
@@ -44,6 +44,11 @@ def _gelu_erf(xp, x):
 
 def activation(xp, x, kind):
     if kind in ("silu", "swish"):
+        if xp is np:  # the same operations in one temporary (bit for bit)
+            t = np.negative(x)
+            np.exp(t, out=t)
+            t += 1
+            return np.divide(x, t, out=t)
         return x / (1 + xp.exp(-x))
     if kind in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
         return 0.5 * x * (1 + xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
@@ -71,12 +76,14 @@ class Model:
     """A loaded checkpoint ready to run. Build with `memkernels.load_model(path)`.
 
     Attributes: config (ModelConfig), tokenizer (or None: then prompts are token ids), device,
-    weights (HF name -> float32 array or QuantizedMatrix), quantization (None or a dict with the
+    weights (HF name -> float32 array or QuantizedMatrix; quantized q/k/v and gate/up of a layer are
+    held fused under self_attn.qkv_proj / mlp.gate_up_proj), quantization (None or a dict with the
     format and the measured logit drift vs the float checkpoint), last_stats (timings of the last
     generate), warnings (list of strings, e.g. GGUF K-quant conversions)."""
 
-    def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, *, device="cpu", exact=True,
-                 quantize=None, source="", warnings=(), framework="auto"):
+    def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, *, device="cpu", exact=False,
+                 quantize=None, source="", warnings=(), framework="auto", embedding_rows=None,
+                 _own_tensors=False):
         self.config = cfg = config
         self.tokenizer = tokenizer
         self.device = device
@@ -84,13 +91,19 @@ class Model:
         self.source = source
         self.warnings = list(warnings)
         self.weights = check_tensors(cfg, tensors)
+        if _own_tensors:  # load_model's own dict: drop its references so fused-away parts are freed at once
+            tensors.clear()
         self.quantization = None
         self.last_stats = {}
+        # optional callable: host int64 token ids -> float32 embedding rows, bit-equal to the stored
+        # (quantized) embedding's rows (GGUF: read from the memory-mapped file)
+        self._embedding_rows = embedding_rows
         # the arrays between kernels: NumPy on the CPU by default; PyTorch / CuPy on a GPU (or
         # framework="torch" on the CPU, which runs the GPU driver's code path without a GPU)
         self.ops: ArrayOps = array_ops(device, framework)
         self._numpy = self.ops.xp is np
         self._cache = None
+        self._rope_table = None
         # prompts are prefilled in pieces of at most this many tokens per forward (all sequences
         # together), which bounds the activations a long prompt holds; chunked prefill is exact
         self.prefill_chunk = 512
@@ -102,6 +115,7 @@ class Model:
     def _prepare(self):
         """Device copies of the weights, norms with Gemma's +1 folded in, the embedding table."""
         cfg, ops, w = self.config, self.ops, self.weights
+        self._fuse_projections()
         self._dev = {}
         for name, a in w.items():
             if isinstance(a, QuantizedMatrix):
@@ -114,13 +128,43 @@ class Model:
             else:
                 self._dev[name] = ops.to_device(a)
         emb = w["model.embed_tokens.weight"]
-        # the embedding lookup gathers rows: a quantized table is dequantized once for it (the
-        # tied lm_head keeps using the quantized matrix through qgemm)
-        self._embed = ops.to_device(as_float64(emb).astype(np.float32)) if isinstance(emb, QuantizedMatrix) \
+        # the embedding lookup gathers rows: a quantized table stays quantized and only the looked-up
+        # rows are dequantized per step (the tied lm_head runs the same matrix through qgemm)
+        self._embed = _QuantizedRows(emb, ops, self._embedding_rows) if isinstance(emb, QuantizedMatrix) \
             else self._dev["model.embed_tokens.weight"]
         self._head = self._dev["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         # transformers multiplies the embeddings by sqrt(hidden) rounded to the model's dtype (float32 here)
         self._embed_scale = None if cfg.embed_scale is None else float(np.float32(cfg.embed_scale))
+
+    def _fuse_projections(self):
+        """q/k/v (and gate/up) quantized alike are replaced in `weights` by one QuantizedMatrix of
+        their stacked rows under the fused names (self_attn.qkv_proj, mlp.gate_up_proj, as Phi-3
+        names them): one qgemm per layer instead of three (two), and no second copy in memory."""
+        if self.config.fused_qkv:
+            return
+        from .gguf import trim_heap
+        w = self.weights
+        for L in range(self.config.num_hidden_layers):
+            p = f"model.layers.{L}."
+            for parts, fused in ((("q_proj", "k_proj", "v_proj"), "self_attn.qkv_proj"),
+                                 (("gate_proj", "up_proj"), "mlp.gate_up_proj")):
+                pre = p + fused.split(".")[0] + "."
+                qms = [w.get(pre + n + ".weight") for n in parts]
+                biases = [w.get(pre + n + ".bias") for n in parts]
+                if not fuse_rows_supported(qms) or (any(b is None for b in biases) and any(b is not None for b in biases)):
+                    continue
+                w[p + fused + ".weight"] = fuse_rows(qms)
+                if biases[0] is not None:
+                    w[p + fused + ".bias"] = np.concatenate([np.asarray(b, np.float32) for b in biases])
+                for n in parts:
+                    w.pop(pre + n + ".weight")
+                    w.pop(pre + n + ".bias", None)
+                del qms
+            trim_heap()  # the parts' buffers and the temporaries: back to the OS before the next layer
+
+    def reset_cache(self):
+        """Drops the KV cache (every cached sequence and prefix page); the next call starts cold."""
+        self._cache = None
 
     def _quantize(self, fmt):
         """Quantizes every linear weight (not the embedding gather, not norms) to `fmt` and measures
@@ -160,6 +204,17 @@ class Model:
         return y + b if b is not None else y
 
     def _norm(self, x, name):
+        if self._numpy and x.ndim == 2 and x.dtype == np.float32:
+            # NumPy: the same operations as ArrayOps.rms_norm (sum / n is what mean does), bit for bit,
+            # with two temporaries instead of six
+            y = np.multiply(x, x)
+            ms = np.add.reduce(y, axis=-1, keepdims=True)
+            ms /= x.shape[-1]
+            ms += self.config.rms_norm_eps
+            np.sqrt(ms, out=ms)
+            np.divide(x, ms, out=y)
+            y *= self._dev[name]
+            return y
         return self.ops.rms_norm(x, self._dev[name], self.config.rms_norm_eps)
 
     def _rope_tables(self, starts, lens):
@@ -167,6 +222,22 @@ class Model:
         frequencies from each sequence's length at this step, as transformers does running that
         sequence alone (keys already cached keep the rotation they were stored with)."""
         rope, parts = self.config.rope, []
+        if rope.rope_type != "dynamic":
+            # positions' rows of a table grown on demand (same values as computing them per step)
+            end = max(s + n for s, n in zip(starts, lens))
+            if self._rope_table is None or self._rope_table[0].shape[0] < end:
+                size = max(end, 256, 0 if self._rope_table is None else 2 * self._rope_table[0].shape[0])
+                inv, att = rope.inv_freq(None)
+                ang = np.arange(size, dtype=np.float64)[:, None] * inv[None, :]
+                cos, sin = np.cos(ang) * att, np.sin(ang) * att
+                self._rope_table = (self.ops.to_device(np.concatenate([cos, cos], -1)),
+                                    self.ops.to_device(np.concatenate([sin, sin], -1)))
+            if len(starts) == 1:
+                sl = slice(starts[0], starts[0] + lens[0])
+                return self._rope_table[0][sl], self._rope_table[1][sl]
+            pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+            pos = pos if self._numpy else self.ops.to_device(pos, "int64")
+            return self._rope_table[0][pos], self._rope_table[1][pos]
         for s, n in zip(starts, lens):
             inv, att = rope.inv_freq(s + n if rope.rope_type == "dynamic" else None)
             ang = np.arange(s, s + n, dtype=np.float64)[:, None] * inv[None, :]
@@ -177,6 +248,16 @@ class Model:
 
     def _rope(self, x, cos, sin):
         rd = self.config.rope.rotary_dim
+        if rd == x.shape[-1] and self._numpy:
+            # ArrayOps.rope's operations (x * cos + rotate_half(x) * sin) in place, bit for bit
+            half, c, s = rd // 2, cos[:, None, :], sin[:, None, :]
+            rot = np.empty(x.shape, np.float32)
+            np.negative(x[..., half:], out=rot[..., :half])
+            rot[..., half:] = x[..., :half]
+            rot *= s
+            out = np.multiply(x, c)
+            out += rot
+            return out
         if rd == x.shape[-1]:
             return self.ops.rope(x, cos, sin)
         xp = self.ops.xp  # partial rotary (phi3): the leading rd dims rotate, the rest pass through
@@ -209,8 +290,8 @@ class Model:
     def _mlp(self, h, L, p):
         """The FFN of layer L (prefix p) on normed activations h (tokens, hidden)."""
         cfg, xp = self.config, self.ops.xp
-        if cfg.fused_qkv:
-            gu = self._linear(h, p + "mlp.gate_up_proj.weight")
+        if p + "mlp.gate_up_proj.weight" in self._dev:  # Phi-3's own fused gate_up, or gate/up fused at load
+            gu = self._linear(h, p + "mlp.gate_up_proj.weight", p + "mlp.gate_up_proj.bias")
             g, u = gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]
         else:
             mb = cfg.mlp_bias
@@ -252,8 +333,8 @@ class Model:
         for L in range(cfg.num_hidden_layers):
             p = f"model.layers.{L}."
             h = self._norm(x, p + "input_layernorm.weight")
-            if cfg.fused_qkv:
-                qkv = self._linear(h, p + "self_attn.qkv_proj.weight")
+            if p + "self_attn.qkv_proj.weight" in self._dev:
+                qkv = self._linear(h, p + "self_attn.qkv_proj.weight", p + "self_attn.qkv_proj.bias")
                 q, k, v = qkv[:, :cfg.q_dim], qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim], qkv[:, cfg.q_dim + cfg.kv_dim:]
             else:
                 bias = cfg.attention_bias or cfg.qkv_bias
@@ -433,6 +514,73 @@ class Model:
         return reference_forward(self.config, self.weights, self._tokens(token_ids))
 
 
+class _QuantizedRows:
+    """Row gather (``rows[idx]``) from a quantized embedding without a float copy of the table:
+    each step dequantizes only the looked-up rows, bit-equal to ``dequantize(qm)[idx]``."""
+
+    def __init__(self, qm, ops, rows_fn=None):
+        self.qm, self.ops, self.shape = qm, ops, tuple(qm.shape)
+        self._fn = rows_fn
+        self._codes = self._scales = None
+        if rows_fn is None and qm.format == "int8" and not qm.double_quant and qm.device == "cpu":
+            # int8 rows are plain int8 codes (quant.h): view them in the serialized copy (header 64 bytes)
+            n, k = self.shape
+            self._raw = qm.to_bytes()
+            self._codes = np.frombuffer(self._raw, np.int8, n * k, 64).reshape(n, k)
+            self._scales = np.asarray(qm.scales(), np.float32).reshape(n, -1)
+        elif rows_fn is None:  # other formats: dequantized once (as before)
+            self._full = ops.to_device(np.asarray(dequantize(qm), np.float32)) if qm.device == "cpu" else None
+            if self._full is None:
+                raise UnsupportedModelError("a GPU quantized embedding needs its rows from the checkpoint")
+
+    def __getitem__(self, idx):
+        if self._fn is None and self._codes is None:
+            return self._full[idx]
+        ids = np.asarray(self.ops.to_host(idx) if not isinstance(idx, np.ndarray) else idx, np.int64)
+        if self._fn is not None:
+            rows = np.asarray(self._fn(ids), np.float32)
+        else:
+            n, k = len(ids), self.shape[1]
+            s = self._scales[ids]
+            rows = (self._codes[ids].astype(np.float32).reshape(n, s.shape[1], -1) * s[..., None]).reshape(n, k)
+        return rows if self.ops.xp is np else self.ops.to_device(rows)
+
+
+_FUSABLE = ("int8", "int4_sym", "int4_min", "nf4")
+
+
+def fuse_rows_supported(qms) -> bool:
+    """Whether fuse_rows can stack these matrices (same CPU format, group size and in_features)."""
+    if not qms or any(not isinstance(q, QuantizedMatrix) for q in qms):
+        return False
+    a = qms[0]
+    return all(q.device == "cpu" and q.format == a.format and q.format in _FUSABLE and not q.double_quant
+               and q.group_size == a.group_size and q.in_features == a.in_features for q in qms)
+
+
+def _codes_of(qm) -> np.ndarray:
+    """The (rows, cols) uint8 codes of a CPU int8 / 4-bit QuantizedMatrix, from its packed layout
+    (quant.h: rows of 32-weight chunks; 4-bit chunk byte i = weight i low nibble, i + 16 high)."""
+    n, k = qm.shape
+    raw = qm.to_bytes()
+    if qm.bits == 8:
+        return np.frombuffer(raw, np.uint8, n * k, 64).reshape(n, k)
+    b = np.frombuffer(raw, np.uint8, n * k // 2, 64).reshape(n, k // 32, 16)
+    return np.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(n, k)
+
+
+def fuse_rows(qms):
+    """One QuantizedMatrix whose rows are those of `qms` stacked (same values, bit for bit)."""
+    from ..quant import pack_quantized
+    a = qms[0]
+    codes = np.concatenate([_codes_of(q) for q in qms])
+    scales = np.concatenate([np.asarray(q.scales(), np.float32).reshape(q.out_features, -1) for q in qms])
+    mins = None
+    if a.format == "int4_min":
+        mins = np.concatenate([np.asarray(q.mins(), np.float32).reshape(q.out_features, -1) for q in qms])
+    return pack_quantized(a.format, codes, scales, mins=mins, group_size=a.group_size)
+
+
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
@@ -452,9 +600,21 @@ def reference_forward(cfg: ModelConfig, weights: dict, ids) -> np.ndarray:
     """The checkpoint's forward in float64 NumPy for one fresh sequence (see Model.reference_logits)."""
     W = {}
 
+    # Model fuses quantized q/k/v and gate/up (qkv_proj, gate_up_proj): their rows, split back
+    qkv = (("q_proj", 0, cfg.q_dim), ("k_proj", cfg.q_dim, cfg.q_dim + cfg.kv_dim),
+           ("v_proj", cfg.q_dim + cfg.kv_dim, cfg.q_dim + 2 * cfg.kv_dim))
+    split = {f".self_attn.{n}.": (".self_attn.qkv_proj.", a, b) for n, a, b in qkv}
+    split.update({".mlp.gate_proj.": (".mlp.gate_up_proj.", 0, cfg.intermediate_size),
+                  ".mlp.up_proj.": (".mlp.gate_up_proj.", cfg.intermediate_size, 2 * cfg.intermediate_size)})
+
     def w(name):
         if name not in W:
-            W[name] = as_float64(weights[name])
+            if name in weights:
+                W[name] = as_float64(weights[name])
+            else:
+                part = next(k for k in split if k in name)
+                fused, a, b = split[part]
+                W[name] = w(name.replace(part, fused))[a:b]
         return W[name]
 
     def norm(x, name):
