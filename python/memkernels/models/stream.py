@@ -345,6 +345,8 @@ class StreamingModel(Model):
         self.ops = array_ops("cpu", "numpy")
         self._numpy = True
         self._cache = None
+        self._rope_table = None
+        self._embedding_rows = None
         self.prefill_chunk = 512
         self._dev = {}
         for name, a in tensors.items():
