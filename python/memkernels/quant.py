@@ -122,21 +122,53 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
             _C.qgemm(x[None], qm, bias, out[None], 0, not exact)
             return out
     _check_qm(qm)
+    if out is not None:
+        # the kernel reads x (and bias) while it writes out: an overlap would feed it its own output
+        for name, a in (("x", x), ("bias", bias)):
+            if a is not None and _overlap(out, a):
+                raise ValueError(f"out: overlaps {name}; qgemm needs an output buffer apart from its inputs")
     lead = tuple(x.shape[:-1])
+    target = None  # the caller's out when the kernel has to write a 2-D copy of it
     if len(x.shape) != 2:  # (in_features,) or (..., in_features): run as 2-D, shape the result back
         if len(x.shape) == 0:
             raise ValueError("x: expected (tokens, in_features) or (in_features,), got a scalar")
         x = x.reshape(-1, x.shape[-1])
         if out is not None:
             check_out(out, lead + (qm.out_features,), dtype_name(x), x)
-            out = out.reshape(-1, qm.out_features)
+            flat = out.reshape(-1, qm.out_features)
+            if _overlap(flat, out):
+                out = flat
+            else:  # reshape copied (a non-contiguous out): compute apart, then write the caller's out
+                target, out = out, None
     shape = (x.shape[0], qm.out_features)
     if out is None:
         out = empty_like(x, shape)
     else:
         check_out(out, shape, dtype_name(x), x)
     _C.qgemm(x, qm, bias, out, stream_handle(stream, x), not exact)
+    if target is not None:
+        result = out.reshape(target.shape)
+        if hasattr(target, "copy_"):  # PyTorch
+            target.copy_(result)
+        else:
+            target[...] = result
+        return target
     return out if len(lead) == 1 else out.reshape(lead + (qm.out_features,))
+
+
+def _overlap(a, b) -> bool:
+    """Whether two arrays may share memory (NumPy bounds; PyTorch / CuPy data ranges)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b)
+    def span(t):
+        if hasattr(t, "data_ptr"):  # PyTorch
+            start = t.data_ptr()
+            return start, start + max(t.numel(), 1) * t.element_size()
+        if hasattr(t, "data") and hasattr(t.data, "ptr"):  # CuPy
+            return t.data.ptr, t.data.ptr + max(t.nbytes, 1)
+        return None
+    sa, sb = span(a), span(b)
+    return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
 
 
 def _float_param(a, name):

@@ -349,6 +349,7 @@ struct Int8X {
   std::vector<float> sum;    // per token, the per-group sums of its int8 values (zero / min terms)
   std::vector<float> scale;  // per token
   int64_t stride = 0, groups = 0;
+  bool nonfinite = false;    // x holds NaN or +-inf: int8 codes cannot carry it (the caller runs exact)
   const int8_t* row(int64_t t) const { return q.data() + t * stride; }
   const float* sums(int64_t t) const { return sum.data() + t * groups; }
 };
@@ -369,11 +370,16 @@ Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int grou
   const int64_t cpg = group / 32;
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
-    VecF vmax = VecF::zero();
+    VecF vmax = VecF::zero(), vbad = VecF::zero();
     for (int64_t k = 0; k < K; k += VL) {
       const VecF v = VecF::load(xt + k);
       vmax = VecF::max(vmax, VecF::max(v, VecF::zero() - v));
+      vbad = vbad + v * VecF::zero();  // NaN in a lane once x had NaN or inf there (inf * 0 = NaN)
     }
+    float lanes[VL];
+    vbad.store(lanes);
+    for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
+    if (r.nonfinite) return r;
     const float amax = vmax.reduce_max();
     const float dx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / dx;
     r.scale[size_t(t)] = dx;
@@ -638,11 +644,13 @@ void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int
 // Up to 64 tokens (each pass of kInt8xTokens re-reads a row block's codes, which stay in cache);
 // longer inputs take the exact path, whose buffers do not grow with the token count.
 constexpr int64_t kInt8xMaxTokens = 64;
+// Returns false, computing nothing, when x holds NaN or inf: the exact path then propagates them.
 template <bool INT4>
-void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
+bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
   const int64_t N = w.rows, T = p.tokens;
   const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, w.group_size, INT4);
+  if (xq.nonfinite) return false;
   std::vector<float> y(static_cast<size_t>(T * N));
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = threads_for(w, T);
@@ -653,6 +661,7 @@ void qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
       int8x_pass<INT4>(std::min<int64_t>(kInt8xTokens, T - t0), w, xq, t0, n0, n1, y.data(), N);
     for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
   }
+  return true;
 }
 #endif
 
@@ -666,8 +675,8 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
   if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
-    if constexpr (BITS == 8) return qgemm_int8x<false>(p, x, ldx, bias);
-    if constexpr (BITS == 4 && !NF4) return qgemm_int8x<true>(p, x, ldx, bias);
+    if constexpr (BITS == 8) { if (qgemm_int8x<false>(p, x, ldx, bias)) return; }
+    if constexpr (BITS == 4 && !NF4) { if (qgemm_int8x<true>(p, x, ldx, bias)) return; }
   }
 #endif
   if (T <= 3) {
