@@ -354,9 +354,21 @@ def _bad_model_dirs(tmp_path):
     badfile.write_bytes(b"GGUF" + b"\x00" * 10)
     notamodel = tmp_path / "x.bin"
     notamodel.write_bytes(b"hello")
-    return {"unknown model_type": (str(unknown), "falcon"), "missing tensor": (str(missing), "up_proj"),
-            "bad gguf": (str(badfile), "bad.gguf"), "not a model": (str(notamodel), "x.bin"),
-            "no such path": (str(tmp_path / "nope"), "nope")}
+    cases = {"unknown model_type": (str(unknown), "falcon"), "missing tensor": (str(missing), "up_proj"),
+             "bad gguf": (str(badfile), "bad.gguf"), "not a model": (str(notamodel), "x.bin"),
+             "no such path": (str(tmp_path / "nope"), "nope")}
+    # bad config.json files (issue 13 #23: these printed tracebacks)
+    for name, text, needle in (("zero heads", json.dumps(dict(cfg, num_attention_heads=0)), "num_attention_heads"),
+                               ("string size", json.dumps(dict(cfg, hidden_size="64")), "hidden_size"),
+                               ("deep nesting", "[" * 100000 + "]" * 100000, "config"),
+                               ("truncated json", json.dumps(cfg)[:-5], "config"),
+                               ("not an object", "[1, 2]", "config")):
+        bad = tmp_path / name.replace(" ", "_")
+        bad.mkdir()
+        (bad / "config.json").write_text(text)
+        os.link(os.path.join(d, "model.safetensors"), bad / "model.safetensors")
+        cases["config: " + name] = (str(bad), needle)
+    return cases
 
 
 def test_cli_unsupported_inputs_exit_2(tmp_path):

@@ -227,7 +227,7 @@ class ModelConfig:
         try:
             with open(path) as f:
                 d = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             raise UnsupportedModelError(f"cannot read model config {path}: {e}") from None
         if not isinstance(d, dict):
             raise UnsupportedModelError(f"{path}: config is not a JSON object")
