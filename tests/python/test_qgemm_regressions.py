@@ -35,20 +35,20 @@ def test_out_aliasing_bias_is_refused(qm):
 @pytest.mark.parametrize("exact", [False, True])
 def test_nd_x_with_non_contiguous_out_is_written(qm, exact):
     x = np.random.default_rng(3).standard_normal((2, 3, 96)).astype(np.float32)
-    big = np.full((2, 3, 192), np.nan, np.float32)
-    out = big[:, :, ::2]  # (2, 3, 96), not reshapeable to 2-D without a copy
+    big = np.full((2, 4, 96), np.nan, np.float32)
+    out = big[:, :3, :]  # (2, 3, 96) with a row gap: not reshapeable to 2-D without a copy
     got = mk.qgemm(x, qm, out=out, exact=exact)
     assert got is out
     ref = _reference(x.reshape(-1, 96), qm).reshape(2, 3, 96)
     np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
-    assert np.isnan(big[:, :, 1::2]).all()  # nothing written beside out
+    assert np.isnan(big[:, 3, :]).all()  # nothing written beside out
 
 
 def test_nd_x_with_non_contiguous_torch_out_is_written(qm):
     torch = pytest.importorskip("torch")
     x = torch.randn(2, 3, 96)
-    big = torch.full((2, 3, 192), float("nan"))
-    out = big[:, :, ::2]
+    big = torch.full((2, 4, 96), float("nan"))
+    out = big[:, :3, :]
     mk.qgemm(x, qm, out=out, exact=True)
     ref = _reference(x.numpy().reshape(-1, 96), qm).reshape(2, 3, 96)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
@@ -69,4 +69,5 @@ def test_non_finite_x_propagates_on_the_default_path(qm, bad, tokens):
     if np.isnan(bad):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     finite = np.isfinite(ref)
-    np.testing.assert_allclose(got[finite], ref[finite], rtol=3e-2, atol=3e-2 * np.abs(ref[finite]).max())
+    if finite.any():  # the other tokens keep their (int8-activation) accuracy
+        np.testing.assert_allclose(got[finite], ref[finite], rtol=3e-2, atol=3e-2 * np.abs(ref[finite]).max())
