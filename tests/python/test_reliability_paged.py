@@ -1,5 +1,6 @@
 """Regression tests for issue 13 (reliability round 2), paged KV cache and quantization findings:
 each test failed before its fix."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -180,6 +181,10 @@ def test_paged_attention_nan_in_a_masked_key_stays_hidden(rng):
 
 
 # ---- 5: a failed scratch allocation inside the OpenMP region raises MemoryError ----
+# AddressSanitizer's allocator aborts on a failed throwing `new` instead of throwing bad_alloc, so
+# this can only run in a plain build (run_sanitized.sh sets MEMKERNELS_SANITIZED).
+@pytest.mark.skipif(bool(os.environ.get("MEMKERNELS_SANITIZED")),
+                    reason="ASan aborts on a failed allocation instead of throwing std::bad_alloc")
 def test_paged_attention_raw_huge_group_raises_memory_error():
     # 2^30 query heads over one kv head (stride-0 views; the issue used 2^26): the per-thread row buffers
     # cannot be allocated. Before: std::bad_alloc left the OpenMP region and aborted the process.
