@@ -33,7 +33,8 @@ def one_input(data: bytes) -> None:
         x = _X[:, :k]
         with np.errstate(all="ignore"):
             ref = x.astype(np.float64) @ w.astype(np.float64).T
-        finite_close(mk.qgemm(x, qm), ref, 1e-4, "qgemm vs dequantize")
+        # exact=True: the default int8-activation path has its own (looser) bound, tested in test_quant.py
+        finite_close(mk.qgemm(x, qm, exact=True), ref, 1e-4, "qgemm vs dequantize")
     back = mk.dequantize(mk.from_bytes(qm.to_bytes()))
     if not np.array_equal(back, w, equal_nan=True):
         raise AssertionError("to_bytes/from_bytes round trip changed the matrix")
