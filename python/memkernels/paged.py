@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _memkernels as _C
 from ._arrays import INT32, INT64, as_int, bfloat16, check_out, dtype_name, empty_like, parse_device, stream_handle
-from .attention import _window_bounds
+from .attention import _float32_option, _window_bounds
 
 
 def _device(device) -> tuple[int, int]:
@@ -49,10 +49,10 @@ def _counts(counts, name) -> list[int]:
 
 
 def _scale(scale, softcap):
-    scale = 0.0 if scale is None else float(scale)
+    scale = _float32_option(scale, "scale")  # as flash_attention: a positive value rounding to 0 is refused
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
-    return scale, 0.0 if softcap is None else float(softcap)
+    return scale, _float32_option(softcap, "softcap")
 
 
 _INT_MAX = 2**31 - 1

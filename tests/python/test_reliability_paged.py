@@ -362,3 +362,19 @@ def test_free_during_attention_is_safe(rng, dtype):
             bad += 1
     assert bad == 0, f"{bad} of 30 attention calls read pages freed and rewritten under them"
     cache.check_invariants()
+
+
+# ---- 16 (paged): a positive scale or softcap rounding to 0.0f must not silently mean the default ----
+@pytest.mark.parametrize("arg", ["scale", "softcap"])
+def test_paged_tiny_positive_scale_or_softcap_is_refused(arg):
+    cache = PagedKVCache(1, 2, 16, 1, 16)
+    seq = cache.add_sequence()
+    k = np.random.default_rng(0).standard_normal((3, 1, 16)).astype(np.float32)
+    cache.append([seq], 0, k, k, [3])
+    q = k[-1:]
+    with pytest.raises(ValueError, match=f"{arg} = .* rounds to 0"):
+        paged_attention(q, cache, 0, [seq], **{arg: 1e-50})
+    kp, vp = cache.k_pages(0), cache.v_pages(0)
+    indptr, indices, last = cache.build_indices([seq], 0)
+    with pytest.raises(ValueError, match=f"{arg} = .* rounds to 0"):
+        paged_attention_raw(q, kp, vp, indptr, indices, last, **{arg: 1e-50})
