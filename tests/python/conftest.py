@@ -16,6 +16,19 @@ FLOAT_DTYPES = [np.dtype(np.float32), np.dtype(np.float16)] + ([BF16] if BF16 is
 # Relative error bounds per dtype, for results accumulated in fp32 from inputs of that dtype.
 TOLERANCE = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 
+# The CPU ISAs this machine can run, lowest first; the `isa` fixture runs a test once under each.
+_ALL_ISAS = ("generic", "avx2", "avx512")
+ISAS = list(_ALL_ISAS[:_ALL_ISAS.index(memkernels.info()["best_cpu_isa"]) + 1])
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    old = memkernels.info()["cpu_isa"]
+    memkernels.set_cpu_isa(request.param)
+    yield request.param
+    memkernels.set_cpu_isa(old)
+
+
 CUDA_AVAILABLE = memkernels.info()["cuda_available"]
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device")
 

@@ -237,16 +237,7 @@ def test_weight_store_in_a_forked_child_fails_clearly(tmp_path):
 
 
 # ---- 10: NaN and Inf propagate through CPU flash attention as in float64 ----
-ISAS = [i for i in ("generic", "avx2", "avx512")
-        if ["generic", "avx2", "avx512"].index(i) <= ["generic", "avx2", "avx512"].index(mk.info()["best_cpu_isa"])]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    old = mk.info()["cpu_isa"]
-    mk.set_cpu_isa(request.param)
-    yield request.param
-    mk.set_cpu_isa(old)
+# `isa` (every CPU ISA this machine has) is the fixture in conftest.py
 
 
 def _causal_ref(q, k, v, causal, softcap=None):

@@ -13,17 +13,6 @@ import pytest
 import memkernels as mk
 from memkernels import PagedKVCache, paged_attention, paged_attention_raw
 
-ISAS = [i for i in ("generic", "avx2", "avx512")
-        if ["generic", "avx2", "avx512"].index(i) <= ["generic", "avx2", "avx512"].index(mk.info()["best_cpu_isa"])]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    old = mk.info()["cpu_isa"]
-    mk.set_cpu_isa(request.param)
-    yield request.param
-    mk.set_cpu_isa(old)
-
 
 def _f32(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
