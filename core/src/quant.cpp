@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "cpu/convert.h"
 #include "quant_internal.h"
@@ -61,7 +63,9 @@ struct Header {
   uint8_t reserved1[16];
 };
 static_assert(sizeof(Header) == 64, "header layout");
-constexpr uint32_t kVersion = 1;
+// Version 1: whole groups (cols == K_pad). Version 2: the same layout with a partial last group
+// (cols < K_pad), written only then, so whole-group files stay readable by version-1 readers.
+constexpr uint32_t kVersion = 1, kVersionPartial = 2;
 constexpr size_t kDqBlock = 256;  // scales per double-quantisation step
 
 uint64_t fnv1a(const uint8_t* p, size_t n, uint64_t h = 0xcbf29ce484222325ull) {
@@ -82,9 +86,7 @@ int resolve_group(QuantFormat f, int64_t rows, int64_t cols, int group_size, boo
   check(!double_quant || f == QuantFormat::NF4, kind,
         c + ": double_quant applies to nf4 only, not " + quant_format_name(f));
   if (f == QuantFormat::Int8 && (group_size == 0 || group_size == cols)) {
-    // per output channel (the default): one group spanning the row
-    check(cols % 32 == 0, kind, c + ": int8 needs in_features to be a multiple of 32, got " + str(cols));
-    return int(cols);
+    return int(cols);  // per output channel (the default): one group spanning the row
   }
   if (f == QuantFormat::Int8)
     check(group_size == 32 || group_size == 64 || group_size == 128, kind,
@@ -93,10 +95,27 @@ int resolve_group(QuantFormat f, int64_t rows, int64_t cols, int group_size, boo
   const int g = group_size == 0 ? 128 : group_size;
   check(g == 32 || g == 64 || g == 128, kind,
         c + ": group_size must be 32, 64 or 128 for " + quant_format_name(f) + ", got " + str(group_size));
-  check(cols % g == 0, kind,
-        c + ": in_features (" + str(cols) + ") must be a multiple of group_size (" + str(g) +
-            "); pad the weight matrix with zero columns (and x with zeros) to use this format");
-  return g;
+  return g;  // any cols: the last group may be partial (stored padded, see quant.h)
+}
+
+// K_pad: cols rounded up to whole groups, or to whole 32-weight chunks for one group per row.
+int64_t padded_cols_for(int64_t cols, int group_size) {
+  const int64_t unit = group_size == cols ? 32 : group_size;
+  return (cols + unit - 1) / unit * unit;
+}
+
+// The code that dequantizes to 0 (the pad columns' code); int4_min has none and uses 0 (its minimum).
+uint8_t zero_code(QuantFormat f, uint8_t zero_point) {
+  switch (f) {
+    case QuantFormat::Int4:
+    case QuantFormat::Int3:
+    case QuantFormat::Int2: return zero_point;
+    case QuantFormat::Int4Sym: return 8;
+    case QuantFormat::Int3Sym: return 4;
+    case QuantFormat::Int2Sym: return 2;
+    case QuantFormat::NF4: return 7;  // kNF4[7] == 0
+    default: return 0;                // int8 (signed 0), int4_min
+  }
 }
 
 // Packs 32 codes (each < 2^bits) of one chunk into dst in the documented layout.
@@ -185,6 +204,61 @@ bool quantize_group(QuantFormat f, const float* w, int n, uint8_t* q, float* sca
   return true;
 }
 
+// Scratch for one call: host memory, or stream-ordered device memory freed on `stream` when the
+// scope ends (also when the kernel throws).
+class CallScratch {
+ public:
+  CallScratch(const Device& device, void* stream) : device_(device), stream_(stream) {}
+  CallScratch(const CallScratch&) = delete;
+  CallScratch& operator=(const CallScratch&) = delete;
+  ~CallScratch() {
+    for (void* p : ptrs_) {
+      if (!device_.is_cuda()) {
+        std::free(p);
+      } else {
+#if MEMKERNELS_WITH_CUDA
+        cuda_backend::free_async(device_.index, p, stream_);
+#endif
+      }
+    }
+  }
+  void* alloc(size_t bytes, const char* what) {
+    ptrs_.reserve(ptrs_.size() + 1);  // before allocating: a failed push_back must not leak
+    void* p = nullptr;
+    if (!device_.is_cuda()) {
+      p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+      if (!p) throw_error(ErrorKind::Memory, std::string(what) + ": out of memory allocating " + str(int64_t(bytes)) + " bytes");
+    } else {
+#if MEMKERNELS_WITH_CUDA
+      p = cuda_backend::malloc_async(device_.index, bytes, stream_);
+#endif
+    }
+    ptrs_.push_back(p);
+    return p;
+  }
+
+ private:
+  Device device_;
+  void* stream_;
+  std::vector<void*> ptrs_;
+};
+
+// Copies `rows` rows of `width` bytes (source pitch src_pitch bytes) into dst with pitch dst_pitch,
+// on the host or (CUDA) on `stream`.
+void copy_rows(const Device& device, void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+               int64_t rows, void* stream) {
+  if (device.is_cuda()) {
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::copy_2d(device.index, dst, dst_pitch, src, src_pitch, width, size_t(rows), stream);
+#endif
+    return;
+  }
+  (void)stream;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (int64_t(width) * rows > (int64_t(1) << 18))
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width);
+}
+
 void run_dequant(const DequantProblem& p, const Device& device, void* stream) {
   if (device.is_cuda()) {
     require_cuda_usable("dequantize", device);
@@ -234,13 +308,14 @@ const float* nf4_codebook() { return kNF4; }
 
 // ---- QuantizedMatrix ----------------------------------------------------------------------------
 
-int64_t QuantizedMatrix::row_bytes() const { return cols_ * quant_bits(format_) / 8; }
+int64_t QuantizedMatrix::row_bytes() const { return padded_cols_ * quant_bits(format_) / 8; }
 
 QuantizedMatrix QuantizedMatrix::allocate(QuantFormat f, int64_t rows, int64_t cols, int group_size,
                                           bool double_quant, const Device& device) {
   QuantizedMatrix m;
   m.group_size_ = resolve_group(f, rows, cols, group_size, double_quant, ErrorKind::Value, "quantized matrix");
   m.format_ = f, m.rows_ = rows, m.cols_ = cols, m.double_quant_ = double_quant, m.device_ = device;
+  m.padded_cols_ = padded_cols_for(cols, m.group_size_);
   const size_t nscales = size_t(rows) * size_t(m.groups());
   size_t off = 0;
   m.off_codes_ = off;
@@ -294,7 +369,7 @@ std::vector<uint8_t> QuantizedMatrix::serialize() const {
   check(!empty(), ErrorKind::Value, "serialize: the matrix is empty");
   Header h{};
   std::memcpy(h.magic, "MKQM", 4);
-  h.version = kVersion;
+  h.version = cols_ == padded_cols_ ? kVersion : kVersionPartial;
   h.format = uint8_t(format_);
   h.double_quant = double_quant_ ? 1 : 0;
   h.rows = rows_, h.cols = cols_, h.group_size = group_size_;
@@ -317,13 +392,17 @@ QuantizedMatrix QuantizedMatrix::deserialize(const void* data, size_t size) {
   Header h;
   std::memcpy(&h, b, sizeof h);
   check(std::memcmp(h.magic, "MKQM", 4) == 0, bad, "not a memkernels QuantizedMatrix (bad magic)");
-  check(h.version == kVersion, bad,
-        "QuantizedMatrix format version " + str(h.version) + " is not supported (this build reads " +
-            str(kVersion) + ")");
+  check(h.version == kVersion || h.version == kVersionPartial, bad,
+        "QuantizedMatrix format version " + str(h.version) + " is not supported (this build reads " + str(kVersion) +
+            " and " + str(kVersionPartial) + ")");
   check(h.double_quant <= 1, bad, "QuantizedMatrix header: bad double_quant flag");
   const QuantFormat f = QuantFormat(h.format);
   const int g = resolve_group(f, h.rows, h.cols, h.group_size, h.double_quant != 0, bad, "QuantizedMatrix header");
   check(g == h.group_size, bad, "QuantizedMatrix header: group_size " + str(h.group_size) + " is invalid");
+  const bool whole = padded_cols_for(h.cols, g) == h.cols;
+  check(whole || h.version == kVersionPartial, bad,
+        "QuantizedMatrix header: version 1 with cols " + str(h.cols) + " not a whole number of groups of " + str(g) +
+            " (a partial last group needs version 2)");
   check(h.payload_bytes == size - sizeof(Header) - 8, bad,
         "QuantizedMatrix bytes truncated or padded: header announces " + str(int64_t(h.payload_bytes)) +
             " payload bytes, " + str(int64_t(size - sizeof(Header) - 8)) + " present");
@@ -393,13 +472,29 @@ void double_quantize_scales(QuantizedMatrix& m, const std::vector<float>& raw) {
   m.set_scale_offset(off);
 }
 
+// Packs codes q (rows x cols, row stride ldq) into m; a partial last chunk is completed with the
+// code of 0 (the zero point of the row's last group for the asymmetric formats; zeros set before).
 void pack_rows(QuantizedMatrix& m, const uint8_t* q, int64_t ldq) {
   const int bits = quant_bits(m.format());
-  const int64_t rb = m.row_bytes();
+  const int64_t rb = m.row_bytes(), K = m.cols(), whole = K / 32, G = m.groups();
   uint8_t* codes = m.mutable_data();
+  const uint8_t* zp = m.zeros();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (int64_t n = 0; n < m.rows(); ++n)
-    for (int64_t c = 0; c < m.cols() / 32; ++c) pack_chunk(bits, q + n * ldq + c * 32, codes + n * rb + c * (bits * 4));
+  for (int64_t n = 0; n < m.rows(); ++n) {
+    for (int64_t c = 0; c < whole; ++c) pack_chunk(bits, q + n * ldq + c * 32, codes + n * rb + c * (bits * 4));
+    if (whole * 32 < K) {
+      uint8_t tail[32];
+      std::memset(tail, zero_code(m.format(), zp ? zp[n * G + G - 1] : 0), 32);
+      std::memcpy(tail, q + n * ldq + whole * 32, size_t(K - whole * 32));
+      pack_chunk(bits, tail, codes + n * rb + whole * (bits * 4));
+    }
+    // chunks wholly in the padding (a group of 64/128 with more than 32 pad columns)
+    for (int64_t c = (K + 31) / 32; c < m.padded_cols() / 32; ++c) {
+      uint8_t pad[32];
+      std::memset(pad, zero_code(m.format(), zp ? zp[n * G + G - 1] : 0), 32);
+      pack_chunk(bits, pad, codes + n * rb + c * (bits * 4));
+    }
+  }
 }
 
 }  // namespace
@@ -414,6 +509,7 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
   const int64_t N = w.size(0), K = w.size(1);
   QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
   const int g = m.group_size(), bits = quant_bits(format);
+  const int64_t Kp = m.padded_cols();
   const int64_t G = m.groups(), rb = m.row_bytes();
   const bool dq = opts.double_quant;
   std::vector<float> raw_scales(dq ? size_t(N * G) : 0);
@@ -431,7 +527,7 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
   {
     std::vector<float> row;
     std::vector<uint8_t> q;
-    const bool ok = guard.run([&] { row.resize(static_cast<size_t>(K)), q.resize(static_cast<size_t>(K)); });
+    const bool ok = guard.run([&] { row.resize(static_cast<size_t>(K)), q.resize(static_cast<size_t>(Kp)); });
 #pragma omp for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n) {
       if (!ok || guard.failed()) continue;
@@ -446,17 +542,19 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
         for (int64_t gi = 0; gi < G; ++gi) {
           uint8_t z = 0;
           float mn = 0.0f;
-          if (!quantize_group(format, row.data() + gi * g, g, q.data() + gi * g, &scales[n * G + gi], &z, &mn)) {
+          const int len = int(std::min<int64_t>(g, K - gi * g));  // the last group may be partial
+          if (!quantize_group(format, row.data() + gi * g, len, q.data() + gi * g, &scales[n * G + gi], &z, &mn)) {
             const float* x = row.data() + gi * g;
-            const auto [lo, hi] = std::minmax_element(x, x + g);
+            const auto [lo, hi] = std::minmax_element(x, x + len);
             throw Error(ErrorKind::Value, "quantize: w[" + str(n) + "] group " + str(gi) + " spans [" +
                                               num(*lo) + ", " + num(*hi) + "], too wide for " + quant_format_name(format) +
                                               ": its dequantized values would overflow float32; scale the weights down");
           }
           if (zeros) zeros[n * G + gi] = z;
           if (mins) mins[n * G + gi] = mn;
+          if (gi == G - 1) std::fill(q.begin() + K, q.end(), zero_code(format, z));  // pad columns: the code of 0
         }
-        for (int64_t c = 0; c < K / 32; ++c) pack_chunk(bits, q.data() + c * 32, codes + n * rb + c * (bits * 4));
+        for (int64_t c = 0; c < Kp / 32; ++c) pack_chunk(bits, q.data() + c * 32, codes + n * rb + c * (bits * 4));
       });
     }
   }
@@ -562,7 +660,19 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream) 
   p.w = make_quant_view(qm);
   p.dtype = out.dtype;
   p.out = out.data;
+  if (qm.padded_cols() == qm.cols()) {
+    run_dequant(p, out.device, stream);
+    return;
+  }
+  // A partial last group: the kernels write whole padded rows; dequantize into (N, K_pad) scratch
+  // and copy the K real columns of each row out.
+  CallScratch scratch(out.device, stream);
+  const size_t es = size_t(dtype_size(out.dtype));
+  if (out.device.is_cuda()) require_cuda_usable("dequantize", out.device);
+  p.out = scratch.alloc(size_t(qm.rows()) * size_t(qm.padded_cols()) * es, "dequantize");
   run_dequant(p, out.device, stream);
+  copy_rows(out.device, out.data, size_t(qm.cols()) * es, p.out, size_t(qm.padded_cols()) * es, size_t(qm.cols()) * es,
+            qm.rows(), stream);
 }
 
 void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
@@ -595,9 +705,7 @@ void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bia
     expect_contiguous(*bias, "bias");
     expect_not_null(*bias, "bias");
     expect_same_device(*bias, "bias", x, "x");
-    if (bias->dtype != x.dtype)
-      throw_error(ErrorKind::Type,
-                  std::string("qgemm: bias has dtype ") + dtype_name(bias->dtype) + " but x has " + dtype_name(x.dtype));
+    expect_dtype(*bias, "bias", {DType::Float32, DType::Float16, DType::BFloat16});
     p.bias = bias->data;
   }
   p.w = make_quant_view(qm);
@@ -609,8 +717,59 @@ void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bia
   p.out_row = out.strides[0];
   p.int8_activations = opts.int8_activations;
   if (p.tokens == 0) return;
-  if (x.device.is_cuda()) {
-    require_cuda_usable("qgemm", x.device);
+  const bool cuda = x.device.is_cuda();
+  if (cuda) require_cuda_usable("qgemm", x.device);
+  const bool pad_x = qm.padded_cols() != qm.cols();
+  const bool cast_bias = bias && bias->dtype != x.dtype;
+  if (!pad_x && !cast_bias) {
+    if (cuda) {
+#if MEMKERNELS_WITH_CUDA
+      cuda_backend::qgemm(p, stream);
+#endif
+      return;
+    }
+    MK_CPU_DISPATCH(qgemm, p);
+    return;
+  }
+  CallScratch scratch(x.device, stream);
+  const size_t es = size_t(dtype_size(x.dtype));
+  if (pad_x) {
+    // The kernels read whole groups: x (tokens, K) -> zero-padded (tokens, K_pad), once per call
+    // (tokens * K_pad elements: small next to the weights the call reads).
+    const int64_t T = p.tokens, K = qm.cols(), Kp = qm.padded_cols();
+    void* xp = scratch.alloc(size_t(T) * size_t(Kp) * es, "qgemm");
+    if (cuda) {
+#if MEMKERNELS_WITH_CUDA
+      cuda_backend::memset_async(x.device.index, xp, size_t(T) * size_t(Kp) * es, stream);
+#endif
+      copy_rows(x.device, xp, size_t(Kp) * es, x.data, size_t(x.strides[0]) * es, size_t(K) * es, T, stream);
+    } else {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (T * Kp > (int64_t(1) << 16))
+      for (int64_t t = 0; t < T; ++t) {
+        char* dst = static_cast<char*>(xp) + size_t(t) * size_t(Kp) * es;
+        std::memcpy(dst, static_cast<const char*>(x.data) + size_t(t) * size_t(x.strides[0]) * es, size_t(K) * es);
+        std::memset(dst + size_t(K) * es, 0, size_t(Kp - K) * es);
+      }
+    }
+    p.x = xp;
+    p.x_row = Kp;
+  }
+  if (cast_bias) {
+    // A bias of another float dtype: converted to x's once per call (the kernels read x's dtype).
+    const int64_t N = qm.rows();
+    void* b = scratch.alloc(size_t(N) * es, "qgemm");
+    if (cuda) {
+#if MEMKERNELS_WITH_CUDA
+      cuda_backend::convert_floats(x.device.index, bias->data, bias->dtype, b, x.dtype, N, stream);
+#endif
+    } else {
+      std::vector<float> tmp(static_cast<size_t>(N));
+      cpu::load_floats(bias->data, bias->dtype, N, tmp.data());
+      cpu::store_floats(tmp.data(), x.dtype, N, b);
+    }
+    p.bias = b;
+  }
+  if (cuda) {
 #if MEMKERNELS_WITH_CUDA
     cuda_backend::qgemm(p, stream);
 #endif

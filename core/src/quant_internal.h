@@ -14,7 +14,7 @@ namespace memkernels {
 struct QuantView {
   QuantFormat format = QuantFormat::Int4;
   int bits = 4;
-  int64_t rows = 0, cols = 0;  // N, K
+  int64_t rows = 0, cols = 0;  // N, K_pad (QuantizedMatrix::padded_cols(): whole groups / chunks)
   int group_size = 0;
   int64_t groups = 0;          // per row
   int64_t row_bytes = 0;
@@ -43,8 +43,10 @@ inline QuantView make_quant_view(const QuantizedMatrix& qm) {
   QuantView v;
   v.format = qm.format();
   v.bits = quant_bits(qm.format());
-  v.rows = qm.rows(), v.cols = qm.cols();
-  v.group_size = qm.group_size();
+  // The kernels see the stored (padded) matrix: K_pad columns of whole groups; per-channel int8
+  // (group_size == cols) is one group spanning the padded row.
+  v.rows = qm.rows(), v.cols = qm.padded_cols();
+  v.group_size = qm.group_size() == qm.cols() ? int(qm.padded_cols()) : qm.group_size();
   v.groups = qm.groups();
   v.row_bytes = qm.row_bytes();
   v.codes = qm.codes();
@@ -67,9 +69,9 @@ struct QGemmProblem {
   QuantView w;
   DType dtype = DType::Float32;  // of x, out and bias
   int64_t tokens = 0;
-  const void* x = nullptr;
+  const void* x = nullptr;  // (tokens, K_pad): the dispatch zero-pads x when K != K_pad
   int64_t x_row = 0;   // stride between tokens, elements
-  const void* bias = nullptr;  // (N,) or null
+  const void* bias = nullptr;  // (N,) of `dtype` (the dispatch converts another one) or null
   void* out = nullptr;
   int64_t out_row = 0;
   bool int8_activations = false;  // see QGemmOptions
@@ -78,7 +80,7 @@ struct QGemmProblem {
 struct DequantProblem {
   QuantView w;
   DType dtype = DType::Float32;
-  void* out = nullptr;  // (N, K) contiguous
+  void* out = nullptr;  // (N, K_pad) contiguous (the dispatch drops the padding for K != K_pad)
 };
 
 namespace cuda_backend {

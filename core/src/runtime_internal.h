@@ -61,6 +61,16 @@ void memset_zero(int device, void* dst, size_t bytes, void* stream);
 void* malloc_pinned(size_t bytes);
 void free_pinned(void* ptr) noexcept;
 void synchronize(int device, void* stream);
+// Stream-ordered scratch (cudaMallocAsync / cudaFreeAsync on `stream`): the memory may be reused by
+// later work on that stream as soon as the work enqueued before the free is done.
+void* malloc_async(int device, size_t bytes, void* stream);
+void free_async(int device, void* ptr, void* stream) noexcept;
+void memset_async(int device, void* dst, size_t bytes, void* stream);  // zeros; never synchronises
+// cudaMemcpy2DAsync(cudaMemcpyDefault): `height` rows of `width` bytes, pitches in bytes.
+void copy_2d(int device, void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t height,
+             void* stream);
+// dst[i] = src[i] converted (float32/float16/bfloat16 both), n elements on the device, on `stream`.
+void convert_floats(int device, const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, void* stream);
 }  // namespace cuda_backend
 
 }  // namespace memkernels

@@ -20,8 +20,10 @@ nf4         group 32/64/128              ``s * NF4[q]``, s = absmax (QLoRA Norma
                                          ``double_quant=True`` stores s itself in int8
 ==========  ===========================  ======================================================
 
-in_features must be a multiple of the group size (of 32 for per-channel int8); pad W (and x) with
-zero columns otherwise. The packed layout is documented in ``memkernels/quant.h``.
+Any in_features is accepted: when it is not a multiple of the group size (of 32 for per-channel
+int8) the last group is partial. Its scale comes from its real weights only; the codes are stored
+padded to whole groups with the code of 0, and qgemm pads x with zeros (a copy of x per call), so
+nothing changes for the caller. The packed layout is documented in ``memkernels/quant.h``.
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
     """``x @ dequantize(qm).T (+ bias)`` with the weights unpacked on the fly, accumulated in fp32.
 
     x: (tokens, in_features), (in_features,) or (..., in_features), float32/float16/bfloat16, NumPy or
-    any DLPack array on qm's device. bias: optional (out_features,) of x's dtype. Returns x's shape with
+    any DLPack array on qm's device. bias: optional (out_features,), float32, float16 or bfloat16
+    whatever x's dtype (another dtype is converted to x's once per call). Returns x's shape with
     the last dimension replaced by out_features, in x's dtype; `out` may be given (that shape; for
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
@@ -188,7 +191,8 @@ def pack_quantized(format: str, codes, scales, zeros=None, *, mins=None, group_s
     codes: (out_features, in_features) uint8 codes q (int8 format: the signed values, as int8 or as
     their uint8 bits); scales: (out_features, groups) float, finite, any sign, zero allowed (stored
     as float32, bit for bit); zeros: (out_features, groups) uint8 for int4/int3/int2 only; mins:
-    (out_features, groups) float, finite, for int4_min only. group_size: 32, 64 or 128 (default
+    (out_features, groups) float, finite, for int4_min only; groups = ceil(in_features / group_size)
+    (a partial last group is fine). group_size: 32, 64 or 128 (default
     128; int8: None = per output channel). Dequantized values follow the table in this module, e.g.
     GGUF blocks: ``pack_quantized("int8", q8_0_codes, d, group_size=32)``,
     ``pack_quantized("int4_sym", q4_0_codes, d, group_size=32)``,
@@ -290,7 +294,7 @@ def quantize_gptq(w, format: str = "int4", *, group_size: int | None = None, hes
     except np.linalg.LinAlgError:
         raise ValueError("quantize_gptq: the Hessian is not positive definite; raise damp") from None
 
-    groups = k // g
+    groups = -(-k // g)  # the last group may be partial
     codes = np.empty((n, k), np.uint8)
     scales = np.empty((n, groups), np.float64)
     zeros = np.empty((n, groups), np.float64) if format in ("int4", "int3", "int2", "int4_min") else None

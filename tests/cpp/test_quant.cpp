@@ -100,12 +100,17 @@ TEST(Quant, SerialiseRoundTripAndCorruption) {
 TEST(Quant, BadArguments) {
   std::vector<float> w(100 * 10, 1.0f);
   try {
-    quantize(TensorView(w.data(), DType::Float32, {10, 100}), QuantFormat::Int4, {});
+    quantize(TensorView(w.data(), DType::Float32, {10, 100}), QuantFormat::Int4, {48, false});
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::Value);
-    EXPECT_NE(std::string(e.what()).find("multiple of group_size"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("group_size must be 32, 64 or 128"), std::string::npos) << e.what();
   }
+  // any in_features: a partial last group is stored padded, the logical shape is kept
+  QuantizedMatrix partial = quantize(TensorView(w.data(), DType::Float32, {10, 100}), QuantFormat::Int4, {});
+  EXPECT_EQ(partial.cols(), 100);
+  EXPECT_EQ(partial.padded_cols(), 128);
+  EXPECT_EQ(partial.groups(), 1);
   std::vector<float> w2(128 * 4, 1.0f);
   EXPECT_THROW(quantize(TensorView(w2.data(), DType::Float32, {4, 128}), QuantFormat::Int4, {48, false}), Error);
   EXPECT_THROW(quantize(TensorView(w2.data(), DType::Float32, {4, 128}), QuantFormat::Int4, {128, true}), Error);

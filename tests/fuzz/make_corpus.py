@@ -41,6 +41,11 @@ def main():
     quant = [mk.quantize(w(2, 32), "int4", group_size=32), mk.quantize(w(2, 32), "int8"),
              mk.quantize(w(3, 64), "nf4", group_size=64, double_quant=True),
              mk.quantize(w(1, 32), "int3_sym", group_size=32), mk.quantize(w(2, 64), "int2", group_size=64)]
+    # partial last groups (version-2 files), from their own generator so the other seeds stay as they were
+    rng2 = np.random.default_rng(16)
+    quant += [mk.quantize(rng2.standard_normal((2, 33)).astype(np.float32), "int4", group_size=32),
+              mk.quantize(rng2.standard_normal((3, 100)).astype(np.float32), "int8"),
+              mk.quantize(rng2.standard_normal((1, 70)).astype(np.float32), "int4_min", group_size=64)]
     _write("quant", _both([q.to_bytes() for q in quant]))
 
     def sparse(r, c, fmt, dt):

@@ -28,21 +28,34 @@
 //   2-bit: 8 bytes, byte i holds weights i, i + 8, i + 16, i + 24 at bits 0-1, 2-3, 4-5, 6-7.
 //   3-bit: the 2-bit chunk of the low two bits (8 bytes) followed by a little-endian uint32 whose
 //          bit i is bit 2 of weight i (12 bytes per 32 weights).
-// Rows follow each other (row stride = K * bits / 8 bytes). Then, each section 64-byte aligned:
+// Rows follow each other (row stride = K_pad * bits / 8 bytes, K_pad below). Then, each section
+// 64-byte aligned:
 // scales fp32 [N][groups]; zeros uint8 [N][groups] (asymmetric only); mins fp32 [N][groups]
 // (int4_min only); for nf4 + double_quant the scales section is replaced by int8 codes [N * groups]
 // and fp32 steps [ceil(N * groups / 256)].
-// K must be a multiple of group_size (32, 64 or 128) for the grouped formats and of 32 for
-// per-channel int8 (whole chunks). No padding is done: another K raises Error(Value) naming the sizes.
+// Any in_features K >= 1 is accepted. The codes are stored padded to K_pad columns (padded_cols()):
+// K rounded up to whole groups (grouped formats: a multiple of group_size), or to whole 32-weight
+// chunks (per-channel int8). The pad columns hold the code of 0 (0 for int8, 2^(b-1) for the
+// symmetric formats, the group's zero point for int4/3/2, the NF4 level 0; code 0, i.e. the group
+// minimum, for int4_min, which has no exact 0); the last group's scale / zero / min come from its
+// K - (groups - 1) * group_size real weights only. cols() stays K: qgemm takes x (tokens, K) and
+// hands the kernel a zero-padded copy (tokens, K_pad) when K != K_pad (so the pad weights multiply
+// exact zeros whatever they are), dequantize returns (N, K) with the padding dropped, pack_quantized
+// takes codes (N, K) and scales (N, ceil(K / group_size)). The kernels only ever see K_pad.
 // Scales (and mins) may have any sign and may be 0 (GGUF's block scales d can be negative or zero);
 // they must be finite. quantize() itself only produces scales >= 0.
 //
-// Serialised form (little-endian): a 64-byte header {magic "MKQM", version u32 = 1, format u8,
+// Serialised form (little-endian): a 64-byte header {magic "MKQM", version u32 (1 or 2), format u8,
 // double_quant u8, 2 reserved, rows i64, cols i64, group_size i32, scale_offset f32, payload
 // bytes u64, 16 reserved}, the payload (the buffer above), then an FNV-1a 64-bit checksum of
 // header and payload. Any truncation, bad field or checksum mismatch raises Error(CorruptData).
 // Version 1 covers every format here: group-wise int8 is int8 with group_size < cols, int4_min is
 // format id 8 (a reader that predates it refuses the id; files it wrote still load here).
+// Version 2 is written only for a partial last group (K != K_pad): the same header with cols = the
+// logical K, and the payload in the padded layout above. A matrix with whole groups is still written
+// as version 1, byte for byte as before, so older readers load it; an older reader refuses a version-2
+// file by its version number. This build reads both (a version-1 header with a partial group is
+// corrupt).
 #pragma once
 
 #include <cstdint>
@@ -77,9 +90,10 @@ class QuantizedMatrix {
 
   QuantFormat format() const { return format_; }
   int64_t rows() const { return rows_; }  // out_features
-  int64_t cols() const { return cols_; }  // in_features
-  int group_size() const { return group_size_; }
-  int64_t groups() const { return group_size_ ? cols_ / group_size_ : 0; }  // per row
+  int64_t cols() const { return cols_; }  // in_features (logical K)
+  int64_t padded_cols() const { return padded_cols_; }  // K_pad: the stored columns (see above)
+  int group_size() const { return group_size_; }  // per-channel int8: cols()
+  int64_t groups() const { return group_size_ ? (cols_ + group_size_ - 1) / group_size_ : 0; }  // per row
   bool double_quant() const { return double_quant_; }
   float scale_offset() const { return scale_offset_; }
   Device device() const { return device_; }
@@ -118,7 +132,7 @@ class QuantizedMatrix {
   const uint8_t* at(size_t off) const { return off == kNone ? nullptr : data() + off; }
   static constexpr size_t kNone = ~size_t(0);
   QuantFormat format_ = QuantFormat::Int4;
-  int64_t rows_ = 0, cols_ = 0;
+  int64_t rows_ = 0, cols_ = 0, padded_cols_ = 0;
   int group_size_ = 0;
   bool double_quant_ = false;
   float scale_offset_ = 0.0f;
@@ -134,7 +148,8 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
 
 // Packs given codes into a QuantizedMatrix (for external quantizers such as GPTQ, and importers of
 // GGUF blocks): codes (N, K) uint8 holding each weight's code q (int8: the signed value, as int8 or
-// uint8 bits, any of the 256), scales (N, groups) float32, finite, of any sign and possibly 0,
+// uint8 bits, any of the 256), scales (N, groups) float32 with groups = ceil(K / group_size) (the
+// pad columns get the code of 0, as in quantize()), finite, of any sign and possibly 0,
 // zeros (N, groups) uint8 for the asymmetric formats, mins (N, groups) float32 finite for int4_min
 // (null otherwise), all contiguous on the CPU. Codes and zeros must lie in [0, 2^bits). Scales and
 // mins are stored bit for bit. nf4 with opts.double_quant quantizes the scales as quantize() does.
@@ -162,8 +177,12 @@ struct QGemmOptions {
 };
 
 // out (tokens, N) = x (tokens, K) @ dequantize(qm)^T (+ bias (N,)), accumulated in fp32.
-// x, out and bias share one dtype (float32/float16/bfloat16) and qm's device; x and out rows must
-// be contiguous in their last dimension. stream: a cudaStream_t for CUDA (nullptr = default).
+// x and out share one dtype (float32/float16/bfloat16) and qm's device; x and out rows must be
+// contiguous in their last dimension. bias may be float32, float16 or bfloat16 whatever x's dtype:
+// another dtype is converted to x's once per call (so it is rounded to x's precision, as out is).
+// When K is not whole groups (K != qm.padded_cols()) x is copied once per call into a zero-padded
+// (tokens, K_pad) scratch (on CUDA: stream-ordered memory, a memset and a 2-D copy on `stream`).
+// stream: a cudaStream_t for CUDA (nullptr = default).
 void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
            void* stream = nullptr, const QGemmOptions& opts = {});
 

@@ -178,14 +178,8 @@ class Model:
                     and not cfg.tie_word_embeddings:
                 continue
             gs = None
-            if fmt != "int8":
-                gs = next((g for g in (128, 64, 32) if a.shape[1] % g == 0), None)
-                if gs is None:
-                    raise UnsupportedModelError(f"quantize={fmt!r}: tensor {name!r} has {a.shape[1]} input features, "
-                                                f"not a multiple of 32")
-            elif a.shape[1] % 32:
-                raise UnsupportedModelError(f"quantize={fmt!r}: tensor {name!r} has {a.shape[1]} input features, "
-                                            f"not a multiple of 32")
+            if fmt != "int8":  # the largest group that divides in_features; else 128 with a partial last group
+                gs = next((g for g in (128, 64, 32) if a.shape[1] % g == 0), 128)
             self.weights[name] = _quantize(np.ascontiguousarray(a, dtype=np.float32), fmt, group_size=gs)
         self._prepare()
         after = self.logits(probe)
