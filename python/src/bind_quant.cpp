@@ -25,6 +25,9 @@ MK_PYTHON_BINDING(quant) {
       .def_prop_ro("shape", [](const QuantizedMatrix& q) { return std::make_tuple(q.rows(), q.cols()); })
       .def_prop_ro("out_features", &QuantizedMatrix::rows)
       .def_prop_ro("in_features", &QuantizedMatrix::cols)
+      .def_prop_ro("padded_in_features", &QuantizedMatrix::padded_cols,
+                   "in_features rounded up to whole groups (32-weight chunks for per-channel int8): the "
+                   "stored columns; the pad columns hold the code of 0")
       .def_prop_ro("group_size", &QuantizedMatrix::group_size)
       .def_prop_ro("double_quant", &QuantizedMatrix::double_quant)
       .def_prop_ro("bits", [](const QuantizedMatrix& q) { return quant_bits(q.format()); })

@@ -571,7 +571,7 @@ def test_prompt_fully_cached_recomputes_its_last_token(tmp_path):
 def test_fuse_rows_stacks_quantized_matrices_bit_for_bit(fmt, gs, rows):
     from memkernels.models.llama import fuse_rows, fuse_rows_supported
     rng = np.random.default_rng(len(rows) + sum(rows))
-    for k in (32, 96, 160):
+    for k in (32, 96, 160, 33, 100):  # and partial last groups (stored padded)
         qs = [mk.quantize(rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 3), fmt, group_size=gs)
               for n in rows]
         assert fuse_rows_supported(qs)

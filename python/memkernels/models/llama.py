@@ -554,13 +554,15 @@ def fuse_rows_supported(qms) -> bool:
 
 def _codes_of(qm) -> np.ndarray:
     """The (rows, cols) uint8 codes of a CPU int8 / 4-bit QuantizedMatrix, from its packed layout
-    (quant.h: rows of 32-weight chunks; 4-bit chunk byte i = weight i low nibble, i + 16 high)."""
+    (quant.h: rows of 32-weight chunks, padded to whole groups; 4-bit chunk byte i = weight i low
+    nibble, i + 16 high)."""
     n, k = qm.shape
+    kp = qm.padded_in_features
     raw = qm.to_bytes()
     if qm.bits == 8:
-        return np.frombuffer(raw, np.uint8, n * k, 64).reshape(n, k)
-    b = np.frombuffer(raw, np.uint8, n * k // 2, 64).reshape(n, k // 32, 16)
-    return np.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(n, k)
+        return np.frombuffer(raw, np.uint8, n * kp, 64).reshape(n, kp)[:, :k]
+    b = np.frombuffer(raw, np.uint8, n * kp // 2, 64).reshape(n, kp // 32, 16)
+    return np.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(n, kp)[:, :k]
 
 
 def fuse_rows(qms):
