@@ -92,7 +92,7 @@ void dispatch_float_dtype(DType dtype, Fn&& fn) {
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
 #ifdef MEMKERNELS_CUDA_EMULATION
-  (void)stream;  // emulated streams are synchronous
+  ::mkemu::stream_before_launch(stream);  // the kernel runs now, after its stream's earlier work
   ::mkemu::launch({grid, block, smem, reinterpret_cast<const void*>(kernel)}, [&] { kernel(Params(args)...); });
 #else
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);

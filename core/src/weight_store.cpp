@@ -509,7 +509,19 @@ struct WeightStore::Impl {
   std::mutex qmu;
   std::condition_variable qcv;
   bool stopping = false;
-  std::vector<void*> thread_events;  // CUDA: one per I/O thread (get() copies)
+  std::vector<void*> thread_events;  // CUDA: one per staging buffer: its last get() copy
+  std::vector<char> stage_pending;   // CUDA: staging buffer i's last copy may still be reading it
+
+  // CUDA: host-to-device copies run on the store's own (non-blocking) copy stream, so they overlap
+  // the caller's kernels instead of queueing behind them. Ordering is explicit:
+  //   caller stream --entry_event--> copy stream   (out may still be in use by work enqueued before
+  //                                                 the call: the copies into it come after)
+  //   copy stream   --done_event---> caller stream (kernels enqueued after the call see the data)
+  // and a pinned staging / gather buffer is refilled only once the event recorded after the copy
+  // that read it has completed (in the steady state it has: no host wait).
+  void* copy_stream = nullptr;
+  void* entry_event = nullptr;
+  void* done_event = nullptr;
 
   // Cache.
   mutable std::mutex mu;
@@ -564,6 +576,9 @@ struct WeightStore::Impl {
     for (auto& t : threads) t.join();  // workers drain the queue first
     threads.clear();
 #if MEMKERNELS_WITH_CUDA
+    // The copy stream first: its pending copies read the pinned buffers freed after this.
+    cuda_backend::stream_destroy(copy_stream);
+    copy_stream = nullptr;
     for (void* e : thread_events) cuda_backend::event_destroy(e);
     for (void* e : gather_event) {
       if (e) {
@@ -571,6 +586,9 @@ struct WeightStore::Impl {
         cuda_backend::event_destroy(e);
       }
     }
+    cuda_backend::event_destroy(entry_event);
+    cuda_backend::event_destroy(done_event);
+    entry_event = done_event = nullptr;
 #endif
     thread_events.clear();
     if (fd >= 0) ::close(fd);
@@ -587,9 +605,36 @@ struct WeightStore::Impl {
         task = std::move(queue.front());
         queue.pop_front();
       }
-      task(stages[size_t(id)].ptr, id);
+      task(stage(id), id);
     }
   }
+
+  // Staging buffer `id`, once the last copy that read it (get() on CUDA) has completed.
+  uint8_t* stage(int id) {
+#if MEMKERNELS_WITH_CUDA
+    if (!stage_pending.empty() && stage_pending[size_t(id)]) {
+      // A failure here (a broken device) shows again, reported, in the task's own CUDA calls.
+      try { cuda_backend::event_wait_host(thread_events[size_t(id)]); } catch (...) {}
+      stage_pending[size_t(id)] = 0;
+    }
+#endif
+    return stages[size_t(id)].ptr;
+  }
+
+#if MEMKERNELS_WITH_CUDA
+  // Copies into a caller's buffer come after the work already enqueued on its stream.
+  void copies_after(void* stream) {
+    cuda_backend::set_device(opts.device.index);
+    cuda_backend::event_record(entry_event, stream);
+    cuda_backend::stream_wait_event(copy_stream, entry_event);
+  }
+  // Work enqueued on the caller's stream from now on comes after every copy issued so far.
+  void consumer_waits(void* stream) {
+    cuda_backend::set_device(opts.device.index);
+    cuda_backend::event_record(done_event, copy_stream);
+    cuda_backend::stream_wait_event(stream, done_event);
+  }
+#endif
 
   // The calling thread works through queued reads (with its own staging buffer, the last one)
   // instead of sleeping until `g` is done: fewer thread hand-offs on a busy CPU.
@@ -602,7 +647,7 @@ struct WeightStore::Impl {
       queue.pop_front();
     }
     const int tid = int(stages.size()) - 1;
-    task(stages[size_t(tid)].ptr, tid);
+    task(stage(tid), tid);
     return true;
   }
   void help_until(Group& g) {
@@ -985,6 +1030,10 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
       s.gather_event[g] = cuda_backend::event_create();
     }
     for (uint64_t i = 0; i <= nbuf; ++i) s.thread_events.push_back(cuda_backend::event_create());
+    s.stage_pending.assign(size_t(nbuf + 1), 0);
+    s.entry_event = cuda_backend::event_create();
+    s.done_event = cuda_backend::event_create();
+    s.copy_stream = cuda_backend::stream_create_nonblocking();
 #endif
   }
   for (uint64_t i = 0; i < nbuf; ++i) s.threads.emplace_back([&s, i] { s.worker(int(i)); });
@@ -1035,6 +1084,9 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
   group->pending = int64_t(nchunks);
   uint8_t* dst = static_cast<uint8_t*>(out.data);
   const bool cuda = s.opts.device.is_cuda();
+#if MEMKERNELS_WITH_CUDA
+  if (cuda && nchunks) s.copies_after(stream);
+#endif
   for (uint64_t c = 0; c < nchunks; ++c) {
     s.submit([&s, &t, ti, c, dst, cuda, stream, group](uint8_t* stage, int tid) {
       std::exception_ptr err;
@@ -1048,9 +1100,10 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
         } else {
 #if MEMKERNELS_WITH_CUDA
           cuda_backend::set_device(s.opts.device.index);  // I/O threads start on device 0
-          cuda_backend::copy_h2d_async(dst + off, src, n, stream);
-          cuda_backend::event_record(s.thread_events[size_t(tid)], stream);
-          cuda_backend::event_wait_host(s.thread_events[size_t(tid)]);  // stage is reused by the next task
+          cuda_backend::copy_h2d_async(dst + off, src, n, s.copy_stream);
+          // the stage is refilled only after this copy completed (waited for when it is next taken)
+          cuda_backend::event_record(s.thread_events[size_t(tid)], s.copy_stream);
+          s.stage_pending[size_t(tid)] = 1;
 #else
           (void)stream, (void)tid;
 #endif
@@ -1062,6 +1115,10 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
     });
   }
   s.help_until(*group);
+#if MEMKERNELS_WITH_CUDA
+  // Also after a failed chunk: the caller may reuse out once its stream reaches this point.
+  if (cuda && nchunks) s.consumer_waits(stream);
+#endif
   if (group->error) std::rethrow_exception(group->error);
 }
 
@@ -1139,19 +1196,26 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
           for (int64_t k = b0; k < b1; ++k) std::memcpy(dst + k * B, s.slot_ptr(slot_of[size_t(k - b0)]), B);
         } else {
 #if MEMKERNELS_WITH_CUDA
-          // Gather into a pinned buffer, copy it to the GPU asynchronously; double-buffered.
-          cuda_backend::set_device(s.opts.device.index);
+          // Gather into a pinned buffer, copy it to the GPU asynchronously on the copy stream;
+          // double-buffered: a gather buffer is refilled once the copy that read it completed.
+          if (b0 == 0) s.copies_after(stream);
           const int64_t per = std::max<int64_t>(1, int64_t(s.stage_bytes / B));
-          for (int64_t k0 = b0; k0 < b1; k0 += per) {
-            const int64_t k1 = std::min(b1, k0 + per);
-            const int g = s.gather_next;
-            s.gather_next ^= 1;
-            cuda_backend::event_wait_host(s.gather_event[g]);
-            for (int64_t k = k0; k < k1; ++k)
-              std::memcpy(s.gather[g].ptr + (k - k0) * B, s.slot_ptr(slot_of[size_t(k - b0)]), B);
-            cuda_backend::copy_h2d_async(dst + k0 * B, s.gather[g].ptr, size_t((k1 - k0) * B), stream);
-            cuda_backend::event_record(s.gather_event[g], stream);
+          try {
+            for (int64_t k0 = b0; k0 < b1; k0 += per) {
+              const int64_t k1 = std::min(b1, k0 + per);
+              const int g = s.gather_next;
+              s.gather_next ^= 1;
+              cuda_backend::event_wait_host(s.gather_event[g]);
+              for (int64_t k = k0; k < k1; ++k)
+                std::memcpy(s.gather[g].ptr + (k - k0) * B, s.slot_ptr(slot_of[size_t(k - b0)]), B);
+              cuda_backend::copy_h2d_async(dst + k0 * B, s.gather[g].ptr, size_t((k1 - k0) * B), s.copy_stream);
+              cuda_backend::event_record(s.gather_event[g], s.copy_stream);
+            }
+          } catch (...) {
+            try { s.consumer_waits(stream); } catch (...) {}
+            throw;
           }
+          s.consumer_waits(stream);
 #else
           (void)stream;
 #endif

@@ -15,4 +15,9 @@ void event_record(void* event, void* stream);
 void event_wait_host(void* event);  // blocks the calling host thread until the event completed
 // Async host->device copy on `stream` (src must be pinned to overlap).
 void copy_h2d_async(void* dst, const void* src, size_t bytes, void* stream);
+// The store's copy stream: non-blocking (no implicit ordering with the legacy default stream), so
+// its copies overlap the caller's kernels; ordering is explicit, through events.
+void* stream_create_nonblocking();
+void stream_destroy(void* stream) noexcept;  // waits for the stream's work first
+void stream_wait_event(void* stream, void* event);  // later work on `stream` waits for `event`
 }  // namespace memkernels::cuda_backend

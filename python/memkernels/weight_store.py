@@ -145,7 +145,8 @@ class WeightStore:
 
     # ---- reads ----
     def get(self, name: str, out=None, stream=None):
-        """The whole tensor `name` (checksummed, not cached) as a new array or into `out`."""
+        """The whole tensor `name` (checksummed, not cached) as a new array or into `out` (on CUDA:
+        copied on the store's copy stream, ordered with `stream` as in get_rows)."""
         info = self._h().tensor_info(name)
         if out is None:
             out = _empty(tuple(info["shape"]), info["dtype"], self._device)
@@ -156,7 +157,11 @@ class WeightStore:
         """Neurons `neuron_ids` of FFN `layer` as an array (k, parts, d_model) in the stored dtype:
         [:, 0] gate_proj rows, [:, 1] up_proj rows, [:, 2] down_proj columns (without a gate:
         up, down). Neurons resident in the cache are hits; misses are read in coalesced runs and
-        cached. On CUDA the copy is asynchronous on `stream`."""
+        cached. On CUDA the host-to-device copies run on the store's own copy stream: they start
+        after the work already enqueued on `stream` (None: the framework's current stream) and
+        `stream` waits on an event after them, so kernels enqueued on it next see the rows; the host
+        does not wait. Copies overlap the kernels enqueued after the call, so asking for the next
+        layer's rows before enqueuing this layer's kernels overlaps the transfer with them."""
         info = self._h().layer_info(as_int(layer, "layer", *INT64))
         ids = _ids(neuron_ids)
         shape = (ids.shape[0], info["parts"], info["d_model"])

@@ -306,4 +306,85 @@ TEST(EmulatedExecution, DynamicSharedMemoryAndItsLimit) {
   EXPECT_NE(launch_error().find("grid"), std::string::npos);
 }
 
+// ---------------------------------------------------------------- lazy streams
+
+__global__ void copy_kernel(const float* src, float* dst, int n) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) dst[i] = src[i];
+}
+
+struct LazyOn {
+  LazyOn() { mkemu::set_lazy_streams(true); }
+  ~LazyOn() { mkemu::set_lazy_streams(false); }
+};
+
+// The orderings CUDA requires and lazy streams enforce: without them the copy is not done yet.
+TEST(EmulatedStreams, LazyCopiesNeedTheirOrdering) {
+  LazyOn lazy;
+  const int n = 256;
+  float* pinned = nullptr;
+  float *dev = nullptr, *dev2 = nullptr;
+  ASSERT_EQ(cudaMallocHost(reinterpret_cast<void**>(&pinned), n * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), n * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev2), n * 4), cudaSuccess);
+  cudaStream_t copy = nullptr, compute = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreate(&compute), cudaSuccess);
+  cudaEvent_t ev = nullptr;
+  ASSERT_EQ(cudaEventCreate(&ev), cudaSuccess);
+  std::vector<float> host(n);
+  for (int i = 0; i < n; ++i) pinned[i] = float(i);
+  cudaMemset(dev, 0, n * 4);
+  cudaMemset(dev2, 0, n * 4);
+
+  // 1. A kernel on another stream without a wait reads the old data.
+  cudaMemcpyAsync(dev, pinned, n * 4, cudaMemcpyHostToDevice, copy);
+  EXPECT_EQ(cudaStreamQuery(copy), cudaErrorNotReady);
+  launch_kernel(copy_kernel, 1, n, 0, compute, dev, dev2, n);
+  cudaMemcpy(host.data(), dev2, n * 4, cudaMemcpyDeviceToHost);  // legacy: not ordered with a non-blocking stream
+  EXPECT_EQ(host[5], 0.0f);
+  // 2. With the event wait, the kernel sees the copy.
+  cudaEventRecord(ev, copy);
+  cudaStreamWaitEvent(compute, ev, 0);
+  EXPECT_EQ(cudaStreamQuery(copy), cudaSuccess);
+  launch_kernel(copy_kernel, 1, n, 0, compute, dev, dev2, n);
+  cudaMemcpy(host.data(), dev2, n * 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(host[5], 5.0f);
+  // 3. A pinned source refilled before the copy ran: the copy reads the new values...
+  cudaMemcpyAsync(dev, pinned, n * 4, cudaMemcpyHostToDevice, copy);
+  for (int i = 0; i < n; ++i) pinned[i] = -1.0f;
+  cudaStreamSynchronize(copy);
+  cudaMemcpy(host.data(), dev, n * 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(host[5], -1.0f);
+  // ... unless the host waited for the copy's event first.
+  for (int i = 0; i < n; ++i) pinned[i] = float(2 * i);
+  cudaMemcpyAsync(dev, pinned, n * 4, cudaMemcpyHostToDevice, copy);
+  cudaEventRecord(ev, copy);
+  cudaEventSynchronize(ev);
+  for (int i = 0; i < n; ++i) pinned[i] = -1.0f;
+  cudaMemcpy(host.data(), dev, n * 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(host[5], 10.0f);
+  // 4. A pageable source is read when the call is made (CUDA stages it), whatever comes after.
+  std::vector<float> pageable(n, 7.0f);
+  cudaMemcpyAsync(dev, pageable.data(), n * 4, cudaMemcpyHostToDevice, copy);
+  pageable.assign(n, 8.0f);
+  cudaStreamSynchronize(copy);
+  cudaMemcpy(host.data(), dev, n * 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(host[5], 7.0f);
+  // 5. A blocking stream's work is ordered before a legacy-stream operation; in-stream order holds.
+  cudaMemsetAsync(dev2, 0, n * 4, compute);
+  cudaMemcpyAsync(dev2, dev, n * 4, cudaMemcpyDeviceToDevice, compute);
+  EXPECT_EQ(cudaStreamQuery(compute), cudaErrorNotReady);
+  cudaMemcpy(host.data(), dev2, n * 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(host[5], 7.0f);
+  EXPECT_EQ(cudaStreamQuery(compute), cudaSuccess);
+
+  cudaEventDestroy(ev);
+  cudaStreamDestroy(copy);
+  cudaStreamDestroy(compute);
+  cudaFree(dev);
+  cudaFree(dev2);
+  cudaFreeHost(pinned);
+}
+
 }  // namespace

@@ -515,6 +515,32 @@ def test_cuda_outputs(tmp):
         assert s["peak_resident_bytes"] + s["staging_bytes"] <= 4 << 20
 
 
+@pytest.mark.skipif(not mk.info()["cuda_available"], reason="no CUDA device")
+def test_cuda_copy_stream_ordering(tmp):
+    # The store copies on its own stream (issue 15 #6): the caller's stream waits on an event after
+    # the copies, and the copies wait for the caller's stream's earlier work (out may be in use).
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    rng = np.random.default_rng(13)
+    layers = make_model(rng, n_layers=1, d_ff=3000, d_model=64)
+    path = os.path.join(tmp, "s.mkws")
+    mk.write_weight_store(path, None, layers)
+    with mk.WeightStore.open(path, 1 << 20, device="cuda") as ws:  # small gather buffers: several chunks
+        side = torch.cuda.Stream()
+        for _ in range(3):
+            ids = rng.choice(3000, 800, replace=False)
+            with torch.cuda.stream(side):
+                out = torch.full((800, 3, 64), float("nan"), device="cuda")
+                torch.cuda._sleep(20_000_000)  # the side stream is busy ...
+                out.zero_()                    # ... then writes out: the copies must come after this
+                ws.get_rows(1, ids, out=out)   # the current (side) stream
+                got = out.clone()              # on the side stream: must see the rows
+            side.synchronize()
+            np.testing.assert_array_equal(got.cpu().numpy(), expected_rows(layers[1], ids))
+            ws.next_token()
+
+
 def test_request_larger_than_cache(tmp):
     rng = np.random.default_rng(12)
     layers = make_model(rng, n_layers=1, d_ff=3000, d_model=64)

@@ -117,8 +117,15 @@ class WeightStore {
   void get(const std::string& name, const TensorView& out, void* stream = nullptr);
   // Neurons `ids` (count of them, each in [0, neurons), any order, repeats allowed) of `layer` into
   // out (count, parts, d_model), contiguous, layer dtype, on the store's device. Misses are read in
-  // coalesced runs and cached (windowing + LRU under the budget). On CUDA the H2D copy is async on
-  // `stream`; the output is complete once that stream reaches this point.
+  // coalesced runs and cached (windowing + LRU under the budget).
+  // On CUDA (get and get_rows) the host-to-device copies run on the store's own copy stream, not on
+  // `stream` (a cudaStream_t; nullptr = the legacy default stream): they start once the work already
+  // enqueued on `stream` is done (out may still be in use by it), and `stream` waits on an event
+  // recorded after them (cudaStreamWaitEvent), so work enqueued on `stream` after the call sees the
+  // data; the host does not wait for the copies. The copies do not wait for kernels enqueued on
+  // `stream` after the call: calling get_rows for the next layer before enqueuing this layer's
+  // kernels lets the copy overlap them. A pinned staging buffer is refilled only after the copy that
+  // read it has completed (an event; the host waits only when it has not yet).
   void get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream = nullptr);
   // Starts loading `ids` of `layer` into the cache in the background and returns at once (a
   // predicted active set, or the next layer while this one computes). Prefetch stops at the budget.

@@ -14,6 +14,7 @@
 
 #include "mkemu/execution.h"
 #include "mkemu/intrinsics.h"
+#include "mkemu/streams.h"
 #include "mkemu/tensor_core.h"
 #include "mkemu/warp.h"
 
