@@ -288,7 +288,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t s) {
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
-  *ptr = std::malloc(bytes ? bytes : 1);
+  *ptr = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096 + 4096);  // page aligned, as CUDA's
   if (!*ptr) return fail(cudaErrorMemoryAllocation, "out of memory");
   std::lock_guard<std::recursive_mutex> lock(g_streams_mutex);
   pinned_ranges()[reinterpret_cast<uintptr_t>(*ptr)] = bytes ? bytes : 1;
