@@ -47,14 +47,25 @@ void decode_part(const uint8_t* p, int64_t dp, float* w) {
   }
 }
 
+// An int8 down column: d int8 codes then a float32 scale.
+void decode_part_int8(const uint8_t* p, int64_t d, float* w) {
+  float s;
+  std::memcpy(&s, p + d, 4);
+  const int8_t* c = reinterpret_cast<const int8_t*>(p);
+  for (int64_t j = 0; j < d; ++j) w[j] = float(c[j]) * s;
+}
+
 }  // namespace
+
+int64_t int8_down_part_bytes(int64_t d) { return (d + 4 + 1) / 2 * 2; }
 
 int64_t int4_bundle_part_bytes(int64_t d) {
   const int64_t dp = (d + 31) / 32 * 32;
   return dp / 2 + 4 * (dp / 32);
 }
 
-void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out) {
+void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out,
+                     bool down_int8) {
   expect_dtype(h, "h", {DType::Float32});
   expect_dtype(a, "a", {DType::Float32});
   expect_dtype(bundles, "bundles", {DType::UInt8});
@@ -73,9 +84,10 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
   const int64_t T = h.shape[0], d = h.shape[1], k = bundles.shape[0];
   const int64_t P = int4_bundle_part_bytes(d), dp = (d + 31) / 32 * 32;
   check(d > 0, ErrorKind::Value, "stream_ffn_int4: h must have d_model > 0 columns, got " + h.shape_str());
-  check(bundles.shape[1] == 2 && bundles.shape[2] == P, ErrorKind::Value,
-        "stream_ffn_int4: bundles must be (k, 2, " + std::to_string(P) + ") for d_model " + std::to_string(d) +
-            ", got " + bundles.shape_str());
+  const int64_t bundle = P + (down_int8 ? int8_down_part_bytes(d) : P);
+  check(bundles.shape[1] == 2 && bundles.shape[2] * 2 == bundle, ErrorKind::Value,
+        "stream_ffn_int4: bundles must be (k, 2, " + std::to_string(bundle / 2) + ") for d_model " +
+            std::to_string(d) + (down_int8 ? " with int8 down columns" : "") + ", got " + bundles.shape_str());
   check(a.shape[0] == T && a.shape[1] == k, ErrorKind::Value,
         "stream_ffn_int4: a must be (tokens, k) = (" + std::to_string(T) + ", " + std::to_string(k) + "), got " +
             a.shape_str());
@@ -90,7 +102,7 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
   std::vector<float> z(static_cast<size_t>(T), 0.0f);
   for (int64_t t = 0; t < T; ++t) std::memcpy(hpad.data() + t * dp, hp + t * d, size_t(d) * 4);
   for (int64_t i = 0; i < k; ++i) {
-    const uint8_t* b = bp + i * 2 * P;
+    const uint8_t* b = bp + i * bundle;
     bool any = false;
     for (int64_t t = 0; t < T; ++t) any |= ap[t * k + i] != 0.0f;
     if (!any) continue;  // masked off for every token: its bytes are not even decoded
@@ -101,7 +113,10 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
       for (int64_t j = 0; j < dp; ++j) acc += x[j] * w[size_t(j)];
       z[size_t(t)] = ap[t * k + i] * acc;
     }
-    decode_part(b + P, dp, w.data());
+    if (down_int8)
+      decode_part_int8(b + P, d, w.data());
+    else
+      decode_part(b + P, dp, w.data());
     for (int64_t t = 0; t < T; ++t) {
       const float zt = z[size_t(t)];
       float* yt = y.data() + t * dp;

@@ -186,14 +186,14 @@ MK_PYTHON_BINDING(weight_store) {
 
   m.def(
       "stream_ffn_int4",
-      [](nb::handle h, nb::handle a, nb::handle bundles, nb::handle out) {
+      [](nb::handle h, nb::handle a, nb::handle bundles, nb::handle out, bool down_int8) {
         ArrayKeeper keep;
         TensorView hv = as_input(h, "h", keep), av = as_input(a, "a", keep), bv = as_input(bundles, "bundles", keep);
         TensorView ov = as_tensor(out, "out", keep);
         nb::gil_scoped_release release;
-        stream_ffn_int4(hv, av, bv, ov);
+        stream_ffn_int4(hv, av, bv, ov, down_int8);
       },
-      nb::arg("h"), nb::arg("a"), nb::arg("bundles"), nb::arg("out"));
+      nb::arg("h"), nb::arg("a"), nb::arg("bundles"), nb::arg("out"), nb::arg("down_int8") = false);
   m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, nb::arg("data"),
         nb::arg("crc") = 0);
 }

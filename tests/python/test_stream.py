@@ -71,7 +71,7 @@ def test_sparsity_zero_equals_dense(tmp_path, tied):
     assert os.stat(st.store_path_for(d, tmp_path / "s")).st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25)])
+@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25)])
 def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
     """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
     stays within the int8 re-quantization error of the dense quantized model."""
@@ -89,8 +89,8 @@ def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
     assert sm.meta["ffn_dtype"] == fmt
     t = ids()
     assert rel(sm.logits(t), dense.logits(t)) < tol
-    if fmt == "int4":
-        # the streamed FFN is exactly the FFN of the 4-bit round-tripped weights (float64 reference)
+    if fmt in ("int4", "int4_int8"):
+        # the streamed FFN is exactly the FFN of the round-tripped weights (float64 reference)
         from memkernels.quant import dequantize
         from memkernels.models.llama import activation
         h = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
@@ -99,10 +99,16 @@ def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
             w = {k: dequantize(dense.weights[p + f"mlp.{k}_proj.weight"]).astype(np.float64)
                  for k in ("gate", "up", "down")}
             up = st.unpack_int4(st.pack_int4(w["up"]), 64).astype(np.float64)
-            down = st.unpack_int4(st.pack_int4(w["down"].T), 64).astype(np.float64).T
+            if fmt == "int4":
+                down = st.unpack_int4(st.pack_int4(w["down"].T), 64).astype(np.float64).T
+            else:
+                q, sc = st._int8_rows(w["down"].T.astype(np.float32))
+                down = (q.astype(np.float64) * sc.astype(np.float64)[:, None]).T
             want = (activation(np, h @ w["gate"].T, "silu") * (h @ up.T)) @ down.T
-            got = sm._mlp(h, L, p)
-            assert rel(got, want) < 1e-4
+            for rows in (5, 12):  # the decode kernel (<= 8 tokens) and the prefill path
+                hh = np.concatenate([h] * 3)[:rows]
+                wnt = (activation(np, hh @ w["gate"].T, "silu") * (hh @ up.T)) @ down.T
+                assert rel(sm._mlp(hh, L, p), wnt) < 1e-4
     # every cache slot is one FFN bundle: the embedding rows are cut into bundle-sized pieces
     layers = sm.store.layers()
     assert len({L["bundle_bytes"] for L in layers}) == 1
@@ -439,30 +445,43 @@ def test_calibrated_allocation_keeps_mean_sparsity(tmp_path):
         st.StreamingModel(store, BUDGET, allocation="best")
 
 
-@pytest.mark.parametrize("T,k,d", [(1, 1, 32), (1, 37, 50), (3, 64, 96), (8, 200, 576), (2, 0, 64)])
-def test_stream_ffn_int4_kernel_against_float64(T, k, d):
+@pytest.mark.parametrize("fmt", ["int4", "int4_int8"])
+@pytest.mark.parametrize("T,k,d", [(1, 1, 32), (1, 37, 50), (3, 64, 96), (8, 200, 576), (2, 0, 64), (1, 9, 33)])
+def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt):
     """The C++ decode FFN on gathered 4-bit bundles against a float64 product of the decoded weights."""
     from memkernels import _memkernels as _C
     rng = np.random.default_rng(T * 7 + k + d)
     up, down = rng.standard_normal((k, d)), rng.standard_normal((k, d))
-    bundles = np.ascontiguousarray(np.stack([st.pack_int4(up), st.pack_int4(down)], 1)) if k else \
-        np.zeros((0, 2, st.int4_part_bytes(d)), np.uint8)
+    B = st.bundle_bytes(fmt, d)
+    bundles = st.pack_bundles(fmt, up, down).reshape(k, 2, B // 2)
     h = rng.standard_normal((T, d)).astype(np.float32)
     a = rng.standard_normal((T, k)).astype(np.float32)
     if k:
         a[:, rng.random(k) < 0.3] = 0  # masked-off neurons
-    U = _int4_reference(bundles[:, 0], d) if k else np.zeros((0, d))
-    D = _int4_reference(bundles[:, 1], d) if k else np.zeros((0, d))
+    flat = bundles.reshape(k, B)
+    p4 = st.int4_part_bytes(d)
+    U = _int4_reference(flat[:, :p4], d) if k else np.zeros((0, d))
+    if fmt == "int4":
+        D = _int4_reference(flat[:, p4:], d) if k else np.zeros((0, d))
+    else:  # int8 codes and a float32 scale, decoded here from the bytes
+        D = flat[:, p4:p4 + d].view(np.int8).astype(np.float64) * \
+            flat[:, p4 + d:p4 + d + 4].copy().view("<f4").astype(np.float64)
     want = (a.astype(np.float64) * (h.astype(np.float64) @ U.T)) @ D
+    got_u, got_d = st.unpack_bundles(fmt, bundles, d)
+    np.testing.assert_allclose(got_u, U, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_d, D, rtol=1e-6, atol=1e-6)
     out = np.full((T, d), np.nan, np.float32)
-    _C.stream_ffn_int4(h, a, bundles, out)
+    _C.stream_ffn_int4(h, a, bundles, out, fmt == "int4_int8")
     assert np.isfinite(out).all()
     scale = max(np.abs(want).max(), 1e-30) if k else 1.0
     assert np.abs(out - want).max() <= 1e-4 * scale * max(1, np.sqrt(k * d) / 8)
     # bad shapes and dtypes are refused by name
     with pytest.raises(ValueError, match="bundles"):
-        _C.stream_ffn_int4(h, a, np.zeros((k, 2, 3), np.uint8), out)
+        _C.stream_ffn_int4(h, a, np.zeros((k, 2, 3), np.uint8), out, fmt == "int4_int8")
+    with pytest.raises(ValueError, match="bundles"):  # one byte off
+        _C.stream_ffn_int4(h, a, np.zeros((k, 2, st.bundle_bytes(fmt, d) // 2 + 1), np.uint8), out,
+                           fmt == "int4_int8")
     with pytest.raises(ValueError, match="out"):
-        _C.stream_ffn_int4(h, a, bundles, np.zeros((T, d + 1), np.float32))
+        _C.stream_ffn_int4(h, a, bundles, np.zeros((T, d + 1), np.float32), fmt == "int4_int8")
     with pytest.raises((TypeError, ValueError), match="a"):
-        _C.stream_ffn_int4(h, a.astype(np.float64), bundles, out)
+        _C.stream_ffn_int4(h, a.astype(np.float64), bundles, out, fmt == "int4_int8")

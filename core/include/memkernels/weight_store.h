@@ -152,8 +152,12 @@ class WeightStore {
 // h (T, d) float32, a (T, k) float32 (activated gate, 0 where a neuron is masked off),
 // bundles (k, 2, int4_bundle_part_bytes(d)) uint8, out (T, d) float32:
 //   out[t] = sum_i a[t, i] * (h[t] . up_i) * down_i, float32 accumulation. CPU, contiguous.
+// down_int8: the down part is [d int8 codes][float32 scale] padded to int8_down_part_bytes(d), and
+// bundles is (k, 2, (int4_bundle_part_bytes(d) + int8_down_part_bytes(d)) / 2).
 int64_t int4_bundle_part_bytes(int64_t d_model);
-void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out);
+int64_t int8_down_part_bytes(int64_t d_model);
+void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out,
+                     bool down_int8 = false);
 
 // CRC-32C (Castagnoli, as in iSCSI/ext4/RocksDB), the checksum of every read unit, header and
 // directory: the SSE4.2 crc32 instruction where the CPU has it (~8 GB/s), else table code.

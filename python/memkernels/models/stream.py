@@ -60,7 +60,7 @@ from .llama import Model, activation
 STORE_VERSION = 2  # 2: neurons ordered by firing frequency, 4-bit bundles, per-layer sparsity
 LEVELS = np.linspace(0.0, 1.0, 101)  # calibrated quantiles 0 %, 1 %, ..., 100 %
 PREDICTORS = ("threshold", "lowrank")
-FFN_FORMATS = ("int4", "int8")
+FFN_FORMATS = ("int4", "int4_int8", "int8")
 ALLOCATIONS = ("calibrated", "uniform")
 DEFAULT_RANK = 32
 DEFAULT_CALIBRATION_TOKENS = 1024
@@ -218,7 +218,8 @@ def pack_int4(w: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint((g - mn.astype(np.float32)[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
     q = q.reshape(n, dp)
     codes = q[:, 0::2] | (q[:, 1::2] << 4)
-    return np.concatenate([codes, sc.view(np.uint8).reshape(n, -1), mn.view(np.uint8).reshape(n, -1)], 1)
+    ng = dp // GROUP
+    return np.concatenate([codes, sc.view(np.uint8).reshape(n, 2 * ng), mn.view(np.uint8).reshape(n, 2 * ng)], 1)
 
 
 def unpack_int4(b: np.ndarray, d: int) -> np.ndarray:
@@ -226,13 +227,47 @@ def unpack_int4(b: np.ndarray, d: int) -> np.ndarray:
     dp = -(-d // GROUP) * GROUP
     ng = dp // GROUP
     lead = b.shape[:-1]
-    b = np.ascontiguousarray(b).reshape(-1, b.shape[-1])
+    b = np.ascontiguousarray(b).reshape(int(np.prod(lead)), b.shape[-1])
     sc = np.ascontiguousarray(b[:, dp // 2:dp // 2 + 2 * ng]).view(np.float16).astype(np.float32)
     mn = np.ascontiguousarray(b[:, dp // 2 + 2 * ng:]).view(np.float16).astype(np.float32)
     v = _NIBBLES[b[:, :dp // 2]].reshape(-1, ng, GROUP)
     v *= sc[..., None]
     v += mn[..., None]
     return v.reshape(*lead, dp)[..., :d]
+
+
+def int8_down_part_bytes(d: int) -> int:
+    """An int8 down column: d int8 codes, a float32 scale, padded to an even count."""
+    return (d + 4 + 1) // 2 * 2
+
+
+def bundle_bytes(fmt: str, d: int) -> int:
+    """Bytes of one streamed neuron [up | down] in store format `fmt` (quantized checkpoints)."""
+    return {"int4": 2 * int4_part_bytes(d), "int4_int8": int4_part_bytes(d) + int8_down_part_bytes(d),
+            "int8": 2 * d}[fmt]
+
+
+def pack_bundles(fmt: str, up: np.ndarray, down_t: np.ndarray) -> np.ndarray:
+    """(n, bundle_bytes) uint8 neuron bundles of up rows and down columns (both (n, d)) in a 4-bit format."""
+    n, d = up.shape
+    if fmt == "int4":
+        return np.concatenate([pack_int4(up), pack_int4(down_t)], 1)
+    q, sc = _int8_rows(np.asarray(down_t, np.float32))
+    dn = np.zeros((n, int8_down_part_bytes(d)), np.uint8)
+    dn[:, :d] = q.view(np.uint8)
+    dn[:, d:d + 4] = sc.astype("<f4").view(np.uint8).reshape(n, 4)
+    return np.concatenate([pack_int4(up), dn], 1)
+
+
+def unpack_bundles(fmt: str, b: np.ndarray, d: int):
+    """(k, ...) uint8 bundles -> up (k, d), down (k, d) float32."""
+    b = np.ascontiguousarray(b).reshape(b.shape[0], int(np.prod(b.shape[1:])))
+    p4 = int4_part_bytes(d)
+    up = unpack_int4(b[:, :p4], d)
+    if fmt == "int4":
+        return up, unpack_int4(b[:, p4:], d)
+    sc = np.ascontiguousarray(b[:, p4 + d:p4 + d + 4]).view("<f4").astype(np.float32)
+    return up, b[:, p4:p4 + d].view(np.int8).astype(np.float32) * sc
 
 
 S_STEP = 0.05  # per-layer sparsity allocation grid
@@ -336,8 +371,10 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             qd, sd = _int8_rows(down_t)
             ffn[L] = {"up": qu, "down": np.ascontiguousarray(qd.T)}
             tensors[f"stream/scales/{L}"] = np.stack([su, sd], 1)
-        elif fmt == "int4":
-            ffn[L] = {"up": pack_int4(up), "down": np.ascontiguousarray(pack_int4(down_t).T)}
+        elif fmt in ("int4", "int4_int8"):
+            b = pack_bundles(fmt, up, down_t)
+            half = b.shape[1] // 2
+            ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
         else:
             ffn[L] = {"up": up, "down": np.ascontiguousarray(down_t.T)}
     tensors["stream/threshold_quantiles"] = thr
@@ -487,7 +524,7 @@ class StreamingModel(Model):
         self.dram_budget_bytes = budget
         layers = {l["layer"]: l for l in ws.layers()}
         fdt = meta["ffn_dtype"]
-        dm = int4_part_bytes(cfg.hidden_size) if fdt == "int4" else cfg.hidden_size
+        dm = bundle_bytes(fdt, cfg.hidden_size) // 2 if fdt in ("int4", "int4_int8") else cfg.hidden_size
         pieces = meta.get("embed_pieces", 1)
         emb_ok = (layers[nl]["d_model"] * 2 == meta["hidden_padded"]) if fdt == "float32" else \
             (layers.get(nl, {}).get("d_model") == dm and layers[nl]["neurons"] == cfg.vocab_size * pieces)
@@ -651,15 +688,14 @@ class StreamingModel(Model):
         if len(cols) == 0:
             return np.zeros_like(h)
         rows = self.store.get_rows(L, cols)  # (k, 2, d): up row, down column
-        if self._ffn_dtype == "int4" and h.shape[0] <= 8:
+        if self._ffn_dtype in ("int4", "int4_int8") and h.shape[0] <= 8:
             # decode: straight from the 4-bit bundles (C++), no float copy of the weights
             am = np.ascontiguousarray(a[:, cols] if keep is None else a[:, cols] * keep[:, cols], np.float32)
             out = np.empty((h.shape[0], cfg.hidden_size), np.float32)
-            _C.stream_ffn_int4(np.ascontiguousarray(h, np.float32), am, rows, out)
+            _C.stream_ffn_int4(np.ascontiguousarray(h, np.float32), am, rows, out, self._ffn_dtype == "int4_int8")
             return out
-        if self._ffn_dtype == "int4":  # prefill: dequantize once, then BLAS
-            w = unpack_int4(rows, cfg.hidden_size)
-            up, down = w[:, 0], w[:, 1]
+        if self._ffn_dtype in ("int4", "int4_int8"):  # prefill: dequantize once, then BLAS
+            up, down = unpack_bundles(self._ffn_dtype, rows, cfg.hidden_size)
         elif L in self._scales:
             s = self._scales[L][cols]
             up = rows[:, 0].astype(np.float32) * s[:, :1]
