@@ -5,20 +5,23 @@ bytes read and memory at two budgets, vs naive whole-layer streaming and llama.c
     MEMKERNELS_BENCH_GGUF=MODEL.gguf python -m memkernels bench --only stream_model   (no model: exits 0)
 
 Steps (each measurement in its own subprocess, so peak RSS is per configuration):
-1. convert: the GGUF file into the streaming store (calibration on /usr/share/common-licenses/Apache-2.0).
+1. convert: the GGUF file into the streaming store (--ffn-format int4_int8 by default here: up rows
+   4-bit, down columns int8; calibration on /usr/share/common-licenses/Apache-2.0).
 2. quality: perplexity on a different English text (/usr/share/common-licenses/GPL-3, first
    --ppl-tokens tokens, windows of 256 tokens) and top-1 agreement with the dense model: the dense
    model greedily generates --new tokens after a prompt; each sparse model predicts every one of them
-   teacher-forced (argmax equal to the dense token). For sparsity 0, 25, 40, 50, 60, 70 % and both
-   predictors.
-3. speed: decode --new tokens after a 32-token prompt at budgets = resident weights + 50 % / 25 %
-   of the streamed FFN bytes (the literal 50 % / 25 % of the whole file are printed too: for a
-   small-vocabulary-heavy model they do not even hold the resident part), threshold predictor at
-   sparsity 0.5 and 0 vs whole-layer reads (clear the cache each token, read every neuron) on the
-   same store. Peak RSS = VmHWM reset (/proc/self/clear_refs) after load, so it is the decode's.
-4. llama.cpp (if /work/venv/bench has llama_cpp): the same file through mmap; before every token the
-   file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping) and from the page
-   cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit.
+   teacher-forced (argmax equal to the dense token). Threshold predictor with uniform per-layer
+   sparsity at --levels, the calibrated per-layer allocation at --calibrated-levels, the low-rank
+   predictor at --lowrank-levels, and S=0 of a second store (--store2, e.g. the all-int4 one).
+3. speed: decode --new tokens after a 32-token prompt at budgets = resident weights + I/O staging
+   + 50 % / 25 % of the streamed FFN bytes: ours (hot neurons pinned) at S=0 and --speed-sparsity,
+   ours with the LRU window only, and whole-layer reads (clear the cache each token, read every
+   neuron) on the same store; --repeat rounds alternate them. Peak RSS = VmHWM reset
+   (/proc/self/clear_refs) after load, so it is the decode's.
+4. llama.cpp (if /work/venv/bench has llama_cpp), in each round: the same file through mmap; before
+   every token the file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping)
+   and from the page cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit;
+   and the same with the model left in memory.
 """
 from __future__ import annotations
 
@@ -92,11 +95,11 @@ def child_quality(a):
     seq = prompt + gen
     levels = [float(x) for x in a.levels.split(",")]
     lr_levels = [float(x) for x in a.lowrank_levels.split(",")] if a.lowrank_levels else []
-    uni_levels = [float(x) for x in a.uniform_levels.split(",")] if a.uniform_levels else []
+    uni_levels = [float(x) for x in a.calibrated_levels.split(",")] if a.calibrated_levels else []
     stores = [(a.store, "")] + ([(a.store2, " (" + a.store2_label + ")")] if a.store2 else [])
-    runs = [(st_, lab, "threshold", "calibrated", s) for st_, lab in stores for s in (levels if not lab else [0.0])]
-    runs += [(a.store, "", "threshold", "uniform", s) for s in uni_levels]
-    runs += [(a.store, "", "lowrank", "calibrated", s) for s in lr_levels]
+    runs = [(st_, lab, "threshold", "uniform", s) for st_, lab in stores for s in (levels if not lab else [0.0])]
+    runs += [(a.store, "", "threshold", "calibrated", s) for s in uni_levels]
+    runs += [(a.store, "", "lowrank", "uniform", s) for s in lr_levels]
     for store, lab, predictor, alloc, s in runs:
         m = StreamingModel(store, 1 << 34, sparsity=s, predictor=predictor, allocation=alloc, pin_hot=False)
         p = _ppl(m, ids)
@@ -195,10 +198,11 @@ def main():
     ap.add_argument("--whole", action="store_true")
     ap.add_argument("--merge-gap", type=int, default=4 << 10)
     ap.add_argument("--no-pin", action="store_true", help="do not pin the calibrated hot neurons (LRU window only)")
-    ap.add_argument("--ffn-format", default="int4", choices=["int4", "int4_int8", "int8"], help="store format of up/down")
+    ap.add_argument("--ffn-format", default="int4_int8", choices=["int4", "int4_int8", "int8"], help="store format of up/down")
     ap.add_argument("--store2", help="quality: also measure S=0 on this store (e.g. the int8 one)")
     ap.add_argument("--store2-label", default="int8 store")
-    ap.add_argument("--uniform-levels", default="0.25,0.5", help="threshold sparsities with uniform per-layer S")
+    ap.add_argument("--calibrated-levels", default="0.25,0.5",
+                    help="threshold sparsities also measured with the calibrated per-layer allocation")
     ap.add_argument("--speed-sparsity", default="0.25,0.5", help="our speed rows: these sparsities (+ S=0)")
     ap.add_argument("--repeat", type=int, default=1, help="speed: alternate the configurations this many times")
     ap.add_argument("--drop", action="store_true")
@@ -231,7 +235,7 @@ def main():
     if a.part in ("all", "quality"):
         res["quality"] = run(common + ["--child", "quality", "--ppl-tokens", str(a.ppl_tokens),
                                      "--levels", a.levels, "--lowrank-levels", a.lowrank_levels,
-                                     "--uniform-levels", a.uniform_levels]
+                                     "--calibrated-levels", a.calibrated_levels]
                              + (["--store2", a.store2, "--store2-label", a.store2_label] if a.store2 else []))
     res["speed"] = []
     res["llamacpp"] = []

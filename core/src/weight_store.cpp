@@ -716,7 +716,12 @@ struct WeightStore::Impl {
         const uint64_t gap = uint64_t(todo[j].first - todo[j - 1].first - 1);
         const uint64_t off0 = L.offset + uint64_t(todo[i].first) * B;
         const uint64_t end = L.offset + uint64_t(todo[j].first + 1) * B;
-        if (gap > gap_neurons || round_up(end, kAlign) - round_down(off0, kAlign) > stage_bytes) break;
+        // Two runs whose aligned blocks touch or overlap are one read at no extra byte: apart, the
+        // shared 4 KiB block was read twice (neurons smaller than a block, as in small models).
+        const uint64_t prev_end = L.offset + uint64_t(todo[j - 1].first + 1) * B;
+        const uint64_t next_off = L.offset + uint64_t(todo[j].first) * B;
+        const bool blocks_touch = round_down(next_off, kAlign) <= round_up(prev_end, kAlign);
+        if ((gap > gap_neurons && !blocks_touch) || round_up(end, kAlign) - round_down(off0, kAlign) > stage_bytes) break;
         ++j;
       }
       auto run = std::make_shared<std::vector<std::pair<int64_t, int32_t>>>(todo.begin() + i, todo.begin() + j);

@@ -145,10 +145,7 @@ def test_sparsity_reads_fewer_bytes_and_mostly_agrees(tmp_path, predictor):
     whole.generate(t, max_new_tokens=10, stop_at_eos=False)
     w = whole.stream_stats()
     assert w["bytes_read_per_token"] >= w["whole_layer_bytes_per_token"]
-    # uniform per-layer sparsity: on a random 2-layer model the calibrated allocation has little to
-    # go on (it is checked on its own below and measured on a real model in bench/stream_model.py)
-    sm = st.StreamingModel(st.store_path_for(d, sdir), BUDGET, sparsity=0.5, predictor=predictor,
-                           allocation="uniform")
+    sm = mk.load_model(d, sparsity=0.5, predictor=predictor, **kw)
     sm.generate(t, max_new_tokens=10, stop_at_eos=False)
     s = sm.stream_stats()
     assert 0.2 < s["neurons_kept_fraction"] < 0.9
@@ -436,11 +433,11 @@ def test_calibrated_allocation_keeps_mean_sparsity(tmp_path):
     store = str(tmp_path / "a.mkws")
     st.convert_for_streaming(d, store)
     for s in (0.25, 0.5):
-        sm = st.StreamingModel(store, BUDGET, sparsity=s)
+        sm = st.StreamingModel(store, BUDGET, sparsity=s, allocation="calibrated")
         assert abs(sm.layer_sparsity.mean() - s) <= st.S_STEP / 4 + 1e-9
         assert (sm.layer_sparsity >= 0).all() and (sm.layer_sparsity <= st.S_MAX + 1e-6).all()
-        u = st.StreamingModel(store, BUDGET, sparsity=s, allocation="uniform")
-        assert np.allclose(u.layer_sparsity, s)
+        u = st.StreamingModel(store, BUDGET, sparsity=s)  # the default
+        assert u.allocation == "uniform" and np.allclose(u.layer_sparsity, s)
     with pytest.raises(ValueError, match="allocation"):
         st.StreamingModel(store, BUDGET, allocation="best")
 

@@ -25,8 +25,9 @@ Which neurons a token needs is decided before reading (a SwiGLU FFN is dense, so
 approximate for S > 0):
 - predictor="threshold" (CATS / TEAL style, training free): the gate is computed exactly from its
   resident weights; neuron i is read only when |act(gate_i)| exceeds its layer's threshold, the
-  quantile s_L of |act(gate)| on calibration text (s_L: the layer's allocated sparsity, mean S;
-  allocation="uniform": s_L = S);
+  quantile s_L of |act(gate)| on calibration text (allocation="uniform", the default: s_L = S;
+  "calibrated": the greedy per-layer allocation of mean S, which measured worse on SmolLM2-135M:
+  +7.9 % perplexity at S=0.25 against +6.2 % uniform, see bench/results/stream-cpu-2026-12-01.md);
 - predictor="lowrank" (Deja Vu / "LLM in a flash" style): a rank-r map h -> gate fitted by least
   squares on calibration activations scores the neurons; those scoring above the layer's calibrated
   quantile s_L are read (the gate of the chosen neurons is still the exact one).
@@ -38,10 +39,15 @@ resident part is refused with the numbers. Activations and the KV cache are not 
 not counted.
 
 Storage of the streamed FFN: float checkpoints are stored as float32 (bit exact); quantized (GGUF)
-up/down matrices as 4-bit bundles (ffn_format="int4", default: groups of 32 along d_model with a
-float16 scale and minimum, 720 B per neuron at d_model 576; GGUF Q4_1 up rows are kept bit for bit,
-down columns are re-quantized since a column is not a block of the GGUF row layout) or int8 with one
-float32 scale per neuron row / column (ffn_format="int8"). The embedding rows are float32 (exact).
+up/down matrices as
+- ffn_format="int4_int8" (default): up rows 4-bit (groups of 32 along d_model with a float16 scale
+  and minimum: GGUF Q4_1 rows are kept bit for bit), down columns int8 with a float32 scale (a down
+  column is not a block of GGUF's row layout, so it is re-quantized, and 4 bits there cost SmolLM2
+  8 % perplexity); 940 B per neuron at d_model 576;
+- "int4": both 4-bit (720 B per neuron, the bytes of GGUF Q4_1);
+- "int8": both int8 with one float32 scale per neuron row / column (1152 B).
+The decode FFN runs on the 4-bit bundles directly (`stream_ffn_int4`, C++). The embedding rows are
+float32 (exact), cut into pieces of one bundle so that every cache slot holds one FFN neuron.
 """
 from __future__ import annotations
 
@@ -293,11 +299,12 @@ def allocate_sparsity(err: np.ndarray) -> np.ndarray:
 
 
 def convert_for_streaming(path, dst, *, calibration_text=None, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
-                          rank=DEFAULT_RANK, ffn_format="int4", verbose=False) -> dict:
+                          rank=DEFAULT_RANK, ffn_format="int4_int8", verbose=False) -> dict:
     """Converts checkpoint `path` (directory or .gguf) into the streaming weight store `dst` (see the
     module docstring). Holds the dense model in memory once. ffn_format: how quantized (GGUF) up/down
-    weights are stored, "int4" (the 4-bit bundles above) or "int8" (one scale per neuron row/column);
-    float checkpoints stay float32. Returns the store's metadata."""
+    weights are stored: "int4_int8" (default: 4-bit up rows, int8 down columns), "int4" (both 4-bit)
+    or "int8" (one scale per neuron row/column); float checkpoints stay float32. Returns the store's
+    metadata."""
     if ffn_format not in FFN_FORMATS:
         raise ValueError(f"ffn_format: expected one of {FFN_FORMATS}, got {ffn_format!r}")
     raw, dense = _load_dense(path)
@@ -435,7 +442,7 @@ def _read_meta(ws: WeightStore) -> dict:
 
 
 def open_streaming(path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold", stream_dir=None,
-                   calibration_text=None, rank=DEFAULT_RANK, whole_layer_reads=False, ffn_format="int4",
+                   calibration_text=None, rank=DEFAULT_RANK, whole_layer_reads=False, ffn_format="int4_int8",
                    **store_kw) -> "StreamingModel":
     """The streaming model of checkpoint `path` (converting it first when no matching store is cached).
     `path` may also be a streaming store (.mkws) itself."""
@@ -477,7 +484,7 @@ class StreamingModel(Model):
 
     def __init__(self, store_path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold",
                  whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=4 << 10,
-                 allocation="calibrated", pin_hot=True):
+                 allocation="uniform", pin_hot=True):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
         if predictor not in PREDICTORS:
@@ -637,14 +644,17 @@ class StreamingModel(Model):
             j = min(int(s / S_STEP), len(FREQ_LEVELS) - 2)
             t = (s - FREQ_LEVELS[j]) / S_STEP
             p[L] = f[j] + t * (f[j + 1] - f[j])
-        # highest probability first; ties by position (the store's order: earlier = hotter)
+        # how many per layer: the most probable neurons overall (ties by position, the store's
+        # order: earlier = hotter); which: each layer's prefix in the store's order, so that the
+        # cold neurons left to read form one contiguous tail (pinning the most probable ones
+        # themselves, interleaved with cold ones when the run's sparsity ranks them differently
+        # from the stored order, left a cold neuron in nearly every 4 KiB block: more bytes read)
         order = np.lexsort((np.tile(np.arange(dff), nl), -p.ravel()))[:room]
-        layer, neuron = np.divmod(order, dff)
+        counts = np.bincount(order // dff, minlength=nl)
         for L in range(nl):
-            ids = np.sort(neuron[layer == L])
-            if len(ids):
-                self.store.pin(L, ids)
-        self.pinned_neurons = int(len(order))
+            if counts[L]:
+                self.store.pin(L, np.arange(counts[L]))
+        self.pinned_neurons = int(counts.sum())
 
     def _reset_counters(self):
         self._decode_tokens = 0
