@@ -5,20 +5,23 @@ bytes read and memory at two budgets, vs naive whole-layer streaming and llama.c
     MEMKERNELS_BENCH_GGUF=MODEL.gguf python -m memkernels bench --only stream_model   (no model: exits 0)
 
 Steps (each measurement in its own subprocess, so peak RSS is per configuration):
-1. convert: the GGUF file into the streaming store (calibration on /usr/share/common-licenses/Apache-2.0).
+1. convert: the GGUF file into the streaming store (--ffn-format int4_int8 by default here: up rows
+   4-bit, down columns int8; calibration on /usr/share/common-licenses/Apache-2.0).
 2. quality: perplexity on a different English text (/usr/share/common-licenses/GPL-3, first
    --ppl-tokens tokens, windows of 256 tokens) and top-1 agreement with the dense model: the dense
    model greedily generates --new tokens after a prompt; each sparse model predicts every one of them
-   teacher-forced (argmax equal to the dense token). For sparsity 0, 25, 40, 50, 60, 70 % and both
-   predictors.
-3. speed: decode --new tokens after a 32-token prompt at budgets = resident weights + 50 % / 25 %
-   of the streamed FFN bytes (the literal 50 % / 25 % of the whole file are printed too: for a
-   small-vocabulary-heavy model they do not even hold the resident part), threshold predictor at
-   sparsity 0.5 and 0 vs whole-layer reads (clear the cache each token, read every neuron) on the
-   same store. Peak RSS = VmHWM reset (/proc/self/clear_refs) after load, so it is the decode's.
-4. llama.cpp (if /work/venv/bench has llama_cpp): the same file through mmap; before every token the
-   file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping) and from the page
-   cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit.
+   teacher-forced (argmax equal to the dense token). Threshold predictor with uniform per-layer
+   sparsity at --levels, the calibrated per-layer allocation at --calibrated-levels, the low-rank
+   predictor at --lowrank-levels, and S=0 of a second store (--store2, e.g. the all-int4 one).
+3. speed: decode --new tokens after a 32-token prompt at budgets = resident weights + I/O staging
+   + 50 % / 25 % of the streamed FFN bytes: ours (hot neurons pinned) at S=0 and --speed-sparsity,
+   ours with the LRU window only, and whole-layer reads (clear the cache each token, read every
+   neuron) on the same store; --repeat rounds alternate them. Peak RSS = VmHWM reset
+   (/proc/self/clear_refs) after load, so it is the decode's.
+4. llama.cpp (if /work/venv/bench has llama_cpp), in each round: the same file through mmap; before
+   every token the file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping)
+   and from the page cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit;
+   and the same with the model left in memory.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def _reset_peak():
 def child_convert(a):
     from memkernels.models.stream import convert_for_streaming
     t0 = time.perf_counter()
-    meta = convert_for_streaming(a.model, a.store, calibration_text=open(CALIB).read())
+    meta = convert_for_streaming(a.model, a.store, calibration_text=open(CALIB).read(), ffn_format=a.ffn_format)
     print(json.dumps({"convert_s": time.perf_counter() - t0, "ffn_dtype": meta["ffn_dtype"],
                       "store_bytes": os.path.getsize(a.store), "rss": _rss()}))
 
@@ -88,18 +91,25 @@ def child_quality(a):
     prompt = dense.tokenizer.encode(PROMPT, add_special_tokens=False)
     gen = dense.generate(prompt, max_new_tokens=a.new, stop_at_eos=False)
     rows = [{"config": "dense (GGUF weights in memory)", "ppl": _ppl(dense, ids), "agree": 1.0, "kept": 1.0}]
+    del dense
     seq = prompt + gen
     levels = [float(x) for x in a.levels.split(",")]
     lr_levels = [float(x) for x in a.lowrank_levels.split(",")] if a.lowrank_levels else []
-    for predictor, ss in (("threshold", levels), ("lowrank", lr_levels)):
-        for s in ss:
-            m = StreamingModel(a.store, 1 << 34, sparsity=s, predictor=predictor)
-            p = _ppl(m, ids)
-            kept = m.stream_stats()["neurons_kept_fraction"]
-            am = m.logits(seq[:-1]).argmax(-1)[len(prompt) - 1:]
-            rows.append({"config": f"stream {predictor} S={s:.2f}", "ppl": p, "kept": kept,
-                         "agree": float((am == np.asarray(gen)).mean())})
-            print(json.dumps(rows[-1]), file=sys.stderr)
+    uni_levels = [float(x) for x in a.calibrated_levels.split(",")] if a.calibrated_levels else []
+    stores = [(a.store, "")] + ([(a.store2, " (" + a.store2_label + ")")] if a.store2 else [])
+    runs = [(st_, lab, "threshold", "uniform", s) for st_, lab in stores for s in (levels if not lab else [0.0])]
+    runs += [(a.store, "", "threshold", "calibrated", s) for s in uni_levels]
+    runs += [(a.store, "", "lowrank", "uniform", s) for s in lr_levels]
+    for store, lab, predictor, alloc, s in runs:
+        m = StreamingModel(store, 1 << 34, sparsity=s, predictor=predictor, allocation=alloc, pin_hot=False)
+        p = _ppl(m, ids)
+        kept = m.stream_stats()["neurons_kept_fraction"]
+        am = m.logits(seq[:-1]).argmax(-1)[len(prompt) - 1:]
+        rows.append({"config": f"stream {m.meta['ffn_dtype']}{lab} {predictor} {alloc} S={s:.2f}", "ppl": p,
+                     "kept": kept, "agree": float((am == np.asarray(gen)).mean()),
+                     "layer_sparsity": [round(float(x), 2) for x in m.layer_sparsity]})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        del m
     print(json.dumps({"rows": rows, "ppl_tokens": len(ids), "new": a.new}))
 
 
@@ -107,16 +117,22 @@ def child_speed(a):
     import memkernels as mk
     from memkernels.models.stream import StreamingModel
     base = _rss()
-    m = StreamingModel(a.store, a.budget, sparsity=a.sparsity, whole_layer_reads=a.whole, merge_gap_bytes=a.merge_gap)
+    t0 = time.perf_counter()
+    m = StreamingModel(a.store, a.budget, sparsity=a.sparsity, whole_layer_reads=a.whole, merge_gap_bytes=a.merge_gap,
+                       pin_hot=not a.no_pin)
+    load_s = time.perf_counter() - t0
     prompt = m.tokenizer.encode(PROMPT, add_special_tokens=False)[:32]
     load = _rss()
     _reset_peak()
     m.generate(prompt, max_new_tokens=4, stop_at_eos=False)  # warm-up (its reads are not counted)
     m.reset_stream_stats()
+    c0 = time.process_time()
     m.generate(prompt, max_new_tokens=a.new, stop_at_eos=False)
+    cpu = time.process_time() - c0
     st = m.last_stats
     r = _rss()
     print(json.dumps({"decode_tokens_per_s": st["decode_tokens"] / st["decode_s"], "stream": m.stream_stats(),
+                      "load_s": load_s, "cpu_s_per_token_incl_prefill": cpu / max(st["decode_tokens"], 1),
                       "rss_after_import": base["VmRSS"], "rss_after_load": load["VmRSS"],
                       "peak_rss_decode": r["VmHWM"], "mk_threads": mk.info().get("threads") if hasattr(mk, "info")
                       else None}))
@@ -180,10 +196,18 @@ def main():
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--whole", action="store_true")
-    ap.add_argument("--merge-gap", type=int, default=32 << 10)
+    ap.add_argument("--merge-gap", type=int, default=4 << 10)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the calibrated hot neurons (LRU window only)")
+    ap.add_argument("--ffn-format", default="int4_int8", choices=["int4", "int4_int8", "int8"], help="store format of up/down")
+    ap.add_argument("--store2", help="quality: also measure S=0 on this store (e.g. the int8 one)")
+    ap.add_argument("--store2-label", default="int8 store")
+    ap.add_argument("--calibrated-levels", default="0.25,0.5",
+                    help="threshold sparsities also measured with the calibrated per-layer allocation")
+    ap.add_argument("--speed-sparsity", default="0.25,0.5", help="our speed rows: these sparsities (+ S=0)")
+    ap.add_argument("--repeat", type=int, default=1, help="speed: alternate the configurations this many times")
     ap.add_argument("--drop", action="store_true")
-    ap.add_argument("--levels", default="0,0.25,0.4,0.5,0.6,0.7", help="threshold sparsities measured")
-    ap.add_argument("--lowrank-levels", default="0.25,0.4,0.5,0.6,0.7", help="lowrank sparsities measured")
+    ap.add_argument("--levels", default="0,0.1,0.2,0.25,0.4,0.5,0.6,0.7", help="threshold sparsities measured")
+    ap.add_argument("--lowrank-levels", default="0.25,0.5", help="lowrank sparsities measured")
     ap.add_argument("--part", choices=["all", "quality", "speed"], default="all")
     ap.add_argument("--out", help="also write the results as JSON here")
     a = ap.parse_args()
@@ -196,13 +220,13 @@ def main():
         return {"convert": child_convert, "quality": child_quality, "speed": child_speed,
                 "llamacpp": child_llamacpp}[a.child](a)
     os.makedirs(a.work_dir, exist_ok=True)
-    store = os.path.join(a.work_dir, os.path.basename(a.model) + ".stream.mkws")
+    store = a.store or os.path.join(a.work_dir, os.path.basename(a.model) + f".{a.ffn_format}.stream.mkws")
     common = [a.model, "--store", store, "--new", str(a.new)]
     if not os.path.exists(store):
-        print("convert:", run(common + ["--child", "convert"]))
+        print("convert:", run(common + ["--child", "convert", "--ffn-format", a.ffn_format]))
     import memkernels as mk
     from memkernels.models.stream import StreamingModel
-    probe = StreamingModel(store, 1 << 34)
+    probe = StreamingModel(store, 1 << 34, pin_hot=False)
     resident, ffn = probe.resident_bytes, probe.whole_layer_bytes_per_token
     staging = probe.store.stats()["staging_bytes"]
     file_bytes = os.path.getsize(a.model)
@@ -210,30 +234,37 @@ def main():
     res = {"file_bytes": file_bytes, "resident_bytes": resident, "ffn_store_bytes": ffn, "staging_bytes": staging}
     if a.part in ("all", "quality"):
         res["quality"] = run(common + ["--child", "quality", "--ppl-tokens", str(a.ppl_tokens),
-                                     "--levels", a.levels, "--lowrank-levels", a.lowrank_levels])
+                                     "--levels", a.levels, "--lowrank-levels", a.lowrank_levels,
+                                     "--calibrated-levels", a.calibrated_levels]
+                             + (["--store2", a.store2, "--store2-label", a.store2_label] if a.store2 else []))
     res["speed"] = []
-    for frac in (() if a.part == "quality" else (0.5, 0.25)):
-        budget = resident + staging + int(frac * ffn)
-        for label, extra in (("threshold S=0.5", ["--sparsity", "0.5"]), ("threshold S=0 (exact)", []),
-                             ("whole-layer reads", ["--whole"])):
-            r = run(common + ["--child", "speed", "--budget", str(budget)] + extra)
-            r.update(label=label, budget=budget, frac=frac)
-            res["speed"].append(r)
-            print(json.dumps(r), file=sys.stderr)
-    bench_py = "/work/venv/bench/bin/python"
     res["llamacpp"] = []
-    if a.part == "quality":
-        pass
-    elif os.path.exists(bench_py) and subprocess.run([bench_py, "-c", "import llama_cpp"],
-                                                   capture_output=True).returncode == 0:
-        for drop in (False, True):
+    bench_py = "/work/venv/bench/bin/python"
+    have_llama = a.part != "quality" and os.path.exists(bench_py) and subprocess.run(
+        [bench_py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if a.part != "quality" and not have_llama:
+        res["llamacpp_missing"] = "no llama_cpp in /work/venv/bench"
+    # every configuration once per round, rounds alternate (the machine's load drifts)
+    for rep in range(a.repeat if a.part != "quality" else 0):
+        for frac in (0.5, 0.25):
+            budget = resident + staging + int(frac * ffn)
+            confs = [(f"ours S={s:g}", ["--sparsity", str(s)]) for s in
+                     [0.0] + [float(x) for x in a.speed_sparsity.split(",") if x]]
+            confs += [("ours S=0, LRU window only (no pinning)", ["--no-pin"]),
+                      ("whole-layer reads (naive)", ["--whole"])]
+            for label, extra in confs:
+                r = run(common + ["--child", "speed", "--budget", str(budget)] + extra)
+                r.update(label=label, budget=budget, frac=frac, round=rep)
+                res["speed"].append(r)
+                print(json.dumps(r), file=sys.stderr)
+        for drop in ((True, False) if have_llama else ()):
             try:
                 r = run(common + ["--child", "llamacpp"] + (["--drop"] if drop else []), py=bench_py)
+                r["round"] = rep
                 res["llamacpp"].append(r)
             except RuntimeError as e:
                 res["llamacpp"].append({"error": str(e)[-500:], "dropped": drop})
-    else:
-        res["llamacpp_missing"] = "no llama_cpp in /work/venv/bench"
+            print(json.dumps(res["llamacpp"][-1]), file=sys.stderr)
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:

@@ -462,6 +462,7 @@ struct Slot {
   int64_t neuron = -1;
   uint64_t last_token = 0;
   int32_t pins = 0;
+  bool pinned = false;  // held by pin(): one of `pins`, never evicted (window, LRU, clear_cache)
   SlotState state = SlotState::Free;
   int32_t prev = -1, next = -1;  // LRU list (head = most recent)
 };
@@ -532,6 +533,7 @@ struct WeightStore::Impl {
   std::vector<std::vector<int32_t>> table;  // per layer: neuron -> slot or -1
   int32_t lru_head = -1, lru_tail = -1;
   uint64_t token = 0;
+  int64_t pinned_slots = 0;  // slots held by pin(); get_rows batches fit in the rest
   int64_t prefetch_pending = 0;
   std::condition_variable prefetch_cv;
   std::string prefetch_error;
@@ -701,6 +703,9 @@ struct WeightStore::Impl {
   }
   void touch(int32_t s) {
     slots[size_t(s)].last_token = token;
+    // Pinned slots are kept out of the LRU list: alloc_slot() and the window walk it from the
+    // tail, and thousands of pinned hot neurons there made every miss scan past all of them.
+    if (slots[size_t(s)].pinned) return;
     lru_unlink(s);
     lru_push_front(s);
   }
@@ -756,7 +761,12 @@ struct WeightStore::Impl {
         const uint64_t gap = uint64_t(todo[j].first - todo[j - 1].first - 1);
         const uint64_t off0 = L.offset + uint64_t(todo[i].first) * B;
         const uint64_t end = L.offset + uint64_t(todo[j].first + 1) * B;
-        if (gap > gap_neurons || round_up(end, kAlign) - round_down(off0, kAlign) > stage_bytes) break;
+        // Two runs whose aligned blocks touch or overlap are one read at no extra byte: apart, the
+        // shared 4 KiB block was read twice (neurons smaller than a block, as in small models).
+        const uint64_t prev_end = L.offset + uint64_t(todo[j - 1].first + 1) * B;
+        const uint64_t next_off = L.offset + uint64_t(todo[j].first) * B;
+        const bool blocks_touch = round_down(next_off, kAlign) <= round_up(prev_end, kAlign);
+        if ((gap > gap_neurons && !blocks_touch) || round_up(end, kAlign) - round_down(off0, kAlign) > stage_bytes) break;
         ++j;
       }
       auto run = std::make_shared<std::vector<std::pair<int64_t, int32_t>>>(todo.begin() + i, todo.begin() + j);
@@ -1139,9 +1149,15 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
   const int64_t nslots = int64_t(s.slots.size());
   check(nslots > 0, ErrorKind::Value, "get_rows: no neuron fits in the cache");
   uint8_t* dst = static_cast<uint8_t*>(out.data);
-  // Batches of at most nslots neurons: each batch is loaded, pinned, copied out, unpinned.
-  for (int64_t b0 = 0; b0 < count; b0 += nslots) {
-    const int64_t b1 = std::min(count, b0 + nslots);
+  // Batches of at most the unpinned slots (pinned neurons are hits and take no new slot): each
+  // batch is loaded, pinned for the copy, copied out, unpinned. pin() always leaves one slot.
+  int64_t batch;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    batch = std::max<int64_t>(1, nslots - s.pinned_slots);
+  }
+  for (int64_t b0 = 0; b0 < count; b0 += batch) {
+    const int64_t b1 = std::min(count, b0 + batch);
     std::vector<int32_t> slot_of(size_t(b1 - b0), -1);
     std::vector<std::pair<int64_t, int32_t>> todo;
     {
@@ -1250,7 +1266,7 @@ void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
     std::lock_guard<std::mutex> lk(s.mu);
     // Never evict what this prefetch itself just loaded: at most nslots/2 new neurons, so the
     // windowed working set is not thrashed by a too-large prediction.
-    const size_t cap = std::max<size_t>(1, s.slots.size() / 2);
+    const size_t cap = std::max<size_t>(1, (s.slots.size() - size_t(s.pinned_slots)) / 2);
     for (int64_t k = 0; k < count && todo.size() < cap; ++k) {
       int32_t sl = s.table[size_t(li)][size_t(ids[k])];
       if (sl >= 0) {
@@ -1274,6 +1290,103 @@ void WeightStore::wait_prefetch() {
   s.check_process("wait_prefetch");
   std::unique_lock<std::mutex> lk(s.mu);
   s.prefetch_cv.wait(lk, [&] { return s.prefetch_pending == 0; });
+}
+
+void WeightStore::pin(int64_t layer, const int64_t* ids, int64_t count) {
+  Impl& s = *impl_;
+  s.check_process("pin");
+  const StoredLayerInfo& L = layer_info(layer);
+  const int32_t li = int32_t(s.layer_index[layer]);
+  check(count >= 0, ErrorKind::Value, "pin: count must be >= 0");
+  for (int64_t k = 0; k < count; ++k)
+    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+          "pin: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
+              std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
+  wait_prefetch();
+  std::lock_guard<std::mutex> call(s.call_mu);
+  std::vector<std::pair<int64_t, int32_t>> todo;
+  std::vector<int32_t> newly;  // slots this call pinned (undone if a read fails)
+  {
+    std::unique_lock<std::mutex> lk(s.mu);
+    // Count what is new first: one slot always stays unpinned so that get_rows can work.
+    std::vector<int64_t> uniq(ids, ids + count);
+    std::sort(uniq.begin(), uniq.end());
+    uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
+    int64_t add = 0;
+    for (int64_t n : uniq) {
+      const int32_t sl = s.table[size_t(li)][size_t(n)];
+      if (sl < 0 || !s.slots[size_t(sl)].pinned) ++add;
+    }
+    const int64_t nslots = int64_t(s.slots.size());
+    check(s.pinned_slots + add <= nslots - 1, ErrorKind::Value,
+          "pin: " + std::to_string(add) + " more neurons do not fit: the cache has " + std::to_string(nslots) +
+              " slots, " + std::to_string(s.pinned_slots) + " are pinned and one must stay free");
+    for (int64_t n : uniq) {
+      int32_t sl = s.table[size_t(li)][size_t(n)];
+      if (sl >= 0) {
+        Slot& x = s.slots[size_t(sl)];
+        if (!x.pinned) {
+          x.pinned = true;
+          ++x.pins;
+          ++s.pinned_slots;
+          s.lru_unlink(sl);
+          newly.push_back(sl);
+        }
+        continue;
+      }
+      while ((sl = s.alloc_slot()) < 0) s.loaded_cv.wait(lk);  // in-flight reads hold the others
+      s.claim(sl, li, n);
+      Slot& x = s.slots[size_t(sl)];
+      x.pinned = true;
+      ++x.pins;  // the permanent pin, besides the loader's
+      ++s.pinned_slots;
+      s.lru_unlink(sl);
+      newly.push_back(sl);
+      todo.emplace_back(n, sl);
+    }
+  }
+  auto group = std::make_shared<Group>();
+  if (!todo.empty()) {
+    s.load_runs(li, todo, group, false);
+    s.help_until(*group);
+  }
+  std::unique_lock<std::mutex> lk(s.mu);
+  s.loaded_cv.wait(lk, [&] {
+    for (int32_t sl : newly)
+      if (s.slots[size_t(sl)].state == SlotState::Loading) return false;
+    return true;
+  });
+  bool failed = false;
+  for (int32_t sl : newly) failed |= s.slots[size_t(sl)].state != SlotState::Ready;
+  if (failed || group->error) {  // all or nothing: undo this call's pins
+    for (int32_t sl : newly) {
+      Slot& x = s.slots[size_t(sl)];
+      x.pinned = false;
+      --s.pinned_slots;
+      s.lru_push_front(sl);
+      if (--x.pins == 0 && x.state == SlotState::Failed) s.release_slot(sl);
+    }
+    lk.unlock();
+    s.loaded_cv.notify_all();
+    if (group->error) std::rethrow_exception(group->error);
+    throw Error(ErrorKind::CorruptData, "pin: a read of layer " + std::to_string(layer) + " failed");
+  }
+}
+
+void WeightStore::unpin_all() {
+  Impl& s = *impl_;
+  s.check_process("unpin_all");
+  std::lock_guard<std::mutex> call(s.call_mu);
+  std::lock_guard<std::mutex> lk(s.mu);
+  for (int32_t sl = 0; sl < int32_t(s.slots.size()); ++sl) {
+    Slot& x = s.slots[size_t(sl)];
+    if (x.pinned) {
+      x.pinned = false;
+      --x.pins;
+      s.lru_push_front(sl);  // back in the LRU list, as just used
+    }
+  }
+  s.pinned_slots = 0;
 }
 
 void WeightStore::next_token() {
@@ -1320,6 +1433,9 @@ WeightStoreStats WeightStore::stats() const {
   r.peak_resident_bytes = s.peak_resident;
   r.cache_capacity_bytes = uint64_t(s.slots.size()) * s.slot_bytes;
   r.staging_bytes = uint64_t(s.stages.size()) * s.stage_bytes + (s.gather[0].ptr ? 2 * s.stage_bytes : 0);
+  r.cache_slots = uint64_t(s.slots.size());
+  r.slot_bytes = s.slot_bytes;
+  r.pinned_neurons = uint64_t(s.pinned_slots);
   r.tokens = s.token;
   return r;
 }

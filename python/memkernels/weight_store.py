@@ -175,6 +175,17 @@ class WeightStore:
         a later get_rows() finds them resident. Stops at the budget."""
         self._h().prefetch(as_int(layer, "layer", *INT64), _ids(neuron_ids))
 
+    def pin(self, layer: int, neuron_ids) -> None:
+        """Loads neurons `neuron_ids` of `layer` into the cache (reading those not resident) and keeps
+        them there: the window, the LRU and clear_cache() never evict them (hot neurons calibrated
+        offline; with layers visited in a cycle an LRU alone never hits). Pinned neurons count in the
+        budget like any cached neuron. Raises ValueError when they would leave no slot free."""
+        self._h().pin(as_int(layer, "layer", *INT64), _ids(neuron_ids))
+
+    def unpin_all(self) -> None:
+        """Pinned neurons become ordinary cache entries (evictable)."""
+        self._h().unpin_all()
+
     def wait_prefetch(self) -> None:
         """Blocks until every prefetch issued so far has landed."""
         self._h().wait_prefetch()
@@ -188,7 +199,8 @@ class WeightStore:
 
     def stats(self) -> dict:
         """bytes_read, reads_issued, neuron_hits, neuron_misses, hit_rate, prefetched, evictions,
-        resident_bytes, peak_resident_bytes, cache_capacity_bytes, staging_bytes, tokens, io_mode."""
+        resident_bytes, peak_resident_bytes, cache_capacity_bytes, staging_bytes, cache_slots,
+        slot_bytes, pinned_neurons, tokens, io_mode."""
         return dict(self._h().stats())
 
     def reset_stats(self) -> None:

@@ -135,6 +135,21 @@ MK_PYTHON_BINDING(weight_store) {
             s.prefetch(layer, iv.ptr<const int64_t>(), iv.size(0));
           },
           nb::arg("layer"), nb::arg("neuron_ids"))
+      .def(
+          "pin",
+          [](WeightStore& s, int64_t layer, nb::handle ids) {
+            ArrayKeeper keep;
+            TensorView iv;
+            ids_of(ids, keep, &iv);
+            nb::gil_scoped_release release;
+            s.pin(layer, iv.ptr<const int64_t>(), iv.size(0));
+          },
+          nb::arg("layer"), nb::arg("neuron_ids"))
+      .def("unpin_all",
+           [](WeightStore& s) {
+             nb::gil_scoped_release release;
+             s.unpin_all();
+           })
       .def("wait_prefetch",
            [](WeightStore& s) {
              nb::gil_scoped_release release;
@@ -161,11 +176,24 @@ MK_PYTHON_BINDING(weight_store) {
         d["peak_resident_bytes"] = st.peak_resident_bytes;
         d["cache_capacity_bytes"] = st.cache_capacity_bytes;
         d["staging_bytes"] = st.staging_bytes;
+        d["cache_slots"] = st.cache_slots;
+        d["slot_bytes"] = st.slot_bytes;
+        d["pinned_neurons"] = st.pinned_neurons;
         d["tokens"] = st.tokens;
         d["io_mode"] = std::string(s.io_mode());
         return d;
       });
 
+  m.def(
+      "stream_ffn_int4",
+      [](nb::handle h, nb::handle a, nb::handle bundles, nb::handle out, bool down_int8) {
+        ArrayKeeper keep;
+        TensorView hv = as_input(h, "h", keep), av = as_input(a, "a", keep), bv = as_input(bundles, "bundles", keep);
+        TensorView ov = as_tensor(out, "out", keep);
+        nb::gil_scoped_release release;
+        stream_ffn_int4(hv, av, bv, ov, down_int8);
+      },
+      nb::arg("h"), nb::arg("a"), nb::arg("bundles"), nb::arg("out"), nb::arg("down_int8") = false);
   m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, nb::arg("data"),
         nb::arg("crc") = 0);
 }

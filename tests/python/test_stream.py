@@ -71,7 +71,8 @@ def test_sparsity_zero_equals_dense(tmp_path, tied):
     assert os.stat(st.store_path_for(d, tmp_path / "s")).st_mtime_ns == mtime
 
 
-def test_quantized_ffn_is_int8_per_neuron_and_close_to_dense(tmp_path):
+@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25)])
+def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
     """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
     stays within the int8 re-quantization error of the dense quantized model."""
     d = build(tmp_path)
@@ -81,13 +82,37 @@ def test_quantized_ffn_is_int8_per_neuron_and_close_to_dense(tmp_path):
     orig = st._load_dense
     st._load_dense = lambda path: (json.load(open(os.path.join(path, "config.json"))), dense)
     try:
-        st.convert_for_streaming(d, store)
+        st.convert_for_streaming(d, store, ffn_format=fmt)
     finally:
         st._load_dense = orig
     sm = st.StreamingModel(store, BUDGET)
-    assert sm.meta["ffn_dtype"] == "int8"
+    assert sm.meta["ffn_dtype"] == fmt
     t = ids()
-    assert rel(sm.logits(t), dense.logits(t)) < 2e-2
+    assert rel(sm.logits(t), dense.logits(t)) < tol
+    if fmt in ("int4", "int4_int8"):
+        # the streamed FFN is exactly the FFN of the round-tripped weights (float64 reference)
+        from memkernels.quant import dequantize
+        from memkernels.models.llama import activation
+        h = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+        for L in range(2):
+            p = f"model.layers.{L}."
+            w = {k: dequantize(dense.weights[p + f"mlp.{k}_proj.weight"]).astype(np.float64)
+                 for k in ("gate", "up", "down")}
+            up = st.unpack_int4(st.pack_int4(w["up"]), 64).astype(np.float64)
+            if fmt == "int4":
+                down = st.unpack_int4(st.pack_int4(w["down"].T), 64).astype(np.float64).T
+            else:
+                q, sc = st._int8_rows(w["down"].T.astype(np.float32))
+                down = (q.astype(np.float64) * sc.astype(np.float64)[:, None]).T
+            want = (activation(np, h @ w["gate"].T, "silu") * (h @ up.T)) @ down.T
+            for rows in (5, 12):  # the decode kernel (<= 8 tokens) and the prefill path
+                hh = np.concatenate([h] * 3)[:rows]
+                wnt = (activation(np, hh @ w["gate"].T, "silu") * (hh @ up.T)) @ down.T
+                assert rel(sm._mlp(hh, L, p), wnt) < 1e-4
+    # every cache slot is one FFN bundle: the embedding rows are cut into bundle-sized pieces
+    layers = sm.store.layers()
+    assert len({L["bundle_bytes"] for L in layers}) == 1
+    assert sm.store.stats()["slot_bytes"] == layers[0]["bundle_bytes"]
 
 
 def test_budget_never_exceeded_and_too_small_refused(tmp_path):
@@ -205,3 +230,255 @@ def test_cli_generate_stream_json(tmp_path):
     for k in ("bytes_read_per_token", "whole_layer_bytes_per_token", "hit_rate", "peak_resident_bytes"):
         assert k in s
     assert s["peak_resident_bytes"] <= BUDGET and len(out["tokens"]) == 5
+
+
+# ---- issue 17 round 2: 4-bit bundles, frequency order, pinned hot neurons, per-layer sparsity ----
+
+def _int4_reference(b, d):
+    """float64 decode of pack_int4's bytes, written from the layout (not through unpack_int4)."""
+    b = np.asarray(b, np.uint8)
+    dp = -(-d // 32) * 32
+    ng = dp // 32
+    out = np.zeros((b.shape[0], dp))
+    for r in range(b.shape[0]):
+        codes = b[r, :dp // 2].astype(np.int64)
+        q = np.empty(dp, np.int64)
+        q[0::2], q[1::2] = codes & 15, codes >> 4
+        sc = b[r, dp // 2:dp // 2 + 2 * ng].copy().view("<f2").astype(np.float64)
+        mn = b[r, dp // 2 + 2 * ng:dp // 2 + 4 * ng].copy().view("<f2").astype(np.float64)
+        out[r] = q * np.repeat(sc, 32) + np.repeat(mn, 32)
+    return out[:, :d]
+
+
+@pytest.mark.parametrize("n,d", [(1, 32), (7, 50), (13, 64), (5, 576), (3, 97)])
+def test_int4_bundles_against_float64(n, d):
+    rng = np.random.default_rng(n * 1000 + d)
+    w = (rng.standard_normal((n, d)) * rng.uniform(0.01, 3, (n, 1))).astype(np.float32)
+    b = st.pack_int4(w)
+    assert b.dtype == np.uint8 and b.shape == (n, st.int4_part_bytes(d))
+    ref = _int4_reference(b, d)
+    got = np.full((n, d), np.nan, np.float32)
+    got[...] = st.unpack_int4(b, d)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # round to nearest within each group of 32: error <= half a step (+ float16 rounding of scale/min)
+    dp = -(-d // 32) * 32
+    wp = np.concatenate([w, np.zeros((n, dp - d), np.float32)], 1).reshape(n, -1, 32)
+    step = (wp.max(-1) - wp.min(-1)) / 15
+    bound = np.repeat(0.5 * step + 2e-3 * np.abs(wp).max(-1), 32, axis=1)[:, :d]
+    assert (np.abs(ref - w) <= bound).all()
+    # leading dims are kept: (k, parts, bytes) -> (k, parts, d)
+    assert st.unpack_int4(np.stack([b, b], 1), d).shape == (n, 2, d)
+
+
+def test_int4_keeps_gguf_q4_1_rows_exactly():
+    """A row made of Q4_1 blocks (float16 scale d and min m, codes 0..15 with 0 and 15 present, as
+    Q4_1 quantizes) comes back bit for bit: the up rows of a Q4_1 GGUF lose nothing."""
+    rng = np.random.default_rng(5)
+    n, d = 6, 128
+    q = rng.integers(0, 16, (n, d // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    sc = rng.uniform(0.001, 0.05, (n, d // 32)).astype(np.float16).astype(np.float32)
+    mn = (-7.5 * sc * rng.uniform(0.8, 1.2, sc.shape)).astype(np.float16).astype(np.float32)
+    w = (q * sc[..., None] + mn[..., None]).astype(np.float32).reshape(n, d)
+    np.testing.assert_array_equal(st.unpack_int4(st.pack_int4(w), d), w)
+
+
+def test_allocate_sparsity_greedy():
+    rng = np.random.default_rng(0)
+    nl, ns = 5, 20
+    err = np.cumsum(rng.uniform(0, 1, (nl, ns)) * rng.uniform(0.1, 10, (nl, 1)), 1)
+    err[:, 0] = 0
+    alloc = st.allocate_sparsity(err)
+    assert alloc.shape == (nl * (ns - 1) + 1, nl)
+    steps = np.round(alloc / st.S_STEP).astype(int)
+    assert (steps.sum(1) == np.arange(alloc.shape[0])).all()  # one step per row
+    assert (np.diff(steps, axis=0) >= 0).all() and (alloc[0] == 0).all() and np.allclose(alloc[-1], (ns - 1) * st.S_STEP)
+    # the cheapest layer goes first
+    inc = err[:, 1] - err[:, 0]
+    assert steps[1, np.argmin(inc)] == 1
+
+
+def _ffn_store(path, layers=3, neurons=64, d=40, seed=0):
+    rng = np.random.default_rng(seed)
+    ffn = {L: {"up": rng.standard_normal((neurons, d)).astype(np.float32),
+               "down": rng.standard_normal((d, neurons)).astype(np.float32)} for L in range(layers)}
+    mk.write_weight_store(path, {}, ffn)
+    return ffn
+
+
+def test_store_pin_keeps_hot_neurons_when_layers_cycle(tmp_path):
+    """LRU's worst case: layers visited in a cycle, each token needing more than the cache. Without
+    pinning the hit rate is 0; with the hot half of each layer pinned, those are all hits, never read
+    again, and the budget holds."""
+    path = str(tmp_path / "w.mkws")
+    nl, n, d = 3, 64, 40
+    ffn = _ffn_store(path, nl, n, d)
+    bundle = 2 * d * 4
+    with mk.WeightStore.open(path, 1 << 20) as probe:
+        staging_probe = probe.stats()
+    # budget: staging + slots for 60 % of all neurons
+    for pinned in (False, True):
+        budget = 2 * (4096 * 2) + int(0.6 * nl * n) * bundle + 8 * 4096
+        with mk.WeightStore.open(path, budget, io_threads=1, window_tokens=0, merge_gap_bytes=0) as ws:
+            st0 = ws.stats()
+            slots = st0["cache_slots"]
+            assert slots * st0["slot_bytes"] + st0["staging_bytes"] <= budget
+            hot = np.arange(n // 2)
+            if pinned:
+                for L in range(nl):
+                    ws.pin(L, hot)
+                assert ws.stats()["pinned_neurons"] == nl * n // 2
+            ws.reset_stats()
+            rng = np.random.default_rng(1)
+            for tok in range(6):
+                for L in range(nl):
+                    ids = np.concatenate([hot, n // 2 + rng.choice(n // 2, n // 4, replace=False)])
+                    rows = ws.get_rows(L, ids)
+                    np.testing.assert_array_equal(rows[:, 0], ffn[L]["up"][ids])
+                    np.testing.assert_array_equal(rows[:, 1], ffn[L]["down"].T[ids])
+                ws.next_token()
+            s = ws.stats()
+            assert s["peak_resident_bytes"] + s["staging_bytes"] <= budget
+            if pinned:
+                # every hot request is a hit; cold ones may hit too
+                assert s["neuron_hits"] >= 6 * nl * (n // 2)
+                assert s["hit_rate"] >= 0.66
+                ws.clear_cache()  # pinned neurons survive clear_cache
+                before = ws.stats()["bytes_read"]
+                ws.get_rows(0, hot)
+                assert ws.stats()["bytes_read"] == before
+            else:
+                assert s["hit_rate"] < 0.2
+    assert staging_probe["cache_slots"] >= nl * n
+
+
+def test_store_pin_limits_and_unpin(tmp_path):
+    path = str(tmp_path / "w.mkws")
+    _ffn_store(path, 2, 64, 40)
+    budget = 30000  # 16 KiB of staging, ~40 slots of 320 B
+    with mk.WeightStore.open(path, budget, io_threads=1) as ws:
+        slots = ws.stats()["cache_slots"]
+        assert 1 < slots < 64
+        with pytest.raises(ValueError, match="pin.*do not fit"):
+            ws.pin(0, np.arange(min(slots, 64)))
+        assert ws.stats()["pinned_neurons"] == 0  # all or nothing
+        with pytest.raises(ValueError, match="out of range"):
+            ws.pin(0, [64])
+        ws.pin(0, np.arange(slots - 1))
+        ws.pin(0, np.arange(slots - 1))  # pinning again adds nothing
+        assert ws.stats()["pinned_neurons"] == slots - 1
+        # get_rows still works (one slot left: batches of one), and fetches the whole other layer
+        rows = ws.get_rows(1, np.arange(64))
+        assert rows.shape == (64, 2, 40)
+        ws.unpin_all()
+        assert ws.stats()["pinned_neurons"] == 0
+        ws.clear_cache()
+        assert ws.stats()["resident_bytes"] == 0
+
+
+def test_neurons_stored_hottest_first_and_gate_order_matches(tmp_path):
+    """The store keeps neurons in calibrated firing-frequency order; a float checkpoint's stored
+    neuron i is the original neuron perm[i] bit for bit, and sparsity 0 still equals dense."""
+    d = build(tmp_path, intermediate_size=256)
+    store = str(tmp_path / "o.mkws")
+    st.convert_for_streaming(d, store)
+    raw, dense = st._load_dense(d)
+    with mk.WeightStore.open(store, 64 << 20) as ws:
+        for L in range(2):
+            perm = ws.get(f"stream/perm/{L}")
+            assert sorted(perm.tolist()) == list(range(256)) and (perm != np.arange(256)).any()
+            freq = ws.get(f"stream/freq/{L}")
+            f50 = freq[int(round(0.5 / st.S_STEP))]
+            assert (np.diff(f50) <= 1e-6).all()  # hottest first
+            assert np.allclose(freq[0], 1.0) and (np.diff(freq, axis=0) <= 1e-6).all()
+            rows = ws.get_rows(L, np.arange(256))
+            up = np.asarray(dense.weights[f"model.layers.{L}.mlp.up_proj.weight"], np.float32)
+            down = np.asarray(dense.weights[f"model.layers.{L}.mlp.down_proj.weight"], np.float32)
+            np.testing.assert_array_equal(rows[:, 0], up[perm])
+            np.testing.assert_array_equal(rows[:, 1], down.T[perm])
+    sm = st.StreamingModel(store, BUDGET)
+    t = ids()
+    assert rel(sm.logits(t), dense.logits(t)) < 1e-5
+
+
+def test_budget_with_half_the_ffn_pins_hot_neurons_and_hits(tmp_path):
+    """Budget = resident + staging + half the streamed FFN: the hot neurons are pinned, the hit rate
+    is high, fewer bytes are read than whole layers, and the weights held never exceed the budget."""
+    d = build(tmp_path, intermediate_size=512)
+    sdir = tmp_path / "s"
+    mk.load_model(d, dram_budget_bytes=BUDGET, stream_dir=sdir)
+    store = st.store_path_for(d, sdir)
+    probe = st.StreamingModel(store, BUDGET, pin_hot=False)
+    resident, ffn = probe.resident_bytes, probe.whole_layer_bytes_per_token
+    staging = probe.store.stats()["staging_bytes"]
+    budget = resident + staging + ffn // 2
+    t = ids(16, seed=4)
+    for s in (0.0, 0.5):
+        sm = st.StreamingModel(store, budget, sparsity=s)
+        assert sm.pinned_neurons > 0
+        sm.generate(t, max_new_tokens=10, stop_at_eos=False)
+        r = sm.stream_stats()
+        assert r["peak_resident_bytes"] <= budget
+        assert r["hit_rate"] >= (0.4 if s == 0 else 0.5), r
+        assert r["bytes_read_per_token"] < (0.75 if s == 0 else 0.5) * r["whole_layer_bytes_per_token"], r
+    whole = st.StreamingModel(store, budget, whole_layer_reads=True)
+    assert whole.pinned_neurons == 0
+    whole.generate(t, max_new_tokens=4, stop_at_eos=False)
+    assert whole.stream_stats()["hit_rate"] == 0.0
+
+
+def test_calibrated_allocation_keeps_mean_sparsity(tmp_path):
+    d = build(tmp_path, intermediate_size=256, num_hidden_layers=4)
+    store = str(tmp_path / "a.mkws")
+    st.convert_for_streaming(d, store)
+    for s in (0.25, 0.5):
+        sm = st.StreamingModel(store, BUDGET, sparsity=s, allocation="calibrated")
+        assert abs(sm.layer_sparsity.mean() - s) <= st.S_STEP / 4 + 1e-9
+        assert (sm.layer_sparsity >= 0).all() and (sm.layer_sparsity <= st.S_MAX + 1e-6).all()
+        u = st.StreamingModel(store, BUDGET, sparsity=s)  # the default
+        assert u.allocation == "uniform" and np.allclose(u.layer_sparsity, s)
+    with pytest.raises(ValueError, match="allocation"):
+        st.StreamingModel(store, BUDGET, allocation="best")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4_int8"])
+@pytest.mark.parametrize("T,k,d", [(1, 1, 32), (1, 37, 50), (3, 64, 96), (8, 200, 576), (2, 0, 64), (1, 9, 33)])
+def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt):
+    """The C++ decode FFN on gathered 4-bit bundles against a float64 product of the decoded weights."""
+    from memkernels import _memkernels as _C
+    rng = np.random.default_rng(T * 7 + k + d)
+    up, down = rng.standard_normal((k, d)), rng.standard_normal((k, d))
+    B = st.bundle_bytes(fmt, d)
+    bundles = st.pack_bundles(fmt, up, down).reshape(k, 2, B // 2)
+    h = rng.standard_normal((T, d)).astype(np.float32)
+    a = rng.standard_normal((T, k)).astype(np.float32)
+    if k:
+        a[:, rng.random(k) < 0.3] = 0  # masked-off neurons
+    flat = bundles.reshape(k, B)
+    p4 = st.int4_part_bytes(d)
+    U = _int4_reference(flat[:, :p4], d) if k else np.zeros((0, d))
+    if fmt == "int4":
+        D = _int4_reference(flat[:, p4:], d) if k else np.zeros((0, d))
+    else:  # int8 codes and a float32 scale, decoded here from the bytes
+        D = flat[:, p4:p4 + d].view(np.int8).astype(np.float64) * \
+            flat[:, p4 + d:p4 + d + 4].copy().view("<f4").astype(np.float64)
+    want = (a.astype(np.float64) * (h.astype(np.float64) @ U.T)) @ D
+    got_u, got_d = st.unpack_bundles(fmt, bundles, d)
+    np.testing.assert_allclose(got_u, U, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_d, D, rtol=1e-6, atol=1e-6)
+    out = np.full((T, d), np.nan, np.float32)
+    _C.stream_ffn_int4(h, a, bundles, out, fmt == "int4_int8")
+    assert np.isfinite(out).all()
+    scale = max(np.abs(want).max(), 1e-30) if k else 1.0
+    assert np.abs(out - want).max() <= 1e-4 * scale * max(1, np.sqrt(k * d) / 8)
+    # bad shapes and dtypes are refused by name
+    with pytest.raises(ValueError, match="bundles"):
+        _C.stream_ffn_int4(h, a, np.zeros((k, 2, 3), np.uint8), out, fmt == "int4_int8")
+    with pytest.raises(ValueError, match="bundles"):  # one byte off
+        _C.stream_ffn_int4(h, a, np.zeros((k, 2, st.bundle_bytes(fmt, d) // 2 + 1), np.uint8), out,
+                           fmt == "int4_int8")
+    with pytest.raises(ValueError, match="out"):
+        _C.stream_ffn_int4(h, a, bundles, np.zeros((T, d + 1), np.float32), fmt == "int4_int8")
+    with pytest.raises((TypeError, ValueError), match="a"):
+        _C.stream_ffn_int4(h, a.astype(np.float64), bundles, out, fmt == "int4_int8")

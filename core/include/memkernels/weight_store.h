@@ -85,6 +85,9 @@ struct WeightStoreStats {
   uint64_t peak_resident_bytes = 0;
   uint64_t cache_capacity_bytes = 0;  // slots * slot size; + staging_bytes <= dram_budget_bytes
   uint64_t staging_bytes = 0;
+  uint64_t cache_slots = 0;      // neurons the cache can hold (each slot = the largest bundle)
+  uint64_t slot_bytes = 0;
+  uint64_t pinned_neurons = 0;   // slots held by pin()
   uint64_t tokens = 0;
   double hit_rate() const {
     uint64_t n = neuron_hits + neuron_misses;
@@ -131,6 +134,12 @@ class WeightStore {
   // predicted active set, or the next layer while this one computes). Prefetch stops at the budget.
   void prefetch(int64_t layer, const int64_t* ids, int64_t count);
   void wait_prefetch();  // blocks until every prefetch issued so far has landed
+  // Loads `ids` of `layer` (if not resident) and keeps them in the cache for good: never evicted by
+  // the window, the LRU or clear_cache() (the calibrated hot neurons of a model: with layers visited
+  // in a cycle, an LRU window alone never hits once a token needs more than the cache). All or
+  // nothing; Error(Value) when the pinned neurons would leave no free slot (get_rows needs one).
+  void pin(int64_t layer, const int64_t* ids, int64_t count);
+  void unpin_all();  // pinned neurons become ordinary cache entries
   // Ends a token: neurons unused in the last window_tokens tokens are evicted.
   void next_token();
   void clear_cache();
@@ -142,6 +151,20 @@ class WeightStore {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// The FFN of gathered 4-bit neuron bundles (the streaming store's int4 format, see
+// memkernels/models/stream.py): each bundle i is [up row | down column], each part d_model values
+// padded to a multiple of 32 as [dp/2 code bytes: value 2j in the low nibble of byte j, 2j+1 in the
+// high one][dp/32 float16 scales][dp/32 float16 mins], value = code * scale + min.
+// h (T, d) float32, a (T, k) float32 (activated gate, 0 where a neuron is masked off),
+// bundles (k, 2, int4_bundle_part_bytes(d)) uint8, out (T, d) float32:
+//   out[t] = sum_i a[t, i] * (h[t] . up_i) * down_i, float32 accumulation. CPU, contiguous.
+// down_int8: the down part is [d int8 codes][float32 scale] padded to int8_down_part_bytes(d), and
+// bundles is (k, 2, (int4_bundle_part_bytes(d) + int8_down_part_bytes(d)) / 2).
+int64_t int4_bundle_part_bytes(int64_t d_model);
+int64_t int8_down_part_bytes(int64_t d_model);
+void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out,
+                     bool down_int8 = false);
 
 // CRC-32C (Castagnoli, as in iSCSI/ext4/RocksDB), the checksum of every read unit, header and
 // directory: the SSE4.2 crc32 instruction where the CPU has it (~8 GB/s), else table code.

@@ -5,29 +5,49 @@ into a weight store (`convert_for_streaming`, cached next to the model or in `st
 runs it as a `StreamingModel`:
 
 - resident (read once, whole): attention, norms, the gate projections (as stored: GGUF quants stay
-  quantized), the LM head, the per-layer sparsity thresholds and low-rank predictors;
-- streamed through the WeightStore's window cache: the FFN up rows and down columns, bundled per
-  neuron [up row i | down column i] so that one neuron is one contiguous read, and the embedding
-  rows (one row per token, gathered from the store instead of a resident table).
+  quantized), the LM head, the per-layer thresholds, neuron orders and sparsity allocation;
+- streamed through the WeightStore's cache: the FFN up rows and down columns, bundled per neuron
+  [up row i | down column i] so that one neuron is one contiguous read, and the embedding rows (one
+  row per token, gathered from the store instead of a resident table).
+
+Conversion (`convert_for_streaming`, once) runs the dense model on calibration text and records each
+FFN's input, gate output and residual stream. From them:
+- neurons are stored in the order of their calibrated firing frequency (hottest first): the hot
+  neurons form a contiguous prefix, the active cold ones are dense runs, not scattered 4 KiB blocks;
+- per-neuron firing frequencies (at sparsity 0, 5, ..., 100 %) let `StreamingModel` pin the neurons
+  most likely needed per token in the store's cache, as many as the budget holds (an LRU window
+  alone never hits: the 30 layers are visited in a cycle, LRU's worst case);
+- per-layer sparsity (TEAL-style): each layer's FFN output error (relative to its residual stream)
+  at sparsity 0, 5, ..., 95 %, and a greedy allocation per total sparsity that raises first the
+  layers whose error grows least.
 
 Which neurons a token needs is decided before reading (a SwiGLU FFN is dense, so this is
 approximate for S > 0):
 - predictor="threshold" (CATS / TEAL style, training free): the gate is computed exactly from its
-  resident weights; neuron i is read only when |act(gate_i)| exceeds the layer's threshold, the
-  quantile S of |act(gate)| on calibration text;
+  resident weights; neuron i is read only when |act(gate_i)| exceeds its layer's threshold, the
+  quantile s_L of |act(gate)| on calibration text (allocation="uniform", the default: s_L = S;
+  "calibrated": the greedy per-layer allocation of mean S, which measured worse on SmolLM2-135M:
+  +7.9 % perplexity at S=0.25 against +6.2 % uniform, see bench/results/stream-cpu-2026-12-01.md);
 - predictor="lowrank" (Deja Vu / "LLM in a flash" style): a rank-r map h -> gate fitted by least
   squares on calibration activations scores the neurons; those scoring above the layer's calibrated
-  quantile S are read (the gate of the chosen neurons is still the exact one).
-S = 0 reads every neuron and equals the dense forward.
+  quantile s_L are read (the gate of the chosen neurons is still the exact one).
+S = 0 reads every neuron and equals the dense forward (up to the FFN storage format).
 
 Memory: `dram_budget_bytes` bounds the weights the model holds: resident bytes plus everything the
-weight store holds (neuron cache, I/O staging). A budget below the resident part is refused with
-the numbers. Activations and the KV cache are not weights and are not counted.
+weight store holds (neuron cache with its pinned hot neurons, I/O staging). A budget below the
+resident part is refused with the numbers. Activations and the KV cache are not weights and are
+not counted.
 
-Conversion of the streamed FFN: float checkpoints are stored as float32 (bit exact); quantized
-(GGUF) up/down matrices are dequantized and re-quantized to int8 with one float32 scale per neuron
-row / column (a neuron's down column is not a block of the GGUF row layout, so GGUF blocks cannot be
-kept as they are). The embedding rows are stored as float32 (exact).
+Storage of the streamed FFN: float checkpoints are stored as float32 (bit exact); quantized (GGUF)
+up/down matrices as
+- ffn_format="int4_int8" (default): up rows 4-bit (groups of 32 along d_model with a float16 scale
+  and minimum: GGUF Q4_1 rows are kept bit for bit), down columns int8 with a float32 scale (a down
+  column is not a block of GGUF's row layout, so it is re-quantized, and 4 bits there cost SmolLM2
+  8 % perplexity); 940 B per neuron at d_model 576;
+- "int4": both 4-bit (720 B per neuron, the bytes of GGUF Q4_1);
+- "int8": both int8 with one float32 scale per neuron row / column (1152 B).
+The decode FFN runs on the 4-bit bundles directly (`stream_ffn_int4`, C++). The embedding rows are
+float32 (exact), cut into pieces of one bundle so that every cache slot holds one FFN neuron.
 """
 from __future__ import annotations
 
@@ -37,14 +57,17 @@ import os
 
 import numpy as np
 
+from .. import _memkernels as _C
 from ..quant import QuantizedMatrix, dequantize, from_bytes
 from ..weight_store import CorruptDataError, WeightStore, write_weight_store
 from .config import ModelConfig, UnsupportedModelError
 from .llama import Model, activation
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: neurons ordered by firing frequency, 4-bit bundles, per-layer sparsity
 LEVELS = np.linspace(0.0, 1.0, 101)  # calibrated quantiles 0 %, 1 %, ..., 100 %
 PREDICTORS = ("threshold", "lowrank")
+FFN_FORMATS = ("int4", "int4_int8", "int8")
+ALLOCATIONS = ("calibrated", "uniform")
 DEFAULT_RANK = 32
 DEFAULT_CALIBRATION_TOKENS = 1024
 _META = "stream/meta"
@@ -105,9 +128,17 @@ def _load_dense(path):
     from .gguf import load_gguf
     ck = load_gguf(path)
     raw = dict(ck.config)
-    m = Model(ModelConfig.from_dict(raw), dict(ck.tensors), ck.tokenizer, source=path,
-              warnings=getattr(ck, "warnings", ()))
+    m = _UnfusedModel(ModelConfig.from_dict(raw), dict(ck.tensors), ck.tokenizer, source=path,
+                      warnings=getattr(ck, "warnings", ()))
     return raw, m
+
+
+class _UnfusedModel(Model):
+    """The conversion's dense model: gate and up stay separate weights (the streamed FFN keeps the
+    gate resident and streams up; Model fuses quantized gate/up rows into one matrix)."""
+
+    def _fuse_projections(self):
+        pass
 
 
 def _tokenizer_meta(tok):
@@ -161,62 +192,222 @@ def fit_predictors(H: np.ndarray, G: np.ndarray, act: str, rank: int):
     return thr, A.astype(np.float32), B.astype(np.float32), lr
 
 
+# ---- 4-bit neuron bundles --------------------------------------------------------------------
+# One part (an up row or a down column, d values padded to a multiple of 32) is stored as
+#   [codes: dp/2 bytes, value 2j in the low nibble of byte j, 2j+1 in the high nibble]
+#   [scales: dp/32 float16][mins: dp/32 float16]      value = code * scale + min
+# (asymmetric round-to-nearest in groups of 32 along d). GGUF Q4_1 up rows (groups of 32 along d,
+# min = the group's minimum, scale = range / 15, both float16) come out bit for bit; a down column
+# cuts across GGUF's groups and is re-quantized.
+GROUP = 32
+_NIBBLES = np.stack([np.arange(256) & 15, np.arange(256) >> 4], 1).astype(np.float32)  # byte -> (lo, hi)
+
+
+def int4_part_bytes(d: int) -> int:
+    dp = -(-d // GROUP) * GROUP
+    return dp // 2 + 4 * (dp // GROUP)
+
+
+def pack_int4(w: np.ndarray) -> np.ndarray:
+    """(n, d) float -> (n, int4_part_bytes(d)) uint8 (the part layout above)."""
+    w = np.ascontiguousarray(w, np.float32)
+    n, d = w.shape
+    dp = -(-d // GROUP) * GROUP
+    if dp != d:
+        w = np.concatenate([w, np.zeros((n, dp - d), np.float32)], 1)
+    g = w.reshape(n, dp // GROUP, GROUP)
+    lo, hi = g.min(-1), g.max(-1)
+    mn = lo.astype(np.float16)
+    sc = ((hi - mn.astype(np.float32)) / 15.0).astype(np.float16)
+    s32 = sc.astype(np.float32)
+    safe = np.where(s32 > 0, s32, 1.0)
+    q = np.clip(np.rint((g - mn.astype(np.float32)[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
+    q = q.reshape(n, dp)
+    codes = q[:, 0::2] | (q[:, 1::2] << 4)
+    ng = dp // GROUP
+    return np.concatenate([codes, sc.view(np.uint8).reshape(n, 2 * ng), mn.view(np.uint8).reshape(n, 2 * ng)], 1)
+
+
+def unpack_int4(b: np.ndarray, d: int) -> np.ndarray:
+    """(..., int4_part_bytes(d)) uint8 -> (..., d) float32."""
+    dp = -(-d // GROUP) * GROUP
+    ng = dp // GROUP
+    lead = b.shape[:-1]
+    b = np.ascontiguousarray(b).reshape(int(np.prod(lead)), b.shape[-1])
+    sc = np.ascontiguousarray(b[:, dp // 2:dp // 2 + 2 * ng]).view(np.float16).astype(np.float32)
+    mn = np.ascontiguousarray(b[:, dp // 2 + 2 * ng:]).view(np.float16).astype(np.float32)
+    v = _NIBBLES[b[:, :dp // 2]].reshape(-1, ng, GROUP)
+    v *= sc[..., None]
+    v += mn[..., None]
+    return v.reshape(*lead, dp)[..., :d]
+
+
+def int8_down_part_bytes(d: int) -> int:
+    """An int8 down column: d int8 codes, a float32 scale, padded to an even count."""
+    return (d + 4 + 1) // 2 * 2
+
+
+def bundle_bytes(fmt: str, d: int) -> int:
+    """Bytes of one streamed neuron [up | down] in store format `fmt` (quantized checkpoints)."""
+    return {"int4": 2 * int4_part_bytes(d), "int4_int8": int4_part_bytes(d) + int8_down_part_bytes(d),
+            "int8": 2 * d}[fmt]
+
+
+def pack_bundles(fmt: str, up: np.ndarray, down_t: np.ndarray) -> np.ndarray:
+    """(n, bundle_bytes) uint8 neuron bundles of up rows and down columns (both (n, d)) in a 4-bit format."""
+    n, d = up.shape
+    if fmt == "int4":
+        return np.concatenate([pack_int4(up), pack_int4(down_t)], 1)
+    q, sc = _int8_rows(np.asarray(down_t, np.float32))
+    dn = np.zeros((n, int8_down_part_bytes(d)), np.uint8)
+    dn[:, :d] = q.view(np.uint8)
+    dn[:, d:d + 4] = sc.astype("<f4").view(np.uint8).reshape(n, 4)
+    return np.concatenate([pack_int4(up), dn], 1)
+
+
+def unpack_bundles(fmt: str, b: np.ndarray, d: int):
+    """(k, ...) uint8 bundles -> up (k, d), down (k, d) float32."""
+    b = np.ascontiguousarray(b).reshape(b.shape[0], int(np.prod(b.shape[1:])))
+    p4 = int4_part_bytes(d)
+    up = unpack_int4(b[:, :p4], d)
+    if fmt == "int4":
+        return up, unpack_int4(b[:, p4:], d)
+    sc = np.ascontiguousarray(b[:, p4 + d:p4 + d + 4]).view("<f4").astype(np.float32)
+    return up, b[:, p4:p4 + d].view(np.int8).astype(np.float32) * sc
+
+
+S_STEP = 0.05  # per-layer sparsity allocation grid
+S_MAX = 0.95
+FREQ_LEVELS = np.round(np.arange(0, 1.0 + 1e-9, S_STEP), 4)  # firing-frequency table levels
+
+
+def allocate_sparsity(err: np.ndarray) -> np.ndarray:
+    """Per-layer sparsity for every total, greedily (TEAL-style): err (layers, steps) is each layer's
+    calibrated FFN output error at sparsity step*S_STEP. Starting dense, each step raises by S_STEP the
+    sparsity of the layer whose error grows least. Returns (layers * max_step + 1, layers): row k is
+    the allocation after k steps (mean sparsity k * S_STEP / layers)."""
+    nl, ns = err.shape
+    cur = np.zeros(nl, np.int64)
+    rows = [cur.copy()]
+    for _ in range(nl * (ns - 1)):
+        inc = np.full(nl, np.inf)
+        ok = cur < ns - 1
+        inc[ok] = err[ok, cur[ok] + 1] - err[ok, cur[ok]]
+        cur[int(np.argmin(inc))] += 1
+        rows.append(cur.copy())
+    return (np.array(rows, np.float32) * S_STEP).astype(np.float32)
+
+
 def convert_for_streaming(path, dst, *, calibration_text=None, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
-                          rank=DEFAULT_RANK, verbose=False) -> dict:
+                          rank=DEFAULT_RANK, ffn_format="int4_int8", verbose=False) -> dict:
     """Converts checkpoint `path` (directory or .gguf) into the streaming weight store `dst` (see the
-    module docstring). Holds the dense model in memory once. Returns the store's metadata."""
+    module docstring). Holds the dense model in memory once. ffn_format: how quantized (GGUF) up/down
+    weights are stored: "int4_int8" (default: 4-bit up rows, int8 down columns), "int4" (both 4-bit)
+    or "int8" (one scale per neuron row/column); float checkpoints stay float32. Returns the store's
+    metadata."""
+    if ffn_format not in FFN_FORMATS:
+        raise ValueError(f"ffn_format: expected one of {FFN_FORMATS}, got {ffn_format!r}")
     raw, dense = _load_dense(path)
     cfg = dense.config
     if cfg.fused_qkv or cfg.mlp_bias:
         raise UnsupportedModelError(f"streaming: {cfg.model_type} with fused gate_up_proj or mlp_bias is not "
                                     f"supported yet")
     nl, dff, d = cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size
-    # calibration: record each FFN's input and gate output on sample text
-    rec = {L: ([], []) for L in range(nl)}
+    # calibration: record each FFN's input, gate output and the residual stream it adds to
+    rec = {L: ([], [], []) for L in range(nl)}
+    pre_ffn = "pre_feedforward_layernorm.weight" if cfg.sandwich_norms else "post_attention_layernorm.weight"
 
     def recording_mlp(h, L, p):
         rec[L][0].append(np.array(h, np.float32))
         rec[L][1].append(np.array(dense._linear(h, p + "mlp.gate_proj.weight"), np.float32))
         return Model._mlp(dense, h, L, p)
 
+    def recording_norm(x, name):
+        if name.endswith(pre_ffn):
+            L = int(name.split(".")[2])
+            rec[L][2].append(np.einsum("nd,nd->n", np.asarray(x, np.float64), np.asarray(x, np.float64)))
+        return Model._norm(dense, x, name)
+
     ids = calibration_ids(dense, calibration_text, calibration_tokens)
     if len(ids) < 8:
         raise ValueError(f"calibration_text: needs at least 8 tokens, got {len(ids)}")
-    dense._mlp = recording_mlp
+    dense._mlp, dense._norm = recording_mlp, recording_norm
     for at in range(0, len(ids), 256):  # pieces of 256 tokens, each a fresh sequence
         dense.logits(ids[at:at + 256])
-    del dense._mlp
+    del dense._mlp, dense._norm
     tensors, ffn = {}, {}
     thr = np.zeros((nl, len(LEVELS)), np.float32)
     lrq = np.zeros((nl, len(LEVELS)), np.float32)
+    n_steps = int(round(S_MAX / S_STEP)) + 1
+    err = np.zeros((nl, n_steps))
     w = dense.weights
     quantized = any(isinstance(w[f"model.layers.{L}.mlp.{k}_proj.weight"], QuantizedMatrix)
                     for L in range(nl) for k in ("up", "down"))
+    fmt = ffn_format if quantized else "float32"
     for L in range(nl):
-        H, G = np.concatenate(rec[L][0]), np.concatenate(rec[L][1])
+        H, G, R = (np.concatenate(x) for x in rec[L])
         rec[L] = None
         thr[L], A, B, lrq[L] = fit_predictors(H, G, cfg.hidden_act, rank)
-        tensors[f"stream/lowrank/{L}/A"], tensors[f"stream/lowrank/{L}/B"] = A, B
         up = w[f"model.layers.{L}.mlp.up_proj.weight"]
         down = w[f"model.layers.{L}.mlp.down_proj.weight"]
         up = dequantize(up) if isinstance(up, QuantizedMatrix) else np.asarray(up, np.float32)
         down = dequantize(down) if isinstance(down, QuantizedMatrix) else np.asarray(down, np.float32)
-        if quantized:
+        a = np.abs(activation(np, G.astype(np.float64), cfg.hidden_act))
+        # neurons ordered by calibrated firing frequency (at the median threshold; ties by mean |act|):
+        # the hot ones are contiguous and pinned first, the reads of the cold tail are dense runs
+        f50 = (a > thr[L, 50]).mean(0)
+        perm = np.lexsort((-a.mean(0), -f50)).astype(np.int32)
+        a = a[:, perm]
+        tensors[f"stream/perm/{L}"] = perm
+        tensors[f"stream/freq/{L}"] = np.stack(
+            [(a > np.interp(lv, LEVELS, thr[L])).mean(0) for lv in FREQ_LEVELS]).astype(np.float32)
+        tensors[f"stream/lowrank/{L}/A"], tensors[f"stream/lowrank/{L}/B"] = A, np.ascontiguousarray(B[:, perm])
+        up, down_t = np.ascontiguousarray(up[perm]), np.ascontiguousarray(down.T[perm])  # (dff, d) each
+        # this layer's error curve: squared FFN output error from dropping the neurons below the
+        # threshold of each sparsity step, relative to the residual stream it is added to
+        sub = slice(0, min(len(H), 128))
+        z = (activation(np, G[sub].astype(np.float64), cfg.hidden_act)[:, perm] * (H[sub] @ up.T.astype(np.float64)))
+        rr = np.maximum(R[sub], 1e-30)
+        d64 = down_t.astype(np.float64)
+        for j in range(1, n_steps):
+            off = a[sub] <= np.interp(j * S_STEP, LEVELS, thr[L])
+            dy = (z * off) @ d64
+            err[L, j] = float((np.einsum("nd,nd->n", dy, dy) / rr).mean())
+        if fmt == "int8":
             qu, su = _int8_rows(up)
-            qd, sd = _int8_rows(np.ascontiguousarray(down.T))
+            qd, sd = _int8_rows(down_t)
             ffn[L] = {"up": qu, "down": np.ascontiguousarray(qd.T)}
             tensors[f"stream/scales/{L}"] = np.stack([su, sd], 1)
+        elif fmt in ("int4", "int4_int8"):
+            b = pack_bundles(fmt, up, down_t)
+            half = b.shape[1] // 2
+            ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
         else:
-            ffn[L] = {"up": np.ascontiguousarray(up), "down": np.ascontiguousarray(down)}
+            ffn[L] = {"up": up, "down": np.ascontiguousarray(down_t.T)}
     tensors["stream/threshold_quantiles"] = thr
     tensors["stream/lowrank_quantiles"] = lrq
+    tensors["stream/allocation"] = allocate_sparsity(np.maximum.accumulate(err, axis=1))
     emb = w["model.embed_tokens.weight"]
     E = dequantize(emb) if isinstance(emb, QuantizedMatrix) else np.asarray(emb, np.float32)
-    half = (d + 1) // 2
-    if d % 2:
-        E = np.concatenate([E, np.zeros((E.shape[0], 1), np.float32)], 1)
-    # the embedding table as a bundled "layer" nl: [first half | second half] of each row
-    ffn[nl] = {"up": np.ascontiguousarray(E[:, :half]), "down": np.ascontiguousarray(E[:, half:].T)}
+    if fmt == "float32":
+        # the embedding table as a bundled "layer" nl: [first half | second half] of each row
+        half = (d + 1) // 2
+        if d % 2:
+            E = np.concatenate([E, np.zeros((E.shape[0], 1), np.float32)], 1)
+        ffn[nl] = {"up": np.ascontiguousarray(E[:, :half]), "down": np.ascontiguousarray(E[:, half:].T)}
+        pieces = 1
+    else:
+        # float32 rows cut into pieces of exactly one FFN bundle (same dtype and part size), so that
+        # every cache slot is one FFN neuron (the cache's slot is the largest bundle of the file: a
+        # float32 embedding row twice an int8 neuron halved what the budget cached)
+        part = ffn[0]["up"].shape[1]
+        dt = ffn[0]["up"].dtype
+        pieces = -(-(4 * d) // (2 * part * dt.itemsize))
+        rows = np.zeros((E.shape[0], pieces * 2 * part * dt.itemsize), np.uint8)
+        rows[:, :4 * d] = np.ascontiguousarray(E, np.float32).view(np.uint8)
+        rows = rows.view(dt).reshape(E.shape[0] * pieces, 2, part)
+        ffn[nl] = {"up": np.ascontiguousarray(rows[:, 0]), "down": np.ascontiguousarray(rows[:, 1].T)}
+        half = d
     del E
     for name, a in w.items():
         if name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")):
@@ -229,7 +420,7 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             tensors[name] = np.ascontiguousarray(a, np.float32)
     meta = {"version": STORE_VERSION, "config": raw, "source": _source_key(path), "rank": int(rank),
             "calibration_tokens": len(ids), "calibration_sha1": hashlib.sha1(json.dumps(ids).encode()).hexdigest(),
-            "ffn_dtype": "int8" if quantized else "float32", "embed_layer": nl, "hidden_padded": 2 * half,
+            "ffn_dtype": fmt, "embed_layer": nl, "embed_pieces": int(pieces), "hidden_padded": 2 * half,
             "tokenizer": _tokenizer_meta(dense.tokenizer), "warnings": list(dense.warnings)}
     tensors[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     del dense, w
@@ -251,7 +442,8 @@ def _read_meta(ws: WeightStore) -> dict:
 
 
 def open_streaming(path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold", stream_dir=None,
-                   calibration_text=None, rank=DEFAULT_RANK, whole_layer_reads=False, **store_kw) -> "StreamingModel":
+                   calibration_text=None, rank=DEFAULT_RANK, whole_layer_reads=False, ffn_format="int4_int8",
+                   **store_kw) -> "StreamingModel":
     """The streaming model of checkpoint `path` (converting it first when no matching store is cached).
     `path` may also be a streaming store (.mkws) itself."""
     if predictor not in PREDICTORS:
@@ -268,14 +460,20 @@ def open_streaming(path, dram_budget_bytes, *, sparsity=0.0, predictor="threshol
         store = path
     else:
         store = store_path_for(path, stream_dir)
+        if ffn_format not in FFN_FORMATS:
+            raise ValueError(f"ffn_format: expected one of {FFN_FORMATS}, got {ffn_format!r}")
         fresh = False
         if os.path.exists(store):
-            with WeightStore.open(store, 64 << 20) as ws:
-                meta = _read_meta(ws)
-            fresh = meta["source"] == _source_key(path) and meta["rank"] == int(rank)
+            try:
+                with WeightStore.open(store, 64 << 20) as ws:
+                    meta = _read_meta(ws)
+                fresh = meta["source"] == _source_key(path) and meta["rank"] == int(rank) and \
+                    meta["ffn_dtype"] in (ffn_format, "float32")
+            except CorruptDataError:  # an older store version (or a damaged one): convert again
+                fresh = False
         if not fresh:
             os.makedirs(os.path.dirname(store), exist_ok=True)
-            convert_for_streaming(path, store, calibration_text=calibration_text, rank=rank)
+            convert_for_streaming(path, store, calibration_text=calibration_text, rank=rank, ffn_format=ffn_format)
     return StreamingModel(store, int(dram_budget_bytes), sparsity=sparsity, predictor=predictor,
                           whole_layer_reads=whole_layer_reads, **store_kw)
 
@@ -285,8 +483,16 @@ class StreamingModel(Model):
     budget (see the module docstring). `stream_stats()` reports the reads."""
 
     def __init__(self, store_path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold",
-                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=32 << 10):
+                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=4 << 10,
+                 allocation="uniform", pin_hot=True):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
+        if predictor not in PREDICTORS:
+            raise ValueError(f"predictor: expected one of {PREDICTORS}, got {predictor!r}")
+        if not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity}")
         budget = int(dram_budget_bytes)
+        self.allocation = allocation
         with WeightStore.open(store_path, max(budget, 64 << 20)) as ws:
             meta = _read_meta(ws)
             listing = {t["name"]: t for t in ws.tensors()}
@@ -294,8 +500,8 @@ class StreamingModel(Model):
         nl = cfg.num_hidden_layers
         use_lr = predictor == "lowrank" and sparsity > 0
         resident_names = [n for n in listing if not n.startswith("stream/")
-                          or n.startswith("stream/scales/") or n.endswith("_quantiles")
-                          or (use_lr and n.startswith("stream/lowrank/"))]
+                          or n.startswith(("stream/scales/", "stream/perm/")) or n.endswith("_quantiles")
+                          or n == "stream/allocation" or (use_lr and n.startswith("stream/lowrank/"))]
         resident = sum(listing[n]["nbytes"] for n in resident_names if n != _META)
         if budget <= resident:
             raise ValueError(f"dram_budget_bytes: {budget} bytes is not above what stays resident "
@@ -324,14 +530,22 @@ class StreamingModel(Model):
         self.resident_bytes = resident
         self.dram_budget_bytes = budget
         layers = {l["layer"]: l for l in ws.layers()}
-        if sorted(layers) != list(range(nl + 1)) or layers[nl]["d_model"] * 2 != meta["hidden_padded"]:
+        fdt = meta["ffn_dtype"]
+        dm = bundle_bytes(fdt, cfg.hidden_size) // 2 if fdt in ("int4", "int4_int8") else cfg.hidden_size
+        pieces = meta.get("embed_pieces", 1)
+        emb_ok = (layers[nl]["d_model"] * 2 == meta["hidden_padded"]) if fdt == "float32" else \
+            (layers.get(nl, {}).get("d_model") == dm and layers[nl]["neurons"] == cfg.vocab_size * pieces)
+        if sorted(layers) != list(range(nl + 1)) or not emb_ok:
             raise CorruptDataError(f"{store_path}: streaming store layers {sorted(layers)} do not match the "
                                    f"{nl}-layer model")
         for L in range(nl):
-            if layers[L]["neurons"] != cfg.intermediate_size or layers[L]["d_model"] != cfg.hidden_size:
+            if layers[L]["neurons"] != cfg.intermediate_size or layers[L]["d_model"] != dm:
                 raise CorruptDataError(f"{store_path}: FFN layer {L} is {layers[L]['neurons']} x "
-                                       f"{layers[L]['d_model']}, expected {cfg.intermediate_size} x {cfg.hidden_size}")
+                                       f"{layers[L]['d_model']}, expected {cfg.intermediate_size} x {dm}")
         self.whole_layer_bytes_per_token = sum(layers[L]["bundle_bytes"] * layers[L]["neurons"] for L in range(nl))
+        self.pinned_neurons = 0
+        if pin_hot and not self.whole_layer_reads:
+            self._pin_hot(cfg)
         self._reset_counters()
         # Model.__init__ with the streamed tensors left out of check_tensors
         self.config = cfg
@@ -339,6 +553,8 @@ class StreamingModel(Model):
         self.device, self.exact, self.source = "cpu", True, store_path
         self.warnings = list(meta.get("warnings", ()))
         self.weights = tensors
+        self._fuse_projections()  # q/k/v quantized alike: one qgemm (gate has no up to fuse with here)
+        tensors = self.weights
         self.quantization = None
         self.last_stats = {}
         from ..model import array_ops
@@ -375,14 +591,26 @@ class StreamingModel(Model):
         lrq = take("stream/lowrank_quantiles", (nl, len(LEVELS)))
         if (np.diff(thr, axis=1) < 0).any() or (np.diff(lrq, axis=1) < 0).any():
             raise CorruptDataError("streaming store: calibrated quantiles are not increasing")
-        q = self.sparsity * (len(LEVELS) - 1)  # the quantile S, interpolated on the 1 % grid
-        i0 = min(int(np.floor(q)), len(LEVELS) - 2)
-
-        def at(table):
-            return table[:, i0] + (q - i0) * (table[:, i0 + 1] - table[:, i0])
-
-        self._threshold = at(thr)
-        self._lr_threshold = at(lrq)
+        alloc = take("stream/allocation", (nl * (int(round(S_MAX / S_STEP))) + 1, nl))
+        if self.allocation == "calibrated" and self.sparsity > 0:
+            # the greedy allocation whose mean is nearest the target (within S_STEP / layers)
+            k = int(np.clip(round(self.sparsity * nl / S_STEP), 0, alloc.shape[0] - 1))
+            self.layer_sparsity = alloc[k].astype(np.float64)
+        else:
+            self.layer_sparsity = np.full(nl, self.sparsity)
+        # each layer's quantile s_L of the calibrated |act(gate)| (interpolated on the 1 % grid)
+        self._threshold = np.array([np.interp(s, LEVELS, thr[L]) for L, s in enumerate(self.layer_sparsity)],
+                                   np.float32)
+        self._lr_threshold = np.array([np.interp(s, LEVELS, lrq[L]) for L, s in enumerate(self.layer_sparsity)],
+                                      np.float32)
+        self._perm = {}
+        for L in range(nl):
+            if f"stream/perm/{L}" not in tensors:
+                raise CorruptDataError(f"streaming store: tensor 'stream/perm/{L}' is missing")
+            pm = tensors.pop(f"stream/perm/{L}")
+            if pm.shape != (dff,) or pm.dtype != np.int32 or not np.array_equal(np.sort(pm), np.arange(dff)):
+                raise CorruptDataError(f"streaming store: 'stream/perm/{L}' is not a permutation of {dff} neurons")
+            self._perm[L] = pm.astype(np.intp)
         self._lowrank = {}
         if use_lr:
             for L in range(nl):
@@ -391,9 +619,42 @@ class StreamingModel(Model):
                 B = take(f"stream/lowrank/{L}/B", (A.shape[1], dff))
                 self._lowrank[L] = (A, B)
         self._scales = {}
+        self._ffn_dtype = self.meta["ffn_dtype"]
         if self.meta["ffn_dtype"] == "int8":
             for L in range(nl):
                 self._scales[L] = take(f"stream/scales/{L}", (dff, 2))
+
+    def _pin_hot(self, cfg):
+        """Pins the neurons most likely requested per token (calibrated firing frequency at each
+        layer's sparsity) into the store's cache, as many as its slots hold less one layer (so that
+        get_rows reads a layer's cold neurons in one batch). Cold neurons then go through the LRU
+        window; the hot ones are never read again."""
+        nl, dff = cfg.num_hidden_layers, cfg.intermediate_size
+        st = self.store.stats()
+        room = int(st["cache_slots"]) - dff - 2 * self.meta.get("embed_pieces", 1)
+        if room <= 0:
+            return
+        p = np.zeros((nl, dff))
+        for L in range(nl):
+            f = self.store.get(f"stream/freq/{L}")
+            if f.shape != (len(FREQ_LEVELS), dff) or not np.isfinite(f).all():
+                raise CorruptDataError(f"streaming store: 'stream/freq/{L}' has shape {list(f.shape)}, expected "
+                                       f"{[len(FREQ_LEVELS), dff]}")
+            s = self.layer_sparsity[L] if self.sparsity > 0 else 0.0
+            j = min(int(s / S_STEP), len(FREQ_LEVELS) - 2)
+            t = (s - FREQ_LEVELS[j]) / S_STEP
+            p[L] = f[j] + t * (f[j + 1] - f[j])
+        # how many per layer: the most probable neurons overall (ties by position, the store's
+        # order: earlier = hotter); which: each layer's prefix in the store's order, so that the
+        # cold neurons left to read form one contiguous tail (pinning the most probable ones
+        # themselves, interleaved with cold ones when the run's sparsity ranks them differently
+        # from the stored order, left a cold neuron in nearly every 4 KiB block: more bytes read)
+        order = np.lexsort((np.tile(np.arange(dff), nl), -p.ravel()))[:room]
+        counts = np.bincount(order // dff, minlength=nl)
+        for L in range(nl):
+            if counts[L]:
+                self.store.pin(L, np.arange(counts[L]))
+        self.pinned_neurons = int(counts.sum())
 
     def _reset_counters(self):
         self._decode_tokens = 0
@@ -408,13 +669,18 @@ class StreamingModel(Model):
     def _embedding(self, tokens):
         d = self.config.hidden_size
         uniq, inv = np.unique(np.asarray(tokens, np.int64), return_inverse=True)
-        rows = self.store.get_rows(self.meta["embed_layer"], uniq)
-        return np.ascontiguousarray(rows.reshape(len(uniq), -1)[inv.reshape(-1), :d], dtype=np.float32)
+        k = self.meta.get("embed_pieces", 1)
+        if self._ffn_dtype == "float32":
+            rows = self.store.get_rows(self.meta["embed_layer"], uniq).reshape(len(uniq), -1)
+        else:  # each float32 row is k pieces of one FFN bundle's bytes
+            ids = (uniq[:, None] * k + np.arange(k)).ravel()
+            rows = self.store.get_rows(self.meta["embed_layer"], ids).reshape(len(uniq), -1).view(np.float32)
+        return np.ascontiguousarray(rows[inv.reshape(-1), :d], dtype=np.float32)
 
     def _mlp(self, h, L, p):
         cfg = self.config
         g = self._linear(h, p + "mlp.gate_proj.weight")
-        a = activation(np, g, cfg.hidden_act)
+        a = activation(np, g, cfg.hidden_act)[:, self._perm[L]]  # the store's neuron order
         keep = None
         if self.sparsity > 0 and not self.whole_layer_reads:
             if self.predictor == "lowrank":
@@ -432,7 +698,15 @@ class StreamingModel(Model):
         if len(cols) == 0:
             return np.zeros_like(h)
         rows = self.store.get_rows(L, cols)  # (k, 2, d): up row, down column
-        if L in self._scales:
+        if self._ffn_dtype in ("int4", "int4_int8") and h.shape[0] <= 8:
+            # decode: straight from the 4-bit bundles (C++), no float copy of the weights
+            am = np.ascontiguousarray(a[:, cols] if keep is None else a[:, cols] * keep[:, cols], np.float32)
+            out = np.empty((h.shape[0], cfg.hidden_size), np.float32)
+            _C.stream_ffn_int4(np.ascontiguousarray(h, np.float32), am, rows, out, self._ffn_dtype == "int4_int8")
+            return out
+        if self._ffn_dtype in ("int4", "int4_int8"):  # prefill: dequantize once, then BLAS
+            up, down = unpack_bundles(self._ffn_dtype, rows, cfg.hidden_size)
+        elif L in self._scales:
             s = self._scales[L][cols]
             up = rows[:, 0].astype(np.float32) * s[:, :1]
             down = rows[:, 1].astype(np.float32) * s[:, 1:]
@@ -474,7 +748,10 @@ class StreamingModel(Model):
                 "peak_resident_bytes": self.resident_bytes + st["peak_resident_bytes"] + st["staging_bytes"],
                 "store_peak_bytes": st["peak_resident_bytes"], "io_mode": st["io_mode"],
                 "sparsity": self.sparsity, "predictor": self.predictor, "whole_layer_reads": self.whole_layer_reads,
-                "ffn_dtype": self.meta["ffn_dtype"]}
+                "ffn_dtype": self.meta["ffn_dtype"], "allocation": self.allocation,
+                "pinned_neurons": self.pinned_neurons, "cache_slots": st["cache_slots"],
+                "layer_sparsity_min": float(self.layer_sparsity.min()),
+                "layer_sparsity_max": float(self.layer_sparsity.max())}
 
     def reset_stream_stats(self):
         self._reset_counters()
