@@ -747,6 +747,39 @@ void dequantize_impl(const DequantProblem& p) {
   }
 }
 
+// Rows [n0, n1), weights [k0, k1) (whole chunks) dequantized to fp32 as dequant_row does:
+// dst[(n - n0) * ld + k - k0]. The prefill GEMM's only view of the layout (quant_internal.h).
+template <int BITS, bool NF4>
+void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
+  const Table tab(nf4_codebook());
+  const int64_t gs = w.group_size;
+  constexpr int CB = BITS * 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    float* drow = dst + (n - n0) * ld - k0;
+    // The caller walks K in slices, each for a block of rows: too many streams for the hardware
+    // prefetcher, so fetch the codes of this row's next slice (same length) now.
+    for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
+      __builtin_prefetch(row + b);
+    for (int64_t g = k0 / gs; g * gs < k1; ++g) {  // groups meeting [k0, k1), whole chunks of each
+      const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
+      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+      for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+        VecF wv[CV];
+        decode<BITS, NF4>(row + c * CB, tab, wv);
+        float* d = drow + c * 32;
+        if (w.mins) {
+          #pragma GCC unroll 16
+          for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
+        } else {
+          #pragma GCC unroll 16
+          for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+        }
+      }
+    }
+  }
+}
+
 // Calls IMPL<bits, nf4>(args...) for the format's code width.
 #define MK_BY_FORMAT(fmt, IMPL, ...)                                                \
   switch (fmt) {                                                                    \
@@ -779,9 +812,14 @@ void qgemm(const QGemmProblem& p) {
     load_floats(p.bias, p.dtype, p.w.rows, bbuf.data());
     bias = bbuf.data();
   }
+  if (qgemm_prefill(p, x, ldx, bias)) return;  // many tokens: dequantize-once GEMM (qgemm_prefill.cpp)
   MK_BY_FORMAT(p.w.format, qgemm_impl, p, x, ldx, bias)
 }
 
 void dequantize(const DequantProblem& p) { MK_BY_FORMAT(p.w.format, dequantize_impl, p) }
+
+void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
+  MK_BY_FORMAT(w.format, dequant_rows_range, w, n0, n1, k0, k1, dst, ld)
+}
 
 }  // namespace memkernels::cpu::MK_ISA_NS
