@@ -98,6 +98,11 @@ MK_DECLARE_CPU_KERNEL(void dequantize(const ::memkernels::DequantProblem& p))
 // weights only through it, so it does not depend on the layout.
 MK_DECLARE_CPU_KERNEL(void dequantize_rows(const ::memkernels::QuantView& w, int64_t n0, int64_t n1, int64_t k0,
                                            int64_t k1, float* dst, int64_t ld))
+// The same weights rounded to bf16 (round to nearest even: the bits of converting dequantize_rows'
+// floats), for the bf16 prefill kernel. Optional: a layout without a fast way to do it returns false
+// (writing nothing) and the caller converts dequantize_rows' output itself.
+MK_DECLARE_CPU_KERNEL(bool dequantize_rows_bf16(const ::memkernels::QuantView& w, int64_t n0, int64_t n1, int64_t k0,
+                                                int64_t k1, uint16_t* dst, int64_t ld))
 // Prefill GEMM (cpu/qgemm_prefill.cpp): blocks of weight rows dequantized once per call into a tile
 // (bf16 on CPUs with AVX512-BF16 when p.int8_activations allows approximate activations, fp32
 // otherwise) and multiplied with every token. x: fp32 rows (ldx apart), bias: fp32 or null. Returns

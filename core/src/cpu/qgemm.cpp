@@ -760,10 +760,31 @@ void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, 
     // The caller walks K in slices, each for a block of rows: too many streams for the hardware
     // prefetcher, so fetch the codes of this row's next slice (same length) now.
     for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
-      __builtin_prefetch(row + b);
+      __builtin_prefetch(row + b, 0, 2);  // to L2: a burst of these must not stall on L1 misses
+    if (k1 / gs < w.groups) {  // and its scales, zeros and mins
+      const int64_t j = n * w.groups + k1 / gs;
+      if (w.scales) __builtin_prefetch(w.scales + j);
+      if (w.zeros) __builtin_prefetch(w.zeros + j);
+      if (w.mins) __builtin_prefetch(w.mins + j);
+    }
     for (int64_t g = k0 / gs; g * gs < k1; ++g) {  // groups meeting [k0, k1), whole chunks of each
       const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
       const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+#if defined(MK_ISA_AVX512)
+      if constexpr (BITS == 4) {
+        // The group's 16 possible weights, computed as below (so the same floats), then one
+        // permute per 16 weights: vpermps reads only the low 4 bits of each index, so the byte
+        // zero-extended to 32 bits indexes with its low nibble and, shifted by 4, with its high one.
+        const VecF lv{NF4 ? tab.t : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
+        const __m512 t16 = w.mins ? (opaque(lv * vs) + vm).v : ((lv - vz) * vs).v;
+        for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * CB)));
+          _mm512_storeu_ps(drow + c * 32, _mm512_permutexvar_ps(b, t16));
+          _mm512_storeu_ps(drow + c * 32 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t16));
+        }
+        continue;
+      }
+#endif
       for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
         VecF wv[CV];
         decode<BITS, NF4>(row + c * CB, tab, wv);
@@ -820,6 +841,54 @@ void dequantize(const DequantProblem& p) { MK_BY_FORMAT(p.w.format, dequantize_i
 
 void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
   MK_BY_FORMAT(w.format, dequant_rows_range, w, n0, n1, k0, k1, dst, ld)
+}
+
+bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
+                          int64_t ld) {
+#if defined(MK_ISA_AVX512)
+  // 4-bit formats: per group, the 16 possible weights (as dequant_rows_range computes them) rounded
+  // to bf16 and repeated to 32 words; one vpermw per 32 weights, whose word index holds the code in
+  // bits 0-3 (bit 4, the other nibble's low bit, picks the same entry in the repeated table).
+  if (w.bits != 4) return false;
+  const bool nf4 = w.format == QuantFormat::NF4;
+  const __m512 levels = nf4 ? _mm512_loadu_ps(nf4_codebook())
+                            : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const int64_t gs = w.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    uint16_t* drow = dst + (n - n0) * ld - k0;
+    const int64_t next = (2 * k1 - k0) / 2;  // the next slice's codes, spread over this slice's chunks
+    if (k1 / gs < w.groups) {  // and its scales, zeros and mins (rows apart: no stream for the hardware)
+      const int64_t j = n * w.groups + k1 / gs;
+      if (w.scales) __builtin_prefetch(w.scales + j);
+      if (w.zeros) __builtin_prefetch(w.zeros + j);
+      if (w.mins) __builtin_prefetch(w.mins + j);
+    }
+    for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+      const VecF lv{levels}, vs = VecF::set1(w.scale(n, g));
+      const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min(n, g))).v : ((lv - VecF::set1(w.zero(n, g))) * vs).v;
+      // round to nearest even on the bits (the table is finite): bits + 0x7fff + bit 16, top half
+      const __m512i u = _mm512_castps_si512(t);
+      const __m512i r = _mm512_srli_epi32(
+          _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                            _mm512_set1_epi32(1)))), 16);
+      const __m256i h = _mm512_cvtepi32_epi16(r);
+      const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+      for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+        if ((c & 3) == 0 && c * 16 + (k1 - k0) / 2 < std::min(w.row_bytes, next))
+          __builtin_prefetch(row + c * 16 + (k1 - k0) / 2, 0, 2);
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
+        _mm512_storeu_si512(drow + c * 32, _mm512_permutexvar_epi16(idx, tab));
+      }
+    }
+  }
+  return true;
+#else
+  (void)w, (void)n0, (void)n1, (void)k0, (void)k1, (void)dst, (void)ld;
+  return false;
+#endif
 }
 
 }  // namespace memkernels::cpu::MK_ISA_NS

@@ -32,7 +32,7 @@ namespace {
 
 constexpr int L = VecF::N;     // tokens per vector
 constexpr int64_t KC = 256;    // weights per K slice (dequantize_rows takes 256-aligned slices)
-constexpr int64_t DR = 16;     // rows per dequantize_rows call when staging fp32 for bf16
+constexpr int64_t DR = 4;      // rows per dequantize_rows call when staging fp32 for bf16 (in L1)
 #if defined(MK_ISA_AVX512)
 constexpr int kAcc = 24;       // accumulators per micro-kernel (32 zmm: 24 + token vectors + broadcast)
 #else
@@ -125,13 +125,13 @@ __attribute__((target("avx512bf16"))) void to_bf16(const float* src, int64_t n, 
 inline bool bf16_available() { return false; }
 #endif
 
-// Calls micro<R = kAcc / TB, TB> for a runtime TB in [1, kMaxTB] over the `rows` rows of the tile
-// (a multiple of kAcc), for the token blocks tb0 .. tb0 + TB.
+// Calls micro<R = kAcc / TB, TB> for a runtime TB in [1, kMaxTB] over the kAcc tile rows from g0,
+// for the token blocks tb0 .. tb0 + TB.
 template <bool BF16, int TB>
-void micro_rows(const void* tile, const void* xT, int64_t xstride, int64_t k0, int64_t kn, int64_t rows, int64_t tb0,
+void micro_rows(const void* tile, int64_t g0, const void* xT, int64_t xstride, int64_t k0, int64_t kn, int64_t tb0,
                 float* yacc, int64_t ldy) {
   constexpr int R = kAcc / TB;
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+  for (int64_t r0 = g0; r0 < g0 + kAcc; r0 += R) {
     float* y = yacc + r0 * ldy + tb0 * L;
     if constexpr (BF16) {
 #if defined(MK_ISA_AVX512)
@@ -195,34 +195,41 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
       std::fill(yacc.begin(), yacc.begin() + rows * ldy, 0.0f);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kn = std::min(KC, K - k0);
-        const void* tile;
-        if constexpr (BF16) {
+        // kAcc rows at a time: dequantized, then multiplied with every token while their tile (and
+        // the x slice of a token group) are still in L1
+        for (int64_t g0 = 0; g0 < rows; g0 += kAcc) {
+          const int64_t ge = std::min(nr, g0 + kAcc);  // rows past nr: zeros
+          const void* tile;
+          if constexpr (BF16) {
 #if defined(MK_ISA_AVX512)
-          for (int64_t r = 0; r < rows; r += DR) {
-            const int64_t re = std::min(nr, r + DR);
-            if (r < re) dequantize_rows(w, n0 + r, n0 + re, k0, k0 + kn, ftile.data(), KC);
-            for (int64_t i = r; i < std::min(rows, r + DR); ++i) {
-              uint16_t* d = btile.data() + i * KC;
-              if (i < nr) to_bf16(ftile.data() + (i - r) * KC, kn, d);
-              else std::memset(d, 0, size_t(kn) * 2);
+            const bool direct = ge <= g0 || dequantize_rows_bf16(w, n0 + g0, n0 + ge, k0, k0 + kn, btile.data() + g0 * KC, KC);
+            for (int64_t i = std::max(g0, ge); direct && i < g0 + kAcc; ++i) std::memset(btile.data() + i * KC, 0, size_t(kn) * 2);
+            for (int64_t r = g0; !direct && r < g0 + kAcc; r += DR) {
+              const int64_t re = std::min(ge, r + DR);
+              if (r < re) dequantize_rows(w, n0 + r, n0 + re, k0, k0 + kn, ftile.data(), KC);
+              for (int64_t i = r; i < r + DR; ++i) {
+                uint16_t* d = btile.data() + i * KC;
+                if (i < ge) to_bf16(ftile.data() + (i - r) * KC, kn, d);
+                else std::memset(d, 0, size_t(kn) * 2);
+              }
             }
-          }
 #endif
-          tile = btile.data();
-        } else {
-          dequantize_rows(w, n0, n1, k0, k0 + kn, ftile.data(), KC);
-          for (int64_t i = nr; i < rows; ++i) std::memset(ftile.data() + i * KC, 0, size_t(kn) * 4);
-          tile = ftile.data();
-        }
-        // every token block against this slice, kMaxTB blocks per micro-kernel call
-        int64_t tb0 = 0;
-        for (; tb0 + kMaxTB <= nb; tb0 += kMaxTB)
-          micro_rows<BF16, kMaxTB>(tile, xT, xstride, k0, kn, rows, tb0, yacc.data(), ldy);
-        switch (nb - tb0) {
-          case 1: micro_rows<BF16, 1>(tile, xT, xstride, k0, kn, rows, tb0, yacc.data(), ldy); break;
-          case 2: micro_rows<BF16, 2>(tile, xT, xstride, k0, kn, rows, tb0, yacc.data(), ldy); break;
-          case 3: micro_rows<BF16, 3>(tile, xT, xstride, k0, kn, rows, tb0, yacc.data(), ldy); break;
-          default: break;
+            tile = btile.data();
+          } else {
+            if (g0 < ge) dequantize_rows(w, n0 + g0, n0 + ge, k0, k0 + kn, ftile.data() + g0 * KC, KC);
+            for (int64_t i = std::max(g0, ge); i < g0 + kAcc; ++i) std::memset(ftile.data() + i * KC, 0, size_t(kn) * 4);
+            tile = ftile.data();
+          }
+          // every token block against these rows, kMaxTB blocks per micro-kernel call
+          int64_t tb0 = 0;
+          for (; tb0 + kMaxTB <= nb; tb0 += kMaxTB)
+            micro_rows<BF16, kMaxTB>(tile, g0, xT, xstride, k0, kn, tb0, yacc.data(), ldy);
+          switch (nb - tb0) {
+            case 1: micro_rows<BF16, 1>(tile, g0, xT, xstride, k0, kn, tb0, yacc.data(), ldy); break;
+            case 2: micro_rows<BF16, 2>(tile, g0, xT, xstride, k0, kn, tb0, yacc.data(), ldy); break;
+            case 3: micro_rows<BF16, 3>(tile, g0, xT, xstride, k0, kn, tb0, yacc.data(), ldy); break;
+            default: break;
+          }
         }
       }
       // out[t][n0 + i] = yacc[i][t] (+ bias)
