@@ -136,15 +136,19 @@ def test_prefill_dtypes_and_bias(isa, dtype, fmt, group):
         assert (np.abs(got - ref) <= b * 1.01 + out_rounding(np.abs(ref) + b, dtype) + 1e-30).all(), (dtype, exact)
 
 
-def test_prefill_bf16_error_is_bf16_rounding():
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4_sym", 32), ("int4_min", 32), ("nf4", 64), ("nf4dq", 64),
+                                       ("int8", None), ("int3", 128)])
+def test_prefill_bf16_error_is_bf16_rounding(fmt, group):
     """The bf16 kernel computes the fp32 sum of products of bf16-rounded weights and x (so its error
-    is the bf16 one, not worse), and the documented bound holds with a margin that is not vacuous."""
+    is the bf16 one, not worse: the 4-bit formats build their bf16 weights from a per-group table,
+    the others convert dequantized floats), and the documented bound holds with a margin that is
+    not vacuous."""
     if not HAS_BF16 or mk.info()["best_cpu_isa"] != "avx512":
         pytest.skip("no AVX512-BF16 on this CPU")
     import ml_dtypes
 
     n, k, tokens = 67, 1024, 48
-    qm, d = make("int4", n, k, 128, seed=21)
+    qm, d = make(fmt, n, k, group, seed=21)
     x = np.random.default_rng(22).standard_normal((tokens, k)).astype(np.float32)
     y = mk.qgemm(x, qm)
     xb = x.astype(ml_dtypes.bfloat16).astype(np.float64)
