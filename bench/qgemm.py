@@ -251,7 +251,7 @@ def small(args):
 
 PREFILL_TOKENS = [16, 32, 128, 512]
 PREFILL_FORMATS = [("int4", 128), ("int4_sym", 32), ("int4_min", 32), ("nf4", 64), ("int8", None)]
-GGML_PREFILL = {"int4 g128": "q4_K", "int4_sym g32": "q4_0", "int4_min g32": "q4_1", "int8": "q8_0"}
+GGML_PREFILL = {"int4 g128": "q4_K", "int4_sym g32": "q4_0", "int4_min g32": "q4_1"}
 
 
 def ggml_prefill_us():
@@ -263,7 +263,7 @@ def ggml_prefill_us():
     import re
     import subprocess
 
-    pat = "type_a=(q4_0|q4_1|q4_K|q8_0),type_b=f32,m=4096,n=(16|32|128|512),k=14336,"
+    pat = "type_a=(q4_0|q4_1|q4_K),type_b=f32,m=4096,n=(16|32|128|512),k=14336,"
     try:
         res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
                              timeout=3600)
@@ -341,7 +341,7 @@ def prefill(args):
                      "activations. 1 thread: CPU time (process_time), 2 threads: wall time; best of the rounds, "
                      "ours and peers alternating. torch int4: bf16 x, asymmetric int4 g128 packed by torch. ggml: "
                      "test-backend-ops perf (its own threads and clock; only its 4096x14336 shapes), same-format "
-                     "type (q4_K for int4 g128, q4_0 int4_sym, q4_1 int4_min, q8_0 int8).")
+                     "type (q4_K for int4 g128, q4_0 for int4_sym g32, q4_1 for int4_min g32).")
 
 
 def gpu(args):
