@@ -843,14 +843,20 @@ void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int
   MK_BY_FORMAT(w.format, dequant_rows_range, w, n0, n1, k0, k1, dst, ld)
 }
 
+#if defined(MK_ISA_AVX512)
+// Called only by the bf16 prefill kernel, which runs only on CPUs with AVX512-BF16.
+__attribute__((target("avx512bf16")))
+#endif
 bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
                           int64_t ld) {
 #if defined(MK_ISA_AVX512)
   // 4-bit formats: per group, the 16 possible weights (as dequant_rows_range computes them) rounded
   // to bf16 and repeated to 32 words; one vpermw per 32 weights, whose word index holds the code in
   // bits 0-3 (bit 4, the other nibble's low bit, picks the same entry in the repeated table).
-  if (w.bits != 4) return false;
-  const bool nf4 = w.format == QuantFormat::NF4;
+  const QuantFormat f = w.format;  // the 4-bit formats of this chunk layout (not other 4-bit layouts)
+  if (f != QuantFormat::Int4 && f != QuantFormat::Int4Sym && f != QuantFormat::Int4Min && f != QuantFormat::NF4)
+    return false;
+  const bool nf4 = f == QuantFormat::NF4;
   const __m512 levels = nf4 ? _mm512_loadu_ps(nf4_codebook())
                             : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const int64_t gs = w.group_size;
@@ -867,12 +873,8 @@ bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0
     for (int64_t g = k0 / gs; g * gs < k1; ++g) {
       const VecF lv{levels}, vs = VecF::set1(w.scale(n, g));
       const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min(n, g))).v : ((lv - VecF::set1(w.zero(n, g))) * vs).v;
-      // round to nearest even on the bits (the table is finite): bits + 0x7fff + bit 16, top half
-      const __m512i u = _mm512_castps_si512(t);
-      const __m512i r = _mm512_srli_epi32(
-          _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                            _mm512_set1_epi32(1)))), 16);
-      const __m256i h = _mm512_cvtepi32_epi16(r);
+      // rounded as the other formats' floats are (vcvtneps2bf16: nearest even)
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
       const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
       const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
       for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
