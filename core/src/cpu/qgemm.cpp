@@ -854,6 +854,27 @@ bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0
   // to bf16 and repeated to 32 words; one vpermw per 32 weights, whose word index holds the code in
   // bits 0-3 (bit 4, the other nibble's low bit, picks the same entry in the repeated table).
   const QuantFormat f = w.format;  // the 4-bit formats of this chunk layout (not other 4-bit layouts)
+  if (f == QuantFormat::Int8) {
+    // int8: s * q in fp32 as dequant_rows_range computes it, rounded straight to bf16 (no fp32 tile)
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+      uint16_t* drow = dst + (n - n0) * ld - k0;
+      for (int64_t b = k1; b < std::min(w.row_bytes, 2 * k1 - k0); b += 64) __builtin_prefetch(row + b, 0, 2);
+      for (int64_t g = k0 / w.group_size; g * w.group_size < k1; ++g) {
+        const __m512 vs = _mm512_set1_ps(w.scale(n, g));
+        const int64_t c1 = std::min(k1, (g + 1) * w.group_size);
+        for (int64_t k = std::max(k0, g * w.group_size); k < c1; k += 32) {
+          const __m512 a = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)))), vs);
+          const __m512 b = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)))),
+              vs);
+          _mm512_storeu_si512(drow + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+      }
+    }
+    return true;
+  }
   if (f != QuantFormat::Int4 && f != QuantFormat::Int4Sym && f != QuantFormat::Int4Min && f != QuantFormat::NF4)
     return false;
   const bool nf4 = f == QuantFormat::NF4;

@@ -4,8 +4,11 @@
 // The decode paths of qgemm.cpp unpack the codes inside the dot product, which is right for a few
 // tokens but redoes the unpacking and the per-group scale work for every pass of 4-8 tokens. Here a
 // task owns a block of RB weight rows; K is cut into slices of KC weights, and each slice of the
-// block is dequantized once (through dequantize_rows, the layout's own entry point, so every format
-// works) into a tile that stays in L1/L2 while all tokens stream over it.
+// block is dequantized once, kAcc rows at a time, into a tile that stays in L1 while every token
+// streams over it. Weights come only through the layout's own entry points (quant_internal.h):
+// dequantize_rows (fp32, every format) or, for bf16, dequantize_rows_bf16 where the layout has a
+// fast route (4-bit codes: a 16-entry bf16 table per group and one permute per 32 weights), else
+// dequantize_rows then a conversion. So every format works, whatever its packing.
 //
 // Micro-kernel layout: output lanes are tokens. x is transposed once per call into blocks of L
 // tokens (L = the vector width: 16 on AVX-512, 8 otherwise): xT[block][k][lane]. One step of the
@@ -16,7 +19,9 @@
 //     vdpbf16ps takes two k at a time: the tile's 32-bit word (w[r][2j], w[r][2j+1]) is broadcast,
 //     and xT holds the pair (x[t][2j], x[t][2j+1]) per lane. Products of two bf16 are exact in fp32.
 //   - fp32 (every ISA; the exact path): fp32 tile and x, one FMA per k. Exact up to fp32 rounding.
-// Threads split the row blocks. Error bound of the bf16 path: memkernels/quant.h.
+// Tokens are padded to whole blocks with zeros; a last bf16 block of 8 tokens or fewer runs on 8
+// lanes (ymm). Threads split the row blocks. Error bound of the bf16 path: memkernels/quant.h.
+// Token counts where this path takes over from qgemm.cpp's: min_tokens below.
 #include <omp.h>
 
 #include <algorithm>
