@@ -15,6 +15,9 @@ exact=True). Peers in the same run when present: torch's int4 CPU kernel
 ggml's MUL_MAT through ggml's own ``test-backend-ops perf`` binary when MEMKERNELS_GGML_TEST_BACKEND_OPS
 names one (its perf shapes are fixed: 4096x14336 at 1-8 and 512 tokens, 2 threads, wall time).
 "GB/s": weight bytes read per call / our time.
+--prefill: 16, 32, 128, 512 tokens on 4096x14336 and 11008x4096, every prefill format (default and
+exact=True) against torch bf16 F.linear, torch int4 and ggml (512 tokens: its perf shapes), 1 thread
+(CPU time) and 2 threads (wall time), ours and the peers alternating in each of --rounds rounds.
 --small: per-call times over a 135M model's decode shapes (SmolLM2: hidden 576, FFN 1536, vocab
 49152), 1 token, next to NumPy fp32 on the same data, plus the fixed cost of the smallest calls.
 """
@@ -246,6 +249,101 @@ def small(args):
                 note="Each is almost entirely fixed cost: wrapper, argument conversion and checks, dispatch.")
 
 
+PREFILL_TOKENS = [16, 32, 128, 512]
+PREFILL_FORMATS = [("int4", 128), ("int4_sym", 32), ("int4_min", 32), ("nf4", 64), ("int8", None)]
+GGML_PREFILL = {"int4 g128": "q4_K", "int4_sym g32": "q4_0", "int4_min g32": "q4_1"}
+
+
+def ggml_prefill_us():
+    """{(ggml type, n_out, tokens, k): us} for ggml's MUL_MAT perf cases at prefill token counts (its
+    fixed shapes: 4096x14336 at 512 tokens), {} without MEMKERNELS_GGML_TEST_BACKEND_OPS."""
+    exe = os.environ.get("MEMKERNELS_GGML_TEST_BACKEND_OPS")
+    if not exe:
+        return {}
+    import re
+    import subprocess
+
+    pat = "type_a=(q4_0|q4_1|q4_K),type_b=f32,m=4096,n=(16|32|128|512),k=14336,"
+    try:
+        res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
+                             timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"ggml test-backend-ops failed: {e}")
+        return {}
+    times = {}
+    for m in re.finditer(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=(\d+),k=(\d+),[^)]*\):\s+\d+ runs -\s+([\d.]+) us/run",
+                         res.stdout):
+        times[(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))] = float(m.group(5))
+    return times
+
+
+def prefill(args):
+    """Prefill (16-512 tokens): ours (default = bf16 activations where the CPU has AVX512-BF16, and
+    exact=True) against torch bf16 F.linear and torch's int4 kernel, alternating ours / peer in one
+    loop, best of the rounds; 1 thread (CPU time) and 2 threads (wall time)."""
+    if torch is None:
+        print("torch is not installed: the prefill table compares against torch, skipping")
+        return
+    shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
+    tokens = [16, 32] if args.quick else PREFILL_TOKENS
+    formats = [("int4", 128)] if args.quick else PREFILL_FORMATS
+    ggml = ggml_prefill_us()
+    rng = np.random.default_rng(0)
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, torch {torch.__version__}; "
+          f"{args.rounds} rounds, ours and the peers alternating in each")
+
+    def timed(fn, clock):
+        t = clock()
+        fn()
+        return clock() - t
+
+    def rows():
+        for n, k in shapes:
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            tw16 = torch.from_numpy(w).to(torch.bfloat16)
+            ti4 = torch_int4(w, 128)
+            qms = {(f, g): mk.quantize(w, f, group_size=g) for f, g in formats}
+            for threads in args.threads:
+                mk.set_num_threads(threads)
+                torch.set_num_threads(threads)
+                clock = time.process_time if threads == 1 else time.perf_counter
+                for b in tokens:
+                    x = rng.standard_normal((b, k), dtype=np.float32)
+                    tx16 = torch.from_numpy(x).to(torch.bfloat16)
+                    out = np.empty((b, n), np.float32)
+                    calls = {"torch bf16": lambda: F.linear(tx16, tw16)}
+                    if ti4:
+                        calls["torch int4"] = lambda: ti4(tx16)
+                    for (f, g), qm in qms.items():
+                        calls[(f, g, False)] = lambda qm=qm: mk.qgemm(x, qm, out=out)
+                        calls[(f, g, True)] = lambda qm=qm: mk.qgemm(x, qm, out=out, exact=True)
+                    for fn in calls.values():
+                        fn()  # warm-up
+                    best = {key: float("inf") for key in calls}
+                    for _ in range(args.rounds):  # alternate: each round times every call once
+                        for key, fn in calls.items():
+                            best[key] = min(best[key], timed(fn, clock))
+                    t16, ti = best["torch bf16"], best.get("torch int4")
+                    for (f, g), qm in qms.items():
+                        fname = f if g is None else f"{f} g{g}"
+                        gk = ggml.get((GGML_PREFILL.get(fname, ""), n, b, k)) if threads == 2 else None
+                        gk = None if gk is None else gk * 1e-6
+                        for exact in (False, True):
+                            t = best[(f, g, exact)]
+                            yield [f"{n}x{k} {b} tok {fname}" + (" exact" if exact else ""), threads, fmt_ms(t, 2),
+                                   f"{2 * n * k * b / t / 1e9:.0f}", fmt_ms(t16, 2), fmt_ratio(t16, t),
+                                   fmt_ms(ti, 2), fmt_ratio(ti, t), fmt_ms(gk, 2), fmt_ratio(gk, t)]
+
+    print_table("CPU qgemm prefill", ["case", "threads", "ours ms", "GFLOP/s", "torch bf16 ms", "torch bf16/ours",
+                                      "torch int4 g128 ms", "torch int4/ours", "ggml same ms", "ggml/ours"], rows(),
+                note="case = out x in features, tokens, format; default = bf16 activations (AVX512-BF16) from 32 "
+                     "tokens (int4/int4_sym/int4_min/int8) or 12 (others), int8 activations below; exact = fp32 "
+                     "activations. 1 thread: CPU time (process_time), 2 threads: wall time; best of the rounds, "
+                     "ours and peers alternating. torch int4: bf16 x, asymmetric int4 g128 packed by torch. ggml: "
+                     "test-backend-ops perf (its own threads and clock; only its 4096x14336 shapes), same-format "
+                     "type (q4_K for int4 g128, q4_0 for int4_sym g32, q4_1 for int4_min g32).")
+
+
 def gpu(args):
     if not mk.info()["cuda_available"] or torch is None or not torch.cuda.is_available():
         print("no CUDA device (or no torch with CUDA): skipping the GPU benchmark")
@@ -299,6 +397,14 @@ def main():
                          "4096x14336, batch 1 and 8")
     ap.add_argument("--small", action="store_true",
                     help="CPU: per-call times over a 135M model's decode shapes and the fixed cost per call")
+    ap.add_argument("--prefill", action="store_true",
+                    help="CPU: prefill (16, 32, 128, 512 tokens) against torch bf16 F.linear / torch int4 / ggml, "
+                         "1 and 2 threads")
+    ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2],
+                    help="--prefill: thread counts (default 1,2)")
+    ap.add_argument("--rounds", type=int, default=3, help="--prefill: alternating rounds (best of)")
+    ap.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
+                    help="--prefill: token counts (default 16,32,128,512)")
     ap.add_argument("--shape", type=shape_arg, default=None,
                     help="one layer shape N_OUTxK_IN instead of the defaults (e.g. 1024x1024 for a smoke run)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -315,6 +421,10 @@ def main():
         gpu(args)
     elif args.small:
         small(args)
+    elif args.prefill:
+        if args.tokens:
+            PREFILL_TOKENS[:] = args.tokens
+        prefill(args)
     else:
         cpu(args)
 

@@ -92,3 +92,22 @@ void dequantize(const DequantProblem& p, void* stream);
 
 MK_DECLARE_CPU_KERNEL(void qgemm(const ::memkernels::QGemmProblem& p))
 MK_DECLARE_CPU_KERNEL(void dequantize(const ::memkernels::DequantProblem& p))
+
+// Weights of rows [n0, n1), columns [k0, k1) of w dequantized to fp32, the same values dequantize()
+// gives: dst[(n - n0) * ld + (k - k0)]. k0 is a multiple of 256 and k1 a multiple of 256 or K (the
+// callers cut K into 256-aligned slices, so any format whose blocks divide 256 can serve them).
+// Implemented with the packed layout (cpu/qgemm.cpp, cpu/qgemm_kquant.cpp); the prefill GEMM reads
+// weights only through it, so it does not depend on the layout.
+MK_DECLARE_CPU_KERNEL(void dequantize_rows(const ::memkernels::QuantView& w, int64_t n0, int64_t n1, int64_t k0,
+                                           int64_t k1, float* dst, int64_t ld))
+// The same weights rounded to bf16 (round to nearest even: the bits of converting dequantize_rows'
+// floats), for the bf16 prefill kernel. Optional: a layout without a fast way to do it returns false
+// (writing nothing) and the caller converts dequantize_rows' output itself.
+MK_DECLARE_CPU_KERNEL(bool dequantize_rows_bf16(const ::memkernels::QuantView& w, int64_t n0, int64_t n1, int64_t k0,
+                                                int64_t k1, uint16_t* dst, int64_t ld))
+// Prefill GEMM (cpu/qgemm_prefill.cpp): blocks of weight rows dequantized once per call into a tile
+// (bf16 on CPUs with AVX512-BF16 when p.int8_activations allows approximate activations, fp32
+// otherwise) and multiplied with every token. x: fp32 rows (ldx apart), bias: fp32 or null. Returns
+// false, computing nothing, when the problem is one the other qgemm paths serve better (few tokens).
+MK_DECLARE_CPU_KERNEL(bool qgemm_prefill(const ::memkernels::QGemmProblem& p, const float* x, int64_t ldx,
+                                         const float* bias))

@@ -617,11 +617,18 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
     else:
         np.testing.assert_array_equal(y, exact)
     # 2 to 8 tokens share each weight load (each token its own scale), up to 64 in passes of 8;
-    # 65 and more: the exact path
+    # 65 and more: the fp32 prefill kernel, as exact=True; from 32 on AVX512-BF16: the bf16 prefill
+    # kernel (tests/python/test_qgemm_prefill.py), within its own bound
+    bf16 = isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
     for tokens in (2, 5, 8, 9, 27, 64, 65):
         X = (rng(k + tokens).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, bias, out=out, int8_activations=True)
+        if bf16 and tokens >= 32:
+            mag = np.abs(X.astype(np.float64)) @ np.abs(d).T
+            err = np.abs(Y - (X.astype(np.float64) @ d.T + bias))
+            assert np.all(err <= (2.0 ** -8 + 2.0 ** -16 + k * 2.0 ** -24) * mag + 1e-5), tokens
+            continue
         if tokens > 64 or not integer_path:
             np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias, exact=True))
             continue
@@ -774,9 +781,13 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     # 1-D x takes the same path as a 1-token batch
     np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    integer_path = (fmt in ("int4", "int4_sym", "int4_min", "int8") and tokens <= 64
+    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8")
+    # from 32 tokens (12 for formats without an int8 path) on AVX512-BF16: the bf16 prefill kernel
+    bf16_path = (isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
+                 and tokens >= (32 if int8_format else 12))
+    integer_path = (not bf16_path and int8_format and tokens <= 64
                     and (isa == "avx2" or (isa == "avx512" and vnni)))
-    assert np.array_equal(y, exact) != integer_path
+    assert np.array_equal(y, exact) != (integer_path or bf16_path)
 
 
 def test_qgemm_exact_and_int8_activations_conflict():

@@ -173,6 +173,18 @@ struct QGemmOptions {
   // the integer sums are exact), plus fp32 rounding of the order of 1e-6 * sum_k |w[n][k] x[t][k]|.
   // tests/python/test_quant.py checks the bound for every format and ISA. The Python qgemm() turns
   // this on by default (exact=True turns it off); the C++ default stays the exact path.
+  //
+  // Prefill: on CPUs with AVX512-BF16, with this option on and from 32 tokens (int4 / int4_sym /
+  // int4_min / int8) or 12 tokens (every other format), each block of weight rows is dequantized
+  // once per call and rounded to bf16, x is rounded to bf16 (round to nearest even), and the
+  // products are summed in fp32 (vdpbf16ps; a product of two bf16 is exact in fp32). Bound against
+  // the exact path, for output n of token t:
+  //     |y_bf16[t][n] - y_exact[t][n]| <= (2^-8 + 2^-16) * sum_k |w[n][k] x[t][k]|
+  // (each factor moves by at most 2^-9 of itself), plus the fp32 summation error, at most
+  // K * 2^-24 * sum_k |w[n][k] x[t][k]| (about 1e-6 of it in practice); magnitudes below 2^-126
+  // count as 0 and x beyond the bf16 range becomes +-inf. tests/python/test_qgemm_prefill.py checks
+  // it. Without AVX512-BF16 (and with exact activations) prefill runs the same dequantize-once
+  // kernel in fp32, which is the exact path: exact up to fp32 summation order.
   bool int8_activations = false;
 };
 

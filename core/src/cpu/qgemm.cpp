@@ -747,6 +747,60 @@ void dequantize_impl(const DequantProblem& p) {
   }
 }
 
+// Rows [n0, n1), weights [k0, k1) (whole chunks) dequantized to fp32 as dequant_row does:
+// dst[(n - n0) * ld + k - k0]. The prefill GEMM's only view of the layout (quant_internal.h).
+template <int BITS, bool NF4>
+void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
+  const Table tab(nf4_codebook());
+  const int64_t gs = w.group_size;
+  constexpr int CB = BITS * 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    float* drow = dst + (n - n0) * ld - k0;
+    // The caller walks K in slices, each for a block of rows: too many streams for the hardware
+    // prefetcher, so fetch the codes of this row's next slice (same length) now.
+    for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
+      __builtin_prefetch(row + b, 0, 2);  // to L2: a burst of these must not stall on L1 misses
+    if (k1 / gs < w.groups) {  // and its scales, zeros and mins
+      const int64_t j = n * w.groups + k1 / gs;
+      if (w.scales) __builtin_prefetch(w.scales + j);
+      if (w.zeros) __builtin_prefetch(w.zeros + j);
+      if (w.mins) __builtin_prefetch(w.mins + j);
+    }
+    for (int64_t g = k0 / gs; g * gs < k1; ++g) {  // groups meeting [k0, k1), whole chunks of each
+      const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
+      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+#if defined(MK_ISA_AVX512)
+      if constexpr (BITS == 4) {
+        // The group's 16 possible weights, computed as below (so the same floats), then one
+        // permute per 16 weights: vpermps reads only the low 4 bits of each index, so the byte
+        // zero-extended to 32 bits indexes with its low nibble and, shifted by 4, with its high one.
+        const VecF lv{NF4 ? tab.t : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
+        const __m512 t16 = w.mins ? (opaque(lv * vs) + vm).v : ((lv - vz) * vs).v;
+        for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * CB)));
+          _mm512_storeu_ps(drow + c * 32, _mm512_permutexvar_ps(b, t16));
+          _mm512_storeu_ps(drow + c * 32 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t16));
+        }
+        continue;
+      }
+#endif
+      for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+        VecF wv[CV];
+        decode<BITS, NF4>(row + c * CB, tab, wv);
+        float* d = drow + c * 32;
+        if (w.mins) {
+          #pragma GCC unroll 16
+          for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
+        } else {
+          #pragma GCC unroll 16
+          for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+        }
+      }
+    }
+  }
+}
+
 // Calls IMPL<bits, nf4>(args...) for the format's code width.
 #define MK_BY_FORMAT(fmt, IMPL, ...)                                                \
   switch (fmt) {                                                                    \
@@ -779,9 +833,85 @@ void qgemm(const QGemmProblem& p) {
     load_floats(p.bias, p.dtype, p.w.rows, bbuf.data());
     bias = bbuf.data();
   }
+  if (qgemm_prefill(p, x, ldx, bias)) return;  // many tokens: dequantize-once GEMM (qgemm_prefill.cpp)
   MK_BY_FORMAT(p.w.format, qgemm_impl, p, x, ldx, bias)
 }
 
 void dequantize(const DequantProblem& p) { MK_BY_FORMAT(p.w.format, dequantize_impl, p) }
+
+void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
+  MK_BY_FORMAT(w.format, dequant_rows_range, w, n0, n1, k0, k1, dst, ld)
+}
+
+#if defined(MK_ISA_AVX512)
+// Called only by the bf16 prefill kernel, which runs only on CPUs with AVX512-BF16.
+__attribute__((target("avx512bf16")))
+#endif
+bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
+                          int64_t ld) {
+#if defined(MK_ISA_AVX512)
+  // 4-bit formats: per group, the 16 possible weights (as dequant_rows_range computes them) rounded
+  // to bf16 and repeated to 32 words; one vpermw per 32 weights, whose word index holds the code in
+  // bits 0-3 (bit 4, the other nibble's low bit, picks the same entry in the repeated table).
+  const QuantFormat f = w.format;  // the 4-bit formats of this chunk layout (not other 4-bit layouts)
+  if (f == QuantFormat::Int8) {
+    // int8: s * q in fp32 as dequant_rows_range computes it, rounded straight to bf16 (no fp32 tile)
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
+      uint16_t* drow = dst + (n - n0) * ld - k0;
+      for (int64_t b = k1; b < std::min(w.row_bytes, 2 * k1 - k0); b += 64) __builtin_prefetch(row + b, 0, 2);
+      for (int64_t g = k0 / w.group_size; g * w.group_size < k1; ++g) {
+        const __m512 vs = _mm512_set1_ps(w.scale(n, g));
+        const int64_t c1 = std::min(k1, (g + 1) * w.group_size);
+        for (int64_t k = std::max(k0, g * w.group_size); k < c1; k += 32) {
+          const __m512 a = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)))), vs);
+          const __m512 b = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)))),
+              vs);
+          _mm512_storeu_si512(drow + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+      }
+    }
+    return true;
+  }
+  if (f != QuantFormat::Int4 && f != QuantFormat::Int4Sym && f != QuantFormat::Int4Min && f != QuantFormat::NF4)
+    return false;
+  const bool nf4 = f == QuantFormat::NF4;
+  const __m512 levels = nf4 ? _mm512_loadu_ps(nf4_codebook())
+                            : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const int64_t gs = w.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * w.row_bytes;
+    uint16_t* drow = dst + (n - n0) * ld - k0;
+    const int64_t next = (2 * k1 - k0) / 2;  // the next slice's codes, spread over this slice's chunks
+    if (k1 / gs < w.groups) {  // and its scales, zeros and mins (rows apart: no stream for the hardware)
+      const int64_t j = n * w.groups + k1 / gs;
+      if (w.scales) __builtin_prefetch(w.scales + j);
+      if (w.zeros) __builtin_prefetch(w.zeros + j);
+      if (w.mins) __builtin_prefetch(w.mins + j);
+    }
+    for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+      const VecF lv{levels}, vs = VecF::set1(w.scale(n, g));
+      const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min(n, g))).v : ((lv - VecF::set1(w.zero(n, g))) * vs).v;
+      // rounded as the other formats' floats are (vcvtneps2bf16: nearest even)
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
+      const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+      for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+        if ((c & 3) == 0 && c * 16 + (k1 - k0) / 2 < std::min(w.row_bytes, next))
+          __builtin_prefetch(row + c * 16 + (k1 - k0) / 2, 0, 2);
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
+        _mm512_storeu_si512(drow + c * 32, _mm512_permutexvar_epi16(idx, tab));
+      }
+    }
+  }
+  return true;
+#else
+  (void)w, (void)n0, (void)n1, (void)k0, (void)k1, (void)dst, (void)ld;
+  return false;
+#endif
+}
 
 }  // namespace memkernels::cpu::MK_ISA_NS
