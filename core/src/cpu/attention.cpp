@@ -80,19 +80,35 @@ const char* elem_ptr(const void* base, DType t, int64_t offset) {
   return static_cast<const char*>(base) + offset * dtype_size(t);
 }
 
-// Packs K^T panels and padded V rows of one (batch, kv_head) for keys [j0, j1).
+// Packs K^T panels and padded V rows of one (batch, kv_head) for keys [j0, j1). Keys the key mask
+// drops are packed as zeros, never read: padding often holds garbage (NaN, inf), and a masked key's
+// weight 0 times a NaN value would still poison the row.
 void pack_kv(const AttentionProblem& p, int b, int kvh, int j0, int j1, int dp, float* kt, float* vp, float* row) {
   const int D = p.head_dim;
   const int64_t k_base = b * p.k_batch + p.row0_k(b) * p.k_row + kvh * p.k_head;
   const int64_t v_base = b * p.v_batch + p.row0_k(b) * p.v_row + kvh * p.v_head;
+  const uint8_t* mask = p.mask_row(b);
   for (int j = j0; j < j1; ++j) {
-    load_floats(elem_ptr(p.k, p.dtype, k_base + j * p.k_row), p.dtype, D, row);
     float* panel = kt + int64_t(j / NR) * D * NR + j % NR;
-    for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = row[d];
     float* vrow = vp + int64_t(j) * dp;
+    if (mask && !mask[j * p.mask_col]) {
+      for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = 0.0f;
+      std::fill(vrow, vrow + dp, 0.0f);
+      continue;
+    }
+    load_floats(elem_ptr(p.k, p.dtype, k_base + j * p.k_row), p.dtype, D, row);
+    for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = row[d];
     load_floats(elem_ptr(p.v, p.dtype, v_base + j * p.v_row), p.dtype, D, vrow);
     std::fill(vrow + D, vrow + dp, 0.0f);
   }
+}
+
+// Key mask over keys [kb, kb + nk): 0 when every key is dropped (the block is skipped), 1 when
+// every key is kept (nothing to mask), 2 when mixed (`keep` gets one flag per key).
+inline int mask_block(const uint8_t* mask, int64_t stride, int kb, int nk, uint8_t* keep) {
+  int kept = 0;
+  for (int c = 0; c < nk; ++c) kept += (keep[c] = mask[(kb + c) * stride] != 0);
+  return kept == 0 ? 0 : kept == nk ? 1 : 2;
 }
 
 // A float buffer left uninitialised: every scratch row below is written before it is read, and
@@ -110,9 +126,11 @@ struct Buf {
 struct Scratch {
   Buf q, s, o, m, l, row;
   std::vector<uint8_t> nonfinite;  // per row: a visible score was NaN or +inf
-  Scratch(int head_dim, int dp)
-      : q(size_t(BQ) * head_dim), s(size_t(BQ) * BK), o(size_t(BQ) * dp), m(BQ), l(BQ), row(std::max(head_dim, dp)),
-        nonfinite(BQ) {}
+  uint8_t keep[BK];                // key mask flags of the current key block
+  int head_dim, dp;
+  Scratch(int head_dim_, int dp_)
+      : q(size_t(BQ) * head_dim_), s(size_t(BQ) * BK), o(size_t(BQ) * dp_), m(BQ), l(BQ), row(std::max(head_dim_, dp_)),
+        nonfinite(BQ), head_dim(head_dim_), dp(dp_) {}
 };
 
 // True when a score of the row is NaN or +inf (masked keys are -inf). In float64 such a score makes
@@ -153,8 +171,11 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   const int lo = wl >= 0 ? int(std::max<int64_t>(0, first - wl)) : 0;
   const int hi = wr >= 0 ? int(std::max<int64_t>(0, std::min<int64_t>(Sk, last + wr + 1))) : Sk;
 
+  const uint8_t* kmask = p.mask_row(b);
   for (int kb = lo / BK * BK; kb < hi; kb += BK) {
     const int nk = std::min(BK, Sk - kb);
+    const int kmode = kmask ? mask_block(kmask, p.mask_col, kb, nk, w.keep) : 1;
+    if (kmode == 0) continue;  // every key of the block is padding
     float* S = w.s.data();
     for (int r = 0; r < rows_pad; r += MR)
       for (int c = 0; c < BK; c += NR)
@@ -175,6 +196,10 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
           if (kb + c < jlo || kb + c > jhi) srow[c] = kNegInf;
       }
     }
+    if (kmode == 2)
+      for (int c = 0; c < nk; ++c)
+        if (!w.keep[c])
+          for (int r = 0; r < nrows; ++r) S[r * BK + c] = kNegInf;
 
     // Online softmax, row by row; P overwrites S. Padding rows get P = 0.
     for (int r = 0; r < rows_pad; ++r) {
@@ -217,59 +242,124 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
 
 }  // namespace
 
+namespace {
+
+// Scratch of the single-threaded path, kept by the calling thread between calls: a decode-sized
+// call takes a few microseconds, and allocating (and first touching) its buffers was a visible
+// part of that. Only small problems take this path, so what stays allocated is small too.
+struct SerialCache {
+  std::unique_ptr<Scratch> scratch;
+  std::unique_ptr<float[]> kv;
+  size_t kv_size = 0;
+  float* kv_buffer(size_t n) {
+    if (n > kv_size) {
+      kv.reset();
+      kv.reset(new float[n]);
+      kv_size = n;
+    }
+    return kv.get();
+  }
+  Scratch& scratch_for(int D, int dp) {
+    if (!scratch || scratch->head_dim != D || scratch->dp != dp) {
+      scratch.reset();
+      scratch.reset(new Scratch(D, dp));
+    }
+    return *scratch;
+  }
+};
+constexpr size_t kSerialCacheMax = size_t(1) << 20;  // floats kept past a call (4 MB)
+
+// The shape of one call's work: units of (batch, kv_head), each with its packed K/V.
+struct Plan {
+  int D, dp, group, qblocks;
+  int64_t units, sk_pad, slices, tasks_per_unit;
+};
+
+// Packs slice t (BK keys of one unit) of the chunk starting at unit u0.
+void pack_slice(const AttentionProblem& p, const Plan& pl, int64_t u0, int64_t t, float* kt, float* vp, float* row) {
+  const int64_t u = t / pl.slices;
+  const int j0 = int(t % pl.slices) * BK, b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
+  const int Sk = p.seq_k(b), D = pl.D, dp = pl.dp;
+  float* ktu = kt + size_t(u) * pl.sk_pad * D;
+  float* vpu = vp + size_t(u) * pl.sk_pad * dp;
+  const int j1 = std::min(j0 + BK, Sk);
+  if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, row);
+  // zero the padding keys so masked columns multiply finite zeros
+  for (int j = std::max(j0, Sk); j < j0 + BK; ++j) {
+    float* panel = ktu + int64_t(j / NR) * D * NR + j % NR;
+    for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = 0.0f;
+    std::fill(vpu + int64_t(j) * dp, vpu + int64_t(j + 1) * dp, 0.0f);
+  }
+}
+
+// Runs task t (one query block of one head) of the chunk of nunits units starting at u0.
+void run_task(const AttentionProblem& p, const Plan& pl, int64_t u0, int64_t nunits, int64_t t, const float* kt,
+              const float* vp, Scratch& scratch) {
+  const int64_t u = t % nunits, rest = t / nunits;
+  const int g = int(rest % pl.group), qb = pl.qblocks - 1 - int(rest / pl.group);
+  const int b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
+  if (qb * BQ >= p.seq_q(b)) return;
+  attend_block(p, b, kvh * pl.group + g, qb * BQ, kt + size_t(u) * pl.sk_pad * pl.D,
+               vp + size_t(u) * pl.sk_pad * pl.dp, pl.dp, scratch);
+}
+
+}  // namespace
+
 void flash_attention(const AttentionProblem& p) {
   // Below ~256K multiply-adds (a decode step over a short context) the call takes microseconds on
   // one core, less than starting an OpenMP team: stay on the calling thread.
   const int64_t macs = int64_t(p.batch) * p.heads * p.seqlen_q * std::max(p.seqlen_k, 1) * p.head_dim * 2;
   const int threads = macs < (int64_t(1) << 18) ? 1 : num_threads();
-  const int D = p.head_dim, dp = int(round_up(D, VL));
-  const int group = p.heads / p.kv_heads;
+  Plan pl;
+  pl.D = p.head_dim, pl.dp = int(round_up(pl.D, VL));
+  pl.group = p.heads / p.kv_heads;
   // 64-bit counts: group x q-blocks alone passes 2^31 with 2^25 query heads (stride-0 views).
-  const int64_t units = int64_t(p.batch) * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
-  const int64_t sk_pad = round_up(std::max(p.seqlen_k, 1), BK);
-  const int qblocks = int((p.seqlen_q + BQ - 1) / BQ);
-  const int64_t tasks_per_unit = std::max<int64_t>(1, int64_t(group) * qblocks);
+  pl.units = int64_t(p.batch) * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
+  pl.sk_pad = round_up(std::max(p.seqlen_k, 1), BK);
+  pl.slices = pl.sk_pad / BK;
+  pl.qblocks = int((p.seqlen_q + BQ - 1) / BQ);
+  pl.tasks_per_unit = std::max<int64_t>(1, int64_t(pl.group) * pl.qblocks);
+  const int D = pl.D, dp = pl.dp;
+  const int64_t units = pl.units, sk_pad = pl.sk_pad;
+
+  if (threads == 1) {
+    // No OpenMP region at all (entering one, even with if(false), costs microseconds), one unit
+    // at a time, buffers reused from the previous call.
+    thread_local SerialCache cache;
+    const size_t kt_size = size_t(sk_pad) * D, need = kt_size + size_t(sk_pad) * dp;
+    float* kt = cache.kv_buffer(need);
+    float* vp = kt + kt_size;
+    Scratch& scratch = cache.scratch_for(D, dp);
+    for (int64_t u0 = 0; u0 < units; ++u0) {
+      for (int64_t t = 0; t < pl.slices; ++t) pack_slice(p, pl, u0, t, kt, vp, scratch.row.data());
+      for (int64_t t = 0; t < pl.tasks_per_unit; ++t) run_task(p, pl, u0, 1, t, kt, vp, scratch);
+    }
+    if (cache.kv_size > kSerialCacheMax) cache = SerialCache();  // a large one-off: give it back
+    return;
+  }
+
   // Pack enough units at once to give every thread a few tasks, no more (bounds the memory).
   const int64_t chunk =
-      std::min(units, std::max<int64_t>(1, (4 * int64_t(threads) + tasks_per_unit - 1) / tasks_per_unit));
-
+      std::min(units, std::max<int64_t>(1, (4 * int64_t(threads) + pl.tasks_per_unit - 1) / pl.tasks_per_unit));
   Buf kt(size_t(chunk) * sk_pad * D), vp(size_t(chunk) * sk_pad * dp);  // every key slice is packed or zeroed
   for (int64_t u0 = 0; u0 < units; u0 += chunk) {
     const int64_t nunits = std::min(chunk, units - u0);
     ParallelGuard guard;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads)
     {
       std::unique_ptr<Scratch> scratch;  // allocated inside: first touch by its own thread
       const bool ok = guard.run([&] { scratch.reset(new Scratch(D, dp)); });
       // 1. Pack K^T and V of the chunk's units, in slices of BK keys.
-      const int64_t slices = sk_pad / BK;
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < nunits * slices; ++t) {
+      for (int64_t t = 0; t < nunits * pl.slices; ++t) {
         if (!ok) continue;
-        const int64_t u = t / slices;
-        const int j0 = int(t % slices) * BK, b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
-        const int Sk = p.seq_k(b);
-        float* ktu = kt.data() + size_t(u) * sk_pad * D;
-        float* vpu = vp.data() + size_t(u) * sk_pad * dp;
-        const int j1 = std::min(j0 + BK, Sk);
-        if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, scratch->row.data());
-        // zero the padding keys so masked columns multiply finite zeros
-        for (int j = std::max(j0, Sk); j < j0 + BK; ++j) {
-          float* panel = ktu + int64_t(j / NR) * D * NR + j % NR;
-          for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = 0.0f;
-          std::fill(vpu + int64_t(j) * dp, vpu + int64_t(j + 1) * dp, 0.0f);
-        }
+        pack_slice(p, pl, u0, t, kt.data(), vp.data(), scratch->row.data());
       }
       // 2. Attention tasks; longest (last, under a causal mask) query blocks first.
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < nunits * tasks_per_unit; ++t) {
+      for (int64_t t = 0; t < nunits * pl.tasks_per_unit; ++t) {
         if (!ok || guard.failed()) continue;
-        const int64_t u = t % nunits, rest = t / nunits;
-        const int g = int(rest % group), qb = qblocks - 1 - int(rest / group);
-        const int b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
-        if (qb * BQ >= p.seq_q(b)) continue;
-        attend_block(p, b, kvh * group + g, qb * BQ, kt.data() + size_t(u) * sk_pad * D,
-                     vp.data() + size_t(u) * sk_pad * dp, dp, *scratch);
+        run_task(p, pl, u0, nunits, t, kt.data(), vp.data(), *scratch);
       }
     }
     guard.rethrow();
