@@ -221,7 +221,10 @@ void check_attention_padded(const AttnCase& c, DType dt, const std::vector<int32
                   view(v.bytes.data(), c.sk, c.hkv, {}), TensorView(out_cpu.bytes.data(), dt, {c.b, c.sq, c.h, c.d}), &tl_cpu,
                   c.opts, kp_cpu);
   DeviceCopy dq(q.bytes.data(), q.bytes.size()), dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
-  DeviceCopy du(cuda_used.data(), std::max<size_t>(1, cuda_used.size()) * 4), dm(keep.data(), std::max<size_t>(1, keep.size()));
+  cuda_used.resize(std::max<size_t>(cuda_used.size(), 1));  // (a device copy of an empty vector reads nullptr)
+  std::vector<uint8_t> keep_dev = keep;
+  keep_dev.resize(std::max<size_t>(keep.size(), 1));
+  DeviceCopy du(cuda_used.data(), cuda_used.size() * 4), dm(keep_dev.data(), keep_dev.size());
   TensorView tu(du.ptr, DType::Int32, {c.b}, kCuda), tm(dm.ptr, DType::Bool, {c.b, c.sk}, kCuda);
   KeyPadding kp{used.empty() ? nullptr : &tu, keep.empty() ? nullptr : &tm};
   Buffer out(dt, nq), lse(DType::Float32, lse_cpu.size());
@@ -320,9 +323,12 @@ void check_varlen(DType dt, const std::vector<int>& lq, const std::vector<int>& 
                          kp_cpu);
   DeviceCopy dq(q.bytes.data(), q.bytes.size()), dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
   DeviceCopy dcq(cq.data(), cq.size() * 4), dck(ck.data(), ck.size() * 4);
-  DeviceCopy du(used.data(), std::max<size_t>(1, used.size()) * 4), dm(keep.data(), std::max<size_t>(1, keep.size()));
+  const bool has_used = !used.empty(), has_keep = !keep.empty();
+  used.resize(std::max<size_t>(used.size(), 1));  // (a device copy of an empty vector reads nullptr)
+  keep.resize(std::max<size_t>(keep.size(), 1));
+  DeviceCopy du(used.data(), used.size() * 4), dm(keep.data(), keep.size());
   TensorView tu(du.ptr, DType::Int32, {bsz - 1}, kCuda), tm(dm.ptr, DType::Bool, {tk}, kCuda);
-  const KeyPadding kp{used.empty() ? nullptr : &tu, keep.empty() ? nullptr : &tm};
+  const KeyPadding kp{has_used ? &tu : nullptr, has_keep ? &tm : nullptr};
   Buffer out(dt, q.size()), lse(DType::Float32, lse_cpu.size());
   out.poison(), lse.poison();
   DeviceCopy dout(out.bytes.data(), out.bytes.size()), dlse(lse.bytes.data(), lse.bytes.size());
