@@ -7,6 +7,13 @@
 
 #include "attention_internal.h"
 
+// check() that builds its message only on failure: these checks run on every kernel call, and an
+// eager std::string (a malloc for most messages) was a visible part of a decode-sized call.
+#define CHECK_LAZY(ok, kind, msg)       \
+  do {                                  \
+    if (!(ok)) throw_error(kind, msg);  \
+  } while (0)
+
 namespace memkernels {
 namespace {
 
@@ -15,12 +22,12 @@ std::string str(int64_t x) { return std::to_string(x); }
 void fill_options(AttentionProblem& p, const AttentionOptions& o) {
   if (p.head_dim <= 0)
     throw_error(ErrorKind::Value, "flash_attention: head_dim must be > 0, got " + str(p.head_dim));
-  check(p.kv_heads > 0 && p.heads > 0, ErrorKind::Value, "flash_attention: heads and kv_heads must be > 0");
+  CHECK_LAZY(p.kv_heads > 0 && p.heads > 0, ErrorKind::Value, "flash_attention: heads and kv_heads must be > 0");
   if (p.heads % p.kv_heads != 0)
     throw_error(ErrorKind::Value, "flash_attention: q heads (" + str(p.heads) + ") must be a multiple of k/v heads (" +
                                       str(p.kv_heads) + ")");
-  check(std::isfinite(o.scale) && o.scale >= 0.0f, ErrorKind::Value, "flash_attention: scale must be finite and >= 0");
-  check(std::isfinite(o.softcap) && o.softcap >= 0.0f, ErrorKind::Value,
+  CHECK_LAZY(std::isfinite(o.scale) && o.scale >= 0.0f, ErrorKind::Value, "flash_attention: scale must be finite and >= 0");
+  CHECK_LAZY(std::isfinite(o.softcap) && o.softcap >= 0.0f, ErrorKind::Value,
         "flash_attention: softcap must be finite and >= 0 (0 disables it)");
   p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(float(p.head_dim));
   p.causal = o.causal;
@@ -181,8 +188,8 @@ void flash_attention_varlen(const TensorView& q, const TensorView& k, const Tens
     expect_contiguous(*cus[i], cu_names[i]);
     expect_same_device(*cus[i], cu_names[i], q, "q");
   }
-  check(cu_seqlens_q.size(0) <= INT32_MAX, ErrorKind::Value, "cu_seqlens_q: more than 2^31 - 1 entries");
-  check(cu_seqlens_q.size(0) >= 1 && cu_seqlens_q.size(0) == cu_seqlens_k.size(0), ErrorKind::Value,
+  CHECK_LAZY(cu_seqlens_q.size(0) <= INT32_MAX, ErrorKind::Value, "cu_seqlens_q: more than 2^31 - 1 entries");
+  CHECK_LAZY(cu_seqlens_q.size(0) >= 1 && cu_seqlens_q.size(0) == cu_seqlens_k.size(0), ErrorKind::Value,
         "cu_seqlens_q " + cu_seqlens_q.shape_str() + " and cu_seqlens_k " + cu_seqlens_k.shape_str() +
             " must both have batch + 1 >= 1 entries");
   AttentionProblem p;
@@ -225,12 +232,12 @@ void flash_attention_varlen(const TensorView& q, const TensorView& k, const Tens
     for (int i = 0; i < 2; ++i) {
       const int32_t* cu = cu_copy[i].data();
       const int64_t total = totals_for[i]->size(0);
-      check(cu[0] == 0, ErrorKind::Value, std::string(cu_names[i]) + "[0] must be 0, got " + str(cu[0]));
+      CHECK_LAZY(cu[0] == 0, ErrorKind::Value, std::string(cu_names[i]) + "[0] must be 0, got " + str(cu[0]));
       for (int b = 0; b < p.batch; ++b)
-        check(cu[b + 1] >= cu[b], ErrorKind::Value,
+        CHECK_LAZY(cu[b + 1] >= cu[b], ErrorKind::Value,
               std::string(cu_names[i]) + " must be non-decreasing, but entry " + str(b + 1) + " (" + str(cu[b + 1]) +
                   ") < entry " + str(b) + " (" + str(cu[b]) + ")");
-      check(cu[p.batch] <= total, ErrorKind::Value,
+      CHECK_LAZY(cu[p.batch] <= total, ErrorKind::Value,
             std::string(cu_names[i]) + "[-1] = " + str(cu[p.batch]) + " exceeds the " + str(total) +
                 " rows of " + (i ? "k/v" : "q"));
     }
