@@ -26,9 +26,10 @@ void fill_options(AttentionProblem& p, const AttentionOptions& o) {
   if (p.heads % p.kv_heads != 0)
     throw_error(ErrorKind::Value, "flash_attention: q heads (" + str(p.heads) + ") must be a multiple of k/v heads (" +
                                       str(p.kv_heads) + ")");
-  CHECK_LAZY(std::isfinite(o.scale) && o.scale >= 0.0f, ErrorKind::Value, "flash_attention: scale must be finite and >= 0");
+  CHECK_LAZY(std::isfinite(o.scale) && o.scale >= 0.0f, ErrorKind::Value,
+             "flash_attention: scale must be finite and >= 0 (0: 1/sqrt(head_dim)), got " + std::to_string(o.scale));
   CHECK_LAZY(std::isfinite(o.softcap) && o.softcap >= 0.0f, ErrorKind::Value,
-        "flash_attention: softcap must be finite and >= 0 (0 disables it)");
+             "flash_attention: softcap must be finite and >= 0 (0 disables it), got " + std::to_string(o.softcap));
   p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(float(p.head_dim));
   p.causal = o.causal;
   p.window_left = o.window_left < 0 ? -1 : o.window_left;
