@@ -106,6 +106,10 @@ SHAPES = [  # (batch, seq_q, seq_k, heads, kv_heads, head_dim)
     (3, 37, 53, 4, 1, 64),    # MQA, odd lengths (one thread)
     (4, 70, 130, 4, 2, 80),   # several key blocks, multithreaded
     (2, 66, 66, 2, 2, 128),   # prefill, seq_q == seq_k
+    # short queries with GQA: the heads of a group share a task ((position, head) rows)
+    (2, 5, 40, 14, 2, 16),    # 7 heads x 5 positions in one task
+    (2, 30, 47, 10, 2, 24),   # 2 heads x 32 positions per task, the last task one head
+    (2, 3, 600, 16, 2, 64),   # multithreaded, grouped
 ]
 
 
@@ -132,6 +136,7 @@ def test_dtypes(isa, rng, dtype, kind):
 @pytest.mark.parametrize("causal", [False, True])
 def test_windows(isa, rng, window, causal):
     check(rng, 3, 40, 90, 2, 1, 32, mask_kind="holes", with_used=True, causal=causal, window=window)
+    check(rng, 3, 6, 50, 8, 2, 32, mask_kind="left", with_used=True, causal=causal, window=window)  # grouped heads
 
 
 def test_softcap_and_scale(isa, rng):

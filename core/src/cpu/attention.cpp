@@ -143,19 +143,23 @@ inline bool has_nan_or_posinf(const float* srow, int width) {
 }
 
 // One task: query rows [i0, i0 + BQ) of head h in batch b, against packed K/V of its kv head.
-void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* kt, const float* vp, int dp,
-                  Scratch& w) {
+// Rows are (position, head) pairs, position-major: row r is query i0 + r / ng of head h0 + r % ng.
+// Heads h0 .. h0 + ng - 1 share one kv head; grouping them fills the register tiles when there are
+// few positions (a decode step: one position, `group` heads), one head per task otherwise.
+void attend_block(const AttentionProblem& p, int b, int h0, int ng, int i0, int npos, const float* kt, const float* vp,
+                  int dp, Scratch& w) {
   const int D = p.head_dim, Sq = p.seq_q(b), Sk = p.seq_k(b), off = Sk - Sq;
-  const int nrows = std::min(BQ, Sq - i0), rows_pad = int(round_up(nrows, MR));
+  const int nrows = npos * ng, rows_pad = int(round_up(nrows, MR));
   const bool capped = p.softcap > 0.0f;
   const float q_scale = capped ? p.scale : p.scale * kLog2e;
 
   // Q rows, pre-scaled, zero-padded to a multiple of MR rows.
-  const int64_t q_base = b * p.q_batch + p.row0_q(b) * p.q_row + h * p.q_head;
+  const int64_t q_base = b * p.q_batch + p.row0_q(b) * p.q_row;
   for (int r = 0; r < rows_pad; ++r) {
     float* dst = w.q.data() + int64_t(r) * D;
     if (r < nrows)
-      load_floats(elem_ptr(p.q, p.dtype, q_base + int64_t(i0 + r) * p.q_row), p.dtype, D, dst, q_scale);
+      load_floats(elem_ptr(p.q, p.dtype, q_base + int64_t(i0 + r / ng) * p.q_row + int64_t(h0 + r % ng) * p.q_head),
+                  p.dtype, D, dst, q_scale);
     else
       std::fill(dst, dst + D, 0.0f);
   }
@@ -166,7 +170,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
 
   // Keys any row of this block may see. Window bounds are in 64-bit: near INT_MAX they mean
   // "unbounded" and must not wrap around (which masked every key).
-  const int64_t first = int64_t(i0) + off, last = first + nrows - 1;  // positions of the first/last row
+  const int64_t first = int64_t(i0) + off, last = first + npos - 1;  // positions of the first/last row
   const int64_t wl = p.window_left, wr = p.window_right;
   const int lo = wl >= 0 ? int(std::max<int64_t>(0, first - wl)) : 0;
   const int hi = wr >= 0 ? int(std::max<int64_t>(0, std::min<int64_t>(Sk, last + wr + 1))) : Sk;
@@ -188,7 +192,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
     const bool needs_mask = kb + BK > Sk || (wl >= 0 && kb < last - wl) || (wr >= 0 && kb + BK - 1 > first + wr);
     if (needs_mask) {
       for (int r = 0; r < nrows; ++r) {
-        const int64_t i = first + r;  // this row's position
+        const int64_t i = first + r / ng;  // this row's position
         const int64_t jlo = wl >= 0 ? i - wl : kb;
         const int64_t jhi = std::min<int64_t>(Sk - 1, wr >= 0 ? i + wr : Sk - 1);
         float* srow = S + r * BK;
@@ -222,7 +226,7 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
   }
 
   // Normalise and write out; rows that saw no key get 0 and lse -inf.
-  const int64_t o_base = b * p.o_batch + p.row0_q(b) * p.o_row + h * p.o_head;
+  const int64_t o_base = b * p.o_batch + p.row0_q(b) * p.o_row;
   char* out = static_cast<char*>(p.out);
   const int esize = dtype_size(p.dtype);
   // Rows with a NaN or +inf score are NaN (output and lse), as in float64.
@@ -233,9 +237,10 @@ void attend_block(const AttentionProblem& p, int b, int h, int i0, const float* 
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     float* orow = w.o.data() + size_t(r) * dp;
     for (int d = 0; d < D; ++d) w.row[d] = nan_row ? kNaN : orow[d] * inv;
-    store_floats(w.row.data(), p.dtype, D, out + (o_base + int64_t(i0 + r) * p.o_row) * esize);
+    const int pos = i0 + r / ng, h = h0 + r % ng;
+    store_floats(w.row.data(), p.dtype, D, out + (o_base + int64_t(pos) * p.o_row + int64_t(h) * p.o_head) * esize);
     if (p.lse)
-      p.lse[b * p.lse_batch + h * p.lse_head + p.row0_q(b) + i0 + r] =
+      p.lse[b * p.lse_batch + h * p.lse_head + p.row0_q(b) + pos] =
           nan_row ? kNaN : l > 0.0f ? w.m[r] * kLn2 + std::log(l) : kNegInf;
   }
 }
@@ -272,6 +277,7 @@ constexpr size_t kSerialCacheMax = size_t(1) << 20;  // floats kept past a call 
 // The shape of one call's work: units of (batch, kv_head), each with its packed K/V.
 struct Plan {
   int D, dp, group, qblocks;
+  int heads_per_task, positions_per_task, hblocks;  // a task: positions x heads <= BQ rows
   int64_t units, sk_pad, slices, tasks_per_unit;
 };
 
@@ -296,10 +302,12 @@ void pack_slice(const AttentionProblem& p, const Plan& pl, int64_t u0, int64_t t
 void run_task(const AttentionProblem& p, const Plan& pl, int64_t u0, int64_t nunits, int64_t t, const float* kt,
               const float* vp, Scratch& scratch) {
   const int64_t u = t % nunits, rest = t / nunits;
-  const int g = int(rest % pl.group), qb = pl.qblocks - 1 - int(rest / pl.group);
+  const int hb = int(rest % pl.hblocks), qb = pl.qblocks - 1 - int(rest / pl.hblocks);
   const int b = int((u0 + u) / p.kv_heads), kvh = int((u0 + u) % p.kv_heads);
-  if (qb * BQ >= p.seq_q(b)) return;
-  attend_block(p, b, kvh * pl.group + g, qb * BQ, kt + size_t(u) * pl.sk_pad * pl.D,
+  const int i0 = qb * pl.positions_per_task, g0 = hb * pl.heads_per_task;
+  if (i0 >= p.seq_q(b)) return;
+  attend_block(p, b, kvh * pl.group + g0, std::min(pl.heads_per_task, pl.group - g0), i0,
+               std::min(pl.positions_per_task, p.seq_q(b) - i0), kt + size_t(u) * pl.sk_pad * pl.D,
                vp + size_t(u) * pl.sk_pad * pl.dp, pl.dp, scratch);
 }
 
@@ -317,8 +325,19 @@ void flash_attention(const AttentionProblem& p) {
   pl.units = int64_t(p.batch) * p.kv_heads;  // one unit = one (batch, kv_head) with its packed K/V
   pl.sk_pad = round_up(std::max(p.seqlen_k, 1), BK);
   pl.slices = pl.sk_pad / BK;
-  pl.qblocks = int((p.seqlen_q + BQ - 1) / BQ);
-  pl.tasks_per_unit = std::max<int64_t>(1, int64_t(pl.group) * pl.qblocks);
+  // Short queries (decode, small chunks): the heads of a group share a task, so its BQ rows are
+  // filled with (position, head) pairs instead of a few positions padded to a register tile.
+  // With several threads, grouping stops where it would leave fewer than two tasks per thread.
+  auto plan_heads = [&](int hpt) {
+    pl.heads_per_task = hpt;
+    pl.positions_per_task = BQ / hpt;
+    pl.hblocks = (pl.group + hpt - 1) / hpt;
+    pl.qblocks = int((p.seqlen_q + pl.positions_per_task - 1) / pl.positions_per_task);
+  };
+  int hpt = std::max(1, std::min(pl.group, BQ / std::max(p.seqlen_q, 1)));
+  plan_heads(hpt);
+  while (threads > 1 && hpt > 1 && pl.units * pl.hblocks * pl.qblocks < 2 * int64_t(threads)) plan_heads(hpt /= 2);
+  pl.tasks_per_unit = std::max<int64_t>(1, int64_t(pl.hblocks) * pl.qblocks);
   const int D = pl.D, dp = pl.dp;
   const int64_t units = pl.units, sk_pad = pl.sk_pad;
 
