@@ -181,8 +181,10 @@ void attend_block(const AttentionProblem& p, int b, int h0, int ng, int i0, int 
     const int kmode = kmask ? mask_block(kmask, p.mask_col, kb, nk, w.keep) : 1;
     if (kmode == 0) continue;  // every key of the block is padding
     float* S = w.s.data();
+    // Columns past the last key's panel are not computed: the mask below sets them to -inf.
+    const int ncols = int(round_up(nk, NR));
     for (int r = 0; r < rows_pad; r += MR)
-      for (int c = 0; c < BK; c += NR)
+      for (int c = 0; c < ncols; c += NR)
         qk_tile(w.q.data() + int64_t(r) * D, D, kt + int64_t((kb + c) / NR) * D * NR, D, S + r * BK + c, BK);
 
     if (capped) {  // softcap * tanh(s / softcap), then to base-2 units
@@ -290,11 +292,14 @@ void pack_slice(const AttentionProblem& p, const Plan& pl, int64_t u0, int64_t t
   float* vpu = vp + size_t(u) * pl.sk_pad * dp;
   const int j1 = std::min(j0 + BK, Sk);
   if (j0 < j1) pack_kv(p, b, kvh, j0, j1, dp, ktu, vpu, row);
-  // zero the padding keys so masked columns multiply finite zeros
-  for (int j = std::max(j0, Sk); j < j0 + BK; ++j) {
-    float* panel = ktu + int64_t(j / NR) * D * NR + j % NR;
-    for (int d = 0; d < D; ++d) panel[int64_t(d) * NR] = 0.0f;
-    std::fill(vpu + int64_t(j) * dp, vpu + int64_t(j + 1) * dp, 0.0f);
+  // Keys past the end: the rest of a partly used K^T panel is zeroed (its scores are computed with
+  // the panel, then masked to -inf; zeros keep the products finite and defined). Panels wholly past
+  // the end are never read (attend_block stops at the last panel with a key), nor are V rows past
+  // the end (P V stops at the last key): zeroing them was most of a short call.
+  const int j = std::max(j0, Sk);
+  if (j < j0 + BK && j % NR) {
+    float* panel = ktu + int64_t(j / NR) * D * NR;
+    for (int d = 0; d < D; ++d) std::fill(panel + int64_t(d) * NR + j % NR, panel + int64_t(d + 1) * NR, 0.0f);
   }
 }
 
