@@ -109,6 +109,11 @@ def bench_overhead():
     torch = try_import("torch")
     rng = np.random.default_rng(0)
     rows = []
+    # One torch thread, as ours runs these sizes: torch's idle OpenMP workers spin, which CPU time
+    # would otherwise charge to it.
+    torch_threads = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(1)
 
     def torch_sdpa(q, k, v, mask=None):
         if torch is None:
@@ -149,7 +154,9 @@ def bench_overhead():
         ind = cache.build_indices(seqs, 0)
         kp, vp = cache.k_pages(0), cache.v_pages(0)
         row("paged_attention_raw", shape, per_call(lambda: mk.paged_attention_raw(q, kp, vp, *ind)), sdpa)
-    print_table(f"CPU call overhead, us per call (CPU time, best of 7 x 2000 calls; {mk.num_threads()} threads)",
+    if torch is not None:
+        torch.set_num_threads(torch_threads)
+    print_table(f"CPU call overhead, us per call (CPU time, best of 7 x 2000 calls; torch on 1 thread)",
                 ["call", "shape", "ours us", "torch SDPA us", "torch/ours"], rows,
                 note="Decode-sized calls run on the calling thread (no thread team), so per-call CPU time is the "
                      "fixed cost plus a tiny kernel. Target: <= 3 us for the smallest shapes.")

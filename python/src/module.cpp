@@ -128,7 +128,8 @@ static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, b
   nb::ndarray<> arr;
   bool ok = try_view(obj, arr);
   bool bf16_view = false;
-  if ((!ok || !dtype_supported(arr.dtype())) && is_numpy_bfloat16(obj)) {
+  const bool bool_mask = ok && mask && arr.dtype().code == uint8_t(nb::dlpack::dtype_code::Bool);
+  if ((!ok || !(dtype_supported(arr.dtype()) || bool_mask)) && is_numpy_bfloat16(obj)) {
     // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
     nb::object bits = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
     arr = nb::ndarray<>();
