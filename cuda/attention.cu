@@ -22,10 +22,12 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Rows of one batch element, with varlen offsets clamped to the packed arrays (never out of bounds).
+// Rows of one batch element, with varlen offsets clamped to the packed arrays (never out of bounds),
+// and its key mask (nullptr: every key kept).
 struct SeqBounds {
   int sq, sk;
   int64_t row0_q, row0_k;
+  const uint8_t* mask;
 };
 
 __device__ SeqBounds seq_bounds(const AttentionProblem& p, int b) {
@@ -38,14 +40,21 @@ __device__ SeqBounds seq_bounds(const AttentionProblem& p, int b) {
   } else {
     s.sq = p.seqlen_q, s.sk = p.seqlen_k, s.row0_q = 0, s.row0_k = 0;
   }
+  // seqused_k is the caller's device array, never checked on the host: clamp it to the rows owned.
+  if (p.seqused_k) s.sk = max(0, min(p.seqused_k[b], s.sk));
+  s.mask = p.key_mask ? p.key_mask + b * p.mask_batch + s.row0_k * p.mask_col : nullptr;
   return s;
 }
 
+__device__ __forceinline__ bool key_kept(const AttentionProblem& p, const SeqBounds& sb, int col) {
+  return !sb.mask || sb.mask[col * p.mask_col] != 0;
+}
+
 // Window arithmetic is 64-bit: bounds near INT_MAX mean "unbounded" and must not wrap around.
-__device__ __forceinline__ bool key_visible(const AttentionProblem& p, int row, int col, int off, int sk) {
+__device__ __forceinline__ bool key_visible(const AttentionProblem& p, const SeqBounds& sb, int row, int col, int off) {
   const int64_t pos = int64_t(row) + off;
-  return col < sk && (p.window_left < 0 || col >= pos - p.window_left) &&
-         (p.window_right < 0 || col <= pos + p.window_right);
+  return col < sb.sk && (p.window_left < 0 || col >= pos - p.window_left) &&
+         (p.window_right < 0 || col <= pos + p.window_right) && key_kept(p, sb, col);
 }
 
 // Keys [lo, hi) that some row in [first, last] may see (hi <= lo: none).
@@ -85,14 +94,16 @@ template <> struct MmaTraits<__nv_bfloat16> {
 };
 
 // Copies rows [row_begin, row_begin + ROWS) of a (rows, D) strided matrix into shared memory
-// (leading dimension LD), 16 bytes at a time; rows at or past row_end are zero-filled.
+// (leading dimension LD), 16 bytes at a time; rows at or past row_end, and rows the key mask drops
+// (mask[row * mask_stride] == 0; padding may hold NaN, and P = 0 times NaN is NaN), are zero-filled.
 template <typename T, int D, int ROWS, int LD>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_begin, int row_end) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride, int row_begin, int row_end,
+                                          const uint8_t* mask = nullptr, int64_t mask_stride = 0) {
   constexpr int kChunks = D * int(sizeof(T)) / 16;  // 16-byte chunks per row
   for (int i = threadIdx.x; i < ROWS * kChunks; i += blockDim.x) {
     const int r = i / kChunks, c = i % kChunks;
     uint4 val = make_uint4(0, 0, 0, 0);
-    if (row_begin + r < row_end)
+    if (row_begin + r < row_end && (!mask || mask[int64_t(row_begin + r) * mask_stride]))
       val = *reinterpret_cast<const uint4*>(src + int64_t(row_begin + r) * row_stride + c * (16 / sizeof(T)));
     *reinterpret_cast<uint4*>(dst + r * LD + c * (16 / sizeof(T))) = val;
   }
@@ -133,8 +144,8 @@ __device__ __forceinline__ void flash_fwd_mma_tile(const AttentionProblem& p, co
 
   for (int n0 = lo / BN * BN; n0 < hi; n0 += BN) {
     __syncthreads();  // everyone is done with the previous K/V tile (and Q is loaded)
-    load_tile<T, D, BN, LD>(sK, k, p.k_row, n0, sb.sk);
-    load_tile<T, D, BN, LD>(sV, v, p.v_row, n0, sb.sk);
+    load_tile<T, D, BN, LD>(sK, k, p.k_row, n0, sb.sk, sb.mask, p.mask_col);
+    load_tile<T, D, BN, LD>(sV, v, p.v_row, n0, sb.sk, sb.mask, p.mask_col);
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows x BN keys.
@@ -162,7 +173,7 @@ __device__ __forceinline__ void flash_fwd_mma_tile(const AttentionProblem& p, co
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = n0 + nt * 8 + 2 * tig + (e & 1);
-        s[nt][e] = key_visible(p, rows[e / 2], col, off, sb.sk) ? to_log2_score(p, s[nt][e]) : -INFINITY;
+        s[nt][e] = key_visible(p, sb, rows[e / 2], col, off) ? to_log2_score(p, s[nt][e]) : -INFINITY;
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -287,7 +298,7 @@ __device__ __forceinline__ void flash_fwd_generic_tile(const AttentionProblem& p
     __syncthreads();
     for (int i = threadIdx.x; i < BN * D; i += blockDim.x) {
       const int j = i / D, d = i % D;
-      const bool ok = n0 + j < sb.sk;
+      const bool ok = n0 + j < sb.sk && key_kept(p, sb, n0 + j);  // dropped keys: zeros, never read
       sK[j * LDK + d] = ok ? to_float(k[int64_t(n0 + j) * p.k_row + d]) : 0.0f;
       sV[j * LDK + d] = ok ? to_float(v[int64_t(n0 + j) * p.v_row + d]) : 0.0f;
     }
@@ -297,7 +308,7 @@ __device__ __forceinline__ void flash_fwd_generic_tile(const AttentionProblem& p
       if (row >= sb.sq) break;
       // lane j scores key n0 + j (and n0 + j + 32 never: BN <= 32)
       float score = -INFINITY;
-      if (lane < BN && key_visible(p, row, n0 + lane, off, sb.sk)) {
+      if (lane < BN && key_visible(p, sb, row, n0 + lane, off)) {
         float dot = 0.0f;
         for (int d = 0; d < D; ++d) dot += sQ[r * D + d] * sK[lane * LDK + d];
         score = to_log2_score(p, dot);

@@ -17,6 +17,14 @@ struct AttentionProblem {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0, total_k = 0;  // varlen: rows of the packed arrays (CUDA clamps offsets to them)
+  // Per-batch key lengths (FlashAttention's seqused_k): batch b uses keys [0, seqused_k[b]) of its
+  // seq_k rows, and causal / window positions align to that end. CPU: a validated private copy;
+  // CUDA: the caller's device array, clamped to [0, seq_k] by the kernel.
+  const int32_t* seqused_k = nullptr;
+  // Key-padding mask: key j of batch b takes part iff
+  // key_mask[b * mask_batch + (row0_k(b) + j) * mask_col] != 0 (bytes, 1 = keep).
+  const uint8_t* key_mask = nullptr;
+  int64_t mask_batch = 0, mask_col = 0;
 
   const void* q = nullptr;
   const void* k = nullptr;
@@ -39,7 +47,13 @@ struct AttentionProblem {
   float softcap = 0.0f;
 
   int seq_q(int b) const { return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q; }
-  int seq_k(int b) const { return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k; }
+  int seq_k(int b) const {
+    return seqused_k ? seqused_k[b] : cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k;
+  }
+  // Mask entries of batch b's keys (index j * mask_col), or nullptr when every key is kept.
+  const uint8_t* mask_row(int b) const {
+    return key_mask ? key_mask + b * mask_batch + row0_k(b) * mask_col : nullptr;
+  }
   int64_t row0_q(int b) const { return cu_seqlens_q ? cu_seqlens_q[b] : 0; }
   int64_t row0_k(int b) const { return cu_seqlens_k ? cu_seqlens_k[b] : 0; }
 };

@@ -15,6 +15,13 @@
 #include "cpu/convert.h"
 #include "paged_internal.h"
 
+// check() that builds its message only on failure: these checks run on every kernel call, and an
+// eager std::string (a malloc for most messages) was a visible part of a decode-sized call.
+#define CHECK_LAZY(ok, kind, msg)       \
+  do {                                  \
+    if (!(ok)) throw_error(kind, msg);  \
+  } while (0)
+
 namespace memkernels {
 
 #if MEMKERNELS_WITH_CUDA
@@ -35,18 +42,18 @@ void expect_index_array(const TensorView& t, const char* what, const TensorView&
   expect_contiguous(t, what);
   expect_same_device(t, what, q, "q");
   if (size >= 0)
-    check(t.size(0) == size, ErrorKind::Value,
+    CHECK_LAZY(t.size(0) == size, ErrorKind::Value,
           std::string(what) + ": expected " + str(size) + " entries, got " + str(t.size(0)));
   if (t.size(0) > 0) expect_not_null(t, what);
 }
 
 void check_indptr(const int32_t* ptr, int batch, int64_t limit, const char* what, const char* limit_what) {
-  check(ptr[0] >= 0, ErrorKind::Value, std::string(what) + "[0] must be >= 0, got " + str(ptr[0]));
+  CHECK_LAZY(ptr[0] >= 0, ErrorKind::Value, std::string(what) + "[0] must be >= 0, got " + str(ptr[0]));
   for (int b = 0; b < batch; ++b)
-    check(ptr[b + 1] >= ptr[b], ErrorKind::Value,
+    CHECK_LAZY(ptr[b + 1] >= ptr[b], ErrorKind::Value,
           std::string(what) + " must be non-decreasing, but entry " + str(b + 1) + " (" + str(ptr[b + 1]) +
               ") < entry " + str(b) + " (" + str(ptr[b]) + ")");
-  check(ptr[batch] <= limit, ErrorKind::Value,
+  CHECK_LAZY(ptr[batch] <= limit, ErrorKind::Value,
         std::string(what) + "[-1] = " + str(ptr[batch]) + " exceeds " + limit_what + " (" + str(limit) + ")");
 }
 
@@ -76,18 +83,18 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
     if (!(t.stride(0) >= 0 && t.stride(1) >= 0))
       throw_error(ErrorKind::Value, std::string(names[i]) + ": negative page or token stride");
   }
-  check(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
+  CHECK_LAZY(k_pages.dtype == v_pages.dtype, ErrorKind::Type, "k_pages and v_pages must have the same dtype");
   if (!(std::equal(k_pages.shape, k_pages.shape + 4, v_pages.shape)))
     throw_error(ErrorKind::Value, "k_pages " + k_pages.shape_str() + " and v_pages " + v_pages.shape_str() + " must have the same shape");
   const int64_t num_pages = k_pages.size(0), page_size = k_pages.size(1), kv_heads = k_pages.size(2);
   const int64_t D = q.size(2), heads = q.size(1), total_q = q.size(0);
   if (!(k_pages.size(3) == D))
     throw_error(ErrorKind::Value, "head_dim of the pages (" + str(k_pages.size(3)) + ") differs from q (" + str(D) + ")");
-  check(D > 0 && heads > 0 && kv_heads > 0 && page_size > 0, ErrorKind::Value,
+  CHECK_LAZY(D > 0 && heads > 0 && kv_heads > 0 && page_size > 0, ErrorKind::Value,
         "paged_attention: head_dim, heads, kv_heads and page_size must be > 0");
   if (!(heads % kv_heads == 0))
     throw_error(ErrorKind::Value, "paged_attention: q heads (" + str(heads) + ") must be a multiple of kv heads (" + str(kv_heads) + ")");
-  check(num_pages < (int64_t(1) << 31) && total_q < (int64_t(1) << 31), ErrorKind::Value,
+  CHECK_LAZY(num_pages < (int64_t(1) << 31) && total_q < (int64_t(1) << 31), ErrorKind::Value,
         "paged_attention: too many pages or query rows (>= 2^31)");
   expect_ndim(out, "out", 3);
   if (!(out.dtype == q.dtype))
@@ -96,11 +103,11 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
     throw_error(ErrorKind::Value, "out: expected the shape of q " + q.shape_str() + ", got " + out.shape_str());
   expect_last_dim_contiguous(out, "out");
   expect_same_device(out, "out", q, "q");
-  check(std::isfinite(opts.scale) && opts.scale >= 0.0f, ErrorKind::Value,
+  CHECK_LAZY(std::isfinite(opts.scale) && opts.scale >= 0.0f, ErrorKind::Value,
         "paged_attention: scale must be finite and >= 0");
-  check(std::isfinite(opts.softcap) && opts.softcap >= 0.0f, ErrorKind::Value,
+  CHECK_LAZY(std::isfinite(opts.softcap) && opts.softcap >= 0.0f, ErrorKind::Value,
         "paged_attention: softcap must be finite and >= 0 (0 disables it)");
-  check(opts.num_splits >= 0, ErrorKind::Value, "paged_attention: num_splits must be >= 0");
+  CHECK_LAZY(opts.num_splits >= 0, ErrorKind::Value, "paged_attention: num_splits must be >= 0");
 
   expect_ndim(kv_indptr, "kv_indptr", 1);
   if (!(kv_indptr.size(0) >= 1))
@@ -126,7 +133,7 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
     p.kv_vc = kivi->kv_vc, p.kv_ks = kivi->kv_ks, p.kv_kz = kivi->kv_kz, p.kv_vs = kivi->kv_vs, p.kv_vz = kivi->kv_vz;
   }
   const bool quant = k_pages.dtype == DType::Int8;
-  check(quant == (k_scales != nullptr) && quant == (v_scales != nullptr), ErrorKind::Value,
+  CHECK_LAZY(quant == (k_scales != nullptr) && quant == (v_scales != nullptr), ErrorKind::Value,
         quant ? "int8 k_pages/v_pages need k_scales and v_scales" : "k_scales/v_scales are only for int8 pages");
   if (quant) {
     const char* snames[] = {"k_scales", "v_scales"};
@@ -183,7 +190,7 @@ static void paged_attention_impl(const TensorView& q, const TensorView& k_pages,
 
   if (q.device.is_cuda()) {
     require_cuda_usable("paged_attention", q.device);
-    check(!quant, ErrorKind::NotImplemented, "paged_attention: int8 pages are CPU-only in this version");
+    CHECK_LAZY(!quant, ErrorKind::NotImplemented, "paged_attention: int8 pages are CPU-only in this version");
     p.max_q_len = max_q_len > 0 ? max_q_len : int(std::max<int64_t>(total_q, 1));
     if (batch == 0 || total_q == 0) return;
 #if MEMKERNELS_WITH_CUDA
@@ -300,14 +307,14 @@ struct PagedKVCache::Impl {
 
   Seq& get(int64_t id, const char* op) {
     auto it = seqs.find(id);
-    check(it != seqs.end(), ErrorKind::Value,
+    CHECK_LAZY(it != seqs.end(), ErrorKind::Value,
           std::string(op) + ": unknown sequence id " + str(id) + " (never added, or already freed)");
     return it->second;
   }
   const Seq& get(int64_t id, const char* op) const { return const_cast<Impl*>(this)->get(id, op); }
   Seq& get_resident(int64_t id, const char* op) {
     Seq& s = get(id, op);
-    check(!s.swapped, ErrorKind::Value, std::string(op) + ": sequence " + str(id) + " is swapped out (swap_in first)");
+    CHECK_LAZY(!s.swapped, ErrorKind::Value, std::string(op) + ": sequence " + str(id) + " is swapped out (swap_in first)");
     return s;
   }
 
@@ -438,23 +445,23 @@ struct PagedKVCache::Impl {
 PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_heads, int head_dim, DType dtype,
                            Device device, int kivi_bits)
     : impl_(new Impl) {
-  check(kivi_bits == 0 || ((kivi_bits == 2 || kivi_bits == 4) && dtype == DType::UInt8), ErrorKind::Value,
+  CHECK_LAZY(kivi_bits == 0 || ((kivi_bits == 2 || kivi_bits == 4) && dtype == DType::UInt8), ErrorKind::Value,
         "PagedKVCache: kivi_bits must be 0, or 2 or 4 with dtype uint8");
-  check(kivi_bits == 0 || device.is_cpu(), ErrorKind::NotImplemented,
+  CHECK_LAZY(kivi_bits == 0 || device.is_cpu(), ErrorKind::NotImplemented,
         "PagedKVCache: KIVI pages are CPU-only in this version");
-  check(kivi_bits == 0 || (int64_t(head_dim) * kivi_bits) % 8 == 0, ErrorKind::Value,
+  CHECK_LAZY(kivi_bits == 0 || (int64_t(head_dim) * kivi_bits) % 8 == 0, ErrorKind::Value,
         "PagedKVCache: KIVI needs head_dim * bits to be a multiple of 8");
-  check(num_layers > 0 && num_pages > 0 && page_size > 0 && kv_heads > 0 && head_dim > 0, ErrorKind::Value,
+  CHECK_LAZY(num_layers > 0 && num_pages > 0 && page_size > 0 && kv_heads > 0 && head_dim > 0, ErrorKind::Value,
         "PagedKVCache: num_layers, num_pages, page_size, kv_heads and head_dim must all be > 0, got " +
             str(num_layers) + ", " + str(num_pages) + ", " + str(page_size) + ", " + str(kv_heads) + ", " +
             str(head_dim));
-  check(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 || dtype == DType::Int8 ||
+  CHECK_LAZY(dtype == DType::Float32 || dtype == DType::Float16 || dtype == DType::BFloat16 || dtype == DType::Int8 ||
             (dtype == DType::UInt8 && kivi_bits),
         ErrorKind::Type,
         std::string("PagedKVCache: dtype must be float32, float16, bfloat16 or int8, got ") + dtype_name(dtype));
-  check(dtype != DType::Int8 || device.is_cpu(), ErrorKind::NotImplemented,
+  CHECK_LAZY(dtype != DType::Int8 || device.is_cpu(), ErrorKind::NotImplemented,
         "PagedKVCache: int8 pages are CPU-only in this version");
-  check(page_size <= (1 << 20), ErrorKind::Value, "PagedKVCache: page_size must be <= 2^20");
+  CHECK_LAZY(page_size <= (1 << 20), ErrorKind::Value, "PagedKVCache: page_size must be <= 2^20");
   // Bound the pool size in floating point before the int64 products below: they could overflow
   // (UB) and wrap, e.g. PagedKVCache(2^30, 4, 2^20, 1, 2^13) got a 0-byte pool that append() then
   // wrote past (a segfault; found while fuzzing the constructor, see test_regressions.py). The bound
@@ -462,7 +469,7 @@ PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_
   const double pool_bound = double(num_layers) * double(num_pages) *
                             (2.0 * double(page_size) * double(kv_heads) * (double(head_dim) * dtype_size(dtype) + 4.0) +
                              256.0);
-  check(pool_bound < 4e18, ErrorKind::Value, "PagedKVCache: pool size overflows");
+  CHECK_LAZY(pool_bound < 4e18, ErrorKind::Value, "PagedKVCache: pool size overflows");
   Impl& m = *impl_;
   m.L = num_layers, m.P = num_pages, m.ps = page_size, m.kvh = kv_heads, m.D = head_dim;
   m.dtype = dtype, m.device = device, m.esize = dtype_size(dtype);
@@ -493,7 +500,7 @@ PagedKVCache::PagedKVCache(int num_layers, int num_pages, int page_size, int kv_
   m.page_elems = m.layer_elems * num_layers;
   m.page_bytes = m.page_elems * m.esize;
   const double total = double(m.page_bytes) * num_pages;
-  check(total < 9e18, ErrorKind::Value, "PagedKVCache: pool size overflows");
+  CHECK_LAZY(total < 9e18, ErrorKind::Value, "PagedKVCache: pool size overflows");
   if (device.is_cuda()) require_cuda_usable("PagedKVCache", device);
   m.pool = device_malloc(device, size_t(m.page_bytes) * size_t(num_pages));
   m.free_list.resize(num_pages);
@@ -529,8 +536,8 @@ TensorView PagedKVCache::pool() const {
 }
 
 static TensorView layer_pages(const PagedKVCache::Impl& m, int layer, int kv) {
-  check(!m.kivi_bits, ErrorKind::Value, "k_pages/v_pages: KIVI pages are packed; use read_kv or pool()");
-  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+  CHECK_LAZY(!m.kivi_bits, ErrorKind::Value, "k_pages/v_pages: KIVI pages are packed; use read_kv or pool()");
+  CHECK_LAZY(layer >= 0 && layer < m.L, ErrorKind::Value,
         "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
   TensorView t(static_cast<char*>(m.pool) + (layer * m.layer_elems + kv * m.v_off) * m.esize, m.dtype,
                {m.P, m.ps, m.kvh, m.D}, m.device);
@@ -539,8 +546,8 @@ static TensorView layer_pages(const PagedKVCache::Impl& m, int layer, int kv) {
   return t;
 }
 static TensorView layer_scales(const PagedKVCache::Impl& m, int layer, int kv) {
-  check(m.quant, ErrorKind::Value, "k_scales/v_scales: only int8 caches have scales");
-  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+  CHECK_LAZY(m.quant, ErrorKind::Value, "k_scales/v_scales: only int8 caches have scales");
+  CHECK_LAZY(layer >= 0 && layer < m.L, ErrorKind::Value,
         "layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
   TensorView t(static_cast<char*>(m.pool) + layer * m.layer_elems + m.scale_off + kv * int64_t(m.ps) * m.kvh * 4,
                DType::Float32, {m.P, m.ps, m.kvh}, m.device);
@@ -553,7 +560,7 @@ TensorView PagedKVCache::k_pages(int layer) const { return layer_pages(*impl_, l
 TensorView PagedKVCache::v_pages(int layer) const { return layer_pages(*impl_, layer, 1); }
 
 int64_t PagedKVCache::add_sequence(const int32_t* prefix_tokens, int64_t num_tokens, int64_t* cached_tokens) {
-  check(num_tokens >= 0 && (num_tokens == 0 || prefix_tokens), ErrorKind::Value,
+  CHECK_LAZY(num_tokens >= 0 && (num_tokens == 0 || prefix_tokens), ErrorKind::Value,
         "add_sequence: prefix tokens must be a valid array");
   Impl& m = *impl_;
   std::lock_guard<std::shared_mutex> lock(m.mu);
@@ -589,7 +596,7 @@ int64_t PagedKVCache::add_sequence(const int32_t* prefix_tokens, int64_t num_tok
 void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const TensorView& k, const TensorView& v,
                           const std::vector<int64_t>& counts, void* stream) {
   Impl& m = *impl_;
-  check(layer >= 0 && layer < m.L, ErrorKind::Value,
+  CHECK_LAZY(layer >= 0 && layer < m.L, ErrorKind::Value,
         "append: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
   const char* names[] = {"k", "v"};
   const TensorView* kv[] = {&k, &v};
@@ -602,32 +609,32 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
     const bool quantized = m.quant || m.kivi_bits;
     const std::string cache_dtype =
         m.kivi_bits ? "kivi" + std::to_string(m.kivi_bits) : std::string(dtype_name(m.dtype));
-    check(quantized ? is_float : t.dtype == m.dtype, ErrorKind::Type,
+    CHECK_LAZY(quantized ? is_float : t.dtype == m.dtype, ErrorKind::Type,
           std::string("append: ") + names[i] + " has dtype " + dtype_name(t.dtype) +
               (quantized ? ", but a " + cache_dtype + " cache quantizes k/v on append: give float32, float16 or bfloat16"
                          : " but the cache holds " + cache_dtype));
-    check(t.device == m.device, ErrorKind::Value,
+    CHECK_LAZY(t.device == m.device, ErrorKind::Value,
           std::string("append: ") + names[i] + " is on " + t.device.str() + " but the cache is on " + m.device.str());
-    check(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
+    CHECK_LAZY(t.size(1) == m.kvh && t.size(2) == m.D, ErrorKind::Value,
           std::string("append: ") + names[i] + " must be (tokens, kv_heads=" + str(m.kvh) + ", head_dim=" + str(m.D) +
               "), got " + t.shape_str());
-    check(t.size(0) == 0 || (t.stride(2) == 1 && t.stride(1) == m.D), ErrorKind::Value,
+    CHECK_LAZY(t.size(0) == 0 || (t.stride(2) == 1 && t.stride(1) == m.D), ErrorKind::Value,
           std::string("append: ") + names[i] + ": each token's (kv_heads, head_dim) block must be contiguous");
   }
-  check(k.dtype == v.dtype, ErrorKind::Type, "append: k and v must have the same dtype");
-  check(k.size(0) == v.size(0), ErrorKind::Value,
+  CHECK_LAZY(k.dtype == v.dtype, ErrorKind::Type, "append: k and v must have the same dtype");
+  CHECK_LAZY(k.size(0) == v.size(0), ErrorKind::Value,
         "append: k " + k.shape_str() + " and v " + v.shape_str() + " must have the same number of tokens");
-  check(counts.empty() || counts.size() == seq_ids.size(), ErrorKind::Value,
+  CHECK_LAZY(counts.empty() || counts.size() == seq_ids.size(), ErrorKind::Value,
         "append: counts has " + str(int64_t(counts.size())) + " entries for " + str(int64_t(seq_ids.size())) +
             " sequences");
   int64_t total = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     const int64_t n = counts.empty() ? 1 : counts[i];
-    check(n >= 0, ErrorKind::Value, "append: counts[" + str(int64_t(i)) + "] = " + str(n) + " is negative");
-    check(n <= INT64_MAX - total, ErrorKind::Value, "append: counts add up to more than 2^63 - 1 tokens");
+    CHECK_LAZY(n >= 0, ErrorKind::Value, "append: counts[" + str(int64_t(i)) + "] = " + str(n) + " is negative");
+    CHECK_LAZY(n <= INT64_MAX - total, ErrorKind::Value, "append: counts add up to more than 2^63 - 1 tokens");
     total += n;
   }
-  check(total == k.size(0), ErrorKind::Value,
+  CHECK_LAZY(total == k.size(0), ErrorKind::Value,
         "append: the counts add up to " + str(total) + " tokens but k and v have " + str(k.size(0)));
   if (total > 0) {
     expect_not_null(k, "k");
@@ -640,19 +647,19 @@ void PagedKVCache::append(const std::vector<int64_t>& seq_ids, int layer, const 
   int64_t need = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     Impl::Seq& s = m.get_resident(seq_ids[i], "append");
-    check(seen.insert(seq_ids[i]).second, ErrorKind::Value,
+    CHECK_LAZY(seen.insert(seq_ids[i]).second, ErrorKind::Value,
           "append: sequence " + str(seq_ids[i]) + " appears more than once");
     const int64_t n = counts.empty() ? 1 : counts[i];
     if (n == 0) continue;
     const int64_t cur = s.layer_len[layer], end = cur + n;
-    check(end < (int64_t(1) << 31) && (end + m.ps - 1) / m.ps <= m.P, ErrorKind::CacheFull,
+    CHECK_LAZY(end < (int64_t(1) << 31) && (end + m.ps - 1) / m.ps <= m.P, ErrorKind::CacheFull,
           "append: sequence " + str(seq_ids[i]) + " would need more pages than the cache has");
     const int64_t have = int64_t(s.pages.size()), want = std::max(have, (end + m.ps - 1) / m.ps);
     need += want - have;
     for (int64_t pg = cur / m.ps; pg < std::min(have, (end - 1) / m.ps + 1); ++pg)
       if (m.ref[s.pages[pg]] > 1 || m.hash_of[s.pages[pg]]) ++need;
   }
-  check(need <= m.available(), ErrorKind::CacheFull,
+  CHECK_LAZY(need <= m.available(), ErrorKind::CacheFull,
         "append: needs " + str(need) + " free pages but only " + str(m.available()) + " of " + str(m.P) +
             " are free; nothing was appended");
 
@@ -785,7 +792,7 @@ void PagedKVCache::truncate(int64_t seq_id, int64_t length) {
   Impl& m = *impl_;
   std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get_resident(seq_id, "truncate");
-  check(length >= 0 && length <= s.length(), ErrorKind::Value,
+  CHECK_LAZY(length >= 0 && length <= s.length(), ErrorKind::Value,
         "truncate: length " + str(length) + " is outside [0, " + str(s.length()) + "] for sequence " + str(seq_id));
   if (m.kivi_bits) {  // a cut inside a quantized page: its kept tokens go back to the window
     const int64_t kv_block = int64_t(m.ps) * m.kvh * m.D;
@@ -812,7 +819,7 @@ int64_t PagedKVCache::length(int64_t seq_id, int layer) const {
   std::lock_guard<std::shared_mutex> lock(m.mu);
   const Impl::Seq& s = m.get(seq_id, "length");
   if (layer < 0) return s.length();
-  check(layer < m.L, ErrorKind::Value, "length: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
+  CHECK_LAZY(layer < m.L, ErrorKind::Value, "length: layer " + str(layer) + " is out of range [0, " + str(m.L) + ")");
   return s.layer_len[layer];
 }
 
@@ -829,8 +836,8 @@ void PagedKVCache::read_kv(int64_t seq_id, int layer, float* k, float* v) const 
 int64_t PagedKVCache::read_kv(int64_t seq_id, int layer,
                               const std::function<std::pair<float*, float*>(int64_t)>& alloc) const {
   const Impl& m = *impl_;
-  check(m.device.is_cpu(), ErrorKind::NotImplemented, "read_kv: CPU caches only");
-  check(layer >= 0 && layer < m.L, ErrorKind::Value, "read_kv: layer " + str(layer) + " out of range");
+  CHECK_LAZY(m.device.is_cpu(), ErrorKind::NotImplemented, "read_kv: CPU caches only");
+  CHECK_LAZY(layer >= 0 && layer < m.L, ErrorKind::Value, "read_kv: layer " + str(layer) + " out of range");
   // Sized and read under one lock: an append from another thread between the two would overflow.
   std::lock_guard<std::shared_mutex> lock(m.mu);
   const Impl::Seq& s = const_cast<Impl&>(m).get_resident(seq_id, "read_kv");
@@ -877,7 +884,7 @@ std::vector<int64_t> PagedKVCache::sequences() const {
 
 int PagedKVCache::refcount(int32_t page) const {
   const Impl& m = *impl_;
-  check(page >= 0 && page < m.P, ErrorKind::Value, "refcount: page " + str(page) + " out of range");
+  CHECK_LAZY(page >= 0 && page < m.P, ErrorKind::Value, "refcount: page " + str(page) + " out of range");
   std::lock_guard<std::shared_mutex> lock(m.mu);
   return m.ref[page];
 }
@@ -903,8 +910,8 @@ void PagedKVCache::swap_in(int64_t seq_id, void* stream) {
   Impl& m = *impl_;
   std::lock_guard<std::shared_mutex> lock(m.mu);
   Impl::Seq& s = m.get(seq_id, "swap_in");
-  check(s.swapped, ErrorKind::Value, "swap_in: sequence " + str(seq_id) + " is not swapped out");
-  check(s.host_pages <= m.available(), ErrorKind::CacheFull,
+  CHECK_LAZY(s.swapped, ErrorKind::Value, "swap_in: sequence " + str(seq_id) + " is not swapped out");
+  CHECK_LAZY(s.host_pages <= m.available(), ErrorKind::CacheFull,
         "swap_in: needs " + str(s.host_pages) + " free pages but only " + str(m.available()) + " are free");
   for (int64_t i = 0; i < s.host_pages; ++i) {
     const int32_t page = m.alloc_page();
@@ -978,7 +985,7 @@ void PagedKVCache::attention(const TensorView& q, int layer, const std::vector<i
     const int64_t n = q_lens.empty() ? 1 : q_lens[i];
     if (!(n >= 0))
       throw_error(ErrorKind::Value, "paged_attention: q_lens[" + str(int64_t(i)) + "] is negative");
-    check(qo.back() + n < (int64_t(1) << 31), ErrorKind::Value, "paged_attention: too many query rows");
+    CHECK_LAZY(qo.back() + n < (int64_t(1) << 31), ErrorKind::Value, "paged_attention: too many query rows");
     qo.push_back(int32_t(qo.back() + n));
     max_q = std::max<int>(max_q, int(n));
   }
@@ -1071,29 +1078,29 @@ void PagedKVCache::check_invariants() const {
   std::lock_guard<std::shared_mutex> lock(m.mu);
   std::vector<int> where(m.P, 0), refs(m.P, 0);
   for (int32_t p : m.free_list) {
-    check(p >= 0 && p < m.P && where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " twice in free list");
-    check(!m.hash_of[p], ErrorKind::Value, "invariant: free page " + str(p) + " still hashed");
+    CHECK_LAZY(p >= 0 && p < m.P && where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " twice in free list");
+    CHECK_LAZY(!m.hash_of[p], ErrorKind::Value, "invariant: free page " + str(p) + " still hashed");
     where[p] = 1;
   }
   for (int32_t p : m.lru) {
-    check(where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " both free and cached");
-    check(m.hash_of[p] && m.in_lru[p], ErrorKind::Value, "invariant: cached page " + str(p) + " not hashed");
+    CHECK_LAZY(where[p] == 0, ErrorKind::Value, "invariant: page " + str(p) + " both free and cached");
+    CHECK_LAZY(m.hash_of[p] && m.in_lru[p], ErrorKind::Value, "invariant: cached page " + str(p) + " not hashed");
     where[p] = 2;
   }
   for (auto& [id, s] : m.seqs) {
-    check(int64_t(s.pages.size()) == (s.swapped ? 0 : (s.length() + m.ps - 1) / m.ps), ErrorKind::Value,
+    CHECK_LAZY(int64_t(s.pages.size()) == (s.swapped ? 0 : (s.length() + m.ps - 1) / m.ps), ErrorKind::Value,
           "invariant: sequence " + str(id) + " holds " + str(int64_t(s.pages.size())) + " pages for length " +
               str(s.length()));
     for (int32_t p : s.pages) ++refs[p];
   }
   for (int p = 0; p < m.P; ++p) {
-    check(refs[p] == m.ref[p], ErrorKind::Value,
+    CHECK_LAZY(refs[p] == m.ref[p], ErrorKind::Value,
           "invariant: page " + str(p) + " has refcount " + str(m.ref[p]) + " but " + str(refs[p]) + " table entries");
-    check((refs[p] > 0) != (where[p] != 0), ErrorKind::Value,
+    CHECK_LAZY((refs[p] > 0) != (where[p] != 0), ErrorKind::Value,
           "invariant: page " + str(p) + " is " + (refs[p] ? "referenced and free/cached" : "leaked"));
   }
   for (auto& [h, p] : m.by_hash)
-    check(m.hash_of[p] == h, ErrorKind::Value, "invariant: prefix table entry of page " + str(p) + " is stale");
+    CHECK_LAZY(m.hash_of[p] == h, ErrorKind::Value, "invariant: prefix table entry of page " + str(p) + " is stale");
 }
 
 }  // namespace memkernels

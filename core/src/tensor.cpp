@@ -17,6 +17,7 @@ const char* dtype_name(DType t) {
     case DType::Int64: return "int64";
     case DType::UInt16: return "uint16";
     case DType::UInt32: return "uint32";
+    case DType::Bool: return "bool";
   }
   return "unknown";
 }
@@ -26,7 +27,7 @@ int dtype_size(DType t) {
     case DType::Float64: case DType::Int64: return 8;
     case DType::Float32: case DType::Int32: case DType::UInt32: return 4;
     case DType::Float16: case DType::BFloat16: case DType::Int16: case DType::UInt16: return 2;
-    case DType::Int8: case DType::UInt8: return 1;
+    case DType::Int8: case DType::UInt8: case DType::Bool: return 1;
   }
   return 0;
 }
@@ -60,8 +61,9 @@ int64_t TensorView::numel() const {
   for (int d = 0; d < ndim; ++d)
     if (shape[d] == 0) return 0;
   for (int d = 0; d < ndim; ++d)
-    check(shape[d] >= 0 && !__builtin_mul_overflow(n, shape[d], &n), ErrorKind::Value,
-          "array of shape " + shape_str() + ": the element count overflows 64 bits");
+    if (shape[d] < 0 || __builtin_mul_overflow(n, shape[d], &n))  // message built only on failure:
+      throw_error(ErrorKind::Value,                                  // numel() runs in every op's checks
+                  "array of shape " + shape_str() + ": the element count overflows 64 bits");
   return n;
 }
 

@@ -36,17 +36,15 @@ def _float32_option(value, name):
     return x
 
 
-def _common(arrays, scale, softcap):
-    for name, a in arrays.items():
-        require_array(a, name)
-    scale = _float32_option(scale, "scale")
-    if scale < 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
-    return scale, _float32_option(softcap, "softcap")
+def _options(scale, softcap):
+    """scale and softcap as the kernels' float32 values (0.0 = default / off). Ranges (finite,
+    >= 0) are checked once, in C++; only the float32 rounding to 0 is caught here."""
+    return (0.0 if scale is None else _float32_option(scale, "scale"),
+            0.0 if softcap is None else _float32_option(softcap, "softcap"))
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, return_lse=False,
-                    out=None, stream=None):
+                    out=None, stream=None, seqused_k=None, key_mask=None):
     """Attention softmax(q k^T * scale) v, computed in tiles without the seq_q x seq_k matrix.
 
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, kv_heads, head_dim) with heads a
@@ -60,29 +58,55 @@ def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=N
     log-sum-exp of each row, shape (batch, heads, seq_q); rows that see no key give output 0, lse -inf.
     out: optional output array shaped like q. stream: CUDA stream (int handle, CuPy or torch stream);
     None: the current stream of q's framework (torch.cuda.current_stream(), CuPy's current stream).
+
+    Padded batches, without repacking (both optional, on the device of q, combinable with every
+    option above):
+
+    seqused_k: int32 (batch,): sequence b uses only its first seqused_k[b] keys (FlashAttention's
+    seqused_k, e.g. a KV cache filled to different lengths); causal and window positions align to
+    the end of those keys (seq_k becomes seqused_k[b] in the rule above). 0 <= seqused_k[b] <=
+    seq_k (checked on the CPU; clamped on CUDA, where reading it back would synchronise).
+    key_mask: bool (batch, seq_k), True = attend (a real token), False = padding. Masked keys take
+    no part in the softmax and their k/v rows are never read (they may hold garbage, NaN included).
+    Positions are unchanged: causal and windows count masked keys like any other, as PyTorch's
+    SDPA does with a boolean mask, so left- and right-padded batches work as they are.
+    A query row left without any visible key gets output 0 and lse -inf (as FlashAttention-2).
     """
-    scale, softcap = _common(dict(q=q, k=k, v=v), scale, softcap)
-    left, right = _window_bounds(window, causal)
-    out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+    if type(q) is np.ndarray:  # the common CPU case, kept cheap: k, v and the masks are checked in C++
+        if out is None:
+            out = np.empty(q.shape, q.dtype)
+        else:
+            out = check_out(out, q.shape, dtype_name(q), q)
+        handle = 0 if stream is None else stream_handle(stream, q)
+    else:
+        require_array(q, "q")
+        out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+        handle = stream_handle(stream, q)
+    scale, softcap = (0.0, 0.0) if scale is None and softcap is None else _options(scale, softcap)
+    left, right = (-1, -1) if window is None else _window_bounds(window, causal)
     lse = empty_like(q, (q.shape[0], q.shape[2], q.shape[1]), "float32") if return_lse and len(q.shape) == 4 else None
-    _C.flash_attention(q, k, v, out, lse, causal, scale, left, right, softcap, stream_handle(stream, q))
+    _C.flash_attention(q, k, v, out, lse, causal, scale, left, right, softcap, handle, seqused_k, key_mask)
     return (out, lse) if return_lse else out
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, causal=False, scale=None,
-                           window=None, softcap=None, return_lse=False, out=None, stream=None):
+                           window=None, softcap=None, return_lse=False, out=None, stream=None, seqused_k=None,
+                           key_mask=None):
     """Flash attention over a batch of sequences of different lengths packed along the first axis.
 
     q: (total_q, heads, head_dim); k, v: (total_k, kv_heads, head_dim); cu_seqlens_q / cu_seqlens_k:
     int32 arrays of batch + 1 cumulative offsets starting at 0 (sequence b owns rows
     cu[b]:cu[b+1]). Masks apply per sequence. lse has shape (heads, total_q). max_seqlen_q is a
-    hint for the CUDA grid (never read back from the GPU). Other options as in flash_attention.
+    hint for the CUDA grid (never read back from the GPU). Other options as in flash_attention;
+    seqused_k (batch,) counts keys from each sequence's first row (at most its cu_seqlens_k
+    length), and key_mask is bool (total_k,), one flag per packed key row.
     """
-    scale, softcap = _common(dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k), scale,
-                             softcap)
+    require_array(q, "q")
+    scale, softcap = _options(scale, softcap)
     left, right = _window_bounds(window, causal)
     out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
-    _C.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, as_int(max_seqlen_q or 0, "max_seqlen_q", 0, INT32[1]), causal, scale,
-                              left, right, softcap, stream_handle(stream, q))
+    _C.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse,
+                              as_int(max_seqlen_q or 0, "max_seqlen_q", 0, INT32[1]), causal, scale, left, right,
+                              softcap, stream_handle(stream, q), seqused_k, key_mask)
     return (out, lse) if return_lse else out

@@ -39,6 +39,15 @@ def _layer(layer) -> int:
     return as_int(layer, "layer", *INT32)
 
 
+def _q_lens(q_lens) -> list[int]:
+    """q_lens as the kernel's per-sequence query counts (the binding reads plain int lists itself)."""
+    out = _counts(q_lens, "q_lens")
+    for i, n in enumerate(out):
+        if n > _INT_MAX:
+            raise ValueError(f"q_lens[{i}] = {n}: more query rows than paged_attention takes (2^31 - 1)")
+    return out
+
+
 def _counts(counts, name) -> list[int]:
     """Python/NumPy integers >= 0 whose sum fits int64: checked here, before any work (a sum that
     wrapped around in C++ used to reach the allocator as a bogus CacheFullError)."""
@@ -224,14 +233,24 @@ def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, caus
     Returns out like q, and with return_lse the float32 log-sum-exp of shape (heads, total_q); a
     row that sees no key gives 0 and -inf. num_splits: split-KV pieces per sequence (0 = automatic).
     """
-    scale, softcap = _scale(scale, softcap)
-    left, right = _window(window, causal)
-    out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+    # The common decode call is kept cheap: defaults skip their converters, and seq_ids / q_lens as
+    # plain ints or lists of ints are read by the binding itself (anything else is validated there
+    # through _ids / _q_lens, with the same messages).
+    scale, softcap = (0.0, 0.0) if scale is None and softcap is None else _scale(scale, softcap)
+    left, right = (-1, -1) if window is None else _window(window, causal)
+    if type(q) is np.ndarray:
+        out = np.empty(q.shape, q.dtype) if out is None else check_out(out, q.shape, dtype_name(q), q)
+        handle = 0 if stream is None else stream_handle(stream, q)
+    else:
+        out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+        handle = stream_handle(stream, q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
-    ids = _ids(seq_ids)
-    q_lens = [] if q_lens is None else _counts(q_lens, "q_lens")
-    cache._c.attention(q, _layer(layer), ids, q_lens, out, lse, bool(causal), scale, left, right, softcap,
-                       as_int(num_splits, "num_splits", *INT32), stream_handle(stream, q))
+    if type(layer) is not int or not 0 <= layer <= _INT_MAX:
+        layer = _layer(layer)
+    if type(num_splits) is not int or num_splits != 0:
+        num_splits = as_int(num_splits, "num_splits", *INT32)
+    cache._c.attention(q, layer, seq_ids, q_lens, out, lse, causal is True or bool(causal), scale, left, right,
+                       softcap, num_splits, handle)
     return (out, lse) if return_lse else out
 
 
@@ -248,12 +267,20 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     int8 pages need k_scales / v_scales, float32 (num_pages, page_size, kv_heads) (CPU only).
     Masking (causal, window, softcap) and outputs as in paged_attention.
     """
-    scale, softcap = _scale(scale, softcap)
-    left, right = _window(window, causal)
-    out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+    scale, softcap = (0.0, 0.0) if scale is None and softcap is None else _scale(scale, softcap)
+    left, right = (-1, -1) if window is None else _window(window, causal)
+    if type(q) is np.ndarray:
+        out = np.empty(q.shape, q.dtype) if out is None else check_out(out, q.shape, dtype_name(q), q)
+        handle = 0 if stream is None else stream_handle(stream, q)
+    else:
+        out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+        handle = stream_handle(stream, q)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
+    if type(num_splits) is not int or num_splits != 0:
+        num_splits = as_int(num_splits, "num_splits", *INT32)
+    if type(max_q_len) is not int or max_q_len != 0:
+        max_q_len = as_int(max_q_len, "max_q_len", *INT32)
     _C.paged_attention_raw(q, k_pages, v_pages, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse,
-                           bool(causal), scale, left, right, softcap, as_int(num_splits, "num_splits", *INT32),
-                           as_int(max_q_len, "max_q_len", *INT32),
-                           stream_handle(stream, q), k_scales, v_scales)
+                           causal is True or bool(causal), scale, left, right, softcap, num_splits, max_q_len, handle,
+                           k_scales, v_scales)
     return (out, lse) if return_lse else out

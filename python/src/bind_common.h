@@ -27,6 +27,9 @@ TensorView as_tensor(nb::handle obj, const char* name, ArrayKeeper& keep);
 std::optional<TensorView> as_optional_tensor(nb::handle obj, const char* name, ArrayKeeper& keep);
 TensorView as_input(nb::handle obj, const char* name, ArrayKeeper& keep);
 std::optional<TensorView> as_optional_input(nb::handle obj, const char* name, ArrayKeeper& keep);
+// A read-only mask: bool arrays (DType::Bool) are taken here, and only here, besides every dtype
+// as_input takes (the op checks which dtype it wants).
+std::optional<TensorView> as_optional_mask(nb::handle obj, const char* name, ArrayKeeper& keep);
 
 // A CUDA stream passed from Python as an int handle (0 = default stream).
 inline void* as_stream(uintptr_t handle) { return reinterpret_cast<void*>(handle); }

@@ -2,6 +2,7 @@
 #include <nanobind/stl/tuple.h>
 
 #include <algorithm>
+#include <climits>
 #include <memory>
 #include <utility>
 
@@ -16,6 +17,38 @@ static DType dtype_from_name(const std::string& name) {
   if (name == "int8") return DType::Int8;
   throw Error(ErrorKind::Type,
               "PagedKVCache: dtype must be float32, float16, bfloat16, int8, kivi4 or kivi2, got '" + name + "'");
+}
+
+// seq_ids / q_lens of PagedKVCache.attention: an int or a list / tuple of ints >= lo (and < 2^31 for
+// counts) is read here directly (the per-call path of a decode step); anything else goes through
+// the Python validator memkernels.paged.<fallback>, which raises the clear error (naming the entry)
+// or returns the normalised list of ints (NumPy integers, integral floats).
+static bool int_list_fast(nb::handle obj, std::vector<int64_t>& out, int64_t lo) {
+  const int64_t hi = lo == 0 ? INT32_MAX : INT64_MAX;
+  auto one = [&](PyObject* x) {
+    if (!PyLong_CheckExact(x)) return false;  // bools, NumPy integers, floats: the slow path
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(x, &overflow);
+    if (overflow || v < lo || v > hi) return false;
+    out.push_back(int64_t(v));
+    return true;
+  };
+  out.clear();
+  if (PyLong_CheckExact(obj.ptr())) return one(obj.ptr());
+  const bool list = PyList_CheckExact(obj.ptr()), tuple = PyTuple_CheckExact(obj.ptr());
+  if (!list && !tuple) return false;
+  const Py_ssize_t n = list ? PyList_GET_SIZE(obj.ptr()) : PyTuple_GET_SIZE(obj.ptr());
+  out.reserve(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (!one(list ? PyList_GET_ITEM(obj.ptr(), i) : PyTuple_GET_ITEM(obj.ptr(), i))) return false;
+  return true;
+}
+
+static void int_list(nb::handle obj, std::vector<int64_t>& out, int64_t lo, const char* fallback) {
+  if (int_list_fast(obj, out, lo)) return;
+  nb::object checked = nb::module_::import_("memkernels.paged").attr(fallback)(obj);
+  if (!int_list_fast(checked, out, lo))
+    throw Error(ErrorKind::Value, std::string("memkernels.paged.") + fallback + " returned values out of range");
 }
 
 static nb::dlpack::dtype dlpack_of(DType t) {
@@ -161,9 +194,12 @@ MK_PYTHON_BINDING(paged) {
              return d;
            })
       .def("attention",
-           [](PagedKVCache& c, nb::handle q, int layer, std::vector<int64_t> ids, std::vector<int64_t> q_lens,
+           [](PagedKVCache& c, nb::handle q, int layer, nb::handle seq_ids, nb::handle q_lens_obj,
               nb::handle out, nb::handle lse, bool causal, float scale, int window_left, int window_right,
               float softcap, int num_splits, uintptr_t stream) {
+             std::vector<int64_t> ids, q_lens;
+             int_list(seq_ids, ids, INT64_MIN, "_ids");
+             if (!q_lens_obj.is_none()) int_list(q_lens_obj, q_lens, 0, "_q_lens");
              ArrayKeeper keep;
              TensorView tq = as_input(q, "q", keep), to = as_tensor(out, "out", keep);
              std::optional<TensorView> tl = as_optional_tensor(lse, "lse", keep);
@@ -171,7 +207,7 @@ MK_PYTHON_BINDING(paged) {
              nb::gil_scoped_release release;
              c.attention(tq, layer, ids, q_lens, to, tl ? &*tl : nullptr, o, as_stream(stream));
            },
-           nb::arg("q"), nb::arg("layer"), nb::arg("seq_ids"), nb::arg("q_lens"), nb::arg("out"),
+           nb::arg("q"), nb::arg("layer"), nb::arg("seq_ids"), nb::arg("q_lens").none(), nb::arg("out"),
            nb::arg("lse").none(), nb::arg("causal"), nb::arg("scale"), nb::arg("window_left"),
            nb::arg("window_right"), nb::arg("softcap"), nb::arg("num_splits"), nb::arg("stream"));
 

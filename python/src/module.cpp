@@ -40,9 +40,10 @@ static void translate_error(const std::exception_ptr& p, void*) {
   }
 }
 
-static DType dtype_from_dlpack(nb::dlpack::dtype t, const char* name) {
+static DType dtype_from_dlpack(nb::dlpack::dtype t, const char* name, bool allow_bool = false) {
   using nb::dlpack::dtype_code;
   const uint8_t code = t.code, bits = t.bits;
+  if (allow_bool && t.lanes == 1 && code == uint8_t(dtype_code::Bool) && bits == 8) return DType::Bool;
   if (t.lanes == 1) {
     if (code == uint8_t(dtype_code::Float)) {
       if (bits == 32) return DType::Float32;
@@ -108,7 +109,7 @@ static Error not_an_array(nb::handle obj, const char* name) {
   return Error(ErrorKind::Type, std::string(name) + ": expected a NumPy or DLPack-capable array, got " + tname);
 }
 
-static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, bool written) {
+static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, bool written, bool mask = false) {
   if (obj.is_none()) throw Error(ErrorKind::Type, std::string(name) + ": expected an array, got None");
   // The plain cast first: the ml_dtypes.bfloat16 probe costs several attribute lookups, paid on
   // every call, so it only runs when the cast fails or gives a dtype we do not take.
@@ -127,7 +128,8 @@ static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, b
   nb::ndarray<> arr;
   bool ok = try_view(obj, arr);
   bool bf16_view = false;
-  if ((!ok || !dtype_supported(arr.dtype())) && is_numpy_bfloat16(obj)) {
+  const bool bool_mask = ok && mask && arr.dtype().code == uint8_t(nb::dlpack::dtype_code::Bool);
+  if ((!ok || !(dtype_supported(arr.dtype()) || bool_mask)) && is_numpy_bfloat16(obj)) {
     // NumPy cannot export ml_dtypes.bfloat16 itself: pass its bits
     nb::object bits = obj.attr("view")(nb::module_::import_("numpy").attr("uint16"));
     arr = nb::ndarray<>();
@@ -137,7 +139,7 @@ static TensorView to_view(nb::handle obj, const char* name, ArrayKeeper& keep, b
   if (!ok) throw not_an_array(obj, name);
   TensorView t;
   t.data = arr.data();
-  t.dtype = bf16_view ? DType::BFloat16 : dtype_from_dlpack(arr.dtype(), name);
+  t.dtype = bf16_view ? DType::BFloat16 : dtype_from_dlpack(arr.dtype(), name, mask);
   const int dev = arr.device_type();
   if (dev == nb::device::cpu::value || dev == nb::device::cuda_host::value) {
     t.device = Device{DeviceType::CPU, 0};
@@ -169,6 +171,11 @@ std::optional<TensorView> as_optional_tensor(nb::handle obj, const char* name, A
 std::optional<TensorView> as_optional_input(nb::handle obj, const char* name, ArrayKeeper& keep) {
   if (obj.is_none()) return std::nullopt;
   return as_input(obj, name, keep);
+}
+
+std::optional<TensorView> as_optional_mask(nb::handle obj, const char* name, ArrayKeeper& keep) {
+  if (obj.is_none()) return std::nullopt;
+  return to_view(obj, name, keep, false, /*mask=*/true);
 }
 
 }  // namespace memkernels::py

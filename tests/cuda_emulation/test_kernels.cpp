@@ -194,10 +194,119 @@ TEST(EmulatedCudaAttention, UnalignedRowsTakeTheGenericKernel) {
   check_attention({1, 37, 53, 2, 1, 64, opts(false)}, DType::BFloat16, 3);
 }
 
+// Padded batches: seqused_k and a key mask on both backends. Dropped keys hold NaN (the kernels must
+// never read them). `cuda_used` may hold out-of-range lengths the CUDA kernel clamps (the CPU, which
+// checks them, gets `used`); `offset` as in check_attention (1: the generic kernel).
+void check_attention_padded(const AttnCase& c, DType dt, const std::vector<int32_t>& used,
+                            const std::vector<uint8_t>& keep, std::vector<int32_t> cuda_used = {}, int offset = 0) {
+  SCOPED_TRACE("padded " + c.name() + " dtype " + dtype_name(dt) + " offset " + std::to_string(offset) +
+               (used.empty() ? "" : " seqused_k") + (keep.empty() ? "" : " key_mask"));
+  if (cuda_used.empty()) cuda_used = used;
+  std::mt19937 rng(uint32_t(c.sq * 1000 + c.sk * 10 + c.d + int(dt) + 7));
+  const size_t nq = size_t(c.b) * c.sq * c.h * c.d, nk = size_t(c.b) * c.sk * c.hkv * c.d;
+  Buffer q = random_buffer(dt, nq + offset, rng), k = random_buffer(dt, nk + offset, rng), v = random_buffer(dt, nk + offset, rng);
+  for (int b = 0; b < c.b; ++b)
+    for (int j = 0; j < c.sk; ++j)
+      if ((!keep.empty() && !keep[size_t(b) * c.sk + j]) || (!used.empty() && j >= used[b]))
+        for (int i = 0; i < c.hkv * c.d; ++i) {
+          const size_t at = offset + (size_t(b) * c.sk + j) * c.hkv * c.d + i;
+          k.set(at, NAN), v.set(at, NAN);
+        }
+  const size_t es = size_t(dtype_size(dt));
+  auto view = [&](void* base, int s, int heads, Device dev) {
+    return TensorView(static_cast<unsigned char*>(base) + offset * es, dt, {c.b, s, heads, c.d}, dev);
+  };
+  std::vector<int32_t> used_cpu = used;
+  std::vector<uint8_t> keep_cpu = keep;
+  TensorView tu_cpu(used_cpu.data(), DType::Int32, {c.b}), tm_cpu(keep_cpu.data(), DType::Bool, {c.b, c.sk});
+  KeyPadding kp_cpu{used.empty() ? nullptr : &tu_cpu, keep.empty() ? nullptr : &tm_cpu};
+  Buffer out_cpu(dt, nq), lse_cpu(DType::Float32, size_t(c.b) * c.h * c.sq);
+  out_cpu.poison(), lse_cpu.poison();
+  TensorView tl_cpu(lse_cpu.bytes.data(), DType::Float32, {c.b, c.h, c.sq});
+  flash_attention(view(q.bytes.data(), c.sq, c.h, {}), view(k.bytes.data(), c.sk, c.hkv, {}),
+                  view(v.bytes.data(), c.sk, c.hkv, {}), TensorView(out_cpu.bytes.data(), dt, {c.b, c.sq, c.h, c.d}), &tl_cpu,
+                  c.opts, kp_cpu);
+  DeviceCopy dq(q.bytes.data(), q.bytes.size()), dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
+  cuda_used.resize(std::max<size_t>(cuda_used.size(), 1));  // (a device copy of an empty vector reads nullptr)
+  std::vector<uint8_t> keep_dev = keep;
+  keep_dev.resize(std::max<size_t>(keep.size(), 1));
+  DeviceCopy du(cuda_used.data(), cuda_used.size() * 4), dm(keep_dev.data(), keep_dev.size());
+  TensorView tu(du.ptr, DType::Int32, {c.b}, kCuda), tm(dm.ptr, DType::Bool, {c.b, c.sk}, kCuda);
+  KeyPadding kp{used.empty() ? nullptr : &tu, keep.empty() ? nullptr : &tm};
+  Buffer out(dt, nq), lse(DType::Float32, lse_cpu.size());
+  out.poison(), lse.poison();
+  DeviceCopy dout(out.bytes.data(), out.bytes.size()), dlse(lse.bytes.data(), lse.bytes.size());
+  TensorView tl(dlse.ptr, DType::Float32, {c.b, c.h, c.sq}, kCuda);
+  flash_attention(view(dq.ptr, c.sq, c.h, kCuda), view(dk.ptr, c.sk, c.hkv, kCuda), view(dv.ptr, c.sk, c.hkv, kCuda),
+                  TensorView(dout.ptr, dt, {c.b, c.sq, c.h, c.d}, kCuda), &tl, c.opts, kp);
+  dout.copy_to(out.bytes.data());
+  dlse.copy_to(lse.bytes.data());
+  for (size_t i = 0; i < out_cpu.size(); ++i) ASSERT_FALSE(std::isnan(out_cpu.get(i))) << "CPU out " << i;
+  expect_close(out, out_cpu, tolerance(dt), "out");
+  expect_close(lse, lse_cpu, dt == DType::Float32 ? 2e-5f : 2e-3f, "lse");
+}
+
+// keep flags (b, sk): row 0 left-padded, row 1 right-padded, the others random holes; row 2 (if
+// any) fully padded.
+std::vector<uint8_t> padding_mask(int b, int sk, std::mt19937& rng) {
+  std::vector<uint8_t> keep(size_t(b) * sk, 1);
+  for (int r = 0; r < b; ++r)
+    for (int j = 0; j < sk; ++j) {
+      uint8_t& f = keep[size_t(r) * sk + j];
+      if (r == 0) f = j >= sk / 3;
+      else if (r == 1) f = j < sk - sk / 4;
+      else if (r == 2) f = 0;
+      else f = rng() % 10 < 7;
+    }
+  return keep;
+}
+
+TEST(EmulatedCudaAttention, KeyMaskAndSequsedK) {
+  std::mt19937 rng(5);
+  const int shapes[][6] = {{4, 1, 37, 4, 2, 64}, {4, 37, 53, 4, 2, 64}, {4, 9, 13, 2, 2, 7}, {3, 70, 130, 2, 1, 128},
+                           {4, 20, 33, 2, 1, 80}};
+  for (const auto& s : shapes)
+    for (DType dt : kDtypes)
+      for (bool causal : {false, true}) {
+        const AttnCase c{s[0], s[1], s[2], s[3], s[4], s[5], opts(causal)};
+        std::vector<int32_t> used(size_t(c.b));
+        for (int b = 0; b < c.b; ++b) used[b] = b == 0 ? c.sk : b == 1 ? 0 : int(rng() % uint32_t(c.sk + 1));
+        const std::vector<uint8_t> keep = padding_mask(c.b, c.sk, rng);
+        check_attention_padded(c, dt, {}, keep);
+        check_attention_padded(c, dt, used, {});
+        check_attention_padded(c, dt, used, keep);
+      }
+}
+
+TEST(EmulatedCudaAttention, KeyMaskWithWindowsSoftcapAndTheGenericKernel) {
+  std::mt19937 rng(6);
+  for (DType dt : kDtypes) {
+    const AttnCase cases[] = {{4, 45, 70, 4, 2, 64, opts(true, 9, 0, 5.0f)}, {4, 19, 30, 2, 1, 40, opts(false, 5, 3)},
+                              {4, 30, 90, 2, 2, 96, opts(false, 17, 9, 0.0f, 0.3f)}};
+    for (const AttnCase& c : cases) {
+      std::vector<int32_t> used(size_t(c.b));
+      for (int b = 0; b < c.b; ++b) used[b] = int(rng() % uint32_t(c.sk + 1));
+      check_attention_padded(c, dt, used, padding_mask(c.b, c.sk, rng));
+    }
+  }
+  std::vector<int32_t> used{53, 20, 0, 41};
+  check_attention_padded({4, 37, 53, 2, 1, 64, opts(true)}, DType::Float16, used, padding_mask(4, 53, rng), {}, 1);
+}
+
+// CUDA never reads seqused_k back to check it: out-of-range values are clamped to [0, seq_k].
+TEST(EmulatedCudaAttention, SequsedKOutOfRangeIsClamped) {
+  std::mt19937 rng(7);
+  for (DType dt : {DType::Float32, DType::BFloat16})
+    check_attention_padded({4, 12, 30, 2, 1, 64, opts(true)}, dt, {30, 0, 30, 7}, padding_mask(4, 30, rng),
+                           {31, -5, 1 << 30, 7});
+}
+
 // max_q_hint: the max_seqlen_q passed on (0: the true maximum).
 void check_varlen(DType dt, const std::vector<int>& lq, const std::vector<int>& lk, int h, int hkv, int d,
-                  const AttentionOptions& o, int max_q_hint = 0) {
-  SCOPED_TRACE(std::string("varlen ") + dtype_name(dt) + " d " + std::to_string(d));
+                  const AttentionOptions& o, int max_q_hint = 0, std::vector<int32_t> used = {},
+                  std::vector<uint8_t> keep = {}) {
+  SCOPED_TRACE(std::string("varlen ") + dtype_name(dt) + " d " + std::to_string(d) + (used.empty() ? "" : " seqused_k") +
+               (keep.empty() ? "" : " key_mask"));
   std::vector<int32_t> cq{0}, ck{0};
   for (size_t i = 0; i < lq.size(); ++i) cq.push_back(cq.back() + lq[i]), ck.push_back(ck.back() + lk[i]);
   const int tq = cq.back(), tk = ck.back();
@@ -205,14 +314,27 @@ void check_varlen(DType dt, const std::vector<int>& lq, const std::vector<int>& 
   Buffer q = random_buffer(dt, size_t(tq) * h * d, rng), k = random_buffer(dt, size_t(tk) * hkv * d, rng),
          v = random_buffer(dt, size_t(tk) * hkv * d, rng);
   const int64_t bsz = int64_t(lq.size()) + 1;
+  for (size_t b = 0; b < lk.size(); ++b)  // NaN in every key the kernels must skip
+    for (int j = 0; j < lk[b]; ++j)
+      if ((!keep.empty() && !keep[size_t(ck[b] + j)]) || (!used.empty() && j >= used[b]))
+        for (int i = 0; i < hkv * d; ++i) k.set(size_t(ck[b] + j) * hkv * d + i, NAN), v.set(size_t(ck[b] + j) * hkv * d + i, NAN);
+  TensorView tu_cpu(used.data(), DType::Int32, {bsz - 1}), tm_cpu(keep.data(), DType::Bool, {tk});
+  const KeyPadding kp_cpu{used.empty() ? nullptr : &tu_cpu, keep.empty() ? nullptr : &tm_cpu};
   Buffer out_cpu(dt, q.size()), lse_cpu(DType::Float32, size_t(h) * tq);
   out_cpu.poison(), lse_cpu.poison();
   TensorView tl_cpu(lse_cpu.bytes.data(), DType::Float32, {h, tq});
   flash_attention_varlen(TensorView(q.bytes.data(), dt, {tq, h, d}), TensorView(k.bytes.data(), dt, {tk, hkv, d}),
                          TensorView(v.bytes.data(), dt, {tk, hkv, d}), TensorView(cq.data(), DType::Int32, {bsz}),
-                         TensorView(ck.data(), DType::Int32, {bsz}), TensorView(out_cpu.bytes.data(), dt, {tq, h, d}), &tl_cpu, o);
+                         TensorView(ck.data(), DType::Int32, {bsz}), TensorView(out_cpu.bytes.data(), dt, {tq, h, d}), &tl_cpu, o,
+                         kp_cpu);
   DeviceCopy dq(q.bytes.data(), q.bytes.size()), dk(k.bytes.data(), k.bytes.size()), dv(v.bytes.data(), v.bytes.size());
   DeviceCopy dcq(cq.data(), cq.size() * 4), dck(ck.data(), ck.size() * 4);
+  const bool has_used = !used.empty(), has_keep = !keep.empty();
+  used.resize(std::max<size_t>(used.size(), 1));  // (a device copy of an empty vector reads nullptr)
+  keep.resize(std::max<size_t>(keep.size(), 1));
+  DeviceCopy du(used.data(), used.size() * 4), dm(keep.data(), keep.size());
+  TensorView tu(du.ptr, DType::Int32, {bsz - 1}, kCuda), tm(dm.ptr, DType::Bool, {tk}, kCuda);
+  const KeyPadding kp{has_used ? &tu : nullptr, has_keep ? &tm : nullptr};
   Buffer out(dt, q.size()), lse(DType::Float32, lse_cpu.size());
   out.poison(), lse.poison();
   DeviceCopy dout(out.bytes.data(), out.bytes.size()), dlse(lse.bytes.data(), lse.bytes.size());
@@ -223,7 +345,7 @@ void check_varlen(DType dt, const std::vector<int>& lq, const std::vector<int>& 
   flash_attention_varlen(TensorView(dq.ptr, dt, {tq, h, d}, kCuda), TensorView(dk.ptr, dt, {tk, hkv, d}, kCuda),
                          TensorView(dv.ptr, dt, {tk, hkv, d}, kCuda), TensorView(dcq.ptr, DType::Int32, {bsz}, kCuda),
                          TensorView(dck.ptr, DType::Int32, {bsz}, kCuda), TensorView(dout.ptr, dt, {tq, h, d}, kCuda), &tl, o,
-                         max_q);
+                         kp, max_q);
   dout.copy_to(out.bytes.data());
   dlse.copy_to(lse.bytes.data());
   expect_close(out, out_cpu, tolerance(dt), "varlen out");
@@ -245,6 +367,20 @@ TEST(EmulatedCudaAttention, VarlenGridHintTooSmall) {
   for (DType dt : kDtypes)
     for (int hint : {1, 20, 64}) check_varlen(dt, {5, 150, 64, 77}, {5, 150, 64, 90}, 2, 1, 64, opts(true), hint);
   check_varlen(DType::Float32, {3, 40}, {9, 40}, 2, 2, 40, opts(false), 16);
+}
+
+TEST(EmulatedCudaAttention, VarlenWithSequsedKAndKeyMask) {
+  std::mt19937 rng(8);
+  const std::vector<int> lq{5, 0, 64, 1, 3}, lk{9, 3, 80, 100, 3};
+  const std::vector<int32_t> used{9, 0, 41, 57, 2};
+  std::vector<uint8_t> keep(size_t(9 + 3 + 80 + 100 + 3));
+  for (auto& f : keep) f = rng() % 10 < 8;
+  for (DType dt : kDtypes)
+    for (bool causal : {false, true}) {
+      check_varlen(dt, lq, lk, 4, 2, 64, opts(causal, 20, causal ? 0 : -1), 0, used, keep);
+      check_varlen(dt, lq, lk, 2, 1, 40, opts(causal), 0, {}, keep);
+      check_varlen(dt, lq, lk, 2, 2, 64, opts(causal), 0, used, {});
+    }
 }
 
 // ---------------------------------------------------------------- paged attention

@@ -123,6 +123,11 @@ def test_ops_are_registered_with_valid_fake_impls():
     ops = torch.ops.memkernels
     cases = [
         (ops.flash_attention.default, (q, k, k, True, 0.0, -1, -1, 0.0)),
+        (ops.flash_attention.default, (q, k, k, True, 0.0, -1, -1, 0.0, torch.tensor([4], dtype=torch.int32),
+                                       torch.tensor([[False, True, True, False, True, True]]))),
+        (ops.flash_attention_varlen.default, (q[0], k[0], k[0], cu, torch.tensor([0, 6], dtype=torch.int32), 5, True,
+                                              0.0, -1, -1, 0.0, torch.tensor([5], dtype=torch.int32),
+                                              torch.tensor([True, False, True, True, True, False]))),
         (ops.flash_attention_varlen.default, (q[0], k[0], k[0], cu, torch.tensor([0, 6], dtype=torch.int32), 5, True,
                                               0.0, 2, 0, 0.0)),
         (ops.qgemm.default, (x, mkt.QuantizedWeight(qm), None, False)),
@@ -132,6 +137,51 @@ def test_ops_are_registered_with_valid_fake_impls():
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_flash_attention_op_with_padding():
+    """seqused_k and key_mask through the custom op, eager and compiled (fullgraph), against float64."""
+    g = torch.Generator().manual_seed(11)
+    b, sq, sk, h, hk, d = 3, 4, 10, 4, 2, 16
+    q, k, v = (torch.randn(b, s, n, d, generator=g) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    keep = torch.ones(b, sk, dtype=torch.bool)
+    keep[0, :3] = False                       # left padding
+    keep[1, 6:] = False                       # right padding
+    used = torch.tensor([10, 6, 8], dtype=torch.int32)
+    for name, t in (("k", k), ("v", v)):      # padding keys hold NaN: must never be read
+        t[~keep] = float("nan")
+        t[2, 8:] = float("nan")
+
+    def fn(q, k, v, used, keep):
+        return mkt.flash_attention(q, k, v, causal=True, seqused_k=used, key_mask=keep)
+
+    with torch.no_grad():
+        eager = fn(q, k, v, used, keep)
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, used, keep)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for i in range(b):
+        n = int(used[i])
+        kk, vv, kp = k[i, :n].double().numpy(), v[i, :n].double().numpy(), keep[i, :n].numpy()
+        kk[~kp] = 0  # the reference drops them by masking; zeros keep NaN out of its einsum
+        vv[~kp] = 0
+        want = _ref_attention_masked(q[i], kk, vv, kp)
+        _close(eager[i], want)
+
+
+def _ref_attention_masked(q, k, v, keep):
+    """float64 causal attention (end-aligned) over the keys where keep is True."""
+    q = np.asarray(q, np.float64)
+    sq, h, d = q.shape
+    sk, hk = k.shape[:2]
+    k, v = np.repeat(k, h // hk, axis=1), np.repeat(v, h // hk, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
+    ok = (np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq) & keep[None, :]
+    s = np.where(ok[None], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.where(ok[None], np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
+    den = p.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", p / np.where(den > 0, den, 1), v)
 
 
 class _Tiny(torch.nn.Module):

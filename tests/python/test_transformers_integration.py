@@ -142,6 +142,31 @@ def test_mask_function_is_registered():
     assert mk_hf.memkernels_mask(2, 3, 3, attention_mask=None) is None
 
 
+def test_padding_holes_with_a_sliding_window_match_sdpa():
+    """Padding anywhere in a row (not only at its ends), with a sliding window, prefill and decode:
+    the key mask goes to the kernel, positions stay those of the padded row, as in sdpa."""
+    _, ours = _models("mistral")
+    layer = ours.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    keep = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    k, v = torch.randn(3, 2, 8, 16, generator=g), torch.randn(3, 2, 8, 16, generator=g)
+    k[~keep.unsqueeze(1).expand_as(k[..., 0])] = float("nan")  # padding keys may hold anything
+    for q_len in (8, 1):
+        q = torch.randn(3, 4, q_len, 16, generator=g)
+        with torch.no_grad():
+            got, _ = mk_hf.memkernels_attention(layer, q, k, v, keep, scaling=0.25, sliding_window=3)
+        i = torch.arange(8 - q_len, 8)[:, None]
+        j = torch.arange(8)[None, :]
+        allowed = (j <= i) & (j > i - 3) & keep[:, None, :]  # (batch, q_len, kv_len)
+        kk = torch.where(keep[:, None, :, None], k, 0.0).repeat_interleave(2, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q, kk, v.repeat_interleave(2, 1),
+                                                                attn_mask=allowed[:, None], scale=0.25)
+        want = want.transpose(1, 2)
+        seen = allowed.any(-1)  # rows with a visible key (sdpa gives NaN for the others; ours 0)
+        torch.testing.assert_close(got[seen], want[seen], rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(got).all() and (got[~seen] == 0).all()
+
+
 def test_unsupported_inputs_raise():
     ref, ours = _models("mistral")
     layer = ours.model.layers[0].self_attn
@@ -149,9 +174,6 @@ def test_unsupported_inputs_raise():
     k = torch.randn(1, 2, 6, 16)
     with pytest.raises(ValueError, match="4-D"):
         mk_hf.memkernels_attention(layer, q, k, k, torch.ones(1, 1, 6, 6, dtype=torch.bool))
-    holes = torch.tensor([[1, 1, 0, 0, 1, 1]], dtype=torch.bool)
-    with pytest.raises(ValueError, match="contiguous"):
-        mk_hf.memkernels_attention(layer, q, k, k, holes, sliding_window=3)
     with pytest.raises(ValueError, match="key-padding mask of shape"):
         mk_hf.memkernels_attention(layer, q, k, k, torch.ones(2, 6, dtype=torch.bool))
     ids, mask = _batch()

@@ -11,7 +11,8 @@
 
 namespace memkernels {
 
-enum class DType : uint8_t { Float32, Float16, BFloat16, Float64, Int8, UInt8, Int16, Int32, Int64, UInt16, UInt32 };
+// Bool: one byte per element, nonzero = true (NumPy / PyTorch bool); only masks take it.
+enum class DType : uint8_t { Float32, Float16, BFloat16, Float64, Int8, UInt8, Int16, Int32, Int64, UInt16, UInt32, Bool };
 
 const char* dtype_name(DType t);
 int dtype_size(DType t);

@@ -438,6 +438,35 @@ void run_task_kivi(const PagedProblem& p, const Task& t, State& st, float* kbuf,
 
 }  // namespace
 
+namespace {
+
+// One thread's working rows: q, o, scores, running max / sum, staged K/V rows, KIVI's scaled q.
+struct Buffers {
+  std::vector<float> qbuf, obuf, sbuf, mbuf, lbuf, kbuf, vbuf, row, qsbuf;
+  static void grow(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  }
+  void ensure(int max_rows, int dp, bool kivi) {  // sizes only grow: a reused buffer is not refilled
+    grow(qbuf, size_t(max_rows) * dp), grow(obuf, size_t(max_rows) * dp), grow(sbuf, size_t(max_rows) * BK);
+    grow(mbuf, size_t(max_rows)), grow(lbuf, size_t(max_rows)), grow(kbuf, size_t(BK) * dp);
+    grow(vbuf, size_t(BK) * dp), grow(row, size_t(dp));
+    if (kivi) grow(qsbuf, size_t(max_rows) * dp);
+  }
+  size_t floats() const {
+    return qbuf.size() + obuf.size() + sbuf.size() + mbuf.size() + lbuf.size() + kbuf.size() + vbuf.size() +
+           row.size() + qsbuf.size();
+  }
+  State state(int dp) {
+    State st;
+    st.dp = dp;
+    st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
+    return st;
+  }
+};
+constexpr size_t kBuffersKept = size_t(1) << 20;  // floats a thread keeps between calls (4 MB)
+
+}  // namespace
+
 void paged_attention(const PagedProblem& p) {
   const int D = p.head_dim, dp = (D + VL - 1) / VL * VL;
   const int group = p.heads / p.kv_heads;
@@ -498,76 +527,87 @@ void paged_attention(const PagedProblem& p) {
       }
   }
   std::vector<float> scratch(static_cast<size_t>(scratch_floats));
-  const int ntasks = int(tasks.size());
+  const int ntasks = int(tasks.size()), nmerge = int(merges.size());
+
+  auto run_one = [&](int i, Buffers& bf, State& st) {
+    const Task& t = tasks[i];
+    if (p.kivi_bits) {
+      run_task_kivi(p, t, st, bf.kbuf.data(), bf.vbuf.data(), scratch.data(), bf.row.data(), bf.qsbuf.data());
+      return;
+    }
+    switch (p.kv_dtype) {
+      case DType::Int8: run_task<I8>(p, t, st, bf.kbuf.data(), bf.vbuf.data(), scratch.data(), bf.row.data()); break;
+      case DType::Float16: run_task<F16>(p, t, st, bf.kbuf.data(), bf.vbuf.data(), scratch.data(), bf.row.data()); break;
+      case DType::BFloat16: run_task<BF16>(p, t, st, bf.kbuf.data(), bf.vbuf.data(), scratch.data(), bf.row.data()); break;
+      default: run_task<float>(p, t, st, bf.kbuf.data(), bf.vbuf.data(), scratch.data(), bf.row.data()); break;
+    }
+  };
+  // Merges split pieces by their log-sum-exp.
+  auto merge_one = [&](int i, Buffers& bf) {
+    const Merge& mg = merges[i];
+    const Task& t = mg.t;
+    const int rpg = (t.p1 - t.p0) * group, rows = rpg * (t.g1 - t.g0);
+    const RowMap rm{t.p0, t.g0, group, rpg};
+    const int64_t piece = int64_t(rows) * (dp + 2);
+    const int esize = dtype_size(p.dtype);
+    float* row = bf.row.data();
+    for (int r = 0; r < rows; ++r) {
+      float mmax = kNegInf;
+      bool nan_row = false;  // a piece saw a NaN or +inf score (see softmax_block)
+      for (int s = 0; s < mg.nsplit; ++s) {
+        const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
+        if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
+        nan_row |= std::isnan(src[D + 1]);
+      }
+      std::fill(row, row + D, 0.0f);
+      float l = 0.0f;
+      if (mmax != kNegInf) {
+        for (int s = 0; s < mg.nsplit; ++s) {
+          const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
+          if (!(src[D + 1] > 0.0f)) continue;
+          const float w = std::exp2(src[D] - mmax);
+          l += src[D + 1] * w;
+          for (int d = 0; d < D; ++d) row[d] += src[d] * w;
+        }
+      }
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      for (int d = 0; d < D; ++d) row[d] = nan_row ? kNaN : row[d] * inv;
+      const int h = rm.head(r);
+      const int64_t qrow = p.q0(t.b) + rm.pos(r);
+      store_floats(row, p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
+      if (p.lse) p.lse[h * p.total_q + qrow] = nan_row ? kNaN : l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
+    }
+  };
+
+  if (threads == 1) {
+    // No OpenMP region (entering one costs microseconds even with one thread), and the buffers of
+    // the previous call on this thread: a decode step over a short context takes a few microseconds.
+    thread_local Buffers cache;
+    cache.ensure(max_rows, dp, p.kivi_bits != 0);
+    State st = cache.state(dp);
+    for (int i = 0; i < ntasks; ++i) run_one(i, cache, st);
+    for (int i = 0; i < nmerge; ++i) merge_one(i, cache);
+    if (cache.floats() > kBuffersKept) cache = Buffers();  // a huge group: give it back
+    return;
+  }
 
   // An exception leaving the region would call std::terminate: the per-thread buffers (a group of
   // 2^26 query heads needs tens of GiB) and the tasks run through the guard, rethrown after it.
   ParallelGuard guard;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qbuf, obuf, sbuf, mbuf, lbuf, kbuf, vbuf, row, qsbuf;
-    const bool ok = guard.run([&] {
-      qbuf.resize(size_t(max_rows) * dp), obuf.resize(size_t(max_rows) * dp), sbuf.resize(size_t(max_rows) * BK);
-      mbuf.resize(size_t(max_rows)), lbuf.resize(size_t(max_rows)), kbuf.resize(size_t(BK) * dp);
-      vbuf.resize(size_t(BK) * dp), row.resize(size_t(dp)), qsbuf.resize(p.kivi_bits ? size_t(max_rows) * dp : 0);
-    });
-    State st;
-    st.dp = dp;
-    st.q = qbuf.data(), st.o = obuf.data(), st.s = sbuf.data(), st.m = mbuf.data(), st.l = lbuf.data();
+    Buffers bf;
+    const bool ok = guard.run([&] { bf.ensure(max_rows, dp, p.kivi_bits != 0); });
+    State st = bf.state(dp);
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < ntasks; ++i) {
       if (!ok || guard.failed()) continue;
-      const Task& t = tasks[i];
-      guard.run([&] {  // run_task_kivi allocates
-        if (p.kivi_bits) {
-          run_task_kivi(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data(), qsbuf.data());
-          return;
-        }
-        switch (p.kv_dtype) {
-          case DType::Int8: run_task<I8>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-          case DType::Float16: run_task<F16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-          case DType::BFloat16: run_task<BF16>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-          default: run_task<float>(p, t, st, kbuf.data(), vbuf.data(), scratch.data(), row.data()); break;
-        }
-      });
+      guard.run([&] { run_one(i, bf, st); });  // run_task_kivi allocates
     }
-    // Merge split pieces by their log-sum-exp.
-    const int nmerge = int(merges.size());
-    const int esize = dtype_size(p.dtype);
 #pragma omp for schedule(static)
     for (int i = 0; i < nmerge; ++i) {
       if (!ok || guard.failed()) continue;
-      const Merge& mg = merges[i];
-      const Task& t = mg.t;
-      const int rpg = (t.p1 - t.p0) * group, rows = rpg * (t.g1 - t.g0);
-      const RowMap rm{t.p0, t.g0, group, rpg};
-      const int64_t piece = int64_t(rows) * (dp + 2);
-      for (int r = 0; r < rows; ++r) {
-        float mmax = kNegInf;
-        bool nan_row = false;  // a piece saw a NaN or +inf score (see softmax_block)
-        for (int s = 0; s < mg.nsplit; ++s) {
-          const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
-          if (src[D + 1] > 0.0f) mmax = std::max(mmax, src[D]);
-          nan_row |= std::isnan(src[D + 1]);
-        }
-        std::fill(row.begin(), row.begin() + D, 0.0f);
-        float l = 0.0f;
-        if (mmax != kNegInf) {
-          for (int s = 0; s < mg.nsplit; ++s) {
-            const float* src = scratch.data() + t.scratch + s * piece + int64_t(r) * (dp + 2);
-            if (!(src[D + 1] > 0.0f)) continue;
-            const float w = std::exp2(src[D] - mmax);
-            l += src[D + 1] * w;
-            for (int d = 0; d < D; ++d) row[d] += src[d] * w;
-          }
-        }
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int d = 0; d < D; ++d) row[d] = nan_row ? kNaN : row[d] * inv;
-        const int h = rm.head(r);
-        const int64_t qrow = p.q0(t.b) + rm.pos(r);
-        store_floats(row.data(), p.dtype, D, static_cast<char*>(p.out) + (qrow * p.o_row + h * p.o_head) * esize);
-        if (p.lse) p.lse[h * p.total_q + qrow] = nan_row ? kNaN : l > 0.0f ? mmax * kLn2 + std::log(l) : kNegInf;
-      }
+      merge_one(i, bf);
     }
   }
   guard.rethrow();

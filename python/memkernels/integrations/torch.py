@@ -128,29 +128,35 @@ def _window(left: int, right: int):
 
 # ---- flash attention ----------------------------------------------------------------------------
 # Scalars use the kernels' neutral values: scale 0 = 1/sqrt(head_dim), softcap 0 = none, window -1 = unbounded.
+# seqused_k (int32) and key_mask (bool) are optional trailing arguments: None = every key used.
 @torch.library.custom_op("memkernels::flash_attention", mutates_args=())
 def _flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window_left: int,
-                     window_right: int, softcap: float) -> Tuple[Tensor, Tensor]:
+                     window_right: int, softcap: float, seqused_k: Optional[Tensor] = None,
+                     key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     return _mk.flash_attention(q, k, v, causal=causal, scale=scale or None, window=_window(window_left, window_right),
-                               softcap=softcap or None, return_lse=True, stream=_stream(q))
+                               softcap=softcap or None, return_lse=True, stream=_stream(q), seqused_k=seqused_k,
+                               key_mask=key_mask)
 
 
 @_flash_attention.register_fake
-def _(q, k, v, causal, scale, window_left, window_right, softcap):
+def _(q, k, v, causal, scale, window_left, window_right, softcap, seqused_k=None, key_mask=None):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("memkernels::flash_attention_varlen", mutates_args=())
 def _flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                             max_seqlen_q: int, causal: bool, scale: float, window_left: int, window_right: int,
-                            softcap: float) -> Tuple[Tensor, Tensor]:
+                            softcap: float, seqused_k: Optional[Tensor] = None,
+                            key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     return _mk.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, causal=causal,
                                       scale=scale or None, window=_window(window_left, window_right),
-                                      softcap=softcap or None, return_lse=True, stream=_stream(q))
+                                      softcap=softcap or None, return_lse=True, stream=_stream(q),
+                                      seqused_k=seqused_k, key_mask=key_mask)
 
 
 @_flash_attention_varlen.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, window_left, window_right, softcap):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, window_left, window_right, softcap,
+      seqused_k=None, key_mask=None):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -163,31 +169,35 @@ def _window_args(window, causal):
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                    window=None, softcap: Optional[float] = None, return_lse: bool = False):
+                    window=None, softcap: Optional[float] = None, return_lse: bool = False,
+                    seqused_k: Optional[Tensor] = None, key_mask: Optional[Tensor] = None):
     """``memkernels.flash_attention`` as the custom op ``torch.ops.memkernels.flash_attention``.
 
     Same layouts and options: q (batch, seq_q, heads, head_dim), k, v (batch, seq_k, kv_heads,
-    head_dim); returns out (and the float32 lse (batch, heads, seq_q) when return_lse).
+    head_dim); seqused_k int32 (batch,) and key_mask bool (batch, seq_k) (True = attend) for padded
+    batches; returns out (and the float32 lse (batch, heads, seq_q) when return_lse).
     """
     _no_grad_inputs(q=q, k=k, v=v)
     left, right = _window_args(window, causal)
     out, lse = torch.ops.memkernels.flash_attention(q, k, v, bool(causal), float(scale or 0.0), left, right,
-                                                    float(softcap or 0.0))
+                                                    float(softcap or 0.0), seqused_k, key_mask)
     return (out, lse) if return_lse else out
 
 
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
                            max_seqlen_q: Optional[int] = None, causal: bool = False, scale: Optional[float] = None,
-                           window=None, softcap: Optional[float] = None, return_lse: bool = False):
+                           window=None, softcap: Optional[float] = None, return_lse: bool = False,
+                           seqused_k: Optional[Tensor] = None, key_mask: Optional[Tensor] = None):
     """``memkernels.flash_attention_varlen`` as ``torch.ops.memkernels.flash_attention_varlen``.
 
-    q (total_q, heads, head_dim), k, v (total_k, kv_heads, head_dim), int32 cu_seqlens; lse (heads, total_q).
+    q (total_q, heads, head_dim), k, v (total_k, kv_heads, head_dim), int32 cu_seqlens; lse (heads, total_q);
+    seqused_k int32 (batch,) and key_mask bool (total_k,) as in memkernels.flash_attention_varlen.
     """
     _no_grad_inputs(q=q, k=k, v=v)
     left, right = _window_args(window, causal)
     out, lse = torch.ops.memkernels.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
                                                            bool(causal), float(scale or 0.0), left, right,
-                                                           float(softcap or 0.0))
+                                                           float(softcap or 0.0), seqused_k, key_mask)
     return (out, lse) if return_lse else out
 
 

@@ -18,17 +18,17 @@ What the attention function handles, for decoder models calling ``attention_inte
   before it, which is memkernels' ``window=(S - 1, 0)`` (FlashAttention's convention; the
   conversion is done here). For bidirectional models S keys on each side: ``window=(S, S)``;
 - ``softcap`` (Gemma2's attention logit soft-capping);
-- padding, left or right, in prefill and in decode with a KV cache: the mask function hands the
-  attention function the 2-D key-padding mask (batch, kv_len), or None when nothing is padded.
-  A padded batch is repacked into ``flash_attention_varlen``'s packed layout (only the real
-  tokens of each row, gathered with boolean indexing), computed in one call, and scattered back;
-  query rows that are padding get zeros. A batch without padding calls ``flash_attention`` on
-  transposed views of the model's tensors, without copies;
+- padding, left, right or anywhere, in prefill and in decode with a KV cache: the mask function
+  hands the attention function the 2-D key-padding mask (batch, kv_len), or None when nothing is
+  padded, and it goes to the kernel as ``flash_attention(..., key_mask=...)``: one call on
+  transposed views of the model's tensors, no repacking, no copies, no host synchronisation.
+  Positions are those of the padded rows, as in "sdpa" (causality and sliding windows count
+  padding keys like any other). Query rows that are padding get finite values the model ignores
+  (0 where no real key is visible, e.g. left padding);
 - packed sequences given by ``position_ids`` restarting inside one row (no attention mask).
 
-Not handled (ValueError): 4-D custom masks, attention dropout in training mode, a sliding window
-on a row whose real tokens are not contiguous (padding in the middle). Inference only, like every
-memkernels operator: run the model under ``torch.no_grad()`` / ``torch.inference_mode()``.
+Not handled (ValueError): 4-D custom masks, attention dropout in training mode. Inference only,
+like every memkernels operator: run the model under ``torch.no_grad()`` / ``torch.inference_mode()``.
 On CUDA tensors the kernels run on PyTorch's current stream.
 """
 from typing import Optional
@@ -103,33 +103,16 @@ def memkernels_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         out = _mkt.flash_attention_varlen(q[0], k[0], v[0], cu, cu, max_seqlen_q=max_len, **opts)
         return out.unsqueeze(0), None
 
-    keep_k = attention_mask.to(device=query.device, dtype=torch.bool)
-    if keep_k.shape != (batch, kv_len):
-        if keep_k.shape[0] == batch and keep_k.shape[1] > kv_len:
-            keep_k = keep_k[:, -kv_len:]
+    keep = attention_mask.to(device=query.device, dtype=torch.bool)
+    if keep.shape != (batch, kv_len):
+        if keep.dim() == 2 and keep.shape[0] == batch and keep.shape[1] > kv_len:
+            keep = keep[:, -kv_len:]  # the keys this layer sees are the last kv_len positions
         else:
             raise ValueError(f"attention_mask: expected a key-padding mask of shape ({batch}, {kv_len}), "
                              f"got {tuple(attention_mask.shape)}")
-    # The queries are the last q_len positions of the keys (the cache's layout): a query row is real
-    # when its own key is. Gathering only the real keys of each row keeps end-aligned causality right
-    # (every real key after a real query is another real query), but distances shrink across holes.
-    keep_q = keep_k[:, kv_len - q_len:]
-    k_lens = keep_k.sum(1)
-    q_lens = keep_q.sum(1)
-    if window is not None:
-        first = torch.where(k_lens > 0, keep_k.int().argmax(1), 0)
-        last = kv_len - 1 - keep_k.flip(1).int().argmax(1)
-        if bool(((k_lens > 0) & (last - first + 1 != k_lens)).any()):
-            raise ValueError("memkernels attention: a sliding window needs each row's real tokens contiguous "
-                             "(left or right padding), but the attention_mask has padding between real tokens")
-    zero = torch.zeros(1, dtype=torch.int32, device=query.device)
-    cu_k = torch.cat([zero, torch.cumsum(k_lens, 0, dtype=torch.int32)])
-    cu_q = torch.cat([zero, torch.cumsum(q_lens, 0, dtype=torch.int32)])
-    out_packed = _mkt.flash_attention_varlen(q[keep_q], k[keep_k], v[keep_k], cu_q, cu_k,
-                                             max_seqlen_q=int(q_lens.max()), **opts)
-    out = query.new_zeros((batch, q_len, heads, head_dim))
-    out[keep_q] = out_packed
-    return out, None
+    # The queries are the last q_len positions of the keys (the cache's layout): causality is aligned
+    # to the end, and padding keys are dropped by the kernel itself (never read, whatever they hold).
+    return _mkt.flash_attention(q, k, v, key_mask=keep, **opts), None
 
 
 def register(name: str = NAME) -> None:
