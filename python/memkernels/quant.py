@@ -105,7 +105,7 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
     memkernels/quant.h). Prefill on CPUs with AVX512-BF16 (from 32 tokens for those formats, from 12
     for the others): each block of weight rows is dequantized once per call and x and the weights
     are rounded to bf16, products summed in fp32; each output is then within
-    ``(2**-8 + 2**-16) * sum_k |w_k x_k|`` (plus fp32 rounding) of the exact product. exact=True
+    ``(2**-7 + 2**-16) * sum_k |w_k x_k|`` (plus fp32 rounding) of the exact product. exact=True
     keeps x in fp32 everywhere (the results of the fp32 path); other formats, more tokens without
     AVX512-BF16 and CUDA run the fp32 path. int8_activations: the older
     spelling (False = exact=True; True = the default).

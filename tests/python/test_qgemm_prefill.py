@@ -19,7 +19,7 @@ CPU_FLAGS = open("/proc/cpuinfo").read().split()
 HAS_BF16 = "avx512_bf16" in CPU_FLAGS
 HAS_VNNI = "avx512_vnni" in CPU_FLAGS
 INT8_FORMATS = ("int4", "int4_sym", "int4_min", "int8")
-U_BF16 = 2.0 ** -9  # unit roundoff of bf16
+U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 U_F32 = 2.0 ** -24
 
 # (format, group) pairs: every code width, zero points, mins, NF4 with and without double-quantised scales

@@ -130,6 +130,8 @@ def test_partial_qgemm_matches_reference(isa, fmt, group, k):
         out = np.full((t, n), np.nan, np.float32)
         mk.qgemm(x, qm, bias, out=out)
         bound = absd.sum(axis=1) * np.abs(x).max(axis=1, keepdims=True) / 254 * 1.001 + 2e-5 * mag + 1e-6
+        if t >= 12:  # from 12 (32 for the int8-activation formats) tokens the default may be bf16 prefill
+            bound = np.maximum(bound, (2.0 ** -7 + 2.0 ** -16) * mag + k * 2.0 ** -24 * mag * 1.01 + 1e-6)
         assert np.all(np.abs(out - ref) <= bound), (t, (np.abs(out - ref) - bound).max())
 
 

@@ -179,8 +179,8 @@ struct QGemmOptions {
   // once per call and rounded to bf16, x is rounded to bf16 (round to nearest even), and the
   // products are summed in fp32 (vdpbf16ps; a product of two bf16 is exact in fp32). Bound against
   // the exact path, for output n of token t:
-  //     |y_bf16[t][n] - y_exact[t][n]| <= (2^-8 + 2^-16) * sum_k |w[n][k] x[t][k]|
-  // (each factor moves by at most 2^-9 of itself), plus the fp32 summation error, at most
+  //     |y_bf16[t][n] - y_exact[t][n]| <= (2^-7 + 2^-16) * sum_k |w[n][k] x[t][k]|
+  // (bf16 keeps 8 significant bits: each factor moves by at most 2^-8 of itself), plus the fp32 summation error, at most
   // K * 2^-24 * sum_k |w[n][k] x[t][k]| (about 1e-6 of it in practice); magnitudes below 2^-126
   // count as 0 and x beyond the bf16 range becomes +-inf. tests/python/test_qgemm_prefill.py checks
   // it. Without AVX512-BF16 (and with exact activations) prefill runs the same dequantize-once
