@@ -28,6 +28,9 @@ struct QuantView {
   // Code value -> level before scaling is T[q] - zero: integer formats fold their constant
   // offset into `code_offset` (sym: 2^(b-1), int8: 0 with signed codes), nf4 looks T up.
   float code_offset = 0.0f;
+  // K-quants (q4_k / q5_k / q6_k): per super-block 16 sub-scale bytes and 2 fp16 super-scales.
+  const uint8_t* sub_scales = nullptr;
+  const uint16_t* super_scales = nullptr;
 
   // Double-quantised scales in one explicit FMA: left as a * b + c, whether the compiler fuses it
   // depends on the ISA build (and nvcc fuses by default), and CPU and CUDA results differed.
@@ -54,6 +57,8 @@ inline QuantView make_quant_view(const QuantizedMatrix& qm) {
   v.scale_codes = qm.scale_codes();
   v.scale_steps = qm.scale_steps();
   v.scale_offset = qm.scale_offset();
+  v.sub_scales = qm.sub_scales();
+  v.super_scales = qm.super_scales();
   switch (qm.format()) {
     case QuantFormat::Int4Sym: v.code_offset = 8.0f; break;
     case QuantFormat::Int3Sym: v.code_offset = 4.0f; break;
@@ -81,6 +86,11 @@ struct DequantProblem {
   void* out = nullptr;  // (N, K) contiguous
 };
 
+// K-quants (quant_kquant.cpp): the quantize() search into m (allocated), and the checks of a
+// payload's sub-scales (< 64 for q4_k / q5_k) and super-scales (finite), raising `kind`.
+void quantize_kquant(const TensorView& w, QuantizedMatrix& m);
+void kquant_validate(const QuantizedMatrix& m, ErrorKind kind, const char* what);
+
 namespace cuda_backend {
 void qgemm(const QGemmProblem& p, void* stream);
 void dequantize(const DequantProblem& p, void* stream);
@@ -90,3 +100,6 @@ void dequantize(const DequantProblem& p, void* stream);
 
 MK_DECLARE_CPU_KERNEL(void qgemm(const ::memkernels::QGemmProblem& p))
 MK_DECLARE_CPU_KERNEL(void dequantize(const ::memkernels::DequantProblem& p))
+// q4_k / q5_k / q6_k (core/src/cpu/qgemm_kquant.cpp)
+MK_DECLARE_CPU_KERNEL(void qgemm_kquant(const ::memkernels::QGemmProblem& p))
+MK_DECLARE_CPU_KERNEL(void dequantize_kquant(const ::memkernels::DequantProblem& p))
