@@ -112,7 +112,7 @@ MK_PYTHON_BINDING(quant) {
      nb::arg("double_quant"), nb::arg("mins").none() = nb::none());
   m.def("pack_gguf_kquant", [](const std::string& format, nb::handle blocks, int64_t cols) {
     ArrayKeeper keep;
-    TensorView tb = as_tensor(blocks, "blocks", keep);
+    TensorView tb = as_input(blocks, "blocks", keep);
     QuantFormat f = parse_quant_format(format);
     nb::gil_scoped_release release;
     return pack_gguf_kquant(f, tb, cols);

@@ -231,7 +231,7 @@ def test_load_quantized_matches_dequantizer(tmp_path, capsys):
             assert np.all(np.abs(got - want) <= step * 0.5001 + 1e-12), name
             reported = float(re.search(rf"{tname} weights have no exact.*?max abs error ([0-9.e-]+)",
                                        " ".join(ck.warnings)).group(1))
-            assert np.abs(got - want).max() <= reported * 1.001
+            assert np.abs(got - want).max() <= reported * 1.005  # printed with 3 significant digits
             assert reported > 0
 
 
