@@ -193,6 +193,8 @@ struct KX {
   bool nonfinite = false;
 };
 
+constexpr int kPrefetch = 1024;  // bytes ahead in the code stream (software prefetch)
+
 KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
   KX r;
   r.K = K;
@@ -271,6 +273,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
       const uint8_t* sb = w.codes + n * w.row_bytes + b * (32 * w.bits);
       const uint8_t* sub = w.sub_scales + (n * SB + b) * 16;
       const uint16_t* sup = w.super_scales + (n * SB + b) * 2;
+      for (int l = 0; l < w.bits / 2; ++l) _mm_prefetch(reinterpret_cast<const char*>(sb + kPrefetch + 64 * l), _MM_HINT_T0);
       __m256i isum[NT];
       for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
       __m256i sc16;  // the sub-scales as int16 (q6_k: lane h holds sub-blocks 8h..8h+7)
@@ -404,6 +407,9 @@ __attribute__((target("avx512vnni"))) void gemv_vnni(const QuantView& w, const K
       const uint8_t* sb = row + b * (32 * w.bits);
       const uint8_t* sub = w.sub_scales + (n * SB + b) * 16;
       const uint16_t* sup = w.super_scales + (n * SB + b) * 2;
+      // a decode step is bandwidth bound: keep more misses in flight than the hardware prefetcher
+      // does (the codes run on into the next row; a prefetch never faults)
+      for (int l = 0; l < w.bits / 2; ++l) _mm_prefetch(reinterpret_cast<const char*>(sb + kPrefetch + 64 * l), _MM_HINT_T0);
       const __m128i sraw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sub));
       const __m512i s32 = F == QuantFormat::Q6K ? _mm512_cvtepi8_epi32(sraw) : _mm512_cvtepu8_epi32(sraw);
       __m512i isum[NT];
