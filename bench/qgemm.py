@@ -199,7 +199,7 @@ def ggml_kquant_us():
 def kquant(args):
     """q4_k / q5_k / q6_k (K-quant super-blocks) next to ggml's q4_K / q6_K and torch int4 / bf16."""
     shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
-    threads = [1, 2]
+    threads = [1] if args.cpu_time else [1, 2]  # --cpu-time: one thread, process time
     print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}"
           + (f", torch {torch.__version__}" if torch else ""))
     ggml = ggml_kquant_us()
