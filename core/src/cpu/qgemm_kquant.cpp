@@ -42,10 +42,45 @@ inline uint64_t load_u64(const uint8_t* p) {
   return v;
 }
 
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+// 32 bits -> 32 bytes: byte k is 0x10 where bit k is set (q5_k's bit 4), 0 elsewhere.
+inline __m256i expand_bit4(uint32_t bits) {
+  const __m256i bsel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                                        3, 3, 3, 3, 3, 3);
+  const __m256i bbit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits)), bsel);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bbit), bbit), _mm256_set1_epi8(0x10));
+}
+#endif
+
 // The 256 codes of one super-block, in weight order, into q[].
 template <QuantFormat F>
 inline void unpack_codes(const uint8_t* sb, uint8_t* q) {
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+  if constexpr (F != QuantFormat::Q4K) {  // 32-byte steps: chunks c, c + 1 of half h
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i hb = F == QuantFormat::Q6K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * h))
+                                               : _mm256_setzero_si256();
+      for (int s = 0; s < 2; ++s) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 64 * h + 32 * s));
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if constexpr (F == QuantFormat::Q5K) {
+          lo = _mm256_or_si256(lo, expand_bit4(uint32_t(load_u64(sb + 128 + 16 * h) >> (32 * s))));
+          hi = _mm256_or_si256(hi, expand_bit4(uint32_t(load_u64(sb + 128 + 16 * h + 8) >> (32 * s))));
+        } else {
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * s)), m3), 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(4 + 2 * s)), m3), 4));
+        }
+        uint8_t* dst = q + 32 * (4 * h + 2 * s);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm256_castsi256_si128(hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(lo, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm256_extracti128_si256(hi, 1));
+      }
+    }
+    return;
+  }
   const __m128i m4 = _mm_set1_epi8(0x0f);
   for (int c = 0; c < 8; ++c) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 16 * c));
@@ -133,10 +168,75 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
   store_floats(v, p.dtype, n1 - n0, dst);
 }
 
+// 1-4 tokens, fp32: the codes of a super-block are unpacked once, each sub-block's partial dot
+// q . x stays in a vector that is scaled by d * sc_j (an FMA per sub-block, no tile in memory); the
+// min (q4_k / q5_k) and the -32 offset (q6_k) come from per-sub-block sums of x.
+template <QuantFormat F, int NT>
+void gemv_exact(const QuantView& w, const float* x, int64_t ldx, const float* xs, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  constexpr int SZ = F == QuantFormat::Q6K ? 16 : 32;  // weights per sub-block
+  constexpr int NS = QK / SZ;
+  const int64_t SB = w.cols / QK, nsub = w.cols / SZ;
+  alignas(64) uint8_t q[QK];
+  for (int64_t n = n0; n < n1; ++n) {
+    VecF acc[NT];
+    float corr[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = VecF::zero(), corr[t] = 0.0f;
+    for (int64_t b = 0; b < SB; ++b) {
+      const uint8_t* sub = w.sub_scales + (n * SB + b) * 16;
+      const uint16_t* sup = w.super_scales + (n * SB + b) * 2;
+      unpack_codes<F>(w.codes + n * w.row_bytes + b * (32 * w.bits), q);
+      const float d = half_to_float(sup[0]);
+      const float dmin = F == QuantFormat::Q6K ? 0.0f : half_to_float(sup[1]);
+      for (int j = 0; j < NS; ++j) {
+        const float a = F == QuantFormat::Q6K ? d * float(int8_t(sub[j])) : d * float(sub[j]);
+        // q6_k: a * (q - 32) = a * q - 32 a; q4_k / q5_k: a * q - dmin * m_j
+        const float off = F == QuantFormat::Q6K ? 32.0f * a : dmin * float(sub[8 + j]);
+        VecF wv[SZ / VL];
+        for (int i = 0; i < SZ / VL; ++i) wv[i] = load_u8(q + j * SZ + i * VL);
+        const VecF va = VecF::set1(a);
+        for (int t = 0; t < NT; ++t) {
+          const float* xt = x + t * ldx + b * QK + j * SZ;
+          VecF s = wv[0] * VecF::load(xt);
+          for (int i = 1; i < SZ / VL; ++i) s = VecF::fma(wv[i], VecF::load(xt + i * VL), s);
+          acc[t] = VecF::fma(va, s, acc[t]);
+          corr[t] += off * xs[t * nsub + b * NS + j];
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t) y[t * ldy + n] = acc[t].reduce_add() - corr[t];
+  }
+}
+
 template <QuantFormat F>
 void qgemm_exact(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
   const int64_t N = w.rows, T = p.tokens, SB = w.cols / QK;
+  if (T <= 4) {
+    constexpr int SZ = F == QuantFormat::Q6K ? 16 : 32;
+    const int64_t nsub = w.cols / SZ;
+    std::vector<float> xs(static_cast<size_t>(T * nsub)), y(static_cast<size_t>(T * N));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < nsub; ++j) {
+        float s = 0.0f;
+        for (int i = 0; i < SZ; ++i) s += x[t * ldx + j * SZ + i];
+        xs[size_t(t * nsub + j)] = s;
+      }
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
+    const int threads = threads_for(w, T);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t n0 = blk * ROWS, n1 = std::min(N, n0 + ROWS);
+      switch (T) {
+        case 1: gemv_exact<F, 1>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
+        case 2: gemv_exact<F, 2>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
+        case 3: gemv_exact<F, 3>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
+        default: gemv_exact<F, 4>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
+      }
+      for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+    }
+    return;
+  }
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = threads_for(w, T);
   ParallelGuard guard;
@@ -250,15 +350,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
                                                         int64_t n1, float* y, int64_t ldy) {
   const int64_t K = w.cols, SB = K / QK;
   const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
-  // q5_k bit expansion: byte k of a step takes bit k % 8 of byte k / 8 of its 32-bit mask
-  const __m256i bsel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
-                                        3, 3, 3, 3, 3, 3);
-  const __m256i bbit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
-  const __m256i b16 = _mm256_set1_epi8(0x10);
-  auto expand = [&](uint32_t bits) {
-    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits)), bsel);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bbit), bbit), b16);
-  };
+  auto expand = [](uint32_t bits) { return expand_bit4(bits); };  // q5_k's bit 4
   const int8_t* xa[NT];
   const int16_t *xs16[NT], *xs32[NT];
   for (int t = 0; t < NT; ++t) {
