@@ -243,15 +243,17 @@ void kquant_validate(const QuantizedMatrix& m, ErrorKind kind, const char* what)
   const int64_t nb = m.rows() * m.groups();
   const uint8_t* sub = m.sub_scales();
   const uint16_t* sup = m.super_scales();
+  const int64_t SB = m.groups();
+  auto where = [&](int64_t j) { return "row " + str(j / SB) + ", super-block " + str(j % SB); };
   for (int64_t j = 0; j < nb; ++j) {
     for (int i = 0; i < 2; ++i)
       if (!std::isfinite(cpu::half_to_float(sup[2 * j + i])))
-        throw Error(kind, std::string(what) + ": super-block " + str(j) + " of " + quant_format_name(m.format()) +
-                              " has a non-finite scale");
+        throw Error(kind, std::string(what) + ": " + where(j) + " of " + quant_format_name(m.format()) +
+                              " has a non-finite " + (i ? "dmin" : "d") + " (fp16 bits " + str(sup[2 * j + i]) + ")");
     if (m.format() != QuantFormat::Q6K)
       for (int i = 0; i < 16; ++i)
         if (sub[16 * j + i] >= 64)
-          throw Error(kind, std::string(what) + ": super-block " + str(j) + " has a sub-block scale or min " +
+          throw Error(kind, std::string(what) + ": " + where(j) + " has a sub-block " + (i < 8 ? "scale " : "min ") +
                                 str(sub[16 * j + i]) + " (6-bit values expected)");
   }
 }

@@ -661,7 +661,7 @@ TEST(EmulatedCudaQgemm, KQuants) {
       for (int64_t tokens : {1, 3, 6}) check_qgemm(qc, dt, 19, 512, tokens, tokens != 3);
     check_qgemm(qc, DType::Float32, 37, 768, 9, true);
     const int64_t rows = 11, cols = 512;
-    std::mt19937 rng(uint32_t(int(f)));
+    std::mt19937 rng{uint32_t(int(f))};
     std::vector<float> w(size_t(rows * cols));
     std::normal_distribution<float> nd;
     for (auto& v : w) v = nd(rng);

@@ -393,7 +393,7 @@ def test_bad_input():
         mk.pack_gguf_blocks("Q3_K", raw, 512)
     nanb = raw.copy()
     nanb[1, 144:146] = np.frombuffer(np.array([np.nan], np.float16).tobytes(), np.uint8)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="row 1, super-block 1 of q4_k has a non-finite d"):
         mk.pack_gguf_blocks("Q4_K", nanb, 512)
     with pytest.raises(ValueError, match="pack_gguf"):
         mk.pack_quantized("q4_k", np.zeros((2, 256), np.uint8), np.ones((2, 1), np.float32))
