@@ -61,7 +61,8 @@ def quantize(w, format: str = "int4", *, group_size: int | None = None, double_q
     """Round-to-nearest quantization of w (out_features, in_features), float32/float16/bfloat16 on the CPU.
 
     format: one of FORMATS. group_size: 32, 64 or 128 (default 128) for the grouped formats; int8 is
-    per output channel by default (None) or takes 32, 64 or 128. double_quant: nf4 only, stores the group scales in int8 too
+    per output channel by default (None) or takes 32, 64 or 128; q4_k / q5_k / q6_k work in super-blocks of
+    256 (None or 256; in_features a multiple of 256). double_quant: nf4 only, stores the group scales in int8 too
     (about 0.37 fewer bits per weight at group 64). Returns a CPU QuantizedMatrix; move it to a GPU
     with ``qm.to("cuda")``.
     """
