@@ -18,6 +18,8 @@ names one (its perf shapes are fixed: 4096x14336 at 1-8 and 512 tokens, 2 thread
 --prefill: 16, 32, 128, 512 tokens on 4096x14336 and 11008x4096, every prefill format (default and
 exact=True) against torch bf16 F.linear, torch int4 and ggml (512 tokens: its perf shapes), 1 thread
 (CPU time) and 2 threads (wall time), ours and the peers alternating in each of --rounds rounds.
+--kquant: the K-quant formats (q4_k, q5_k, q6_k; GGUF Q4_K / Q5_K / Q6_K imported losslessly) on
+4096x14336 and 11008x4096, batch 1 and 8, 1 and 2 threads, next to ggml q4_K / q6_K and torch int4.
 --small: per-call times over a 135M model's decode shapes (SmolLM2: hidden 576, FFN 1536, vocab
 49152), 1 token, next to NumPy fp32 on the same data, plus the fixed cost of the smallest calls.
 """
@@ -172,6 +174,80 @@ def cpu(args):
                      "torch int4: bf16 x, asymmetric int4 weights packed by torch. ggml: test-backend-ops perf "
                      "(its own thread count and wall clock; only its 4096x14336 shapes exist there). GB/s: our "
                      "stored weight bytes / our time.")
+
+
+def ggml_kquant_us():
+    """{(ggml type, n_out, tokens, k): us per MUL_MAT} for q4_K / q5_K / q6_K at 1 and 8 tokens from
+    MEMKERNELS_GGML_TEST_BACKEND_OPS (its perf list has 4096x14336 only; it runs on all cores)."""
+    exe = os.environ.get("MEMKERNELS_GGML_TEST_BACKEND_OPS")
+    if not exe:
+        return {}
+    import re
+    import subprocess
+
+    pat = "type_a=(q4_K|q5_K|q6_K),type_b=f32,m=4096,n=(1|8),k=14336,"
+    try:
+        res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
+                             timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"ggml test-backend-ops failed: {e}")
+        return {}
+    times = {}
+    for m in re.finditer(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=(\d+),k=(\d+),[^)]*\):\s+\d+ runs -\s+([\d.]+) us/run",
+                         res.stdout):
+        times[(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))] = float(m.group(5))
+    return times
+
+
+def kquant(args):
+    """q4_k / q5_k / q6_k (K-quant super-blocks) next to ggml's q4_K / q6_K and torch int4 / bf16."""
+    shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
+    threads = [1] if args.cpu_time else [1, 2]  # --cpu-time: one thread, process time
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}"
+          + (f", torch {torch.__version__}" if torch else ""))
+    ggml = ggml_kquant_us()
+    rng = np.random.default_rng(0)
+    headers = ["case", "threads", "q4_k ms", "q4_k GB/s", "q4_k exact ms", "q5_k ms", "q6_k ms", "q6_k GB/s"]
+    if torch:
+        headers += ["torch int4 g128 ms", "torch bf16 ms", "torch int4/q4_k", "torch bf16/q4_k"]
+    headers += ["ggml q4_K ms", "ggml q6_K ms", "ggml q4_K/q4_k", "ggml q6_K/q6_k"]
+
+    def rows():
+        for n, k in shapes:
+            w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+            qms = {f: mk.quantize(w, f) for f in ("q4_k", "q5_k", "q6_k")}
+            ti4 = torch_int4(w, 128) if torch else None
+            tw16 = torch.from_numpy(w).to(torch.bfloat16) if torch else None
+            for nt in threads:
+                mk.set_num_threads(nt)
+                if torch:
+                    torch.set_num_threads(nt)
+                for b in (1, 8):
+                    x = rng.standard_normal((b, k), dtype=np.float32)
+                    out = np.empty((b, n), np.float32)
+                    t = {f: bench(lambda: mk.qgemm(x, qm, out=out)) for f, qm in qms.items()}
+                    t_ex = bench(lambda: mk.qgemm(x, qms["q4_k"], out=out, exact=True))
+                    row = [f"{n}x{k} batch {b}", str(nt), fmt_ms(t["q4_k"], 3),
+                           f"{qms['q4_k'].nbytes / t['q4_k'] / 1e9:.1f}", fmt_ms(t_ex, 3), fmt_ms(t["q5_k"], 3),
+                           fmt_ms(t["q6_k"], 3), f"{qms['q6_k'].nbytes / t['q6_k'] / 1e9:.1f}"]
+                    if torch:
+                        tx16 = torch.from_numpy(x).to(torch.bfloat16)
+                        t_i4 = bench(lambda: ti4(tx16)) if ti4 else None
+                        t_16 = bench(lambda: F.linear(tx16, tw16))
+                        row += [fmt_ms(t_i4, 3), fmt_ms(t_16, 3), fmt_ratio(t_i4, t["q4_k"]), fmt_ratio(t_16, t["q4_k"])]
+                    # test-backend-ops runs on every core: its figure is set against our 2-thread rows
+                    gk = ggml.get(("q4_K", n, b, k)) if nt == 2 else None
+                    g6 = ggml.get(("q6_K", n, b, k)) if nt == 2 else None
+                    gk, g6 = (None if v is None else v * 1e-6 for v in (gk, g6))
+                    row += [fmt_ms(gk, 3), fmt_ms(g6, 3), fmt_ratio(gk, t["q4_k"]), fmt_ratio(g6, t["q6_k"])]
+                    yield row
+        mk.set_num_threads(max(threads))
+
+    print_table("CPU qgemm, K-quant super-block formats, fp32 x", headers, rows(),
+                note="ours: the default path (int8 activations, VNNI / AVX2) unless 'exact'; ratios: peer ms / "
+                     "ours ms (> 1: memkernels faster). torch int4 g128: bf16 x, torch's packed int4. ggml: "
+                     "test-backend-ops perf MUL_MAT (all cores, so only beside the 2-thread rows; its perf list "
+                     "has 4096x14336 only).")
 
 
 SMOL = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
@@ -395,6 +471,9 @@ def main():
     ap.add_argument("--gguf", action="store_true",
                     help="CPU: the GGUF import formats (int8 g32, int4_min g32, int4_sym g32) and int4 g128 on "
                          "4096x14336, batch 1 and 8")
+    ap.add_argument("--kquant", action="store_true",
+                    help="CPU: q4_k / q5_k / q6_k on 4096x14336 and 11008x4096, batch 1 and 8, 1 and 2 threads, "
+                         "next to ggml q4_K / q6_K and torch int4 / bf16")
     ap.add_argument("--small", action="store_true",
                     help="CPU: per-call times over a 135M model's decode shapes and the fixed cost per call")
     ap.add_argument("--prefill", action="store_true",
@@ -425,6 +504,8 @@ def main():
         if args.tokens:
             PREFILL_TOKENS[:] = args.tokens
         prefill(args)
+    elif args.kquant:
+        kquant(args)
     else:
         cpu(args)
 

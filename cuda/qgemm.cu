@@ -409,6 +409,153 @@ struct DequantLauncher {
   }
 };
 
+
+// ---- K-quants (q4_k / q5_k / q6_k): a simple warp-per-row GEMV for every token count -------------
+// Lane l takes 32-weight chunks l, l + 32, ... of the row (chunk c of super-block c / 8); each
+// weight is decoded with the formula of quant.h (products exact in fp32: the CPU's values bit for
+// bit), fp32 FMAs with x, then a warp sum. Correctness first: no tensor cores.
+template <int F>  // 0: q4_k, 1: q5_k, 2: q6_k
+__device__ __forceinline__ uint32_t kq_code(const uint8_t* sb, int c, int i) {
+  const uint8_t byte = sb[16 * c + (i & 15)];
+  uint32_t q = i < 16 ? (byte & 15u) : (byte >> 4);
+  const int h = c >> 2, j = 16 * (c & 3) + (i & 15);
+  if constexpr (F == 1) {
+    uint64_t bits;
+    memcpy(&bits, sb + 128 + 16 * h + (i < 16 ? 0 : 8), 8);
+    q |= uint32_t((bits >> j) & 1u) << 4;
+  } else if constexpr (F == 2) {
+    const uint8_t hb = sb[128 + 32 * h + (j & 31)];
+    const int shift = (j >> 5) * 2 + (i < 16 ? 0 : 4);
+    q |= uint32_t((hb >> shift) & 3u) << 4;
+  }
+  return q;
+}
+
+__device__ __forceinline__ float kq_half(uint16_t bits) {
+  __half_raw r;
+  r.x = bits;
+  return __half2float(__half(r));
+}
+
+template <int F>
+__device__ __forceinline__ void kq_decode32(const QuantView& w, int64_t n, int64_t ch, float (&e)[32]) {
+  const int64_t SB = w.cols / 256, b = ch / 8;
+  const int c = int(ch % 8);
+  const uint8_t* sb = w.codes + n * w.row_bytes + b * (32 * w.bits);
+  const uint8_t* sub = w.sub_scales + (n * SB + b) * 16;
+  const uint16_t* sup = w.super_scales + (n * SB + b) * 2;
+  const float d = kq_half(sup[0]);
+  if constexpr (F == 2) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const float a = d * float(int8_t(sub[2 * c + (i >> 4)]));
+      e[i] = a * (float(kq_code<F>(sb, c, i)) - 32.0f);
+    }
+  } else {
+    const float a = d * float(sub[c]), m = kq_half(sup[1]) * float(sub[8 + c]);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) e[i] = a * float(kq_code<F>(sb, c, i)) - m;
+  }
+}
+
+template <int F, int NT, typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    kq_gemv_kernel(QuantView w, const T* __restrict__ x, int64_t ldx, const T* __restrict__ bias, T* __restrict__ out,
+                   int64_t ldo, int64_t tokens) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+  const int64_t t0 = int64_t(blockIdx.y) * NT;
+  if (n >= w.rows) return;
+  const int64_t chunks = w.cols / 32;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+  for (int64_t ch = lane; ch < chunks; ch += 32) {
+    float e[32];
+    kq_decode32<F>(w, n, ch, e);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t0 + t >= tokens) break;
+      const T* xr = x + (t0 + t) * ldx + ch * 32;
+      float dsum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) dsum = fmaf(e[i], to_float(xr[i]), dsum);
+      acc[t] += dsum;
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0 && t0 + t < tokens) {
+      if (bias) v += to_float(bias[n]);
+      out[(t0 + t) * ldo + n] = from_float<T>(v);
+    }
+  }
+}
+
+template <int F, typename T>
+__global__ void kq_dequant_kernel(QuantView w, T* __restrict__ out) {
+  const int64_t chunks = w.cols / 32;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= w.rows * chunks) return;
+  const int64_t n = i / chunks, ch = i % chunks;
+  float e[32];
+  kq_decode32<F>(w, n, ch, e);
+#pragma unroll
+  for (int k = 0; k < 32; ++k) out[n * w.cols + ch * 32 + k] = from_float<T>(e[k]);
+}
+
+template <typename Fn>
+void by_kquant(QuantFormat f, Fn&& fn) {
+  switch (f) {
+    case QuantFormat::Q4K: fn.template operator()<0>(); break;
+    case QuantFormat::Q5K: fn.template operator()<1>(); break;
+    default: fn.template operator()<2>(); break;
+  }
+}
+
+template <typename T>
+struct KqGemmLauncher {
+  const QGemmProblem& p;
+  cudaStream_t st;
+  template <int F>
+  void operator()() const {
+    constexpr int NT = 4;
+    const T* x = static_cast<const T*>(p.x);
+    T* out = static_cast<T*>(p.out);
+    const T* bias = static_cast<const T*>(p.bias);
+    const unsigned row_blocks = unsigned((p.w.rows + kGemvWarps - 1) / kGemvWarps);
+    constexpr int64_t kSlab = int64_t(65535) * NT;
+    for (int64_t t0 = 0; t0 < p.tokens; t0 += kSlab) {
+      const int64_t nt = std::min(kSlab, p.tokens - t0);
+      if (nt == 1) {
+        launch_kernel(kq_gemv_kernel<F, 1, T>, dim3(row_blocks), dim3(kGemvWarps * 32), 0, st, p.w, x + t0 * p.x_row,
+                      p.x_row, bias, out + t0 * p.out_row, p.out_row, nt);
+      } else {
+        const dim3 grid{row_blocks, unsigned((nt + NT - 1) / NT)};
+        launch_kernel(kq_gemv_kernel<F, NT, T>, grid, dim3(kGemvWarps * 32), 0, st, p.w, x + t0 * p.x_row, p.x_row,
+                      bias, out + t0 * p.out_row, p.out_row, nt);
+      }
+      check_launch("qgemm (k-quant gemv)");
+    }
+  }
+};
+
+template <typename T>
+struct KqDequantLauncher {
+  const DequantProblem& p;
+  cudaStream_t st;
+  template <int F>
+  void operator()() const {
+    const int64_t total = p.w.rows * (p.w.cols / 32);
+    launch_kernel(kq_dequant_kernel<F, T>, dim3(unsigned((total + 127) / 128)), dim3(128), 0, st, p.w,
+                  static_cast<T*>(p.out));
+    check_launch("dequantize (k-quant)");
+  }
+};
+
 int device_of_pointer(const void* ptr) {
   cudaPointerAttributes attr{};
   if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
@@ -427,6 +574,13 @@ void qgemm(const QGemmProblem& p, void* stream) {
   check(p.w.rows * p.w.cols / 32 < (int64_t(1) << 40) && p.w.rows / 64 < 2147483647 && p.tokens < 65535 * 16,
         ErrorKind::Value, "qgemm: problem too large for the CUDA grid");
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (quant_is_kquant(p.w.format)) {
+    dispatch_float_dtype(p.dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      by_kquant(p.w.format, KqGemmLauncher<T>{p, st});
+    });
+    return;
+  }
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     by_format(p.w.format, GemmLauncher<T>{p, st});
@@ -436,6 +590,13 @@ void qgemm(const QGemmProblem& p, void* stream) {
 void dequantize(const DequantProblem& p, void* stream) {
   DeviceGuard guard(device_of_pointer(p.out));
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (quant_is_kquant(p.w.format)) {
+    dispatch_float_dtype(p.dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      by_kquant(p.w.format, KqDequantLauncher<T>{p, st});
+    });
+    return;
+  }
   dispatch_float_dtype(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     by_format(p.w.format, DequantLauncher<T>{p, st});

@@ -44,7 +44,8 @@ constexpr float kNF4[16] = {-1.0f,
                             1.0f};
 
 constexpr const char* kNames[kNumQuantFormats] = {"int8", "int4", "int4_sym", "int3", "int3_sym",
-                                                  "int2", "int2_sym", "nf4", "int4_min"};
+                                                  "int2", "int2_sym", "nf4", "int4_min",
+                                                  "q4_k", "q5_k", "q6_k"};
 
 size_t align64(size_t x) { return (x + 63) / 64 * 64; }
 
@@ -85,6 +86,16 @@ int resolve_group(QuantFormat f, int64_t rows, int64_t cols, int group_size, boo
         c + ": matrix (" + str(rows) + ", " + str(cols) + ") is too large");
   check(!double_quant || f == QuantFormat::NF4, kind,
         c + ": double_quant applies to nf4 only, not " + quant_format_name(f));
+  if (quant_is_kquant(f)) {
+    // super-blocks of 256, never padded here
+    check(group_size == 0 || group_size == kKQuantBlock, kind,
+          c + ": " + quant_format_name(f) + " works in super-blocks of 256 weights; group_size must be 0/None or 256, got " +
+              str(group_size));
+    check(cols % kKQuantBlock == 0, kind,
+          c + ": " + quant_format_name(f) + " needs in_features to be a multiple of 256 (its super-block), got " +
+              str(cols) + " (" + str(cols % kKQuantBlock) + " past the last whole super-block)");
+    return kKQuantBlock;
+  }
   if (f == QuantFormat::Int8 && (group_size == 0 || group_size == cols)) {
     return int(cols);  // per output channel (the default): one group spanning the row
   }
@@ -268,6 +279,10 @@ void run_dequant(const DequantProblem& p, const Device& device, void* stream) {
     return;
   }
   (void)stream;
+  if (quant_is_kquant(p.w.format)) {
+    MK_CPU_DISPATCH(dequantize_kquant, p);
+    return;
+  }
   MK_CPU_DISPATCH(dequantize, p);
 }
 
@@ -284,7 +299,7 @@ QuantFormat parse_quant_format(const std::string& name) {
     if (name == kNames[i]) return QuantFormat(i);
   throw_error(ErrorKind::Value, "unknown quantization format '" + name +
                                     "' (expected int8, int4, int4_sym, int4_min, int3, int3_sym, int2, int2_sym "
-                                    "or nf4)");
+                                    "nf4, q4_k, q5_k or q6_k)");
 }
 
 int quant_bits(QuantFormat f) {
@@ -294,6 +309,8 @@ int quant_bits(QuantFormat f) {
     case QuantFormat::Int3Sym: return 3;
     case QuantFormat::Int2:
     case QuantFormat::Int2Sym: return 2;
+    case QuantFormat::Q5K: return 5;
+    case QuantFormat::Q6K: return 6;
     default: return 4;
   }
 }
@@ -303,6 +320,8 @@ bool quant_is_asymmetric(QuantFormat f) {
 }
 
 bool quant_has_mins(QuantFormat f) { return f == QuantFormat::Int4Min; }
+
+bool quant_is_kquant(QuantFormat f) { return f == QuantFormat::Q4K || f == QuantFormat::Q5K || f == QuantFormat::Q6K; }
 
 const float* nf4_codebook() { return kNF4; }
 
@@ -320,7 +339,12 @@ QuantizedMatrix QuantizedMatrix::allocate(QuantFormat f, int64_t rows, int64_t c
   size_t off = 0;
   m.off_codes_ = off;
   off = align64(off + size_t(rows) * size_t(m.row_bytes()));
-  if (double_quant) {
+  if (quant_is_kquant(f)) {  // sub-scales u8 [N][K/256][16], super-scales fp16 [N][K/256][2]
+    m.off_sub_scales_ = off;
+    off = align64(off + nscales * 16);
+    m.off_super_scales_ = off;
+    off = align64(off + nscales * 4);
+  } else if (double_quant) {
     m.off_scale_codes_ = off;
     off = align64(off + nscales);
     m.off_scale_steps_ = off;
@@ -360,6 +384,10 @@ std::vector<float> QuantizedMatrix::effective_scales() const {
   const QuantizedMatrix h = to(Device{});
   const QuantView v = make_quant_view(h);
   std::vector<float> s(static_cast<size_t>(rows_ * groups()));
+  if (quant_is_kquant(format_)) {  // the super-block scale d
+    for (size_t j = 0; j < s.size(); ++j) s[j] = cpu::half_to_float(h.super_scales()[2 * j]);
+    return s;
+  }
   for (int64_t n = 0; n < rows_; ++n)
     for (int64_t g = 0; g < groups(); ++g) s[size_t(n * groups() + g)] = v.scale(n, g);
   return s;
@@ -423,6 +451,7 @@ QuantizedMatrix QuantizedMatrix::deserialize(const void* data, size_t size) {
             str(int64_t(m.bytes_)) + " expected)");
   std::memcpy(m.mutable_data(), b + sizeof(Header), m.bytes_);
   m.scale_offset_ = h.scale_offset;
+  if (quant_is_kquant(f)) kquant_validate(m, bad, "QuantizedMatrix payload");
   return m;
 }
 
@@ -508,6 +537,10 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
         "quantize: w must be a CPU array (got " + w.device.str() + "); quantize on the CPU, then move with .to()");
   const int64_t N = w.size(0), K = w.size(1);
   QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
+  if (quant_is_kquant(format)) {
+    quantize_kquant(w, m);
+    return m;
+  }
   const int g = m.group_size(), bits = quant_bits(format);
   const int64_t Kp = m.padded_cols();
   const int64_t G = m.groups(), rb = m.row_bytes();
@@ -576,6 +609,9 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
   expect_contiguous(codes, "codes");
   expect_not_null(codes, "codes");
   check(codes.device.is_cpu(), ErrorKind::Value, "pack_quantized: codes must be a CPU array");
+  check(!quant_is_kquant(format), ErrorKind::Value,
+        std::string("pack_quantized: ") + quant_format_name(format) +
+            " is packed from GGUF blocks with pack_gguf_kquant (memkernels.quant.pack_gguf_blocks), not from codes");
   const int64_t N = codes.size(0), K = codes.size(1);
   QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
   const int64_t G = m.groups();
@@ -776,6 +812,10 @@ void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bia
     return;
   }
   (void)stream;
+  if (quant_is_kquant(p.w.format)) {
+    MK_CPU_DISPATCH(qgemm_kquant, p);
+    return;
+  }
   MK_CPU_DISPATCH(qgemm, p);
 }
 

@@ -28,6 +28,9 @@ struct QuantView {
   // Code value -> level before scaling is T[q] - zero: integer formats fold their constant
   // offset into `code_offset` (sym: 2^(b-1), int8: 0 with signed codes), nf4 looks T up.
   float code_offset = 0.0f;
+  // K-quants (q4_k / q5_k / q6_k): per super-block 16 sub-scale bytes and 2 fp16 super-scales.
+  const uint8_t* sub_scales = nullptr;
+  const uint16_t* super_scales = nullptr;
 
   // Double-quantised scales in one explicit FMA: left as a * b + c, whether the compiler fuses it
   // depends on the ISA build (and nvcc fuses by default), and CPU and CUDA results differed.
@@ -56,6 +59,8 @@ inline QuantView make_quant_view(const QuantizedMatrix& qm) {
   v.scale_codes = qm.scale_codes();
   v.scale_steps = qm.scale_steps();
   v.scale_offset = qm.scale_offset();
+  v.sub_scales = qm.sub_scales();
+  v.super_scales = qm.super_scales();
   switch (qm.format()) {
     case QuantFormat::Int4Sym: v.code_offset = 8.0f; break;
     case QuantFormat::Int3Sym: v.code_offset = 4.0f; break;
@@ -82,6 +87,11 @@ struct DequantProblem {
   DType dtype = DType::Float32;
   void* out = nullptr;  // (N, K_pad) contiguous (the dispatch drops the padding for K != K_pad)
 };
+
+// K-quants (quant_kquant.cpp): the quantize() search into m (allocated), and the checks of a
+// payload's sub-scales (< 64 for q4_k / q5_k) and super-scales (finite), raising `kind`.
+void quantize_kquant(const TensorView& w, QuantizedMatrix& m);
+void kquant_validate(const QuantizedMatrix& m, ErrorKind kind, const char* what);
 
 namespace cuda_backend {
 void qgemm(const QGemmProblem& p, void* stream);
@@ -111,3 +121,6 @@ MK_DECLARE_CPU_KERNEL(bool dequantize_rows_bf16(const ::memkernels::QuantView& w
 // false, computing nothing, when the problem is one the other qgemm paths serve better (few tokens).
 MK_DECLARE_CPU_KERNEL(bool qgemm_prefill(const ::memkernels::QGemmProblem& p, const float* x, int64_t ldx,
                                          const float* bias))
+// q4_k / q5_k / q6_k (core/src/cpu/qgemm_kquant.cpp)
+MK_DECLARE_CPU_KERNEL(void qgemm_kquant(const ::memkernels::QGemmProblem& p))
+MK_DECLARE_CPU_KERNEL(void dequantize_kquant(const ::memkernels::DequantProblem& p))

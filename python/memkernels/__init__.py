@@ -18,6 +18,7 @@ from .attention import flash_attention, flash_attention_varlen
 from .paged import PagedKVCache, paged_attention, paged_attention_raw
 from .quant import (QuantizedMatrix, dequantize, from_bytes, load_quantized, pack_quantized, qgemm, quantize,
                     quantize_gptq)
+from .quant import pack_gguf_blocks
 from .sparse import SparseMatrix, prune, spmm
 from .weight_store import WeightStore, convert_to_weight_store, write_weight_store
 from .models import Model, UnsupportedModelError, load_model
@@ -83,7 +84,7 @@ __all__ = [
     "num_threads", "set_num_threads", "cpu_isa", "set_cpu_isa",
     "PagedKVCache", "paged_attention", "paged_attention_raw",
     "QuantizedMatrix", "quantize", "dequantize", "qgemm", "from_bytes", "load_quantized",
-    "pack_quantized", "quantize_gptq",
+    "pack_quantized", "quantize_gptq", "pack_gguf_blocks",
     "SparseMatrix", "prune", "spmm",
     "WeightStore", "write_weight_store", "convert_to_weight_store",
     "Model", "UnsupportedModelError", "load_model",

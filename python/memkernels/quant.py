@@ -18,12 +18,21 @@ int4_min    group 32/64/128, float min   ``s * q + m`` (float32(float32(s * q) +
                                          (max - min) / 15, m = min. GGUF's Q4_1 and Q4_K
 nf4         group 32/64/128              ``s * NF4[q]``, s = absmax (QLoRA NormalFloat-4);
                                          ``double_quant=True`` stores s itself in int8
+q4_k        super-blocks of 256 (GGUF    ``d * sc_j * q - dmin * m_j`` per sub-block j of 32, q in
+            Q4_K): fp16 d, dmin; 6-bit   [0, 16); quantize: a search over sub-block scale / min
+            sc_j, m_j                    candidates (least squared error, never worse than the
+                                         plain range choice)
+q5_k        as q4_k (GGUF Q5_K)          the same with q in [0, 32)
+q6_k        256 (GGUF Q6_K): fp16 d,     ``d * sc_j * (q - 32)`` per sub-block j of 16, q in [0, 64)
+            int8 sc_j
 ==========  ===========================  ======================================================
 
-Any in_features is accepted: when it is not a multiple of the group size (of 32 for per-channel
-int8) the last group is partial. Its scale comes from its real weights only; the codes are stored
-padded to whole groups with the code of 0, and qgemm pads x with zeros (a copy of x per call), so
-nothing changes for the caller. The packed layout is documented in ``memkernels/quant.h``.
+Any in_features is accepted for the group-wise formats: when it is not a multiple of the group
+size (of 32 for per-channel int8) the last group is partial. Its scale comes from its real weights
+only; the codes are stored padded to whole groups with the code of 0, and qgemm pads x with zeros
+(a copy of x per call), so nothing changes for the caller. q4_k, q5_k and q6_k need in_features to
+be a multiple of 256; GGUF Q4_K / Q5_K / Q6_K blocks load into them losslessly with
+`pack_gguf_blocks`. The packed layout is documented in ``memkernels/quant.h``.
 """
 from __future__ import annotations
 
@@ -36,7 +45,12 @@ from ._arrays import bfloat16, check_out, device_of, dtype_name, empty_like, str
 
 QuantizedMatrix = _C.QuantizedMatrix
 
-FORMATS = ("int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4")
+FORMATS = ("int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4", "q4_k", "q5_k",
+           "q6_k")
+KQUANT_FORMATS = ("q4_k", "q5_k", "q6_k")
+
+# GGUF type name -> (our format, bytes per 256-weight block)
+GGUF_KQUANT_TYPES = {"Q4_K": ("q4_k", 144), "Q5_K": ("q5_k", 176), "Q6_K": ("q6_k", 210)}
 
 
 def _check_qm(qm):
@@ -48,7 +62,8 @@ def quantize(w, format: str = "int4", *, group_size: int | None = None, double_q
     """Round-to-nearest quantization of w (out_features, in_features), float32/float16/bfloat16 on the CPU.
 
     format: one of FORMATS. group_size: 32, 64 or 128 (default 128) for the grouped formats; int8 is
-    per output channel by default (None) or takes 32, 64 or 128. double_quant: nf4 only, stores the group scales in int8 too
+    per output channel by default (None) or takes 32, 64 or 128; q4_k / q5_k / q6_k work in super-blocks of
+    256 (None or 256; in_features a multiple of 256). double_quant: nf4 only, stores the group scales in int8 too
     (about 0.37 fewer bits per weight at group 64). Returns a CPU QuantizedMatrix; move it to a GPU
     with ``qm.to("cuda")``.
     """
@@ -210,6 +225,24 @@ def pack_quantized(format: str, codes, scales, zeros=None, *, mins=None, group_s
     return _C.pack_quantized(format, codes, scales, zeros, gs, bool(double_quant), mins)
 
 
+def pack_gguf_blocks(ggml_type: str, blocks, in_features: int) -> QuantizedMatrix:
+    """A q4_k / q5_k / q6_k QuantizedMatrix from GGUF Q4_K / Q5_K / Q6_K blocks, losslessly.
+
+    ggml_type: "Q4_K", "Q5_K" or "Q6_K" (or our name, "q4_k", ...). blocks: (out_features, bytes per
+    row) uint8, each row the tensor's GGUF blocks as stored in the file (in_features / 256 blocks of
+    144 / 176 / 210 bytes). `dequantize(qm)` then equals ``gguf.quants.dequantize`` bit for bit.
+    """
+    if not isinstance(ggml_type, str):
+        raise TypeError(f"ggml_type: expected a string such as 'Q4_K', got {type(ggml_type).__name__}")
+    fmt = GGUF_KQUANT_TYPES.get(ggml_type, (ggml_type, 0))[0]
+    if fmt not in KQUANT_FORMATS:
+        raise ValueError(f"ggml_type: expected Q4_K, Q5_K or Q6_K (or q4_k, q5_k, q6_k), got '{ggml_type}'")
+    arr = np.asarray(blocks)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"blocks: expected uint8 bytes, got dtype {arr.dtype}")
+    return _C.pack_gguf_kquant(fmt, np.ascontiguousarray(arr), int(in_features))
+
+
 def _group_params(fmt: str, bits: int, wg: np.ndarray):
     """Round-to-nearest parameters of one group of columns wg (N, g), float64, as quantize() does:
     returns (scale (N,), zero (N,) or None) with the same rules as the C++ quantizer."""
@@ -264,6 +297,9 @@ def quantize_gptq(w, format: str = "int4", *, group_size: int | None = None, hes
         raise ValueError("quantize_gptq: pass exactly one of hessian= or activations=")
     if format not in FORMATS:
         raise ValueError(f"unknown quantization format '{format}' (expected one of {', '.join(FORMATS)})")
+    if format in KQUANT_FORMATS:
+        raise ValueError(f"quantize_gptq: {format} (a K-quant super-block format) is not supported by GPTQ here; "
+                         "use quantize() (round-to-nearest with a scale search)")
     W = np.asarray(w).astype(np.float64)
     if W.ndim != 2:
         raise ValueError(f"w: expected 2 dimensions (out_features, in_features), got shape {W.shape}")

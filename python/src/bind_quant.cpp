@@ -113,6 +113,13 @@ MK_PYTHON_BINDING(quant) {
     return pack_quantized(f, tc, ts, tz ? &*tz : nullptr, tm ? &*tm : nullptr, o);
   }, nb::arg("format"), nb::arg("codes"), nb::arg("scales"), nb::arg("zeros").none(), nb::arg("group_size"),
      nb::arg("double_quant"), nb::arg("mins").none() = nb::none());
+  m.def("pack_gguf_kquant", [](const std::string& format, nb::handle blocks, int64_t cols) {
+    ArrayKeeper keep;
+    TensorView tb = as_input(blocks, "blocks", keep);
+    QuantFormat f = parse_quant_format(format);
+    nb::gil_scoped_release release;
+    return pack_gguf_kquant(f, tb, cols);
+  }, nb::arg("format"), nb::arg("blocks"), nb::arg("cols"));
   m.def("nf4_codebook", []() { return std::vector<float>(nf4_codebook(), nf4_codebook() + 16); });
   m.def("dequantize", [](const QuantizedMatrix& q, nb::handle out, uintptr_t stream) {
     ArrayKeeper keep;

@@ -1,6 +1,7 @@
 // Quantized matrices: quantize -> dequantize error, qgemm against a double reference, serialisation.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -34,6 +35,8 @@ TEST(Quant, DequantizeWithinBoundEveryFormat) {
   std::vector<float> w = randn(size_t(N * K), 1);
   for (int f = 0; f < kNumQuantFormats; ++f) {
     const QuantFormat fmt = QuantFormat(f);
+    // K-quants: a per-sub-block RMS bound (quant.h), checked in KQuantRmsBoundAndGgufLayout below
+    if (quant_is_kquant(fmt)) continue;
     QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt, {});
     std::vector<float> d = deq(q), s = q.effective_scales();
     const double rel = fmt == QuantFormat::NF4 ? 0.152 : 0.5;
@@ -282,4 +285,46 @@ TEST(Quant, CudaMatchesCpu) {
         }
     }
   }
+}
+
+// q4_k / q5_k / q6_k: quantize() keeps each sub-block's RMS error within half its plain step (quant.h),
+// qgemm's exact path matches the float64 product of the dequantized weights, and K % 256 != 0 is refused.
+TEST(Quant, KQuantRmsBoundAndQgemm) {
+  const int64_t N = 9, K = 512, T = 3;
+  std::vector<float> w = randn(size_t(N * K), 31), x = randn(size_t(T * K), 32);
+  for (QuantFormat fmt : {QuantFormat::Q4K, QuantFormat::Q5K, QuantFormat::Q6K}) {
+    QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt);
+    ASSERT_EQ(q.group_size(), 256);
+    std::vector<float> d = deq(q);
+    const int sz = fmt == QuantFormat::Q6K ? 16 : 32, qmax = fmt == QuantFormat::Q4K ? 15 : 31;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < K / sz; ++j) {
+        const int64_t b = j * sz / 256;
+        const uint16_t* sup = q.super_scales() + (n * (K / 256) + b) * 2;
+        _Float16 hd, hm;
+        std::memcpy(&hd, &sup[0], 2);
+        std::memcpy(&hm, &sup[1], 2);
+        double lo = 0, hi = -1e30, amax = 0, sse = 0;
+        for (int i = 0; i < sz; ++i) {
+          const double v = w[size_t(n * K + j * sz + i)];
+          lo = std::min(lo, v), hi = std::max(hi, v), amax = std::max(amax, std::fabs(v));
+          sse += (v - d[size_t(n * K + j * sz + i)]) * (v - d[size_t(n * K + j * sz + i)]);
+        }
+        const double step = fmt == QuantFormat::Q6K ? amax / 31 + double(hd) : (hi - lo + double(hm)) / qmax + double(hd);
+        ASSERT_LE(std::sqrt(sse / sz), step / 2 * (1 + 1e-6)) << quant_format_name(fmt) << " n=" << n << " j=" << j;
+      }
+    std::vector<float> y(size_t(T * N), NAN);
+    qgemm(TensorView(x.data(), DType::Float32, {T, K}), q, nullptr, TensorView(y.data(), DType::Float32, {T, N}));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        double ref = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          ref += double(x[size_t(t * K + k)]) * d[size_t(n * K + k)];
+          mag += std::fabs(double(x[size_t(t * K + k)]) * d[size_t(n * K + k)]);
+        }
+        ASSERT_NEAR(y[size_t(t * N + n)], ref, 1e-5 * mag + 1e-6) << quant_format_name(fmt);
+      }
+  }
+  std::vector<float> w2(size_t(4 * 320), 1.0f);
+  EXPECT_THROW(quantize(TensorView(w2.data(), DType::Float32, {4, 320}), QuantFormat::Q4K), Error);
 }

@@ -847,6 +847,33 @@ TEST(EmulatedCudaQgemm, DequantizeBitExact) {
     }
 }
 
+// K-quant super-block formats (q4_k / q5_k / q6_k): qgemm against the CPU backend (its exact path)
+// at several token counts and dtypes, and dequantize bit for bit.
+TEST(EmulatedCudaQgemm, KQuants) {
+  for (QuantFormat f : {QuantFormat::Q4K, QuantFormat::Q5K, QuantFormat::Q6K}) {
+    const QCase qc{f, 0, false};
+    for (DType dt : kDtypes)
+      for (int64_t tokens : {1, 3, 6}) check_qgemm(qc, dt, 19, 512, tokens, tokens != 3);
+    check_qgemm(qc, DType::Float32, 37, 768, 9, true);
+    const int64_t rows = 11, cols = 512;
+    std::mt19937 rng{uint32_t(int(f))};
+    std::vector<float> w(size_t(rows * cols));
+    std::normal_distribution<float> nd;
+    for (auto& v : w) v = nd(rng);
+    const QuantizedMatrix qm = quantize(TensorView(w.data(), DType::Float32, {rows, cols}), f);
+    for (DType dt : kDtypes) {
+      SCOPED_TRACE(qc.name() + " dequantize " + dtype_name(dt));
+      Buffer want(dt, w.size()), got(dt, w.size());
+      want.poison(), got.poison();
+      dequantize(qm, TensorView(want.bytes.data(), dt, {rows, cols}));
+      DeviceCopy dout(got.bytes.data(), got.bytes.size());
+      dequantize(qm.to(kCuda), TensorView(dout.ptr, dt, {rows, cols}, kCuda));
+      dout.copy_to(got.bytes.data());
+      EXPECT_EQ(got.bytes, want.bytes);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- SpMM
 
 void check_spmm(SparseFormat f, DType vdt, DType xdt, int64_t rows, int64_t cols, int64_t tokens, double sparsity) {

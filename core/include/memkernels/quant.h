@@ -56,6 +56,33 @@
 // as version 1, byte for byte as before, so older readers load it; an older reader refuses a version-2
 // file by its version number. This build reads both (a version-1 header with a partial group is
 // corrupt).
+// Format ids: int4_min is 8; q4_k / q5_k / q6_k are 9 / 10 / 11 (a reader that predates an id
+// refuses it; files it wrote still load here).
+//
+// K-quant super-block formats (GGUF Q4_K / Q5_K / Q6_K semantics; group_size is the super-block,
+// 256, and K must be a multiple of 256: other K raise Error(Value) naming the sizes):
+//   q4_k  per 256 weights: fp16 d and dmin, 8 sub-blocks j of 32 weights with 6-bit sc_j and m_j:
+//         w = float32(float32(d * sc_j) * q) - float32(dmin * m_j), q in [0, 16)
+//   q5_k  the same with q in [0, 32)
+//   q6_k  per 256 weights: fp16 d, 16 sub-blocks j of 16 weights with int8 sc_j:
+//         w = float32(d * sc_j) * (q - 32), q in [0, 64)
+// Every product above is exact in float32 (11-bit d times integers), so the value is the one GGUF
+// readers compute, bit for bit, whatever the order or fusion. quantize(): per sub-block a search
+// over (scale, min) candidates (see quant_kquant.cpp) keeps the one of least squared error; the
+// candidates include the plain round-to-nearest choice that covers the sub-block's range, so each
+// sub-block's RMS error is at most half its plain step: (range_j + dmin) / qmax + d for q4_k/q5_k
+// (range_j = max - min(min, 0), qmax = 15 / 31), amax_j / 31 + d for q6_k.
+// K-quant layout: codes (row_bytes = K * bits / 8, bits = 4 / 5 / 6), then two sections, each
+// 64-byte aligned: sub-scales uint8 [N][K/256][16] (q4_k/q5_k: sc_0..7 then m_0..7; q6_k: int8
+// sc_0..15) and super-scales fp16 [N][K/256][2] (d, dmin; q6_k: d, 0). Per super-block the codes are
+//   bytes 0-127: the 4-bit chunk layout above for the low 4 bits (weight 32c + i in chunk c, byte
+//                16c + i % 16, low nibble for i < 16): a 64-byte load is 4 sub-blocks of 32.
+//   q5_k: + 32 bytes of bit 4: for half h (chunks 4h..4h+3, nibble bytes 64h..64h+63) a uint64
+//         whose bit j is bit 4 of the low-nibble weight of byte 64h + j, then one for the high nibbles
+//         (an AVX-512 mask register each).
+//   q6_k: + 64 bytes of bits 4-5: for half h, 32 bytes; byte j holds those bits of the low-nibble
+//         weight of byte 64h + j (bits 0-1), of byte 64h + 32 + j (bits 2-3), and of the high-nibble
+//         weights of the same two bytes (bits 4-5, 6-7).
 #pragma once
 
 #include <cstdint>
@@ -67,14 +94,16 @@
 
 namespace memkernels {
 
-enum class QuantFormat : uint8_t { Int8 = 0, Int4, Int4Sym, Int3, Int3Sym, Int2, Int2Sym, NF4, Int4Min };
-constexpr int kNumQuantFormats = 9;
+enum class QuantFormat : uint8_t { Int8 = 0, Int4, Int4Sym, Int3, Int3Sym, Int2, Int2Sym, NF4, Int4Min, Q4K, Q5K, Q6K };
+constexpr int kNumQuantFormats = 12;
 
 const char* quant_format_name(QuantFormat f);       // "int8", "int4", "int4_sym", ..., "nf4", "int4_min"
 QuantFormat parse_quant_format(const std::string& name);  // throws Error(Value) for an unknown name
 int quant_bits(QuantFormat f);
 bool quant_is_asymmetric(QuantFormat f);               // has zero points
 bool quant_has_mins(QuantFormat f);                    // has float minimums (int4_min)
+bool quant_is_kquant(QuantFormat f);                   // q4_k / q5_k / q6_k (256-weight super-blocks)
+constexpr int kKQuantBlock = 256;                      // weights per K-quant super-block
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
 struct QuantOptions {
@@ -106,6 +135,9 @@ class QuantizedMatrix {
   const float* mins() const { return reinterpret_cast<const float*>(at(off_mins_)); }
   const int8_t* scale_codes() const { return reinterpret_cast<const int8_t*>(at(off_scale_codes_)); }
   const float* scale_steps() const { return reinterpret_cast<const float*>(at(off_scale_steps_)); }
+  // K-quants: uint8 [N][K/256][16] sub-scales and fp16 bits [N][K/256][2] super-scales (null otherwise).
+  const uint8_t* sub_scales() const { return at(off_sub_scales_); }
+  const uint16_t* super_scales() const { return reinterpret_cast<const uint16_t*>(at(off_super_scales_)); }
   int64_t row_bytes() const;          // bytes of codes per row
   size_t nbytes() const { return bytes_; }  // whole buffer
   double bits_per_weight() const { return rows_ * cols_ ? 8.0 * double(bytes_) / double(rows_ * cols_) : 0.0; }
@@ -140,7 +172,7 @@ class QuantizedMatrix {
   std::shared_ptr<void> buf_;
   size_t bytes_ = 0;
   size_t off_codes_ = kNone, off_scales_ = kNone, off_zeros_ = kNone, off_scale_codes_ = kNone,
-         off_scale_steps_ = kNone, off_mins_ = kNone;
+         off_scale_steps_ = kNone, off_mins_ = kNone, off_sub_scales_ = kNone, off_super_scales_ = kNone;
 };
 
 // Round-to-nearest quantization of w (N, K) float32/float16/bfloat16 on the CPU, rows contiguous.
@@ -159,6 +191,13 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
 QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, const TensorView& scales,
                                const TensorView* zeros, const QuantOptions& opts = {});
 
+// Packs GGUF Q4_K / Q5_K / Q6_K blocks losslessly into q4_k / q5_k / q6_k: blocks (N, K / 256 *
+// block bytes) uint8, contiguous on the CPU, the tensor's rows of GGUF blocks as stored in the file
+// (144, 176, 210 bytes per block). d / dmin must be finite fp16 (Error(Value) naming the row and
+// block otherwise); sub-scales and codes are taken bit for bit.
+QuantizedMatrix pack_gguf_kquant(QuantFormat format, const TensorView& blocks, int64_t cols);
+int gguf_kquant_block_bytes(QuantFormat format);  // 144, 176, 210
+
 // out (N, K) float32/float16/bfloat16, contiguous, on qm's device.
 void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream = nullptr);
 
@@ -166,7 +205,9 @@ struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
   // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 with 1 to 64
   // tokens on CPUs with VNNI or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact
-  // path runs).
+  // path runs). q4_k / q5_k / q6_k follow the same rules with the same bound (AVX512-VNNI vpdpbusd or
+  // AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per super-block, one
+  // float multiply per super-block).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):
   //     |y_int8[t][n] - y_exact[t][n]| <= sum_k |w[n][k]| * max_k |x[t][k]| / 254
   // (each x is rounded to the nearest multiple of max|x_t| / 127, so moves by at most half of it;

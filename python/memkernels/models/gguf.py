@@ -20,14 +20,18 @@ equals the Hugging Face one:
 - A missing ``output.weight`` means tied embeddings.
 
 Data types: F32 and F16 stay as they are (zero-copy views of the file); BF16 is widened to float32
-(exact, no ml_dtypes needed). Quantized types become QuantizedMatrix formats of ours:
+(exact, no ml_dtypes needed). Quantized types become QuantizedMatrix formats of ours (the K-quants
+keep their super-blocks: ``memkernels.pack_gguf_blocks``; `unpack_blocks` still gives Q4_K as
+int4_min group-32 codes):
 
 =======  ===============================  ========
 GGUF     ours (group 32)                  exact?
 =======  ===============================  ========
 Q4_0     int4_sym   w = d * (q - 8)       yes
 Q4_1     int4_min   w = d * q + m         yes
-Q4_K     int4_min   per 32-sub-block      yes
+Q4_K     q4_k       super-blocks of 256   yes
+Q5_K     q5_k       super-blocks of 256   yes
+Q6_K     q6_k       super-blocks of 256   yes
 Q8_0     int8       w = d * q             yes
 Q5_0     int8       w = d * (q - 16)      yes
 others   int8, re-quantized from the      no: a warning on stderr names the type and the largest
@@ -205,6 +209,10 @@ _LOSSLESS = {
     "Q5_0": ("int8", _unpack_q5_0),
     "Q4_K": ("int4_min", _unpack_q4_k),
 }
+
+
+# GGML K-quant types loaded as our super-block formats (memkernels.pack_gguf_blocks)
+_KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 
 def unpack_blocks(raw: np.ndarray, ggml_type: str):
@@ -805,6 +813,13 @@ def _convert(path, hf, src, dequantize, lossy, reader=None):
     rows = data.shape[0]
     cols = int(t.shape[0])
     step = max(1, (1 << 20) // max(1, cols))  # row chunks: bounded temporaries (~1M values, a few MiB)
+    if tname in _KQUANT_TYPES:
+        # K-quants keep their super-blocks (q4_k / q5_k / q6_k), repacked losslessly in C++
+        import memkernels as mk
+        qm = mk.pack_gguf_blocks(tname, np.ascontiguousarray(data), cols)
+        if reader is not None and src.perm is None:
+            reader.release(t.name)
+        return qm
     if tname in _LOSSLESS:
         fmt = _LOSSLESS[tname][0]
         codes = np.empty((rows, cols), np.uint8)
