@@ -711,6 +711,22 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream) 
             qm.rows(), stream);
 }
 
+// The backend call of a checked problem: CUDA, the K-quant CPU kernels or the other CPU kernels.
+static void run_qgemm(const QGemmProblem& p, bool cuda, void* stream) {
+  if (cuda) {
+#if MEMKERNELS_WITH_CUDA
+    cuda_backend::qgemm(p, stream);
+#endif
+    return;
+  }
+  (void)stream;
+  if (quant_is_kquant(p.w.format)) {
+    MK_CPU_DISPATCH(qgemm_kquant, p);
+    return;
+  }
+  MK_CPU_DISPATCH(qgemm, p);
+}
+
 void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bias, const TensorView& out,
            void* stream, const QGemmOptions& opts) {
   // Every check builds its message only on failure: this runs once per call, and a 1-token call on
@@ -758,13 +774,7 @@ void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bia
   const bool pad_x = qm.padded_cols() != qm.cols();
   const bool cast_bias = bias && bias->dtype != x.dtype;
   if (!pad_x && !cast_bias) {
-    if (cuda) {
-#if MEMKERNELS_WITH_CUDA
-      cuda_backend::qgemm(p, stream);
-#endif
-      return;
-    }
-    MK_CPU_DISPATCH(qgemm, p);
+    run_qgemm(p, cuda, stream);
     return;
   }
   CallScratch scratch(x.device, stream);
@@ -805,18 +815,7 @@ void qgemm(const TensorView& x, const QuantizedMatrix& qm, const TensorView* bia
     }
     p.bias = b;
   }
-  if (cuda) {
-#if MEMKERNELS_WITH_CUDA
-    cuda_backend::qgemm(p, stream);
-#endif
-    return;
-  }
-  (void)stream;
-  if (quant_is_kquant(p.w.format)) {
-    MK_CPU_DISPATCH(qgemm_kquant, p);
-    return;
-  }
-  MK_CPU_DISPATCH(qgemm, p);
+  run_qgemm(p, cuda, stream);
 }
 
 }  // namespace memkernels
