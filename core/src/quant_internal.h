@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "memkernels/quant.h"
 #include "runtime_internal.h"
@@ -28,15 +29,36 @@ struct QuantView {
   // Code value -> level before scaling is T[q] - zero: integer formats fold their constant
   // offset into `code_offset` (sym: 2^(b-1), int8: 0 with signed codes), nf4 looks T up.
   float code_offset = 0.0f;
+  // CPU row-interleaved layout (quant.h): 0 for the documented layout, else rows per block (16).
+  int ilv = 0;
+
+  // Index of (row n, group g) in the scales / zeros / mins sections.
+  int64_t sidx(int64_t n, int64_t g) const {
+    if (!ilv) return n * groups + g;
+    const int64_t r = n % ilv, n0 = n - r;
+    const int64_t R = rows - n0 < ilv ? rows - n0 : ilv;
+    return n0 * groups + g * R + r;
+  }
+  // The bits * 4 bytes of chunk c (32 weights) of row n in the documented chunk layout: a pointer
+  // into the buffer, or, when interleaved, gathered into tmp (at least 32 bytes).
+  const uint8_t* chunk(int64_t n, int64_t c, uint8_t* tmp) const {
+    const int cb = bits * 4;
+    if (!ilv) return codes + n * row_bytes + c * cb;
+    const int64_t r = n % ilv, n0 = n - r;
+    const int64_t R = rows - n0 < ilv ? rows - n0 : ilv;
+    const uint8_t* p = codes + n0 * row_bytes + c * R * cb + r * 4;
+    for (int j = 0; j < bits; ++j) std::memcpy(tmp + 4 * j, p + j * R * 4, 4);
+    return tmp;
+  }
 
   // Double-quantised scales in one explicit FMA: left as a * b + c, whether the compiler fuses it
   // depends on the ISA build (and nvcc fuses by default), and CPU and CUDA results differed.
   float scale(int64_t n, int64_t g) const {
-    const int64_t j = n * groups + g;
+    const int64_t j = sidx(n, g);
     return scales ? scales[j] : std::fma(scale_steps[j >> 8], float(scale_codes[j]), scale_offset);
   }
-  float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[n * groups + g]) : 0.0f) + code_offset; }
-  float min(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : 0.0f; }
+  float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[sidx(n, g)]) : 0.0f) + code_offset; }
+  float min(int64_t n, int64_t g) const { return mins ? mins[sidx(n, g)] : 0.0f; }
 };
 
 inline QuantView make_quant_view(const QuantizedMatrix& qm) {
@@ -54,6 +76,7 @@ inline QuantView make_quant_view(const QuantizedMatrix& qm) {
   v.scale_codes = qm.scale_codes();
   v.scale_steps = qm.scale_steps();
   v.scale_offset = qm.scale_offset();
+  v.ilv = qm.interleaved() ? kInterleaveRows : 0;
   switch (qm.format()) {
     case QuantFormat::Int4Sym: v.code_offset = 8.0f; break;
     case QuantFormat::Int3Sym: v.code_offset = 4.0f; break;
@@ -90,3 +113,7 @@ void dequantize(const DequantProblem& p, void* stream);
 
 MK_DECLARE_CPU_KERNEL(void qgemm(const ::memkernels::QGemmProblem& p))
 MK_DECLARE_CPU_KERNEL(void dequantize(const ::memkernels::DequantProblem& p))
+// Rows n0 .. n1-1 of w dequantized to fp32 into dst (row n at dst + (n - n0) * ld), any layout and
+// format; single-threaded (the caller splits the rows). For kernels that stage blocks of rows.
+MK_DECLARE_CPU_KERNEL(void dequantize_rows(const ::memkernels::QuantView& w, int64_t n0, int64_t n1, float* dst,
+                                           int64_t ld))
