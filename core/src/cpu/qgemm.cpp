@@ -436,6 +436,11 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
+// Software prefetch of the codes this far ahead of the loads (every line of the stream): with one
+// core streaming the weights, the hardware prefetcher alone left it at 15-20 GB/s, this at 25-30 GB/s
+// (11008 x 4096 int4, 1 token, 1 thread; 0, 2, 4, 6 and 8 KiB tried, the machine loaded).
+constexpr int64_t kPrefetch = 6144;
+
 // Largest run of int8 weights summed in int32 per lane before going to fp32 (no overflow:
 // 2048 * 255 * 127 < 2^31 with the +128 offset of the VNNI form).
 constexpr int64_t kInt8Part = 2048;
@@ -479,7 +484,7 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
       for (int a = 0; a < NA; ++a) acc[a][t] = acch[a][t] = _mm512_setzero_si512();
     for (int64_t c = c0; c < c1; ++c) {
       const uint8_t* p = blk + c * R * CB;
-      _mm_prefetch(reinterpret_cast<const char*>(p) + 16 * R * CB, _MM_HINT_T0);
+      for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
       #pragma GCC unroll 8
       for (int j = 0; j < CB / 4; ++j) {
         const __m512i v = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
@@ -575,6 +580,8 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
     for (int64_t c = c0; c < c1; ++c) {
       const uint8_t* p = blk + c * R * CB;
+      if (h == 0)
+        for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
       for (int j = 0; j < CB / 4; ++j) {
         const __m256i* src = reinterpret_cast<const __m256i*>(p + j * R * 4);
         const __m256i v = Rh == 8 ? _mm256_loadu_si256(src) : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
