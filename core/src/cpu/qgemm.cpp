@@ -271,6 +271,89 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
   }
 }
 
+#if defined(MK_ISA_AVX512)
+// The exact 1-3 token path on the row-interleaved layout (quant.h), one 16-row block: each 64-byte
+// load is 4 code bytes of 16 rows; its quarter q (rows 4q .. 4q+3) widens to 16 floats, lane 4i + l
+// = row 4q + i, weight l of the 4, multiplied by the 4 x values broadcast to each 128-bit lane.
+// Group scales go on per lane (a permute of the block's 16 scales); the 4 lanes of a row are summed
+// once at the end, and the zero-point / min terms come off as in gemv_rows (group_corr).
+template <int BITS, int NT>
+void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float* xsum, int64_t n0, float* y,
+                    int64_t ldy) {
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
+  const int cpg = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
+  const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const uint8_t* blk = w.codes + n0 * w.row_bytes;
+  const float* sb = w.scales + n0 * G;
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  __m512i sel[4];
+  for (int q = 0; q < 4; ++q) {
+    alignas(64) int32_t ix[16];
+    for (int l = 0; l < 16; ++l) ix[l] = 4 * q + l / 4;
+    sel[q] = _mm512_load_si512(ix);
+  }
+  __m512 tot[NT][4], corr[NT];
+  for (int t = 0; t < NT; ++t) corr[t] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < 4; ++q) tot[t][q] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[NT][4];
+    for (int t = 0; t < NT; ++t)
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int j = 0; j < CB / 4; ++j) {
+        const __m512i v = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+        if constexpr (BITS == 4) {
+          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          __m512 xl[NT], xh[NT];
+          for (int t = 0; t < NT; ++t) {
+            xl[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 4 * j));
+            xh[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 16 + 4 * j));
+          }
+          #pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m512 fl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, q)));
+            const __m512 fh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, q)));
+            for (int t = 0; t < NT; ++t) acc[t][q] = _mm512_fmadd_ps(fh, xh[t], _mm512_fmadd_ps(fl, xl[t], acc[t][q]));
+          }
+        } else {
+          __m512 xb[NT];
+          for (int t = 0; t < NT; ++t) xb[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 4 * j));
+          #pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, q)));
+            for (int t = 0; t < NT; ++t) acc[t][q] = _mm512_fmadd_ps(f, xb[t], acc[t][q]);
+          }
+        }
+      }
+    }
+    const __m512 s16 = _mm512_maskz_loadu_ps(rm, sb + g * R);
+    for (int q = 0; q < 4; ++q) {
+      const __m512 sq = _mm512_permutexvar_ps(sel[q], s16);
+      for (int t = 0; t < NT; ++t) tot[t][q] = _mm512_fmadd_ps(sq, acc[t][q], tot[t][q]);
+    }
+    // zero-point and min terms of the 16 rows: (s * z - m) * xsum_g, z including the symmetric offset
+    __m512 zc = _mm512_set1_ps(w.code_offset);
+    if (w.zeros) zc = _mm512_add_ps(zc, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, w.zeros + n0 * G + g * R))));
+    __m512 cg = _mm512_mul_ps(s16, zc);
+    if (w.mins) cg = _mm512_sub_ps(cg, _mm512_maskz_loadu_ps(rm, w.mins + n0 * G + g * R));
+    for (int t = 0; t < NT; ++t) corr[t] = _mm512_fmadd_ps(cg, _mm512_set1_ps(xsum[t * G + g]), corr[t]);
+  }
+  for (int t = 0; t < NT; ++t) {
+    alignas(64) float lanes[64], cr[16];
+    for (int q = 0; q < 4; ++q) _mm512_store_ps(lanes + 16 * q, tot[t][q]);
+    _mm512_storeu_ps(cr, corr[t]);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* l = lanes + 4 * r;  // quarter r / 4, lanes 4 (r % 4) ..: 16 (r / 4) + 4 (r % 4) = 4 r
+      y[t * ldy + n0 + r] = (l[0] + l[1]) + (l[2] + l[3]) - cr[r];
+    }
+  }
+}
+#endif
+
 // v, which the compiler must materialise: keeps a * b + c from being contracted into one FMA where
 // the result must be float32(float32(a * b) + c) bit for bit (int4_min, as GGUF readers compute it).
 inline VecF opaque(VecF v) {
@@ -706,6 +789,18 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+#if defined(MK_ISA_AVX512)
+      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+        if (w.ilv) {  // the row-interleaved layout, read natively
+          for (int64_t t0 = 0; t0 < T; t0 += 2) {
+            if (T - t0 >= 2) gemv_block_ilv<BITS, 2>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
+            else gemv_block_ilv<BITS, 1>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
+          }
+          for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+          continue;
+        }
+      }
+#endif
       if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
       else if (T == 2) gemv_rows<BITS, NF4, 2>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
       else gemv_rows<BITS, NF4, 3>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
