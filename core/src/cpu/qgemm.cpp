@@ -352,6 +352,80 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
     }
   }
 }
+#elif defined(MK_ISA_AVX2)
+// AVX2 form of the exact 1-token path on the row-interleaved layout: half h (rows 8h .. 8h+7) of a
+// 16-row block; each 32-byte load is 4 code bytes of 8 rows, its quarter q (rows 2q, 2q+1) widens to
+// 8 floats against the 4 x values broadcast to both 128-bit lanes.
+template <int BITS>
+void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_t n0, int h, float* y) {
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), Rh = std::min<int64_t>(8, R - 8 * h);
+  if (Rh <= 0) return;
+  const int cpg = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  alignas(32) int32_t mk[8];
+  for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
+  const __m256i lm = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+  const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
+  const int64_t so = n0 * G + 8 * h;
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  __m256i sel[4];
+  for (int q = 0; q < 4; ++q) sel[q] = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
+  __m256 tot[4], corr = _mm256_setzero_ps();
+  for (int q = 0; q < 4; ++q) tot[q] = _mm256_setzero_ps();
+  // the four 8-byte quarters of v widened to int32
+  auto widen = [](__m256i v, __m256i (&o)[4]) {
+    const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
+    if constexpr (BITS == 4) {
+      o[0] = _mm256_cvtepu8_epi32(a), o[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(a, 8));
+      o[2] = _mm256_cvtepu8_epi32(b), o[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+    } else {
+      o[0] = _mm256_cvtepi8_epi32(a), o[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8));
+      o[2] = _mm256_cvtepi8_epi32(b), o[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+    }
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int j = 0; j < CB / 4; ++j) {
+        const __m256i* src = reinterpret_cast<const __m256i*>(p + j * R * 4);
+        const __m256i v = Rh == 8 ? _mm256_loadu_si256(src) : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+        __m256i u[4];
+        if constexpr (BITS == 4) {
+          const __m256 xl = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
+          const __m256 xh = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 16 + 4 * j));
+          widen(_mm256_and_si256(v, m4), u);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xl, acc[q]);
+          widen(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), u);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xh, acc[q]);
+        } else {
+          const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
+          widen(v, u);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xb, acc[q]);
+        }
+      }
+    }
+    const __m256 s8 = _mm256_maskload_ps(w.scales + so + g * R, lm);
+    for (int q = 0; q < 4; ++q) tot[q] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s8, sel[q]), acc[q], tot[q]);
+    __m256 zc = _mm256_set1_ps(w.code_offset);
+    if (w.zeros) {
+      uint8_t zt[8] = {};
+      std::memcpy(zt, w.zeros + so + g * R, size_t(Rh));
+      zc = _mm256_add_ps(zc, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt)))));
+    }
+    __m256 cg = _mm256_mul_ps(s8, zc);
+    if (w.mins) cg = _mm256_sub_ps(cg, _mm256_maskload_ps(w.mins + so + g * R, lm));
+    corr = _mm256_fmadd_ps(cg, _mm256_set1_ps(xsum[g]), corr);
+  }
+  alignas(32) float lanes[32], cr[8];
+  for (int q = 0; q < 4; ++q) _mm256_store_ps(lanes + 8 * q, tot[q]);
+  _mm256_store_ps(cr, corr);
+  for (int64_t r = 0; r < Rh; ++r) {
+    const float* l = lanes + 4 * r;  // quarter r / 2, lanes 4 (r % 2) ..: 8 (r / 2) + 4 (r % 2) = 4 r
+    y[8 * h + r] = (l[0] + l[1]) + (l[2] + l[3]) - cr[r];
+  }
+}
 #endif
 
 // v, which the compiler must materialise: keeps a * b + c from being contracted into one FMA where
@@ -797,6 +871,17 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
             else gemv_block_ilv<BITS, 1>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
           }
           for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+          continue;
+        }
+      }
+#elif defined(MK_ISA_AVX2)
+      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+        if (w.ilv) {  // the row-interleaved layout, read natively, one token and 8 rows at a time
+          for (int64_t t = 0; t < T; ++t) {
+            for (int h = 0; h < 2; ++h)
+              gemv_half_ilv<BITS>(w, x + t * ldx, xsum.data() + t * G, n0, h, y.data() + t * N + n0);
+            store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+          }
           continue;
         }
       }
