@@ -20,6 +20,11 @@ exact=True) against torch bf16 F.linear, torch int4 and ggml (512 tokens: its pe
 (CPU time) and 2 threads (wall time), ours and the peers alternating in each of --rounds rounds.
 --kquant: the K-quant formats (q4_k, q5_k, q6_k; GGUF Q4_K / Q5_K / Q6_K imported losslessly) on
 4096x14336 and 11008x4096, batch 1 and 8, 1 and 2 threads, next to ggml q4_K / q6_K and torch int4.
+--decode: per-token decode (1 and 8 tokens) of int4 g128/g32, int4_sym g32, int4_min g32 and int8 g32
+on 4096x14336 and 11008x4096 next to torch int4 and ggml's MUL_MAT of the matching type (q4_K, q4_0,
+q8_0) timed with the same thread count and clock by bench/ggml/ggml_mulmat.c (MEMKERNELS_GGML_SRC names
+a ggml source tree built in its build/ folder). Rerun: MEMKERNELS_GGML_SRC=/work/ggml-src python
+bench/qgemm.py --decode --cpu-time (1 thread, CPU time) and ... --decode --threads 2 (wall time).
 --small: per-call times over a 135M model's decode shapes (SmolLM2: hidden 576, FFN 1536, vocab
 49152), 1 token, next to NumPy fp32 on the same data, plus the fixed cost of the smallest calls.
 """
@@ -90,6 +95,38 @@ def ggml_mul_mat_us():
     if not times:
         print("ggml test-backend-ops printed no MUL_MAT timings:\n" + res.stdout[-2000:] + res.stderr[-2000:])
     return times
+
+
+_GGML_EXE = []
+
+
+def ggml_mulmat_s(gtype, n, k, tokens, threads, cpu_time, reps=7):
+    """Seconds per ggml MUL_MAT (best of reps) from bench/ggml/ggml_mulmat.c, compiled once against the
+    ggml tree named by MEMKERNELS_GGML_SRC (headers in include/, libraries in build/src); CPU time when
+    cpu_time, else wall time. None without MEMKERNELS_GGML_SRC or when it fails."""
+    src = os.environ.get("MEMKERNELS_GGML_SRC")
+    if not src:
+        return None
+    import subprocess
+    import tempfile
+
+    if not _GGML_EXE:
+        exe = os.path.join(tempfile.mkdtemp(prefix="mk_ggml_"), "ggml_mulmat")
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml", "ggml_mulmat.c")
+        lib = os.path.join(src, "build", "src")
+        r = subprocess.run(["cc", "-O2", here, "-I" + os.path.join(src, "include"), "-L" + lib, "-lggml", "-lggml-base",
+                            "-lggml-cpu", "-lm", "-Wl,-rpath," + lib, "-o", exe], capture_output=True, text=True)
+        _GGML_EXE.append(exe if r.returncode == 0 else None)
+        if r.returncode:
+            print("cannot build bench/ggml/ggml_mulmat.c:\n" + r.stderr[-2000:])
+    if not _GGML_EXE[0]:
+        return None
+    r = subprocess.run([_GGML_EXE[0], gtype, str(n), str(k), str(tokens), str(threads), str(reps)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        return None
+    cpu_us, wall_us = (float(v) for v in r.stdout.split())
+    return (cpu_us if cpu_time else wall_us) * 1e-6
 
 
 CLOCK = time.perf_counter
@@ -248,6 +285,50 @@ def kquant(args):
                      "ours ms (> 1: memkernels faster). torch int4 g128: bf16 x, torch's packed int4. ggml: "
                      "test-backend-ops perf MUL_MAT (all cores, so only beside the 2-thread rows; its perf list "
                      "has 4096x14336 only).")
+def decode(args):
+    """Per-token decode comparison (1 and 8 tokens by default) on the issue-14 shapes: each of our
+    int4-family formats next to the peer that stores the same information (torch int4 g128 / g32 for
+    int4 g128 / g32; ggml q4_K for int4 g128 and int4_min g32, q4_0 for int4_sym g32, q8_0 for int8
+    g32), all timed in this run."""
+    shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
+    tokens = [1, 8]
+    threads = mk.num_threads()
+    cpu_time = CLOCK is time.process_time
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {threads} threads, "
+          f"{'CPU time' if cpu_time else 'wall time'}" + (f", torch {torch.__version__}" if torch else "")
+          + (", ggml: MEMKERNELS_GGML_SRC" if os.environ.get("MEMKERNELS_GGML_SRC") else ", no ggml"))
+    # ours, the torch peer (group), the ggml peer
+    cases = [("int4", 128, 128, "q4_K"), ("int4", 32, 32, None), ("int4_sym", 32, 32, "q4_0"),
+             ("int4_min", 32, None, "q4_K"), ("int8", 32, None, "q8_0")]
+    rng = np.random.default_rng(0)
+
+    def rows():
+        for n, k in shapes:
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            ti4 = {g: torch_int4(w, g) for g in (128, 32)} if torch else {}
+            qms = {(f, g): mk.quantize(w, f, group_size=g) for f, g, _, _ in cases}
+            for b in tokens:
+                x = rng.standard_normal((b, k), dtype=np.float32)
+                out = np.empty((b, n), np.float32)
+                t_i4 = {}
+                if torch:
+                    tx16 = torch.from_numpy(x).to(torch.bfloat16)
+                    t_i4 = {g: (bench(lambda: f(tx16)) if f else None) for g, f in ti4.items()}
+                t_gg = {gt: ggml_mulmat_s(gt, n, k, b, threads, cpu_time) for gt in ("q4_K", "q4_0", "q8_0")}
+                for f, g, tg, gt in cases:
+                    qm = qms[(f, g)]
+                    t = bench(lambda: mk.qgemm(x, qm, out=out))
+                    ti, tgg = t_i4.get(tg), t_gg.get(gt)
+                    yield [f"{n}x{k} {b} tok {f} g{g}", f"{qm.bits_per_weight:.2f}", fmt_ms(t, 3),
+                           f"{qm.nbytes / t / 1e9:.1f}", f"int4 g{tg}" if tg else "", fmt_ms(ti, 3), fmt_ratio(ti, t),
+                           gt or "", fmt_ms(tgg, 3), fmt_ratio(tgg, t)]
+
+    print_table("CPU qgemm decode (default path: int8 activations) vs torch int4 and ggml MUL_MAT",
+                ["case", "bits/w", "ours ms", "GB/s", "torch peer", "torch ms", "torch/ours", "ggml peer", "ggml ms",
+                 "ggml/ours"], rows(),
+                note="fp32 x (torch: bf16 x, its packed int4 weights); ggml: bench/ggml/ggml_mulmat.c, ggml's own "
+                     "quantization and MUL_MAT (f32 activations, plain CPU graph, no repacked buffer), same thread "
+                     "count and clock. Ratios > 1: ours faster. Target (issue 14): >= 1.2x.")
 
 
 SMOL = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
@@ -479,11 +560,15 @@ def main():
     ap.add_argument("--prefill", action="store_true",
                     help="CPU: prefill (16, 32, 128, 512 tokens) against torch bf16 F.linear / torch int4 / ggml, "
                          "1 and 2 threads")
-    ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2],
-                    help="--prefill: thread counts (default 1,2)")
+    ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=None,
+                    help="thread counts: --prefill runs each (default 1,2); the other modes use the first "
+                         "for memkernels, torch and ggml (default: all cores)")
     ap.add_argument("--rounds", type=int, default=3, help="--prefill: alternating rounds (best of)")
     ap.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
                     help="--prefill: token counts (default 16,32,128,512)")
+    ap.add_argument("--decode", action="store_true",
+                    help="CPU: per-token decode table (1 and 8 tokens) of the int4 formats and int8 vs torch int4 and "
+                         "ggml (MEMKERNELS_GGML_SRC: a ggml source tree built in its build/ folder)")
     ap.add_argument("--shape", type=shape_arg, default=None,
                     help="one layer shape N_OUTxK_IN instead of the defaults (e.g. 1024x1024 for a smoke run)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -496,8 +581,16 @@ def main():
         mk.set_num_threads(1)
         if torch is not None:
             torch.set_num_threads(1)
+    if args.threads and not args.prefill:
+        mk.set_num_threads(args.threads[0])
+        if torch is not None:
+            torch.set_num_threads(args.threads[0])
+    if args.prefill and not args.threads:
+        args.threads = [1, 2]
     if args.cuda:
         gpu(args)
+    elif args.decode:
+        decode(args)
     elif args.small:
         small(args)
     elif args.prefill:

@@ -322,6 +322,9 @@ bool quant_is_asymmetric(QuantFormat f) {
 bool quant_has_mins(QuantFormat f) { return f == QuantFormat::Int4Min; }
 
 bool quant_is_kquant(QuantFormat f) { return f == QuantFormat::Q4K || f == QuantFormat::Q5K || f == QuantFormat::Q6K; }
+bool quant_cpu_interleaved(QuantFormat f) {
+  return f == QuantFormat::Int4 || f == QuantFormat::Int4Sym || f == QuantFormat::Int4Min || f == QuantFormat::Int8;
+}
 
 const float* nf4_codebook() { return kNF4; }
 
@@ -370,12 +373,75 @@ QuantizedMatrix QuantizedMatrix::allocate(QuantFormat f, int64_t rows, int64_t c
   return m;
 }
 
+namespace {
+
+// Moves every row block of the codes and of the per-group sections between the documented layout
+// and the CPU row-interleaved one (quant.h), on a host buffer; to_ilv picks the direction.
+void permute_rows(const QuantizedMatrix& m, const uint8_t* src, uint8_t* dst, bool to_ilv) {
+  const int64_t N = m.rows(), G = m.groups(), rb = m.row_bytes(), chunks = m.padded_cols() / 32;
+  const int bits = quant_bits(m.format()), cb = bits * 4;
+  const size_t codes_off = 0;  // the codes section starts the buffer
+  const auto section = [&](const void* p) { return p ? size_t(static_cast<const uint8_t*>(p) - m.data()) : ~size_t(0); };
+  const size_t off_s = section(m.scales()), off_z = section(m.zeros()), off_m = section(m.mins());
+  const int64_t blocks = (N + kInterleaveRows - 1) / kInterleaveRows;
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * kInterleaveRows, R = std::min<int64_t>(kInterleaveRows, N - n0);
+    const uint8_t* cs = src + codes_off + n0 * rb;
+    uint8_t* cd = dst + codes_off + n0 * rb;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int j = 0; j < bits; ++j) {
+          const int64_t plain = r * rb + c * cb + 4 * j, ilv = c * R * cb + j * R * 4 + r * 4;
+          std::memcpy(cd + (to_ilv ? ilv : plain), cs + (to_ilv ? plain : ilv), 4);
+        }
+    // (row r, group g): plain n0 * G + r * G + g, interleaved n0 * G + g * R + r; elem bytes each
+    const auto perm = [&](size_t off, int elem) {
+      if (off == ~size_t(0)) return;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t plain = (n0 + r) * G + g, ilv = n0 * G + g * R + r;
+          std::memcpy(dst + off + (to_ilv ? ilv : plain) * elem, src + off + (to_ilv ? plain : ilv) * elem, size_t(elem));
+        }
+    };
+    perm(off_s, 4), perm(off_z, 1), perm(off_m, 4);
+  }
+}
+
+}  // namespace
+
+void QuantizedMatrix::interleave() {
+  if (interleaved_ || empty() || !device_.is_cpu() || double_quant_ || !quant_cpu_interleaved(format_)) return;
+  std::vector<uint8_t> plain(data(), data() + bytes_);
+  permute_rows(*this, plain.data(), mutable_data(), true);
+  interleaved_ = true;
+}
+
+QuantizedMatrix QuantizedMatrix::canonical() const {
+  check(!empty(), ErrorKind::Value, "QuantizedMatrix.canonical: the matrix is empty");
+  if (!interleaved_) return device_.is_cpu() ? *this : to_host_plain();  // CUDA: documented layout already
+  QuantizedMatrix m = allocate(format_, rows_, cols_, group_size_, double_quant_, Device{});
+  m.scale_offset_ = scale_offset_;
+  permute_rows(*this, data(), m.mutable_data(), false);
+  return m;
+}
+
 QuantizedMatrix QuantizedMatrix::to(const Device& device) const {
   check(!empty(), ErrorKind::Value, "QuantizedMatrix.to: the matrix is empty");
   if (device == device_) return *this;
+  // CUDA keeps the documented layout: leave the CPU's interleaved one first, enter it on arrival.
+  const QuantizedMatrix& src = interleaved_ ? canonical() : *this;
   QuantizedMatrix m = allocate(format_, rows_, cols_, group_size_, double_quant_, device);
   m.scale_offset_ = scale_offset_;
-  device_memcpy(m.mutable_data(), device, data(), device_, bytes_);
+  device_memcpy(m.mutable_data(), device, src.data(), src.device_, bytes_);
+  if (device.is_cpu()) m.interleave();
+  return m;
+}
+
+QuantizedMatrix QuantizedMatrix::to_host_plain() const {
+  QuantizedMatrix m = allocate(format_, rows_, cols_, group_size_, double_quant_, Device{});
+  m.scale_offset_ = scale_offset_;
+  device_memcpy(m.mutable_data(), Device{}, data(), device_, bytes_);
   return m;
 }
 
@@ -405,7 +471,12 @@ std::vector<uint8_t> QuantizedMatrix::serialize() const {
   h.payload_bytes = bytes_;
   std::vector<uint8_t> out(sizeof(Header) + bytes_ + 8);
   std::memcpy(out.data(), &h, sizeof h);
-  device_memcpy(out.data() + sizeof h, Device{}, data(), device_, bytes_);
+  if (interleaved_) {  // files hold the documented layout (version 1), whatever the CPU uses
+    const QuantizedMatrix c = canonical();
+    std::memcpy(out.data() + sizeof h, c.data(), bytes_);
+  } else {
+    device_memcpy(out.data() + sizeof h, Device{}, data(), device_, bytes_);
+  }
   const uint64_t sum = fnv1a(out.data(), sizeof h + bytes_);
   std::memcpy(out.data() + sizeof h + bytes_, &sum, 8);
   return out;
@@ -452,6 +523,7 @@ QuantizedMatrix QuantizedMatrix::deserialize(const void* data, size_t size) {
   std::memcpy(m.mutable_data(), b + sizeof(Header), m.bytes_);
   m.scale_offset_ = h.scale_offset;
   if (quant_is_kquant(f)) kquant_validate(m, bad, "QuantizedMatrix payload");
+  m.interleave();
   return m;
 }
 
@@ -594,6 +666,7 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
   check(finite, ErrorKind::Value, "quantize: w contains NaN or infinity");
   guard.rethrow();
   if (dq) double_quantize_scales(m, raw_scales);
+  m.interleave();
   return m;
 }
 
@@ -678,6 +751,7 @@ QuantizedMatrix pack_quantized(QuantFormat format, const TensorView& codes, cons
     std::memcpy(const_cast<float*>(m.scales()), s, size_t(N * G) * 4);
   }
   pack_rows(m, q, K);
+  m.interleave();
   return m;
 }
 

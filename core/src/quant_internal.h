@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "memkernels/quant.h"
 #include "runtime_internal.h"
@@ -31,15 +32,36 @@ struct QuantView {
   // K-quants (q4_k / q5_k / q6_k): per super-block 16 sub-scale bytes and 2 fp16 super-scales.
   const uint8_t* sub_scales = nullptr;
   const uint16_t* super_scales = nullptr;
+  // CPU row-interleaved layout (quant.h): 0 for the documented layout, else rows per block (16).
+  int ilv = 0;
+
+  // Index of (row n, group g) in the scales / zeros / mins sections.
+  int64_t sidx(int64_t n, int64_t g) const {
+    if (!ilv) return n * groups + g;
+    const int64_t r = n % ilv, n0 = n - r;
+    const int64_t R = rows - n0 < ilv ? rows - n0 : ilv;
+    return n0 * groups + g * R + r;
+  }
+  // The bits * 4 bytes of chunk c (32 weights) of row n in the documented chunk layout: a pointer
+  // into the buffer, or, when interleaved, gathered into tmp (at least 32 bytes).
+  const uint8_t* chunk(int64_t n, int64_t c, uint8_t* tmp) const {
+    const int cb = bits * 4;
+    if (!ilv) return codes + n * row_bytes + c * cb;
+    const int64_t r = n % ilv, n0 = n - r;
+    const int64_t R = rows - n0 < ilv ? rows - n0 : ilv;
+    const uint8_t* p = codes + n0 * row_bytes + c * R * cb + r * 4;
+    for (int j = 0; j < bits; ++j) std::memcpy(tmp + 4 * j, p + j * R * 4, 4);
+    return tmp;
+  }
 
   // Double-quantised scales in one explicit FMA: left as a * b + c, whether the compiler fuses it
   // depends on the ISA build (and nvcc fuses by default), and CPU and CUDA results differed.
   float scale(int64_t n, int64_t g) const {
-    const int64_t j = n * groups + g;
+    const int64_t j = sidx(n, g);
     return scales ? scales[j] : std::fma(scale_steps[j >> 8], float(scale_codes[j]), scale_offset);
   }
-  float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[n * groups + g]) : 0.0f) + code_offset; }
-  float min(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : 0.0f; }
+  float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[sidx(n, g)]) : 0.0f) + code_offset; }
+  float min(int64_t n, int64_t g) const { return mins ? mins[sidx(n, g)] : 0.0f; }
 };
 
 inline QuantView make_quant_view(const QuantizedMatrix& qm) {
@@ -61,6 +83,7 @@ inline QuantView make_quant_view(const QuantizedMatrix& qm) {
   v.scale_offset = qm.scale_offset();
   v.sub_scales = qm.sub_scales();
   v.super_scales = qm.super_scales();
+  v.ilv = qm.interleaved() ? kInterleaveRows : 0;
   switch (qm.format()) {
     case QuantFormat::Int4Sym: v.code_offset = 8.0f; break;
     case QuantFormat::Int3Sym: v.code_offset = 4.0f; break;

@@ -64,7 +64,7 @@ MK_PYTHON_BINDING(quant) {
       .def("mins", [](const QuantizedMatrix& q) -> nb::object {
         // The fp32 group minimums (N, groups) of int4_min (a host copy); None for other formats.
         if (!quant_has_mins(q.format())) return nb::none();
-        const QuantizedMatrix h = q.to(Device{});
+        const QuantizedMatrix h = q.canonical();  // the documented [N][groups] order on the host
         const size_t count = size_t(q.rows() * q.groups());
         float* data = new float[count];
         std::copy(h.mins(), h.mins() + count, data);

@@ -42,6 +42,20 @@
 // hands the kernel a zero-padded copy (tokens, K_pad) when K != K_pad (so the pad weights multiply
 // exact zeros whatever they are), dequantize returns (N, K) with the padding dropped, pack_quantized
 // takes codes (N, K) and scales (N, ceil(K / group_size)). The kernels only ever see K_pad.
+//
+// CPU row-interleaved layout (issue 14). On the CPU, int4 / int4_sym / int4_min / int8 matrices keep
+// the same sections and sizes but permute their bytes so that one decode step is a single stream of
+// whole SIMD loads, each holding several output rows (interleaved() is true). Rows are cut into
+// blocks of R = 16 (the last block: the rest, R = N mod 16). Block b (rows n0 = 16b .. n0 + R - 1)
+// occupies the same bytes as its rows do in the layout above, [n0 * row_bytes, (n0 + R) * row_bytes),
+// and there chunk c of its rows takes R * bits * 4 bytes at offset c * R * bits * 4, cut into
+// pieces of 4 bytes: piece j (bytes 4j .. 4j+3 of each row's chunk above, j < bits) holds row r's
+// 4 bytes at j * R * 4 + r * 4. So one 64-byte load is 4 bytes of 16 rows: with int8 x, an integer
+// dot instruction (vpdpbusd / vpmaddubsw) leaves each row's partial sum in its own 32-bit lane and
+// no shuffle or horizontal sum is needed until the end. The scales, zeros and mins of block b take
+// [n0 * groups, (n0 + R) * groups) of their sections with (row n0 + r, group g) at n0 * groups +
+// g * R + r: a 16-row scale vector is one contiguous load. The CUDA copy, serialize() and
+// canonical() use the layout above (to() converts both ways), so files and GPU kernels never see it.
 // Scales (and mins) may have any sign and may be 0 (GGUF's block scales d can be negative or zero);
 // they must be finite. quantize() itself only produces scales >= 0.
 //
@@ -104,6 +118,8 @@ bool quant_is_asymmetric(QuantFormat f);               // has zero points
 bool quant_has_mins(QuantFormat f);                    // has float minimums (int4_min)
 bool quant_is_kquant(QuantFormat f);                   // q4_k / q5_k / q6_k (256-weight super-blocks)
 constexpr int kKQuantBlock = 256;                      // weights per K-quant super-block
+bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int4*, int8)
+constexpr int kInterleaveRows = 16;                    // rows per block of that layout
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
 struct QuantOptions {
@@ -127,8 +143,12 @@ class QuantizedMatrix {
   float scale_offset() const { return scale_offset_; }
   Device device() const { return device_; }
   bool empty() const { return !buf_; }
+  // True for a CPU matrix in the row-interleaved layout (see above); false on CUDA and for the
+  // formats that keep the documented layout on the CPU (int3/int2/nf4).
+  bool interleaved() const { return interleaved_; }
 
-  // Section pointers into the buffer (on device()); null when the format has no such section.
+  // Section pointers into the buffer (on device()); null when the format has no such section. In
+  // the order of the layout in use (interleaved() permutes them; canonical() gives the documented one).
   const uint8_t* codes() const { return at(off_codes_); }
   const float* scales() const { return reinterpret_cast<const float*>(at(off_scales_)); }
   const uint8_t* zeros() const { return at(off_zeros_); }
@@ -148,6 +168,12 @@ class QuantizedMatrix {
   // A copy on another device (CPU <-> CUDA); the same object when already there.
   QuantizedMatrix to(const Device& device) const;
 
+  // A CPU matrix in the documented (not interleaved) layout: this one when it already is, else a copy.
+  QuantizedMatrix canonical() const;
+  // Permutes a CPU matrix of an interleaving format into the row-interleaved layout in place (used
+  // by quantize, pack_quantized, deserialize and to(); a no-op when already done or not applicable).
+  void interleave();
+
   std::vector<uint8_t> serialize() const;  // works from any device (copies to host)
   static QuantizedMatrix deserialize(const void* data, size_t size);  // on the CPU
   void save(const std::string& path) const;
@@ -161,12 +187,14 @@ class QuantizedMatrix {
   void set_scale_offset(float v) { scale_offset_ = v; }
 
  private:
+  QuantizedMatrix to_host_plain() const;  // a host copy, bytes as they are
   const uint8_t* at(size_t off) const { return off == kNone ? nullptr : data() + off; }
   static constexpr size_t kNone = ~size_t(0);
   QuantFormat format_ = QuantFormat::Int4;
   int64_t rows_ = 0, cols_ = 0, padded_cols_ = 0;
   int group_size_ = 0;
   bool double_quant_ = false;
+  bool interleaved_ = false;
   float scale_offset_ = 0.0f;
   Device device_{};
   std::shared_ptr<void> buf_;

@@ -11,9 +11,14 @@
 // 1-3 tokens: each thread walks blocks of rows, fused unpack + dot with the scale applied per group
 // (the codes are 8x smaller than fp32 for int4). More tokens: each unpacked and scaled chunk stays
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
-// slices, and on AVX-512 two rows share every x load. Threads split the rows. Opt-in, 1-64 tokens,
-// int4 / int4_sym / int4_min / int8: x quantized to int8 and integer dot products, AVX512-VNNI or
-// AVX2 (gemv_int4_int8x, gemv_int8_int8x), each weight load serving up to 8 (AVX2: 4) tokens.
+// slices, and on AVX-512 two rows share every x load. Threads split the rows. These exact paths read
+// either layout (chunk_codes gathers a row's chunk from the row-interleaved one).
+// Default of the Python API, 1-64 tokens, int4 / int4_sym / int4_min / int8 on the CPU's
+// row-interleaved layout (quant.h): x quantized to int8 and integer dot products, AVX512-VNNI or
+// AVX2 (ilv_block_vnni, ilv_half_avx2). Each 64-byte weight load holds 4 code bytes of 16 rows, and
+// each row's sum builds up in its own 32-bit lane against x bytes broadcast to every lane: one
+// streaming pass over the codes, no shuffle and no horizontal sum in the loop, the 16 rows' group
+// scales one contiguous load per group, each weight load serving up to 8 (AVX2: 4) tokens.
 #include <omp.h>
 
 #include <algorithm>
@@ -67,6 +72,26 @@ inline uint64_t load_u64(const uint8_t* p) {
   uint64_t v;
   std::memcpy(&v, p, 8);
   return v;
+}
+
+// The codes of chunk c of row n in the documented chunk layout (quant.h): in place, or, for the
+// row-interleaved layout, its 4-byte pieces gathered into tmp (32 bytes) with one wide store.
+template <int BITS>
+inline const uint8_t* chunk_codes(const QuantView& w, int64_t n, int64_t c, uint8_t* tmp) {
+  if (!w.ilv) return w.codes + n * w.row_bytes + c * (BITS * 4);
+  if constexpr (BITS == 4 || BITS == 8) {
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+    const int64_t r = n % w.ilv, n0 = n - r, R = std::min<int64_t>(w.ilv, w.rows - n0);
+    const uint8_t* p = w.codes + n0 * w.row_bytes + c * R * (BITS * 4) + r * 4;
+    const int64_t st = R * 4;
+    auto ld = [&](int j) { int32_t v; std::memcpy(&v, p + j * st, 4); return v; };
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), ld(2), ld(3)));
+    if constexpr (BITS == 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp + 16), _mm_setr_epi32(ld(4), ld(5), ld(6), ld(7)));
+    return tmp;
+#endif
+  }
+  return w.chunk(n, c, tmp);
 }
 
 // Bytes of the 2-bit chunk layout: four 8-byte groups of codes (weights 8j .. 8j+7 in group j),
@@ -164,6 +189,11 @@ inline void decode(const uint8_t* src, const Table& tab, VecF (&w)[CV]) {
 // (every format with a zero point or a min has them).
 inline float group_corr(const QuantView& w, int64_t n, const float* xsum) {
   const int64_t G = w.groups;
+  if (w.ilv) {  // row-interleaved sections: (n, g) entries are R apart; the exact path only
+    float tot = 0.0f;
+    for (int64_t g = 0; g < G; ++g) tot += (w.scale(n, g) * w.zero(n, g) - w.min(n, g)) * xsum[g];
+    return tot;
+  }
   const float* s = w.scales + n * G;
   const uint8_t* z = w.zeros ? w.zeros + n * G : nullptr;
   const float* m = w.mins ? w.mins + n * G : nullptr;
@@ -203,10 +233,9 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
                int64_t n1, float* y, int64_t ldy) {
   const int64_t G = w.groups;
   const int chunks = w.group_size / 32;
-  constexpr int CB = BITS * 4;  // bytes per chunk
   const bool has_corr = w.zeros != nullptr || w.code_offset != 0.0f || w.mins != nullptr;
+  alignas(64) uint8_t tmp[32];
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * w.row_bytes;
     VecF tot[NT];
     #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) tot[t] = VecF::zero();
@@ -216,11 +245,10 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
       for (int t = 0; t < NT; ++t)
         #pragma GCC unroll 16
         for (int i = 0; i < CV; ++i) acc[t][i] = VecF::zero();
-      const uint8_t* src = row + g * chunks * CB;
       const float* xg = x + g * w.group_size;
       for (int c = 0; c < chunks; ++c) {
         VecF wv[CV];
-        decode<BITS, NF4>(src + c * CB, tab, wv);
+        decode<BITS, NF4>(chunk_codes<BITS>(w, n, g * chunks + c, tmp), tab, wv);
         #pragma GCC unroll 16
         for (int t = 0; t < NT; ++t)
           #pragma GCC unroll 16
@@ -243,6 +271,163 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
   }
 }
 
+#if defined(MK_ISA_AVX512)
+// The exact 1-3 token path on the row-interleaved layout (quant.h), one 16-row block: each 64-byte
+// load is 4 code bytes of 16 rows; its quarter q (rows 4q .. 4q+3) widens to 16 floats, lane 4i + l
+// = row 4q + i, weight l of the 4, multiplied by the 4 x values broadcast to each 128-bit lane.
+// Group scales go on per lane (a permute of the block's 16 scales); the 4 lanes of a row are summed
+// once at the end, and the zero-point / min terms come off as in gemv_rows (group_corr).
+template <int BITS, int NT>
+void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float* xsum, int64_t n0, float* y,
+                    int64_t ldy) {
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
+  const int cpg = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
+  const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const uint8_t* blk = w.codes + n0 * w.row_bytes;
+  const float* sb = w.scales + n0 * G;
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  __m512i sel[4];
+  for (int q = 0; q < 4; ++q) {
+    alignas(64) int32_t ix[16];
+    for (int l = 0; l < 16; ++l) ix[l] = 4 * q + l / 4;
+    sel[q] = _mm512_load_si512(ix);
+  }
+  __m512 tot[NT][4], corr[NT];
+  for (int t = 0; t < NT; ++t) corr[t] = _mm512_setzero_ps();
+  for (int t = 0; t < NT; ++t)
+    for (int q = 0; q < 4; ++q) tot[t][q] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[NT][4];
+    for (int t = 0; t < NT; ++t)
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int j = 0; j < CB / 4; ++j) {
+        const __m512i v = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+        if constexpr (BITS == 4) {
+          const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+          __m512 xl[NT], xh[NT];
+          for (int t = 0; t < NT; ++t) {
+            xl[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 4 * j));
+            xh[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 16 + 4 * j));
+          }
+          #pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m512 fl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, q)));
+            const __m512 fh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, q)));
+            for (int t = 0; t < NT; ++t) acc[t][q] = _mm512_fmadd_ps(fh, xh[t], _mm512_fmadd_ps(fl, xl[t], acc[t][q]));
+          }
+        } else {
+          __m512 xb[NT];
+          for (int t = 0; t < NT; ++t) xb[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 4 * j));
+          #pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, q)));
+            for (int t = 0; t < NT; ++t) acc[t][q] = _mm512_fmadd_ps(f, xb[t], acc[t][q]);
+          }
+        }
+      }
+    }
+    const __m512 s16 = _mm512_maskz_loadu_ps(rm, sb + g * R);
+    for (int q = 0; q < 4; ++q) {
+      const __m512 sq = _mm512_permutexvar_ps(sel[q], s16);
+      for (int t = 0; t < NT; ++t) tot[t][q] = _mm512_fmadd_ps(sq, acc[t][q], tot[t][q]);
+    }
+    // zero-point and min terms of the 16 rows: (s * z - m) * xsum_g, z including the symmetric offset
+    __m512 zc = _mm512_set1_ps(w.code_offset);
+    if (w.zeros) zc = _mm512_add_ps(zc, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, w.zeros + n0 * G + g * R))));
+    __m512 cg = _mm512_mul_ps(s16, zc);
+    if (w.mins) cg = _mm512_sub_ps(cg, _mm512_maskz_loadu_ps(rm, w.mins + n0 * G + g * R));
+    for (int t = 0; t < NT; ++t) corr[t] = _mm512_fmadd_ps(cg, _mm512_set1_ps(xsum[t * G + g]), corr[t]);
+  }
+  for (int t = 0; t < NT; ++t) {
+    alignas(64) float lanes[64], cr[16];
+    for (int q = 0; q < 4; ++q) _mm512_store_ps(lanes + 16 * q, tot[t][q]);
+    _mm512_storeu_ps(cr, corr[t]);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* l = lanes + 4 * r;  // quarter r / 4, lanes 4 (r % 4) ..: 16 (r / 4) + 4 (r % 4) = 4 r
+      y[t * ldy + n0 + r] = (l[0] + l[1]) + (l[2] + l[3]) - cr[r];
+    }
+  }
+}
+#elif defined(MK_ISA_AVX2)
+// AVX2 form of the exact 1-token path on the row-interleaved layout: half h (rows 8h .. 8h+7) of a
+// 16-row block; each 32-byte load is 4 code bytes of 8 rows, its quarter q (rows 2q, 2q+1) widens to
+// 8 floats against the 4 x values broadcast to both 128-bit lanes.
+template <int BITS>
+void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_t n0, int h, float* y) {
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), Rh = std::min<int64_t>(8, R - 8 * h);
+  if (Rh <= 0) return;
+  const int cpg = w.group_size / 32;
+  constexpr int CB = BITS * 4;
+  alignas(32) int32_t mk[8];
+  for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
+  const __m256i lm = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+  const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
+  const int64_t so = n0 * G + 8 * h;
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  __m256i sel[4];
+  for (int q = 0; q < 4; ++q) sel[q] = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
+  __m256 tot[4], corr = _mm256_setzero_ps();
+  for (int q = 0; q < 4; ++q) tot[q] = _mm256_setzero_ps();
+  // the four 8-byte quarters of v widened to int32
+  auto widen = [](__m256i v, __m256i (&o)[4]) {
+    const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
+    if constexpr (BITS == 4) {
+      o[0] = _mm256_cvtepu8_epi32(a), o[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(a, 8));
+      o[2] = _mm256_cvtepu8_epi32(b), o[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+    } else {
+      o[0] = _mm256_cvtepi8_epi32(a), o[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8));
+      o[2] = _mm256_cvtepi8_epi32(b), o[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+    }
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int j = 0; j < CB / 4; ++j) {
+        const __m256i* src = reinterpret_cast<const __m256i*>(p + j * R * 4);
+        const __m256i v = Rh == 8 ? _mm256_loadu_si256(src) : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+        __m256i u[4];
+        if constexpr (BITS == 4) {
+          const __m256 xl = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
+          const __m256 xh = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 16 + 4 * j));
+          widen(_mm256_and_si256(v, m4), u);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xl, acc[q]);
+          widen(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), u);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xh, acc[q]);
+        } else {
+          const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
+          widen(v, u);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xb, acc[q]);
+        }
+      }
+    }
+    const __m256 s8 = _mm256_maskload_ps(w.scales + so + g * R, lm);
+    for (int q = 0; q < 4; ++q) tot[q] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s8, sel[q]), acc[q], tot[q]);
+    __m256 zc = _mm256_set1_ps(w.code_offset);
+    if (w.zeros) {
+      uint8_t zt[8] = {};
+      std::memcpy(zt, w.zeros + so + g * R, size_t(Rh));
+      zc = _mm256_add_ps(zc, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt)))));
+    }
+    __m256 cg = _mm256_mul_ps(s8, zc);
+    if (w.mins) cg = _mm256_sub_ps(cg, _mm256_maskload_ps(w.mins + so + g * R, lm));
+    corr = _mm256_fmadd_ps(cg, _mm256_set1_ps(xsum[g]), corr);
+  }
+  alignas(32) float lanes[32], cr[8];
+  for (int q = 0; q < 4; ++q) _mm256_store_ps(lanes + 8 * q, tot[q]);
+  _mm256_store_ps(cr, corr);
+  for (int64_t r = 0; r < Rh; ++r) {
+    const float* l = lanes + 4 * r;  // quarter r / 2, lanes 4 (r % 2) ..: 8 (r / 2) + 4 (r % 2) = 4 r
+    y[8 * h + r] = (l[0] + l[1]) + (l[2] + l[3]) - cr[r];
+  }
+}
+#endif
+
 // v, which the compiler must materialise: keeps a * b + c from being contracted into one FMA where
 // the result must be float32(float32(a * b) + c) bit for bit (int4_min, as GGUF readers compute it).
 inline VecF opaque(VecF v) {
@@ -258,13 +443,12 @@ inline VecF opaque(VecF v) {
 template <int BITS, bool NF4>
 void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
   const int chunks = w.group_size / 32;
-  constexpr int CB = BITS * 4;
-  const uint8_t* row = w.codes + n * w.row_bytes;
+  alignas(64) uint8_t tmp[32];
   for (int64_t g = 0; g < w.groups; ++g) {
     const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
     for (int c = 0; c < chunks; ++c) {
       VecF wv[CV];
-      decode<BITS, NF4>(row + (g * chunks + c) * CB, tab, wv);
+      decode<BITS, NF4>(chunk_codes<BITS>(w, n, g * chunks + c, tmp), tab, wv);
       float* d = dst + (g * chunks + c) * 32;
       if (w.mins) {
         #pragma GCC unroll 16
@@ -284,7 +468,7 @@ template <int BITS, bool NF4, int NT, int R>
 void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx, int64_t c0, int64_t c1, int64_t n0,
                int64_t n1, float* y, int64_t ldy) {
   const int cpg = w.group_size / 32;
-  constexpr int CB = BITS * 4;
+  alignas(64) uint8_t tmp[R][32];
   for (int64_t n = n0; n + R <= n1; n += R) {
     VecF acc[R][NT];
     #pragma GCC unroll 16
@@ -305,7 +489,7 @@ void gemm_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
       VecF wv[R][CV];
       #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        decode<BITS, NF4>(w.codes + (n + r) * w.row_bytes + ci * CB, tab, wv[r]);
+        decode<BITS, NF4>(chunk_codes<BITS>(w, n + r, ci, tmp[r]), tab, wv[r]);
         #pragma GCC unroll 16
         for (int i = 0; i < CV; ++i) wv[r][i] = VecF::fma(wv[r][i], vs[r], vb[r]);
       }
@@ -343,31 +527,27 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
 }
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-// Activations quantized to int8 for the integer-dot paths: one scale per token (max|x| / 127).
+// Activations quantized to int8 for the integer-dot paths: one scale per token (max|x| / 127), in
+// natural order (the row-interleaved weights take 4 consecutive x bytes per 32-bit lane).
 struct Int8X {
-  std::vector<int8_t> q;     // per token, `stride` bytes in the order the weight format needs
-  std::vector<float> sum;    // per token, the per-group sums of its int8 values (zero / min terms)
+  std::vector<int8_t> q;     // per token, K bytes
+  std::vector<int32_t> sum;  // per token and part (`part` weights): the sum of its int8 values
   std::vector<float> scale;  // per token
-  int64_t stride = 0, groups = 0;
+  int64_t K = 0, parts = 0, part = 0;
   bool nonfinite = false;    // x holds NaN or +-inf: int8 codes cannot carry it (the caller runs exact)
-  const int8_t* row(int64_t t) const { return q.data() + t * stride; }
-  const float* sums(int64_t t) const { return sum.data() + t * groups; }
+  const int8_t* row(int64_t t) const { return q.data() + t * K; }
+  const int32_t* sums(int64_t t) const { return sum.data() + t * parts; }
 };
 
-// int4 formats: VNNI block order (per 4-chunk block, the 64 "low" x then the 64 "high" x, see
-// gemv_int4_int8x). int8: natural order, zero-padded to a multiple of 64.
-Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int group, bool int4_order) {
+// part: the weights summed in int32 before the per-part scale (a group, or 2048 for a long int8 group).
+Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t part) {
   Int8X r;
   const int64_t chunks = K / 32;
-  r.stride = int4_order ? (chunks + 3) / 4 * 128 : (K + 63) / 64 * 64;
-  r.groups = K / group;
-  r.q.assign(size_t(T * r.stride), 0);
-  r.sum.assign(size_t(T * r.groups), 0.0f);
+  r.K = K, r.part = part, r.parts = (K + part - 1) / part;
+  r.q.resize(size_t(T * K));
+  r.sum.assign(size_t(T * r.parts), 0);
   r.scale.assign(size_t(T), 1.0f);
-  // Vectorised per 32-weight chunk (a scalar lrint call and a division per element made this take
-  // several microseconds at K = 576, as long as the whole small GEMV). Round to nearest even, as
-  // lrint does; the sums are of integers below 2^24, so exact in any order.
-  const int64_t cpg = group / 32;
+  // Vectorised per 32-weight chunk; round to nearest even (as lrint). Sums of integers: exact.
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
     VecF vmax = VecF::zero(), vbad = VecF::zero();
@@ -383,140 +563,136 @@ Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int grou
     const float amax = vmax.reduce_max();
     const float dx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / dx;
     r.scale[size_t(t)] = dx;
-    int8_t* xa = r.q.data() + t * r.stride;
-    float* xs = r.sum.data() + t * r.groups;
+    int8_t* xa = r.q.data() + t * K;
+    int32_t* xs = r.sum.data() + t * r.parts;
     const VecF vinv = VecF::set1(inv);
     for (int64_t c = 0; c < chunks; ++c) {
-      float qf[32];
-      for (int i = 0; i < CV; ++i) VecF::round(VecF::load(xt + c * 32 + i * VL) * vinv).store(qf + i * VL);
-      int8_t* dst = xa + (int4_order ? (c / 4) * 128 + (c % 4) * 16 : c * 32);
-      float sum = 0.0f;
-      for (int j = 0; j < 32; ++j) {
-        dst[int4_order ? (j < 16 ? j : 64 + j - 16) : j] = int8_t(int(qf[j]));
-        sum += qf[j];
-      }
-      xs[c / cpg] += sum;
+#if defined(MK_ISA_AVX512)
+      const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32), vinv.v));
+      const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32 + 16), vinv.v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32), _mm512_cvtsepi32_epi8(a));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32 + 16), _mm512_cvtsepi32_epi8(b));
+      xs[c * 32 / part] += _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+#else
+      int32_t qi[32];
+      for (int i = 0; i < CV; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi + i * VL),
+                            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xt + c * 32 + i * VL), vinv.v)));
+      int32_t s = 0;
+      for (int j = 0; j < 32; ++j) xa[c * 32 + j] = int8_t(qi[j]), s += qi[j];
+      xs[c * 32 / part] += s;
+#endif
     }
   }
   return r;
 }
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Software prefetch of the codes this far ahead of the loads (every line of the stream): with one
+// core streaming the weights, the hardware prefetcher alone left it at 15-20 GB/s, this at 25-30 GB/s
+// (11008 x 4096 int4, 1 token, 1 thread; 0, 2, 4, 6 and 8 KiB tried, the machine loaded).
+constexpr int64_t kPrefetch = 6144;
+
+// Largest run of int8 weights summed in int32 per lane before going to fp32 (no overflow:
+// 2048 * 255 * 127 < 2^31 with the +128 offset of the VNNI form).
+constexpr int64_t kInt8Part = 2048;
 #endif
 
 #if defined(MK_ISA_AVX512)
-constexpr int kInt8xTokens = 8;  // tokens per pass of the integer-dot kernels (accumulators in zmm)
+constexpr int kInt8xTokens = 8;  // tokens per pass (accumulators in zmm)
 
-// int4 GEMV with x quantized to int8 (one scale dx per token) and VNNI u8 x s8 dot products.
-// One 64-byte load holds 4 chunks (128 weights): its low nibbles are weights 0-15 of each chunk and
-// its high nibbles weights 16-31, so x is rearranged once into the same order (xa: per 4-chunk
-// block, 64 bytes of "low" x then 64 of "high" x). vpdpbusd sums 4 neighbouring bytes into a 32-bit
-// lane, so lanes 4c..4c+3 belong to chunk c: one per-lane scale vector applies the group scales.
-// y[n] = dx * (sum_c s_c * dot_c - sum_g (s_g * z_g - m_g) * xsum_g), z including the symmetric
-// offset, m the int4_min mins (0 otherwise). NT tokens t0.. share every unpacked weight load.
-template <int NT>
-__attribute__((target("avx512vnni"))) void gemv_int4_int8x(const QuantView& w, const Int8X& xq, int64_t t0,
-                                                             int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t chunks = w.cols / 32, G = w.groups;
-  const int cpg = w.group_size / 32;
-  const int64_t blocks = (chunks + 3) / 4;
-  // lane l -> group offset within the block: (l / 4) / cpg
-  alignas(64) int32_t gi[16];
-  for (int l = 0; l < 16; ++l) gi[l] = (l / 4) / cpg;
-  const __m512i gidx = _mm512_load_si512(gi);
-  const __m512i m4 = _mm512_set1_epi8(0x0f);
-  const int8_t* xa[NT];
-  for (int t = 0; t < NT; ++t) xa[t] = xq.row(t0 + t);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * w.row_bytes;
-    const float* srow = w.scales + n * G;
-    __m512 accf[NT];
-    #pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t nc = std::min<int64_t>(4, chunks - 4 * b);
-      const __mmask64 cm = nc == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * nc)) - 1;
-      const __m512i v = _mm512_maskz_loadu_epi8(cm, row + b * 64);
-      const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      const int64_t g0 = 4 * b / cpg, ng = (nc + cpg - 1) / cpg;
-      const __m512 sv = _mm512_permutexvar_ps(
-          gidx, _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8((1u << ng) - 1), srow + g0)));
-      #pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) {
-        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xa[t] + b * 128));
-        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xa[t] + b * 128 + 64));
-        accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sv, accf[t]);
-      }
-    }
-    for (int t = 0; t < NT; ++t)
-      y[(t0 + t) * ldy + n] =
-          xq.scale[size_t(t0 + t)] * (_mm512_reduce_add_ps(accf[t]) - group_corr(w, n, xq.sums(t0 + t)));
-  }
-}
-
-// int8 weights x int8 activations (x in natural order, zero-padded to a multiple of 64).
-// vpdpbusd multiplies unsigned by signed bytes, so the weights are offset to unsigned: w ^ 0x80 is
-// the byte w + 128, and sum (w + 128) x = sum w x + 128 * xsum, the last term taken off per group
-// with the x sums (group_corr with offset 128). Lanes 4j..4j+3 of a 64-byte step sum bytes 4j.. of
-// it: lanes 0-7 are its first chunk, 8-15 its second. Integer sums run over at most kFlush steps
-// (no int32 overflow: 4 * 255 * 127 per step and lane), then go to fp32 scaled.
-constexpr int64_t kFlush = 1024;
-
-template <int NT>
-__attribute__((target("avx512vnni"))) void gemv_int8_int8x(const QuantView& w, const Int8X& xq, int64_t t0,
-                                                             int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const int64_t K = w.cols, G = w.groups, gs = w.group_size;
+// Integer-dot kernels on the row-interleaved layout (quant.h): a 64-byte load holds 4 code bytes of
+// each of 16 rows; vpdpbusd against the 4 x bytes broadcast to every lane leaves row r's partial
+// sum in lane r, so a row block's 16 outputs build up in one register per token with no shuffle.
+// Per part (group) p: y_r += s[r][p] * (dot_r - z[r][p] * xsum_p) (+ m[r][p] * xsum_p for int4_min),
+// z being the zero point (plus 8 for int4_sym); all times the token's x scale at the end.
+// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8.
+template <int FMT, int NT>
+__attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
+                                                            int64_t n0, float* y, int64_t ldy) {
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), K = w.cols;
+  constexpr bool I8 = FMT == 3;
+  constexpr int CB = I8 ? 32 : 16;  // bytes per chunk and row
+  constexpr int NA = NT == 1 ? 2 : 1;  // independent accumulator chains per token
+  const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
+  const uint8_t* blk = w.codes + n0 * w.row_bytes;
+  const float* sb = w.scales + n0 * G;
+  const uint8_t* zb = w.zeros ? w.zeros + n0 * G : nullptr;
+  const float* mb = w.mins ? w.mins + n0 * G : nullptr;
+  const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
-  QuantView w128 = w;  // the +128 offset of the weight bytes, as a symmetric offset
-  w128.code_offset = 128.0f;
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
-    const float* srow = w.scales + n * G;
-    __m512 accf[NT];
+  __m512 accf[NT];
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
+  const int64_t P = xq.part, parts = xq.parts;
+  for (int64_t pi = 0; pi < parts; ++pi) {
+    const int64_t c0 = pi * P / 32, c1 = std::min(K, (pi + 1) * P) / 32, g = pi * P / w.group_size;
+    __m512i acc[NA][NT], acch[NA][NT];
     #pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
-    if (gs == 32) {  // one 64-byte step = 2 groups: lanes 0-7 take scale g, 8-15 scale g + 1
-      const __m512i sel = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-      for (int64_t k = 0; k < K; k += 64) {
-        const bool full = K - k >= 64;
-        // a 32-byte row tail: the missing half reads as 0 ^ 0x80 = 128, times the zero x padding
-        const __m512i wu = _mm512_xor_si512(
-            full ? _mm512_loadu_si512(row + k) : _mm512_maskz_loadu_epi8(0xffffffffull, row + k), flip);
-        const __m512 sv = _mm512_permutexvar_ps(
-            sel, _mm512_castps128_ps512(_mm_maskz_loadu_ps(full ? 3 : 1, srow + k / 32)));
-        #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xr[t] + k));
-          accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, accf[t]);
-        }
-      }
-    } else {  // groups of 64, 128 or the whole row: whole 64-byte steps, except a 32-byte row tail
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t k1 = (g + 1) * gs;
-        for (int64_t k0 = g * gs; k0 < k1; k0 += 64 * kFlush) {
-          const int64_t ke = std::min(k1, k0 + 64 * kFlush);
-          __m512i acc[NT];
+    for (int t = 0; t < NT; ++t)
+      #pragma GCC unroll 2
+      for (int a = 0; a < NA; ++a) acc[a][t] = acch[a][t] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
+      #pragma GCC unroll 8
+      for (int j = 0; j < CB / 4; ++j) {
+        const __m512i v = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+        constexpr int A = 0;
+        const int a = NA == 1 ? A : (j & 1);
+        if constexpr (I8) {
+          const __m512i wu = _mm512_xor_si512(v, flip);  // w + 128, unsigned; the 128 * xsum comes off below
           #pragma GCC unroll 8
-          for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_si512();
-          for (int64_t k = k0; k < ke; k += 64) {
-            // a 32-byte row tail meets zero x padding: whatever its other half holds adds 0
-            const __m512i wu = _mm512_xor_si512(
-                ke - k >= 64 ? _mm512_loadu_si512(row + k)
-                             : _mm512_maskz_loadu_epi8((__mmask64(1) << (ke - k)) - 1, row + k),
-                flip);
-            #pragma GCC unroll 8
-            for (int t = 0; t < NT; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], wu, _mm512_loadu_si512(xr[t] + k));
+          for (int t = 0; t < NT; ++t)
+            acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], wu, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+        } else {
+          // low nibbles: weights 4j.. of the chunk; v & 0xf0 is 16 x the high nibbles (weights 16 + 4j..),
+          // summed apart and divided by 16 (exactly) per part: one op fewer per load than shift + mask
+          const __m512i lo = _mm512_and_si512(v, m4), hi16 = _mm512_andnot_si512(m4, v);
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) {
+            acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], lo, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+            acch[a][t] = _mm512_dpbusd_epi32(acch[a][t], hi16, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 16 + 4 * j)));
           }
-          const __m512 sv = _mm512_set1_ps(srow[g]);
-          #pragma GCC unroll 8
-          for (int t = 0; t < NT; ++t) accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), sv, accf[t]);
         }
       }
     }
-    for (int t = 0; t < NT; ++t)
-      y[(t0 + t) * ldy + n] =
-          xq.scale[size_t(t0 + t)] * (_mm512_reduce_add_ps(accf[t]) - group_corr(w128, n, xq.sums(t0 + t)));
+    const __m512 sv = _mm512_maskz_loadu_ps(rm, sb + g * R);
+    __m512 zf = _mm512_setzero_ps(), mv = _mm512_setzero_ps();
+    if constexpr (FMT == 0) zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, zb + g * R)));
+    if constexpr (FMT == 2) mv = _mm512_maskz_loadu_ps(rm, mb + g * R);
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      __m512i a = acc[0][t];
+      if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[0][t], 4));
+      if constexpr (NA == 2) {
+        a = _mm512_add_epi32(a, acc[1][t]);
+        if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
+      }
+      const int32_t xs = xq.sums(t0 + t)[pi];
+      if constexpr (FMT == 1) a = _mm512_sub_epi32(a, _mm512_set1_epi32(8 * xs));
+      if constexpr (FMT == 3) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
+      __m512 af = _mm512_cvtepi32_ps(a);
+      if constexpr (FMT == 0) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
+      accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
+      if constexpr (FMT == 2) accf[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(float(xs)), accf[t]);
+    }
   }
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)])));
+}
+
+template <int FMT, int NT>
+inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
+  ilv_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
 }
 
 bool int8_dots_available() {
@@ -531,135 +707,123 @@ bool int8_dots_available() {
 constexpr int kInt8xTokens = 4;  // 16 ymm registers
 inline bool int8_dots_available() { return true; }
 
-// int8 x int8 on AVX2: vpmaddubsw takes |w| (unsigned; |-128| = 128) and sign(w) * x (vpsignb), pair
-// sums at most 2 * 128 * 127 (no saturation), then vpmaddwd with ones gives 8 int32 lanes per chunk.
-constexpr int64_t kFlush = 2048;  // chunks summed in int32 before going to fp32 (no overflow)
-
-template <int NT>
-void gemv_int8_int8x(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int64_t n1, float* y,
-                     int64_t ldy) {
-  const int64_t G = w.groups, gs = w.group_size;
-  const __m256i ones = _mm256_set1_epi16(1);
+// AVX2 form of ilv_block_vnni, 8 rows (one half of a 16-row block) per register: vpmaddubsw
+// (u8 x s8 -> pairs summed in s16) then vpmaddwd with ones sums 4 neighbouring bytes per 32-bit
+// lane. int4: codes are unsigned nibbles (pair sums at most 2 * 15 * 127, low + high at most twice
+// that: no saturation). int8: |w| against sign(w) * x (vpsignb), pair sums at most 2 * 128 * 127.
+template <int FMT, int NT>
+void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int h, float* y, int64_t ldy) {
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), K = w.cols;
+  const int64_t Rh = std::min<int64_t>(8, R - 8 * h);
+  if (Rh <= 0) return;
+  constexpr bool I8 = FMT == 3;
+  constexpr int CB = I8 ? 32 : 16;
+  alignas(32) int32_t mk[8];
+  for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
+  const __m256i lm = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+  const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
+  const float* sb = w.scales + n0 * G + 8 * h;
+  const uint8_t* zb = w.zeros ? w.zeros + n0 * G + 8 * h : nullptr;
+  const float* mb = w.mins ? w.mins + n0 * G + 8 * h : nullptr;
+  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
-    const float* srow = w.scales + n * G;
-    __m256 accf[NT];
-    for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t k1 = (g + 1) * gs;
-      for (int64_t k0 = g * gs; k0 < k1; k0 += 32 * kFlush) {
-        const int64_t ke = std::min(k1, k0 + 32 * kFlush);
-        __m256i acc[NT];
-        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
-        for (int64_t k = k0; k < ke; k += 32) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-          const __m256i wabs = _mm256_abs_epi8(wv);
+  __m256 accf[NT];
+  for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
+  const int64_t P = xq.part, parts = xq.parts;
+  for (int64_t pi = 0; pi < parts; ++pi) {
+    const int64_t c0 = pi * P / 32, c1 = std::min(K, (pi + 1) * P) / 32, g = pi * P / w.group_size;
+    __m256i acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      if (h == 0)
+        for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
+      for (int j = 0; j < CB / 4; ++j) {
+        const __m256i* src = reinterpret_cast<const __m256i*>(p + j * R * 4);
+        const __m256i v = Rh == 8 ? _mm256_loadu_si256(src) : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+        if constexpr (I8) {
+          const __m256i wa = _mm256_abs_epi8(v);
           for (int t = 0; t < NT; ++t) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[t] + k));
-            const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+            const __m256i xb = _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j));
+            const __m256i pr = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, v));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pr, ones));
+          }
+        } else {
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          for (int t = 0; t < NT; ++t) {
+            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 16 + 4 * j)));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones));
           }
         }
-        const __m256 sv = _mm256_set1_ps(srow[g]);
-        for (int t = 0; t < NT; ++t) accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), sv, accf[t]);
       }
     }
-    for (int t = 0; t < NT; ++t) y[(t0 + t) * ldy + n] = xq.scale[size_t(t0 + t)] * VecF{accf[t]}.reduce_add();
+    const __m256 sv = _mm256_maskload_ps(sb + g * R, lm);
+    __m256 zf = _mm256_setzero_ps(), mv = _mm256_setzero_ps();
+    if constexpr (FMT == 0) {
+      uint8_t zt[8] = {};
+      std::memcpy(zt, zb + g * R, size_t(Rh));
+      zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt))));
+    }
+    if constexpr (FMT == 2) mv = _mm256_maskload_ps(mb + g * R, lm);
+    for (int t = 0; t < NT; ++t) {
+      __m256i a = acc[t];
+      const int32_t xs = xq.sums(t0 + t)[pi];
+      if constexpr (FMT == 1) a = _mm256_sub_epi32(a, _mm256_set1_epi32(8 * xs));
+      __m256 af = _mm256_cvtepi32_ps(a);
+      if constexpr (FMT == 0) af = _mm256_fnmadd_ps(zf, _mm256_set1_ps(float(xs)), af);
+      accf[t] = _mm256_fmadd_ps(sv, af, accf[t]);
+      if constexpr (FMT == 2) accf[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(float(xs)), accf[t]);
+    }
   }
+  for (int t = 0; t < NT; ++t)
+    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
+                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)])));
 }
 
-// AVX2 form of the VNNI gemv_int4_int8x over the same x layout: vpmaddubsw (u8 x s8 -> pairs summed in s16;
-// at most 2 * 15 * 127, no saturation) then vpmaddwd with ones also sums 4 neighbouring bytes per
-// 32-bit lane. A 32-byte step holds 2 chunks (half h of a 4-chunk block): lanes 0-3 chunk c, 4-7
-// chunk c + 1. Groups of 2+ chunks sum integers over the group and apply its scale once.
-template <int NT>
-void gemv_int4_int8x(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int64_t n1, float* y,
-                     int64_t ldy) {
-  const int64_t chunks = w.cols / 32, G = w.groups;
-  const int cpg = w.group_size / 32;
-  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  const int8_t* xa[NT];
-  for (int t = 0; t < NT; ++t) xa[t] = xq.row(t0 + t);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * w.row_bytes;
-    const float* srow = w.scales + n * G;
-    __m256 accf[NT];
-    for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
-    // int32 lane sums of chunks c (and c + 1 when it exists) against each token's x
-    auto step = [&](int64_t c, __m256i (&d)[NT]) {
-      const __m256i v = c + 1 < chunks ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16))
-                                       : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
-      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      const int64_t off = (c / 4) * 128 + ((c % 4) / 2) * 32;
-      for (int t = 0; t < NT; ++t) {
-        const int8_t* xb = xa[t] + off;
-        const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
-        const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64)));
-        d[t] = _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
-      }
-    };
-    __m256i d[NT];
-    if (cpg >= 2) {  // chunks per group even: whole steps per group
-      for (int64_t g = 0; g < G; ++g) {
-        __m256i acc[NT];
-        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c += 2) {
-          step(c, d);
-          for (int t = 0; t < NT; ++t) acc[t] = _mm256_add_epi32(acc[t], d[t]);
-        }
-        const __m256 sv = _mm256_set1_ps(srow[g]);
-        for (int t = 0; t < NT; ++t) accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), sv, accf[t]);
-      }
-    } else {  // group 32: each half of a step has its own scale
-      for (int64_t c = 0; c < chunks; c += 2) {
-        const __m256 sv = _mm256_set_m128(_mm_set1_ps(c + 1 < chunks ? srow[c + 1] : 0.0f), _mm_set1_ps(srow[c]));
-        step(c, d);
-        for (int t = 0; t < NT; ++t) accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[t]), sv, accf[t]);
-      }
-    }
-    for (int t = 0; t < NT; ++t)
-      y[(t0 + t) * ldy + n] =
-          xq.scale[size_t(t0 + t)] * (VecF{accf[t]}.reduce_add() - group_corr(w, n, xq.sums(t0 + t)));
-  }
+template <int FMT, int NT>
+inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
+  ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
+  ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
 }
 #endif
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
 // One pass of the integer-dot kernel instantiated for nt tokens (1 .. kInt8xTokens).
-template <bool INT4, int NT = kInt8xTokens>
-void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int64_t n1, float* y,
-                int64_t ldy) {
-  if (nt == NT) {
-    if constexpr (INT4) gemv_int4_int8x<NT>(w, xq, t0, n0, n1, y, ldy);
-    else gemv_int8_int8x<NT>(w, xq, t0, n0, n1, y, ldy);
-  } else if constexpr (NT > 1) {
-    int8x_pass<INT4, NT - 1>(nt, w, xq, t0, n0, n1, y, ldy);
-  }
+template <int FMT, int NT = kInt8xTokens>
+void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
+  if (nt == NT) ilv_block<FMT, NT>(w, xq, t0, n0, y, ldy);
+  else if constexpr (NT > 1) int8x_pass<FMT, NT - 1>(nt, w, xq, t0, n0, y, ldy);
 }
 
-// The integer-dot path (up to kInt8xMaxTokens tokens): x quantized once per token, rows split over
-// the threads, every unpacked weight used by kInt8xTokens tokens.
-// Up to 64 tokens (each pass of kInt8xTokens re-reads a row block's codes, which stay in cache);
-// longer inputs take the exact path, whose buffers do not grow with the token count.
+// The integer-dot path (up to kInt8xMaxTokens tokens), on the row-interleaved layout only: x
+// quantized once per token, blocks of 16 rows split over the threads, every loaded weight used by
+// kInt8xTokens tokens. Up to 64 tokens (each pass re-reads a row block's codes, which stay in
+// cache); longer inputs take the exact path, whose buffers do not grow with the token count.
 constexpr int64_t kInt8xMaxTokens = 64;
 // Returns false, computing nothing, when x holds NaN or inf: the exact path then propagates them.
-template <bool INT4>
+template <int FMT>
 bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
   const int64_t N = w.rows, T = p.tokens;
-  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, w.group_size, INT4);
+  const int64_t part = FMT == 3 ? std::min<int64_t>(w.group_size, kInt8Part) : w.group_size;
+  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, part);
   if (xq.nonfinite) return false;
-  std::vector<float> y(static_cast<size_t>(T * N));
-  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  const int64_t blocks = (N + kInterleaveRows - 1) / kInterleaveRows;
   const int threads = threads_for(w, T);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
+  // The output goes straight to `out` when it is fp32 with no bias; else through a buffer.
+  const bool direct = p.dtype == DType::Float32 && bias == nullptr;
+  std::vector<float> ybuf(direct ? 0 : static_cast<size_t>(T * N));
+  float* y = direct ? static_cast<float*>(p.out) : ybuf.data();
+  const int64_t ldy = direct ? p.out_row : N;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2) if (threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+    const int64_t n0 = b * kInterleaveRows, n1 = std::min(N, n0 + kInterleaveRows);
     for (int64_t t0 = 0; t0 < T; t0 += kInt8xTokens)
-      int8x_pass<INT4>(std::min<int64_t>(kInt8xTokens, T - t0), w, xq, t0, n0, n1, y.data(), N);
-    for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+      int8x_pass<FMT>(std::min<int64_t>(kInt8xTokens, T - t0), w, xq, t0, n0, y, ldy);
+    if (!direct)
+      for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y + t * N + n0);
   }
   return true;
 }
@@ -675,8 +839,15 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
   if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
-    if constexpr (BITS == 8) { if (qgemm_int8x<false>(p, x, ldx, bias)) return; }
-    if constexpr (BITS == 4 && !NF4) { if (qgemm_int8x<true>(p, x, ldx, bias)) return; }
+    if (w.ilv) {  // the integer kernels read the row-interleaved layout only
+      if constexpr (BITS == 8) { if (qgemm_int8x<3>(p, x, ldx, bias)) return; }
+      if constexpr (BITS == 4 && !NF4) {
+        const int fmt = w.format == QuantFormat::Int4 ? 0 : w.format == QuantFormat::Int4Sym ? 1 : 2;
+        if (fmt == 0 ? qgemm_int8x<0>(p, x, ldx, bias)
+                     : fmt == 1 ? qgemm_int8x<1>(p, x, ldx, bias) : qgemm_int8x<2>(p, x, ldx, bias))
+          return;
+      }
+    }
   }
 #endif
   if (T <= 3) {
@@ -692,6 +863,29 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
+#if defined(MK_ISA_AVX512)
+      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+        if (w.ilv) {  // the row-interleaved layout, read natively
+          for (int64_t t0 = 0; t0 < T; t0 += 2) {
+            if (T - t0 >= 2) gemv_block_ilv<BITS, 2>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
+            else gemv_block_ilv<BITS, 1>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
+          }
+          for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+          continue;
+        }
+      }
+#elif defined(MK_ISA_AVX2)
+      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+        if (w.ilv) {  // the row-interleaved layout, read natively, one token and 8 rows at a time
+          for (int64_t t = 0; t < T; ++t) {
+            for (int h = 0; h < 2; ++h)
+              gemv_half_ilv<BITS>(w, x + t * ldx, xsum.data() + t * G, n0, h, y.data() + t * N + n0);
+            store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+          }
+          continue;
+        }
+      }
+#endif
       if (T == 1) gemv_rows<BITS, NF4, 1>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
       else if (T == 2) gemv_rows<BITS, NF4, 2>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
       else gemv_rows<BITS, NF4, 3>(w, tab, x, ldx, xsum.data(), n0, n1, y.data(), N);
@@ -754,13 +948,16 @@ void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, 
   const Table tab(nf4_codebook());
   const int64_t gs = w.group_size;
   constexpr int CB = BITS * 4;
+  alignas(64) uint8_t tmp[32];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes;
     float* drow = dst + (n - n0) * ld - k0;
     // The caller walks K in slices, each for a block of rows: too many streams for the hardware
-    // prefetcher, so fetch the codes of this row's next slice (same length) now.
-    for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
-      __builtin_prefetch(row + b, 0, 2);  // to L2: a burst of these must not stall on L1 misses
+    // prefetcher, so fetch the codes of this row's next slice (same length) now (documented layout;
+    // the interleaved one streams blocks of 16 rows, which the hardware prefetcher follows).
+    if (!w.ilv)
+      for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
+        __builtin_prefetch(row + b, 0, 2);  // to L2: a burst of these must not stall on L1 misses
     if (k1 / gs < w.groups) {  // and its scales, zeros and mins
       const int64_t j = n * w.groups + k1 / gs;
       if (w.scales) __builtin_prefetch(w.scales + j);
@@ -778,7 +975,8 @@ void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, 
         const VecF lv{NF4 ? tab.t : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
         const __m512 t16 = w.mins ? (opaque(lv * vs) + vm).v : ((lv - vz) * vs).v;
         for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * CB)));
+          const __m512i b =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_codes<BITS>(w, n, c, tmp))));
           _mm512_storeu_ps(drow + c * 32, _mm512_permutexvar_ps(b, t16));
           _mm512_storeu_ps(drow + c * 32 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t16));
         }
@@ -787,7 +985,7 @@ void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, 
 #endif
       for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
         VecF wv[CV];
-        decode<BITS, NF4>(row + c * CB, tab, wv);
+        decode<BITS, NF4>(chunk_codes<BITS>(w, n, c, tmp), tab, wv);
         float* d = drow + c * 32;
         if (w.mins) {
           #pragma GCC unroll 16
@@ -856,18 +1054,22 @@ bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0
   const QuantFormat f = w.format;  // the 4-bit formats of this chunk layout (not other 4-bit layouts)
   if (f == QuantFormat::Int8) {
     // int8: s * q in fp32 as dequant_rows_range computes it, rounded straight to bf16 (no fp32 tile)
+    alignas(64) uint8_t tmp[32];
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
       uint16_t* drow = dst + (n - n0) * ld - k0;
-      for (int64_t b = k1; b < std::min(w.row_bytes, 2 * k1 - k0); b += 64) __builtin_prefetch(row + b, 0, 2);
+      if (!w.ilv)
+        for (int64_t b = k1; b < std::min(w.row_bytes, 2 * k1 - k0); b += 64) __builtin_prefetch(row + b, 0, 2);
       for (int64_t g = k0 / w.group_size; g * w.group_size < k1; ++g) {
         const __m512 vs = _mm512_set1_ps(w.scale(n, g));
         const int64_t c1 = std::min(k1, (g + 1) * w.group_size);
         for (int64_t k = std::max(k0, g * w.group_size); k < c1; k += 32) {
+          // the chunk's 32 codes: in place, or gathered from the CPU row-interleaved layout
+          const int8_t* ck = reinterpret_cast<const int8_t*>(chunk_codes<8>(w, n, k / 32, tmp));
           const __m512 a = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)))), vs);
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck)))), vs);
           const __m512 b = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)))),
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck + 16)))),
               vs);
           _mm512_storeu_si512(drow + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
         }
@@ -881,6 +1083,7 @@ bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0
   const __m512 levels = nf4 ? _mm512_loadu_ps(nf4_codebook())
                             : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const int64_t gs = w.group_size;
+  alignas(64) uint8_t tmp[32];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * w.row_bytes;
     uint16_t* drow = dst + (n - n0) * ld - k0;
@@ -899,9 +1102,10 @@ bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0
       const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
       const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
       for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
-        if ((c & 3) == 0 && c * 16 + (k1 - k0) / 2 < std::min(w.row_bytes, next))
+        if (!w.ilv && (c & 3) == 0 && c * 16 + (k1 - k0) / 2 < std::min(w.row_bytes, next))
           __builtin_prefetch(row + c * 16 + (k1 - k0) / 2, 0, 2);
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+        const uint8_t* ck = chunk_codes<4>(w, n, c, tmp);  // in place, or gathered (interleaved layout)
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck)));
         const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
         _mm512_storeu_si512(drow + c * 32, _mm512_permutexvar_epi16(idx, tab));
       }

@@ -1,0 +1,79 @@
+"""Decode (1 and 8 tokens) of memkernels' int4 formats against torch's int4 CPU kernel and ggml's
+MUL_MAT, alternated: each round times ours then the peer (best of 10 calls each), 4 rounds, and the
+ratio is taken between the two minima. On a shared machine this is steadier than one pass of
+bench/qgemm.py --decode: the weight stream of a 1-token call competes with the other processes for
+DRAM, and alternating gives both sides the same chances. 1 thread, CPU time.
+
+    MEMKERNELS_GGML_SRC=/path/to/ggml python bench/qgemm_alternate.py
+
+Pairs: int4 g128 / torch int4 g128 / ggml q4_K, int4 g32 / torch int4 g32, int4_sym g32 / ggml q4_0,
+on 4096x14336 and 11008x4096 (out x in features). ggml columns need MEMKERNELS_GGML_SRC (see
+bench/qgemm.py --decode)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qgemm as qb  # noqa: E402
+
+import memkernels as mk  # noqa: E402
+
+torch = qb.torch
+ROUNDS = 4
+
+
+def best(fn, reps=10):
+    fn()
+    b = float("inf")
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        b = min(b, time.process_time() - t)
+    return b
+
+
+def main():
+    mk.set_num_threads(1)
+    if torch is not None:
+        torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, 1 thread, CPU time, {ROUNDS} alternated rounds")
+    print("| shape, tokens | ours | ours ms | peer | peer ms | peer/ours |")
+    print("|---|---|---|---|---|---|")
+    for n, k in [(4096, 14336), (11008, 4096)]:
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        for fmt, g, peer in [("int4", 128, "torch"), ("int4", 128, "q4_K"), ("int4", 32, "torch"),
+                             ("int4_sym", 32, "q4_0")]:
+            qm = mk.quantize(w, fmt, group_size=g)
+            if peer == "torch":
+                ti = qb.torch_int4(w, g)
+                if ti is None:
+                    continue
+            elif not os.environ.get("MEMKERNELS_GGML_SRC"):
+                continue
+            for b in (1, 8):
+                x = rng.standard_normal((b, k), dtype=np.float32)
+                out = np.empty((b, n), np.float32)
+                if peer == "torch":
+                    tx = torch.from_numpy(x).to(torch.bfloat16)
+                    peer_fn = lambda: best(lambda: ti(tx))  # noqa: E731
+                else:
+                    peer_fn = lambda: qb.ggml_mulmat_s(peer, n, k, b, 1, True, reps=10)  # noqa: E731
+                ours, theirs = [], []
+                for _ in range(ROUNDS):
+                    ours.append(best(lambda: mk.qgemm(x, qm, out=out)))
+                    theirs.append(peer_fn())
+                name = f"torch int4 g{g}" if peer == "torch" else f"ggml {peer}"
+                print(f"| {n}x{k}, {b} | {fmt} g{g} | {min(ours) * 1e3:.3f} | {name} | {min(theirs) * 1e3:.3f} | "
+                      f"{min(theirs) / min(ours):.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
