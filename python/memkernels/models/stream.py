@@ -173,6 +173,9 @@ def fit_predictors(H: np.ndarray, G: np.ndarray, act: str, rank: int):
     H = np.asarray(H, np.float64)
     G = np.asarray(G, np.float64)
     thr = np.quantile(np.abs(activation(np, G, act)), LEVELS).astype(np.float32)
+    # sparsity 0 keeps every neuron: the minimum rounded to float32 may round up past the float64
+    # activation it came from, and then "|act| > thr" would drop that one
+    thr[0] = 0.0
     # ridge-regularised least squares (N may be smaller than d), then the best rank-r fit of the
     # fitted values (reduced-rank regression)
     lam = 1e-3 * np.trace(H.T @ H) / H.shape[1] + 1e-12
