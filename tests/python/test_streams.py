@@ -126,13 +126,13 @@ def test_wrappers_pass_the_frameworks_current_stream(monkeypatch, fake_torch):
         monkeypatch.setattr(mod, "_C", rec)
     q = cls((1, 4, 2, 8))
     memkernels.flash_attention(q, q, q, out=cls((1, 4, 2, 8)))
-    assert rec.streams["flash_attention"][-1] == 0x7001
+    assert rec.streams["flash_attention"][-3] == 0x7001  # before seqused_k, key_mask
     memkernels.flash_attention(q, q, q, out=cls((1, 4, 2, 8)), stream=3)
-    assert rec.streams["flash_attention"][-1] == 3
+    assert rec.streams["flash_attention"][-3] == 3
     qv = cls((4, 2, 8))
     cu = cls((2,), dtype="int32")
     memkernels.flash_attention_varlen(qv, qv, qv, cu, cu, out=cls((4, 2, 8)))
-    assert rec.streams["flash_attention_varlen"][-1] == 0x7001
+    assert rec.streams["flash_attention_varlen"][-3] == 0x7001
     memkernels.paged_attention_raw(qv, qv, qv, cu, cu, cu, out=cls((4, 2, 8)))
     assert rec.streams["paged_attention_raw"][-3] == 0x7001
 
