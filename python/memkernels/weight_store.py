@@ -200,7 +200,8 @@ class WeightStore:
     def stats(self) -> dict:
         """bytes_read, reads_issued, neuron_hits, neuron_misses, hit_rate, prefetched, evictions,
         resident_bytes, peak_resident_bytes, cache_capacity_bytes, staging_bytes, cache_slots,
-        slot_bytes, pinned_neurons, tokens, io_mode."""
+        slot_bytes, pinned_neurons, read_granularity (bytes: every read is aligned to it, 512
+        where O_DIRECT accepts 512-byte reads, else 4096), tokens, io_mode."""
         return dict(self._h().stats())
 
     def reset_stats(self) -> None:

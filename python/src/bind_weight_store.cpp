@@ -179,6 +179,7 @@ MK_PYTHON_BINDING(weight_store) {
         d["cache_slots"] = st.cache_slots;
         d["slot_bytes"] = st.slot_bytes;
         d["pinned_neurons"] = st.pinned_neurons;
+        d["read_granularity"] = st.read_granularity;
         d["tokens"] = st.tokens;
         d["io_mode"] = std::string(s.io_mode());
         return d;

@@ -88,6 +88,7 @@ struct WeightStoreStats {
   uint64_t cache_slots = 0;      // neurons the cache can hold (each slot = the largest bundle)
   uint64_t slot_bytes = 0;
   uint64_t pinned_neurons = 0;   // slots held by pin()
+  uint64_t read_granularity = 0; // alignment of every read: 512 where O_DIRECT takes it, else 4096
   uint64_t tokens = 0;
   double hit_rate() const {
     uint64_t n = neuron_hits + neuron_misses;
