@@ -5,8 +5,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "memkernels/quant.h"
+#include "cpu/convert.h"
 #include "runtime_internal.h"
 
 namespace memkernels {
@@ -103,6 +105,31 @@ struct QGemmProblem {
   void* out = nullptr;
   int64_t out_row = 0;
   bool int8_activations = false;  // see QGemmOptions
+};
+
+// A CPU problem's x and bias as fp32: pointers into the caller's arrays when they are fp32
+// already, else into converted copies owned by this object (the kernels read fp32 only).
+struct Fp32Operands {
+  std::vector<float> xbuf, bbuf;
+  const float* x = nullptr;
+  const float* bias = nullptr;
+  int64_t ldx = 0;
+  explicit Fp32Operands(const QGemmProblem& p) {
+    const int64_t K = p.w.cols, T = p.tokens;
+    x = static_cast<const float*>(p.x), ldx = p.x_row;
+    if (p.dtype != DType::Float32) {
+      xbuf.resize(size_t(T * K));
+      for (int64_t t = 0; t < T; ++t)
+        cpu::load_floats(static_cast<const char*>(p.x) + t * p.x_row * dtype_size(p.dtype), p.dtype, K,
+                         xbuf.data() + t * K);
+      x = xbuf.data(), ldx = K;
+    }
+    if (p.bias) {
+      bbuf.resize(size_t(p.w.rows));
+      cpu::load_floats(p.bias, p.dtype, p.w.rows, bbuf.data());
+      bias = bbuf.data();
+    }
+  }
 };
 
 struct DequantProblem {

@@ -6,19 +6,9 @@ import pytest
 
 import memkernels as mk
 
-ISAS = [i for i in ("generic", "avx2", "avx512") if ["generic", "avx2", "avx512"].index(i) <=
-        ["generic", "avx2", "avx512"].index(mk.info()["best_cpu_isa"])]
 VNNI = "avx512_vnni" in open("/proc/cpuinfo").read()
 CASES = [("int4", 32), ("int4", 128), ("int4_sym", 32), ("int4_sym", 64), ("int4_min", 32), ("int4_min", 128),
          ("int8", 32), ("int8", None)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    old = mk.cpu_isa()
-    mk.set_cpu_isa(request.param)
-    yield request.param
-    mk.set_cpu_isa(old)
 
 
 def rng(seed):

@@ -1014,23 +1014,9 @@ void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, 
 }  // namespace
 
 void qgemm(const QGemmProblem& p) {
-  const int64_t K = p.w.cols, T = p.tokens;
-  // x as fp32 rows (a copy only when it is not fp32 already), bias as fp32.
-  std::vector<float> xbuf, bbuf;
-  const float* x = static_cast<const float*>(p.x);
-  int64_t ldx = p.x_row;
-  if (p.dtype != DType::Float32) {
-    xbuf.resize(size_t(T * K));
-    for (int64_t t = 0; t < T; ++t)
-      load_floats(static_cast<const char*>(p.x) + t * p.x_row * dtype_size(p.dtype), p.dtype, K, xbuf.data() + t * K);
-    x = xbuf.data(), ldx = K;
-  }
-  const float* bias = nullptr;
-  if (p.bias) {
-    bbuf.resize(size_t(p.w.rows));
-    load_floats(p.bias, p.dtype, p.w.rows, bbuf.data());
-    bias = bbuf.data();
-  }
+  const Fp32Operands ops(p);  // x as fp32 rows (a copy only when it is not fp32 already), bias as fp32
+  const float *x = ops.x, *bias = ops.bias;
+  const int64_t ldx = ops.ldx;
   if (qgemm_prefill(p, x, ldx, bias)) return;  // many tokens: dequantize-once GEMM (qgemm_prefill.cpp)
   MK_BY_FORMAT(p.w.format, qgemm_impl, p, x, ldx, bias)
 }

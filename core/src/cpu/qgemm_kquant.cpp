@@ -629,22 +629,9 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 }  // namespace
 
 void qgemm_kquant(const QGemmProblem& p) {
-  const int64_t K = p.w.cols, T = p.tokens;
-  std::vector<float> xbuf, bbuf;
-  const float* x = static_cast<const float*>(p.x);
-  int64_t ldx = p.x_row;
-  if (p.dtype != DType::Float32) {
-    xbuf.resize(size_t(T * K));
-    for (int64_t t = 0; t < T; ++t)
-      load_floats(static_cast<const char*>(p.x) + t * p.x_row * dtype_size(p.dtype), p.dtype, K, xbuf.data() + t * K);
-    x = xbuf.data(), ldx = K;
-  }
-  const float* bias = nullptr;
-  if (p.bias) {
-    bbuf.resize(size_t(p.w.rows));
-    load_floats(p.bias, p.dtype, p.w.rows, bbuf.data());
-    bias = bbuf.data();
-  }
+  const Fp32Operands ops(p);
+  const float *x = ops.x, *bias = ops.bias;
+  const int64_t ldx = ops.ldx;
   switch (p.w.format) {
     case QuantFormat::Q4K: qgemm_impl<QuantFormat::Q4K>(p, x, ldx, bias); break;
     case QuantFormat::Q5K: qgemm_impl<QuantFormat::Q5K>(p, x, ldx, bias); break;
