@@ -72,19 +72,21 @@ def torch_int4(w, group):
 GGML_TYPES = {"int4 g128": None, "int4_sym g32": "q4_0", "int4_min g32": "q4_1", "int8 g32": "q8_0"}
 
 
-def ggml_mul_mat_us():
+def ggml_mul_mat_us(types="q4_0|q4_1|q4_K|q8_0", tokens="1|8", timeout=1800):
     """{(ggml type, n_out, tokens, k): microseconds per MUL_MAT} from the binary named by
-    MEMKERNELS_GGML_TEST_BACKEND_OPS (ggml's `test-backend-ops perf -o MUL_MAT`), {} without one."""
+    MEMKERNELS_GGML_TEST_BACKEND_OPS (ggml's `test-backend-ops perf -o MUL_MAT`), {} without one.
+    types / tokens: regex alternatives of ggml's fixed perf cases (its shape is 4096x14336 only;
+    it runs on all cores)."""
     exe = os.environ.get("MEMKERNELS_GGML_TEST_BACKEND_OPS")
     if not exe:
         return {}
     import re
     import subprocess
 
-    pat = "type_a=(q4_0|q4_1|q4_K|q8_0),type_b=f32,m=4096,n=(1|8),k=14336,"
+    pat = f"type_a=({types}),type_b=f32,m=4096,n=({tokens}),k=14336,"
     try:
         res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
-                             timeout=1800)
+                             timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"ggml test-backend-ops failed: {e}")
         return {}
@@ -213,36 +215,13 @@ def cpu(args):
                      "stored weight bytes / our time.")
 
 
-def ggml_kquant_us():
-    """{(ggml type, n_out, tokens, k): us per MUL_MAT} for q4_K / q5_K / q6_K at 1 and 8 tokens from
-    MEMKERNELS_GGML_TEST_BACKEND_OPS (its perf list has 4096x14336 only; it runs on all cores)."""
-    exe = os.environ.get("MEMKERNELS_GGML_TEST_BACKEND_OPS")
-    if not exe:
-        return {}
-    import re
-    import subprocess
-
-    pat = "type_a=(q4_K|q5_K|q6_K),type_b=f32,m=4096,n=(1|8),k=14336,"
-    try:
-        res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
-                             timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"ggml test-backend-ops failed: {e}")
-        return {}
-    times = {}
-    for m in re.finditer(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=(\d+),k=(\d+),[^)]*\):\s+\d+ runs -\s+([\d.]+) us/run",
-                         res.stdout):
-        times[(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))] = float(m.group(5))
-    return times
-
-
 def kquant(args):
     """q4_k / q5_k / q6_k (K-quant super-blocks) next to ggml's q4_K / q6_K and torch int4 / bf16."""
     shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
     threads = [1] if args.cpu_time else [1, 2]  # --cpu-time: one thread, process time
     print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}"
           + (f", torch {torch.__version__}" if torch else ""))
-    ggml = ggml_kquant_us()
+    ggml = ggml_mul_mat_us("q4_K|q5_K|q6_K", "1|8")
     rng = np.random.default_rng(0)
     headers = ["case", "threads", "q4_k ms", "q4_k GB/s", "q4_k exact ms", "q5_k ms", "q6_k ms", "q6_k GB/s"]
     if torch:
@@ -411,29 +390,6 @@ PREFILL_FORMATS = [("int4", 128), ("int4_sym", 32), ("int4_min", 32), ("nf4", 64
 GGML_PREFILL = {"int4 g128": "q4_K", "int4_sym g32": "q4_0", "int4_min g32": "q4_1"}
 
 
-def ggml_prefill_us():
-    """{(ggml type, n_out, tokens, k): us} for ggml's MUL_MAT perf cases at prefill token counts (its
-    fixed shapes: 4096x14336 at 512 tokens), {} without MEMKERNELS_GGML_TEST_BACKEND_OPS."""
-    exe = os.environ.get("MEMKERNELS_GGML_TEST_BACKEND_OPS")
-    if not exe:
-        return {}
-    import re
-    import subprocess
-
-    pat = "type_a=(q4_0|q4_1|q4_K),type_b=f32,m=4096,n=(16|32|128|512),k=14336,"
-    try:
-        res = subprocess.run([exe, "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", pat], capture_output=True, text=True,
-                             timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"ggml test-backend-ops failed: {e}")
-        return {}
-    times = {}
-    for m in re.finditer(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=(\d+),k=(\d+),[^)]*\):\s+\d+ runs -\s+([\d.]+) us/run",
-                         res.stdout):
-        times[(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))] = float(m.group(5))
-    return times
-
-
 def prefill(args):
     """Prefill (16-512 tokens): ours (default = bf16 activations where the CPU has AVX512-BF16, and
     exact=True) against torch bf16 F.linear and torch's int4 kernel, alternating ours / peer in one
@@ -444,7 +400,7 @@ def prefill(args):
     shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
     tokens = [16, 32] if args.quick else PREFILL_TOKENS
     formats = [("int4", 128)] if args.quick else PREFILL_FORMATS
-    ggml = ggml_prefill_us()
+    ggml = ggml_mul_mat_us("q4_0|q4_1|q4_K", "16|32|128|512", timeout=3600)
     rng = np.random.default_rng(0)
     print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, torch {torch.__version__}; "
           f"{args.rounds} rounds, ours and the peers alternating in each")
