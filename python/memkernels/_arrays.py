@@ -183,3 +183,14 @@ def stream_handle(stream, like=None) -> int:
         if hasattr(stream, attr):
             return int(getattr(stream, attr))
     raise TypeError(f"stream: expected an int handle, a CuPy or a PyTorch stream, got {type(stream).__name__}")
+
+
+def out_like_and_stream(q, out, stream):
+    """The output array of an attention call shaped and typed like q (a new one, or `out` checked),
+    and the stream handle to launch on. Plain NumPy input, the common CPU case, takes the short way:
+    its handle is 0 unless a stream is given."""
+    if type(q) is np.ndarray:
+        out = np.empty(q.shape, q.dtype) if out is None else check_out(out, q.shape, dtype_name(q), q)
+        return out, 0 if stream is None else stream_handle(stream, q)
+    out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
+    return out, stream_handle(stream, q)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import INT32, as_int, check_out, dtype_name, empty_like, require_array, stream_handle
+from ._arrays import INT32, as_int, check_out, dtype_name, empty_like, out_like_and_stream, require_array, stream_handle
 
 
 def _window_bounds(window, causal):
@@ -72,16 +72,9 @@ def flash_attention(q, k, v, *, causal=False, scale=None, window=None, softcap=N
     SDPA does with a boolean mask, so left- and right-padded batches work as they are.
     A query row left without any visible key gets output 0 and lse -inf (as FlashAttention-2).
     """
-    if type(q) is np.ndarray:  # the common CPU case, kept cheap: k, v and the masks are checked in C++
-        if out is None:
-            out = np.empty(q.shape, q.dtype)
-        else:
-            out = check_out(out, q.shape, dtype_name(q), q)
-        handle = 0 if stream is None else stream_handle(stream, q)
-    else:
+    if type(q) is not np.ndarray:  # NumPy, the common CPU case, is cheap: k, v and the masks are checked in C++
         require_array(q, "q")
-        out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
-        handle = stream_handle(stream, q)
+    out, handle = out_like_and_stream(q, out, stream)
     scale, softcap = (0.0, 0.0) if scale is None and softcap is None else _options(scale, softcap)
     left, right = (-1, -1) if window is None else _window_bounds(window, causal)
     lse = empty_like(q, (q.shape[0], q.shape[2], q.shape[1]), "float32") if return_lse and len(q.shape) == 4 else None

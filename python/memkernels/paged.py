@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _memkernels as _C
-from ._arrays import INT32, INT64, as_int, bfloat16, check_out, dtype_name, empty_like, parse_device, stream_handle
+from ._arrays import (INT32, INT64, as_int, bfloat16, empty_like, out_like_and_stream, parse_device,
+                      stream_handle)
 from .attention import _float32_option, _window_bounds
 
 
@@ -238,12 +239,7 @@ def paged_attention(q, cache: PagedKVCache, layer, seq_ids, q_lens=None, *, caus
     # through _ids / _q_lens, with the same messages).
     scale, softcap = (0.0, 0.0) if scale is None and softcap is None else _scale(scale, softcap)
     left, right = (-1, -1) if window is None else _window(window, causal)
-    if type(q) is np.ndarray:
-        out = np.empty(q.shape, q.dtype) if out is None else check_out(out, q.shape, dtype_name(q), q)
-        handle = 0 if stream is None else stream_handle(stream, q)
-    else:
-        out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
-        handle = stream_handle(stream, q)
+    out, handle = out_like_and_stream(q, out, stream)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     if type(layer) is not int or not 0 <= layer <= _INT_MAX:
         layer = _layer(layer)
@@ -269,12 +265,7 @@ def paged_attention_raw(q, k_pages, v_pages, kv_indptr, kv_indices, kv_last_page
     """
     scale, softcap = (0.0, 0.0) if scale is None and softcap is None else _scale(scale, softcap)
     left, right = (-1, -1) if window is None else _window(window, causal)
-    if type(q) is np.ndarray:
-        out = np.empty(q.shape, q.dtype) if out is None else check_out(out, q.shape, dtype_name(q), q)
-        handle = 0 if stream is None else stream_handle(stream, q)
-    else:
-        out = empty_like(q, q.shape) if out is None else check_out(out, q.shape, dtype_name(q), q)
-        handle = stream_handle(stream, q)
+    out, handle = out_like_and_stream(q, out, stream)
     lse = empty_like(q, (q.shape[1], q.shape[0]), "float32") if return_lse and len(q.shape) == 3 else None
     if type(num_splits) is not int or num_splits != 0:
         num_splits = as_int(num_splits, "num_splits", *INT32)
