@@ -439,28 +439,6 @@ inline VecF opaque(VecF v) {
   return v;
 }
 
-// Row n dequantized to fp32 (scale and zero applied) into dst[0:K].
-template <int BITS, bool NF4>
-void dequant_row(const QuantView& w, const Table& tab, int64_t n, float* dst) {
-  const int chunks = w.group_size / 32;
-  alignas(64) uint8_t tmp[32];
-  for (int64_t g = 0; g < w.groups; ++g) {
-    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
-    for (int c = 0; c < chunks; ++c) {
-      VecF wv[CV];
-      decode<BITS, NF4>(chunk_codes<BITS>(w, n, g * chunks + c, tmp), tab, wv);
-      float* d = dst + (g * chunks + c) * 32;
-      if (w.mins) {
-        #pragma GCC unroll 16
-        for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
-      } else {
-        #pragma GCC unroll 16
-        for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
-      }
-    }
-  }
-}
-
 // Several tokens: y[t * ldy + n] += partial dot over chunks [c0, c1) for rows [n0, n1) x NT tokens
 // (x zero-padded to NT rows). Each chunk is unpacked and scaled once (w = T[q] * s + (m - z * s)) and
 // reused by all NT tokens, and FR rows share each x load.
@@ -924,25 +902,8 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   }
 }
 
-template <int BITS, bool NF4>
-void dequantize_impl(const DequantProblem& p) {
-  const Table tab(nf4_codebook());
-  const int64_t K = p.w.cols;
-  char* out = static_cast<char*>(p.out);
-  const int es = dtype_size(p.dtype);
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> row(static_cast<size_t>(K));
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t n = 0; n < p.w.rows; ++n) {
-      dequant_row<BITS, NF4>(p.w, tab, n, row.data());
-      store_floats(row.data(), p.dtype, K, out + n * K * es);
-    }
-  }
-}
-
-// Rows [n0, n1), weights [k0, k1) (whole chunks) dequantized to fp32 as dequant_row does:
-// dst[(n - n0) * ld + k - k0]. The prefill GEMM's only view of the layout (quant_internal.h).
+// Rows [n0, n1), weights [k0, k1) (whole chunks) dequantized to fp32, the values dequantize() gives:
+// dst[(n - n0) * ld + k - k0]. dequantize() runs it row by row; the prefill GEMM reads weights only through it.
 template <int BITS, bool NF4>
 void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
   const Table tab(nf4_codebook());
@@ -995,6 +956,22 @@ void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, 
           for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
         }
       }
+    }
+  }
+}
+
+template <int BITS, bool NF4>
+void dequantize_impl(const DequantProblem& p) {
+  const int64_t K = p.w.cols;
+  char* out = static_cast<char*>(p.out);
+  const int es = dtype_size(p.dtype);
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> row(static_cast<size_t>(K));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t n = 0; n < p.w.rows; ++n) {
+      dequant_rows_range<BITS, NF4>(p.w, n, n + 1, 0, K, row.data(), K);
+      store_floats(row.data(), p.dtype, K, out + n * K * es);
     }
   }
 }
