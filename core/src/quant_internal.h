@@ -58,12 +58,15 @@ struct QuantView {
 
   // Double-quantised scales in one explicit FMA: left as a * b + c, whether the compiler fuses it
   // depends on the ISA build (and nvcc fuses by default), and CPU and CUDA results differed.
-  float scale(int64_t n, int64_t g) const {
-    const int64_t j = sidx(n, g);
+  // By (row, group), or by index j = sidx(n, g) for loops that step it themselves.
+  float scale_at(int64_t j) const {
     return scales ? scales[j] : std::fma(scale_steps[j >> 8], float(scale_codes[j]), scale_offset);
   }
-  float zero(int64_t n, int64_t g) const { return (zeros ? float(zeros[sidx(n, g)]) : 0.0f) + code_offset; }
-  float min(int64_t n, int64_t g) const { return mins ? mins[sidx(n, g)] : 0.0f; }
+  float zero_at(int64_t j) const { return (zeros ? float(zeros[j]) : 0.0f) + code_offset; }
+  float min_at(int64_t j) const { return mins ? mins[j] : 0.0f; }
+  float scale(int64_t n, int64_t g) const { return scale_at(sidx(n, g)); }
+  float zero(int64_t n, int64_t g) const { return zero_at(sidx(n, g)); }
+  float min(int64_t n, int64_t g) const { return min_at(sidx(n, g)); }
 };
 
 inline QuantView make_quant_view(const QuantizedMatrix& qm) {

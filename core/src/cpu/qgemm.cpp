@@ -1000,60 +1000,151 @@ void qgemm(const QGemmProblem& p) {
 
 void dequantize(const DequantProblem& p) { MK_BY_FORMAT(p.w.format, dequantize_impl, p) }
 
-#if defined(MK_ISA_AVX512)
-// The codes of chunks [c0, c1) of rows, for a caller walking rows one by one over a K slice: with
-// the row-interleaved layout, each whole block of 16 rows is put back in the documented chunk layout
-// once (a 4 x 16 transpose of 4-byte pieces per 64 bytes) when the walk enters it, instead of
-// gathering 4-byte pieces chunk by chunk (which cost the bf16 prefill a third of its speed).
-template <int BITS>
-class SliceCodes {
- public:
-  SliceCodes(const QuantView& w, int64_t c0, int64_t c1) : w_(w), c0_(c0), nch_(c1 - c0) {}
-  const uint8_t* get(int64_t n, int64_t c) {
-    constexpr int CB = BITS * 4;
-    if (!w_.ilv) return w_.codes + n * w_.row_bytes + c * CB;
-    if (n < b0_ || n >= b0_ + 16) {
-      const int64_t r = n % w_.ilv, n0 = n - r;
-      if (r != 0 || n0 + 16 > w_.rows) return chunk_codes<BITS>(w_, n, c, tmp_);  // partial block
-      load_block(n0);
-    }
-    return buf_.data() + ((n - b0_) * nch_ + (c - c0_)) * CB;
-  }
-
- private:
-  void load_block(int64_t n0) {
-    constexpr int CB = BITS * 4;
-    buf_.resize(size_t(16 * nch_ * CB));
-    const uint8_t* blk = w_.codes + n0 * w_.row_bytes;
-    alignas(64) uint8_t t[4][64];
-    for (int64_t i = 0; i < nch_; ++i) {
-      const uint8_t* p = blk + (c0_ + i) * 16 * CB;  // chunk c of the block: piece j of row r at j * 64 + r * 4
-      for (int q = 0; q < BITS / 4; ++q) {
-        const __m512i v0 = _mm512_loadu_si512(p + (4 * q + 0) * 64), v1 = _mm512_loadu_si512(p + (4 * q + 1) * 64);
-        const __m512i v2 = _mm512_loadu_si512(p + (4 * q + 2) * 64), v3 = _mm512_loadu_si512(p + (4 * q + 3) * 64);
-        const __m512i a = _mm512_unpacklo_epi32(v0, v1), b = _mm512_unpackhi_epi32(v0, v1);
-        const __m512i c = _mm512_unpacklo_epi32(v2, v3), d = _mm512_unpackhi_epi32(v2, v3);
-        // 128-bit lane L of row vector i: pieces 4q..4q+3 of row 4L + i
-        _mm512_store_si512(t[0], _mm512_unpacklo_epi64(a, c));
-        _mm512_store_si512(t[1], _mm512_unpackhi_epi64(a, c));
-        _mm512_store_si512(t[2], _mm512_unpacklo_epi64(b, d));
-        _mm512_store_si512(t[3], _mm512_unpackhi_epi64(b, d));
-        for (int L = 0; L < 4; ++L)
-          for (int k = 0; k < 4; ++k) std::memcpy(buf_.data() + ((4 * L + k) * nch_ + i) * CB + 16 * q, t[k] + 16 * L, 16);
-      }
-    }
-    b0_ = n0;
-  }
-  const QuantView& w_;
-  int64_t c0_, nch_, b0_ = -(int64_t(1) << 40);  // the block in buf_ (none yet)
-  std::vector<uint8_t> buf_;
-  alignas(64) uint8_t tmp_[32];
-};
-#endif
-
 void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
   MK_BY_FORMAT(w.format, dequant_rows_range, w, n0, n1, k0, k1, dst, ld)
 }
+
+#if defined(MK_ISA_AVX512)
+namespace {
+
+// Chunk c of a whole 16-row block of the CPU row-interleaved layout, put back into rows in registers:
+// out[q][k], 128-bit lane L = bytes 16q .. 16q + 15 of the chunk's codes of row 4L + k (the layout
+// stores 4-byte piece j of row r at byte j * 64 + r * 4; a 4 x 16 transpose of 4-byte pieces).
+template <int BITS>
+inline void block_chunk_rows(const uint8_t* blk, int64_t c, __m512i out[BITS / 4][4]) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* p = blk + c * 16 * CB;
+  for (int q = 0; q < BITS / 4; ++q) {
+    const __m512i v0 = _mm512_loadu_si512(p + (4 * q + 0) * 64), v1 = _mm512_loadu_si512(p + (4 * q + 1) * 64);
+    const __m512i v2 = _mm512_loadu_si512(p + (4 * q + 2) * 64), v3 = _mm512_loadu_si512(p + (4 * q + 3) * 64);
+    const __m512i a = _mm512_unpacklo_epi32(v0, v1), b = _mm512_unpackhi_epi32(v0, v1);
+    const __m512i cc = _mm512_unpacklo_epi32(v2, v3), d = _mm512_unpackhi_epi32(v2, v3);
+    out[q][0] = _mm512_unpacklo_epi64(a, cc), out[q][1] = _mm512_unpackhi_epi64(a, cc);
+    out[q][2] = _mm512_unpacklo_epi64(b, d), out[q][3] = _mm512_unpackhi_epi64(b, d);
+  }
+}
+
+// The 16 rows' 16-byte pieces of one transposed column t (block_chunk_rows): rows[r] for r < 16.
+inline void block_rows16(const __m512i t[4], __m128i rows[16]) {
+  for (int k = 0; k < 4; ++k) {
+    rows[k] = _mm512_extracti32x4_epi32(t[k], 0), rows[4 + k] = _mm512_extracti32x4_epi32(t[k], 1);
+    rows[8 + k] = _mm512_extracti32x4_epi32(t[k], 2), rows[12 + k] = _mm512_extracti32x4_epi32(t[k], 3);
+  }
+}
+
+// The bf16 table of the 16 possible weights of group g of row n (4-bit formats, as
+// dequant_rows_range computes them, rounded nearest-even) repeated to 32 words: vpermw's word index
+// holds the code in bits 0-3 (bit 4, the other nibble's low bit, picks the same entry).
+// j = w.sidx(n, g).
+__attribute__((target("avx512bf16"))) inline __m512i bf16_table4(const QuantView& w, __m512 levels, int64_t j) {
+  const VecF lv{levels}, vs = VecF::set1(w.scale_at(j));
+  const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min_at(j))).v : ((lv - VecF::set1(w.zero_at(j))) * vs).v;
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+// The 32 codes of a 4-bit chunk (16 bytes: weights 0-15 in the low nibbles, 16-31 in the high
+// ones) -> 32 bf16 through the group's table.
+inline __m512i expand4_bf16(__m128i codes, __m512i tab) {
+  const __m256i lo = _mm256_cvtepu8_epi16(codes);
+  const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
+  return _mm512_permutexvar_epi16(idx, tab);
+}
+
+// The 32 int8 codes of a chunk (two halves of 16) times the scale, as dequant_rows_range computes
+// them, rounded to bf16.
+__attribute__((target("avx512bf16"))) inline __m512i expand8_bf16(__m128i lo16, __m128i hi16, __m512 vs) {
+  const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo16)), vs);
+  const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi16)), vs);
+  return (__m512i)_mm512_cvtne2ps_pbh(b, a);
+}
+
+// One whole 16-row block [nb, nb + 16) of the interleaved layout over weights [k0, k1): codes
+// transposed in registers and expanded straight into dst's rows (no de-interleaved copy).
+template <int BITS>
+__attribute__((target("avx512bf16"))) void block_rows_bf16(const QuantView& w, __m512 levels, int64_t nb, int64_t k0,
+                                                           int64_t k1, uint16_t* dst, int64_t ld) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* blk = w.codes + nb * w.row_bytes;
+  // The caller walks K in slices: fetch this block's next slice (one contiguous run) into L2 now.
+  const int64_t nch = (k1 - k0) / 32, c0 = k0 / 32;
+  for (int64_t b = (c0 + nch) * 16 * CB; b < std::min(16 * w.row_bytes, (c0 + 2 * nch) * 16 * CB); b += 64)
+    __builtin_prefetch(blk + b, 0, 2);
+  const int64_t gs = w.group_size;
+  alignas(64) __m512i tabs[16];  // per row: the bf16 table (4-bit) or the broadcast scale (int8)
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t j0 = nb * w.groups + g * 16;  // a whole block keeps row r's (scale, zero, min) at j0 + r
+    for (int r = 0; r < 16; ++r)
+      tabs[r] = BITS == 4 ? bf16_table4(w, levels, j0 + r) : (__m512i)_mm512_set1_ps(w.scale_at(j0 + r));
+    const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+    for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+      __m512i t[BITS / 4][4];
+      block_chunk_rows<BITS>(blk, c, t);
+      uint16_t* d = dst - k0 + c * 32;  // + r * ld: row nb + r
+      __m128i lo[16];
+      block_rows16(t[0], lo);
+      if constexpr (BITS == 4) {
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(d + r * ld, expand4_bf16(lo[r], tabs[r]));
+      } else {  // int8: a row's 32 codes are column q = 0 (bytes 0-15) and q = 1 (bytes 16-31)
+        __m128i hi[16];
+        block_rows16(t[1], hi);
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(d + r * ld, expand8_bf16(lo[r], hi[r], (__m512)tabs[r]));
+      }
+    }
+  }
+}
+
+// One row of either layout over [k0, k1) (the documented layout, or a row of a partial block).
+template <int BITS>
+__attribute__((target("avx512bf16"))) void row_bf16(const QuantView& w, __m512 levels, int64_t n, int64_t k0,
+                                                    int64_t k1, uint16_t* drow) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* row = w.codes + n * w.row_bytes;
+  if (!w.ilv)  // the next slice's codes (rows apart: too many streams for the hardware prefetcher)
+    for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
+      __builtin_prefetch(row + b, 0, 2);
+  const int64_t gs = w.group_size;
+  if (k1 / gs < w.groups) {  // and its scales, zeros and mins
+    const int64_t j = w.sidx(n, k1 / gs);
+    if (w.scales) __builtin_prefetch(w.scales + j);
+    if (w.zeros) __builtin_prefetch(w.zeros + j);
+    if (w.mins) __builtin_prefetch(w.mins + j);
+  }
+  alignas(64) uint8_t tmp[32];
+  drow -= k0;
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t j = w.sidx(n, g);
+    const __m512i tab = BITS == 4 ? bf16_table4(w, levels, j) : (__m512i)_mm512_set1_ps(w.scale_at(j));
+    const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+    for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+      const uint8_t* ck = chunk_codes<BITS>(w, n, c, tmp);  // in place, or gathered from a partial block
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ck));
+      if constexpr (BITS == 4) {
+        _mm512_storeu_si512(drow + c * 32, expand4_bf16(lo, tab));
+      } else {
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ck + 16));
+        _mm512_storeu_si512(drow + c * 32, expand8_bf16(lo, hi, (__m512)tab));
+      }
+    }
+  }
+}
+
+template <int BITS>
+__attribute__((target("avx512bf16"))) void rows_bf16(const QuantView& w, __m512 levels, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
+               int64_t ld) {
+  for (int64_t n = n0; n < n1;) {
+    if (w.ilv == 16 && n % 16 == 0 && n + 16 <= std::min(n1, w.rows)) {  // a whole interleaved block
+      block_rows_bf16<BITS>(w, levels, n, k0, k1, dst + (n - n0) * ld, ld);
+      n += 16;
+    } else {
+      row_bf16<BITS>(w, levels, n, k0, k1, dst + (n - n0) * ld);
+      ++n;
+    }
+  }
+}
+
+}  // namespace
+#endif
 
 #if defined(MK_ISA_AVX512)
 // Called only by the bf16 prefill kernel, which runs only on CPUs with AVX512-BF16.
@@ -1062,69 +1153,18 @@ __attribute__((target("avx512bf16")))
 bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
                           int64_t ld) {
 #if defined(MK_ISA_AVX512)
-  // 4-bit formats: per group, the 16 possible weights (as dequant_rows_range computes them) rounded
-  // to bf16 and repeated to 32 words; one vpermw per 32 weights, whose word index holds the code in
-  // bits 0-3 (bit 4, the other nibble's low bit, picks the same entry in the repeated table).
-  const QuantFormat f = w.format;  // the 4-bit formats of this chunk layout (not other 4-bit layouts)
+  // The formats of this chunk layout with a direct route: int8 (s * q in fp32, rounded straight to
+  // bf16) and the 4-bit ones (a 16-entry bf16 table per group, one vpermw per 32 weights).
+  const QuantFormat f = w.format;
   if (f == QuantFormat::Int8) {
-    // int8: s * q in fp32 as dequant_rows_range computes it, rounded straight to bf16 (no fp32 tile)
-    SliceCodes<8> codes(w, k0 / 32, (k1 + 31) / 32);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* row = reinterpret_cast<const int8_t*>(w.codes + n * w.row_bytes);
-      uint16_t* drow = dst + (n - n0) * ld - k0;
-      if (!w.ilv)
-        for (int64_t b = k1; b < std::min(w.row_bytes, 2 * k1 - k0); b += 64) __builtin_prefetch(row + b, 0, 2);
-      for (int64_t g = k0 / w.group_size; g * w.group_size < k1; ++g) {
-        const __m512 vs = _mm512_set1_ps(w.scale(n, g));
-        const int64_t c1 = std::min(k1, (g + 1) * w.group_size);
-        for (int64_t k = std::max(k0, g * w.group_size); k < c1; k += 32) {
-          // the chunk's 32 codes: in place, or gathered from the CPU row-interleaved layout
-          const int8_t* ck = reinterpret_cast<const int8_t*>(codes.get(n, k / 32));
-          const __m512 a = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck)))), vs);
-          const __m512 b = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck + 16)))),
-              vs);
-          _mm512_storeu_si512(drow + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-        }
-      }
-    }
+    rows_bf16<8>(w, _mm512_setzero_ps(), n0, n1, k0, k1, dst, ld);
     return true;
   }
   if (f != QuantFormat::Int4 && f != QuantFormat::Int4Sym && f != QuantFormat::Int4Min && f != QuantFormat::NF4)
     return false;
-  const bool nf4 = f == QuantFormat::NF4;
-  const __m512 levels = nf4 ? _mm512_loadu_ps(nf4_codebook())
-                            : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const int64_t gs = w.group_size;
-  SliceCodes<4> codes(w, k0 / 32, (k1 + 31) / 32);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * w.row_bytes;
-    uint16_t* drow = dst + (n - n0) * ld - k0;
-    const int64_t next = (2 * k1 - k0) / 2;  // the next slice's codes, spread over this slice's chunks
-    if (k1 / gs < w.groups) {  // and its scales, zeros and mins (rows apart: no stream for the hardware)
-      const int64_t j = n * w.groups + k1 / gs;
-      if (w.scales) __builtin_prefetch(w.scales + j);
-      if (w.zeros) __builtin_prefetch(w.zeros + j);
-      if (w.mins) __builtin_prefetch(w.mins + j);
-    }
-    for (int64_t g = k0 / gs; g * gs < k1; ++g) {
-      const VecF lv{levels}, vs = VecF::set1(w.scale(n, g));
-      const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min(n, g))).v : ((lv - VecF::set1(w.zero(n, g))) * vs).v;
-      // rounded as the other formats' floats are (vcvtneps2bf16: nearest even)
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
-      const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
-      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
-      for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
-        if (!w.ilv && (c & 3) == 0 && c * 16 + (k1 - k0) / 2 < std::min(w.row_bytes, next))
-          __builtin_prefetch(row + c * 16 + (k1 - k0) / 2, 0, 2);
-        const uint8_t* ck = codes.get(n, c);  // in place, or from the de-interleaved block
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ck)));
-        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
-        _mm512_storeu_si512(drow + c * 32, _mm512_permutexvar_epi16(idx, tab));
-      }
-    }
-  }
+  const __m512 levels = f == QuantFormat::NF4 ? _mm512_loadu_ps(nf4_codebook())
+                                              : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  rows_bf16<4>(w, levels, n0, n1, k0, k1, dst, ld);
   return true;
 #else
   (void)w, (void)n0, (void)n1, (void)k0, (void)k1, (void)dst, (void)ld;

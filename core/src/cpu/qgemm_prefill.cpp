@@ -178,8 +178,8 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
   const int64_t nb = (T + L - 1) / L, ldy = nb * L;  // token blocks; tokens padded with zeros
   // x transposed into token blocks. bf16: xT[b][K / 2][16] words of two bf16; fp32: xT[b][K][L].
   const int64_t xstride = BF16 ? K / 2 * 16 : K * L;  // per token block, in words / floats
-  std::vector<uint32_t> xT32;
-  std::vector<float> xTf;
+  AlignedVector<uint32_t> xT32;
+  AlignedVector<float> xTf;
   const void* xT;
   if constexpr (BF16) {
 #if defined(MK_ISA_AVX512)
@@ -206,8 +206,8 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
   ParallelGuard guard;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> ftile, yacc;
-    std::vector<uint16_t> btile;
+    AlignedVector<float> ftile, yacc;
+    AlignedVector<uint16_t> btile;
     guard.run([&] {
       ftile.resize(size_t((BF16 ? DR : RB) * KC));
       if (BF16) btile.resize(size_t(RB * KC));
@@ -223,13 +223,20 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
         const int64_t kn = std::min(KC, K - k0);
         // kAcc rows at a time: dequantized, then multiplied with every token while their tile (and
         // the x slice of a token group) are still in L1
+        // bf16 with a direct route: the whole block's rows in one call (blocks start on multiples of
+        // 48, so interleaved 16-row blocks are never split between two calls)
+        bool direct = false;
+#if defined(MK_ISA_AVX512)
+        if constexpr (BF16) {
+          direct = dequantize_rows_bf16(w, n0, n1, k0, k0 + kn, btile.data(), KC);
+          for (int64_t i = nr; direct && i < rows; ++i) std::memset(btile.data() + i * KC, 0, size_t(kn) * 2);
+        }
+#endif
         for (int64_t g0 = 0; g0 < rows; g0 += kAcc) {
           const int64_t ge = std::min(nr, g0 + kAcc);  // rows past nr: zeros
           const void* tile;
           if constexpr (BF16) {
 #if defined(MK_ISA_AVX512)
-            const bool direct = ge <= g0 || dequantize_rows_bf16(w, n0 + g0, n0 + ge, k0, k0 + kn, btile.data() + g0 * KC, KC);
-            for (int64_t i = std::max(g0, ge); direct && i < g0 + kAcc; ++i) std::memset(btile.data() + i * KC, 0, size_t(kn) * 2);
             for (int64_t r = g0; !direct && r < g0 + kAcc; r += DR) {
               const int64_t re = std::min(ge, r + DR);
               if (r < re) dequantize_rows(w, n0 + r, n0 + re, k0, k0 + kn, ftile.data(), KC);
