@@ -21,10 +21,8 @@
 
 namespace memkernels::cpu::MK_ISA_NS {
 
-// std::vector whose data starts on a cache line. Scratch that kernels stream with full-vector loads
-// must be aligned: a 64-byte load that straddles two lines costs two, and malloc's 16-byte
-// alignment made the prefill's tiles and transposed x straddle or not depending on the heap's state
-// (the same code ran 1.37x slower in one build than in another).
+// std::vector whose data starts on a cache line, for scratch that kernels stream with full-vector
+// loads: a 64-byte load that straddles two lines costs two, and malloc aligns to 16 bytes only.
 template <class T>
 struct CacheLineAllocator {
   using value_type = T;
