@@ -902,63 +902,157 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   }
 }
 
-// Rows [n0, n1), weights [k0, k1) (whole chunks) dequantized to fp32, the values dequantize() gives:
-// dst[(n - n0) * ld + k - k0]. dequantize() runs it row by row; the prefill GEMM reads weights only through it.
+#if defined(MK_ISA_AVX512)
+// Chunk c of a whole 16-row block of the CPU row-interleaved layout, put back into rows in registers:
+// out[q][k], 128-bit lane L = bytes 16q .. 16q + 15 of the chunk's codes of row 4L + k (the layout
+// stores 4-byte piece j of row r at byte j * 64 + r * 4; a 4 x 16 transpose of 4-byte pieces).
+template <int BITS>
+inline void block_chunk_rows(const uint8_t* blk, int64_t c, __m512i out[BITS / 4][4]) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* p = blk + c * 16 * CB;
+  for (int q = 0; q < BITS / 4; ++q) {
+    const __m512i v0 = _mm512_loadu_si512(p + (4 * q + 0) * 64), v1 = _mm512_loadu_si512(p + (4 * q + 1) * 64);
+    const __m512i v2 = _mm512_loadu_si512(p + (4 * q + 2) * 64), v3 = _mm512_loadu_si512(p + (4 * q + 3) * 64);
+    const __m512i a = _mm512_unpacklo_epi32(v0, v1), b = _mm512_unpackhi_epi32(v0, v1);
+    const __m512i cc = _mm512_unpacklo_epi32(v2, v3), d = _mm512_unpackhi_epi32(v2, v3);
+    out[q][0] = _mm512_unpacklo_epi64(a, cc), out[q][1] = _mm512_unpackhi_epi64(a, cc);
+    out[q][2] = _mm512_unpacklo_epi64(b, d), out[q][3] = _mm512_unpackhi_epi64(b, d);
+  }
+}
+
+// The 16 rows' 16-byte pieces of one transposed column t (block_chunk_rows): rows[r] for r < 16.
+inline void block_rows16(const __m512i t[4], __m128i rows[16]) {
+  for (int k = 0; k < 4; ++k) {
+    rows[k] = _mm512_extracti32x4_epi32(t[k], 0), rows[4 + k] = _mm512_extracti32x4_epi32(t[k], 1);
+    rows[8 + k] = _mm512_extracti32x4_epi32(t[k], 2), rows[12 + k] = _mm512_extracti32x4_epi32(t[k], 3);
+  }
+}
+
+#endif
+
+// One row n into drow[k - k0] (either layout; a row of an interleaved block is gathered chunk by chunk).
 template <int BITS, bool NF4>
-void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
-  const Table tab(nf4_codebook());
+void dequant_row_range(const QuantView& w, const Table& tab, int64_t n, int64_t k0, int64_t k1, float* drow) {
   const int64_t gs = w.group_size;
   constexpr int CB = BITS * 4;
   alignas(64) uint8_t tmp[32];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * w.row_bytes;
-    float* drow = dst + (n - n0) * ld - k0;
-    // The caller walks K in slices, each for a block of rows: too many streams for the hardware
-    // prefetcher, so fetch the codes of this row's next slice (same length) now (documented layout;
-    // the interleaved one streams blocks of 16 rows, which the hardware prefetcher follows).
-    if (!w.ilv)
-      for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
-        __builtin_prefetch(row + b, 0, 2);  // to L2: a burst of these must not stall on L1 misses
-    if (k1 / gs < w.groups) {  // and its scales, zeros and mins
-      const int64_t j = n * w.groups + k1 / gs;
-      if (w.scales) __builtin_prefetch(w.scales + j);
-      if (w.zeros) __builtin_prefetch(w.zeros + j);
-      if (w.mins) __builtin_prefetch(w.mins + j);
-    }
-    for (int64_t g = k0 / gs; g * gs < k1; ++g) {  // groups meeting [k0, k1), whole chunks of each
-      const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
-      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+  const uint8_t* row = w.codes + n * w.row_bytes;
+  drow -= k0;
+  // The caller walks K in slices, each for a block of rows: too many streams for the hardware
+  // prefetcher, so fetch the codes of this row's next slice (same length) now (documented layout;
+  // the interleaved one streams blocks of 16 rows, which the hardware prefetcher follows).
+  if (!w.ilv)
+    for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
+      __builtin_prefetch(row + b, 0, 2);  // to L2: a burst of these must not stall on L1 misses
+  if (k1 / gs < w.groups) {  // and its scales, zeros and mins
+    const int64_t j = w.sidx(n, k1 / gs);
+    if (w.scales) __builtin_prefetch(w.scales + j);
+    if (w.zeros) __builtin_prefetch(w.zeros + j);
+    if (w.mins) __builtin_prefetch(w.mins + j);
+  }
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {  // groups meeting [k0, k1), whole chunks of each
+    const VecF vs = VecF::set1(w.scale(n, g)), vz = VecF::set1(w.zero(n, g)), vm = VecF::set1(w.min(n, g));
+    const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
 #if defined(MK_ISA_AVX512)
-      if constexpr (BITS == 4) {
-        // The group's 16 possible weights, computed as below (so the same floats), then one
-        // permute per 16 weights: vpermps reads only the low 4 bits of each index, so the byte
-        // zero-extended to 32 bits indexes with its low nibble and, shifted by 4, with its high one.
-        const VecF lv{NF4 ? tab.t : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
-        const __m512 t16 = w.mins ? (opaque(lv * vs) + vm).v : ((lv - vz) * vs).v;
-        for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
-          const __m512i b =
-              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_codes<BITS>(w, n, c, tmp))));
-          _mm512_storeu_ps(drow + c * 32, _mm512_permutexvar_ps(b, t16));
-          _mm512_storeu_ps(drow + c * 32 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t16));
-        }
-        continue;
-      }
-#endif
+    if constexpr (BITS == 4) {
+      // The group's 16 possible weights, computed as below (so the same floats), then one
+      // permute per 16 weights: vpermps reads only the low 4 bits of each index, so the byte
+      // zero-extended to 32 bits indexes with its low nibble and, shifted by 4, with its high one.
+      const VecF lv{NF4 ? tab.t : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
+      const __m512 t16 = w.mins ? (opaque(lv * vs) + vm).v : ((lv - vz) * vs).v;
       for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
-        VecF wv[CV];
-        decode<BITS, NF4>(chunk_codes<BITS>(w, n, c, tmp), tab, wv);
-        float* d = drow + c * 32;
-        if (w.mins) {
-          #pragma GCC unroll 16
-          for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
-        } else {
-          #pragma GCC unroll 16
-          for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+        const __m512i b =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_codes<BITS>(w, n, c, tmp))));
+        _mm512_storeu_ps(drow + c * 32, _mm512_permutexvar_ps(b, t16));
+        _mm512_storeu_ps(drow + c * 32 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t16));
+      }
+      continue;
+    }
+#endif
+    for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+      VecF wv[CV];
+      decode<BITS, NF4>(chunk_codes<BITS>(w, n, c, tmp), tab, wv);
+      float* d = drow + c * 32;
+      if (w.mins) {
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) (opaque(wv[i] * vs) + vm).store(d + i * VL);
+      } else {
+        #pragma GCC unroll 16
+        for (int i = 0; i < CV; ++i) ((wv[i] - vz) * vs).store(d + i * VL);
+      }
+    }
+  }
+}
+
+#if defined(MK_ISA_AVX512)
+// A whole 16-row block [nb, nb + 16) of the interleaved layout (4- and 8-bit codes): each chunk's
+// codes transposed in registers and expanded straight into the rows of dst, the values
+// dequant_row_range gives (the same float operations).
+template <int BITS, bool NF4>
+void dequant_block_range(const QuantView& w, const Table& tab, int64_t nb, int64_t k0, int64_t k1, float* dst,
+                         int64_t ld) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* blk = w.codes + nb * w.row_bytes;
+  const int64_t nch = (k1 - k0) / 32, c0 = k0 / 32, gs = w.group_size;
+  for (int64_t b = (c0 + nch) * 16 * CB; b < std::min(16 * w.row_bytes, (c0 + 2 * nch) * 16 * CB); b += 64)
+    __builtin_prefetch(blk + b, 0, 2);  // this block's next slice, one contiguous run, into L2
+  const VecF lv{NF4 ? tab.t : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
+  __m512 t16[16];  // per row: the group's 16 possible weights (4-bit) or {scale, zero} (int8)
+  VecF vz[16];
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t j0 = nb * w.groups + g * 16;  // a whole block keeps row r's (scale, zero, min) at j0 + r
+    for (int r = 0; r < 16; ++r) {
+      const VecF vs = VecF::set1(w.scale_at(j0 + r));
+      vz[r] = VecF::set1(w.zero_at(j0 + r));
+      t16[r] = BITS == 8 ? vs.v : w.mins ? (opaque(lv * vs) + VecF::set1(w.min_at(j0 + r))).v : ((lv - vz[r]) * vs).v;
+    }
+    const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+    for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+      __m512i t[BITS / 4][4];
+      block_chunk_rows<BITS>(blk, c, t);
+      float* d = dst - k0 + c * 32;  // + r * ld: row nb + r
+      __m128i lo[16];
+      block_rows16(t[0], lo);
+      if constexpr (BITS == 4) {
+        for (int r = 0; r < 16; ++r) {
+          const __m512i b = _mm512_cvtepu8_epi32(lo[r]);
+          _mm512_storeu_ps(d + r * ld, _mm512_permutexvar_ps(b, t16[r]));
+          _mm512_storeu_ps(d + r * ld + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t16[r]));
+        }
+      } else {
+        __m128i hi[16];
+        block_rows16(t[1], hi);
+        for (int r = 0; r < 16; ++r) {
+          const VecF vs{t16[r]};
+          ((VecF{_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo[r]))} - vz[r]) * vs).store(d + r * ld);
+          ((VecF{_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi[r]))} - vz[r]) * vs).store(d + r * ld + 16);
         }
       }
     }
   }
 }
+#endif
+
+// Rows [n0, n1), weights [k0, k1) (whole chunks) dequantized to fp32, the values dequantize() gives:
+// dst[(n - n0) * ld + k - k0]. dequantize() runs it row by row; the prefill GEMM reads weights only through it.
+template <int BITS, bool NF4>
+void dequant_rows_range(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst, int64_t ld) {
+  const Table tab(nf4_codebook());
+  for (int64_t n = n0; n < n1;) {
+#if defined(MK_ISA_AVX512)
+    if constexpr (BITS == 4 || BITS == 8) {
+      if (w.ilv == 16 && n % 16 == 0 && n + 16 <= std::min(n1, w.rows)) {  // a whole interleaved block
+        dequant_block_range<BITS, NF4>(w, tab, n, k0, k1, dst + (n - n0) * ld, ld);
+        n += 16;
+        continue;
+      }
+    }
+#endif
+    dequant_row_range<BITS, NF4>(w, tab, n, k0, k1, dst + (n - n0) * ld);
+    ++n;
+  }
+}
+
 
 template <int BITS, bool NF4>
 void dequantize_impl(const DequantProblem& p) {
@@ -1006,31 +1100,6 @@ void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int
 
 #if defined(MK_ISA_AVX512)
 namespace {
-
-// Chunk c of a whole 16-row block of the CPU row-interleaved layout, put back into rows in registers:
-// out[q][k], 128-bit lane L = bytes 16q .. 16q + 15 of the chunk's codes of row 4L + k (the layout
-// stores 4-byte piece j of row r at byte j * 64 + r * 4; a 4 x 16 transpose of 4-byte pieces).
-template <int BITS>
-inline void block_chunk_rows(const uint8_t* blk, int64_t c, __m512i out[BITS / 4][4]) {
-  constexpr int CB = BITS * 4;
-  const uint8_t* p = blk + c * 16 * CB;
-  for (int q = 0; q < BITS / 4; ++q) {
-    const __m512i v0 = _mm512_loadu_si512(p + (4 * q + 0) * 64), v1 = _mm512_loadu_si512(p + (4 * q + 1) * 64);
-    const __m512i v2 = _mm512_loadu_si512(p + (4 * q + 2) * 64), v3 = _mm512_loadu_si512(p + (4 * q + 3) * 64);
-    const __m512i a = _mm512_unpacklo_epi32(v0, v1), b = _mm512_unpackhi_epi32(v0, v1);
-    const __m512i cc = _mm512_unpacklo_epi32(v2, v3), d = _mm512_unpackhi_epi32(v2, v3);
-    out[q][0] = _mm512_unpacklo_epi64(a, cc), out[q][1] = _mm512_unpackhi_epi64(a, cc);
-    out[q][2] = _mm512_unpacklo_epi64(b, d), out[q][3] = _mm512_unpackhi_epi64(b, d);
-  }
-}
-
-// The 16 rows' 16-byte pieces of one transposed column t (block_chunk_rows): rows[r] for r < 16.
-inline void block_rows16(const __m512i t[4], __m128i rows[16]) {
-  for (int k = 0; k < 4; ++k) {
-    rows[k] = _mm512_extracti32x4_epi32(t[k], 0), rows[4 + k] = _mm512_extracti32x4_epi32(t[k], 1);
-    rows[8 + k] = _mm512_extracti32x4_epi32(t[k], 2), rows[12 + k] = _mm512_extracti32x4_epi32(t[k], 3);
-  }
-}
 
 // The bf16 table of the 16 possible weights of group g of row n (4-bit formats, as
 // dequant_rows_range computes them, rounded nearest-even) repeated to 32 words: vpermw's word index

@@ -4,11 +4,13 @@
 // The decode paths of qgemm.cpp unpack the codes inside the dot product, which is right for a few
 // tokens but redoes the unpacking and the per-group scale work for every pass of 4-8 tokens. Here a
 // task owns a block of RB weight rows; K is cut into slices of KC weights, and each slice of the
-// block is dequantized once, kAcc rows at a time, into a tile that stays in L1 while every token
-// streams over it. Weights come only through the layout's own entry points (quant_internal.h):
-// dequantize_rows (fp32, every format) or, for bf16, dequantize_rows_bf16 where the layout has a
-// fast route (4-bit codes: a 16-entry bf16 table per group and one permute per 32 weights), else
-// dequantize_rows then a conversion. So every format works, whatever its packing.
+// block is dequantized once, in one call for the RB rows (so a CPU row-interleaved 16-row block is
+// never split between calls), into a tile that stays in L1/L2 while every token streams over it,
+// kAcc rows per micro-kernel pass. Weights come only through the layout's own entry points
+// (quant_internal.h): dequantize_rows (fp32, every format) or, for bf16, dequantize_rows_bf16 where
+// the layout has a fast route (int8, and 4-bit codes: a 16-entry bf16 table per group and one
+// permute per 32 weights), else dequantize_rows then a conversion. So every format works, whatever
+// its packing.
 //
 // Micro-kernel layout: output lanes are tokens. x is transposed once per call into blocks of L
 // tokens (L = the vector width: 16 on AVX-512, 8 otherwise): xT[block][k][lane]. One step of the
@@ -221,17 +223,18 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
       std::fill(yacc.begin(), yacc.begin() + rows * ldy, 0.0f);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kn = std::min(KC, K - k0);
-        // kAcc rows at a time: dequantized, then multiplied with every token while their tile (and
-        // the x slice of a token group) are still in L1
-        // bf16 with a direct route: the whole block's rows in one call (blocks start on multiples of
-        // 48, so interleaved 16-row blocks are never split between two calls)
-        bool direct = false;
-#if defined(MK_ISA_AVX512)
+        // fp32, or bf16 with a direct route: the whole block's rows in one call (blocks start on
+        // multiples of 48, so interleaved 16-row blocks are never split between two calls)
+        bool direct = !BF16;
         if constexpr (BF16) {
+#if defined(MK_ISA_AVX512)
           direct = dequantize_rows_bf16(w, n0, n1, k0, k0 + kn, btile.data(), KC);
           for (int64_t i = nr; direct && i < rows; ++i) std::memset(btile.data() + i * KC, 0, size_t(kn) * 2);
-        }
 #endif
+        } else {
+          dequantize_rows(w, n0, n1, k0, k0 + kn, ftile.data(), KC);
+          for (int64_t i = nr; i < rows; ++i) std::memset(ftile.data() + i * KC, 0, size_t(kn) * 4);
+        }
         for (int64_t g0 = 0; g0 < rows; g0 += kAcc) {
           const int64_t ge = std::min(nr, g0 + kAcc);  // rows past nr: zeros
           const void* tile;
@@ -249,8 +252,6 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
 #endif
             tile = btile.data();
           } else {
-            if (g0 < ge) dequantize_rows(w, n0 + g0, n0 + ge, k0, k0 + kn, ftile.data() + g0 * KC, KC);
-            for (int64_t i = std::max(g0, ge); i < g0 + kAcc; ++i) std::memset(ftile.data() + i * KC, 0, size_t(kn) * 4);
             tile = ftile.data();
           }
           // every token block against these rows, kMaxTB blocks per micro-kernel call (bf16: a last
