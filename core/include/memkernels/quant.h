@@ -231,9 +231,10 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
-  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 with 1 to 64
-  // tokens on CPUs with VNNI or AVX2; ignored elsewhere (more tokens, other formats, CUDA: the exact
-  // path runs). q4_k / q5_k / q6_k follow the same rules with the same bound (AVX512-VNNI vpdpbusd or
+  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 (any token
+  // count: prefill too, in chunks of 64 tokens) on CPUs with VNNI or AVX2; ignored elsewhere (other
+  // formats, CUDA: the exact path runs, or the bf16 prefill below). q4_k / q5_k / q6_k (1 to 64
+  // tokens) follow the same rules with the same bound (AVX512-VNNI vpdpbusd or
   // AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per super-block, one
   // float multiply per super-block).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):
@@ -243,8 +244,8 @@ struct QGemmOptions {
   // tests/python/test_quant.py checks the bound for every format and ISA. The Python qgemm() turns
   // this on by default (exact=True turns it off); the C++ default stays the exact path.
   //
-  // Prefill: on CPUs with AVX512-BF16, with this option on and from 32 tokens (int4 / int4_sym /
-  // int4_min / int8) or 12 tokens (every other format), each block of weight rows is dequantized
+  // Prefill of the formats without the integer path: on CPUs with AVX512-BF16, with this option on
+  // and from 12 tokens, each block of weight rows is dequantized
   // once per call and rounded to bf16, x is rounded to bf16 (round to nearest even), and the
   // products are summed in fp32 (vdpbf16ps; a product of two bf16 is exact in fp32). Bound against
   // the exact path, for output n of token t:

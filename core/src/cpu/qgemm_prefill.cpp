@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../quant_internal.h"
@@ -287,20 +288,20 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
   guard.rethrow();
 }
 
-// Token counts from which this path runs (measured against the other paths on Zen 4, 4096 x 4096,
-// one thread, bench/qgemm.py --prefill): the dequantize-once fp32 kernel beats the exact decode path
-// from one full token block (8 lanes; on AVX-512 from 12, a 16-token block half used). With
-// approximate activations allowed, the int8 integer-dot path (VNNI: 64 multiply-adds per
-// instruction against vdpbf16ps's 32) is as fast as bf16 up to about 48 tokens and ahead at 16:
-// bf16 takes over from 32 (its error is lower at equal speed), fp32 only after the int8 path's
-// range (64 tokens). Formats without an int8 path take the bf16 / fp32 kernel from 12 / 8 tokens.
+// Token counts from which this path runs (measured against the other paths on Zen 4, one thread,
+// bench/qgemm.py --prefill). With approximate activations allowed, formats with an int8 integer-dot
+// path in qgemm.cpp (the row-interleaved ones, on CPUs with AVX512-VNNI or AVX2) never come here:
+// vpdpbusd does twice vdpbf16ps's multiply-adds per instruction, and that path was 1.7-2.6x this
+// one's bf16 kernel at 16-64 tokens and 1.6x at 128 (4096 x 14336 and 11008 x 4096, int4 g32/g128,
+// int8). The others take the bf16 kernel from 12 tokens; with exact activations (or no bf16) the
+// fp32 kernel beats the exact decode path from one full token block (8 lanes; on AVX-512 from 12,
+// a 16-token block half used).
 int64_t min_tokens(const QGemmProblem& p, bool bf16) {
-  const QuantFormat f = p.w.format;
-  const bool int8_format =
-      f == QuantFormat::Int4 || f == QuantFormat::Int4Sym || f == QuantFormat::Int4Min || f == QuantFormat::Int8;
   const int64_t fp32_min = L == 16 ? 12 : 8;
   if (!p.int8_activations) return fp32_min;
-  if (bf16) return int8_format ? 32 : 12;
+  const QuantFormat f = p.w.format;
+  const bool int8_format = p.w.ilv && (f == QuantFormat::Int4 || f == QuantFormat::Int4Sym ||
+                                       f == QuantFormat::Int4Min || f == QuantFormat::Int8);
 #if defined(MK_ISA_AVX512)
   static const bool vnni = [] {
     __builtin_cpu_init();
@@ -312,7 +313,8 @@ int64_t min_tokens(const QGemmProblem& p, bool bf16) {
 #else
   const bool int8_path = false;
 #endif
-  return int8_format && int8_path ? 65 : fp32_min;
+  if (int8_format && int8_path) return std::numeric_limits<int64_t>::max();
+  return bf16 ? 12 : fp32_min;
 }
 
 }  // namespace
