@@ -444,7 +444,7 @@ def test_calibrated_allocation_keeps_mean_sparsity(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["int4", "int4_int8"])
 @pytest.mark.parametrize("T,k,d", [(1, 1, 32), (1, 37, 50), (3, 64, 96), (8, 200, 576), (2, 0, 64), (1, 9, 33)])
-def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt):
+def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt, isa):
     """The C++ decode FFN on gathered 4-bit bundles against a float64 product of the decoded weights."""
     from memkernels import _memkernels as _C
     rng = np.random.default_rng(T * 7 + k + d)
@@ -482,3 +482,131 @@ def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt):
         _C.stream_ffn_int4(h, a, bundles, np.zeros((T, d + 1), np.float32), fmt == "int4_int8")
     with pytest.raises((TypeError, ValueError), match="a"):
         _C.stream_ffn_int4(h, a.astype(np.float64), bundles, out, fmt == "int4_int8")
+
+
+# ---- the streamed FFN layer in one C++ call (stream_ffn_layer: order, threshold, cache, reads, FFN) ----
+
+def _bundle_store(path, fmt, layers, n, d, seed):
+    """A store of `layers` 4-bit bundle layers as convert_for_streaming writes them; returns the
+    float64 decoded (up, down) of each layer, from the bytes."""
+    rng = np.random.default_rng(seed)
+    ffn, ref = {}, {}
+    p4 = st.int4_part_bytes(d)
+    for L in range(layers):
+        up = rng.standard_normal((n, d)) * rng.uniform(0.2, 2, (n, 1))
+        b = st.pack_bundles(fmt, up, rng.standard_normal((n, d)))
+        half = b.shape[1] // 2
+        ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
+        U = _int4_reference(b[:, :p4], d)
+        if fmt == "int4":
+            D = _int4_reference(b[:, p4:], d)
+        else:
+            D = b[:, p4:p4 + d].view(np.int8).astype(np.float64) * b[:, p4 + d:p4 + d + 4].copy().view("<f4").astype(np.float64)
+        ref[L] = (U, D)
+    mk.write_weight_store(path, {}, ffn)
+    return ref
+
+
+def _layer_reference(U, D, h, act, perm, score, sparse, thr):
+    a_s = act.astype(np.float64)[:, perm]
+    keep = np.ones_like(a_s, bool) if not sparse else np.abs(a_s if score is None else score) > thr
+    coef = a_s * keep
+    return (coef * (h.astype(np.float64) @ U.T)) @ D, keep
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4_int8"])
+@pytest.mark.parametrize("T,n,d", [(1, 64, 40), (3, 97, 33), (8, 150, 96), (2, 50, 576), (1, 1, 32)])
+@pytest.mark.parametrize("slots", ["all", "tight", "pinned"])
+def test_stream_ffn_layer_against_float64(tmp_path, fmt, T, n, d, slots, isa):
+    """One call per layer: the neurons kept (exact-gate threshold or a separate score, in the store's
+    order through perm) are read or found in the cache and the FFN computed on the cached bundles,
+    against a float64 product of the decoded weights; poisoned outputs; the cache's stats count every
+    requested neuron once; the budget holds with the cache smaller than a layer (batches) and with
+    pinned neurons (hits visited first, then the misses)."""
+    from memkernels import _memkernels as _C
+    path = str(tmp_path / "b.mkws")
+    nl = 2
+    ref = _bundle_store(path, fmt, nl, n, d, seed=T * 100 + n + d)
+    with mk.WeightStore.open(path, 1 << 22) as probe:
+        staging, slot = probe.stats()["staging_bytes"], probe.stats()["slot_bytes"]
+    budget = {"all": 1 << 22, "tight": staging + slot * max(2, n // 3), "pinned": staging + slot * (n + 2)}[slots]
+    rng = np.random.default_rng(n + d + T)
+    with mk.WeightStore.open(path, budget) as ws:
+        if slots == "pinned":
+            ws.pin(0, np.arange(0, n, 2))
+        for rep in range(2):
+            for L in range(nl):
+                U, D = ref[L]
+                h = rng.standard_normal((T, d)).astype(np.float32)
+                act = rng.standard_normal((T, n)).astype(np.float32)
+                perm = rng.permutation(n).astype(np.int64)
+                for sparse, use_score in ((False, False), (True, False), (True, True)):
+                    score = rng.standard_normal((T, n)).astype(np.float32) if use_score else None
+                    thr = float(np.quantile(np.abs(act if score is None else score), 0.4)) if sparse else 0.0
+                    want, keep = _layer_reference(U, D, h, act, perm, score, sparse, thr)
+                    out = np.full((T, d), np.nan, np.float32)
+                    before = ws.stats()
+                    kept, visited = _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, sparse, thr, out,
+                                                        fmt == "int4_int8")
+                    after = ws.stats()
+                    assert np.isfinite(out).all()
+                    scale = max(np.abs(want).max(), 1e-30)
+                    assert np.abs(out - want).max() <= 1e-4 * scale * max(1, np.sqrt(n * d) / 8)
+                    assert kept == int(keep.sum()) and visited == int(keep.any(0).sum())
+                    looked = (after["neuron_hits"] + after["neuron_misses"]) - (before["neuron_hits"] + before["neuron_misses"])
+                    assert looked == visited
+                    assert after["peak_resident_bytes"] + after["staging_bytes"] <= budget
+            ws.next_token()
+        if slots == "all":  # everything cached after the first pass: the second read nothing new
+            assert ws.stats()["neuron_hits"] > 0
+
+
+def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
+    from memkernels import _memkernels as _C
+    path = str(tmp_path / "b.mkws")
+    n, d, T = 40, 64, 2
+    _bundle_store(path, "int4_int8", 1, n, d, seed=3)
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((T, d)).astype(np.float32)
+    act = rng.standard_normal((T, n)).astype(np.float32)
+    perm = np.arange(n, dtype=np.int64)
+    out = np.zeros((T, d), np.float32)
+    with mk.WeightStore.open(path, 1 << 22) as ws:
+        def call(L=0, h=h, act=act, perm=perm, score=None, sparse=True, thr=0.5, out=out, i8=True):
+            return _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, sparse, thr, out, i8)
+        with pytest.raises((TypeError, ValueError), match="act"):
+            call(act=act.astype(np.float64))
+        with pytest.raises(ValueError, match="act"):
+            call(act=act[:, :-1].copy())
+        with pytest.raises((TypeError, ValueError), match="perm"):
+            call(perm=perm.astype(np.int32))
+        with pytest.raises(ValueError, match="perm"):
+            call(perm=np.full(n, n, np.int64))
+        with pytest.raises(ValueError, match="score"):
+            call(score=np.zeros((T, n + 1), np.float32))
+        with pytest.raises(ValueError, match="out"):
+            call(out=np.zeros((T, d + 1), np.float32))
+        with pytest.raises(ValueError, match="threshold"):
+            call(thr=float("nan"))
+        with pytest.raises(ValueError, match="4-bit bundle layer"):  # int4 bundles are smaller
+            call(i8=False)
+        with pytest.raises(ValueError, match="4-bit bundle layer"):  # bundles of another d_model
+            call(h=np.zeros((T, d + 32), np.float32), out=np.zeros((T, d + 32), np.float32))
+        with pytest.raises(ValueError, match="layer"):
+            call(L=5)
+        with pytest.raises((TypeError, ValueError), match="h"):
+            call(h=h[:, ::2])
+        info = ws.layers()[0]
+    # a corrupt neuron: CorruptDataError naming it; the other neurons still work afterwards
+    with open(path, "r+b") as f:
+        f.seek(info["offset"] + 7 * info["bundle_bytes"] + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with mk.WeightStore.open(path, 1 << 22) as ws:
+        with pytest.raises(CorruptDataError, match="neuron 7"):
+            _C.stream_ffn_layer(ws._h(), 0, h, act, perm, None, False, 0.0, out, True)
+        keep_off = act.copy()
+        keep_off[:, 7] = 0  # neuron 7 dropped: never read
+        _C.stream_ffn_layer(ws._h(), 0, h, keep_off, perm, None, True, 0.0, out, True)
+        assert np.isfinite(out).all()

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -131,6 +132,16 @@ class WeightStore {
   // kernels lets the copy overlap them. A pinned staging buffer is refilled only after the copy that
   // read it has completed (an event; the host waits only when it has not yet).
   void get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream = nullptr);
+  // Zero-copy access for a CPU store: makes neurons `ids` of `layer` resident like get_rows (same
+  // cache, budget and stats) and calls visit(ks, bundles, n) with pointers to the cached bundles of
+  // ids[ks[0]], ..., ids[ks[n-1]] instead of copying them out. Every k in [0, count) is visited once:
+  // first the neurons already cached, then the misses as their reads land, each in `ids` order (an
+  // order that does not depend on timing), so the caller computes on the cached neurons while the
+  // I/O threads read the others. The pointers are valid during the call only; visit must not call
+  // back into the store. Error(Value) on a CUDA store; a failed read or an exception thrown by
+  // visit is rethrown after the reads in flight are over (the visits made stand).
+  using RowVisitor = std::function<void(const int64_t* ks, const uint8_t* const* bundles, int64_t n)>;
+  void visit_rows(int64_t layer, const int64_t* ids, int64_t count, const RowVisitor& visit);
   // Starts loading `ids` of `layer` into the cache in the background and returns at once (a
   // predicted active set, or the next layer while this one computes). Prefetch stops at the budget.
   void prefetch(int64_t layer, const int64_t* ids, int64_t count);
@@ -166,6 +177,24 @@ int64_t int4_bundle_part_bytes(int64_t d_model);
 int64_t int8_down_part_bytes(int64_t d_model);
 void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out,
                      bool down_int8 = false);
+
+// One streamed FFN layer of a 4-bit store in one call (the decode step of issue 17's streaming model):
+//   a_s[t, j] = act[t, perm[j]]   (act: the activated gate, (T, neurons) float32 in the model's neuron
+//                                  order; perm: (neurons,) int64, store position j -> model neuron;
+//                                  perm == nullptr: the same order)
+//   keep[t, j] = !sparse || |score[t, j]| > threshold   (score (T, neurons) float32 in store order,
+//                                  or nullptr: a_s itself)
+// the neurons kept by any token are visited in the store (WeightStore::visit_rows: cached ones are
+// computed while the misses are read), and out[t] = sum_j keep[t, j] a_s[t, j] (h[t] . up_j) down_j
+// with h (T, d) float32, out (T, d) float32, float32 accumulation. The layer must be a 2-part uint8
+// layer of bundles [up | down] in the int4 or int4_int8 (down_int8) format (bundle_bytes checked).
+struct StreamFfnCounts {
+  int64_t kept = 0;     // (token, neuron) pairs kept
+  int64_t visited = 0;  // neurons requested from the store (kept by any token)
+};
+StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const TensorView& h, const TensorView& act,
+                                 const TensorView* perm, const TensorView* score, bool sparse, float threshold,
+                                 const TensorView& out, bool down_int8);
 
 // CRC-32C (Castagnoli, as in iSCSI/ext4/RocksDB), the checksum of every read unit, header and
 // directory: the SSE4.2 crc32 instruction where the CPU has it (~8 GB/s), else table code.

@@ -607,13 +607,14 @@ class StreamingModel(Model):
         self._lr_threshold = np.array([np.interp(s, LEVELS, lrq[L]) for L, s in enumerate(self.layer_sparsity)],
                                       np.float32)
         self._perm = {}
+        self._all_neurons = np.arange(dff, dtype=np.int64)
         for L in range(nl):
             if f"stream/perm/{L}" not in tensors:
                 raise CorruptDataError(f"streaming store: tensor 'stream/perm/{L}' is missing")
             pm = tensors.pop(f"stream/perm/{L}")
             if pm.shape != (dff,) or pm.dtype != np.int32 or not np.array_equal(np.sort(pm), np.arange(dff)):
                 raise CorruptDataError(f"streaming store: 'stream/perm/{L}' is not a permutation of {dff} neurons")
-            self._perm[L] = pm.astype(np.intp)
+            self._perm[L] = pm.astype(np.int64)
         self._lowrank = {}
         if use_lr:
             for L in range(nl):
@@ -683,6 +684,8 @@ class StreamingModel(Model):
     def _mlp(self, h, L, p):
         cfg = self.config
         g = self._linear(h, p + "mlp.gate_proj.weight")
+        if self._ffn_dtype in ("int4", "int4_int8") and h.shape[0] <= 8:
+            return self._mlp_bundles(h, g, L)
         a = activation(np, g, cfg.hidden_act)[:, self._perm[L]]  # the store's neuron order
         keep = None
         if self.sparsity > 0 and not self.whole_layer_reads:
@@ -701,12 +704,6 @@ class StreamingModel(Model):
         if len(cols) == 0:
             return np.zeros_like(h)
         rows = self.store.get_rows(L, cols)  # (k, 2, d): up row, down column
-        if self._ffn_dtype in ("int4", "int4_int8") and h.shape[0] <= 8:
-            # decode: straight from the 4-bit bundles (C++), no float copy of the weights
-            am = np.ascontiguousarray(a[:, cols] if keep is None else a[:, cols] * keep[:, cols], np.float32)
-            out = np.empty((h.shape[0], cfg.hidden_size), np.float32)
-            _C.stream_ffn_int4(np.ascontiguousarray(h, np.float32), am, rows, out, self._ffn_dtype == "int4_int8")
-            return out
         if self._ffn_dtype in ("int4", "int4_int8"):  # prefill: dequantize once, then BLAS
             up, down = unpack_bundles(self._ffn_dtype, rows, cfg.hidden_size)
         elif L in self._scales:
@@ -720,6 +717,31 @@ class StreamingModel(Model):
             z *= keep[:, cols]
         return z @ down
 
+    def _mlp_bundles(self, h, g, L):
+        """Decode FFN on a 4-bit store, one C++ call (stream_ffn_layer): the neuron order, the
+        threshold, the cache look-ups and reads, and the FFN on the cached bundles (computed while
+        the misses are read)."""
+        cfg = self.config
+        h = np.ascontiguousarray(h, np.float32)
+        a = np.ascontiguousarray(activation(np, g, cfg.hidden_act), np.float32)
+        sparse = self.sparsity > 0 and not self.whole_layer_reads
+        score, thr = None, 0.0
+        if sparse and self.predictor == "lowrank":
+            A, B = self._lowrank[L]
+            score = np.ascontiguousarray(activation(np, (h @ A) @ B, cfg.hidden_act), np.float32)
+            thr = float(self._lr_threshold[L])
+        elif sparse:
+            thr = float(self._threshold[L])
+        if self.whole_layer_reads and L + 1 < cfg.num_hidden_layers:
+            # naive streaming double-buffers whole layers: the next one is read while this one computes
+            self.store.prefetch(L + 1, self._all_neurons)
+        out = np.empty((h.shape[0], cfg.hidden_size), np.float32)
+        kept, _ = _C.stream_ffn_layer(self.store._h(), L, h, a, self._perm[L], score, sparse, thr, out,
+                                      self._ffn_dtype == "int4_int8")
+        self._neurons_kept += kept
+        self._neurons_total += cfg.intermediate_size * h.shape[0]
+        return out
+
     def _forward(self, seq_ids, chunks, starts, all_rows=False):
         decode = all(len(c) == 1 for c in chunks)
         if self.whole_layer_reads:
@@ -731,7 +753,10 @@ class StreamingModel(Model):
         if decode:
             self._decode_tokens += len(chunks)
             self._decode_bytes += after["bytes_read"] - before["bytes_read"]
-            self._decode_hits += after["neuron_hits"] - before["neuron_hits"]
+            # a neuron the whole-layer baseline's read-ahead brought in is found in the cache, but it
+            # was read for this token: not a hit
+            self._decode_hits += (after["neuron_hits"] - before["neuron_hits"]) - \
+                (after["prefetched"] - before["prefetched"])
             self._decode_misses += after["neuron_misses"] - before["neuron_misses"]
         return out
 
