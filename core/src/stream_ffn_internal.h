@@ -15,6 +15,9 @@ namespace memkernels {
 struct StreamFfnProblem {
   int64_t T = 0, d = 0, dp = 0;  // tokens, d_model, d_model padded to a multiple of 32
   bool down_int8 = false;
+  // the bundle is one int8 down column ([d codes][float32 scale]) and a[t, i] is the neuron's whole
+  // coefficient z (the up projection is computed outside, from resident weights): y += a * down
+  bool down_only = false;
   // (T, dp): h with each group of 32 de-interleaved (its 16 even positions, then its 16 odd ones,
   // the order of a group's low and high nibbles), zero padded
   const float* hq = nullptr;

@@ -1320,8 +1320,9 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
     auto group = std::make_shared<Group>();
     if (!todo.empty()) s.load_runs(li, todo, group, false);
     std::exception_ptr err;
+    bool failed = false;
     size_t at = 0;
-    while (at < order.size() && !err) {
+    while (at < order.size() && !err && !failed) {
       size_t end = at;
       {
         std::unique_lock<std::mutex> lk(s.mu);
@@ -1338,11 +1339,8 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
         }
         for (size_t i = at; i < end; ++i)
           if (s.slots[size_t(slot_of[size_t(order[i] - b0)])].state != SlotState::Ready) {
-            end = i;  // visit up to the failed one, then report it
-            err = group->error ? group->error
-                               : std::make_exception_ptr(Error(ErrorKind::CorruptData,
-                                                               "visit_rows: a read of layer " + std::to_string(layer) +
-                                                                   " failed" + (s.prefetch_error.empty() ? "" : ": " + s.prefetch_error)));
+            end = i;  // visit up to the failed one, then report it (below, once its read has said why)
+            failed = true;
             break;
           }
       }
@@ -1359,6 +1357,10 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
     }
     if (!todo.empty()) s.help_until(*group);  // every read of this batch is over before its slots are unpinned
     if (!err && group->error) err = group->error;
+    if (!err && failed)  // a neuron a prefetch was loading
+      err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
+                                          "visit_rows: a prefetched read of layer " + std::to_string(layer) + " failed" +
+                                              (s.prefetch_error.empty() ? "" : ": " + s.prefetch_error)));
     {
       std::lock_guard<std::mutex> lk(s.mu);
       for (int32_t sl : slot_of) {

@@ -17,7 +17,7 @@ namespace {
 struct Prepared {
   std::vector<float> hq, hsum, y;
   StreamFfnProblem p;
-  Prepared(const float* h, int64_t T, int64_t d, bool down_int8) {
+  Prepared(const float* h, int64_t T, int64_t d, bool down_int8, bool down_only = false) {
     const int64_t dp = (d + 31) / 32 * 32, ng = dp / 32;
     hq.assign(size_t(T * dp), 0.0f);
     hsum.assign(size_t(T * ng), 0.0f);
@@ -32,7 +32,8 @@ struct Prepared {
     p.T = T;
     p.d = d;
     p.dp = dp;
-    p.down_int8 = down_int8;
+    p.down_int8 = down_int8 || down_only;
+    p.down_only = down_only;
     p.hq = hq.data();
     p.hsum = hsum.data();
     p.y = y.data();
@@ -109,9 +110,18 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
   pr.write(out.ptr<float>());
 }
 
+int64_t stream_ffn_bundle_bytes(StreamFfnFormat format, int64_t d) {
+  switch (format) {
+    case StreamFfnFormat::Int4: return 2 * int4_bundle_part_bytes(d);
+    case StreamFfnFormat::Int4Int8: return int4_bundle_part_bytes(d) + int8_down_part_bytes(d);
+    case StreamFfnFormat::DownInt8: return int8_down_part_bytes(d);
+  }
+  throw Error(ErrorKind::Value, "stream_ffn_layer: unknown bundle format");
+}
+
 StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const TensorView& h, const TensorView& act,
-                                 const TensorView* perm, const TensorView* score, bool sparse, float threshold,
-                                 const TensorView& out, bool down_int8) {
+                                 const TensorView* perm, const TensorView* score, const TensorView* col_scale,
+                                 bool sparse, float threshold, const TensorView& out, StreamFfnFormat format) {
   const char* fn = "stream_ffn_layer";
   const StoredLayerInfo& L = store.layer_info(layer);
   expect_dtype(h, "h", {DType::Float32});
@@ -120,25 +130,26 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
   expect_ndim(h, "h", 2);
   expect_ndim(act, "act", 2);
   expect_ndim(out, "out", 2);
-  const TensorView* views[] = {&h, &act, &out, perm, score};
-  const char* names[] = {"h", "act", "out", "perm", "score"};
+  const TensorView* views[] = {&h, &act, &out, perm, score, col_scale};
+  const char* names[] = {"h", "act", "out", "perm", "score", "col_scale"};
   for (const TensorView* t : views) {
     if (t == nullptr) continue;
     check(t->device.is_cpu(), ErrorKind::Value,
-          std::string(fn) + ": " + view_name(t, views, names, 5) + " must be a CPU array");
+          std::string(fn) + ": " + view_name(t, views, names, 6) + " must be a CPU array");
     if (t->numel() > 0) {
-      expect_contiguous(*t, view_name(t, views, names, 5));
-      expect_not_null(*t, view_name(t, views, names, 5));
+      expect_contiguous(*t, view_name(t, views, names, 6));
+      expect_not_null(*t, view_name(t, views, names, 6));
     }
   }
   const int64_t T = h.shape[0], d = h.shape[1], nn = L.neurons;
   check(d > 0, ErrorKind::Value, std::string(fn) + ": h must have d_model > 0 columns, got " + h.shape_str());
-  const int64_t bundle = int4_bundle_part_bytes(d) + (down_int8 ? int8_down_part_bytes(d) : int4_bundle_part_bytes(d));
+  const int64_t bundle = stream_ffn_bundle_bytes(format, d);
+  static const char* const fmt_names[] = {"int4", "int4_int8", "down_int8"};
   check(L.dtype == DType::UInt8 && L.parts == 2 && int64_t(L.bundle_bytes) == bundle, ErrorKind::Value,
-        std::string(fn) + ": layer " + std::to_string(layer) + " is not a 4-bit bundle layer for d_model " +
-            std::to_string(d) + (down_int8 ? " with int8 down columns" : "") + " (bundles of " +
-            std::to_string(bundle) + " bytes, 2 uint8 parts); it has " + std::to_string(L.parts) + " " +
-            dtype_name(L.dtype) + " parts, " + std::to_string(L.bundle_bytes) + " bytes per neuron");
+        std::string(fn) + ": layer " + std::to_string(layer) + " is not a " + fmt_names[int(format)] +
+            " bundle layer for d_model " + std::to_string(d) + " (bundles of " + std::to_string(bundle) +
+            " bytes, 2 uint8 parts); it has " + std::to_string(L.parts) + " " + dtype_name(L.dtype) + " parts, " +
+            std::to_string(L.bundle_bytes) + " bytes per neuron");
   check(act.shape[0] == T && act.shape[1] == nn, ErrorKind::Value,
         std::string(fn) + ": act must be (tokens, neurons) = (" + std::to_string(T) + ", " + std::to_string(nn) +
             "), got " + act.shape_str());
@@ -162,6 +173,12 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
           std::string(fn) + ": score must be (tokens, neurons) = (" + std::to_string(T) + ", " + std::to_string(nn) +
               "), got " + score->shape_str());
   }
+  if (col_scale) {
+    expect_dtype(*col_scale, "col_scale", {DType::Float32});
+    check(col_scale->ndim == 1 && col_scale->shape[0] == nn, ErrorKind::Value,
+          std::string(fn) + ": col_scale must be (neurons,) = (" + std::to_string(nn) + ",), got " +
+              col_scale->shape_str());
+  }
   check(!sparse || !std::isnan(threshold), ErrorKind::Value, std::string(fn) + ": threshold must not be NaN");
   StreamFfnCounts counts;
   float* op = out.ptr<float>();
@@ -169,6 +186,7 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
   // Coefficients in store order (0 where a token drops the neuron) and the neurons any token keeps.
   const float* ap = act.ptr<const float>();
   const float* sp = score ? score->ptr<const float>() : nullptr;
+  const float* cs = col_scale ? col_scale->ptr<const float>() : nullptr;
   std::vector<float> coef(size_t(T * nn));
   std::vector<int64_t> ids;
   ids.reserve(size_t(nn));
@@ -177,7 +195,7 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
     bool any = false;
     for (int64_t t = 0; t < T; ++t) {
       const float v = ap[t * nn + src];
-      const bool keep = !sparse || std::fabs(sp ? sp[t * nn + j] : v) > threshold;
+      const bool keep = !sparse || std::fabs(sp ? sp[t * nn + j] : v) * (cs ? cs[j] : 1.0f) > threshold;
       coef[size_t(t * nn + j)] = keep ? v : 0.0f;
       counts.kept += keep;
       any |= keep;
@@ -185,7 +203,7 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
     if (any) ids.push_back(j);
   }
   counts.visited = int64_t(ids.size());
-  Prepared pr(h.ptr<const float>(), T, d, down_int8);
+  Prepared pr(h.ptr<const float>(), T, d, format != StreamFfnFormat::Int4, format == StreamFfnFormat::DownInt8);
   std::vector<int64_t> cols;
   store.visit_rows(layer, ids.data(), int64_t(ids.size()), [&](const int64_t* ks, const uint8_t* const* b, int64_t n) {
     cols.resize(size_t(n));

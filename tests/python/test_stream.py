@@ -71,7 +71,7 @@ def test_sparsity_zero_equals_dense(tmp_path, tied):
     assert os.stat(st.store_path_for(d, tmp_path / "s")).st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25)])
+@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25), ("down_int8", 2e-2)])
 def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
     """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
     stays within the int8 re-quantization error of the dense quantized model."""
@@ -487,17 +487,25 @@ def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt, isa):
 # ---- the streamed FFN layer in one C++ call (stream_ffn_layer: order, threshold, cache, reads, FFN) ----
 
 def _bundle_store(path, fmt, layers, n, d, seed):
-    """A store of `layers` 4-bit bundle layers as convert_for_streaming writes them; returns the
-    float64 decoded (up, down) of each layer, from the bytes."""
+    """A store of `layers` bundle layers as convert_for_streaming writes them; returns the float64
+    decoded (up, down) of each layer, from the bytes (up None for down_int8: no up part)."""
     rng = np.random.default_rng(seed)
     ffn, ref = {}, {}
     p4 = st.int4_part_bytes(d)
     for L in range(layers):
         up = rng.standard_normal((n, d)) * rng.uniform(0.2, 2, (n, 1))
-        b = st.pack_bundles(fmt, up, rng.standard_normal((n, d)))
+        down = rng.standard_normal((n, d))
+        if fmt == "down_int8":
+            q, sc = st._int8_rows(down.astype(np.float32))
+            b = np.zeros((n, st.int8_down_part_bytes(d)), np.uint8)
+            b[:, :d] = q.view(np.uint8)
+            b[:, d:d + 4] = sc.astype("<f4").view(np.uint8).reshape(n, 4)
+            p4 = 0
+        else:
+            b = st.pack_bundles(fmt, up, down)
         half = b.shape[1] // 2
         ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
-        U = _int4_reference(b[:, :p4], d)
+        U = None if fmt == "down_int8" else _int4_reference(b[:, :p4], d)
         if fmt == "int4":
             D = _int4_reference(b[:, p4:], d)
         else:
@@ -507,22 +515,29 @@ def _bundle_store(path, fmt, layers, n, d, seed):
     return ref
 
 
-def _layer_reference(U, D, h, act, perm, score, sparse, thr):
+def _layer_reference(U, D, h, act, perm, score, col_scale, sparse, thr):
     a_s = act.astype(np.float64)[:, perm]
-    keep = np.ones_like(a_s, bool) if not sparse else np.abs(a_s if score is None else score) > thr
+    # the decision is float32 arithmetic (|s| * scale > threshold, all float32), as documented
+    s = np.abs(act[:, perm] if score is None else score)
+    if col_scale is not None:
+        s = s * col_scale
+    keep = np.ones_like(a_s, bool) if not sparse else s > np.float32(thr)
     coef = a_s * keep
+    if U is None:  # down_int8: act is the whole coefficient
+        return coef @ D, keep
     return (coef * (h.astype(np.float64) @ U.T)) @ D, keep
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_int8"])
+@pytest.mark.parametrize("fmt", ["int4", "int4_int8", "down_int8"])
 @pytest.mark.parametrize("T,n,d", [(1, 64, 40), (3, 97, 33), (8, 150, 96), (2, 50, 576), (1, 1, 32)])
 @pytest.mark.parametrize("slots", ["all", "tight", "pinned"])
 def test_stream_ffn_layer_against_float64(tmp_path, fmt, T, n, d, slots, isa):
-    """One call per layer: the neurons kept (exact-gate threshold or a separate score, in the store's
-    order through perm) are read or found in the cache and the FFN computed on the cached bundles,
-    against a float64 product of the decoded weights; poisoned outputs; the cache's stats count every
-    requested neuron once; the budget holds with the cache smaller than a layer (batches) and with
-    pinned neurons (hits visited first, then the misses)."""
+    """One call per layer: the neurons kept (threshold on the coefficient, on a separate score, or
+    on either times a per-neuron scale, in the store's order through perm) are read or found in the
+    cache and the FFN computed on the cached bundles, against a float64 product of the decoded
+    weights; poisoned outputs; the cache's stats count every requested neuron once; the budget holds
+    with the cache smaller than a layer (batches) and with pinned neurons (hits visited first, then
+    the misses)."""
     from memkernels import _memkernels as _C
     path = str(tmp_path / "b.mkws")
     nl = 2
@@ -540,14 +555,16 @@ def test_stream_ffn_layer_against_float64(tmp_path, fmt, T, n, d, slots, isa):
                 h = rng.standard_normal((T, d)).astype(np.float32)
                 act = rng.standard_normal((T, n)).astype(np.float32)
                 perm = rng.permutation(n).astype(np.int64)
-                for sparse, use_score in ((False, False), (True, False), (True, True)):
+                for sparse, use_score, use_cs in ((False, False, False), (True, False, False), (True, True, False),
+                                                  (True, False, True)):
                     score = rng.standard_normal((T, n)).astype(np.float32) if use_score else None
-                    thr = float(np.quantile(np.abs(act if score is None else score), 0.4)) if sparse else 0.0
-                    want, keep = _layer_reference(U, D, h, act, perm, score, sparse, thr)
+                    cs = rng.uniform(0.1, 3, n).astype(np.float32) if use_cs else None
+                    crit = np.abs(act[:, perm] if score is None else score) * (1 if cs is None else cs)
+                    thr = float(np.quantile(crit, 0.4)) if sparse else 0.0
+                    want, keep = _layer_reference(U, D, h, act, perm, score, cs, sparse, thr)
                     out = np.full((T, d), np.nan, np.float32)
                     before = ws.stats()
-                    kept, visited = _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, sparse, thr, out,
-                                                        fmt == "int4_int8")
+                    kept, visited = _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, cs, sparse, thr, out, fmt)
                     after = ws.stats()
                     assert np.isfinite(out).all()
                     scale = max(np.abs(want).max(), 1e-30)
@@ -572,8 +589,8 @@ def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
     perm = np.arange(n, dtype=np.int64)
     out = np.zeros((T, d), np.float32)
     with mk.WeightStore.open(path, 1 << 22) as ws:
-        def call(L=0, h=h, act=act, perm=perm, score=None, sparse=True, thr=0.5, out=out, i8=True):
-            return _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, sparse, thr, out, i8)
+        def call(L=0, h=h, act=act, perm=perm, score=None, cs=None, sparse=True, thr=0.5, out=out, fmt="int4_int8"):
+            return _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, cs, sparse, thr, out, fmt)
         with pytest.raises((TypeError, ValueError), match="act"):
             call(act=act.astype(np.float64))
         with pytest.raises(ValueError, match="act"):
@@ -588,9 +605,17 @@ def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
             call(out=np.zeros((T, d + 1), np.float32))
         with pytest.raises(ValueError, match="threshold"):
             call(thr=float("nan"))
-        with pytest.raises(ValueError, match="4-bit bundle layer"):  # int4 bundles are smaller
-            call(i8=False)
-        with pytest.raises(ValueError, match="4-bit bundle layer"):  # bundles of another d_model
+        with pytest.raises(ValueError, match="not a int4 bundle layer"):  # int4 bundles are smaller
+            call(fmt="int4")
+        with pytest.raises(ValueError, match="not a down_int8 bundle layer"):
+            call(fmt="down_int8")
+        with pytest.raises(ValueError, match="format"):
+            call(fmt="int5")
+        with pytest.raises(ValueError, match="col_scale"):
+            call(cs=np.ones(n + 1, np.float32))
+        with pytest.raises((TypeError, ValueError), match="col_scale"):
+            call(cs=np.ones(n, np.float64))
+        with pytest.raises(ValueError, match="bundle layer"):  # bundles of another d_model
             call(h=np.zeros((T, d + 32), np.float32), out=np.zeros((T, d + 32), np.float32))
         with pytest.raises(ValueError, match="layer"):
             call(L=5)
@@ -605,8 +630,55 @@ def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     with mk.WeightStore.open(path, 1 << 22) as ws:
         with pytest.raises(CorruptDataError, match="neuron 7"):
-            _C.stream_ffn_layer(ws._h(), 0, h, act, perm, None, False, 0.0, out, True)
+            _C.stream_ffn_layer(ws._h(), 0, h, act, perm, None, None, False, 0.0, out, "int4_int8")
         keep_off = act.copy()
         keep_off[:, 7] = 0  # neuron 7 dropped: never read
-        _C.stream_ffn_layer(ws._h(), 0, h, keep_off, perm, None, True, 0.0, out, True)
+        _C.stream_ffn_layer(ws._h(), 0, h, keep_off, perm, None, None, True, 0.0, out, "int4_int8")
         assert np.isfinite(out).all()
+
+
+def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path):
+    """ffn_format="down_int8": gate and up stay resident, only int8 down columns stream; a column is
+    read when |act(gate_i) * (h . up_i)| * ||down_i|| exceeds the layer's calibrated threshold. The
+    decode (C++, <= 8 tokens) and prefill (NumPy) paths against a float64 product; fewer bytes than
+    reading every column; the budget holds; the low-rank predictor is refused."""
+    from memkernels.models.llama import activation
+    d = build(tmp_path, intermediate_size=256)
+    dense = mk.load_model(d, quantize="int4", exact=True)
+    store = str(tmp_path / "dn.mkws")
+    orig = st._load_dense
+    st._load_dense = lambda path: (json.load(open(os.path.join(path, "config.json"))), dense)
+    try:
+        st.convert_for_streaming(d, store, ffn_format="down_int8")
+    finally:
+        st._load_dense = orig
+    with pytest.raises(ValueError, match="predictor"):
+        st.StreamingModel(store, BUDGET, sparsity=0.5, predictor="lowrank")
+    sm = st.StreamingModel(store, BUDGET, sparsity=0.5)
+    assert sm.meta["ffn_dtype"] == "down_int8"
+    rng = np.random.default_rng(4)
+    for L in range(2):
+        p = f"model.layers.{L}."
+        rows = sm.store.get_rows(L, np.arange(256)).reshape(256, -1)
+        D = rows[:, :64].view(np.int8).astype(np.float64) * rows[:, 64:68].copy().view("<f4").astype(np.float64)
+        for T in (1, 5, 12):
+            h = rng.standard_normal((T, 64)).astype(np.float32)
+            gu = sm._linear(h, p + "mlp.gate_up_proj.weight") if p + "mlp.gate_up_proj.weight" in sm._dev else \
+                np.concatenate([sm._linear(h, p + "mlp.gate_proj.weight"), sm._linear(h, p + "mlp.up_proj.weight")], 1)
+            z = (activation(np, gu[:, :256], "silu") * gu[:, 256:]).astype(np.float32)[:, sm._perm[L]]
+            keep = np.abs(z) * sm._dnorm[L] > np.float32(sm._threshold[L])
+            assert 0 < keep.mean() < 1
+            want = (z.astype(np.float64) * keep) @ D
+            got = np.full((T, 64), np.nan, np.float32)
+            got[...] = sm._mlp(h, L, p)
+            assert rel(got, want) < 1e-4
+    t = ids(24, seed=3)
+    whole = st.StreamingModel(store, BUDGET, whole_layer_reads=True)
+    whole.generate(t, max_new_tokens=8, stop_at_eos=False)
+    sm.reset_stream_stats()
+    sm.generate(t, max_new_tokens=8, stop_at_eos=False)
+    s, w = sm.stream_stats(), whole.stream_stats()
+    assert 0.2 < s["neurons_kept_fraction"] < 0.8
+    assert s["bytes_read_per_token"] < 0.8 * w["bytes_read_per_token"]
+    assert w["hit_rate"] == 0.0  # the whole-layer baseline's read-ahead is not counted as hits
+    assert s["peak_resident_bytes"] <= BUDGET and w["peak_resident_bytes"] <= BUDGET

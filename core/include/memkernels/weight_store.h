@@ -178,23 +178,32 @@ int64_t int8_down_part_bytes(int64_t d_model);
 void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out,
                      bool down_int8 = false);
 
-// One streamed FFN layer of a 4-bit store in one call (the decode step of issue 17's streaming model):
-//   a_s[t, j] = act[t, perm[j]]   (act: the activated gate, (T, neurons) float32 in the model's neuron
-//                                  order; perm: (neurons,) int64, store position j -> model neuron;
-//                                  perm == nullptr: the same order)
-//   keep[t, j] = !sparse || |score[t, j]| > threshold   (score (T, neurons) float32 in store order,
-//                                  or nullptr: a_s itself)
-// the neurons kept by any token are visited in the store (WeightStore::visit_rows: cached ones are
-// computed while the misses are read), and out[t] = sum_j keep[t, j] a_s[t, j] (h[t] . up_j) down_j
-// with h (T, d) float32, out (T, d) float32, float32 accumulation. The layer must be a 2-part uint8
-// layer of bundles [up | down] in the int4 or int4_int8 (down_int8) format (bundle_bytes checked).
+// One streamed FFN layer in one call (the decode step of issue 17's streaming model). Formats of the
+// layer's neuron bundles (2 uint8 parts; bundle_bytes checked against d_model):
+//   Int4:      [4-bit up row | 4-bit down column]          (see stream_ffn_int4)
+//   Int4Int8:  [4-bit up row | int8 down column]
+//   DownInt8:  [int8 down column] only: the up projection is resident and computed by the caller
+// With act (T, neurons) float32 in the model's neuron order (Int4*: the activated gate; DownInt8:
+// the coefficient z = act(gate) * up) and perm (neurons,) int64 (store position j -> model neuron;
+// nullptr: the same order):
+//   a_s[t, j]  = act[t, perm[j]]
+//   keep[t, j] = !sparse || |s[t, j]| * col_scale[j] > threshold
+//                (s = score, (T, neurons) float32 in store order, or a_s itself when score is null;
+//                 col_scale (neurons,) float32 in store order, or 1 when null)
+// the neurons kept by any token are visited in the store (WeightStore::visit_rows: the cached ones
+// are computed while the misses are read), and
+//   out[t] = sum_j keep[t, j] a_s[t, j] (h[t] . up_j) down_j     (Int4, Int4Int8)
+//   out[t] = sum_j keep[t, j] a_s[t, j] down_j                   (DownInt8; h only gives d_model)
+// with h (T, d) float32, out (T, d) float32, float32 accumulation.
+enum class StreamFfnFormat { Int4 = 0, Int4Int8 = 1, DownInt8 = 2 };
+int64_t stream_ffn_bundle_bytes(StreamFfnFormat format, int64_t d_model);
 struct StreamFfnCounts {
   int64_t kept = 0;     // (token, neuron) pairs kept
   int64_t visited = 0;  // neurons requested from the store (kept by any token)
 };
 StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const TensorView& h, const TensorView& act,
-                                 const TensorView* perm, const TensorView* score, bool sparse, float threshold,
-                                 const TensorView& out, bool down_int8);
+                                 const TensorView* perm, const TensorView* score, const TensorView* col_scale,
+                                 bool sparse, float threshold, const TensorView& out, StreamFfnFormat format);
 
 // CRC-32C (Castagnoli, as in iSCSI/ext4/RocksDB), the checksum of every read unit, header and
 // directory: the SSE4.2 crc32 instruction where the CPU has it (~8 GB/s), else table code.

@@ -117,6 +117,10 @@ void stream_ffn_accumulate(const StreamFfnProblem& p, const uint8_t* const* bund
     for (int64_t t = 0; t < p.T; ++t) {
       const float at = a[t * lda + col];
       if (at == 0.0f) continue;  // masked off for this token: nothing to add
+      if (p.down_only) {
+        axpy_int8(b, p.d, at, p.y + t * p.dp);
+        continue;
+      }
       const float z = at * dot_int4(b, ng, p.hq + t * p.dp, p.hsum + t * ng);
       if (p.down_int8)
         axpy_int8(b + P, p.d, z, p.y + t * p.dp);

@@ -66,7 +66,7 @@ from .llama import Model, activation
 STORE_VERSION = 2  # 2: neurons ordered by firing frequency, 4-bit bundles, per-layer sparsity
 LEVELS = np.linspace(0.0, 1.0, 101)  # calibrated quantiles 0 %, 1 %, ..., 100 %
 PREDICTORS = ("threshold", "lowrank")
-FFN_FORMATS = ("int4", "int4_int8", "int8")
+FFN_FORMATS = ("int4", "int4_int8", "int8", "down_int8")
 ALLOCATIONS = ("calibrated", "uniform")
 DEFAULT_RANK = 32
 DEFAULT_CALIBRATION_TOKENS = 1024
@@ -253,7 +253,7 @@ def int8_down_part_bytes(d: int) -> int:
 def bundle_bytes(fmt: str, d: int) -> int:
     """Bytes of one streamed neuron [up | down] in store format `fmt` (quantized checkpoints)."""
     return {"int4": 2 * int4_part_bytes(d), "int4_int8": int4_part_bytes(d) + int8_down_part_bytes(d),
-            "int8": 2 * d}[fmt]
+            "int8": 2 * d, "down_int8": int8_down_part_bytes(d)}[fmt]
 
 
 def pack_bundles(fmt: str, up: np.ndarray, down_t: np.ndarray) -> np.ndarray:
@@ -346,7 +346,7 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
     w = dense.weights
     quantized = any(isinstance(w[f"model.layers.{L}.mlp.{k}_proj.weight"], QuantizedMatrix)
                     for L in range(nl) for k in ("up", "down"))
-    fmt = ffn_format if quantized else "float32"
+    fmt = ffn_format if quantized or ffn_format == "down_int8" else "float32"
     for L in range(nl):
         H, G, R = (np.concatenate(x) for x in rec[L])
         rec[L] = None
@@ -356,6 +356,15 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
         up = dequantize(up) if isinstance(up, QuantizedMatrix) else np.asarray(up, np.float32)
         down = dequantize(down) if isinstance(down, QuantizedMatrix) else np.asarray(down, np.float32)
         a = np.abs(activation(np, G.astype(np.float64), cfg.hidden_act))
+        if fmt == "down_int8":
+            # up stays resident, so each neuron's exact contribution z_i = act(gate_i) * (h . up_i) is
+            # known before reading its down column: the criterion is |z_i| * ||down_i|| (the size of
+            # what the neuron adds), with the norm of the stored int8 column
+            qd, sd = _int8_rows(down.T)
+            dnorm = np.sqrt(np.einsum("nd,nd->n", qd.astype(np.float64), qd.astype(np.float64))) * sd
+            a = a * np.abs(H.astype(np.float64) @ up.T.astype(np.float64)) * dnorm
+            thr[L] = np.quantile(a, LEVELS).astype(np.float32)
+            thr[L, 0] = 0.0
         # neurons ordered by calibrated firing frequency (at the median threshold; ties by mean |act|):
         # the hot ones are contiguous and pinned first, the reads of the cold tail are dense runs
         f50 = (a > thr[L, 50]).mean(0)
@@ -366,6 +375,9 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             [(a > np.interp(lv, LEVELS, thr[L])).mean(0) for lv in FREQ_LEVELS]).astype(np.float32)
         tensors[f"stream/lowrank/{L}/A"], tensors[f"stream/lowrank/{L}/B"] = A, np.ascontiguousarray(B[:, perm])
         up, down_t = np.ascontiguousarray(up[perm]), np.ascontiguousarray(down.T[perm])  # (dff, d) each
+        if fmt == "down_int8":
+            down_t = (qd.astype(np.float32) * sd[:, None])[perm]  # the error curve sees the stored columns
+            tensors[f"stream/dnorm/{L}"] = dnorm[perm].astype(np.float32)
         # this layer's error curve: squared FFN output error from dropping the neurons below the
         # threshold of each sparsity step, relative to the residual stream it is added to
         sub = slice(0, min(len(H), 128))
@@ -376,7 +388,13 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             off = a[sub] <= np.interp(j * S_STEP, LEVELS, thr[L])
             dy = (z * off) @ d64
             err[L, j] = float((np.einsum("nd,nd->n", dy, dy) / rr).mean())
-        if fmt == "int8":
+        if fmt == "down_int8":  # one int8 down column per neuron, halved into the store's two parts
+            b = np.zeros((dff, int8_down_part_bytes(d)), np.uint8)
+            b[:, :d] = qd[perm].view(np.uint8)
+            b[:, d:d + 4] = sd[perm].astype("<f4").view(np.uint8).reshape(dff, 4)
+            half = b.shape[1] // 2
+            ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
+        elif fmt == "int8":
             qu, su = _int8_rows(up)
             qd, sd = _int8_rows(down_t)
             ffn[L] = {"up": qu, "down": np.ascontiguousarray(qd.T)}
@@ -413,7 +431,8 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
         half = d
     del E
     for name, a in w.items():
-        if name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")):
+        if name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")) and \
+                not (fmt == "down_int8" and name.endswith("mlp.up_proj.weight")):
             continue
         if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
             continue  # only gathered: the store's rows serve it
@@ -503,7 +522,7 @@ class StreamingModel(Model):
         nl = cfg.num_hidden_layers
         use_lr = predictor == "lowrank" and sparsity > 0
         resident_names = [n for n in listing if not n.startswith("stream/")
-                          or n.startswith(("stream/scales/", "stream/perm/")) or n.endswith("_quantiles")
+                          or n.startswith(("stream/scales/", "stream/perm/", "stream/dnorm/")) or n.endswith("_quantiles")
                           or n == "stream/allocation" or (use_lr and n.startswith("stream/lowrank/"))]
         resident = sum(listing[n]["nbytes"] for n in resident_names if n != _META)
         if budget <= resident:
@@ -534,7 +553,7 @@ class StreamingModel(Model):
         self.dram_budget_bytes = budget
         layers = {l["layer"]: l for l in ws.layers()}
         fdt = meta["ffn_dtype"]
-        dm = bundle_bytes(fdt, cfg.hidden_size) // 2 if fdt in ("int4", "int4_int8") else cfg.hidden_size
+        dm = bundle_bytes(fdt, cfg.hidden_size) // 2 if fdt in ("int4", "int4_int8", "down_int8") else cfg.hidden_size
         pieces = meta.get("embed_pieces", 1)
         emb_ok = (layers[nl]["d_model"] * 2 == meta["hidden_padded"]) if fdt == "float32" else \
             (layers.get(nl, {}).get("d_model") == dm and layers[nl]["neurons"] == cfg.vocab_size * pieces)
@@ -624,6 +643,13 @@ class StreamingModel(Model):
                 self._lowrank[L] = (A, B)
         self._scales = {}
         self._ffn_dtype = self.meta["ffn_dtype"]
+        self._dnorm = {}
+        if self._ffn_dtype == "down_int8":
+            if self.predictor != "threshold":
+                raise ValueError(f"predictor: a down_int8 store decides from the exact contribution |z| * ||down||; "
+                                 f"only 'threshold' applies, got {self.predictor!r}")
+            for L in range(nl):
+                self._dnorm[L] = take(f"stream/dnorm/{L}", (dff,))
         if self.meta["ffn_dtype"] == "int8":
             for L in range(nl):
                 self._scales[L] = take(f"stream/scales/{L}", (dff, 2))
@@ -683,6 +709,8 @@ class StreamingModel(Model):
 
     def _mlp(self, h, L, p):
         cfg = self.config
+        if self._ffn_dtype == "down_int8":
+            return self._mlp_down(h, L, p)
         g = self._linear(h, p + "mlp.gate_proj.weight")
         if self._ffn_dtype in ("int4", "int4_int8") and h.shape[0] <= 8:
             return self._mlp_bundles(h, g, L)
@@ -736,11 +764,45 @@ class StreamingModel(Model):
             # naive streaming double-buffers whole layers: the next one is read while this one computes
             self.store.prefetch(L + 1, self._all_neurons)
         out = np.empty((h.shape[0], cfg.hidden_size), np.float32)
-        kept, _ = _C.stream_ffn_layer(self.store._h(), L, h, a, self._perm[L], score, sparse, thr, out,
-                                      self._ffn_dtype == "int4_int8")
+        kept, _ = _C.stream_ffn_layer(self.store._h(), L, h, a, self._perm[L], score, None, sparse, thr, out,
+                                      self._ffn_dtype)
         self._neurons_kept += kept
         self._neurons_total += cfg.intermediate_size * h.shape[0]
         return out
+
+    def _mlp_down(self, h, L, p):
+        """FFN of a down_int8 store: gate and up resident (one fused qgemm where they are quantized
+        alike), z = act(gate) * up exact; neuron i's down column is read only when
+        |z_i| * ||down_i|| exceeds the layer's calibrated threshold."""
+        cfg = self.config
+        if p + "mlp.gate_up_proj.weight" in self._dev:
+            gu = self._linear(h, p + "mlp.gate_up_proj.weight")
+            g, u = gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]
+        else:
+            g, u = self._linear(h, p + "mlp.gate_proj.weight"), self._linear(h, p + "mlp.up_proj.weight")
+        z = np.ascontiguousarray(activation(np, g, cfg.hidden_act) * u, np.float32)
+        sparse = self.sparsity > 0 and not self.whole_layer_reads
+        thr = float(self._threshold[L]) if sparse else 0.0
+        T, d = h.shape[0], cfg.hidden_size
+        if self.whole_layer_reads and L + 1 < cfg.num_hidden_layers:
+            self.store.prefetch(L + 1, self._all_neurons)
+        if T <= 8:
+            out = np.empty((T, d), np.float32)
+            kept, _ = _C.stream_ffn_layer(self.store._h(), L, np.ascontiguousarray(h, np.float32), z, self._perm[L],
+                                          None, self._dnorm[L], sparse, thr, out, "down_int8")
+            self._neurons_kept += kept
+            self._neurons_total += cfg.intermediate_size * T
+            return out
+        zs = z[:, self._perm[L]]
+        keep = np.abs(zs) * self._dnorm[L] > thr if sparse else np.ones(zs.shape, bool)
+        cols = np.flatnonzero(keep.any(0))
+        self._neurons_kept += int(keep.sum())
+        self._neurons_total += cfg.intermediate_size * T
+        if len(cols) == 0:
+            return np.zeros((T, d), np.float32)
+        rows = self.store.get_rows(L, cols).reshape(len(cols), -1)
+        D = rows[:, :d].view(np.int8).astype(np.float32) * rows[:, d:d + 4].copy().view("<f4")
+        return (zs[:, cols] * keep[:, cols]) @ D
 
     def _forward(self, seq_ids, chunks, starts, all_rows=False):
         decode = all(len(c) == 1 for c in chunks)
