@@ -70,6 +70,7 @@ FFN_FORMATS = ("int4", "int4_int8", "int8", "down_int8")
 ALLOCATIONS = ("calibrated", "uniform")
 DEFAULT_RANK = 32
 DEFAULT_CALIBRATION_TOKENS = 1024
+STREAM_READ_BYTES = 128 << 10  # the streaming store's read unit and largest read (staging = ~5 of them)
 _META = "stream/meta"
 _QM = "qm/"  # resident QuantizedMatrix tensors are stored as their to_bytes() blobs
 
@@ -446,7 +447,9 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             "tokenizer": _tokenizer_meta(dense.tokenizer), "warnings": list(dense.warnings)}
     tensors[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     del dense, w
-    write_weight_store(dst, tensors, ffn)
+    # resident tensors in read units of 128 KiB: the store's staging buffers are sized by its largest
+    # read unit (5 of them with 4 I/O threads), and what they do not take of the budget caches neurons
+    write_weight_store(dst, tensors, ffn, chunk_bytes=STREAM_READ_BYTES)
     return meta
 
 
@@ -505,7 +508,7 @@ class StreamingModel(Model):
     budget (see the module docstring). `stream_stats()` reports the reads."""
 
     def __init__(self, store_path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold",
-                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=4 << 10,
+                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=4 << 10, max_read_bytes=STREAM_READ_BYTES,
                  allocation="uniform", pin_hot=True):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
@@ -531,7 +534,8 @@ class StreamingModel(Model):
                              f"give more than that (the rest of the budget caches streamed FFN neurons)")
         try:
             self.store = WeightStore.open(store_path, budget - resident, window_tokens=window_tokens,
-                                          io_threads=io_threads, merge_gap_bytes=merge_gap_bytes)
+                                          io_threads=io_threads, merge_gap_bytes=merge_gap_bytes,
+                                          max_read_bytes=max_read_bytes)
         except ValueError as e:
             raise ValueError(f"dram_budget_bytes: {budget} bytes leaves {budget - resident} after the "
                              f"{resident} resident bytes, too little for the weight store ({e})") from None
