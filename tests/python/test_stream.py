@@ -682,3 +682,22 @@ def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path):
     assert s["bytes_read_per_token"] < 0.8 * w["bytes_read_per_token"]
     assert w["hit_rate"] == 0.0  # the whole-layer baseline's read-ahead is not counted as hits
     assert s["peak_resident_bytes"] <= BUDGET and w["peak_resident_bytes"] <= BUDGET
+
+
+def test_load_model_ffn_format_down_int8(tmp_path):
+    """load_model(..., ffn_format="down_int8") converts into its own cached file (the default
+    format's store is left alone), streams only down columns, and is refused without a budget."""
+    d = build(tmp_path, intermediate_size=256)
+    sdir = tmp_path / "s"
+    m = mk.load_model(d, dram_budget_bytes=BUDGET, stream_dir=sdir, ffn_format="down_int8", sparsity=0.3)
+    assert m.meta["ffn_dtype"] == "down_int8"
+    assert os.path.exists(st.store_path_for(d, sdir, "down_int8")) and not os.path.exists(st.store_path_for(d, sdir))
+    out = m.generate(ids(), max_new_tokens=6, stop_at_eos=False)
+    assert len(out) == 6
+    s = m.stream_stats()
+    assert 0.4 < s["neurons_kept_fraction"] < 0.95 and s["peak_resident_bytes"] <= BUDGET
+    assert s["whole_layer_bytes_per_token"] == 2 * 256 * st.int8_down_part_bytes(64)  # down columns only
+    with pytest.raises(ValueError, match="ffn_format"):
+        mk.load_model(d, ffn_format="down_int8")
+    with pytest.raises(ValueError, match="ffn_format"):
+        mk.load_model(d, dram_budget_bytes=BUDGET, stream_dir=sdir, ffn_format="int5")

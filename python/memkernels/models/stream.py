@@ -87,16 +87,18 @@ def default_calibration_text() -> str:
     return " ".join(["The quick brown fox jumps over the lazy dog."] * 200)
 
 
-def store_path_for(path, stream_dir=None) -> str:
+def store_path_for(path, stream_dir=None, ffn_format="int4_int8") -> str:
     """Where the streaming store of checkpoint `path` is cached: next to a .gguf file, inside a
-    checkpoint directory, or in `stream_dir`."""
+    checkpoint directory, or in `stream_dir` (formats other than the default int4_int8 get their
+    own file)."""
     path = os.path.abspath(os.fspath(path))
     base = os.path.basename(os.path.normpath(path))
+    ext = ".stream.mkws" if ffn_format == "int4_int8" else f".stream-{ffn_format}.mkws"
     if stream_dir is not None:
-        return os.path.join(os.fspath(stream_dir), base + ".stream.mkws")
+        return os.path.join(os.fspath(stream_dir), base + ext)
     if os.path.isdir(path):
-        return os.path.join(path, "memkernels-stream.mkws")
-    return path + ".stream.mkws"
+        return os.path.join(path, "memkernels-stream" + ext[len(".stream"):])
+    return path + ext
 
 
 def _source_key(path) -> dict:
@@ -484,9 +486,9 @@ def open_streaming(path, dram_budget_bytes, *, sparsity=0.0, predictor="threshol
     if path.endswith(".mkws") and os.path.isfile(path):
         store = path
     else:
-        store = store_path_for(path, stream_dir)
         if ffn_format not in FFN_FORMATS:
             raise ValueError(f"ffn_format: expected one of {FFN_FORMATS}, got {ffn_format!r}")
+        store = store_path_for(path, stream_dir, ffn_format)
         fresh = False
         if os.path.exists(store):
             try:
@@ -508,7 +510,7 @@ class StreamingModel(Model):
     budget (see the module docstring). `stream_stats()` reports the reads."""
 
     def __init__(self, store_path, dram_budget_bytes, *, sparsity=0.0, predictor="threshold",
-                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=4 << 10, max_read_bytes=STREAM_READ_BYTES,
+                 whole_layer_reads=False, window_tokens=5, io_threads=4, merge_gap_bytes=None, max_read_bytes=STREAM_READ_BYTES,
                  allocation="uniform", pin_hot=True):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
@@ -528,6 +530,12 @@ class StreamingModel(Model):
                           or n.startswith(("stream/scales/", "stream/perm/", "stream/dnorm/")) or n.endswith("_quantiles")
                           or n == "stream/allocation" or (use_lr and n.startswith("stream/lowrank/"))]
         resident = sum(listing[n]["nbytes"] for n in resident_names if n != _META)
+        if merge_gap_bytes is None:
+            # two runs of needed neurons closer than this are read as one: fewer, larger reads against
+            # some bytes not needed (measured on SmolLM2: 4 columns of 580 B for down_int8, whose
+            # needed columns are scattered; 4 KiB for the [up | down] bundles' denser cold tail)
+            merge_gap_bytes = 4 * bundle_bytes("down_int8", cfg.hidden_size) if meta["ffn_dtype"] == "down_int8" \
+                else 4 << 10
         if budget <= resident:
             raise ValueError(f"dram_budget_bytes: {budget} bytes is not above what stays resident "
                              f"({resident} bytes: attention, gate projections, norms, LM head, predictors); "
