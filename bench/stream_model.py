@@ -18,7 +18,12 @@ Steps (each measurement in its own subprocess, so peak RSS is per configuration)
    ours with the LRU window only, and whole-layer reads (clear the cache each token, read every
    neuron) on the same store; --repeat rounds alternate them. Peak RSS = VmHWM reset
    (/proc/self/clear_refs) after load, so it is the decode's.
-4. llama.cpp (if /work/venv/bench has llama_cpp), in each round: the same file through mmap; before
+   Options for round 3: --budgets B50,B25 (fixed byte budgets), --budget-store (take the budgets from
+   another store), --naive-store (run the naive rows on another store, e.g. int4_int8 when ours is a
+   down_int8 store), --threads 1 (one compute thread: on a loaded machine a 2-thread OpenMP region
+   waits for a descheduled thread), --merge-gap, --max-read. Ours and naive alternate
+   (naive, ours, naive, ...; reversed on odd rounds).
+4. llama.cpp (if /work/venv/bench has llama_cpp; --no-llamacpp skips it), in each round: the same file through mmap; before
    every token the file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping)
    and from the page cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit;
    and the same with the model left in memory.
