@@ -207,7 +207,7 @@ def main():
     ap.add_argument("--max-read", type=int, default=128 << 10,
                     help="speed: the store's largest read (its I/O staging is ~5 of them; less staging = more cache)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the calibrated hot neurons (LRU window only)")
-    ap.add_argument("--ffn-format", default="int4_int8", choices=["int4", "int4_int8", "int8", "down_int8"], help="store format of up/down")
+    ap.add_argument("--ffn-format", default="int4_int8", choices=["int4", "int4_int8", "int8", "down_int8", "down_int7"], help="store format of up/down")
     ap.add_argument("--store2", help="quality: also measure S=0 on this store (e.g. the int8 one)")
     ap.add_argument("--store2-label", default="int8 store")
     ap.add_argument("--calibrated-levels", default="0.25,0.5",

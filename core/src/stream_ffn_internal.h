@@ -18,6 +18,9 @@ struct StreamFfnProblem {
   // the bundle is one int8 down column ([d codes][float32 scale]) and a[t, i] is the neuron's whole
   // coefficient z (the up projection is computed outside, from resident weights): y += a * down
   bool down_only = false;
+  // down_only columns of 7-bit codes ([ceil(d/8) groups of 8 codes in 7 bytes, little-endian, code
+  // + 64 in 7 bits][float32 scale]) instead of int8 ones
+  bool down_int7 = false;
   // (T, dp): h with each group of 32 de-interleaved (its 16 even positions, then its 16 odd ones,
   // the order of a group's low and high nibbles), zero padded
   const float* hq = nullptr;

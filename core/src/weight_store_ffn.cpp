@@ -17,7 +17,7 @@ namespace {
 struct Prepared {
   std::vector<float> hq, hsum, y;
   StreamFfnProblem p;
-  Prepared(const float* h, int64_t T, int64_t d, bool down_int8, bool down_only = false) {
+  Prepared(const float* h, int64_t T, int64_t d, bool down_int8, bool down_only = false, bool down_int7 = false) {
     const int64_t dp = (d + 31) / 32 * 32, ng = dp / 32;
     hq.assign(size_t(T * dp), 0.0f);
     hsum.assign(size_t(T * ng), 0.0f);
@@ -34,6 +34,7 @@ struct Prepared {
     p.dp = dp;
     p.down_int8 = down_int8 || down_only;
     p.down_only = down_only;
+    p.down_int7 = down_int7;
     p.hq = hq.data();
     p.hsum = hsum.data();
     p.y = y.data();
@@ -110,11 +111,18 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
   pr.write(out.ptr<float>());
 }
 
+int64_t int7_down_part_bytes(int64_t d) {
+  const int64_t raw = 7 * ((d + 7) / 8) + 4;
+  const int64_t block = (raw + 511) / 512 * 512;  // whole O_DIRECT blocks when the padding is small
+  return (block - raw) * 8 <= raw ? block : (raw + 7) / 8 * 8;
+}
+
 int64_t stream_ffn_bundle_bytes(StreamFfnFormat format, int64_t d) {
   switch (format) {
     case StreamFfnFormat::Int4: return 2 * int4_bundle_part_bytes(d);
     case StreamFfnFormat::Int4Int8: return int4_bundle_part_bytes(d) + int8_down_part_bytes(d);
     case StreamFfnFormat::DownInt8: return int8_down_part_bytes(d);
+    case StreamFfnFormat::DownInt7: return int7_down_part_bytes(d);
   }
   throw Error(ErrorKind::Value, "stream_ffn_layer: unknown bundle format");
 }
@@ -144,7 +152,7 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
   const int64_t T = h.shape[0], d = h.shape[1], nn = L.neurons;
   check(d > 0, ErrorKind::Value, std::string(fn) + ": h must have d_model > 0 columns, got " + h.shape_str());
   const int64_t bundle = stream_ffn_bundle_bytes(format, d);
-  static const char* const fmt_names[] = {"int4", "int4_int8", "down_int8"};
+  static const char* const fmt_names[] = {"int4", "int4_int8", "down_int8", "down_int7"};
   check(L.dtype == DType::UInt8 && L.parts == 2 && int64_t(L.bundle_bytes) == bundle, ErrorKind::Value,
         std::string(fn) + ": layer " + std::to_string(layer) + " is not a " + fmt_names[int(format)] +
             " bundle layer for d_model " + std::to_string(d) + " (bundles of " + std::to_string(bundle) +
@@ -203,7 +211,8 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
     if (any) ids.push_back(j);
   }
   counts.visited = int64_t(ids.size());
-  Prepared pr(h.ptr<const float>(), T, d, format != StreamFfnFormat::Int4, format == StreamFfnFormat::DownInt8);
+  const bool down_only = format == StreamFfnFormat::DownInt8 || format == StreamFfnFormat::DownInt7;
+  Prepared pr(h.ptr<const float>(), T, d, format != StreamFfnFormat::Int4, down_only, format == StreamFfnFormat::DownInt7);
   std::vector<int64_t> cols;
   store.visit_rows(layer, ids.data(), int64_t(ids.size()), [&](const int64_t* ks, const uint8_t* const* b, int64_t n) {
     cols.resize(size_t(n));

@@ -413,7 +413,7 @@ def main(argv=None) -> int:
                    help="with --dram-budget: how neurons are chosen (default threshold: exact gate + calibrated "
                         "magnitude threshold; lowrank: a fitted low-rank predictor)")
     g.add_argument("--stream-dir", default=None, help="with --dram-budget: where the converted store is cached")
-    g.add_argument("--ffn-format", choices=["int4_int8", "down_int8", "int4", "int8"], default=None,
+    g.add_argument("--ffn-format", choices=["int4_int8", "down_int8", "down_int7", "int4", "int8"], default=None,
                    help="with --dram-budget: store format of a quantized FFN (default int4_int8: up and down streamed "
                         "per neuron; down_int8: gate/up resident, int8 down columns streamed and read by their exact "
                         "contribution)")

@@ -206,9 +206,11 @@ MK_PYTHON_BINDING(weight_store) {
           f = StreamFfnFormat::Int4Int8;
         } else if (format == "down_int8") {
           f = StreamFfnFormat::DownInt8;
+        } else if (format == "down_int7") {
+          f = StreamFfnFormat::DownInt7;
         } else {
-          throw Error(ErrorKind::Value,
-                      "stream_ffn_layer: format must be 'int4', 'int4_int8' or 'down_int8', got '" + format + "'");
+          throw Error(ErrorKind::Value, "stream_ffn_layer: format must be 'int4', 'int4_int8', 'down_int8' or "
+                                        "'down_int7', got '" + format + "'");
         }
         ArrayKeeper keep;
         TensorView hv = as_input(h, "h", keep), av = as_input(act, "act", keep);

@@ -71,7 +71,8 @@ def test_sparsity_zero_equals_dense(tmp_path, tied):
     assert os.stat(st.store_path_for(d, tmp_path / "s")).st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25), ("down_int8", 2e-2)])
+@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25), ("down_int8", 2e-2),
+                                     ("down_int7", 3e-2)])
 def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
     """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
     stays within the int8 re-quantization error of the dense quantized model."""
@@ -501,18 +502,52 @@ def _bundle_store(path, fmt, layers, n, d, seed):
             b[:, :d] = q.view(np.uint8)
             b[:, d:d + 4] = sc.astype("<f4").view(np.uint8).reshape(n, 4)
             p4 = 0
+        elif fmt == "down_int7":
+            q, sc = st._int7_rows(down.astype(np.float32))
+            b = st.pack_down_columns(fmt, q, sc)
         else:
             b = st.pack_bundles(fmt, up, down)
         half = b.shape[1] // 2
         ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
-        U = None if fmt == "down_int8" else _int4_reference(b[:, :p4], d)
-        if fmt == "int4":
+        U = None if fmt in st.DOWN_FORMATS else _int4_reference(b[:, :p4], d)
+        if fmt == "down_int7":
+            D = _int7_reference(b, d)
+        elif fmt == "int4":
             D = _int4_reference(b[:, p4:], d)
         else:
             D = b[:, p4:p4 + d].view(np.int8).astype(np.float64) * b[:, p4 + d:p4 + d + 4].copy().view("<f4").astype(np.float64)
         ref[L] = (U, D)
     mk.write_weight_store(path, {}, ffn)
     return ref
+
+
+def _int7_reference(b, d):
+    """float64 decode of 7-bit down columns, bit by bit from the documented layout."""
+    b = np.asarray(b, np.uint8)
+    g = -(-d // 8)
+    out = np.zeros((b.shape[0], d))
+    for r in range(b.shape[0]):
+        bits = np.unpackbits(b[r, :7 * g], bitorder="little")
+        codes = (bits.reshape(8 * g, 7) * (1 << np.arange(7))).sum(1)[:d]
+        out[r] = (codes - 64) * float(b[r, 7 * g:7 * g + 4].copy().view("<f4")[0])
+    return out
+
+
+@pytest.mark.parametrize("n,d", [(3, 576), (5, 33), (2, 8), (4, 1), (3, 100)])
+def test_int7_down_columns_against_float64(n, d):
+    rng = np.random.default_rng(n + d)
+    w = (rng.standard_normal((n, d)) * rng.uniform(0.01, 5, (n, 1))).astype(np.float32)
+    q, sc = st._int7_rows(w)
+    assert q.min() >= -63 and q.max() <= 63
+    b = st.pack_down_columns("down_int7", q, sc)
+    assert b.shape == (n, st.int7_down_part_bytes(d)) and b.shape[1] % 2 == 0
+    ref = _int7_reference(b, d)
+    got = np.full((n, d), np.nan, np.float32)
+    got[...] = st.unpack_down_columns("down_int7", b, d)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    assert (np.abs(ref - w) <= 0.5 * np.abs(w).max(1, keepdims=True) / 63 * (1 + 1e-5)).all()  # half a step
+    if d == 576:
+        assert b.shape[1] == 512  # one O_DIRECT block per column
 
 
 def _layer_reference(U, D, h, act, perm, score, col_scale, sparse, thr):
@@ -528,7 +563,7 @@ def _layer_reference(U, D, h, act, perm, score, col_scale, sparse, thr):
     return (coef * (h.astype(np.float64) @ U.T)) @ D, keep
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4_int8", "down_int8"])
+@pytest.mark.parametrize("fmt", ["int4", "int4_int8", "down_int8", "down_int7"])
 @pytest.mark.parametrize("T,n,d", [(1, 64, 40), (3, 97, 33), (8, 150, 96), (2, 50, 576), (1, 1, 32)])
 @pytest.mark.parametrize("slots", ["all", "tight", "pinned"])
 def test_stream_ffn_layer_against_float64(tmp_path, fmt, T, n, d, slots, isa):
@@ -609,6 +644,8 @@ def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
             call(fmt="int4")
         with pytest.raises(ValueError, match="not a down_int8 bundle layer"):
             call(fmt="down_int8")
+        with pytest.raises(ValueError, match="not a down_int7 bundle layer"):
+            call(fmt="down_int7")
         with pytest.raises(ValueError, match="format"):
             call(fmt="int5")
         with pytest.raises(ValueError, match="col_scale"):
@@ -637,7 +674,8 @@ def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
         assert np.isfinite(out).all()
 
 
-def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path):
+@pytest.mark.parametrize("fmt", ["down_int8", "down_int7"])
+def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path, fmt):
     """ffn_format="down_int8": gate and up stay resident, only int8 down columns stream; a column is
     read when |act(gate_i) * (h . up_i)| * ||down_i|| exceeds the layer's calibrated threshold. The
     decode (C++, <= 8 tokens) and prefill (NumPy) paths against a float64 product; fewer bytes than
@@ -649,18 +687,19 @@ def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path):
     orig = st._load_dense
     st._load_dense = lambda path: (json.load(open(os.path.join(path, "config.json"))), dense)
     try:
-        st.convert_for_streaming(d, store, ffn_format="down_int8")
+        st.convert_for_streaming(d, store, ffn_format=fmt)
     finally:
         st._load_dense = orig
     with pytest.raises(ValueError, match="predictor"):
         st.StreamingModel(store, BUDGET, sparsity=0.5, predictor="lowrank")
     sm = st.StreamingModel(store, BUDGET, sparsity=0.5)
-    assert sm.meta["ffn_dtype"] == "down_int8"
+    assert sm.meta["ffn_dtype"] == fmt
     rng = np.random.default_rng(4)
     for L in range(2):
         p = f"model.layers.{L}."
         rows = sm.store.get_rows(L, np.arange(256)).reshape(256, -1)
-        D = rows[:, :64].view(np.int8).astype(np.float64) * rows[:, 64:68].copy().view("<f4").astype(np.float64)
+        D = rows[:, :64].view(np.int8).astype(np.float64) * rows[:, 64:68].copy().view("<f4").astype(np.float64) \
+            if fmt == "down_int8" else _int7_reference(rows, 64)
         for T in (1, 5, 12):
             h = rng.standard_normal((T, 64)).astype(np.float32)
             gu = sm._linear(h, p + "mlp.gate_up_proj.weight") if p + "mlp.gate_up_proj.weight" in sm._dev else \

@@ -183,6 +183,8 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
 //   Int4:      [4-bit up row | 4-bit down column]          (see stream_ffn_int4)
 //   Int4Int8:  [4-bit up row | int8 down column]
 //   DownInt8:  [int8 down column] only: the up projection is resident and computed by the caller
+//   DownInt7:  [7-bit down column] only (int7_down_part_bytes: 8 codes in 7 bytes, + 64, then a
+//              float32 scale, padded to 512 B where that costs <= 1/8: one O_DIRECT block at d 576)
 // With act (T, neurons) float32 in the model's neuron order (Int4*: the activated gate; DownInt8:
 // the coefficient z = act(gate) * up) and perm (neurons,) int64 (store position j -> model neuron;
 // nullptr: the same order):
@@ -193,9 +195,10 @@ void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView&
 // the neurons kept by any token are visited in the store (WeightStore::visit_rows: the cached ones
 // are computed while the misses are read), and
 //   out[t] = sum_j keep[t, j] a_s[t, j] (h[t] . up_j) down_j     (Int4, Int4Int8)
-//   out[t] = sum_j keep[t, j] a_s[t, j] down_j                   (DownInt8; h only gives d_model)
+//   out[t] = sum_j keep[t, j] a_s[t, j] down_j                   (DownInt8/7; h only gives d_model)
 // with h (T, d) float32, out (T, d) float32, float32 accumulation.
-enum class StreamFfnFormat { Int4 = 0, Int4Int8 = 1, DownInt8 = 2 };
+enum class StreamFfnFormat { Int4 = 0, Int4Int8 = 1, DownInt8 = 2, DownInt7 = 3 };
+int64_t int7_down_part_bytes(int64_t d_model);
 int64_t stream_ffn_bundle_bytes(StreamFfnFormat format, int64_t d_model);
 struct StreamFfnCounts {
   int64_t kept = 0;     // (token, neuron) pairs kept

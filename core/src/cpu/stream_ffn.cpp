@@ -105,6 +105,23 @@ inline void axpy_int8(const uint8_t* part, int64_t d, float z, float* y) {
   for (; j < d; ++j) y[j] += zs * float(c[j]);
 }
 
+// y += z * down for a 7-bit down column: groups of 8 codes in 7 bytes (code k of a group in bits
+// [7k, 7k + 7) of the group's little-endian word, stored + 64), then the float32 scale. The last
+// group's 8-byte load reaches one byte into the scale, still inside the column.
+inline void axpy_int7(const uint8_t* part, int64_t d, float z, float* y) {
+  const int64_t groups = (d + 7) / 8;
+  float s;
+  std::memcpy(&s, part + 7 * groups, 4);
+  const float zs = z * s;
+  for (int64_t g = 0; g < groups; ++g) {
+    uint64_t w;
+    std::memcpy(&w, part + 7 * g, 8);
+    float* yg = y + 8 * g;
+    const int n = int(d - 8 * g < 8 ? d - 8 * g : 8);
+    for (int k = 0; k < n; ++k) yg[k] += zs * float(int((w >> (7 * k)) & 127u) - 64);
+  }
+}
+
 }  // namespace
 
 void stream_ffn_accumulate(const StreamFfnProblem& p, const uint8_t* const* bundles, int64_t n, const float* a,
@@ -118,7 +135,10 @@ void stream_ffn_accumulate(const StreamFfnProblem& p, const uint8_t* const* bund
       const float at = a[t * lda + col];
       if (at == 0.0f) continue;  // masked off for this token: nothing to add
       if (p.down_only) {
-        axpy_int8(b, p.d, at, p.y + t * p.dp);
+        if (p.down_int7)
+          axpy_int7(b, p.d, at, p.y + t * p.dp);
+        else
+          axpy_int8(b, p.d, at, p.y + t * p.dp);
         continue;
       }
       const float z = at * dot_int4(b, ng, p.hq + t * p.dp, p.hsum + t * ng);

@@ -66,7 +66,8 @@ from .llama import Model, activation
 STORE_VERSION = 2  # 2: neurons ordered by firing frequency, 4-bit bundles, per-layer sparsity
 LEVELS = np.linspace(0.0, 1.0, 101)  # calibrated quantiles 0 %, 1 %, ..., 100 %
 PREDICTORS = ("threshold", "lowrank")
-FFN_FORMATS = ("int4", "int4_int8", "int8", "down_int8")
+FFN_FORMATS = ("int4", "int4_int8", "int8", "down_int8", "down_int7")
+DOWN_FORMATS = ("down_int8", "down_int7")  # gate and up resident, down columns streamed
 ALLOCATIONS = ("calibrated", "uniform")
 DEFAULT_RANK = 32
 DEFAULT_CALIBRATION_TOKENS = 1024
@@ -256,7 +257,59 @@ def int8_down_part_bytes(d: int) -> int:
 def bundle_bytes(fmt: str, d: int) -> int:
     """Bytes of one streamed neuron [up | down] in store format `fmt` (quantized checkpoints)."""
     return {"int4": 2 * int4_part_bytes(d), "int4_int8": int4_part_bytes(d) + int8_down_part_bytes(d),
-            "int8": 2 * d, "down_int8": int8_down_part_bytes(d)}[fmt]
+            "int8": 2 * d, "down_int8": int8_down_part_bytes(d), "down_int7": int7_down_part_bytes(d)}[fmt]
+
+
+def int7_down_part_bytes(d: int) -> int:
+    """A 7-bit down column: groups of 8 codes in 7 bytes, then a float32 scale; padded to whole 512 B
+    blocks where that costs at most 1/8 (d 576: 508 -> 512 B, one O_DIRECT block; an int8 column of
+    580 B straddles two or three)."""
+    raw = 7 * (-(-d // 8)) + 4
+    block = -(-raw // 512) * 512
+    return block if (block - raw) * 8 <= raw else -(-raw // 8) * 8
+
+
+def _int7_rows(w: np.ndarray):
+    """Symmetric 7-bit codes in [-63, 63] with one scale per row: (codes int8, scales float32)."""
+    amax = np.abs(w).max(axis=1)
+    s = np.where(amax > 0, amax / 63.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / s[:, None]), -63, 63).astype(np.int8)
+    return q, s
+
+
+def pack_down_columns(fmt: str, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """(n, d) int8 codes and (n,) float32 scales -> (n, bundle_bytes(fmt, d)) uint8 down columns
+    (down_int8: the codes then the scale; down_int7: 8 codes + 64 per 7 bytes, then the scale)."""
+    n, d = q.shape
+    b = np.zeros((n, bundle_bytes(fmt, d)), np.uint8)
+    if fmt == "down_int8":
+        b[:, :d] = q.view(np.uint8)
+        b[:, d:d + 4] = s.astype("<f4").view(np.uint8).reshape(n, 4)
+        return b
+    g = -(-d // 8)
+    u = np.full((n, 8 * g), 64, np.uint64)
+    u[:, :d] = (q.astype(np.int64) + 64).astype(np.uint64)
+    words = np.zeros((n, g), np.uint64)
+    for k in range(8):
+        words |= u[:, k::8] << np.uint64(7 * k)
+    b[:, :7 * g] = words.astype("<u8").view(np.uint8).reshape(n, g, 8)[:, :, :7].reshape(n, 7 * g)
+    b[:, 7 * g:7 * g + 4] = s.astype("<f4").view(np.uint8).reshape(n, 4)
+    return b
+
+
+def unpack_down_columns(fmt: str, b: np.ndarray, d: int) -> np.ndarray:
+    """(k, bundle_bytes) uint8 down columns -> (k, d) float32."""
+    b = np.ascontiguousarray(b).reshape(b.shape[0], -1)
+    n = b.shape[0]
+    if fmt == "down_int8":
+        return b[:, :d].view(np.int8).astype(np.float32) * b[:, d:d + 4].copy().view("<f4")
+    g = -(-d // 8)
+    w8 = np.zeros((n, g, 8), np.uint8)
+    w8[:, :, :7] = b[:, :7 * g].reshape(n, g, 7)
+    words = w8.view("<u8").reshape(n, g)
+    codes = np.stack([(words >> np.uint64(7 * k)) & np.uint64(127) for k in range(8)], -1).reshape(n, 8 * g)
+    sc = b[:, 7 * g:7 * g + 4].copy().view("<f4")
+    return (codes[:, :d].astype(np.float32) - 64.0) * sc
 
 
 def pack_bundles(fmt: str, up: np.ndarray, down_t: np.ndarray) -> np.ndarray:
@@ -349,7 +402,7 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
     w = dense.weights
     quantized = any(isinstance(w[f"model.layers.{L}.mlp.{k}_proj.weight"], QuantizedMatrix)
                     for L in range(nl) for k in ("up", "down"))
-    fmt = ffn_format if quantized or ffn_format == "down_int8" else "float32"
+    fmt = ffn_format if quantized or ffn_format in DOWN_FORMATS else "float32"
     for L in range(nl):
         H, G, R = (np.concatenate(x) for x in rec[L])
         rec[L] = None
@@ -359,11 +412,11 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
         up = dequantize(up) if isinstance(up, QuantizedMatrix) else np.asarray(up, np.float32)
         down = dequantize(down) if isinstance(down, QuantizedMatrix) else np.asarray(down, np.float32)
         a = np.abs(activation(np, G.astype(np.float64), cfg.hidden_act))
-        if fmt == "down_int8":
+        if fmt in DOWN_FORMATS:
             # up stays resident, so each neuron's exact contribution z_i = act(gate_i) * (h . up_i) is
             # known before reading its down column: the criterion is |z_i| * ||down_i|| (the size of
-            # what the neuron adds), with the norm of the stored int8 column
-            qd, sd = _int8_rows(down.T)
+            # what the neuron adds), with the norm of the stored column
+            qd, sd = (_int8_rows if fmt == "down_int8" else _int7_rows)(down.T)
             dnorm = np.sqrt(np.einsum("nd,nd->n", qd.astype(np.float64), qd.astype(np.float64))) * sd
             a = a * np.abs(H.astype(np.float64) @ up.T.astype(np.float64)) * dnorm
             thr[L] = np.quantile(a, LEVELS).astype(np.float32)
@@ -378,7 +431,7 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             [(a > np.interp(lv, LEVELS, thr[L])).mean(0) for lv in FREQ_LEVELS]).astype(np.float32)
         tensors[f"stream/lowrank/{L}/A"], tensors[f"stream/lowrank/{L}/B"] = A, np.ascontiguousarray(B[:, perm])
         up, down_t = np.ascontiguousarray(up[perm]), np.ascontiguousarray(down.T[perm])  # (dff, d) each
-        if fmt == "down_int8":
+        if fmt in DOWN_FORMATS:
             down_t = (qd.astype(np.float32) * sd[:, None])[perm]  # the error curve sees the stored columns
             tensors[f"stream/dnorm/{L}"] = dnorm[perm].astype(np.float32)
         # this layer's error curve: squared FFN output error from dropping the neurons below the
@@ -391,10 +444,8 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
             off = a[sub] <= np.interp(j * S_STEP, LEVELS, thr[L])
             dy = (z * off) @ d64
             err[L, j] = float((np.einsum("nd,nd->n", dy, dy) / rr).mean())
-        if fmt == "down_int8":  # one int8 down column per neuron, halved into the store's two parts
-            b = np.zeros((dff, int8_down_part_bytes(d)), np.uint8)
-            b[:, :d] = qd[perm].view(np.uint8)
-            b[:, d:d + 4] = sd[perm].astype("<f4").view(np.uint8).reshape(dff, 4)
+        if fmt in DOWN_FORMATS:  # one down column per neuron, halved into the store's two parts
+            b = pack_down_columns(fmt, qd[perm], sd[perm])
             half = b.shape[1] // 2
             ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
         elif fmt == "int8":
@@ -435,7 +486,7 @@ def convert_for_streaming(path, dst, *, calibration_text=None, calibration_token
     del E
     for name, a in w.items():
         if name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")) and \
-                not (fmt == "down_int8" and name.endswith("mlp.up_proj.weight")):
+                not (fmt in DOWN_FORMATS and name.endswith("mlp.up_proj.weight")):
             continue
         if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
             continue  # only gathered: the store's rows serve it
@@ -534,7 +585,7 @@ class StreamingModel(Model):
             # two runs of needed neurons closer than this are read as one: fewer, larger reads against
             # some bytes not needed (measured on SmolLM2: 4 columns of 580 B for down_int8, whose
             # needed columns are scattered; 4 KiB for the [up | down] bundles' denser cold tail)
-            merge_gap_bytes = 4 * bundle_bytes("down_int8", cfg.hidden_size) if meta["ffn_dtype"] == "down_int8" \
+            merge_gap_bytes = 4 * bundle_bytes(meta["ffn_dtype"], cfg.hidden_size) if meta["ffn_dtype"] in DOWN_FORMATS \
                 else 4 << 10
         if budget <= resident:
             raise ValueError(f"dram_budget_bytes: {budget} bytes is not above what stays resident "
@@ -565,7 +616,7 @@ class StreamingModel(Model):
         self.dram_budget_bytes = budget
         layers = {l["layer"]: l for l in ws.layers()}
         fdt = meta["ffn_dtype"]
-        dm = bundle_bytes(fdt, cfg.hidden_size) // 2 if fdt in ("int4", "int4_int8", "down_int8") else cfg.hidden_size
+        dm = bundle_bytes(fdt, cfg.hidden_size) // 2 if fdt in ("int4", "int4_int8") + DOWN_FORMATS else cfg.hidden_size
         pieces = meta.get("embed_pieces", 1)
         emb_ok = (layers[nl]["d_model"] * 2 == meta["hidden_padded"]) if fdt == "float32" else \
             (layers.get(nl, {}).get("d_model") == dm and layers[nl]["neurons"] == cfg.vocab_size * pieces)
@@ -656,7 +707,7 @@ class StreamingModel(Model):
         self._scales = {}
         self._ffn_dtype = self.meta["ffn_dtype"]
         self._dnorm = {}
-        if self._ffn_dtype == "down_int8":
+        if self._ffn_dtype in DOWN_FORMATS:
             if self.predictor != "threshold":
                 raise ValueError(f"predictor: a down_int8 store decides from the exact contribution |z| * ||down||; "
                                  f"only 'threshold' applies, got {self.predictor!r}")
@@ -721,7 +772,7 @@ class StreamingModel(Model):
 
     def _mlp(self, h, L, p):
         cfg = self.config
-        if self._ffn_dtype == "down_int8":
+        if self._ffn_dtype in DOWN_FORMATS:
             return self._mlp_down(h, L, p)
         g = self._linear(h, p + "mlp.gate_proj.weight")
         if self._ffn_dtype in ("int4", "int4_int8") and h.shape[0] <= 8:
@@ -801,7 +852,7 @@ class StreamingModel(Model):
         if T <= 8:
             out = np.empty((T, d), np.float32)
             kept, _ = _C.stream_ffn_layer(self.store._h(), L, np.ascontiguousarray(h, np.float32), z, self._perm[L],
-                                          None, self._dnorm[L], sparse, thr, out, "down_int8")
+                                          None, self._dnorm[L], sparse, thr, out, self._ffn_dtype)
             self._neurons_kept += kept
             self._neurons_total += cfg.intermediate_size * T
             return out
@@ -812,8 +863,7 @@ class StreamingModel(Model):
         self._neurons_total += cfg.intermediate_size * T
         if len(cols) == 0:
             return np.zeros((T, d), np.float32)
-        rows = self.store.get_rows(L, cols).reshape(len(cols), -1)
-        D = rows[:, :d].view(np.int8).astype(np.float32) * rows[:, d:d + 4].copy().view("<f4")
+        D = unpack_down_columns(self._ffn_dtype, self.store.get_rows(L, cols), d)
         return (zs[:, cols] * keep[:, cols]) @ D
 
     def _forward(self, seq_ids, chunks, starts, all_rows=False):
