@@ -415,8 +415,8 @@ def main(argv=None) -> int:
     g.add_argument("--stream-dir", default=None, help="with --dram-budget: where the converted store is cached")
     g.add_argument("--ffn-format", choices=["int4_int8", "down_int8", "down_int7", "int4", "int8"], default=None,
                    help="with --dram-budget: store format of a quantized FFN (default int4_int8: up and down streamed "
-                        "per neuron; down_int8: gate/up resident, int8 down columns streamed and read by their exact "
-                        "contribution)")
+                        "per neuron; down_int7 / down_int8: gate/up resident, 7-bit / int8 down columns streamed and "
+                        "read by their exact contribution)")
     g.add_argument("--whole-layer-reads", action="store_true",
                    help="with --dram-budget: read every FFN layer whole each token (the naive baseline)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")

@@ -45,9 +45,9 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
     predictor: 'threshold' (exact gate, calibrated magnitude threshold) or 'lowrank'.
     whole_layer_reads: read every FFN layer whole each token (the naive streaming baseline).
     ffn_format: how a quantized checkpoint's FFN is stored: 'int4_int8' (up rows and down columns
-    streamed per neuron), 'down_int8' (gate and up resident, only int8 down columns streamed, read
-    by the exact contribution |act(gate) * up| * ||down||: fewer bytes per token at the same
-    perplexity when the budget holds the up projections), 'int4' or 'int8'.
+    streamed per neuron), 'down_int7' / 'down_int8' (gate and up resident, only 7-bit / int8 down
+    columns streamed, read by the exact contribution |act(gate) * up| * ||down||: fewer bytes per
+    token at the same perplexity when the budget holds the up projections), 'int4' or 'int8'.
     Returns a StreamingModel (its activations stay float: `exact` does not apply there).
     """
     if dram_budget_bytes is None:
