@@ -18,7 +18,12 @@ Steps (each measurement in its own subprocess, so peak RSS is per configuration)
    ours with the LRU window only, and whole-layer reads (clear the cache each token, read every
    neuron) on the same store; --repeat rounds alternate them. Peak RSS = VmHWM reset
    (/proc/self/clear_refs) after load, so it is the decode's.
-4. llama.cpp (if /work/venv/bench has llama_cpp), in each round: the same file through mmap; before
+   Options for round 3: --budgets B50,B25 (fixed byte budgets), --budget-store (take the budgets from
+   another store), --naive-store (run the naive rows on another store, e.g. int4_int8 when ours is a
+   down_int8 store), --threads 1 (one compute thread: on a loaded machine a 2-thread OpenMP region
+   waits for a descheduled thread), --merge-gap, --max-read. Ours and naive alternate
+   (naive, ours, naive, ...; reversed on odd rounds).
+4. llama.cpp (if /work/venv/bench has llama_cpp; --no-llamacpp skips it), in each round: the same file through mmap; before
    every token the file's pages are dropped from the process (madvise MADV_DONTNEED on its mapping)
    and from the page cache (posix_fadvise DONTNEED, no root needed), as if the model did not fit;
    and the same with the model left in memory.
@@ -116,10 +121,12 @@ def child_quality(a):
 def child_speed(a):
     import memkernels as mk
     from memkernels.models.stream import StreamingModel
+    if a.threads:
+        mk.set_num_threads(a.threads)
     base = _rss()
     t0 = time.perf_counter()
     m = StreamingModel(a.store, a.budget, sparsity=a.sparsity, whole_layer_reads=a.whole, merge_gap_bytes=a.merge_gap,
-                       pin_hot=not a.no_pin)
+                       pin_hot=not a.no_pin, max_read_bytes=a.max_read)
     load_s = time.perf_counter() - t0
     prompt = m.tokenizer.encode(PROMPT, add_special_tokens=False)[:32]
     load = _rss()
@@ -134,7 +141,7 @@ def child_speed(a):
     print(json.dumps({"decode_tokens_per_s": st["decode_tokens"] / st["decode_s"], "stream": m.stream_stats(),
                       "load_s": load_s, "cpu_s_per_token_incl_prefill": cpu / max(st["decode_tokens"], 1),
                       "rss_after_import": base["VmRSS"], "rss_after_load": load["VmRSS"],
-                      "peak_rss_decode": r["VmHWM"], "mk_threads": mk.info().get("threads") if hasattr(mk, "info")
+                      "peak_rss_decode": r["VmHWM"], "mk_threads": mk.info().get("num_threads") if hasattr(mk, "info")
                       else None}))
 
 
@@ -197,8 +204,10 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--whole", action="store_true")
     ap.add_argument("--merge-gap", type=int, default=4 << 10)
+    ap.add_argument("--max-read", type=int, default=128 << 10,
+                    help="speed: the store's largest read (its I/O staging is ~5 of them; less staging = more cache)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the calibrated hot neurons (LRU window only)")
-    ap.add_argument("--ffn-format", default="int4_int8", choices=["int4", "int4_int8", "int8"], help="store format of up/down")
+    ap.add_argument("--ffn-format", default="int4_int8", choices=["int4", "int4_int8", "int8", "down_int8", "down_int7"], help="store format of up/down")
     ap.add_argument("--store2", help="quality: also measure S=0 on this store (e.g. the int8 one)")
     ap.add_argument("--store2-label", default="int8 store")
     ap.add_argument("--calibrated-levels", default="0.25,0.5",
@@ -206,6 +215,14 @@ def main():
     ap.add_argument("--speed-sparsity", default="0.25,0.5", help="our speed rows: these sparsities (+ S=0)")
     ap.add_argument("--repeat", type=int, default=1, help="speed: alternate the configurations this many times")
     ap.add_argument("--drop", action="store_true")
+    ap.add_argument("--budgets", help="speed: the two budgets in bytes (50 %%, 25 %%) instead of computing them")
+    ap.add_argument("--budget-store", help="speed: take the budgets (resident + staging + 50/25 %% of the FFN) from this store")
+    ap.add_argument("--naive-store", help="speed: run the whole-layer (naive) rows on this store (e.g. int4_int8: up and down)")
+    ap.add_argument("--lru-row", action="store_true", help="speed: also the LRU-window-only row (no pinning)")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="speed: memkernels compute threads (0: its default); 1 on a loaded machine, where a 2-thread "
+                         "OpenMP region waits for a descheduled thread")
     ap.add_argument("--levels", default="0,0.1,0.2,0.25,0.4,0.5,0.6,0.7", help="threshold sparsities measured")
     ap.add_argument("--lowrank-levels", default="0.25,0.5", help="lowrank sparsities measured")
     ap.add_argument("--part", choices=["all", "quality", "speed"], default="all")
@@ -226,7 +243,9 @@ def main():
         print("convert:", run(common + ["--child", "convert", "--ffn-format", a.ffn_format]))
     import memkernels as mk
     from memkernels.models.stream import StreamingModel
-    probe = StreamingModel(store, 1 << 34, pin_hot=False)
+    # the budgets come from --budget-store when given (e.g. the int4_int8 store, so that a down_int8
+    # store, whose resident part is larger, is measured under the same byte counts)
+    probe = StreamingModel(a.budget_store or store, 1 << 34, pin_hot=False)
     resident, ffn = probe.resident_bytes, probe.whole_layer_bytes_per_token
     staging = probe.store.stats()["staging_bytes"]
     file_bytes = os.path.getsize(a.model)
@@ -240,20 +259,30 @@ def main():
     res["speed"] = []
     res["llamacpp"] = []
     bench_py = "/work/venv/bench/bin/python"
-    have_llama = a.part != "quality" and os.path.exists(bench_py) and subprocess.run(
+    have_llama = a.part != "quality" and not a.no_llamacpp and os.path.exists(bench_py) and subprocess.run(
         [bench_py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
     if a.part != "quality" and not have_llama:
         res["llamacpp_missing"] = "no llama_cpp in /work/venv/bench"
     # every configuration once per round, rounds alternate (the machine's load drifts)
     for rep in range(a.repeat if a.part != "quality" else 0):
-        for frac in (0.5, 0.25):
-            budget = resident + staging + int(frac * ffn)
+        for frac, fixed_budget in zip((0.5, 0.25), [int(x) for x in a.budgets.split(",")] if a.budgets else (0, 0)):
+            budget = fixed_budget or resident + staging + int(frac * ffn)
             confs = [(f"ours S={s:g}", ["--sparsity", str(s)]) for s in
                      [0.0] + [float(x) for x in a.speed_sparsity.split(",") if x]]
-            confs += [("ours S=0, LRU window only (no pinning)", ["--no-pin"]),
-                      ("whole-layer reads (naive)", ["--whole"])]
-            for label, extra in confs:
-                r = run(common + ["--child", "speed", "--budget", str(budget)] + extra)
+            confs += [("ours S=0, LRU window only (no pinning)", ["--no-pin"])] if a.lru_row else []
+            naive = ("whole-layer reads (naive)", ["--whole"] + (["--store", a.naive_store] if a.naive_store else []))
+            # ours and naive alternate (the machine's load drifts): naive, ours, naive, ours, ..., naive
+            seq = [naive]
+            for c in confs:
+                seq += [c, naive]
+            if rep % 2:
+                seq = seq[::-1]
+            for label, extra in seq:
+                try:
+                    r = run(common + ["--child", "speed", "--budget", str(budget), "--max-read", str(a.max_read),
+                                      "--merge-gap", str(a.merge_gap), "--threads", str(a.threads)] + extra)
+                except RuntimeError as e:  # e.g. a budget below a down_int8 store's resident part
+                    r = {"error": str(e)[-400:]}
                 r.update(label=label, budget=budget, frac=frac, round=rep)
                 res["speed"].append(r)
                 print(json.dumps(r), file=sys.stderr)

@@ -1263,6 +1263,116 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
   }
 }
 
+void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, const RowVisitor& visit) {
+  Impl& s = *impl_;
+  s.check_process("visit_rows");
+  const StoredLayerInfo& L = layer_info(layer);
+  const int32_t li = int32_t(s.layer_index[layer]);
+  check(!s.opts.device.is_cuda(), ErrorKind::Value,
+        "visit_rows: the store's outputs are on CUDA; visit_rows hands out host pointers to a CPU store's cache");
+  check(count >= 0, ErrorKind::Value, "visit_rows: count must be >= 0");
+  for (int64_t k = 0; k < count; ++k)
+    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+          "visit_rows: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
+              std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
+  std::lock_guard<std::mutex> call(s.call_mu);
+  const int64_t nslots = int64_t(s.slots.size());
+  check(nslots > 0, ErrorKind::Value, "visit_rows: no neuron fits in the cache");
+  int64_t batch;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    batch = std::max<int64_t>(1, nslots - s.pinned_slots);
+  }
+  std::vector<int64_t> order;            // positions k in visiting order: cached ones, then the misses
+  std::vector<const uint8_t*> ptrs;
+  std::vector<int32_t> slot_of;
+  for (int64_t b0 = 0; b0 < count; b0 += batch) {
+    const int64_t b1 = std::min(count, b0 + batch);
+    order.clear();
+    slot_of.assign(size_t(b1 - b0), -1);
+    std::vector<std::pair<int64_t, int32_t>> todo;
+    std::vector<int64_t> missed;
+    {
+      std::unique_lock<std::mutex> lk(s.mu);
+      for (int64_t k = b0; k < b1; ++k) {
+        int32_t sl = s.table[size_t(li)][size_t(ids[k])];
+        if (sl >= 0) {
+          ++s.hits;
+          s.slots[size_t(sl)].pins++;
+          s.touch(sl);
+          order.push_back(k);
+        } else {
+          ++s.misses;
+          while ((sl = s.alloc_slot()) < 0) s.loaded_cv.wait(lk);  // slots pinned by prefetch: wait for them
+          s.claim(sl, li, ids[k]);
+          s.slots[size_t(sl)].pins++;  // our pin, besides the loader's
+          todo.emplace_back(ids[k], sl);
+          missed.push_back(k);
+        }
+        slot_of[size_t(k - b0)] = sl;
+      }
+    }
+    // The reads start now on the I/O threads; the caller visits the cached neurons meanwhile, then
+    // the misses as their reads land. The order (cached ones, then misses, each in `ids` order)
+    // does not depend on timing, so neither does a floating-point sum over the visits.
+    order.insert(order.end(), missed.begin(), missed.end());
+    std::sort(todo.begin(), todo.end());
+    auto group = std::make_shared<Group>();
+    if (!todo.empty()) s.load_runs(li, todo, group, false);
+    std::exception_ptr err;
+    bool failed = false;
+    size_t at = 0;
+    while (at < order.size() && !err && !failed) {
+      size_t end = at;
+      {
+        std::unique_lock<std::mutex> lk(s.mu);
+        while (end < order.size() && s.slots[size_t(slot_of[size_t(order[end] - b0)])].state != SlotState::Loading) ++end;
+        if (end == at) {
+          lk.unlock();
+          if (!s.run_one_queued()) {  // nothing queued: the next neuron is being read by a thread
+            lk.lock();
+            s.loaded_cv.wait(lk, [&] {
+              return s.slots[size_t(slot_of[size_t(order[at] - b0)])].state != SlotState::Loading;
+            });
+          }
+          continue;
+        }
+        for (size_t i = at; i < end; ++i)
+          if (s.slots[size_t(slot_of[size_t(order[i] - b0)])].state != SlotState::Ready) {
+            end = i;  // visit up to the failed one, then report it (below, once its read has said why)
+            failed = true;
+            break;
+          }
+      }
+      ptrs.resize(end - at);
+      for (size_t i = at; i < end; ++i) ptrs[i - at] = s.slot_ptr(slot_of[size_t(order[i] - b0)]);
+      if (end > at) {
+        try {
+          visit(order.data() + at, ptrs.data(), int64_t(end - at));
+        } catch (...) {
+          if (!err) err = std::current_exception();
+        }
+      }
+      at = end;
+    }
+    if (!todo.empty()) s.help_until(*group);  // every read of this batch is over before its slots are unpinned
+    if (!err && group->error) err = group->error;
+    if (!err && failed)  // a neuron a prefetch was loading
+      err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
+                                          "visit_rows: a prefetched read of layer " + std::to_string(layer) + " failed" +
+                                              (s.prefetch_error.empty() ? "" : ": " + s.prefetch_error)));
+    {
+      std::lock_guard<std::mutex> lk(s.mu);
+      for (int32_t sl : slot_of) {
+        Slot& x = s.slots[size_t(sl)];
+        if (--x.pins == 0 && x.state == SlotState::Failed) s.release_slot(sl);
+      }
+    }
+    s.loaded_cv.notify_all();
+    if (err) std::rethrow_exception(err);
+  }
+}
+
 void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
   Impl& s = *impl_;
   s.check_process("prefetch");

@@ -277,13 +277,14 @@ def cmd_generate(args) -> int:
                 return fail(f"--tokens: expected integers separated by commas or spaces, got {args.tokens!r}")
             if not ids:
                 return fail("--tokens: no token ids given")
-        if args.dram_budget is None and (args.sparsity or args.predictor or args.stream_dir or args.whole_layer_reads):
-            return fail("--sparsity / --predictor / --stream-dir / --whole-layer-reads need --dram-budget")
+        if args.dram_budget is None and (args.sparsity or args.predictor or args.stream_dir or args.whole_layer_reads
+                                         or args.ffn_format):
+            return fail("--sparsity / --predictor / --stream-dir / --whole-layer-reads / --ffn-format need --dram-budget")
         if args.dram_budget is not None and args.check:
             return fail("--check runs the dense float64 reference: load without --dram-budget")
         skw = {} if args.dram_budget is None else dict(
             sparsity=args.sparsity, predictor=args.predictor or "threshold", stream_dir=args.stream_dir,
-            whole_layer_reads=args.whole_layer_reads)
+            whole_layer_reads=args.whole_layer_reads, ffn_format=args.ffn_format or "int4_int8")
         m = mk.load_model(args.model, device=args.device, dram_budget_bytes=args.dram_budget,
                           quantize=args.quantize, exact=args.exact, **skw)
         tok = m.tokenizer
@@ -412,6 +413,10 @@ def main(argv=None) -> int:
                    help="with --dram-budget: how neurons are chosen (default threshold: exact gate + calibrated "
                         "magnitude threshold; lowrank: a fitted low-rank predictor)")
     g.add_argument("--stream-dir", default=None, help="with --dram-budget: where the converted store is cached")
+    g.add_argument("--ffn-format", choices=["int4_int8", "down_int8", "down_int7", "int4", "int8"], default=None,
+                   help="with --dram-budget: store format of a quantized FFN (default int4_int8: up and down streamed "
+                        "per neuron; down_int7 / down_int8: gate/up resident, 7-bit / int8 down columns streamed and "
+                        "read by their exact contribution)")
     g.add_argument("--whole-layer-reads", action="store_true",
                    help="with --dram-budget: read every FFN layer whole each token (the naive baseline)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")

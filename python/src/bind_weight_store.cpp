@@ -195,6 +195,38 @@ MK_PYTHON_BINDING(weight_store) {
         stream_ffn_int4(hv, av, bv, ov, down_int8);
       },
       nb::arg("h"), nb::arg("a"), nb::arg("bundles"), nb::arg("out"), nb::arg("down_int8") = false);
+  m.def(
+      "stream_ffn_layer",
+      [](WeightStore& s, int64_t layer, nb::handle h, nb::handle act, nb::handle perm, nb::handle score,
+         nb::handle col_scale, bool sparse, float threshold, nb::handle out, const std::string& format) {
+        StreamFfnFormat f;
+        if (format == "int4") {
+          f = StreamFfnFormat::Int4;
+        } else if (format == "int4_int8") {
+          f = StreamFfnFormat::Int4Int8;
+        } else if (format == "down_int8") {
+          f = StreamFfnFormat::DownInt8;
+        } else if (format == "down_int7") {
+          f = StreamFfnFormat::DownInt7;
+        } else {
+          throw Error(ErrorKind::Value, "stream_ffn_layer: format must be 'int4', 'int4_int8', 'down_int8' or "
+                                        "'down_int7', got '" + format + "'");
+        }
+        ArrayKeeper keep;
+        TensorView hv = as_input(h, "h", keep), av = as_input(act, "act", keep);
+        std::optional<TensorView> pv = as_optional_input(perm, "perm", keep), sv = as_optional_input(score, "score", keep);
+        std::optional<TensorView> cv = as_optional_input(col_scale, "col_scale", keep);
+        TensorView ov = as_tensor(out, "out", keep);
+        StreamFfnCounts c;
+        {
+          nb::gil_scoped_release release;
+          c = stream_ffn_layer(s, layer, hv, av, pv ? &*pv : nullptr, sv ? &*sv : nullptr, cv ? &*cv : nullptr,
+                               sparse, threshold, ov, f);
+        }
+        return nb::make_tuple(c.kept, c.visited);
+      },
+      nb::arg("store"), nb::arg("layer"), nb::arg("h"), nb::arg("act"), nb::arg("perm").none(), nb::arg("score").none(),
+      nb::arg("col_scale").none(), nb::arg("sparse"), nb::arg("threshold"), nb::arg("out"), nb::arg("format"));
   m.def("crc32c", [](nb::bytes b, uint32_t crc) { return crc32c(b.c_str(), b.size(), crc); }, nb::arg("data"),
         nb::arg("crc") = 0);
 }

@@ -71,7 +71,8 @@ def test_sparsity_zero_equals_dense(tmp_path, tied):
     assert os.stat(st.store_path_for(d, tmp_path / "s")).st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25)])
+@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25), ("down_int8", 2e-2),
+                                     ("down_int7", 3e-2)])
 def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
     """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
     stays within the int8 re-quantization error of the dense quantized model."""
@@ -444,7 +445,7 @@ def test_calibrated_allocation_keeps_mean_sparsity(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["int4", "int4_int8"])
 @pytest.mark.parametrize("T,k,d", [(1, 1, 32), (1, 37, 50), (3, 64, 96), (8, 200, 576), (2, 0, 64), (1, 9, 33)])
-def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt):
+def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt, isa):
     """The C++ decode FFN on gathered 4-bit bundles against a float64 product of the decoded weights."""
     from memkernels import _memkernels as _C
     rng = np.random.default_rng(T * 7 + k + d)
@@ -482,3 +483,260 @@ def test_stream_ffn_int4_kernel_against_float64(T, k, d, fmt):
         _C.stream_ffn_int4(h, a, bundles, np.zeros((T, d + 1), np.float32), fmt == "int4_int8")
     with pytest.raises((TypeError, ValueError), match="a"):
         _C.stream_ffn_int4(h, a.astype(np.float64), bundles, out, fmt == "int4_int8")
+
+
+# ---- the streamed FFN layer in one C++ call (stream_ffn_layer: order, threshold, cache, reads, FFN) ----
+
+def _bundle_store(path, fmt, layers, n, d, seed):
+    """A store of `layers` bundle layers as convert_for_streaming writes them; returns the float64
+    decoded (up, down) of each layer, from the bytes (up None for down_int8: no up part)."""
+    rng = np.random.default_rng(seed)
+    ffn, ref = {}, {}
+    p4 = st.int4_part_bytes(d)
+    for L in range(layers):
+        up = rng.standard_normal((n, d)) * rng.uniform(0.2, 2, (n, 1))
+        down = rng.standard_normal((n, d))
+        if fmt == "down_int8":
+            q, sc = st._int8_rows(down.astype(np.float32))
+            b = np.zeros((n, st.int8_down_part_bytes(d)), np.uint8)
+            b[:, :d] = q.view(np.uint8)
+            b[:, d:d + 4] = sc.astype("<f4").view(np.uint8).reshape(n, 4)
+            p4 = 0
+        elif fmt == "down_int7":
+            q, sc = st._int7_rows(down.astype(np.float32))
+            b = st.pack_down_columns(fmt, q, sc)
+        else:
+            b = st.pack_bundles(fmt, up, down)
+        half = b.shape[1] // 2
+        ffn[L] = {"up": np.ascontiguousarray(b[:, :half]), "down": np.ascontiguousarray(b[:, half:].T)}
+        U = None if fmt in st.DOWN_FORMATS else _int4_reference(b[:, :p4], d)
+        if fmt == "down_int7":
+            D = _int7_reference(b, d)
+        elif fmt == "int4":
+            D = _int4_reference(b[:, p4:], d)
+        else:
+            D = b[:, p4:p4 + d].view(np.int8).astype(np.float64) * b[:, p4 + d:p4 + d + 4].copy().view("<f4").astype(np.float64)
+        ref[L] = (U, D)
+    mk.write_weight_store(path, {}, ffn)
+    return ref
+
+
+def _int7_reference(b, d):
+    """float64 decode of 7-bit down columns, bit by bit from the documented layout."""
+    b = np.asarray(b, np.uint8)
+    g = -(-d // 8)
+    out = np.zeros((b.shape[0], d))
+    for r in range(b.shape[0]):
+        bits = np.unpackbits(b[r, :7 * g], bitorder="little")
+        codes = (bits.reshape(8 * g, 7) * (1 << np.arange(7))).sum(1)[:d]
+        out[r] = (codes - 64) * float(b[r, 7 * g:7 * g + 4].copy().view("<f4")[0])
+    return out
+
+
+@pytest.mark.parametrize("n,d", [(3, 576), (5, 33), (2, 8), (4, 1), (3, 100)])
+def test_int7_down_columns_against_float64(n, d):
+    rng = np.random.default_rng(n + d)
+    w = (rng.standard_normal((n, d)) * rng.uniform(0.01, 5, (n, 1))).astype(np.float32)
+    q, sc = st._int7_rows(w)
+    assert q.min() >= -63 and q.max() <= 63
+    b = st.pack_down_columns("down_int7", q, sc)
+    assert b.shape == (n, st.int7_down_part_bytes(d)) and b.shape[1] % 2 == 0
+    ref = _int7_reference(b, d)
+    got = np.full((n, d), np.nan, np.float32)
+    got[...] = st.unpack_down_columns("down_int7", b, d)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    assert (np.abs(ref - w) <= 0.5 * np.abs(w).max(1, keepdims=True) / 63 * (1 + 1e-5)).all()  # half a step
+    if d == 576:
+        assert b.shape[1] == 512  # one O_DIRECT block per column
+
+
+def _layer_reference(U, D, h, act, perm, score, col_scale, sparse, thr):
+    a_s = act.astype(np.float64)[:, perm]
+    # the decision is float32 arithmetic (|s| * scale > threshold, all float32), as documented
+    s = np.abs(act[:, perm] if score is None else score)
+    if col_scale is not None:
+        s = s * col_scale
+    keep = np.ones_like(a_s, bool) if not sparse else s > np.float32(thr)
+    coef = a_s * keep
+    if U is None:  # down_int8: act is the whole coefficient
+        return coef @ D, keep
+    return (coef * (h.astype(np.float64) @ U.T)) @ D, keep
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4_int8", "down_int8", "down_int7"])
+@pytest.mark.parametrize("T,n,d", [(1, 64, 40), (3, 97, 33), (8, 150, 96), (2, 50, 576), (1, 1, 32)])
+@pytest.mark.parametrize("slots", ["all", "tight", "pinned"])
+def test_stream_ffn_layer_against_float64(tmp_path, fmt, T, n, d, slots, isa):
+    """One call per layer: the neurons kept (threshold on the coefficient, on a separate score, or
+    on either times a per-neuron scale, in the store's order through perm) are read or found in the
+    cache and the FFN computed on the cached bundles, against a float64 product of the decoded
+    weights; poisoned outputs; the cache's stats count every requested neuron once; the budget holds
+    with the cache smaller than a layer (batches) and with pinned neurons (hits visited first, then
+    the misses)."""
+    from memkernels import _memkernels as _C
+    path = str(tmp_path / "b.mkws")
+    nl = 2
+    ref = _bundle_store(path, fmt, nl, n, d, seed=T * 100 + n + d)
+    with mk.WeightStore.open(path, 1 << 22) as probe:
+        staging, slot = probe.stats()["staging_bytes"], probe.stats()["slot_bytes"]
+    budget = {"all": 1 << 22, "tight": staging + slot * max(2, n // 3), "pinned": staging + slot * (n + 2)}[slots]
+    rng = np.random.default_rng(n + d + T)
+    with mk.WeightStore.open(path, budget) as ws:
+        if slots == "pinned":
+            ws.pin(0, np.arange(0, n, 2))
+        for rep in range(2):
+            for L in range(nl):
+                U, D = ref[L]
+                h = rng.standard_normal((T, d)).astype(np.float32)
+                act = rng.standard_normal((T, n)).astype(np.float32)
+                perm = rng.permutation(n).astype(np.int64)
+                for sparse, use_score, use_cs in ((False, False, False), (True, False, False), (True, True, False),
+                                                  (True, False, True)):
+                    score = rng.standard_normal((T, n)).astype(np.float32) if use_score else None
+                    cs = rng.uniform(0.1, 3, n).astype(np.float32) if use_cs else None
+                    crit = np.abs(act[:, perm] if score is None else score) * (1 if cs is None else cs)
+                    thr = float(np.quantile(crit, 0.4)) if sparse else 0.0
+                    want, keep = _layer_reference(U, D, h, act, perm, score, cs, sparse, thr)
+                    out = np.full((T, d), np.nan, np.float32)
+                    before = ws.stats()
+                    kept, visited = _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, cs, sparse, thr, out, fmt)
+                    after = ws.stats()
+                    assert np.isfinite(out).all()
+                    scale = max(np.abs(want).max(), 1e-30)
+                    assert np.abs(out - want).max() <= 1e-4 * scale * max(1, np.sqrt(n * d) / 8)
+                    assert kept == int(keep.sum()) and visited == int(keep.any(0).sum())
+                    looked = (after["neuron_hits"] + after["neuron_misses"]) - (before["neuron_hits"] + before["neuron_misses"])
+                    assert looked == visited
+                    assert after["peak_resident_bytes"] + after["staging_bytes"] <= budget
+            ws.next_token()
+        if slots == "all":  # everything cached after the first pass: the second read nothing new
+            assert ws.stats()["neuron_hits"] > 0
+
+
+def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
+    from memkernels import _memkernels as _C
+    path = str(tmp_path / "b.mkws")
+    n, d, T = 40, 64, 2
+    _bundle_store(path, "int4_int8", 1, n, d, seed=3)
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((T, d)).astype(np.float32)
+    act = rng.standard_normal((T, n)).astype(np.float32)
+    perm = np.arange(n, dtype=np.int64)
+    out = np.zeros((T, d), np.float32)
+    with mk.WeightStore.open(path, 1 << 22) as ws:
+        def call(L=0, h=h, act=act, perm=perm, score=None, cs=None, sparse=True, thr=0.5, out=out, fmt="int4_int8"):
+            return _C.stream_ffn_layer(ws._h(), L, h, act, perm, score, cs, sparse, thr, out, fmt)
+        with pytest.raises((TypeError, ValueError), match="act"):
+            call(act=act.astype(np.float64))
+        with pytest.raises(ValueError, match="act"):
+            call(act=act[:, :-1].copy())
+        with pytest.raises((TypeError, ValueError), match="perm"):
+            call(perm=perm.astype(np.int32))
+        with pytest.raises(ValueError, match="perm"):
+            call(perm=np.full(n, n, np.int64))
+        with pytest.raises(ValueError, match="score"):
+            call(score=np.zeros((T, n + 1), np.float32))
+        with pytest.raises(ValueError, match="out"):
+            call(out=np.zeros((T, d + 1), np.float32))
+        with pytest.raises(ValueError, match="threshold"):
+            call(thr=float("nan"))
+        with pytest.raises(ValueError, match="not a int4 bundle layer"):  # int4 bundles are smaller
+            call(fmt="int4")
+        with pytest.raises(ValueError, match="not a down_int8 bundle layer"):
+            call(fmt="down_int8")
+        with pytest.raises(ValueError, match="not a down_int7 bundle layer"):
+            call(fmt="down_int7")
+        with pytest.raises(ValueError, match="format"):
+            call(fmt="int5")
+        with pytest.raises(ValueError, match="col_scale"):
+            call(cs=np.ones(n + 1, np.float32))
+        with pytest.raises((TypeError, ValueError), match="col_scale"):
+            call(cs=np.ones(n, np.float64))
+        with pytest.raises(ValueError, match="bundle layer"):  # bundles of another d_model
+            call(h=np.zeros((T, d + 32), np.float32), out=np.zeros((T, d + 32), np.float32))
+        with pytest.raises(ValueError, match="layer"):
+            call(L=5)
+        with pytest.raises((TypeError, ValueError), match="h"):
+            call(h=h[:, ::2])
+        info = ws.layers()[0]
+    # a corrupt neuron: CorruptDataError naming it; the other neurons still work afterwards
+    with open(path, "r+b") as f:
+        f.seek(info["offset"] + 7 * info["bundle_bytes"] + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with mk.WeightStore.open(path, 1 << 22) as ws:
+        with pytest.raises(CorruptDataError, match="neuron 7"):
+            _C.stream_ffn_layer(ws._h(), 0, h, act, perm, None, None, False, 0.0, out, "int4_int8")
+        keep_off = act.copy()
+        keep_off[:, 7] = 0  # neuron 7 dropped: never read
+        _C.stream_ffn_layer(ws._h(), 0, h, keep_off, perm, None, None, True, 0.0, out, "int4_int8")
+        assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fmt", ["down_int8", "down_int7"])
+def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path, fmt):
+    """ffn_format="down_int8": gate and up stay resident, only int8 down columns stream; a column is
+    read when |act(gate_i) * (h . up_i)| * ||down_i|| exceeds the layer's calibrated threshold. The
+    decode (C++, <= 8 tokens) and prefill (NumPy) paths against a float64 product; fewer bytes than
+    reading every column; the budget holds; the low-rank predictor is refused."""
+    from memkernels.models.llama import activation
+    d = build(tmp_path, intermediate_size=256)
+    dense = mk.load_model(d, quantize="int4", exact=True)
+    store = str(tmp_path / "dn.mkws")
+    orig = st._load_dense
+    st._load_dense = lambda path: (json.load(open(os.path.join(path, "config.json"))), dense)
+    try:
+        st.convert_for_streaming(d, store, ffn_format=fmt)
+    finally:
+        st._load_dense = orig
+    with pytest.raises(ValueError, match="predictor"):
+        st.StreamingModel(store, BUDGET, sparsity=0.5, predictor="lowrank")
+    sm = st.StreamingModel(store, BUDGET, sparsity=0.5)
+    assert sm.meta["ffn_dtype"] == fmt
+    rng = np.random.default_rng(4)
+    for L in range(2):
+        p = f"model.layers.{L}."
+        rows = sm.store.get_rows(L, np.arange(256)).reshape(256, -1)
+        D = rows[:, :64].view(np.int8).astype(np.float64) * rows[:, 64:68].copy().view("<f4").astype(np.float64) \
+            if fmt == "down_int8" else _int7_reference(rows, 64)
+        for T in (1, 5, 12):
+            h = rng.standard_normal((T, 64)).astype(np.float32)
+            gu = sm._linear(h, p + "mlp.gate_up_proj.weight") if p + "mlp.gate_up_proj.weight" in sm._dev else \
+                np.concatenate([sm._linear(h, p + "mlp.gate_proj.weight"), sm._linear(h, p + "mlp.up_proj.weight")], 1)
+            z = (activation(np, gu[:, :256], "silu") * gu[:, 256:]).astype(np.float32)[:, sm._perm[L]]
+            keep = np.abs(z) * sm._dnorm[L] > np.float32(sm._threshold[L])
+            assert 0 < keep.mean() < 1
+            want = (z.astype(np.float64) * keep) @ D
+            got = np.full((T, 64), np.nan, np.float32)
+            got[...] = sm._mlp(h, L, p)
+            assert rel(got, want) < 1e-4
+    t = ids(24, seed=3)
+    whole = st.StreamingModel(store, BUDGET, whole_layer_reads=True)
+    whole.generate(t, max_new_tokens=8, stop_at_eos=False)
+    sm.reset_stream_stats()
+    sm.generate(t, max_new_tokens=8, stop_at_eos=False)
+    s, w = sm.stream_stats(), whole.stream_stats()
+    assert 0.2 < s["neurons_kept_fraction"] < 0.8
+    assert s["bytes_read_per_token"] < 0.8 * w["bytes_read_per_token"]
+    assert w["hit_rate"] == 0.0  # the whole-layer baseline's read-ahead is not counted as hits
+    assert s["peak_resident_bytes"] <= BUDGET and w["peak_resident_bytes"] <= BUDGET
+
+
+def test_load_model_ffn_format_down_int8(tmp_path):
+    """load_model(..., ffn_format="down_int8") converts into its own cached file (the default
+    format's store is left alone), streams only down columns, and is refused without a budget."""
+    d = build(tmp_path, intermediate_size=256)
+    sdir = tmp_path / "s"
+    m = mk.load_model(d, dram_budget_bytes=BUDGET, stream_dir=sdir, ffn_format="down_int8", sparsity=0.3)
+    assert m.meta["ffn_dtype"] == "down_int8"
+    assert os.path.exists(st.store_path_for(d, sdir, "down_int8")) and not os.path.exists(st.store_path_for(d, sdir))
+    out = m.generate(ids(), max_new_tokens=6, stop_at_eos=False)
+    assert len(out) == 6
+    s = m.stream_stats()
+    assert 0.4 < s["neurons_kept_fraction"] < 0.95 and s["peak_resident_bytes"] <= BUDGET
+    assert s["whole_layer_bytes_per_token"] == 2 * 256 * st.int8_down_part_bytes(64)  # down columns only
+    with pytest.raises(ValueError, match="ffn_format"):
+        mk.load_model(d, ffn_format="down_int8")
+    with pytest.raises(ValueError, match="ffn_format"):
+        mk.load_model(d, dram_budget_bytes=BUDGET, stream_dir=sdir, ffn_format="int5")

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -131,6 +132,16 @@ class WeightStore {
   // kernels lets the copy overlap them. A pinned staging buffer is refilled only after the copy that
   // read it has completed (an event; the host waits only when it has not yet).
   void get_rows(int64_t layer, const int64_t* ids, int64_t count, const TensorView& out, void* stream = nullptr);
+  // Zero-copy access for a CPU store: makes neurons `ids` of `layer` resident like get_rows (same
+  // cache, budget and stats) and calls visit(ks, bundles, n) with pointers to the cached bundles of
+  // ids[ks[0]], ..., ids[ks[n-1]] instead of copying them out. Every k in [0, count) is visited once:
+  // first the neurons already cached, then the misses as their reads land, each in `ids` order (an
+  // order that does not depend on timing), so the caller computes on the cached neurons while the
+  // I/O threads read the others. The pointers are valid during the call only; visit must not call
+  // back into the store. Error(Value) on a CUDA store; a failed read or an exception thrown by
+  // visit is rethrown after the reads in flight are over (the visits made stand).
+  using RowVisitor = std::function<void(const int64_t* ks, const uint8_t* const* bundles, int64_t n)>;
+  void visit_rows(int64_t layer, const int64_t* ids, int64_t count, const RowVisitor& visit);
   // Starts loading `ids` of `layer` into the cache in the background and returns at once (a
   // predicted active set, or the next layer while this one computes). Prefetch stops at the budget.
   void prefetch(int64_t layer, const int64_t* ids, int64_t count);
@@ -166,6 +177,36 @@ int64_t int4_bundle_part_bytes(int64_t d_model);
 int64_t int8_down_part_bytes(int64_t d_model);
 void stream_ffn_int4(const TensorView& h, const TensorView& a, const TensorView& bundles, const TensorView& out,
                      bool down_int8 = false);
+
+// One streamed FFN layer in one call (the decode step of issue 17's streaming model). Formats of the
+// layer's neuron bundles (2 uint8 parts; bundle_bytes checked against d_model):
+//   Int4:      [4-bit up row | 4-bit down column]          (see stream_ffn_int4)
+//   Int4Int8:  [4-bit up row | int8 down column]
+//   DownInt8:  [int8 down column] only: the up projection is resident and computed by the caller
+//   DownInt7:  [7-bit down column] only (int7_down_part_bytes: 8 codes in 7 bytes, + 64, then a
+//              float32 scale, padded to 512 B where that costs <= 1/8: one O_DIRECT block at d 576)
+// With act (T, neurons) float32 in the model's neuron order (Int4*: the activated gate; DownInt8:
+// the coefficient z = act(gate) * up) and perm (neurons,) int64 (store position j -> model neuron;
+// nullptr: the same order):
+//   a_s[t, j]  = act[t, perm[j]]
+//   keep[t, j] = !sparse || |s[t, j]| * col_scale[j] > threshold
+//                (s = score, (T, neurons) float32 in store order, or a_s itself when score is null;
+//                 col_scale (neurons,) float32 in store order, or 1 when null)
+// the neurons kept by any token are visited in the store (WeightStore::visit_rows: the cached ones
+// are computed while the misses are read), and
+//   out[t] = sum_j keep[t, j] a_s[t, j] (h[t] . up_j) down_j     (Int4, Int4Int8)
+//   out[t] = sum_j keep[t, j] a_s[t, j] down_j                   (DownInt8/7; h only gives d_model)
+// with h (T, d) float32, out (T, d) float32, float32 accumulation.
+enum class StreamFfnFormat { Int4 = 0, Int4Int8 = 1, DownInt8 = 2, DownInt7 = 3 };
+int64_t int7_down_part_bytes(int64_t d_model);
+int64_t stream_ffn_bundle_bytes(StreamFfnFormat format, int64_t d_model);
+struct StreamFfnCounts {
+  int64_t kept = 0;     // (token, neuron) pairs kept
+  int64_t visited = 0;  // neurons requested from the store (kept by any token)
+};
+StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const TensorView& h, const TensorView& act,
+                                 const TensorView* perm, const TensorView* score, const TensorView* col_scale,
+                                 bool sparse, float threshold, const TensorView& out, StreamFfnFormat format);
 
 // CRC-32C (Castagnoli, as in iSCSI/ext4/RocksDB), the checksum of every read unit, header and
 // directory: the SSE4.2 crc32 instruction where the CPU has it (~8 GB/s), else table code.

@@ -24,7 +24,8 @@ QUANTIZE_FORMATS = ("int8", "int4", "int4_sym", "nf4")
 
 def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None, exact: bool = False,
                framework: str = "auto", *, sparsity: float = 0.0, predictor: str = "threshold",
-               stream_dir=None, calibration_text=None, whole_layer_reads: bool = False) -> Model:
+               stream_dir=None, calibration_text=None, whole_layer_reads: bool = False,
+               ffn_format: str = "int4_int8") -> Model:
     """Loads a checkpoint directory (config.json + *.safetensors, optional tokenizer.json) or a .gguf file.
 
     device: 'cpu' or 'cuda[:N]' (arrays through PyTorch or CuPy). Weights run as stored: float
@@ -43,11 +44,16 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
     on `calibration_text`. sparsity: fraction of FFN neurons predicted off and never read (0: exact);
     predictor: 'threshold' (exact gate, calibrated magnitude threshold) or 'lowrank'.
     whole_layer_reads: read every FFN layer whole each token (the naive streaming baseline).
+    ffn_format: how a quantized checkpoint's FFN is stored: 'int4_int8' (up rows and down columns
+    streamed per neuron), 'down_int7' / 'down_int8' (gate and up resident, only 7-bit / int8 down
+    columns streamed, read by the exact contribution |act(gate) * up| * ||down||: fewer bytes per
+    token at the same perplexity when the budget holds the up projections), 'int4' or 'int8'.
     Returns a StreamingModel (its activations stay float: `exact` does not apply there).
     """
     if dram_budget_bytes is None:
-        if sparsity or whole_layer_reads or stream_dir is not None:
-            raise ValueError("sparsity / whole_layer_reads / stream_dir apply to streaming: give dram_budget_bytes")
+        if sparsity or whole_layer_reads or stream_dir is not None or ffn_format != "int4_int8":
+            raise ValueError("sparsity / whole_layer_reads / stream_dir / ffn_format apply to streaming: give "
+                             "dram_budget_bytes")
     else:
         if device != "cpu":
             raise UnsupportedModelError(f"dram_budget_bytes: streaming runs on the CPU only, got device={device!r}")
@@ -57,7 +63,8 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
                                         "supported with a budget")
         from .stream import open_streaming
         return open_streaming(path, dram_budget_bytes, sparsity=sparsity, predictor=predictor, stream_dir=stream_dir,
-                              calibration_text=calibration_text, whole_layer_reads=whole_layer_reads)
+                              calibration_text=calibration_text, whole_layer_reads=whole_layer_reads,
+                              ffn_format=ffn_format)
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
         raise ValueError(f"quantize: expected None or one of {QUANTIZE_FORMATS}, got {quantize!r}")
     path = os.fspath(path)
