@@ -18,7 +18,7 @@ from conftest import BF16
 CPU_FLAGS = open("/proc/cpuinfo").read().split()
 HAS_BF16 = "avx512_bf16" in CPU_FLAGS
 HAS_VNNI = "avx512_vnni" in CPU_FLAGS
-INT8_FORMATS = ("int4", "int4_sym", "int4_min", "int8")
+INT8_FORMATS = ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym")
 U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 U_F32 = 2.0 ** -24
 

@@ -383,7 +383,7 @@ def test_gptq_bad_input():
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("int4", 32), ("int4_sym", 128), ("int4_sym", 32),
-                                       ("nf4", 64)])
+                                       ("nf4", 64), ("int3", 64), ("int3_sym", 32), ("int2", 128), ("int2_sym", 32)])
 @pytest.mark.parametrize("k", [128, 96, 4160])
 def test_int8_activations_error_bound(fmt, group, k):
     if k % group:
@@ -404,7 +404,7 @@ def test_int8_activations_error_bound(fmt, group, k):
         np.testing.assert_array_equal(y, exact)
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int4_sym", 64)])
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int4_sym", 64), ("int3", 32), ("int2_sym", 64)])
 def test_int8_activations_several_tokens(isa, fmt, group):
     n, k = 29, 640 if group != 128 else 768
     _, qm, d = qm_and_ref(fmt, n, k, group, seed=90)
@@ -757,7 +757,8 @@ def test_cuda_new_formats(fmt, group, tokens):
 # ---- default path (issue 14): int8 activations where they apply, exact=True keeps fp32 ----------------
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("int8", 32), ("int8", None),
-                                       ("int4", 128), ("nf4", 64), ("int3", 128)])
+                                       ("int4", 128), ("nf4", 64), ("int3", 128), ("int3_sym", 32), ("int2", 64),
+                                       ("int2_sym", 128)])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33, 65])
 def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     n, k = 45, 640  # a small-model size: the single-thread branch of the kernels
@@ -781,7 +782,7 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     # 1-D x takes the same path as a 1-token batch
     np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8")
+    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym")
     # from 32 tokens (12 for formats without an int8 path) on AVX512-BF16: the bf16 prefill kernel
     bf16_path = (isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
                  and tokens >= (32 if int8_format else 12))

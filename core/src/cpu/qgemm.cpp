@@ -589,7 +589,7 @@ constexpr int kInt8xTokens = 8;  // tokens per pass (accumulators in zmm)
 // sum in lane r, so a row block's 16 outputs build up in one register per token with no shuffle.
 // Per part (group) p: y_r += s[r][p] * (dot_r - z[r][p] * xsum_p) (+ m[r][p] * xsum_p for int4_min),
 // z being the zero point (plus 8 for int4_sym); all times the token's x scale at the end.
-// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8.
+// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8 (4-7, int3 / int2: ilv_low_block_vnni).
 template <int FMT, int NT>
 __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
                                                             int64_t n0, float* y, int64_t ldy) {
@@ -668,9 +668,91 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
     _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)])));
 }
 
+// int3 / int3_sym / int2 / int2_sym (FMT 4 / 5 / 6 / 7) on the row-interleaved layout: a chunk of
+// 16 rows is two 64-byte loads of 2-bit codes (piece j: 4 bytes per row, byte m holding weights
+// 4j + m + 8s at bits 2s, 2s + 1 for s = 0..3) and, for int3, one load of each row's 32 third bits
+// (bit i = weight i). Each (s, j) gives 4 weights of every row in its lane with a shift and a mask
+// (the third bits added in as 4 through a byte mask: the row's high-bit byte s broadcast to its 4
+// bytes, tested against bits 0-3 or 4-7), then vpdpbusd against x bytes 8s + 4j .. of each token.
+// Per group: y_r += s[r][g] * (dot_r - z[r][g] * xsum_g), z the zero point or 2^(b-1).
+template <int FMT, int NT>
+__attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
+                                                                int64_t n0, float* y, int64_t ldy) {
+  constexpr int BITS = FMT < 6 ? 3 : 2;
+  constexpr bool SYM = FMT == 5 || FMT == 7;
+  constexpr int CB = BITS * 4;
+  constexpr int NA = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // independent accumulator chains per token
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
+  const int cpg = w.group_size / 32;
+  const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
+  const uint8_t* blk = w.codes + n0 * w.row_bytes;
+  const float* sb = w.scales + n0 * G;
+  const uint8_t* zb = w.zeros ? w.zeros + n0 * G : nullptr;
+  const __m512i m2 = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  const __m512i nib0 = _mm512_set1_epi32(0x08040201), nib1 = _mm512_set1_epi32(int(0x80402010u));
+  __m512i bsel[4];  // byte s of each 32-bit lane to all 4 of its bytes (vpshufb indexes per 128 bits)
+  for (int s = 0; s < 4; ++s) {
+    alignas(64) int8_t ix[64];
+    for (int b = 0; b < 64; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
+    bsel[s] = _mm512_load_si512(ix);
+  }
+  const int8_t* xr[NT];
+  for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  __m512 accf[NT];
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[NA][NT];
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t)
+      #pragma GCC unroll 4
+      for (int a = 0; a < NA; ++a) acc[a][t] = _mm512_setzero_si512();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
+      __m512i v[2], hbits = _mm512_setzero_si512();
+      for (int j = 0; j < 2; ++j) v[j] = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+      if constexpr (BITS == 3) hbits = R == 16 ? _mm512_loadu_si512(p + 128) : _mm512_maskz_loadu_epi8(bm, p + 2 * R * 4);
+      #pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        __m512i hb = _mm512_setzero_si512();
+        if constexpr (BITS == 3) hb = _mm512_shuffle_epi8(hbits, bsel[s]);
+        #pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) {
+          __m512i q = _mm512_and_si512(s == 0 ? v[j] : _mm512_srli_epi16(v[j], 2 * s), m2);
+          if constexpr (BITS == 3) q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, j ? nib1 : nib0), q, four);
+          const int a = NA == 4 ? s : NA == 2 ? j : 0;
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t)
+            acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], q, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 8 * s + 4 * j)));
+        }
+      }
+    }
+    const __m512 sv = _mm512_maskz_loadu_ps(rm, sb + g * R);
+    __m512 zf = _mm512_setzero_ps();
+    if constexpr (!SYM) zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, zb + g * R)));
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      __m512i a = acc[0][t];
+      #pragma GCC unroll 4
+      for (int i = 1; i < NA; ++i) a = _mm512_add_epi32(a, acc[i][t]);
+      const int32_t xs = xq.sums(t0 + t)[g];
+      if constexpr (SYM) a = _mm512_sub_epi32(a, _mm512_set1_epi32((1 << (BITS - 1)) * xs));
+      __m512 af = _mm512_cvtepi32_ps(a);
+      if constexpr (!SYM) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
+      accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)])));
+}
+
 template <int FMT, int NT>
 inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
-  ilv_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
+  if constexpr (FMT >= 4) ilv_low_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
+  else ilv_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
 }
 
 bool int8_dots_available() {
@@ -760,10 +842,99 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
                         _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)])));
 }
 
+// AVX2 form of ilv_low_block_vnni, 8 rows (half h of a 16-row block) per register: vpmaddubsw of
+// the 2- or 3-bit codes (unsigned) against x bytes; the 8 (s, j) pair sums of a chunk stay in 16
+// bits (at most 8 * 2 * 7 * 127 < 2^15), then one vpmaddwd per chunk and token. The third bit:
+// the row's high-bit byte s broadcast to its 4 bytes (vpshufb), tested per byte, 4 added in.
+template <int FMT, int NT>
+void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int h, float* y, int64_t ldy) {
+  constexpr int BITS = FMT < 6 ? 3 : 2;
+  constexpr bool SYM = FMT == 5 || FMT == 7;
+  constexpr int CB = BITS * 4;
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
+  const int64_t Rh = std::min<int64_t>(8, R - 8 * h);
+  if (Rh <= 0) return;
+  const int cpg = w.group_size / 32;
+  alignas(32) int32_t mk[8];
+  for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
+  const __m256i lm = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+  const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
+  const float* sb = w.scales + n0 * G + 8 * h;
+  const uint8_t* zb = w.zeros ? w.zeros + n0 * G + 8 * h : nullptr;
+  const __m256i m2 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
+  const __m256i nib[2] = {_mm256_set1_epi32(0x08040201), _mm256_set1_epi32(int(0x80402010u))};
+  __m256i bsel[4];
+  for (int s = 0; s < 4; ++s) {
+    alignas(32) int8_t ix[32];
+    for (int b = 0; b < 32; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
+    bsel[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
+  }
+  const int8_t* xr[NT];
+  for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  __m256 accf[NT];
+  for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
+  auto load = [&](const uint8_t* src) {
+    return Rh == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                   : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      if (h == 0)
+        for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
+      const __m256i v[2] = {load(p), load(p + R * 4)};
+      __m256i hbits = _mm256_setzero_si256();
+      if constexpr (BITS == 3) hbits = load(p + 2 * R * 4);
+      __m256i s16[NT];
+      for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+      for (int s = 0; s < 4; ++s) {
+        __m256i hb = _mm256_setzero_si256();
+        if constexpr (BITS == 3) hb = _mm256_shuffle_epi8(hbits, bsel[s]);
+        for (int j = 0; j < 2; ++j) {
+          __m256i q = _mm256_and_si256(s == 0 ? v[j] : _mm256_srli_epi16(v[j], 2 * s), m2);
+          if constexpr (BITS == 3) {
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, nib[j]), nib[j]);
+            q = _mm256_or_si256(q, _mm256_and_si256(set, four));
+          }
+          for (int t = 0; t < NT; ++t)
+            s16[t] = _mm256_add_epi16(
+                s16[t], _mm256_maddubs_epi16(q, _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 8 * s + 4 * j))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
+    }
+    const __m256 sv = _mm256_maskload_ps(sb + g * R, lm);
+    __m256 zf = _mm256_setzero_ps();
+    if constexpr (!SYM) {
+      uint8_t zt[8] = {};
+      std::memcpy(zt, zb + g * R, size_t(Rh));
+      zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt))));
+    }
+    for (int t = 0; t < NT; ++t) {
+      __m256i a = acc[t];
+      const int32_t xs = xq.sums(t0 + t)[g];
+      if constexpr (SYM) a = _mm256_sub_epi32(a, _mm256_set1_epi32((1 << (BITS - 1)) * xs));
+      __m256 af = _mm256_cvtepi32_ps(a);
+      if constexpr (!SYM) af = _mm256_fnmadd_ps(zf, _mm256_set1_ps(float(xs)), af);
+      accf[t] = _mm256_fmadd_ps(sv, af, accf[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
+                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)])));
+}
+
 template <int FMT, int NT>
 inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
-  ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
-  ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
+  if constexpr (FMT >= 4) {
+    ilv_low_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
+    ilv_low_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
+  } else {
+    ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
+    ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
+  }
 }
 #endif
 
@@ -824,6 +995,11 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
         if (fmt == 0 ? qgemm_int8x<0>(p, x, ldx, bias)
                      : fmt == 1 ? qgemm_int8x<1>(p, x, ldx, bias) : qgemm_int8x<2>(p, x, ldx, bias))
           return;
+      }
+      if constexpr (BITS == 3 || BITS == 2) {  // FMT 4 / 5 (int3, int3_sym), 6 / 7 (int2, int2_sym)
+        constexpr int F = BITS == 3 ? 4 : 6;
+        const bool sym = w.format == QuantFormat::Int3Sym || w.format == QuantFormat::Int2Sym;
+        if (sym ? qgemm_int8x<F + 1>(p, x, ldx, bias) : qgemm_int8x<F>(p, x, ldx, bias)) return;
       }
     }
   }

@@ -288,8 +288,8 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
 // range (64 tokens). Formats without an int8 path take the bf16 / fp32 kernel from 12 / 8 tokens.
 int64_t min_tokens(const QGemmProblem& p, bool bf16) {
   const QuantFormat f = p.w.format;
-  const bool int8_format =
-      f == QuantFormat::Int4 || f == QuantFormat::Int4Sym || f == QuantFormat::Int4Min || f == QuantFormat::Int8;
+  // the formats with an int8-activation kernel on the CPU layout (cpu/qgemm.cpp: qgemm_int8x)
+  const bool int8_format = quant_cpu_interleaved(f);
   const int64_t fp32_min = L == 16 ? 12 : 8;
   if (!p.int8_activations) return fp32_min;
   if (bf16) return int8_format ? 32 : 12;
