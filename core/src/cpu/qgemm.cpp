@@ -79,19 +79,26 @@ inline uint64_t load_u64(const uint8_t* p) {
 template <int BITS>
 inline const uint8_t* chunk_codes(const QuantView& w, int64_t n, int64_t c, uint8_t* tmp) {
   if (!w.ilv) return w.codes + n * w.row_bytes + c * (BITS * 4);
-  if constexpr (BITS == 4 || BITS == 8) {
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-    const int64_t r = n % w.ilv, n0 = n - r, R = std::min<int64_t>(w.ilv, w.rows - n0);
-    const uint8_t* p = w.codes + n0 * w.row_bytes + c * R * (BITS * 4) + r * 4;
-    const int64_t st = R * 4;
-    auto ld = [&](int j) { int32_t v; std::memcpy(&v, p + j * st, 4); return v; };
+  // w.ilv is always kInterleaveRows: a constant block size keeps a 64-bit division out of this
+  // per-chunk call (the multi-token exact path makes one per row and chunk)
+  const int64_t r = n % kInterleaveRows, n0 = n - r, R = std::min<int64_t>(kInterleaveRows, w.rows - n0);
+  const uint8_t* p = w.codes + n0 * w.row_bytes + c * R * (BITS * 4) + r * 4;
+  const int64_t st = R * 4;
+  auto ld = [&](int j) { int32_t v; std::memcpy(&v, p + j * st, 4); return v; };
+  if constexpr (BITS == 2) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), 0, 0));
+  } else if constexpr (BITS == 3) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), ld(2), 0));
+  } else {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), ld(2), ld(3)));
     if constexpr (BITS == 8)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp + 16), _mm_setr_epi32(ld(4), ld(5), ld(6), ld(7)));
-    return tmp;
-#endif
   }
+  return tmp;
+#else
   return w.chunk(n, c, tmp);
+#endif
 }
 
 // Bytes of the 2-bit chunk layout: four 8-byte groups of codes (weights 8j .. 8j+7 in group j),
@@ -272,6 +279,32 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
 }
 
 #if defined(MK_ISA_AVX512)
+// 2- and 3-bit codes on the row-interleaved layout (quant.h): chunk c of a 16-row block is pieces
+// v[0], v[1] of 2-bit codes (piece j: 4 bytes per row, byte m holding weights 4j + m + 8s at bits 2s,
+// 2s + 1, s = 0..3) and, for 3 bits, each row's 32 third bits (bit i: weight i) in `hbits`. LowBits
+// gives, per (s, j), the codes of weights 8s + 4j .. 8s + 4j + 3 of every row as bytes in the row's
+// 32-bit lane: a shift and a mask, plus 4 where the third bit is set (the row's high-bit byte s
+// broadcast to its 4 bytes, tested against bits 0-3 or 4-7: a byte mask).
+struct LowBits {
+  __m512i m2 = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  __m512i nib[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32(int(0x80402010u))};
+  __m512i bsel[4];  // byte s of each 32-bit lane to all 4 of its bytes (vpshufb indexes per 128 bits)
+  LowBits() {
+    for (int s = 0; s < 4; ++s) {
+      alignas(64) int8_t ix[64];
+      for (int b = 0; b < 64; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
+      bsel[s] = _mm512_load_si512(ix);
+    }
+  }
+  __m512i high(__m512i hbits, int s) const { return _mm512_shuffle_epi8(hbits, bsel[s]); }  // once per s
+  template <int BITS>
+  __m512i codes(const __m512i (&v)[2], __m512i hb, int s, int j) const {
+    __m512i q = _mm512_and_si512(s == 0 ? v[j] : _mm512_srli_epi16(v[j], 2 * s), m2);
+    if constexpr (BITS == 3) q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, nib[j]), q, four);
+    return q;
+  }
+};
+
 // The exact 1-3 token path on the row-interleaved layout (quant.h), one 16-row block: each 64-byte
 // load is 4 code bytes of 16 rows; its quarter q (rows 4q .. 4q+3) widens to 16 floats, lane 4i + l
 // = row 4q + i, weight l of the 4, multiplied by the 4 x values broadcast to each 128-bit lane.
@@ -288,6 +321,7 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
   const uint8_t* blk = w.codes + n0 * w.row_bytes;
   const float* sb = w.scales + n0 * G;
   const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const LowBits lb;
   __m512i sel[4];
   for (int q = 0; q < 4; ++q) {
     alignas(64) int32_t ix[16];
@@ -304,6 +338,27 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const uint8_t* p = blk + c * R * CB;
+      if constexpr (BITS <= 3) {  // 2 / 3 bits: per (s, j) 4 weights of each row in its lane (LowBits)
+        __m512i v[2], hbits = _mm512_setzero_si512();
+        for (int j = 0; j < 2; ++j) v[j] = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+        if constexpr (BITS == 3) hbits = R == 16 ? _mm512_loadu_si512(p + 128) : _mm512_maskz_loadu_epi8(bm, p + 2 * R * 4);
+        #pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) {
+          const __m512i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
+          #pragma GCC unroll 2
+          for (int j = 0; j < 2; ++j) {
+            const __m512i q = lb.codes<BITS>(v, hb, s, j);
+            __m512 xb[NT];
+            for (int t = 0; t < NT; ++t) xb[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 8 * s + 4 * j));
+            #pragma GCC unroll 4
+            for (int qq = 0; qq < 4; ++qq) {
+              const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, qq)));
+              for (int t = 0; t < NT; ++t) acc[t][qq] = _mm512_fmadd_ps(f, xb[t], acc[t][qq]);
+            }
+          }
+        }
+        continue;
+      }
       for (int j = 0; j < CB / 4; ++j) {
         const __m512i v = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
         if constexpr (BITS == 4) {
@@ -353,6 +408,29 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
   }
 }
 #elif defined(MK_ISA_AVX2)
+// AVX2 form of LowBits (AVX-512 above), 8 rows per register: the third bit through vpshufb, a byte
+// compare and an or.
+struct LowBits {
+  __m256i m2 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+  __m256i nib[2] = {_mm256_set1_epi32(0x08040201), _mm256_set1_epi32(int(0x80402010u))};
+  __m256i bsel[4];
+  LowBits() {
+    for (int s = 0; s < 4; ++s) {
+      alignas(32) int8_t ix[32];
+      for (int b = 0; b < 32; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
+      bsel[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
+    }
+  }
+  __m256i high(__m256i hbits, int s) const { return _mm256_shuffle_epi8(hbits, bsel[s]); }
+  template <int BITS>
+  __m256i codes(const __m256i (&v)[2], __m256i hb, int s, int j) const {
+    __m256i q = _mm256_and_si256(s == 0 ? v[j] : _mm256_srli_epi16(v[j], 2 * s), m2);
+    if constexpr (BITS == 3)
+      q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, nib[j]), nib[j]), four));
+    return q;
+  }
+};
+
 // AVX2 form of the exact 1-token path on the row-interleaved layout: half h (rows 8h .. 8h+7) of a
 // 16-row block; each 32-byte load is 4 code bytes of 8 rows, its quarter q (rows 2q, 2q+1) widens to
 // 8 floats against the 4 x values broadcast to both 128-bit lanes.
@@ -368,6 +446,7 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
   const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
   const int64_t so = n0 * G + 8 * h;
   const __m256i m4 = _mm256_set1_epi8(0x0f);
+  const LowBits lb;
   __m256i sel[4];
   for (int q = 0; q < 4; ++q) sel[q] = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
   __m256 tot[4], corr = _mm256_setzero_ps();
@@ -375,7 +454,7 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
   // the four 8-byte quarters of v widened to int32
   auto widen = [](__m256i v, __m256i (&o)[4]) {
     const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
-    if constexpr (BITS == 4) {
+    if constexpr (BITS != 8) {  // unsigned codes
       o[0] = _mm256_cvtepu8_epi32(a), o[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(a, 8));
       o[2] = _mm256_cvtepu8_epi32(b), o[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
     } else {
@@ -388,6 +467,24 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
     for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const uint8_t* p = blk + c * R * CB;
+      if constexpr (BITS <= 3) {  // 2 / 3 bits: per (s, j) 4 weights of each row in its lane (LowBits)
+        auto load = [&](const uint8_t* src) {
+          return Rh == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                         : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+        };
+        const __m256i v[2] = {load(p), load(p + R * 4)};
+        const __m256i hbits = BITS == 3 ? load(p + 2 * R * 4) : _mm256_setzero_si256();
+        for (int s = 0; s < 4; ++s) {
+          const __m256i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
+          for (int j = 0; j < 2; ++j) {
+            __m256i u[4];
+            widen(lb.codes<BITS>(v, hb, s, j), u);
+            const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 8 * s + 4 * j));
+            for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xb, acc[q]);
+          }
+        }
+        continue;
+      }
       for (int j = 0; j < CB / 4; ++j) {
         const __m256i* src = reinterpret_cast<const __m256i*>(p + j * R * 4);
         const __m256i v = Rh == 8 ? _mm256_loadu_si256(src) : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
@@ -669,11 +766,8 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
 }
 
 // int3 / int3_sym / int2 / int2_sym (FMT 4 / 5 / 6 / 7) on the row-interleaved layout: a chunk of
-// 16 rows is two 64-byte loads of 2-bit codes (piece j: 4 bytes per row, byte m holding weights
-// 4j + m + 8s at bits 2s, 2s + 1 for s = 0..3) and, for int3, one load of each row's 32 third bits
-// (bit i = weight i). Each (s, j) gives 4 weights of every row in its lane with a shift and a mask
-// (the third bits added in as 4 through a byte mask: the row's high-bit byte s broadcast to its 4
-// bytes, tested against bits 0-3 or 4-7), then vpdpbusd against x bytes 8s + 4j .. of each token.
+// 16 rows is two 64-byte loads of 2-bit codes and, for int3, one of third bits; each (s, j) gives 4
+// weights of every row in its lane (LowBits), then vpdpbusd against x bytes 8s + 4j .. of each token.
 // Per group: y_r += s[r][g] * (dot_r - z[r][g] * xsum_g), z the zero point or 2^(b-1).
 template <int FMT, int NT>
 __attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
@@ -689,14 +783,7 @@ __attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w
   const uint8_t* blk = w.codes + n0 * w.row_bytes;
   const float* sb = w.scales + n0 * G;
   const uint8_t* zb = w.zeros ? w.zeros + n0 * G : nullptr;
-  const __m512i m2 = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
-  const __m512i nib0 = _mm512_set1_epi32(0x08040201), nib1 = _mm512_set1_epi32(int(0x80402010u));
-  __m512i bsel[4];  // byte s of each 32-bit lane to all 4 of its bytes (vpshufb indexes per 128 bits)
-  for (int s = 0; s < 4; ++s) {
-    alignas(64) int8_t ix[64];
-    for (int b = 0; b < 64; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
-    bsel[s] = _mm512_load_si512(ix);
-  }
+  const LowBits lb;
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
   __m512 accf[NT];
@@ -716,12 +803,10 @@ __attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w
       if constexpr (BITS == 3) hbits = R == 16 ? _mm512_loadu_si512(p + 128) : _mm512_maskz_loadu_epi8(bm, p + 2 * R * 4);
       #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
-        __m512i hb = _mm512_setzero_si512();
-        if constexpr (BITS == 3) hb = _mm512_shuffle_epi8(hbits, bsel[s]);
+        const __m512i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
         #pragma GCC unroll 2
         for (int j = 0; j < 2; ++j) {
-          __m512i q = _mm512_and_si512(s == 0 ? v[j] : _mm512_srli_epi16(v[j], 2 * s), m2);
-          if constexpr (BITS == 3) q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, j ? nib1 : nib0), q, four);
+          const __m512i q = lb.codes<BITS>(v, hb, s, j);
           const int a = NA == 4 ? s : NA == 2 ? j : 0;
           #pragma GCC unroll 8
           for (int t = 0; t < NT; ++t)
@@ -843,9 +928,8 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
 }
 
 // AVX2 form of ilv_low_block_vnni, 8 rows (half h of a 16-row block) per register: vpmaddubsw of
-// the 2- or 3-bit codes (unsigned) against x bytes; the 8 (s, j) pair sums of a chunk stay in 16
-// bits (at most 8 * 2 * 7 * 127 < 2^15), then one vpmaddwd per chunk and token. The third bit:
-// the row's high-bit byte s broadcast to its 4 bytes (vpshufb), tested per byte, 4 added in.
+// the 2- or 3-bit codes (unsigned, LowBits) against x bytes; the 8 (s, j) pair sums of a chunk stay
+// in 16 bits (at most 8 * 2 * 7 * 127 < 2^15), then one vpmaddwd per chunk and token.
 template <int FMT, int NT>
 void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int h, float* y, int64_t ldy) {
   constexpr int BITS = FMT < 6 ? 3 : 2;
@@ -861,14 +945,8 @@ void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t 
   const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
   const float* sb = w.scales + n0 * G + 8 * h;
   const uint8_t* zb = w.zeros ? w.zeros + n0 * G + 8 * h : nullptr;
-  const __m256i m2 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
-  const __m256i nib[2] = {_mm256_set1_epi32(0x08040201), _mm256_set1_epi32(int(0x80402010u))};
-  __m256i bsel[4];
-  for (int s = 0; s < 4; ++s) {
-    alignas(32) int8_t ix[32];
-    for (int b = 0; b < 32; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
-    bsel[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
-  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const LowBits lb;
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
   __m256 accf[NT];
@@ -890,14 +968,9 @@ void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t 
       __m256i s16[NT];
       for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
       for (int s = 0; s < 4; ++s) {
-        __m256i hb = _mm256_setzero_si256();
-        if constexpr (BITS == 3) hb = _mm256_shuffle_epi8(hbits, bsel[s]);
+        const __m256i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
         for (int j = 0; j < 2; ++j) {
-          __m256i q = _mm256_and_si256(s == 0 ? v[j] : _mm256_srli_epi16(v[j], 2 * s), m2);
-          if constexpr (BITS == 3) {
-            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, nib[j]), nib[j]);
-            q = _mm256_or_si256(q, _mm256_and_si256(set, four));
-          }
+          const __m256i q = lb.codes<BITS>(v, hb, s, j);
           for (int t = 0; t < NT; ++t)
             s16[t] = _mm256_add_epi16(
                 s16[t], _mm256_maddubs_epi16(q, _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 8 * s + 4 * j))));
@@ -1018,7 +1091,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
 #if defined(MK_ISA_AVX512)
-      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+      if constexpr (!NF4) {
         if (w.ilv) {  // the row-interleaved layout, read natively
           for (int64_t t0 = 0; t0 < T; t0 += 2) {
             if (T - t0 >= 2) gemv_block_ilv<BITS, 2>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
@@ -1029,7 +1102,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
         }
       }
 #elif defined(MK_ISA_AVX2)
-      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+      if constexpr (!NF4) {
         if (w.ilv) {  // the row-interleaved layout, read natively, one token and 8 rows at a time
           for (int64_t t = 0; t < T; ++t) {
             for (int h = 0; h < 2; ++h)
