@@ -64,7 +64,7 @@ def test_int8_path_partial_row_blocks(isa, fmt, group, n):
     qm, d, _ = random_codes(fmt, n, k, group, seed=n * 7 + k)
     bias = rng(n).standard_normal(n).astype(np.float32)
     integer_path = isa == "avx2" or (isa == "avx512" and VNNI)
-    for tokens in (1, 2, 3, 5, 8, 9, 13):
+    for tokens in (1, 2, 3, 4, 5, 8, 9, 11, 13):
         X = (rng(tokens + n).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, bias, out=out)  # the default: int8 activations

@@ -119,7 +119,7 @@ bool quant_has_mins(QuantFormat f);                    // has float minimums (in
 bool quant_is_kquant(QuantFormat f);                   // q4_k / q5_k / q6_k (256-weight super-blocks)
 constexpr int kKQuantBlock = 256;                      // weights per K-quant super-block
 bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int4*, int8)
-constexpr int kInterleaveRows = 16;                    // rows per block of that layout
+constexpr int kInterleaveRows = 16;                    // rows per block of that layout (a power of two)
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
 struct QuantOptions {

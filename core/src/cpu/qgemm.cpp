@@ -1077,7 +1077,16 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
     }
   }
 #endif
-  if (T <= 3) {
+  // AVX-512, row-interleaved layout: the exact lanes-per-row kernel (gemv_block_ilv) also serves 4 to
+  // 11 tokens (the fp32 prefill kernel takes over from 12), in passes of 4 over each 16-row block
+  // (its codes stay in L2): per 64-byte load, 4 weights of 16 rows widen once for 4 tokens, where
+  // the multi-token path below gathers each row's chunk first (1.2-1.5x slower there).
+#if defined(MK_ISA_AVX512)
+  const bool ilv_multi = !NF4 && w.ilv && T <= 11;
+#else
+  const bool ilv_multi = false;
+#endif
+  if (T <= 3 || ilv_multi) {
     // Per-group sums of x for the zero-point term.
     std::vector<float> xsum(static_cast<size_t>(T * G));
     for (int64_t t = 0; t < T; ++t)
@@ -1093,9 +1102,14 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
 #if defined(MK_ISA_AVX512)
       if constexpr (!NF4) {
         if (w.ilv) {  // the row-interleaved layout, read natively
-          for (int64_t t0 = 0; t0 < T; t0 += 2) {
-            if (T - t0 >= 2) gemv_block_ilv<BITS, 2>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
-            else gemv_block_ilv<BITS, 1>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
+          for (int64_t t0 = 0; t0 < T;) {
+            const int64_t nt = T - t0 >= 4 && T > 3 ? 4 : T - t0 >= 2 ? 2 : 1;
+            const float* xt = x + t0 * ldx;
+            const float* st = xsum.data() + t0 * G;
+            if (nt == 4) gemv_block_ilv<BITS, 4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            else if (nt == 2) gemv_block_ilv<BITS, 2>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            else gemv_block_ilv<BITS, 1>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            t0 += nt;
           }
           for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
           continue;
