@@ -1,5 +1,5 @@
-"""The CPU row-interleaved layout of int4 / int4_sym / int4_min / int8 / int3 / int3_sym / int2 / int2_sym
-(quant.h, issue 14): the int8-
+"""The CPU row-interleaved layout of int4 / int4_sym / int4_min / int8 / int3 / int3_sym / int2 / int2_sym /
+nf4 (quant.h, issue 14): the int8-
 activation kernels and the exact paths on it, row counts that leave a partial last block of 16, and
 the bytes written by to_bytes() staying in the documented (version 1) layout."""
 import numpy as np
@@ -10,8 +10,10 @@ import memkernels as mk
 VNNI = "avx512_vnni" in open("/proc/cpuinfo").read()
 CASES = [("int4", 32), ("int4", 128), ("int4_sym", 32), ("int4_sym", 64), ("int4_min", 32), ("int4_min", 128),
          ("int8", 32), ("int8", None), ("int3", 32), ("int3", 128), ("int3_sym", 64), ("int2", 64), ("int2", 128),
-         ("int2_sym", 32)]
+         ("int2_sym", 32), ("nf4", 64), ("nf4", 32)]
 BITS = {"int3": 3, "int3_sym": 3, "int2": 2, "int2_sym": 2}
+NF4 = np.asarray(mk._C.nf4_codebook(), np.float64)
+NF4_INT8 = np.rint(127 * NF4.astype(np.float32)) / 127  # the levels the integer path uses (quant.h)
 
 
 def rng(seed):
@@ -38,6 +40,9 @@ def random_codes(fmt, n, k, group, seed):
         else:
             zeros = r.integers(0, 2 ** b, (n, groups), dtype=np.uint8)
             d = s * (codes.astype(np.float64) - np.repeat(zeros, g, 1))
+    elif fmt == "nf4":
+        codes = r.integers(0, 16, (n, k), dtype=np.uint8)
+        d = s * NF4[codes]
     else:
         codes = r.integers(0, 16, (n, k), dtype=np.uint8)
         if fmt == "int4":
@@ -50,6 +55,14 @@ def random_codes(fmt, n, k, group, seed):
             d = (np.repeat(scales, g, 1) * codes.astype(np.float32)).astype(np.float64) + np.repeat(mins, g, 1)
     qm = mk.pack_quantized(fmt, codes, scales, zeros=zeros, mins=mins, group_size=group)
     return qm, d, (codes, scales, zeros, mins)
+
+
+def int8_levels(qm, d, group):
+    """nf4 on the integer path: each level L as round(127 L) / 127, times the group scale."""
+    s = np.repeat(qm.scales().astype(np.float64), group, 1)
+    lev = np.divide(d, s, out=np.zeros_like(d), where=s != 0)
+    idx = np.abs(lev[..., None] - NF4).argmin(-1)
+    return s * NF4_INT8[idx]
 
 
 def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token
@@ -69,13 +82,14 @@ def test_int8_path_partial_row_blocks(isa, fmt, group, n):
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, bias, out=out)  # the default: int8 activations
         E = mk.qgemm(X, qm, bias, exact=True)
+        di = d if fmt != "nf4" else int8_levels(qm, d, group)  # the weights the integer dots use
         for t in range(tokens):
             ref = d @ X[t].astype(np.float64) + bias
             np.testing.assert_allclose(E[t], ref, rtol=1e-5, atol=1e-5 * (np.abs(d) @ np.abs(X[t])).max())
             if integer_path:
                 xq = rounded(X[t])
-                np.testing.assert_allclose(Y[t], d @ xq + bias, rtol=2e-5,
-                                           atol=2e-5 * (np.abs(d) @ np.abs(xq)).max() + 1e-6, err_msg=str(t))
+                np.testing.assert_allclose(Y[t], di @ xq + bias, rtol=2e-5,
+                                           atol=2e-5 * (np.abs(di) @ np.abs(xq)).max() + 1e-6, err_msg=str(t))
             else:
                 np.testing.assert_array_equal(Y[t], E[t])
         # no bias and an fp32 out: the kernel writes out directly, strided rows included

@@ -4,6 +4,8 @@ import pytest
 
 import memkernels as mk
 
+from conftest import int8_path_bound
+
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FORMATS = ["int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4"]
@@ -394,11 +396,11 @@ def test_int8_activations_error_bound(fmt, group, k):
     bias = rng(3).standard_normal(n).astype(np.float32)
     y = mk.qgemm(x, qm, bias, int8_activations=True)
     ref = d @ x.astype(np.float64) + bias
-    bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x))
+    bound = int8_path_bound(qm, d, x)[0] * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x))
     assert np.all(np.abs(y - ref) <= bound)
     exact = mk.qgemm(x, qm, bias, exact=True)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    if fmt != "nf4" and (mk.cpu_isa() == "avx2" or (mk.cpu_isa() == "avx512" and vnni)):
+    if mk.cpu_isa() == "avx2" or (mk.cpu_isa() == "avx512" and vnni):
         assert not np.array_equal(y, exact)  # the int8 path really ran
     else:
         np.testing.assert_array_equal(y, exact)
@@ -776,13 +778,12 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     ref = X.astype(np.float64) @ d.T + bias
     np.testing.assert_allclose(exact, ref, rtol=1e-4, atol=1e-4 * (np.abs(X) @ np.abs(d).T).max())
     # the bound documented in quant.h, against the float64 product
-    bound = (np.abs(d).sum(axis=1)[None, :] * np.abs(X).max(axis=1)[:, None] / 254 * 1.001
-             + 1e-4 * (np.abs(X) @ np.abs(d).T) + 1e-5)
+    bound = int8_path_bound(qm, d, X) * 1.001 + 1e-4 * (np.abs(X) @ np.abs(d).T) + 1e-5
     assert np.all(np.abs(y - ref) <= bound)
     # 1-D x takes the same path as a 1-token batch
     np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym")
+    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym", "nf4")
     # from 32 tokens (12 for formats without an int8 path) on AVX512-BF16: the bf16 prefill kernel
     bf16_path = (isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
                  and tokens >= (32 if int8_format else 12))

@@ -310,7 +310,7 @@ struct LowBits {
 // = row 4q + i, weight l of the 4, multiplied by the 4 x values broadcast to each 128-bit lane.
 // Group scales go on per lane (a permute of the block's 16 scales); the 4 lanes of a row are summed
 // once at the end, and the zero-point / min terms come off as in gemv_rows (group_corr).
-template <int BITS, int NT>
+template <int BITS, int NT, bool NF4 = false>
 void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float* xsum, int64_t n0, float* y,
                     int64_t ldy) {
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
@@ -321,6 +321,7 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
   const uint8_t* blk = w.codes + n0 * w.row_bytes;
   const float* sb = w.scales + n0 * G;
   const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const __m512 lut = _mm512_loadu_ps(nf4_codebook());  // nf4: the level of each code
   const LowBits lb;
   __m512i sel[4];
   for (int q = 0; q < 4; ++q) {
@@ -370,8 +371,10 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
           }
           #pragma GCC unroll 4
           for (int q = 0; q < 4; ++q) {
-            const __m512 fl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, q)));
-            const __m512 fh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, q)));
+            const __m512i il = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, q));
+            const __m512i ih = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, q));
+            const __m512 fl = NF4 ? _mm512_permutexvar_ps(il, lut) : _mm512_cvtepi32_ps(il);
+            const __m512 fh = NF4 ? _mm512_permutexvar_ps(ih, lut) : _mm512_cvtepi32_ps(ih);
             for (int t = 0; t < NT; ++t) acc[t][q] = _mm512_fmadd_ps(fh, xh[t], _mm512_fmadd_ps(fl, xl[t], acc[t][q]));
           }
         } else {
@@ -434,7 +437,7 @@ struct LowBits {
 // AVX2 form of the exact 1-token path on the row-interleaved layout: half h (rows 8h .. 8h+7) of a
 // 16-row block; each 32-byte load is 4 code bytes of 8 rows, its quarter q (rows 2q, 2q+1) widens to
 // 8 floats against the 4 x values broadcast to both 128-bit lanes.
-template <int BITS>
+template <int BITS, bool NF4 = false>
 void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_t n0, int h, float* y) {
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), Rh = std::min<int64_t>(8, R - 8 * h);
   if (Rh <= 0) return;
@@ -447,6 +450,13 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
   const int64_t so = n0 * G + 8 * h;
   const __m256i m4 = _mm256_set1_epi8(0x0f);
   const LowBits lb;
+  const __m256 lut_lo = _mm256_loadu_ps(nf4_codebook()), lut_hi = _mm256_loadu_ps(nf4_codebook() + 8);
+  // a 4-bit code as a float: the integer, or (nf4) its level, two 8-entry permutes and bit 3 picking one
+  auto level = [&](__m256i u) {
+    if constexpr (!NF4) return _mm256_cvtepi32_ps(u);
+    const __m256 a = _mm256_permutevar8x32_ps(lut_lo, u), b = _mm256_permutevar8x32_ps(lut_hi, u);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));
+  };
   __m256i sel[4];
   for (int q = 0; q < 4; ++q) sel[q] = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
   __m256 tot[4], corr = _mm256_setzero_ps();
@@ -493,9 +503,9 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
           const __m256 xl = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
           const __m256 xh = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 16 + 4 * j));
           widen(_mm256_and_si256(v, m4), u);
-          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xl, acc[q]);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(level(u[q]), xl, acc[q]);
           widen(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), u);
-          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xh, acc[q]);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(level(u[q]), xh, acc[q]);
         } else {
           const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
           widen(v, u);
@@ -676,6 +686,19 @@ constexpr int64_t kPrefetch = 6144;
 // Largest run of int8 weights summed in int32 per lane before going to fp32 (no overflow:
 // 2048 * 255 * 127 < 2^31 with the +128 offset of the VNNI form).
 constexpr int64_t kInt8Part = 2048;
+
+// nf4 on the integer path: each level L as the int8 round(127 L) (the 1/127 goes on with the token's
+// x scale). The levels move by at most 0.0037 (of the group scale): quant.h documents the bound.
+struct Nf4Int8 {
+  int8_t v[16];
+  Nf4Int8() {
+    for (int i = 0; i < 16; ++i) v[i] = int8_t(std::lrint(127.0f * nf4_codebook()[i]));
+  }
+};
+inline const Nf4Int8& nf4_int8() {
+  static const Nf4Int8 t;
+  return t;
+}
 #endif
 
 #if defined(MK_ISA_AVX512)
@@ -686,12 +709,13 @@ constexpr int kInt8xTokens = 8;  // tokens per pass (accumulators in zmm)
 // sum in lane r, so a row block's 16 outputs build up in one register per token with no shuffle.
 // Per part (group) p: y_r += s[r][p] * (dot_r - z[r][p] * xsum_p) (+ m[r][p] * xsum_p for int4_min),
 // z being the zero point (plus 8 for int4_sym); all times the token's x scale at the end.
-// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8 (4-7, int3 / int2: ilv_low_block_vnni).
+// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8, 8 nf4 (the levels as int8 + 128 through
+// a vpshufb lookup, Nf4Int8; 4-7, int3 / int2: ilv_low_block_vnni).
 template <int FMT, int NT>
 __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
                                                             int64_t n0, float* y, int64_t ldy) {
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), K = w.cols;
-  constexpr bool I8 = FMT == 3;
+  constexpr bool I8 = FMT == 3, NF = FMT == 8;
   constexpr int CB = I8 ? 32 : 16;  // bytes per chunk and row
   constexpr int NA = NT == 1 ? 2 : 1;  // independent accumulator chains per token
   const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
@@ -701,6 +725,9 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
   const uint8_t* zb = w.zeros ? w.zeros + n0 * G : nullptr;
   const float* mb = w.mins ? w.mins + n0 * G : nullptr;
   const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
+  // nf4: level + 128 (unsigned) of each code, in every 128-bit lane for vpshufb
+  const __m512i lut = _mm512_xor_si512(
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(nf4_int8().v))), flip);
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
   __m512 accf[NT];
@@ -727,6 +754,14 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
           #pragma GCC unroll 8
           for (int t = 0; t < NT; ++t)
             acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], wu, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+        } else if constexpr (NF) {
+          const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, m4));
+          const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) {
+            acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], lo, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+            acch[a][t] = _mm512_dpbusd_epi32(acch[a][t], hi, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 16 + 4 * j)));
+          }
         } else {
           // low nibbles: weights 4j.. of the chunk; v & 0xf0 is 16 x the high nibbles (weights 16 + 4j..),
           // summed apart and divided by 16 (exactly) per part: one op fewer per load than shift + mask
@@ -746,23 +781,27 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
     #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
       __m512i a = acc[0][t];
-      if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[0][t], 4));
+      if constexpr (NF) a = _mm512_add_epi32(a, acch[0][t]);
+      else if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[0][t], 4));
       if constexpr (NA == 2) {
         a = _mm512_add_epi32(a, acc[1][t]);
-        if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
+        if constexpr (NF) a = _mm512_add_epi32(a, acch[1][t]);
+        else if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
       }
       const int32_t xs = xq.sums(t0 + t)[pi];
       if constexpr (FMT == 1) a = _mm512_sub_epi32(a, _mm512_set1_epi32(8 * xs));
-      if constexpr (FMT == 3) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
+      if constexpr (FMT == 3 || NF) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
       __m512 af = _mm512_cvtepi32_ps(a);
       if constexpr (FMT == 0) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
       accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
       if constexpr (FMT == 2) accf[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(float(xs)), accf[t]);
     }
   }
+  const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
   #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
-    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)])));
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm,
+                          _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)] * unit)));
 }
 
 // int3 / int3_sym / int2 / int2_sym (FMT 4 / 5 / 6 / 7) on the row-interleaved layout: a chunk of
@@ -836,7 +875,7 @@ __attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w
 
 template <int FMT, int NT>
 inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
-  if constexpr (FMT >= 4) ilv_low_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
+  if constexpr (FMT >= 4 && FMT <= 7) ilv_low_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
   else ilv_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
 }
 
@@ -861,7 +900,7 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), K = w.cols;
   const int64_t Rh = std::min<int64_t>(8, R - 8 * h);
   if (Rh <= 0) return;
-  constexpr bool I8 = FMT == 3;
+  constexpr bool I8 = FMT == 3, NF = FMT == 8;
   constexpr int CB = I8 ? 32 : 16;
   alignas(32) int32_t mk[8];
   for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
@@ -871,6 +910,7 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
   const uint8_t* zb = w.zeros ? w.zeros + n0 * G + 8 * h : nullptr;
   const float* mb = w.mins ? w.mins + n0 * G + 8 * h : nullptr;
   const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(nf4_int8().v)));
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
   __m256 accf[NT];
@@ -893,6 +933,15 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
             const __m256i xb = _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j));
             const __m256i pr = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, v));
             acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pr, ones));
+          }
+        } else if constexpr (NF) {  // signed int8 levels: |L| against sign(L) * x, as int8 above
+          const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4));
+          const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+          const __m256i la = _mm256_abs_epi8(lo), ha = _mm256_abs_epi8(hi);
+          for (int t = 0; t < NT; ++t) {
+            const __m256i pl = _mm256_maddubs_epi16(la, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)), lo));
+            const __m256i ph = _mm256_maddubs_epi16(ha, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xr[t] + c * 32 + 16 + 4 * j)), hi));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones)));
           }
         } else {
           const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -922,9 +971,10 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
       if constexpr (FMT == 2) accf[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(float(xs)), accf[t]);
     }
   }
+  const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
   for (int t = 0; t < NT; ++t)
     _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
-                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)])));
+                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)] * unit)));
 }
 
 // AVX2 form of ilv_low_block_vnni, 8 rows (half h of a 16-row block) per register: vpmaddubsw of
@@ -1001,7 +1051,7 @@ void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t 
 
 template <int FMT, int NT>
 inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
-  if constexpr (FMT >= 4) {
+  if constexpr (FMT >= 4 && FMT <= 7) {
     ilv_low_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
     ilv_low_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
   } else {
@@ -1069,6 +1119,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
                      : fmt == 1 ? qgemm_int8x<1>(p, x, ldx, bias) : qgemm_int8x<2>(p, x, ldx, bias))
           return;
       }
+      if constexpr (BITS == 4 && NF4) { if (qgemm_int8x<8>(p, x, ldx, bias)) return; }
       if constexpr (BITS == 3 || BITS == 2) {  // FMT 4 / 5 (int3, int3_sym), 6 / 7 (int2, int2_sym)
         constexpr int F = BITS == 3 ? 4 : 6;
         const bool sym = w.format == QuantFormat::Int3Sym || w.format == QuantFormat::Int2Sym;
@@ -1082,7 +1133,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   // (its codes stay in L2): per 64-byte load, 4 weights of 16 rows widen once for 4 tokens, where
   // the multi-token path below gathers each row's chunk first (1.2-1.5x slower there).
 #if defined(MK_ISA_AVX512)
-  const bool ilv_multi = !NF4 && w.ilv && T <= 11;
+  const bool ilv_multi = w.ilv && T <= 11;
 #else
   const bool ilv_multi = false;
 #endif
@@ -1100,15 +1151,15 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
 #if defined(MK_ISA_AVX512)
-      if constexpr (!NF4) {
+      {
         if (w.ilv) {  // the row-interleaved layout, read natively
           for (int64_t t0 = 0; t0 < T;) {
             const int64_t nt = T - t0 >= 4 && T > 3 ? 4 : T - t0 >= 2 ? 2 : 1;
             const float* xt = x + t0 * ldx;
             const float* st = xsum.data() + t0 * G;
-            if (nt == 4) gemv_block_ilv<BITS, 4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
-            else if (nt == 2) gemv_block_ilv<BITS, 2>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
-            else gemv_block_ilv<BITS, 1>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            if (nt == 4) gemv_block_ilv<BITS, 4, NF4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            else if (nt == 2) gemv_block_ilv<BITS, 2, NF4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            else gemv_block_ilv<BITS, 1, NF4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
             t0 += nt;
           }
           for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
@@ -1116,11 +1167,11 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
         }
       }
 #elif defined(MK_ISA_AVX2)
-      if constexpr (!NF4) {
+      {
         if (w.ilv) {  // the row-interleaved layout, read natively, one token and 8 rows at a time
           for (int64_t t = 0; t < T; ++t) {
             for (int h = 0; h < 2; ++h)
-              gemv_half_ilv<BITS>(w, x + t * ldx, xsum.data() + t * G, n0, h, y.data() + t * N + n0);
+              gemv_half_ilv<BITS, NF4>(w, x + t * ldx, xsum.data() + t * G, n0, h, y.data() + t * N + n0);
             store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
           }
           continue;

@@ -287,9 +287,8 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
 // bf16 takes over from 32 (its error is lower at equal speed), fp32 only after the int8 path's
 // range (64 tokens). Formats without an int8 path take the bf16 / fp32 kernel from 12 / 8 tokens.
 int64_t min_tokens(const QGemmProblem& p, bool bf16) {
-  const QuantFormat f = p.w.format;
-  // the formats with an int8-activation kernel on the CPU layout (cpu/qgemm.cpp: qgemm_int8x)
-  const bool int8_format = quant_cpu_interleaved(f);
+  // the matrices with an int8-activation kernel: those in the CPU row-interleaved layout (cpu/qgemm.cpp)
+  const bool int8_format = p.w.ilv != 0;
   const int64_t fp32_min = L == 16 ? 12 : 8;
   if (!p.int8_activations) return fp32_min;
   if (bf16) return int8_format ? 32 : 12;
