@@ -13,9 +13,10 @@
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
 // slices, and on AVX-512 two rows share every x load. Threads split the rows. These exact paths read
 // either layout (chunk_codes gathers a row's chunk from the row-interleaved one).
-// Default of the Python API, 1-64 tokens, int4 / int4_sym / int4_min / int8 on the CPU's
-// row-interleaved layout (quant.h): x quantized to int8 and integer dot products, AVX512-VNNI or
-// AVX2 (ilv_block_vnni, ilv_half_avx2). Each 64-byte weight load holds 4 code bytes of 16 rows, and
+// Default of the Python API, 1-64 tokens, int4 / int4_sym / int4_min / int8 / int3* / int2* / nf4 on
+// the CPU's row-interleaved layout (quant.h): x quantized to int8 and integer dot products,
+// AVX512-VNNI or AVX2 (ilv_block_vnni, ilv_half_avx2; 2 / 3 bits: ilv_low_block_vnni,
+// ilv_low_half_avx2; nf4: int8 levels looked up with vpshufb). Each 64-byte weight load holds 4 code bytes of 16 rows, and
 // each row's sum builds up in its own 32-bit lane against x bytes broadcast to every lane: one
 // streaming pass over the codes, no shuffle and no horizontal sum in the loop, the 16 rows' group
 // scales one contiguous load per group, each weight load serving up to 8 (AVX2: 4) tokens.
