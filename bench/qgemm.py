@@ -357,7 +357,7 @@ def lowbit(args):
     print_table("CPU qgemm, 2- / 3-bit formats and nf4: default vs exact=True vs dense peers",
                 ["case", "bits/w", "default ms", "GB/s", "exact ms", "exact/default", "numpy fp32 ms",
                  "numpy/default", "torch bf16 ms", "torch bf16/default"], rows(),
-                note="default: int8 activations (int3 / int2 / int4 since issue 14; nf4 runs exact either way); "
+                note="default: int8 activations (int3 / int2 / nf4 too since the issue-14 follow-up); "
                      "all variants alternate in each round, best of the rounds. Ratios > 1: the default is faster.")
 
 
