@@ -25,6 +25,9 @@ on 4096x14336 and 11008x4096 next to torch int4 and ggml's MUL_MAT of the matchi
 q8_0) timed with the same thread count and clock by bench/ggml/ggml_mulmat.c (MEMKERNELS_GGML_SRC names
 a ggml source tree built in its build/ folder). Rerun: MEMKERNELS_GGML_SRC=/work/ggml-src python
 bench/qgemm.py --decode --cpu-time (1 thread, CPU time) and ... --decode --threads 2 (wall time).
+--lowbit: int3 / int3_sym / int2 / int2_sym / nf4 (and int4 g128) at 1 and 8 tokens on 4096x14336 and
+11008x4096, the default path against exact=True, NumPy fp32 and torch bf16, alternating in --rounds rounds.
+Rerun: python bench/qgemm.py --lowbit --cpu-time --rounds 3 (1 thread, CPU time).
 --small: per-call times over a 135M model's decode shapes (SmolLM2: hidden 576, FFN 1536, vocab
 49152), 1 token, next to NumPy fp32 on the same data, plus the fixed cost of the smallest calls.
 """
@@ -310,6 +313,54 @@ def decode(args):
                      "count and clock. Ratios > 1: ours faster. Target (issue 14): >= 1.2x.")
 
 
+LOWBIT = [("int3", 128), ("int3_sym", 64), ("int2", 64), ("int2_sym", 32), ("nf4", 64), ("int4", 128)]
+
+
+def lowbit(args):
+    """The 2- and 3-bit formats (and nf4, int4 g128 for scale) at 1 and 8 tokens: the default path
+    (int8 activations where the format has them) against exact=True, NumPy fp32 and torch bf16
+    F.linear on the same layer, the four alternating in each of --rounds rounds (best of)."""
+    shapes = [args.shape] if args.shape else [(4096, 14336), (11008, 4096)]
+    formats = [(f, g) for f, g in LOWBIT if not args.formats or f in args.formats]
+    cpu_time = CLOCK is time.process_time
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {mk.num_threads()} threads, "
+          f"{'CPU time' if cpu_time else 'wall time'}" + (f", torch {torch.__version__}" if torch else ""))
+    rng = np.random.default_rng(0)
+
+    def rows():
+        for n, k in shapes:
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            tw16 = torch.from_numpy(w).to(torch.bfloat16) if torch else None
+            qms = {(f, g): mk.quantize(w, f, group_size=g) for f, g in formats}
+            for b in (1, 8):
+                x = rng.standard_normal((b, k), dtype=np.float32)
+                out = np.empty((b, n), np.float32)
+                tx16 = torch.from_numpy(x).to(torch.bfloat16) if torch else None
+                fns = {"numpy": (lambda: w @ x[0]) if b == 1 else (lambda: x @ w.T)}
+                if torch:
+                    fns["torch bf16"] = lambda: F.linear(tx16, tw16)
+                for key, qm in qms.items():
+                    fns[key + (False,)] = lambda qm=qm: mk.qgemm(x, qm, out=out)
+                    fns[key + (True,)] = lambda qm=qm: mk.qgemm(x, qm, out=out, exact=True)
+                best = {name: float("inf") for name in fns}
+                for _ in range(args.rounds):  # alternate every variant in each round
+                    for name, fn in fns.items():
+                        best[name] = min(best[name], bench(fn))
+                for (f, g) in formats:
+                    qm = qms[(f, g)]
+                    t, te = best[(f, g, False)], best[(f, g, True)]
+                    tn, tt = best["numpy"], best.get("torch bf16")
+                    yield [f"{n}x{k} {b} tok {f} g{g}", f"{qm.bits_per_weight:.2f}", fmt_ms(t, 3),
+                           f"{qm.nbytes / t / 1e9:.1f}", fmt_ms(te, 3), fmt_ratio(te, t), fmt_ms(tn, 3),
+                           fmt_ratio(tn, t), fmt_ms(tt, 3), fmt_ratio(tt, t)]
+
+    print_table("CPU qgemm, 2- / 3-bit formats and nf4: default vs exact=True vs dense peers",
+                ["case", "bits/w", "default ms", "GB/s", "exact ms", "exact/default", "numpy fp32 ms",
+                 "numpy/default", "torch bf16 ms", "torch bf16/default"], rows(),
+                note="default: int8 activations (int3 / int2 / nf4 too since the issue-14 follow-up); "
+                     "all variants alternate in each round, best of the rounds. Ratios > 1: the default is faster.")
+
+
 SMOL = [("q_proj / o_proj", 576, 576), ("k_proj / v_proj", 192, 576), ("gate / up", 1536, 576),
         ("down", 576, 1536), ("lm_head", 49152, 576)]
 SMOL_CALLS = {"q_proj / o_proj": 2, "k_proj / v_proj": 2, "gate / up": 2, "down": 1}  # per layer, 30 layers
@@ -526,6 +577,11 @@ def main():
     ap.add_argument("--decode", action="store_true",
                     help="CPU: per-token decode table (1 and 8 tokens) of the int4 formats and int8 vs torch int4 and "
                          "ggml (MEMKERNELS_GGML_SRC: a ggml source tree built in its build/ folder)")
+    ap.add_argument("--lowbit", action="store_true",
+                    help="CPU: int3 / int3_sym / int2 / int2_sym / nf4 (and int4 g128) at 1 and 8 tokens, default "
+                         "path vs exact=True vs NumPy fp32 vs torch bf16, alternating in --rounds rounds")
+    ap.add_argument("--formats", type=lambda v: v.split(","), default=None,
+                    help="--lowbit: only these formats (comma-separated)")
     ap.add_argument("--shape", type=shape_arg, default=None,
                     help="one layer shape N_OUTxK_IN instead of the defaults (e.g. 1024x1024 for a smoke run)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -548,6 +604,8 @@ def main():
         gpu(args)
     elif args.decode:
         decode(args)
+    elif args.lowbit:
+        lowbit(args)
     elif args.small:
         small(args)
     elif args.prefill:

@@ -5,8 +5,8 @@ weight quantization error is not counted) and, separately, the quantization erro
 (float64 product with the original W). Paths:
 
   exact       exact=True: fp32 activations (1 token: the decode kernel; 32 tokens: the prefill fp32 kernel)
-  int8 x      the default for int4 / int4_sym / int4_min / int8 / K-quants at 1-64 tokens on VNNI or AVX2:
-              activations quantized to int8 per token
+  int8 x      the default for int4 / int4_sym / int4_min / int8 / int3 / int3_sym / int2 / int2_sym / K-quants
+              at 1-64 tokens on VNNI or AVX2: activations quantized to int8 per token
   bf16        the default from 32 tokens (12 for the other formats) on AVX512-BF16: x and W rounded to bf16
 
 Which path a default call takes depends on the CPU (see memkernels/quant.h); the table says what
@@ -25,7 +25,8 @@ import memkernels as mk
 from _common import print_table
 
 CASES = [("int4", 128), ("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("nf4", 64), ("int8", None),
-         ("int8", 32), ("q4_k", None), ("q5_k", None), ("q6_k", None)]
+         ("int8", 32), ("int3", 128), ("int3_sym", 64), ("int2", 64), ("int2_sym", 32), ("q4_k", None), ("q5_k", None),
+         ("q6_k", None)]
 
 
 def rel_errors(y, y64, mag):

@@ -323,7 +323,9 @@ bool quant_has_mins(QuantFormat f) { return f == QuantFormat::Int4Min; }
 
 bool quant_is_kquant(QuantFormat f) { return f == QuantFormat::Q4K || f == QuantFormat::Q5K || f == QuantFormat::Q6K; }
 bool quant_cpu_interleaved(QuantFormat f) {
-  return f == QuantFormat::Int4 || f == QuantFormat::Int4Sym || f == QuantFormat::Int4Min || f == QuantFormat::Int8;
+  return f == QuantFormat::Int4 || f == QuantFormat::Int4Sym || f == QuantFormat::Int4Min || f == QuantFormat::Int8 ||
+         f == QuantFormat::Int3 || f == QuantFormat::Int3Sym || f == QuantFormat::Int2 || f == QuantFormat::Int2Sym ||
+         f == QuantFormat::NF4;  // not with double_quant (interleave() leaves it)
 }
 
 const float* nf4_codebook() { return kNF4; }

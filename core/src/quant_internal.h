@@ -40,7 +40,7 @@ struct QuantView {
   // Index of (row n, group g) in the scales / zeros / mins sections.
   int64_t sidx(int64_t n, int64_t g) const {
     if (!ilv) return n * groups + g;
-    const int64_t r = n % ilv, n0 = n - r;
+    const int64_t r = n & (ilv - 1), n0 = n - r;  // ilv: a power of two (no division per call)
     const int64_t R = rows - n0 < ilv ? rows - n0 : ilv;
     return n0 * groups + g * R + r;
   }
@@ -49,7 +49,7 @@ struct QuantView {
   const uint8_t* chunk(int64_t n, int64_t c, uint8_t* tmp) const {
     const int cb = bits * 4;
     if (!ilv) return codes + n * row_bytes + c * cb;
-    const int64_t r = n % ilv, n0 = n - r;
+    const int64_t r = n & (ilv - 1), n0 = n - r;
     const int64_t R = rows - n0 < ilv ? rows - n0 : ilv;
     const uint8_t* p = codes + n0 * row_bytes + c * R * cb + r * 4;
     for (int j = 0; j < bits; ++j) std::memcpy(tmp + 4 * j, p + j * R * 4, 4);

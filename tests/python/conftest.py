@@ -59,3 +59,21 @@ def assert_close(actual, expected, dtype, what=""):
     err = np.max(np.abs(actual[finite] - expected[finite]), initial=0.0)
     bound = TOLERANCE[np.dtype(dtype).name] * max(1.0, np.max(np.abs(expected[finite]), initial=0.0))
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({np.dtype(dtype).name})"
+
+
+# nf4 on the int8-activation path uses each level L as round(127 L) / 127 (memkernels/quant.h)
+NF4_LEVELS = np.asarray(memkernels._C.nf4_codebook(), np.float64)
+NF4_INT8_ERR = float(np.abs(np.rint(127 * NF4_LEVELS.astype(np.float32)) / 127 - NF4_LEVELS).max())
+
+
+def int8_path_bound(qm, d, x):
+    """The documented bound (memkernels/quant.h) of the int8-activation path against the exact
+    product, per (token, output): sum_k |w_k| * max|x| / 254, plus for nf4 (levels rounded to
+    round(127 L) / 127, at most NF4_INT8_ERR away) NF4_INT8_ERR * sum_k |s_k| * (|x_k| + max|x| / 254)."""
+    ax = np.atleast_2d(np.abs(np.asarray(x, np.float64)))
+    xmax = ax.max(1, keepdims=True)
+    b = np.abs(d).sum(1)[None, :] * xmax / 254
+    if qm.format == "nf4":
+        s = np.abs(np.repeat(np.asarray(qm.scales(), np.float64), qm.group_size, 1))[:, :d.shape[1]]
+        b = b + NF4_INT8_ERR * ((ax + xmax / 254) @ s.T)
+    return b

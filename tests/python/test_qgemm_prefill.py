@@ -13,12 +13,12 @@ import pytest
 
 import memkernels as mk
 
-from conftest import BF16
+from conftest import BF16, int8_path_bound
 
 CPU_FLAGS = open("/proc/cpuinfo").read().split()
 HAS_BF16 = "avx512_bf16" in CPU_FLAGS
 HAS_VNNI = "avx512_vnni" in CPU_FLAGS
-INT8_FORMATS = ("int4", "int4_sym", "int4_min", "int8")
+INT8_FORMATS = ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym", "nf4")
 U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 U_F32 = 2.0 ** -24
 
@@ -39,7 +39,7 @@ def prefill_kind(isa, fmt, tokens, exact):
     """Which kernel serves the call: 'bf16', 'fp32' (the dequantize-once kernels) or None (the
     decode paths, the int8 integer-dot one included), as documented in memkernels/quant.h and
     cpu/qgemm_prefill.cpp."""
-    base = "int4" if fmt == "nf4dq" else fmt
+    base = fmt  # nf4dq (double-quantised scales) keeps the documented layout: no int8 path
     fp32_min = 12 if isa == "avx512" else 8
     if exact:
         return "fp32" if tokens >= fp32_min else None
@@ -87,7 +87,7 @@ def test_prefill_formats(isa, fmt, group, exact):
         b, mag = bound(kind, d, x64, np.float32)
         if kind == "fp32" and prefill_kind(isa, fmt, tokens, exact) is None:
             # a decode path (int8 activations): its own documented bound
-            b = np.abs(d).sum(1)[None, :] * np.abs(x).max(1)[:, None] / 254 * 1.001 + 1e-4 * mag
+            b = int8_path_bound(qm, d, x) * 1.001 + 1e-4 * mag
         err = np.abs(out - ref)
         assert np.isfinite(out).all()
         assert (err <= b + out_rounding(ref, np.float32) + 1e-30).all(), (fmt, tokens, exact, (err / mag).max())
@@ -132,7 +132,7 @@ def test_prefill_dtypes_and_bias(isa, dtype, fmt, group):
         got = out.astype(np.float64)
         b, mag = bound(kind or "fp32", d, x64, dtype)
         if kind is None:  # the int8 decode path below its threshold
-            b = np.abs(d).sum(1)[None, :] * np.abs(x64).max(1)[:, None] / 254 * 1.001 + 1e-4 * mag
+            b = int8_path_bound(qm, d, x64) * 1.001 + 1e-4 * mag
         # out rounding: of the fp32 result, whose distance to ref is at most b
         assert (np.abs(got - ref) <= b * 1.01 + out_rounding(np.abs(ref) + b, dtype) + 1e-30).all(), (dtype, exact)
 

@@ -4,6 +4,8 @@ import pytest
 
 import memkernels as mk
 
+from conftest import int8_path_bound
+
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FORMATS = ["int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4"]
@@ -383,7 +385,7 @@ def test_gptq_bad_input():
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 64), ("int4", 32), ("int4_sym", 128), ("int4_sym", 32),
-                                       ("nf4", 64)])
+                                       ("nf4", 64), ("int3", 64), ("int3_sym", 32), ("int2", 128), ("int2_sym", 32)])
 @pytest.mark.parametrize("k", [128, 96, 4160])
 def test_int8_activations_error_bound(fmt, group, k):
     if k % group:
@@ -394,17 +396,17 @@ def test_int8_activations_error_bound(fmt, group, k):
     bias = rng(3).standard_normal(n).astype(np.float32)
     y = mk.qgemm(x, qm, bias, int8_activations=True)
     ref = d @ x.astype(np.float64) + bias
-    bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x))
+    bound = int8_path_bound(qm, d, x)[0] * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x))
     assert np.all(np.abs(y - ref) <= bound)
     exact = mk.qgemm(x, qm, bias, exact=True)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    if fmt != "nf4" and (mk.cpu_isa() == "avx2" or (mk.cpu_isa() == "avx512" and vnni)):
+    if mk.cpu_isa() == "avx2" or (mk.cpu_isa() == "avx512" and vnni):
         assert not np.array_equal(y, exact)  # the int8 path really ran
     else:
         np.testing.assert_array_equal(y, exact)
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int4_sym", 64)])
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int4_sym", 64), ("int3", 32), ("int2_sym", 64)])
 def test_int8_activations_several_tokens(isa, fmt, group):
     n, k = 29, 640 if group != 128 else 768
     _, qm, d = qm_and_ref(fmt, n, k, group, seed=90)
@@ -757,7 +759,8 @@ def test_cuda_new_formats(fmt, group, tokens):
 # ---- default path (issue 14): int8 activations where they apply, exact=True keeps fp32 ----------------
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("int8", 32), ("int8", None),
-                                       ("int4", 128), ("nf4", 64), ("int3", 128)])
+                                       ("int4", 128), ("nf4", 64), ("int3", 128), ("int3_sym", 32), ("int2", 64),
+                                       ("int2_sym", 128)])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33, 65, 200])
 def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     n, k = 45, 640  # a small-model size: the single-thread branch of the kernels
@@ -775,13 +778,12 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     ref = X.astype(np.float64) @ d.T + bias
     np.testing.assert_allclose(exact, ref, rtol=1e-4, atol=1e-4 * (np.abs(X) @ np.abs(d).T).max())
     # the bound documented in quant.h, against the float64 product
-    bound = (np.abs(d).sum(axis=1)[None, :] * np.abs(X).max(axis=1)[:, None] / 254 * 1.001
-             + 1e-4 * (np.abs(X) @ np.abs(d).T) + 1e-5)
+    bound = int8_path_bound(qm, d, X) * 1.001 + 1e-4 * (np.abs(X) @ np.abs(d).T) + 1e-5
     assert np.all(np.abs(y - ref) <= bound)
     # 1-D x takes the same path as a 1-token batch
     np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
-    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8")
+    int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym", "nf4")
     # the integer-dot path at every token count where the CPU has one; the other formats take the
     # bf16 prefill kernel from 12 tokens on AVX512-BF16
     integer_path = int8_format and (isa == "avx2" or (isa == "avx512" and vnni))

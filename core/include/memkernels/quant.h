@@ -43,8 +43,9 @@
 // exact zeros whatever they are), dequantize returns (N, K) with the padding dropped, pack_quantized
 // takes codes (N, K) and scales (N, ceil(K / group_size)). The kernels only ever see K_pad.
 //
-// CPU row-interleaved layout (issue 14). On the CPU, int4 / int4_sym / int4_min / int8 matrices keep
-// the same sections and sizes but permute their bytes so that one decode step is a single stream of
+// CPU row-interleaved layout (issue 14). On the CPU, int4 / int4_sym / int4_min / int8 / int3 /
+// int3_sym / int2 / int2_sym / nf4 (not with double_quant) matrices keep the same sections and sizes
+// but permute their bytes so that one decode step is a single stream of
 // whole SIMD loads, each holding several output rows (interleaved() is true). Rows are cut into
 // blocks of R = 16 (the last block: the rest, R = N mod 16). Block b (rows n0 = 16b .. n0 + R - 1)
 // occupies the same bytes as its rows do in the layout above, [n0 * row_bytes, (n0 + R) * row_bytes),
@@ -118,8 +119,8 @@ bool quant_is_asymmetric(QuantFormat f);               // has zero points
 bool quant_has_mins(QuantFormat f);                    // has float minimums (int4_min)
 bool quant_is_kquant(QuantFormat f);                   // q4_k / q5_k / q6_k (256-weight super-blocks)
 constexpr int kKQuantBlock = 256;                      // weights per K-quant super-block
-bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int4*, int8)
-constexpr int kInterleaveRows = 16;                    // rows per block of that layout
+bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int8/4/3/2*, nf4)
+constexpr int kInterleaveRows = 16;                    // rows per block of that layout (a power of two)
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
 struct QuantOptions {
@@ -144,7 +145,7 @@ class QuantizedMatrix {
   Device device() const { return device_; }
   bool empty() const { return !buf_; }
   // True for a CPU matrix in the row-interleaved layout (see above); false on CUDA and for the
-  // formats that keep the documented layout on the CPU (int3/int2/nf4).
+  // matrices that keep the documented layout on the CPU (nf4 with double_quant, the K-quants).
   bool interleaved() const { return interleaved_; }
 
   // Section pointers into the buffer (on device()); null when the format has no such section. In
@@ -231,21 +232,26 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
-  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 (any token
-  // count: prefill too, in chunks of 64 tokens) on CPUs with VNNI or AVX2; ignored elsewhere (other
-  // formats, CUDA: the exact path runs, or the bf16 prefill below). q4_k / q5_k / q6_k (1 to 64
-  // tokens) follow the same rules with the same bound (AVX512-VNNI vpdpbusd or
+  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 / int3 /
+  // int3_sym / int2 / int2_sym / nf4 (not double_quant) at any token count (prefill too, in chunks of
+  // 64 tokens) on CPUs with VNNI or AVX2; ignored elsewhere (nf4 with double_quant, CUDA: the exact
+  // path runs, or the bf16 prefill below). q4_k / q5_k / q6_k (1 to 64 tokens; the exact path
+  // beyond) follow the same rules with the same bound (AVX512-VNNI vpdpbusd or
   // AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per super-block, one
   // float multiply per super-block).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):
   //     |y_int8[t][n] - y_exact[t][n]| <= sum_k |w[n][k]| * max_k |x[t][k]| / 254
   // (each x is rounded to the nearest multiple of max|x_t| / 127, so moves by at most half of it;
   // the integer sums are exact), plus fp32 rounding of the order of 1e-6 * sum_k |w[n][k] x[t][k]|.
+  // nf4 multiplies int8 levels round(127 L) / 127 (at most e = 0.0037 from L for the NF4 levels), so
+  // its bound has one more term, s the group scale of weight k:
+  //     + e * sum_k |s[n][k]| * (|x[t][k]| + max_k |x[t][k]| / 254)
+  // (measured, 4096 x 4096 N(0, 1): it adds ~0.3% to nf4's own 9% error against the float weights).
   // tests/python/test_quant.py checks the bound for every format and ISA. The Python qgemm() turns
   // this on by default (exact=True turns it off); the C++ default stays the exact path.
   //
-  // Prefill of the formats without the integer path: on CPUs with AVX512-BF16, with this option on
-  // and from 12 tokens, each block of weight rows is dequantized
+  // Prefill of the formats without the integer path (nf4 with double_quant): on CPUs with
+  // AVX512-BF16, with this option on and from 12 tokens, each block of weight rows is dequantized
   // once per call and rounded to bf16, x is rounded to bf16 (round to nearest even), and the
   // products are summed in fp32 (vdpbf16ps; a product of two bf16 is exact in fp32). Bound against
   // the exact path, for output n of token t:

@@ -13,9 +13,10 @@
 // in registers for a block of 4 or 8 tokens (x zero-padded to the block), K is walked in L1-sized
 // slices, and on AVX-512 two rows share every x load. Threads split the rows. These exact paths read
 // either layout (chunk_codes gathers a row's chunk from the row-interleaved one).
-// Default of the Python API, 1-64 tokens, int4 / int4_sym / int4_min / int8 on the CPU's
-// row-interleaved layout (quant.h): x quantized to int8 and integer dot products, AVX512-VNNI or
-// AVX2 (ilv_block_vnni, ilv_half_avx2). Each 64-byte weight load holds 4 code bytes of 16 rows, and
+// Default of the Python API, 1-64 tokens, int4 / int4_sym / int4_min / int8 / int3* / int2* / nf4 on
+// the CPU's row-interleaved layout (quant.h): x quantized to int8 and integer dot products,
+// AVX512-VNNI or AVX2 (ilv_block_vnni, ilv_half_avx2; 2 / 3 bits: ilv_low_block_vnni,
+// ilv_low_half_avx2; nf4: int8 levels looked up with vpshufb). Each 64-byte weight load holds 4 code bytes of 16 rows, and
 // each row's sum builds up in its own 32-bit lane against x bytes broadcast to every lane: one
 // streaming pass over the codes, no shuffle and no horizontal sum in the loop, the 16 rows' group
 // scales one contiguous load per group, each weight load serving up to 8 (AVX2: 4) tokens.
@@ -79,19 +80,26 @@ inline uint64_t load_u64(const uint8_t* p) {
 template <int BITS>
 inline const uint8_t* chunk_codes(const QuantView& w, int64_t n, int64_t c, uint8_t* tmp) {
   if (!w.ilv) return w.codes + n * w.row_bytes + c * (BITS * 4);
-  if constexpr (BITS == 4 || BITS == 8) {
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-    const int64_t r = n % w.ilv, n0 = n - r, R = std::min<int64_t>(w.ilv, w.rows - n0);
-    const uint8_t* p = w.codes + n0 * w.row_bytes + c * R * (BITS * 4) + r * 4;
-    const int64_t st = R * 4;
-    auto ld = [&](int j) { int32_t v; std::memcpy(&v, p + j * st, 4); return v; };
+  // w.ilv is always kInterleaveRows: a constant block size keeps a 64-bit division out of this
+  // per-chunk call (the multi-token exact path makes one per row and chunk)
+  const int64_t r = n % kInterleaveRows, n0 = n - r, R = std::min<int64_t>(kInterleaveRows, w.rows - n0);
+  const uint8_t* p = w.codes + n0 * w.row_bytes + c * R * (BITS * 4) + r * 4;
+  const int64_t st = R * 4;
+  auto ld = [&](int j) { int32_t v; std::memcpy(&v, p + j * st, 4); return v; };
+  if constexpr (BITS == 2) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), 0, 0));
+  } else if constexpr (BITS == 3) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), ld(2), 0));
+  } else {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), _mm_setr_epi32(ld(0), ld(1), ld(2), ld(3)));
     if constexpr (BITS == 8)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp + 16), _mm_setr_epi32(ld(4), ld(5), ld(6), ld(7)));
-    return tmp;
-#endif
   }
+  return tmp;
+#else
   return w.chunk(n, c, tmp);
+#endif
 }
 
 // Bytes of the 2-bit chunk layout: four 8-byte groups of codes (weights 8j .. 8j+7 in group j),
@@ -272,12 +280,38 @@ void gemv_rows(const QuantView& w, const Table& tab, const float* x, int64_t ldx
 }
 
 #if defined(MK_ISA_AVX512)
+// 2- and 3-bit codes on the row-interleaved layout (quant.h): chunk c of a 16-row block is pieces
+// v[0], v[1] of 2-bit codes (piece j: 4 bytes per row, byte m holding weights 4j + m + 8s at bits 2s,
+// 2s + 1, s = 0..3) and, for 3 bits, each row's 32 third bits (bit i: weight i) in `hbits`. LowBits
+// gives, per (s, j), the codes of weights 8s + 4j .. 8s + 4j + 3 of every row as bytes in the row's
+// 32-bit lane: a shift and a mask, plus 4 where the third bit is set (the row's high-bit byte s
+// broadcast to its 4 bytes, tested against bits 0-3 or 4-7: a byte mask).
+struct LowBits {
+  __m512i m2 = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+  __m512i nib[2] = {_mm512_set1_epi32(0x08040201), _mm512_set1_epi32(int(0x80402010u))};
+  __m512i bsel[4];  // byte s of each 32-bit lane to all 4 of its bytes (vpshufb indexes per 128 bits)
+  LowBits() {
+    for (int s = 0; s < 4; ++s) {
+      alignas(64) int8_t ix[64];
+      for (int b = 0; b < 64; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
+      bsel[s] = _mm512_load_si512(ix);
+    }
+  }
+  __m512i high(__m512i hbits, int s) const { return _mm512_shuffle_epi8(hbits, bsel[s]); }  // once per s
+  template <int BITS>
+  __m512i codes(const __m512i (&v)[2], __m512i hb, int s, int j) const {
+    __m512i q = _mm512_and_si512(s == 0 ? v[j] : _mm512_srli_epi16(v[j], 2 * s), m2);
+    if constexpr (BITS == 3) q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, nib[j]), q, four);
+    return q;
+  }
+};
+
 // The exact 1-3 token path on the row-interleaved layout (quant.h), one 16-row block: each 64-byte
 // load is 4 code bytes of 16 rows; its quarter q (rows 4q .. 4q+3) widens to 16 floats, lane 4i + l
 // = row 4q + i, weight l of the 4, multiplied by the 4 x values broadcast to each 128-bit lane.
 // Group scales go on per lane (a permute of the block's 16 scales); the 4 lanes of a row are summed
 // once at the end, and the zero-point / min terms come off as in gemv_rows (group_corr).
-template <int BITS, int NT>
+template <int BITS, int NT, bool NF4 = false>
 void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float* xsum, int64_t n0, float* y,
                     int64_t ldy) {
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
@@ -288,6 +322,8 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
   const uint8_t* blk = w.codes + n0 * w.row_bytes;
   const float* sb = w.scales + n0 * G;
   const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const __m512 lut = _mm512_loadu_ps(nf4_codebook());  // nf4: the level of each code
+  const LowBits lb;
   __m512i sel[4];
   for (int q = 0; q < 4; ++q) {
     alignas(64) int32_t ix[16];
@@ -304,6 +340,27 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const uint8_t* p = blk + c * R * CB;
+      if constexpr (BITS <= 3) {  // 2 / 3 bits: per (s, j) 4 weights of each row in its lane (LowBits)
+        __m512i v[2], hbits = _mm512_setzero_si512();
+        for (int j = 0; j < 2; ++j) v[j] = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+        if constexpr (BITS == 3) hbits = R == 16 ? _mm512_loadu_si512(p + 128) : _mm512_maskz_loadu_epi8(bm, p + 2 * R * 4);
+        #pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) {
+          const __m512i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
+          #pragma GCC unroll 2
+          for (int j = 0; j < 2; ++j) {
+            const __m512i q = lb.codes<BITS>(v, hb, s, j);
+            __m512 xb[NT];
+            for (int t = 0; t < NT; ++t) xb[t] = _mm512_broadcast_f32x4(_mm_loadu_ps(x + t * ldx + c * 32 + 8 * s + 4 * j));
+            #pragma GCC unroll 4
+            for (int qq = 0; qq < 4; ++qq) {
+              const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, qq)));
+              for (int t = 0; t < NT; ++t) acc[t][qq] = _mm512_fmadd_ps(f, xb[t], acc[t][qq]);
+            }
+          }
+        }
+        continue;
+      }
       for (int j = 0; j < CB / 4; ++j) {
         const __m512i v = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
         if constexpr (BITS == 4) {
@@ -315,8 +372,10 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
           }
           #pragma GCC unroll 4
           for (int q = 0; q < 4; ++q) {
-            const __m512 fl = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, q)));
-            const __m512 fh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, q)));
+            const __m512i il = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(lo, q));
+            const __m512i ih = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(hi, q));
+            const __m512 fl = NF4 ? _mm512_permutexvar_ps(il, lut) : _mm512_cvtepi32_ps(il);
+            const __m512 fh = NF4 ? _mm512_permutexvar_ps(ih, lut) : _mm512_cvtepi32_ps(ih);
             for (int t = 0; t < NT; ++t) acc[t][q] = _mm512_fmadd_ps(fh, xh[t], _mm512_fmadd_ps(fl, xl[t], acc[t][q]));
           }
         } else {
@@ -353,10 +412,33 @@ void gemv_block_ilv(const QuantView& w, const float* x, int64_t ldx, const float
   }
 }
 #elif defined(MK_ISA_AVX2)
+// AVX2 form of LowBits (AVX-512 above), 8 rows per register: the third bit through vpshufb, a byte
+// compare and an or.
+struct LowBits {
+  __m256i m2 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+  __m256i nib[2] = {_mm256_set1_epi32(0x08040201), _mm256_set1_epi32(int(0x80402010u))};
+  __m256i bsel[4];
+  LowBits() {
+    for (int s = 0; s < 4; ++s) {
+      alignas(32) int8_t ix[32];
+      for (int b = 0; b < 32; ++b) ix[b] = int8_t((b % 16) / 4 * 4 + s);
+      bsel[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
+    }
+  }
+  __m256i high(__m256i hbits, int s) const { return _mm256_shuffle_epi8(hbits, bsel[s]); }
+  template <int BITS>
+  __m256i codes(const __m256i (&v)[2], __m256i hb, int s, int j) const {
+    __m256i q = _mm256_and_si256(s == 0 ? v[j] : _mm256_srli_epi16(v[j], 2 * s), m2);
+    if constexpr (BITS == 3)
+      q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, nib[j]), nib[j]), four));
+    return q;
+  }
+};
+
 // AVX2 form of the exact 1-token path on the row-interleaved layout: half h (rows 8h .. 8h+7) of a
 // 16-row block; each 32-byte load is 4 code bytes of 8 rows, its quarter q (rows 2q, 2q+1) widens to
 // 8 floats against the 4 x values broadcast to both 128-bit lanes.
-template <int BITS>
+template <int BITS, bool NF4 = false>
 void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_t n0, int h, float* y) {
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), Rh = std::min<int64_t>(8, R - 8 * h);
   if (Rh <= 0) return;
@@ -368,6 +450,14 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
   const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
   const int64_t so = n0 * G + 8 * h;
   const __m256i m4 = _mm256_set1_epi8(0x0f);
+  const LowBits lb;
+  const __m256 lut_lo = _mm256_loadu_ps(nf4_codebook()), lut_hi = _mm256_loadu_ps(nf4_codebook() + 8);
+  // a 4-bit code as a float: the integer, or (nf4) its level, two 8-entry permutes and bit 3 picking one
+  auto level = [&](__m256i u) {
+    if constexpr (!NF4) return _mm256_cvtepi32_ps(u);
+    const __m256 a = _mm256_permutevar8x32_ps(lut_lo, u), b = _mm256_permutevar8x32_ps(lut_hi, u);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));
+  };
   __m256i sel[4];
   for (int q = 0; q < 4; ++q) sel[q] = _mm256_setr_epi32(2 * q, 2 * q, 2 * q, 2 * q, 2 * q + 1, 2 * q + 1, 2 * q + 1, 2 * q + 1);
   __m256 tot[4], corr = _mm256_setzero_ps();
@@ -375,7 +465,7 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
   // the four 8-byte quarters of v widened to int32
   auto widen = [](__m256i v, __m256i (&o)[4]) {
     const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
-    if constexpr (BITS == 4) {
+    if constexpr (BITS != 8) {  // unsigned codes
       o[0] = _mm256_cvtepu8_epi32(a), o[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(a, 8));
       o[2] = _mm256_cvtepu8_epi32(b), o[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
     } else {
@@ -388,6 +478,24 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
     for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const uint8_t* p = blk + c * R * CB;
+      if constexpr (BITS <= 3) {  // 2 / 3 bits: per (s, j) 4 weights of each row in its lane (LowBits)
+        auto load = [&](const uint8_t* src) {
+          return Rh == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                         : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+        };
+        const __m256i v[2] = {load(p), load(p + R * 4)};
+        const __m256i hbits = BITS == 3 ? load(p + 2 * R * 4) : _mm256_setzero_si256();
+        for (int s = 0; s < 4; ++s) {
+          const __m256i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
+          for (int j = 0; j < 2; ++j) {
+            __m256i u[4];
+            widen(lb.codes<BITS>(v, hb, s, j), u);
+            const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 8 * s + 4 * j));
+            for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xb, acc[q]);
+          }
+        }
+        continue;
+      }
       for (int j = 0; j < CB / 4; ++j) {
         const __m256i* src = reinterpret_cast<const __m256i*>(p + j * R * 4);
         const __m256i v = Rh == 8 ? _mm256_loadu_si256(src) : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
@@ -396,9 +504,9 @@ void gemv_half_ilv(const QuantView& w, const float* x, const float* xsum, int64_
           const __m256 xl = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
           const __m256 xh = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 16 + 4 * j));
           widen(_mm256_and_si256(v, m4), u);
-          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xl, acc[q]);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(level(u[q]), xl, acc[q]);
           widen(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), u);
-          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u[q]), xh, acc[q]);
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(level(u[q]), xh, acc[q]);
         } else {
           const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + c * 32 + 4 * j));
           widen(v, u);
@@ -579,6 +687,19 @@ constexpr int64_t kPrefetch = 6144;
 // Largest run of int8 weights summed in int32 per lane before going to fp32 (no overflow:
 // 2048 * 255 * 127 < 2^31 with the +128 offset of the VNNI form).
 constexpr int64_t kInt8Part = 2048;
+
+// nf4 on the integer path: each level L as the int8 round(127 L) (the 1/127 goes on with the token's
+// x scale). The levels move by at most 0.0037 (of the group scale): quant.h documents the bound.
+struct Nf4Int8 {
+  int8_t v[16];
+  Nf4Int8() {
+    for (int i = 0; i < 16; ++i) v[i] = int8_t(std::lrint(127.0f * nf4_codebook()[i]));
+  }
+};
+inline const Nf4Int8& nf4_int8() {
+  static const Nf4Int8 t;
+  return t;
+}
 #endif
 
 #if defined(MK_ISA_AVX512)
@@ -589,12 +710,13 @@ constexpr int kInt8xTokens = 8;  // tokens per pass (accumulators in zmm)
 // sum in lane r, so a row block's 16 outputs build up in one register per token with no shuffle.
 // Per part (group) p: y_r += s[r][p] * (dot_r - z[r][p] * xsum_p) (+ m[r][p] * xsum_p for int4_min),
 // z being the zero point (plus 8 for int4_sym); all times the token's x scale at the end.
-// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8.
+// FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8, 8 nf4 (the levels as int8 + 128 through
+// a vpshufb lookup, Nf4Int8; 4-7, int3 / int2: ilv_low_block_vnni).
 template <int FMT, int NT>
 __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
                                                             int64_t n0, float* y, int64_t ldy) {
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), K = w.cols;
-  constexpr bool I8 = FMT == 3;
+  constexpr bool I8 = FMT == 3, NF = FMT == 8;
   constexpr int CB = I8 ? 32 : 16;  // bytes per chunk and row
   constexpr int NA = NT == 1 ? 2 : 1;  // independent accumulator chains per token
   const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
@@ -604,6 +726,9 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
   const uint8_t* zb = w.zeros ? w.zeros + n0 * G : nullptr;
   const float* mb = w.mins ? w.mins + n0 * G : nullptr;
   const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
+  // nf4: level + 128 (unsigned) of each code, in every 128-bit lane for vpshufb
+  const __m512i lut = _mm512_xor_si512(
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(nf4_int8().v))), flip);
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
   __m512 accf[NT];
@@ -630,6 +755,14 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
           #pragma GCC unroll 8
           for (int t = 0; t < NT; ++t)
             acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], wu, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+        } else if constexpr (NF) {
+          const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, m4));
+          const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) {
+            acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], lo, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)));
+            acch[a][t] = _mm512_dpbusd_epi32(acch[a][t], hi, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 16 + 4 * j)));
+          }
         } else {
           // low nibbles: weights 4j.. of the chunk; v & 0xf0 is 16 x the high nibbles (weights 16 + 4j..),
           // summed apart and divided by 16 (exactly) per part: one op fewer per load than shift + mask
@@ -649,18 +782,91 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
     #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
       __m512i a = acc[0][t];
-      if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[0][t], 4));
+      if constexpr (NF) a = _mm512_add_epi32(a, acch[0][t]);
+      else if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[0][t], 4));
       if constexpr (NA == 2) {
         a = _mm512_add_epi32(a, acc[1][t]);
-        if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
+        if constexpr (NF) a = _mm512_add_epi32(a, acch[1][t]);
+        else if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
       }
       const int32_t xs = xq.sums(t0 + t)[pi];
       if constexpr (FMT == 1) a = _mm512_sub_epi32(a, _mm512_set1_epi32(8 * xs));
-      if constexpr (FMT == 3) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
+      if constexpr (FMT == 3 || NF) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
       __m512 af = _mm512_cvtepi32_ps(a);
       if constexpr (FMT == 0) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
       accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
       if constexpr (FMT == 2) accf[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(float(xs)), accf[t]);
+    }
+  }
+  const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm,
+                          _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)] * unit)));
+}
+
+// int3 / int3_sym / int2 / int2_sym (FMT 4 / 5 / 6 / 7) on the row-interleaved layout: a chunk of
+// 16 rows is two 64-byte loads of 2-bit codes and, for int3, one of third bits; each (s, j) gives 4
+// weights of every row in its lane (LowBits), then vpdpbusd against x bytes 8s + 4j .. of each token.
+// Per group: y_r += s[r][g] * (dot_r - z[r][g] * xsum_g), z the zero point or 2^(b-1).
+template <int FMT, int NT>
+__attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w, const Int8X& xq, int64_t t0,
+                                                                int64_t n0, float* y, int64_t ldy) {
+  constexpr int BITS = FMT < 6 ? 3 : 2;
+  constexpr bool SYM = FMT == 5 || FMT == 7;
+  constexpr int CB = BITS * 4;
+  constexpr int NA = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // independent accumulator chains per token
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
+  const int cpg = w.group_size / 32;
+  const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
+  const uint8_t* blk = w.codes + n0 * w.row_bytes;
+  const float* sb = w.scales + n0 * G;
+  const uint8_t* zb = w.zeros ? w.zeros + n0 * G : nullptr;
+  const LowBits lb;
+  const int8_t* xr[NT];
+  for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  __m512 accf[NT];
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[NA][NT];
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t)
+      #pragma GCC unroll 4
+      for (int a = 0; a < NA; ++a) acc[a][t] = _mm512_setzero_si512();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
+      __m512i v[2], hbits = _mm512_setzero_si512();
+      for (int j = 0; j < 2; ++j) v[j] = R == 16 ? _mm512_loadu_si512(p + j * 64) : _mm512_maskz_loadu_epi8(bm, p + j * R * 4);
+      if constexpr (BITS == 3) hbits = R == 16 ? _mm512_loadu_si512(p + 128) : _mm512_maskz_loadu_epi8(bm, p + 2 * R * 4);
+      #pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m512i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
+        #pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) {
+          const __m512i q = lb.codes<BITS>(v, hb, s, j);
+          const int a = NA == 4 ? s : NA == 2 ? j : 0;
+          #pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t)
+            acc[a][t] = _mm512_dpbusd_epi32(acc[a][t], q, _mm512_set1_epi32(load_i32(xr[t] + c * 32 + 8 * s + 4 * j)));
+        }
+      }
+    }
+    const __m512 sv = _mm512_maskz_loadu_ps(rm, sb + g * R);
+    __m512 zf = _mm512_setzero_ps();
+    if constexpr (!SYM) zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, zb + g * R)));
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      __m512i a = acc[0][t];
+      #pragma GCC unroll 4
+      for (int i = 1; i < NA; ++i) a = _mm512_add_epi32(a, acc[i][t]);
+      const int32_t xs = xq.sums(t0 + t)[g];
+      if constexpr (SYM) a = _mm512_sub_epi32(a, _mm512_set1_epi32((1 << (BITS - 1)) * xs));
+      __m512 af = _mm512_cvtepi32_ps(a);
+      if constexpr (!SYM) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
+      accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
     }
   }
   #pragma GCC unroll 8
@@ -670,7 +876,8 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
 
 template <int FMT, int NT>
 inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
-  ilv_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
+  if constexpr (FMT >= 4 && FMT <= 7) ilv_low_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
+  else ilv_block_vnni<FMT, NT>(w, xq, t0, n0, y, ldy);
 }
 
 bool int8_dots_available() {
@@ -694,7 +901,7 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
   const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0), K = w.cols;
   const int64_t Rh = std::min<int64_t>(8, R - 8 * h);
   if (Rh <= 0) return;
-  constexpr bool I8 = FMT == 3;
+  constexpr bool I8 = FMT == 3, NF = FMT == 8;
   constexpr int CB = I8 ? 32 : 16;
   alignas(32) int32_t mk[8];
   for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
@@ -704,6 +911,7 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
   const uint8_t* zb = w.zeros ? w.zeros + n0 * G + 8 * h : nullptr;
   const float* mb = w.mins ? w.mins + n0 * G + 8 * h : nullptr;
   const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(nf4_int8().v)));
   const int8_t* xr[NT];
   for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
   __m256 accf[NT];
@@ -726,6 +934,15 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
             const __m256i xb = _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j));
             const __m256i pr = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, v));
             acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pr, ones));
+          }
+        } else if constexpr (NF) {  // signed int8 levels: |L| against sign(L) * x, as int8 above
+          const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m4));
+          const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+          const __m256i la = _mm256_abs_epi8(lo), ha = _mm256_abs_epi8(hi);
+          for (int t = 0; t < NT; ++t) {
+            const __m256i pl = _mm256_maddubs_epi16(la, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xr[t] + c * 32 + 4 * j)), lo));
+            const __m256i ph = _mm256_maddubs_epi16(ha, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xr[t] + c * 32 + 16 + 4 * j)), hi));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones)));
           }
         } else {
           const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -755,6 +972,79 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
       if constexpr (FMT == 2) accf[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(float(xs)), accf[t]);
     }
   }
+  const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
+  for (int t = 0; t < NT; ++t)
+    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
+                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)] * unit)));
+}
+
+// AVX2 form of ilv_low_block_vnni, 8 rows (half h of a 16-row block) per register: vpmaddubsw of
+// the 2- or 3-bit codes (unsigned, LowBits) against x bytes; the 8 (s, j) pair sums of a chunk stay
+// in 16 bits (at most 8 * 2 * 7 * 127 < 2^15), then one vpmaddwd per chunk and token.
+template <int FMT, int NT>
+void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, int h, float* y, int64_t ldy) {
+  constexpr int BITS = FMT < 6 ? 3 : 2;
+  constexpr bool SYM = FMT == 5 || FMT == 7;
+  constexpr int CB = BITS * 4;
+  const int64_t G = w.groups, R = std::min<int64_t>(16, w.rows - n0);
+  const int64_t Rh = std::min<int64_t>(8, R - 8 * h);
+  if (Rh <= 0) return;
+  const int cpg = w.group_size / 32;
+  alignas(32) int32_t mk[8];
+  for (int i = 0; i < 8; ++i) mk[i] = i < Rh ? -1 : 0;
+  const __m256i lm = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+  const uint8_t* blk = w.codes + n0 * w.row_bytes + 32 * h;
+  const float* sb = w.scales + n0 * G + 8 * h;
+  const uint8_t* zb = w.zeros ? w.zeros + n0 * G + 8 * h : nullptr;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const LowBits lb;
+  const int8_t* xr[NT];
+  for (int t = 0; t < NT; ++t) xr[t] = xq.row(t0 + t);
+  __m256 accf[NT];
+  for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
+  auto load = [&](const uint8_t* src) {
+    return Rh == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                   : _mm256_maskload_epi32(reinterpret_cast<const int*>(src), lm);
+  };
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const uint8_t* p = blk + c * R * CB;
+      if (h == 0)
+        for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
+      const __m256i v[2] = {load(p), load(p + R * 4)};
+      __m256i hbits = _mm256_setzero_si256();
+      if constexpr (BITS == 3) hbits = load(p + 2 * R * 4);
+      __m256i s16[NT];
+      for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+      for (int s = 0; s < 4; ++s) {
+        const __m256i hb = BITS == 3 ? lb.high(hbits, s) : hbits;
+        for (int j = 0; j < 2; ++j) {
+          const __m256i q = lb.codes<BITS>(v, hb, s, j);
+          for (int t = 0; t < NT; ++t)
+            s16[t] = _mm256_add_epi16(
+                s16[t], _mm256_maddubs_epi16(q, _mm256_set1_epi32(load_i32(xr[t] + c * 32 + 8 * s + 4 * j))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
+    }
+    const __m256 sv = _mm256_maskload_ps(sb + g * R, lm);
+    __m256 zf = _mm256_setzero_ps();
+    if constexpr (!SYM) {
+      uint8_t zt[8] = {};
+      std::memcpy(zt, zb + g * R, size_t(Rh));
+      zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt))));
+    }
+    for (int t = 0; t < NT; ++t) {
+      __m256i a = acc[t];
+      const int32_t xs = xq.sums(t0 + t)[g];
+      if constexpr (SYM) a = _mm256_sub_epi32(a, _mm256_set1_epi32((1 << (BITS - 1)) * xs));
+      __m256 af = _mm256_cvtepi32_ps(a);
+      if constexpr (!SYM) af = _mm256_fnmadd_ps(zf, _mm256_set1_ps(float(xs)), af);
+      accf[t] = _mm256_fmadd_ps(sv, af, accf[t]);
+    }
+  }
   for (int t = 0; t < NT; ++t)
     _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
                         _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)])));
@@ -762,8 +1052,13 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
 
 template <int FMT, int NT>
 inline void ilv_block(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, float* y, int64_t ldy) {
-  ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
-  ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
+  if constexpr (FMT >= 4 && FMT <= 7) {
+    ilv_low_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
+    ilv_low_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
+  } else {
+    ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 0, y, ldy);
+    ilv_half_avx2<FMT, NT>(w, xq, t0, n0, 1, y, ldy);
+  }
 }
 #endif
 
@@ -829,10 +1124,25 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
                      : fmt == 1 ? qgemm_int8x<1>(p, x, ldx, bias) : qgemm_int8x<2>(p, x, ldx, bias))
           return;
       }
+      if constexpr (BITS == 4 && NF4) { if (qgemm_int8x<8>(p, x, ldx, bias)) return; }
+      if constexpr (BITS == 3 || BITS == 2) {  // FMT 4 / 5 (int3, int3_sym), 6 / 7 (int2, int2_sym)
+        constexpr int F = BITS == 3 ? 4 : 6;
+        const bool sym = w.format == QuantFormat::Int3Sym || w.format == QuantFormat::Int2Sym;
+        if (sym ? qgemm_int8x<F + 1>(p, x, ldx, bias) : qgemm_int8x<F>(p, x, ldx, bias)) return;
+      }
     }
   }
 #endif
-  if (T <= 3) {
+  // AVX-512, row-interleaved layout: the exact lanes-per-row kernel (gemv_block_ilv) also serves 4 to
+  // 11 tokens (the fp32 prefill kernel takes over from 12), in passes of 4 over each 16-row block
+  // (its codes stay in L2): per 64-byte load, 4 weights of 16 rows widen once for 4 tokens, where
+  // the multi-token path below gathers each row's chunk first (1.2-1.5x slower there).
+#if defined(MK_ISA_AVX512)
+  const bool ilv_multi = w.ilv && T <= 11;
+#else
+  const bool ilv_multi = false;
+#endif
+  if (T <= 3 || ilv_multi) {
     // Per-group sums of x for the zero-point term.
     std::vector<float> xsum(static_cast<size_t>(T * G));
     for (int64_t t = 0; t < T; ++t)
@@ -846,22 +1156,27 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * ROWS, n1 = std::min(N, n0 + ROWS);
 #if defined(MK_ISA_AVX512)
-      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+      {
         if (w.ilv) {  // the row-interleaved layout, read natively
-          for (int64_t t0 = 0; t0 < T; t0 += 2) {
-            if (T - t0 >= 2) gemv_block_ilv<BITS, 2>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
-            else gemv_block_ilv<BITS, 1>(w, x + t0 * ldx, ldx, xsum.data() + t0 * G, n0, y.data() + t0 * N, N);
+          for (int64_t t0 = 0; t0 < T;) {
+            const int64_t nt = T - t0 >= 4 && T > 3 ? 4 : T - t0 >= 2 ? 2 : 1;
+            const float* xt = x + t0 * ldx;
+            const float* st = xsum.data() + t0 * G;
+            if (nt == 4) gemv_block_ilv<BITS, 4, NF4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            else if (nt == 2) gemv_block_ilv<BITS, 2, NF4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            else gemv_block_ilv<BITS, 1, NF4>(w, xt, ldx, st, n0, y.data() + t0 * N, N);
+            t0 += nt;
           }
           for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
           continue;
         }
       }
 #elif defined(MK_ISA_AVX2)
-      if constexpr ((BITS == 4 && !NF4) || BITS == 8) {
+      {
         if (w.ilv) {  // the row-interleaved layout, read natively, one token and 8 rows at a time
           for (int64_t t = 0; t < T; ++t) {
             for (int h = 0; h < 2; ++h)
-              gemv_half_ilv<BITS>(w, x + t * ldx, xsum.data() + t * G, n0, h, y.data() + t * N + n0);
+              gemv_half_ilv<BITS, NF4>(w, x + t * ldx, xsum.data() + t * G, n0, h, y.data() + t * N + n0);
             store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
           }
           continue;
@@ -1104,8 +1419,8 @@ void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int
 
 #if defined(MK_ISA_AVX512)
 // Called only by the bf16 prefill kernel, which runs only on CPUs with AVX512-BF16. In practice it
-// serves NF4: the row-interleaved formats take their int8 integer-dot path (every CPU with
-// AVX512-BF16 so far also has AVX512-VNNI); other formats go through dequantize_rows.
+// serves nf4 with double_quant: the row-interleaved formats take their int8 integer-dot path (every
+// CPU with AVX512-BF16 so far also has AVX512-VNNI); other formats go through dequantize_rows.
 __attribute__((target("avx512bf16")))
 #endif
 bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,

@@ -293,15 +293,14 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
 // path in qgemm.cpp (the row-interleaved ones, on CPUs with AVX512-VNNI or AVX2) never come here:
 // vpdpbusd does twice vdpbf16ps's multiply-adds per instruction, and that path was 1.7-2.6x this
 // one's bf16 kernel at 16-64 tokens and 1.6x at 128 (4096 x 14336 and 11008 x 4096, int4 g32/g128,
-// int8). The others take the bf16 kernel from 12 tokens; with exact activations (or no bf16) the
+// int8). The others (nf4 with double_quant) take the bf16 kernel from 12 tokens; with exact activations (or no bf16) the
 // fp32 kernel beats the exact decode path from one full token block (8 lanes; on AVX-512 from 12,
 // a 16-token block half used).
 int64_t min_tokens(const QGemmProblem& p, bool bf16) {
   const int64_t fp32_min = L == 16 ? 12 : 8;
   if (!p.int8_activations) return fp32_min;
-  const QuantFormat f = p.w.format;
-  const bool int8_format = p.w.ilv && (f == QuantFormat::Int4 || f == QuantFormat::Int4Sym ||
-                                       f == QuantFormat::Int4Min || f == QuantFormat::Int8);
+  // the matrices with an int8-activation kernel: those in the CPU row-interleaved layout (cpu/qgemm.cpp)
+  const bool int8_format = p.w.ilv != 0;
 #if defined(MK_ISA_AVX512)
   static const bool vnni = [] {
     __builtin_cpu_init();
