@@ -553,7 +553,8 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
   const __m512i lane_base = _mm512_set4_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0);  // 4 (L % 4) per byte
   const __m512i bit_lo = _mm512_set1_epi32(0x08040201), bit_hi = _mm512_set1_epi32(int32_t(0x80402010u));
   const KXTokens<NT> xt(xq, t0);
-  auto load = [&](const uint8_t* p) { return R == 16 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(bm, p); };
+  // always masked (all ones for 16 rows): a choice per load made the compiler branch around each one
+  auto load = [&](const uint8_t* p) { return _mm512_maskz_loadu_epi8(bm, p); };
   __m512 accf[NT];
   #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
@@ -561,8 +562,7 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
     const uint8_t* p = codes + b * R * cb;
     const uint8_t* sub = subs + b * R * 16;
     const uint16_t* sup = sups + b * R * 2;
-    // a decode step is bandwidth bound: more misses in flight than the hardware prefetcher keeps
-    for (int64_t l = 0; l < R * cb; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kIlvPrefetch + l), _MM_HINT_T0);
+    const int64_t lines = R * cb / 64;  // cache lines of the super-block's codes (16 rows: 2 x bits + 4)
     const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup));
     #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
@@ -570,6 +570,10 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
       const int64_t xo = b * QK + 128 * h + 16 * (c % 4);  // the chunk's low-nibble x (KX order); + 64: high
       // one int32 chain per token and sub-block (q6_k: two sub-blocks per chunk), started at the code
       // offset's -32 * xsum for q6_k; across tokens and chunks the chains are independent
+      // a decode step is bandwidth bound: more misses in flight than the hardware prefetcher keeps,
+      // spread over the chunks (a burst of them per super-block stalled on the miss buffers)
+      for (int64_t l = c * lines / 8; l < (c + 1) * lines / 8; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(p + kIlvPrefetch + 64 * l), _MM_HINT_T0);
       __m512i al[NT], ah[F == QuantFormat::Q6K ? NT : 1];
       #pragma GCC unroll 8
       for (int t = 0; t < NT; ++t) {
