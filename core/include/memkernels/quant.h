@@ -56,7 +56,8 @@
 // [n0 * groups, (n0 + R) * groups) of their sections with (row n0 + r, group g) at n0 * groups +
 // g * R + r: a 16-row scale vector is one contiguous load. The CUDA copy, serialize() and
 // canonical() use the layout above (to() converts both ways), so files and GPU kernels never see it.
-// K-quants (q4_k / q5_k / q6_k, below) use the same blocks of R rows with the super-block (bits * 32
+// K-quants (q4_k / q5_k / q6_k, below), on CPUs with AVX512-VNNI only (quant_cpu_interleaved(); their
+// AVX2 and exact kernels read the documented rows), use the same blocks of R rows with the super-block (bits * 32
 // bytes per row) in place of the chunk: super-block b of the block takes R * bits * 32 bytes at
 // offset b * R * bits * 32, piece j (bytes 4j .. 4j+3 of each row's super-block, j < bits * 8) holding
 // row r's 4 bytes at j * R * 4 + r * 4 (so q5_k's bit-4 bytes and q6_k's bits-4-5 bytes are pieces
@@ -126,7 +127,8 @@ bool quant_is_asymmetric(QuantFormat f);               // has zero points
 bool quant_has_mins(QuantFormat f);                    // has float minimums (int4_min)
 bool quant_is_kquant(QuantFormat f);                   // q4_k / q5_k / q6_k (256-weight super-blocks)
 constexpr int kKQuantBlock = 256;                      // weights per K-quant super-block
-bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int4*, int8, K-quants)
+bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int4*, int8;
+                                                       // K-quants on CPUs with AVX512-VNNI)
 constexpr int kInterleaveRows = 16;                    // rows per block of that layout
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
