@@ -8,7 +8,13 @@ DRAM, and alternating gives both sides the same chances. 1 thread, CPU time.
 
 Pairs: int4 g128 / torch int4 g128 / ggml q4_K, int4 g32 / torch int4 g32, int4_sym g32 / ggml q4_0,
 on 4096x14336 and 11008x4096 (out x in features). ggml columns need MEMKERNELS_GGML_SRC (see
-bench/qgemm.py --decode)."""
+bench/qgemm.py --decode).
+
+    python bench/qgemm_alternate.py --kquant [--threads 1,2]
+
+--kquant: the K-quants instead, q4_k / q5_k / q6_k against ggml's q4_K / q5_K / q6_K (same bits per
+weight, ggml's own quantization of its own random weights). --threads: 1 is CPU time, more is wall
+time (CPU time would add the threads up); both sides run with the same thread count."""
 from __future__ import annotations
 
 import os
@@ -29,14 +35,46 @@ torch = qb.torch
 ROUNDS = 4
 
 
-def best(fn, reps=10):
+def best(fn, reps=10, clock=time.process_time):
     fn()
     b = float("inf")
     for _ in range(reps):
-        t = time.process_time()
+        t = clock()
         fn()
-        b = min(b, time.process_time() - t)
+        b = min(b, clock() - t)
     return b
+
+
+def kquant(threads):
+    """q4_k / q5_k / q6_k against ggml q4_K / q5_K / q6_K, alternated, for each thread count."""
+    if not os.environ.get("MEMKERNELS_GGML_SRC"):
+        print("--kquant needs MEMKERNELS_GGML_SRC (a built ggml tree)")
+        return
+    rng = np.random.default_rng(0)
+    print(f"memkernels {mk.__version__}, CPU ISA {mk.cpu_isa()}, {ROUNDS} alternated rounds, best of 10 calls each")
+    print("| shape, tokens | threads | clock | ours | ours ms | ggml | ggml ms | ggml/ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in [(4096, 14336), (11008, 4096)]:
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        for fmt, peer in [("q4_k", "q4_K"), ("q5_k", "q5_K"), ("q6_k", "q6_K")]:
+            qm = mk.quantize(w, fmt)
+            for th in threads:
+                mk.set_num_threads(th)
+                cpu_time = th == 1
+                clock = time.process_time if cpu_time else time.perf_counter
+                for b in (1, 8):
+                    x = rng.standard_normal((b, k), dtype=np.float32)
+                    out = np.empty((b, n), np.float32)
+                    ours, theirs = [], []
+                    for _ in range(ROUNDS):
+                        ours.append(best(lambda: mk.qgemm(x, qm, out=out), clock=clock))
+                        g = qb.ggml_mulmat_s(peer, n, k, b, th, cpu_time, reps=10)
+                        if g is not None:
+                            theirs.append(g)
+                    g = f"{min(theirs) * 1e3:.3f}" if theirs else "-"
+                    r = f"{min(theirs) / min(ours):.2f}x" if theirs else "-"
+                    print(f"| {n}x{k}, {b} | {th} | {'cpu' if cpu_time else 'wall'} | {fmt} | {min(ours) * 1e3:.3f} | "
+                          f"ggml {peer} | {g} | {r} |", flush=True)
 
 
 def main():
@@ -76,4 +114,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if "--kquant" in sys.argv:
+        th = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1,2"
+        kquant([int(v) for v in th.split(",")])
+    else:
+        main()

@@ -146,6 +146,23 @@ __device__ __forceinline__ void load_x32(const T* p, bool aligned, float (&x)[32
 // ---- GEMV: a warp per row, NT tokens per pass -----------------------------------------------------
 constexpr int kGemvWarps = 8;
 
+// The epilogue of the warp-per-row GEMV kernels (int formats and K-quants): each token's per-lane
+// partial dots summed over the warp, lane 0 adds the bias and stores row n of the token's output.
+template <int NT, typename T>
+__device__ __forceinline__ void warp_store_row(const float (&acc)[NT], int lane, int64_t n, int64_t t0, int64_t tokens,
+                                               const T* __restrict__ bias, T* __restrict__ out, int64_t ldo) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0 && t0 + t < tokens) {
+      if (bias) v += to_float(bias[n]);
+      out[(t0 + t) * ldo + n] = from_float<T>(v);
+    }
+  }
+}
+
 template <int BITS, bool NF4, int NT, typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     qgemv_kernel(QuantView w, const T* __restrict__ x, int64_t ldx, const T* __restrict__ bias, T* __restrict__ out,
@@ -181,16 +198,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       acc[t] = fmaf(m, sx, fmaf(s, d - z * sx, acc[t]));
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    float v = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0 && t0 + t < tokens) {
-      if (bias) v += to_float(bias[n]);
-      out[(t0 + t) * ldo + n] = from_float<T>(v);
-    }
-  }
+  warp_store_row<NT>(acc, lane, n, t0, tokens, bias, out, ldo);
 }
 
 // ---- mma path ---------------------------------------------------------------------------------------
@@ -483,16 +491,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       acc[t] += dsum;
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    float v = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0 && t0 + t < tokens) {
-      if (bias) v += to_float(bias[n]);
-      out[(t0 + t) * ldo + n] = from_float<T>(v);
-    }
-  }
+  warp_store_row<NT>(acc, lane, n, t0, tokens, bias, out, ldo);
 }
 
 template <int F, typename T>

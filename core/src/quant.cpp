@@ -322,10 +322,26 @@ bool quant_is_asymmetric(QuantFormat f) {
 bool quant_has_mins(QuantFormat f) { return f == QuantFormat::Int4Min; }
 
 bool quant_is_kquant(QuantFormat f) { return f == QuantFormat::Q4K || f == QuantFormat::Q5K || f == QuantFormat::Q6K; }
+// K-quants take the interleaved layout only where a kernel reads it natively (AVX-512 with VNNI):
+// elsewhere the AVX2 and exact kernels read the documented rows directly, and de-interleaving each
+// block of 16 rows on every call cost them 2-4x (measured on the AVX2 level of an AVX-512 CPU).
+static bool kquant_interleaves() {
+  static const bool ok = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    return best_cpu_isa() == CpuIsa::AVX512 && __builtin_cpu_supports("avx512vnni") != 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 bool quant_cpu_interleaved(QuantFormat f) {
   return f == QuantFormat::Int4 || f == QuantFormat::Int4Sym || f == QuantFormat::Int4Min || f == QuantFormat::Int8 ||
          f == QuantFormat::Int3 || f == QuantFormat::Int3Sym || f == QuantFormat::Int2 || f == QuantFormat::Int2Sym ||
-         f == QuantFormat::NF4;  // not with double_quant (interleave() leaves it)
+         f == QuantFormat::NF4 ||  // not with double_quant (interleave() leaves it)
+         (quant_is_kquant(f) && kquant_interleaves());
 }
 
 const float* nf4_codebook() { return kNF4; }
@@ -386,6 +402,19 @@ void permute_rows(const QuantizedMatrix& m, const uint8_t* src, uint8_t* dst, bo
   const auto section = [&](const void* p) { return p ? size_t(static_cast<const uint8_t*>(p) - m.data()) : ~size_t(0); };
   const size_t off_s = section(m.scales()), off_z = section(m.zeros()), off_m = section(m.mins());
   const int64_t blocks = (N + kInterleaveRows - 1) / kInterleaveRows;
+  if (quant_is_kquant(m.format())) {  // super-blocks for chunks, and their own scale sections
+    const size_t off_sub = section(m.sub_scales()), off_sup = section(m.super_scales());
+    const auto at = [&](const uint8_t* base, int64_t n0) {
+      uint8_t* p = const_cast<uint8_t*>(base);
+      return KQuantSections{p + n0 * rb, p + off_sub + n0 * G * 16, reinterpret_cast<uint16_t*>(p + off_sup) + n0 * G * 2};
+    };
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * kInterleaveRows, R = std::min<int64_t>(kInterleaveRows, N - n0);
+      kquant_permute_block(m.format(), G, R, at(src, n0), at(dst, n0), to_ilv);
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * kInterleaveRows, R = std::min<int64_t>(kInterleaveRows, N - n0);
@@ -452,8 +481,9 @@ std::vector<float> QuantizedMatrix::effective_scales() const {
   const QuantizedMatrix h = to(Device{});
   const QuantView v = make_quant_view(h);
   std::vector<float> s(static_cast<size_t>(rows_ * groups()));
-  if (quant_is_kquant(format_)) {  // the super-block scale d
-    for (size_t j = 0; j < s.size(); ++j) s[j] = cpu::half_to_float(h.super_scales()[2 * j]);
+  if (quant_is_kquant(format_)) {  // the super-block scale d, in the documented order
+    const QuantizedMatrix c = h.canonical();
+    for (size_t j = 0; j < s.size(); ++j) s[j] = cpu::half_to_float(c.super_scales()[2 * j]);
     return s;
   }
   for (int64_t n = 0; n < rows_; ++n)
@@ -613,6 +643,7 @@ QuantizedMatrix quantize(const TensorView& w, QuantFormat format, const QuantOpt
   QuantizedMatrix m = QuantizedMatrix::allocate(format, N, K, opts.group_size, opts.double_quant);
   if (quant_is_kquant(format)) {
     quantize_kquant(w, m);
+    m.interleave();
     return m;
   }
   const int g = m.group_size(), bits = quant_bits(format);

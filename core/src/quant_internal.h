@@ -144,6 +144,16 @@ struct DequantProblem {
 // K-quants (quant_kquant.cpp): the quantize() search into m (allocated), and the checks of a
 // payload's sub-scales (< 64 for q4_k / q5_k) and super-scales (finite), raising `kind`.
 void quantize_kquant(const TensorView& w, QuantizedMatrix& m);
+// One block of R rows of a K-quant matrix moved between the documented layout and the CPU
+// row-interleaved one (quant.h); to_ilv picks the direction. Each pointer is the block's start in
+// its section (codes + n0 * row_bytes, sub-scales + n0 * SB * 16, super-scales + n0 * SB * 2).
+struct KQuantSections {
+  uint8_t* codes;
+  uint8_t* sub;
+  uint16_t* sup;
+};
+void kquant_permute_block(QuantFormat f, int64_t SB, int64_t R, const KQuantSections& src, const KQuantSections& dst,
+                          bool to_ilv);
 void kquant_validate(const QuantizedMatrix& m, ErrorKind kind, const char* what);
 
 namespace cuda_backend {

@@ -239,6 +239,35 @@ void quantize_kquant(const TensorView& w, QuantizedMatrix& m) {
   guard.rethrow();
 }
 
+// Byte offsets of the K-quant CPU row-interleaved layout (quant.h) within one block of R rows: each
+// pair is (documented, interleaved) for row r, super-block b (SB per row), byte j.
+void kquant_permute_block(QuantFormat f, int64_t SB, int64_t R, const KQuantSections& src, const KQuantSections& dst,
+                          bool to_ilv) {
+  const int cb = 32 * quant_bits(f);  // code bytes per super-block and row
+  const int64_t rb = SB * cb;
+  const bool mins = f != QuantFormat::Q6K;
+  for (int64_t b = 0; b < SB; ++b)
+    for (int64_t r = 0; r < R; ++r) {
+      // codes: 4-byte piece j of each row's super-block at j * R * 4 + r * 4
+      for (int j = 0; j < cb / 4; ++j) {
+        const int64_t plain = r * rb + b * cb + 4 * j, ilv = b * R * cb + j * R * 4 + r * 4;
+        std::memcpy(dst.codes + (to_ilv ? ilv : plain), src.codes + (to_ilv ? plain : ilv), 4);
+      }
+      // sub-scales: byte j of 16 rows contiguous (sc_j at j * R + r); q4_k / q5_k mins as pairs
+      // (m_2i, m_2i+1) of each row at 8R + 2R * i + 2r: an int16 pair per 32-bit lane
+      for (int j = 0; j < 16; ++j) {
+        const int64_t plain = (r * SB + b) * 16 + j;
+        const int64_t ilv = b * R * 16 + (mins && j >= 8 ? 8 * R + 2 * R * ((j - 8) / 2) + 2 * r + (j - 8) % 2 : j * R + r);
+        dst.sub[to_ilv ? ilv : plain] = src.sub[to_ilv ? plain : ilv];
+      }
+      // super-scales: d of 16 rows, then dmin of 16 rows
+      for (int e = 0; e < 2; ++e) {
+        const int64_t plain = (r * SB + b) * 2 + e, ilv = b * R * 2 + e * R + r;
+        dst.sup[to_ilv ? ilv : plain] = src.sup[to_ilv ? plain : ilv];
+      }
+    }
+}
+
 void kquant_validate(const QuantizedMatrix& m, ErrorKind kind, const char* what) {
   const int64_t nb = m.rows() * m.groups();
   const uint8_t* sub = m.sub_scales();
@@ -334,6 +363,7 @@ QuantizedMatrix pack_gguf_kquant(QuantFormat f, const TensorView& blocks, int64_
     }
   }
   kquant_validate(m, ErrorKind::Value, "pack_gguf_kquant");
+  m.interleave();
   return m;
 }
 

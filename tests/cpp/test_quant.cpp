@@ -296,11 +296,12 @@ TEST(Quant, KQuantRmsBoundAndQgemm) {
     QuantizedMatrix q = quantize(TensorView(w.data(), DType::Float32, {N, K}), fmt);
     ASSERT_EQ(q.group_size(), 256);
     std::vector<float> d = deq(q);
+    const QuantizedMatrix plain = q.canonical();  // the documented layout (the CPU one is interleaved)
     const int sz = fmt == QuantFormat::Q6K ? 16 : 32, qmax = fmt == QuantFormat::Q4K ? 15 : 31;
     for (int64_t n = 0; n < N; ++n)
       for (int64_t j = 0; j < K / sz; ++j) {
         const int64_t b = j * sz / 256;
-        const uint16_t* sup = q.super_scales() + (n * (K / 256) + b) * 2;
+        const uint16_t* sup = plain.super_scales() + (n * (K / 256) + b) * 2;
         _Float16 hd, hm;
         std::memcpy(&hd, &sup[0], 2);
         std::memcpy(&hm, &sup[1], 2);
@@ -324,6 +325,20 @@ TEST(Quant, KQuantRmsBoundAndQgemm) {
         }
         ASSERT_NEAR(y[size_t(t * N + n)], ref, 1e-5 * mag + 1e-6) << quant_format_name(fmt);
       }
+    // the documented layout (a canonical() copy, not interleaved) computes the same, on every path
+    ASSERT_EQ(q.interleaved(), quant_cpu_interleaved(fmt));  // K-quants: where the CPU has AVX512-VNNI
+    ASSERT_FALSE(plain.interleaved());
+    for (bool exact : {true, false}) {
+      QGemmOptions o;
+      o.int8_activations = !exact;
+      std::vector<float> a(size_t(T * N), NAN), b(size_t(T * N), NAN);
+      qgemm(TensorView(x.data(), DType::Float32, {T, K}), q, nullptr, TensorView(a.data(), DType::Float32, {T, N}),
+            nullptr, o);
+      qgemm(TensorView(x.data(), DType::Float32, {T, K}), plain, nullptr, TensorView(b.data(), DType::Float32, {T, N}),
+            nullptr, o);
+      for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-5 * (std::fabs(b[i]) + 1.0)) << exact;
+    }
+    EXPECT_EQ(deq(plain), d);
   }
   std::vector<float> w2(size_t(4 * 320), 1.0f);
   EXPECT_THROW(quantize(TensorView(w2.data(), DType::Float32, {4, 320}), QuantFormat::Q4K), Error);

@@ -259,7 +259,10 @@ def make_matrix(fmt, rng, n, k, imported):
 
 @pytest.mark.parametrize("fmt", KFORMATS)
 @pytest.mark.parametrize("n,k,tokens", [(1, 256, 1), (7, 512, 3), (33, 768, 8), (19, 1280, 9), (50, 256, 17),
-                                        (5, 512, 64), (3, 256, 65)])
+                                        (5, 512, 64), (3, 256, 65),
+                                        # whole and partial blocks of 16 rows of the CPU interleaved
+                                        # layout, rows longer than the prefetch distance
+                                        (16, 2048, 1), (45, 2048, 8), (17, 4096, 2), (32, 512, 11)])
 def test_qgemm_exact_and_int8(isa, fmt, n, k, tokens):
     rng = np.random.default_rng(n * 131 + k + tokens + len(fmt))
     for imported in (False, True):
@@ -322,6 +325,32 @@ def test_qgemm_vector_and_strided_x():
     xs = rng.standard_normal((4, 1024)).astype(np.float32)[:, :512]  # rows with stride 1024
     y = mk.qgemm(np.ascontiguousarray(xs), qm, exact=True)
     np.testing.assert_array_equal(mk.qgemm(xs[0], qm, exact=True), y[0])
+
+
+@pytest.mark.parametrize("fmt", KFORMATS)
+@pytest.mark.parametrize("n", [3, 16, 21, 35])
+def test_to_bytes_keeps_the_documented_layout(fmt, n):
+    """The CPU keeps K-quants row-interleaved (quant.h), but to_bytes() writes the documented layout
+    (version 1, the bytes a build without the interleaved layout wrote) and reading them back gives the
+    same matrix, byte for byte."""
+    rng = np.random.default_rng(n + len(fmt))
+    k = 768
+    raw = random_blocks(rng, fmt, n, k)
+    qm = mk.pack_gguf_blocks(GGUF_TYPE[fmt], raw, k)
+    b = qm.to_bytes()
+    assert struct.unpack("<I", b[4:8])[0] == 1
+    # the documented sections decode (independently of the C++ dequantizer) to GGUF's values
+    np.testing.assert_array_equal(values_from_layout(fmt, qm), gguf_values(fmt, raw))
+    codes, sub, sup = layout_sections(qm)
+    if fmt != "q6_k":  # the 6-bit scales and mins of GGUF's 12-byte packing, as documented
+        s = raw.reshape(n, k // 256, -1)[..., 4:16]
+        np.testing.assert_array_equal(sub[..., :4], s[..., :4] & 63)
+        np.testing.assert_array_equal(sub[..., 8:12], s[..., 4:8] & 63)
+    back = mk.from_bytes(b)
+    assert back.to_bytes() == b
+    np.testing.assert_array_equal(mk.dequantize(back), gguf_values(fmt, raw))
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_array_equal(mk.qgemm(x, back), mk.qgemm(x, qm))
 
 
 # ---- serialisation ------------------------------------------------------------------------------------

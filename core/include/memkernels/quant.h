@@ -44,8 +44,8 @@
 // takes codes (N, K) and scales (N, ceil(K / group_size)). The kernels only ever see K_pad.
 //
 // CPU row-interleaved layout (issue 14). On the CPU, int4 / int4_sym / int4_min / int8 / int3 /
-// int3_sym / int2 / int2_sym / nf4 (not with double_quant) matrices keep the same sections and sizes
-// but permute their bytes so that one decode step is a single stream of
+// int3_sym / int2 / int2_sym / nf4 (not with double_quant) and the K-quant matrices (on CPUs with
+// AVX512-VNNI) keep the same sections and sizes but permute their bytes so that one decode step is a single stream of
 // whole SIMD loads, each holding several output rows (interleaved() is true). Rows are cut into
 // blocks of R = 16 (the last block: the rest, R = N mod 16). Block b (rows n0 = 16b .. n0 + R - 1)
 // occupies the same bytes as its rows do in the layout above, [n0 * row_bytes, (n0 + R) * row_bytes),
@@ -57,6 +57,15 @@
 // [n0 * groups, (n0 + R) * groups) of their sections with (row n0 + r, group g) at n0 * groups +
 // g * R + r: a 16-row scale vector is one contiguous load. The CUDA copy, serialize() and
 // canonical() use the layout above (to() converts both ways), so files and GPU kernels never see it.
+// K-quants (q4_k / q5_k / q6_k, below), on CPUs with AVX512-VNNI only (quant_cpu_interleaved(); their
+// AVX2 and exact kernels read the documented rows), use the same blocks of R rows with the super-block (bits * 32
+// bytes per row) in place of the chunk: super-block b of the block takes R * bits * 32 bytes at
+// offset b * R * bits * 32, piece j (bytes 4j .. 4j+3 of each row's super-block, j < bits * 8) holding
+// row r's 4 bytes at j * R * 4 + r * 4 (so q5_k's bit-4 bytes and q6_k's bits-4-5 bytes are pieces
+// 32 .. of the same block). Their sub-scales take b * R * 16 bytes into the block's part of the
+// section ([n0 * SB * 16, (n0 + R) * SB * 16), SB = K / 256), byte j of row r at j * R + r, except
+// q4_k / q5_k's mins m_0..7: pairs (m_2i, m_2i+1) of row r at 8R + 2R * i + 2r; the super-scales take
+// b * R * 2 fp16 values, d of row r at r and dmin at R + r.
 // Scales (and mins) may have any sign and may be 0 (GGUF's block scales d can be negative or zero);
 // they must be finite. quantize() itself only produces scales >= 0.
 //
@@ -119,7 +128,8 @@ bool quant_is_asymmetric(QuantFormat f);               // has zero points
 bool quant_has_mins(QuantFormat f);                    // has float minimums (int4_min)
 bool quant_is_kquant(QuantFormat f);                   // q4_k / q5_k / q6_k (256-weight super-blocks)
 constexpr int kKQuantBlock = 256;                      // weights per K-quant super-block
-bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int8/4/3/2*, nf4)
+bool quant_cpu_interleaved(QuantFormat f);             // uses the CPU row-interleaved layout (int8/4/3/2*, nf4;
+                                                       // K-quants on CPUs with AVX512-VNNI)
 constexpr int kInterleaveRows = 16;                    // rows per block of that layout (a power of two)
 const float* nf4_codebook();                          // the 16 NF4 levels, ascending, in [-1, 1]
 
@@ -236,9 +246,10 @@ struct QGemmOptions {
   // int3_sym / int2 / int2_sym / nf4 (not double_quant) at any token count (prefill too, in chunks of
   // 64 tokens) on CPUs with VNNI or AVX2; ignored elsewhere (nf4 with double_quant, CUDA: the exact
   // path runs, or the bf16 prefill below). q4_k / q5_k / q6_k (1 to 64 tokens; the exact path
-  // beyond) follow the same rules with the same bound (AVX512-VNNI vpdpbusd or
-  // AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per super-block, one
-  // float multiply per super-block).
+  // beyond) follow the same rules with the same bound (AVX512-VNNI vpdpbusd on the row-interleaved
+  // layout: exact integer sub-block dots, each times d * sc_j in fp32; AVX2 vpmaddubsw: integer
+  // sub-block dots times integer sub-scales summed per super-block, one float multiply per
+  // super-block).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):
   //     |y_int8[t][n] - y_exact[t][n]| <= sum_k |w[n][k]| * max_k |x[t][k]| / 254
   // (each x is rounded to the nearest multiple of max|x_t| / 127, so moves by at most half of it;

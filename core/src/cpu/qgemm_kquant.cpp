@@ -1,5 +1,12 @@
 // CPU kernels of the K-quant super-block formats (q4_k, q5_k, q6_k; layout in memkernels/quant.h).
 //
+// On the CPU the matrices are in the row-interleaved layout (quant.h): per block of 16 rows and
+// super-block, each 64-byte load holds 4 code bytes of the 16 rows, and the 16 rows' sub-scales,
+// mins and super-scales are contiguous vectors. The VNNI kernel (ilv_vnni) reads it natively; the
+// exact path, the AVX2 kernel and dequantize() work row by row on a block de-interleaved into the
+// documented layout first (plain_rows), which is also what a matrix in the documented layout (a
+// canonical() copy) gives them directly.
+//
 // Exact path (fp32 activations, every ISA): a tile of 16 rows x one super-block is dequantized to
 // fp32 in L1 with the same arithmetic as dequantize() (bit-exact GGUF values), then dotted with
 // every token's 256 activations.
@@ -8,12 +15,13 @@
 // scale dx = max|x| / 127) and rearranged once into the order of the code bytes (per 128 weights:
 // the 64 x of the low nibbles, then the 64 of the high nibbles). Per super-block and token the
 // integer sub-block dot products are multiplied by the integer sub-scales and summed in int32
-// (VNNI: vpdpbusd into lanes of one sub-block, then vpmulld by the lane's sub-scale; AVX2:
-// vpmaddubsw, then vpmaddwd with the sub-scales instead of ones). The min term (q4_k / q5_k) is
-// sum_j m_j * xsum_j from per-sub-block sums of the int8 x; q6_k's -32 offset is 32 * sum_j sc_j *
-// xsum_j folded into the same int32 sum. Then one float multiply-add per super-block (d, and dmin
-// for the mins), and dx once per output. The integer sums are exact, so the only error against the
-// exact path is the rounding of x: the bound documented in quant.h.
+// (AVX2: vpmaddubsw, then vpmaddwd with the sub-scales instead of ones; VNNI, on the interleaved
+// layout: vpdpbusd per sub-block, see ilv_vnni). The min term (q4_k / q5_k) is sum_j m_j * xsum_j
+// from per-sub-block sums of the int8 x; q6_k's -32 offset is 32 * sum_j sc_j * xsum_j folded into
+// the integer sums. Then float multiply-adds (AVX2: one per super-block by d and dmin; VNNI: one
+// per sub-block by d * sc_j, an exact fp32 product), and dx once per output. The integer sums are
+// exact, so the only error against the exact path is the rounding of x (the bound documented in
+// quant.h) and fp32 rounding of the sums.
 #include <omp.h>
 
 #include <algorithm>
@@ -39,6 +47,12 @@ inline int threads_for(const QuantView& w, int64_t T) {
 inline uint64_t load_u64(const uint8_t* p) {
   uint64_t v;
   std::memcpy(&v, p, 8);
+  return v;
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
   return v;
 }
 
@@ -168,6 +182,30 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
   store_floats(v, p.dtype, n1 - n0, dst);
 }
 
+// Rows n0 .. n0 + R - 1 (R = 16, or the rest) of w as a matrix of their own in the documented
+// layout, which the row kernels read: w's own bytes when w is in that layout, else a copy
+// de-interleaved into buf (tile_bytes(w) bytes).
+size_t tile_bytes(const QuantView& w) {
+  const int64_t SB = w.cols / QK;
+  return size_t(ROWS * (w.row_bytes + SB * 16 + SB * 4));
+}
+
+QuantView plain_rows(const QuantView& w, int64_t n0, uint8_t* buf) {
+  const int64_t R = std::min(ROWS, w.rows - n0), SB = w.cols / QK;
+  QuantView v = w;
+  v.rows = R, v.ilv = 0;
+  v.codes = w.codes + n0 * w.row_bytes;
+  v.sub_scales = w.sub_scales + n0 * SB * 16;
+  v.super_scales = w.super_scales + n0 * SB * 2;
+  if (!w.ilv) return v;
+  const KQuantSections src{const_cast<uint8_t*>(v.codes), const_cast<uint8_t*>(v.sub_scales),
+                           const_cast<uint16_t*>(v.super_scales)};
+  const KQuantSections dst{buf, buf + R * w.row_bytes, reinterpret_cast<uint16_t*>(buf + R * (w.row_bytes + SB * 16))};
+  kquant_permute_block(w.format, SB, R, src, dst, false);
+  v.codes = dst.codes, v.sub_scales = dst.sub, v.super_scales = dst.sup;
+  return v;
+}
+
 // 1-4 tokens, fp32: the codes of a super-block are unpacked once, each sub-block's partial dot
 // q . x stays in a vector that is scaled by d * sc_j (an FMA per sub-block, no tile in memory); the
 // min (q4_k / q5_k) and the -32 offset (q6_k) come from per-sub-block sums of x.
@@ -212,30 +250,17 @@ template <QuantFormat F>
 void qgemm_exact(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
   const int64_t N = w.rows, T = p.tokens, SB = w.cols / QK;
+  constexpr int SZ = F == QuantFormat::Q6K ? 16 : 32;
+  const int64_t nsub = w.cols / SZ;
+  std::vector<float> xs;  // 1-4 tokens: per-sub-block sums of x
   if (T <= 4) {
-    constexpr int SZ = F == QuantFormat::Q6K ? 16 : 32;
-    const int64_t nsub = w.cols / SZ;
-    std::vector<float> xs(static_cast<size_t>(T * nsub)), y(static_cast<size_t>(T * N));
+    xs.resize(static_cast<size_t>(T * nsub));
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < nsub; ++j) {
         float s = 0.0f;
         for (int i = 0; i < SZ; ++i) s += x[t * ldx + j * SZ + i];
         xs[size_t(t * nsub + j)] = s;
       }
-    const int64_t blocks = (N + ROWS - 1) / ROWS;
-    const int threads = threads_for(w, T);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t n0 = blk * ROWS, n1 = std::min(N, n0 + ROWS);
-      switch (T) {
-        case 1: gemv_exact<F, 1>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
-        case 2: gemv_exact<F, 2>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
-        case 3: gemv_exact<F, 3>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
-        default: gemv_exact<F, 4>(w, x, ldx, xs.data(), n0, n1, y.data(), N); break;
-      }
-      for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
-    }
-    return;
   }
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = threads_for(w, T);
@@ -243,17 +268,31 @@ void qgemm_exact(const QGemmProblem& p, const float* x, int64_t ldx, const float
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> tile, y;
-    const bool ok = guard.run([&] { tile.resize(size_t(ROWS * QK)), y.resize(size_t(T * ROWS)); });
+    std::vector<uint8_t> rows;
+    const bool ok = guard.run([&] {
+      tile.resize(T <= 4 ? 0 : size_t(ROWS * QK)), y.resize(size_t(T * ROWS));
+      if (w.ilv) rows.resize(tile_bytes(w));
+    });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       if (!ok) continue;
       const int64_t n0 = blk * ROWS, n1 = std::min(N, n0 + ROWS), nr = n1 - n0;
-      std::fill(y.begin(), y.end(), 0.0f);
-      for (int64_t b = 0; b < SB; ++b) {
-        for (int64_t r = 0; r < nr; ++r) dequant_sb<F>(w, n0 + r, b, tile.data() + r * QK);
-        for (int64_t t = 0; t < T; ++t) {
-          const float* xt = x + t * ldx + b * QK;
-          for (int64_t r = 0; r < nr; ++r) y[size_t(t * ROWS + r)] += dot256(tile.data() + r * QK, xt);
+      const QuantView v = plain_rows(w, n0, rows.data());
+      if (T <= 4) {
+        switch (T) {
+          case 1: gemv_exact<F, 1>(v, x, ldx, xs.data(), 0, nr, y.data(), ROWS); break;
+          case 2: gemv_exact<F, 2>(v, x, ldx, xs.data(), 0, nr, y.data(), ROWS); break;
+          case 3: gemv_exact<F, 3>(v, x, ldx, xs.data(), 0, nr, y.data(), ROWS); break;
+          default: gemv_exact<F, 4>(v, x, ldx, xs.data(), 0, nr, y.data(), ROWS); break;
+        }
+      } else {
+        std::fill(y.begin(), y.end(), 0.0f);
+        for (int64_t b = 0; b < SB; ++b) {
+          for (int64_t r = 0; r < nr; ++r) dequant_sb<F>(v, r, b, tile.data() + r * QK);
+          for (int64_t t = 0; t < T; ++t) {
+            const float* xt = x + t * ldx + b * QK;
+            for (int64_t r = 0; r < nr; ++r) y[size_t(t * ROWS + r)] += dot256(tile.data() + r * QK, xt);
+          }
         }
       }
       for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * ROWS);
@@ -264,19 +303,26 @@ void qgemm_exact(const QGemmProblem& p, const float* x, int64_t ldx, const float
 
 template <QuantFormat F>
 void dequantize_impl(const DequantProblem& p) {
-  const int64_t K = p.w.cols, SB = K / QK;
+  const int64_t K = p.w.cols, SB = K / QK, blocks = (p.w.rows + ROWS - 1) / ROWS;
   char* out = static_cast<char*>(p.out);
   const int es = dtype_size(p.dtype);
   ParallelGuard guard;
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<float> row;
-    const bool ok = guard.run([&] { row.resize(size_t(K)); });
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t n = 0; n < p.w.rows; ++n) {
+    std::vector<uint8_t> rows;
+    const bool ok = guard.run([&] {
+      row.resize(size_t(K));
+      if (p.w.ilv) rows.resize(tile_bytes(p.w));
+    });
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
       if (!ok) continue;
-      for (int64_t b = 0; b < SB; ++b) dequant_sb<F>(p.w, n, b, row.data() + b * QK);
-      store_floats(row.data(), p.dtype, K, out + n * K * es);
+      const QuantView v = plain_rows(p.w, blk * ROWS, rows.data());
+      for (int64_t r = 0; r < v.rows; ++r) {
+        for (int64_t b = 0; b < SB; ++b) dequant_sb<F>(v, r, b, row.data() + b * QK);
+        store_floats(row.data(), p.dtype, K, out + (blk * ROWS + r) * K * es);
+      }
     }
   }
   guard.rethrow();
@@ -293,7 +339,8 @@ struct KX {
   bool nonfinite = false;
 };
 
-constexpr int kPrefetch = 1024;  // bytes ahead in the code stream (software prefetch)
+constexpr int kPrefetch = 1024;     // bytes ahead in the code stream (software prefetch), row kernel
+constexpr int kIlvPrefetch = 4096;  // the same for the interleaved layout's block stream
 
 KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
   KX r;
@@ -342,6 +389,24 @@ KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
   return r;
 }
 
+// The quantized x of tokens t0 .. t0 + NT - 1, as the int8 kernels read it.
+template <int NT>
+struct KXTokens {
+  const int8_t* q[NT];     // rearranged int8 x (KX::q)
+  const int16_t* s16[NT];  // sums per 16 weights
+  const int16_t* s32[NT];  // sums per 32 weights
+  float scale[NT];
+  KXTokens(const KX& xq, int64_t t0) {
+    const int64_t K = xq.K;
+    for (int t = 0; t < NT; ++t) {
+      q[t] = xq.q.data() + (t0 + t) * K;
+      s16[t] = xq.s16.data() + (t0 + t) * (K / 16);
+      s32[t] = xq.s32.data() + (t0 + t) * (K / 32);
+      scale[t] = xq.scale[size_t(t0 + t)];
+    }
+  }
+};
+
 // AVX2 (also the AVX-512 level's path when the CPU lacks VNNI): vpmaddubsw (u8 codes x s8 x, pairs
 // summed in s16: at most 2 * 63 * 127, and for q4_k/q5_k the two nibble halves of a sub-block add
 // to at most 4 * 31 * 127, no saturation) then vpmaddwd by the sub-scales (int32).
@@ -351,13 +416,10 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
   const int64_t K = w.cols, SB = K / QK;
   const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
   auto expand = [](uint32_t bits) { return expand_bit4(bits); };  // q5_k's bit 4
-  const int8_t* xa[NT];
-  const int16_t *xs16[NT], *xs32[NT];
-  for (int t = 0; t < NT; ++t) {
-    xa[t] = xq.q.data() + (t0 + t) * K;
-    xs16[t] = xq.s16.data() + (t0 + t) * (K / 16);
-    xs32[t] = xq.s32.data() + (t0 + t) * (K / 32);
-  }
+  const KXTokens<NT> xt(xq, t0);
+  const int8_t* const* xa = xt.q;
+  const int16_t* const* xs16 = xt.s16;
+  const int16_t* const* xs32 = xt.s32;
   for (int64_t n = n0; n < n1; ++n) {
     __m256 accf[NT], accm[NT];
     for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
@@ -447,7 +509,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
       _mm_storeu_ps(g, _mm256_castps256_ps128(accm[t]));
       const float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
       const float m = (g[0] + g[1]) + (g[2] + g[3]);
-      y[(t0 + t) * ldy + n] = xq.scale[size_t(t0 + t)] * (s - m);
+      y[(t0 + t) * ldy + n] = xt.scale[t] * (s - m);
     }
   }
 }
@@ -462,111 +524,131 @@ bool vnni_available() {
   return ok;
 }
 
-// AVX512-VNNI: a 64-byte code load holds 4 sub-blocks of 32 (q6_k: low nibbles 4 sub-blocks of 16,
-// high nibbles the 4 others); vpdpbusd leaves lanes 4c..4c+3 with chunk c's partial dots, so
-// vpmulld by a vector of per-lane sub-scales weights them before the int32 sum over the super-block.
+// AVX512-VNNI on the row-interleaved layout, one block of R <= 16 rows (lane r = row n0 + r): per
+// super-block and chunk c (32 weights, bytes 16c..16c+15 of each row's codes), 4 loads of 64 bytes
+// (4 code bytes of 16 rows each); vpdpbusd against 4 x bytes broadcast to every lane sums each row's
+// low-nibble and high-nibble weights in their own lanes, with no shuffle. q4_k / q5_k: a chunk is
+// sub-block c; its exact int32 dot goes to fp32 and one FMA by the 16 rows' d * sc_c (a vector
+// computed once per chunk for every token: exact in fp32) adds it to the token's sum (an int32 sum
+// per super-block, vpmulld by the sub-scales, needed a third set of registers and spilled at 8
+// tokens); the mins term sum_j m_j * xsum_j is vpdpwssd of the rows' (m_2i, m_2i+1) pairs against
+// the token's two sub-block sums, times dmin. q6_k: the chunk's low nibbles are sub-block 2c, the
+// high ones 2c + 1, each dot started at -32 * xsum (the code offset). q5_k's bit 4: byte k of each row's piece in the
+// bit-4 section holds the bits of 8 code bytes; vpshufb puts that byte under each code byte and
+// vptestmb turns the bit into a mask for a masked add of 16. q6_k's bits 4-5 are in byte-aligned
+// pieces too (quant.h), shifted into place by a shift and a vpternlogd.
 template <QuantFormat F, int NT>
-__attribute__((target("avx512vnni"))) void gemv_vnni(const QuantView& w, const KX& xq, int64_t t0, int64_t n0,
-                                                     int64_t n1, float* y, int64_t ldy) {
-  const int64_t K = w.cols, SB = K / QK;
-  const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(0x03), b16 = _mm512_set1_epi8(0x10);
-  // lane l -> the sub-scale index it needs: half h, chunk l / 4
-  alignas(64) int32_t ix[4][16];
-  for (int l = 0; l < 16; ++l) {
-    ix[0][l] = l / 4, ix[1][l] = 4 + l / 4;                   // q4_k / q5_k halves 0, 1
-    ix[2][l] = 2 * (l / 4), ix[3][l] = 8 + 2 * (l / 4);       // q6_k low nibbles, halves 0, 1 (+1: high)
-  }
-  const __m512i i0 = _mm512_load_si512(ix[0]), i1 = _mm512_load_si512(ix[1]);
-  const __m512i i2 = _mm512_load_si512(ix[2]), i3 = _mm512_load_si512(ix[3]), one = _mm512_set1_epi32(1);
-  // q6_k: bits 4-5 of the low-nibble weights of bytes 0-31 sit at bits 0-1 of the 32 high-bit bytes,
-  // of bytes 32-63 at bits 2-3 (high nibbles: 4-5, 6-7): per-16-bit-lane shift counts
-  const __m512i cnt_lo = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  const __m512i cnt_hi = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
-  const int8_t* xa[NT];
-  const int16_t *xs16[NT], *xs32[NT];
-  for (int t = 0; t < NT; ++t) {
-    xa[t] = xq.q.data() + (t0 + t) * K;
-    xs16[t] = xq.s16.data() + (t0 + t) * (K / 16);
-    xs32[t] = xq.s32.data() + (t0 + t) * (K / 32);
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    __m512 accf[NT];
-    __m128 accm[NT];
+__attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX& xq, int64_t t0, int64_t n0, float* y,
+                                                    int64_t ldy) {
+  const int64_t SB = w.cols / QK, R = std::min(ROWS, w.rows - n0), pb = 4 * R;  // pb: bytes per piece
+  const int cb = 32 * w.bits;  // code bytes per row and super-block
+  const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
+  const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
+  const __mmask32 pm = R == 16 ? ~__mmask32(0) : (__mmask32(1) << (2 * R)) - 1;
+  const uint8_t* codes = w.codes + n0 * w.row_bytes;
+  const uint8_t* subs = w.sub_scales + n0 * SB * 16;
+  const uint16_t* sups = w.super_scales + n0 * SB * 2;
+  const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), b16 = _mm512_set1_epi8(0x10);
+  // q5_k: byte 4L + k of a lane reads byte s of the lane (vpshufb indexes within 16 bytes)
+  const __m512i lane_base = _mm512_set4_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0);  // 4 (L % 4) per byte
+  const __m512i bit_lo = _mm512_set1_epi32(0x08040201), bit_hi = _mm512_set1_epi32(int32_t(0x80402010u));
+  const KXTokens<NT> xt(xq, t0);
+  // always masked (all ones for 16 rows): a choice per load made the compiler branch around each one
+  auto load = [&](const uint8_t* p) { return _mm512_maskz_loadu_epi8(bm, p); };
+  __m512 accf[NT];
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < SB; ++b) {
+    const uint8_t* p = codes + b * R * cb;
+    const uint8_t* sub = subs + b * R * 16;
+    const uint16_t* sup = sups + b * R * 2;
+    const int64_t lines = R * cb / 64;  // cache lines of the super-block's codes (16 rows: 2 x bits + 4)
+    const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup));
     #pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) accf[t] = _mm512_setzero_ps(), accm[t] = _mm_setzero_ps();
-    const uint8_t* row = w.codes + n * w.row_bytes;
-    for (int64_t b = 0; b < SB; ++b) {
-      const uint8_t* sb = row + b * (32 * w.bits);
-      const uint8_t* sub = w.sub_scales + (n * SB + b) * 16;
-      const uint16_t* sup = w.super_scales + (n * SB + b) * 2;
-      // a decode step is bandwidth bound: keep more misses in flight than the hardware prefetcher
-      // does (the codes run on into the next row; a prefetch never faults)
-      for (int l = 0; l < w.bits / 2; ++l) _mm_prefetch(reinterpret_cast<const char*>(sb + kPrefetch + 64 * l), _MM_HINT_T0);
-      const __m128i sraw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sub));
-      const __m512i s32 = F == QuantFormat::Q6K ? _mm512_cvtepi8_epi32(sraw) : _mm512_cvtepu8_epi32(sraw);
-      __m512i isum[NT];
+    for (int c = 0; c < 8; ++c) {
+      const int h = c / 4;
+      const int64_t xo = b * QK + 128 * h + 16 * (c % 4);  // the chunk's low-nibble x (KX order); + 64: high
+      // one int32 chain per token and sub-block (q6_k: two sub-blocks per chunk), started at the code
+      // offset's -32 * xsum for q6_k; across tokens and chunks the chains are independent
+      // a decode step is bandwidth bound: more misses in flight than the hardware prefetcher keeps,
+      // spread over the chunks (a burst of them per super-block stalled on the miss buffers)
+      for (int64_t l = c * lines / 8; l < (c + 1) * lines / 8; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(p + kIlvPrefetch + 64 * l), _MM_HINT_T0);
+      __m512i al[NT], ah[F == QuantFormat::Q6K ? NT : 1];
       #pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
-      #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        const __m512i v = _mm512_loadu_si512(sb + 64 * h);
+      for (int t = 0; t < NT; ++t) {
+        if constexpr (F == QuantFormat::Q6K) {
+          al[t] = _mm512_set1_epi32(-32 * xt.s16[t][b * 16 + 2 * c]);
+          ah[t] = _mm512_set1_epi32(-32 * xt.s16[t][b * 16 + 2 * c + 1]);
+        } else {
+          al[t] = _mm512_setzero_si512();
+        }
+      }
+      #pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const int o = 16 * (c % 4) + 4 * i;  // the piece's first byte within half h's 64 code bytes
+        const __m512i v = load(p + (4 * c + i) * pb);
         __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         if constexpr (F == QuantFormat::Q5K) {
-          lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(__mmask64(load_u64(sb + 128 + 16 * h)), b16));
-          hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(__mmask64(load_u64(sb + 128 + 16 * h + 8)), b16));
+          // bits o % 32 .. of piece 32 + 4h + o / 32 (low nibbles; + 2: high nibbles), byte (o % 32) / 8
+          const int s = (o % 32) / 8;
+          const __m512i ctl = _mm512_add_epi8(lane_base, _mm512_set1_epi8(char(s)));
+          const __m512i sel = o % 8 ? bit_hi : bit_lo;
+          const __m512i hl = load(p + (32 + 4 * h + o / 32) * pb), hh = load(p + (34 + 4 * h + o / 32) * pb);
+          lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(_mm512_shuffle_epi8(hl, ctl), sel), lo, b16);
+          hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(_mm512_shuffle_epi8(hh, ctl), sel), hi, b16);
         } else if constexpr (F == QuantFormat::Q6K) {
-          const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * h)));
-          lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, cnt_lo), m3), 4));
-          hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, cnt_hi), m3), 4));
+          // piece 32 + 8h + (o % 32) / 4; bits 0-1 / 4-5 (o < 32) or 2-3 / 6-7 of each byte
+          const __m512i H = load(p + (32 + 8 * h + (o % 32) / 4) * pb);
+          const __m512i hl = o < 32 ? _mm512_slli_epi16(H, 4) : _mm512_slli_epi16(H, 2);
+          const __m512i hh = o < 32 ? H : _mm512_srli_epi16(H, 2);
+          lo = _mm512_ternarylogic_epi32(lo, hl, m30, 0xF8);  // lo | (hl & 0x30)
+          hi = _mm512_ternarylogic_epi32(hi, hh, m30, 0xF8);
         }
-        if constexpr (F == QuantFormat::Q6K) {
-          const __m512i il = h ? i3 : i2;
-          const __m512i slo = _mm512_permutexvar_epi32(il, s32), shi = _mm512_permutexvar_epi32(_mm512_add_epi32(il, one), s32);
-          #pragma GCC unroll 8
-          for (int t = 0; t < NT; ++t) {
-            const int8_t* xo = xa[t] + b * QK + 128 * h;
-            const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xo));
-            const __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xo + 64));
-            isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(a, slo), _mm512_mullo_epi32(c, shi)));
-          }
-        } else {
-          const __m512i sv = _mm512_permutexvar_epi32(h ? i1 : i0, s32);
-          #pragma GCC unroll 8
-          for (int t = 0; t < NT; ++t) {
-            const int8_t* xo = xa[t] + b * QK + 128 * h;
-            __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xo));
-            a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512(xo + 64));
-            isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(a, sv));
-          }
+        #pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+          al[t] = _mm512_dpbusd_epi32(al[t], lo, _mm512_set1_epi32(load_i32(xt.q[t] + xo + 4 * i)));
+          if constexpr (F == QuantFormat::Q6K)
+            ah[t] = _mm512_dpbusd_epi32(ah[t], hi, _mm512_set1_epi32(load_i32(xt.q[t] + xo + 64 + 4 * i)));
+          else
+            al[t] = _mm512_dpbusd_epi32(al[t], hi, _mm512_set1_epi32(load_i32(xt.q[t] + xo + 64 + 4 * i)));
         }
       }
-      const __m512 vd = _mm512_set1_ps(half_to_float(sup[0]));
+      // d * sub-scale per row (exact in fp32), times the sub-block's integer dot
       if constexpr (F == QuantFormat::Q6K) {
-        const __m256i sc16 = _mm256_cvtepi8_epi16(sraw);
+        const __m512 sl = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(rm, sub + 2 * c * R))));
+        const __m512 sh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(rm, sub + (2 * c + 1) * R))));
         #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs16[t] + b * 16)));
-          isum[t] = _mm512_sub_epi32(isum[t], _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
-          accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), vd, accf[t]);
-        }
+        for (int t = 0; t < NT; ++t)
+          accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah[t]), sh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[t]), sl, accf[t]));
       } else {
-        const __m128i m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + 8)));
-        const __m128 vdm = _mm_set1_ps(half_to_float(sup[1]));
+        const __m512 sc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, sub + c * R))));
         #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), vd, accf[t]);
-          const __m128i mt = _mm_madd_epi16(m16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs32[t] + b * 8)));
-          accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(mt), vdm, accm[t]);
-        }
+        for (int t = 0; t < NT; ++t) accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[t]), sc, accf[t]);
       }
     }
-    for (int t = 0; t < NT; ++t) {
-      float g[4];
-      _mm_storeu_ps(g, accm[t]);
-      y[(t0 + t) * ldy + n] =
-          xq.scale[size_t(t0 + t)] * (_mm512_reduce_add_ps(accf[t]) - ((g[0] + g[1]) + (g[2] + g[3])));
+    if constexpr (F != QuantFormat::Q6K) {
+      __m512i msum[NT];
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) msum[t] = _mm512_setzero_si512();
+      #pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m512i mp = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(pm, sub + 8 * R + 2 * R * i));
+        #pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+          int32_t pair;
+          std::memcpy(&pair, xt.s32[t] + b * 8 + 2 * i, 4);
+          msum[t] = _mm512_dpwssd_epi32(msum[t], mp, _mm512_set1_epi32(pair));
+        }
+      }
+      const __m512 dm = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup + R));
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) accf[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[t]), dm, accf[t]);
     }
   }
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xt.scale[t])));
 }
 #endif
 
@@ -578,22 +660,25 @@ constexpr int kTokens = 4;
 #endif
 constexpr int64_t kMaxTokens = 64;
 
+// One pass of nt tokens (1 .. kTokens) over rows n0 .. n0 + 15: the VNNI kernel on the interleaved
+// layout, else the AVX2 row kernel on the block in the documented layout (v, from plain_rows).
 template <QuantFormat F, int NT = kTokens>
-void pass(int64_t nt, const QuantView& w, const KX& xq, int64_t t0, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+void pass(int64_t nt, const QuantView& w, const QuantView& v, const KX& xq, int64_t t0, int64_t n0, float* y,
+          int64_t ldy) {
   if (nt == NT) {
 #if defined(MK_ISA_AVX512)
-    if (vnni_available()) return gemv_vnni<F, NT>(w, xq, t0, n0, n1, y, ldy);
+    if (w.ilv && vnni_available()) return ilv_vnni<F, NT>(w, xq, t0, n0, y, ldy);
 #endif
     // AVX2 handles 4 tokens at a time (16 ymm registers)
     for (int64_t t = t0; t < t0 + NT; t += 4) {
       const int64_t m = std::min<int64_t>(4, t0 + NT - t);
-      if (m == 4) gemv_avx2<F, 4>(w, xq, t, n0, n1, y, ldy);
-      else if (m == 3) gemv_avx2<F, 3>(w, xq, t, n0, n1, y, ldy);
-      else if (m == 2) gemv_avx2<F, 2>(w, xq, t, n0, n1, y, ldy);
-      else gemv_avx2<F, 1>(w, xq, t, n0, n1, y, ldy);
+      if (m == 4) gemv_avx2<F, 4>(v, xq, t, 0, v.rows, y + n0, ldy);
+      else if (m == 3) gemv_avx2<F, 3>(v, xq, t, 0, v.rows, y + n0, ldy);
+      else if (m == 2) gemv_avx2<F, 2>(v, xq, t, 0, v.rows, y + n0, ldy);
+      else gemv_avx2<F, 1>(v, xq, t, 0, v.rows, y + n0, ldy);
     }
   } else if constexpr (NT > 1) {
-    pass<F, NT - 1>(nt, w, xq, t0, n0, n1, y, ldy);
+    pass<F, NT - 1>(nt, w, v, xq, t0, n0, y, ldy);
   }
 }
 
@@ -604,16 +689,37 @@ bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
   const int64_t N = w.rows, T = p.tokens;
   const KX xq = prepare_x(x, ldx, T, w.cols);
   if (xq.nonfinite) return false;
-  std::vector<float> y(static_cast<size_t>(T * N));
+#if defined(MK_ISA_AVX512)
+  const bool native = w.ilv && vnni_available();
+#else
+  const bool native = false;
+#endif
+  // The output goes straight to `out` when it is fp32 with no bias; else through a buffer.
+  const bool direct = p.dtype == DType::Float32 && bias == nullptr;
+  std::vector<float> ybuf(direct ? 0 : static_cast<size_t>(T * N));
+  float* y = direct ? static_cast<float*>(p.out) : ybuf.data();
+  const int64_t ldy = direct ? p.out_row : N;
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   const int threads = threads_for(w, T);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t n0 = blk * ROWS, n1 = std::min(N, n0 + ROWS);
-    for (int64_t t0 = 0; t0 < T; t0 += kTokens)
-      pass<F>(std::min<int64_t>(kTokens, T - t0), w, xq, t0, n0, n1, y.data(), N);
-    for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y.data() + t * N + n0);
+  ParallelGuard guard;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<uint8_t> rows;
+    const bool ok = guard.run([&] {
+      if (!native && w.ilv) rows.resize(tile_bytes(w));
+    });
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (!ok) continue;
+      const int64_t n0 = blk * ROWS, n1 = std::min(N, n0 + ROWS);
+      const QuantView v = native ? w : plain_rows(w, n0, rows.data());
+      for (int64_t t0 = 0; t0 < T; t0 += kTokens)
+        pass<F>(std::min<int64_t>(kTokens, T - t0), w, v, xq, t0, n0, y, ldy);
+      if (!direct)
+        for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y + t * N + n0);
+    }
   }
+  guard.rethrow();
   return true;
 }
 #endif
