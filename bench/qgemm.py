@@ -9,7 +9,7 @@ Prints Markdown tables: time per call (best of the repetitions), the stored byte
 the ratios peer time / our time ("numpy/ours", "torch fp32/ours", "torch bf16/ours" on the CPU,
 "cublas/ours" against torch fp16 on the GPU; > 1 means memkernels is faster). --quick: int4 g128
 and one shape only. "+i8x": int8_activations=True (activations quantized to int8 per token, VNNI
-dot products, where it applies, at every batch size; since issue 14 the default, "exact" rows use
+dot products; batches up to 64, where it applies; since issue 14 the default, "exact" rows use
 exact=True). Peers in the same run when present: torch's int4 CPU kernel
 (``_weight_int4pack_mm_for_cpu``, group 128 and 32, bf16 activations) and torch bf16 ``F.linear``;
 ggml's MUL_MAT through ggml's own ``test-backend-ops perf`` binary when MEMKERNELS_GGML_TEST_BACKEND_OPS
@@ -442,8 +442,8 @@ GGML_PREFILL = {"int4 g128": "q4_K", "int4_sym g32": "q4_0", "int4_min g32": "q4
 
 
 def prefill(args):
-    """Prefill (16-512 tokens): ours (default = int8 activations where the format has the integer-dot
-    path, bf16 activations for the others where the CPU has AVX512-BF16; and exact=True) against torch bf16 F.linear and torch's int4 kernel, alternating ours / peer in one
+    """Prefill (16-512 tokens): ours (default = bf16 activations where the CPU has AVX512-BF16, and
+    exact=True) against torch bf16 F.linear and torch's int4 kernel, alternating ours / peer in one
     loop, best of the rounds; 1 thread (CPU time) and 2 threads (wall time)."""
     if torch is None:
         print("torch is not installed: the prefill table compares against torch, skipping")
@@ -500,9 +500,8 @@ def prefill(args):
 
     print_table("CPU qgemm prefill", ["case", "threads", "ours ms", "GFLOP/s", "torch bf16 ms", "torch bf16/ours",
                                       "torch int4 g128 ms", "torch int4/ours", "ggml same ms", "ggml/ours"], rows(),
-                note="case = out x in features, tokens, format; default = int8 activations (VNNI / AVX2 integer "
-                     "dots) for int4/int4_sym/int4_min/int8, bf16 activations (AVX512-BF16) from 12 tokens for the "
-                     "others; exact = fp32 "
+                note="case = out x in features, tokens, format; default = bf16 activations (AVX512-BF16) from 32 "
+                     "tokens (int4/int4_sym/int4_min/int8/int3/int2/nf4) or 12 (others), int8 activations below; exact = fp32 "
                      "activations. 1 thread: CPU time (process_time), 2 threads: wall time; best of the rounds, "
                      "ours and peers alternating. torch int4: bf16 x, asymmetric int4 g128 packed by torch. ggml: "
                      "test-backend-ops perf (its own threads and clock; only its 4096x14336 shapes), same-format "

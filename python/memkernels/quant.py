@@ -113,15 +113,15 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
     the last dimension replaced by out_features, in x's dtype; `out` may be given (that shape; for
     N-D x it must be reshapeable without a copy, e.g. contiguous).
 
-    By default, for int8, int4, int4_sym, int4_min, int3, int3_sym, int2, int2_sym and nf4 (not with
-    double_quant) at any token count, and the K-quants with 1 to 64 tokens, on CPUs with AVX512-VNNI
-    or AVX2, x is quantized to int8 on the fly (one scale per token, max|x_t| / 127) and the dot
-    products are integer: faster, and each output of token t is within
-    ``sum_k |w_k| * max|x_t| / 254`` (plus fp32 rounding; nf4, whose levels become round(127 L) /
-    127, adds ``0.0037 * sum_k |s_k| (|x_k| + max|x_t| / 254)``, s the group scale) of the exact
-    product (the bounds are in memkernels/quant.h). Prefill of nf4 with double_quant on CPUs with
-    AVX512-BF16 (from 12 tokens): each block of weight rows is dequantized once per call and x and
-    the weights are rounded to bf16, products summed in fp32; each output is then within
+    By default, for int8, int4, int4_sym, int4_min, int3, int3_sym, int2, int2_sym, nf4 (not with
+    double_quant) and the K-quants with 1 to 64 tokens on CPUs with AVX512-VNNI or AVX2, x is
+    quantized to int8 on the fly (one scale per token, max|x_t| / 127) and the dot products are
+    integer: faster, and each output of token t is within ``sum_k |w_k| * max|x_t| / 254`` (plus fp32
+    rounding; nf4, whose levels become round(127 L) / 127, adds ``0.0037 * sum_k |s_k| (|x_k| +
+    max|x_t| / 254)``, s the group scale) of the exact product (the bounds are in
+    memkernels/quant.h). Prefill on CPUs with AVX512-BF16 (from 32 tokens for those formats but the
+    K-quants, from 12 for nf4 with double_quant): each block of weight rows is dequantized once per call and x and the weights
+    are rounded to bf16, products summed in fp32; each output is then within
     ``(2**-7 + 2**-16) * sum_k |w_k x_k|`` (plus fp32 rounding) of the exact product. exact=True
     keeps x in fp32 everywhere (the results of the fp32 path); other formats, more tokens without
     AVX512-BF16 and CUDA run the fp32 path. int8_activations: the older

@@ -1,9 +1,9 @@
 """qgemm prefill (issue 14): the dequantize-once GEMM that serves many tokens.
 
-From 8-12 tokens (see cpu/qgemm_prefill.cpp for the thresholds) each block of weight rows is
+From 8-32 tokens (see cpu/qgemm_prefill.cpp for the thresholds) each block of weight rows is
 dequantized once per call and multiplied with every token: in bf16 (vdpbf16ps) on CPUs with
-AVX512-BF16 when approximate activations are allowed (the Python default) for the formats without an
-int8 integer-dot path, in fp32 otherwise and for exact=True. Checked against the float64 product of dequantize(qm) on random data, poisoned outputs,
+AVX512-BF16 when approximate activations are allowed (the Python default), in fp32 otherwise and for
+exact=True. Checked against the float64 product of dequantize(qm) on random data, poisoned outputs,
 every ISA the machine has, with the error bounds documented in memkernels/quant.h.
 """
 import zlib
@@ -37,18 +37,17 @@ def make(fmt, n, k, group, seed):
 
 def prefill_kind(isa, fmt, tokens, exact):
     """Which kernel serves the call: 'bf16', 'fp32' (the dequantize-once kernels) or None (the
-    decode paths, the int8 integer-dot one included), as documented in memkernels/quant.h and
-    cpu/qgemm_prefill.cpp."""
+    decode paths), as documented in memkernels/quant.h and cpu/qgemm_prefill.cpp."""
     base = fmt  # nf4dq (double-quantised scales) keeps the documented layout: no int8 path
+    int8_format = base in INT8_FORMATS
     fp32_min = 12 if isa == "avx512" else 8
     if exact:
         return "fp32" if tokens >= fp32_min else None
-    int8_path = isa == "avx2" or (isa == "avx512" and HAS_VNNI)
-    if base in INT8_FORMATS and int8_path:
-        return None  # the integer-dot path at every token count
     if isa == "avx512" and HAS_BF16:
-        return "bf16" if tokens >= 12 else None
-    return "fp32" if tokens >= fp32_min else None
+        return "bf16" if tokens >= (32 if int8_format else 12) else None
+    int8_path = isa == "avx2" or (isa == "avx512" and HAS_VNNI)
+    need = 65 if int8_format and int8_path else fp32_min
+    return "fp32" if tokens >= need else None
 
 
 def bound(kind, d, x64, out_dtype):
@@ -137,19 +136,18 @@ def test_prefill_dtypes_and_bias(isa, dtype, fmt, group):
         assert (np.abs(got - ref) <= b * 1.01 + out_rounding(np.abs(ref) + b, dtype) + 1e-30).all(), (dtype, exact)
 
 
-@pytest.mark.parametrize("fmt,group", [("nf4", 64), ("nf4dq", 64), ("int3", 128), ("int2", 32), ("int3_sym", 64)])
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4_sym", 32), ("int4_min", 32), ("nf4", 64), ("nf4dq", 64),
+                                       ("int8", None), ("int3", 128)])
 def test_prefill_bf16_error_is_bf16_rounding(fmt, group):
     """The bf16 kernel computes the fp32 sum of products of bf16-rounded weights and x (so its error
     is the bf16 one, not worse: the 4-bit formats build their bf16 weights from a per-group table,
     the others convert dequantized floats), and the documented bound holds with a margin that is
     not vacuous."""
-    n, k, tokens = 67, 1024, 48
     if not HAS_BF16 or mk.info()["best_cpu_isa"] != "avx512":
         pytest.skip("no AVX512-BF16 on this CPU")
-    if prefill_kind("avx512", fmt, tokens, False) != "bf16":
-        pytest.skip(f"{fmt} takes its int8 integer-dot path")
     import ml_dtypes
 
+    n, k, tokens = 67, 1024, 48
     qm, d = make(fmt, n, k, group, seed=21)
     x = np.random.default_rng(22).standard_normal((tokens, k)).astype(np.float32)
     y = mk.qgemm(x, qm)

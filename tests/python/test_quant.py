@@ -618,21 +618,21 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
         np.testing.assert_allclose(y, d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
     else:
         np.testing.assert_array_equal(y, exact)
-    # 2 to 8 tokens share each weight load (each token its own scale), in passes of 8 and chunks of
-    # 64 tokens, at every token count. Without an integer path: the exact path (up to 11 tokens),
-    # then the fp32 prefill kernel (as exact=True) or, on AVX512-BF16, the bf16 one within its bound
+    # 2 to 8 tokens share each weight load (each token its own scale), up to 64 in passes of 8;
+    # 65 and more: the fp32 prefill kernel, as exact=True; from 32 on AVX512-BF16: the bf16 prefill
+    # kernel (tests/python/test_qgemm_prefill.py), within its own bound
     bf16 = isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
-    for tokens in (2, 5, 8, 9, 27, 64, 65, 130):
+    for tokens in (2, 5, 8, 9, 27, 64, 65):
         X = (rng(k + tokens).standard_normal((tokens, k)) * np.linspace(0.5, 2, tokens)[:, None]).astype(np.float32)
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, bias, out=out, int8_activations=True)
-        if not integer_path:
-            if bf16 and tokens >= 12:
-                mag = np.abs(X.astype(np.float64)) @ np.abs(d).T
-                err = np.abs(Y - (X.astype(np.float64) @ d.T + bias))
-                assert np.all(err <= (2.0 ** -8 + 2.0 ** -16 + k * 2.0 ** -24) * mag + 1e-5), tokens
-            else:
-                np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias, exact=True))
+        if bf16 and tokens >= 32:
+            mag = np.abs(X.astype(np.float64)) @ np.abs(d).T
+            err = np.abs(Y - (X.astype(np.float64) @ d.T + bias))
+            assert np.all(err <= (2.0 ** -8 + 2.0 ** -16 + k * 2.0 ** -24) * mag + 1e-5), tokens
+            continue
+        if tokens > 64 or not integer_path:
+            np.testing.assert_array_equal(Y, mk.qgemm(X, qm, bias, exact=True))
             continue
         for t in range(tokens):
             ref = d @ X[t].astype(np.float64) + bias
@@ -761,7 +761,7 @@ def test_cuda_new_formats(fmt, group, tokens):
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 32), ("int4_min", 32), ("int8", 32), ("int8", None),
                                        ("int4", 128), ("nf4", 64), ("int3", 128), ("int3_sym", 32), ("int2", 64),
                                        ("int2_sym", 128)])
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33, 65, 200])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 33, 65])
 def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     n, k = 45, 640  # a small-model size: the single-thread branch of the kernels
     w = rng(7).standard_normal((n, k)).astype(np.float32)
@@ -784,11 +784,11 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     np.testing.assert_array_equal(mk.qgemm(X[0], qm, bias), mk.qgemm(X[:1], qm, bias)[0])
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
     int8_format = fmt in ("int4", "int4_sym", "int4_min", "int8", "int3", "int3_sym", "int2", "int2_sym", "nf4")
-    # the integer-dot path at every token count where the CPU has one; the other formats take the
-    # bf16 prefill kernel from 12 tokens on AVX512-BF16
-    integer_path = int8_format and (isa == "avx2" or (isa == "avx512" and vnni))
-    bf16_path = (not integer_path and isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
-                 and tokens >= 12)
+    # from 32 tokens (12 for formats without an int8 path) on AVX512-BF16: the bf16 prefill kernel
+    bf16_path = (isa == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
+                 and tokens >= (32 if int8_format else 12))
+    integer_path = (not bf16_path and int8_format and tokens <= 64
+                    and (isa == "avx2" or (isa == "avx512" and vnni)))
     assert np.array_equal(y, exact) != (integer_path or bf16_path)
 
 

@@ -243,13 +243,12 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream =
 struct QGemmOptions {
   // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
   // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 / int3 /
-  // int3_sym / int2 / int2_sym / nf4 (not double_quant) at any token count (prefill too, in chunks of
-  // 64 tokens) on CPUs with VNNI or AVX2; ignored elsewhere (nf4 with double_quant, CUDA: the exact
-  // path runs, or the bf16 prefill below). q4_k / q5_k / q6_k (1 to 64 tokens; the exact path
-  // beyond) follow the same rules with the same bound (AVX512-VNNI vpdpbusd on the row-interleaved
-  // layout: exact integer sub-block dots, each times d * sc_j in fp32; AVX2 vpmaddubsw: integer
-  // sub-block dots times integer sub-scales summed per super-block, one float multiply per
-  // super-block).
+  // int3_sym / int2 / int2_sym / nf4 (not double_quant) with 1 to 64 tokens on CPUs with VNNI or
+  // AVX2; ignored elsewhere (more tokens, nf4 with double_quant, CUDA: the exact path runs, or the
+  // bf16 prefill below). q4_k / q5_k / q6_k follow the same rules with the same bound (AVX512-VNNI
+  // vpdpbusd on the row-interleaved layout: exact integer sub-block dots, each times d * sc_j in
+  // fp32; AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per super-block,
+  // one float multiply per super-block).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):
   //     |y_int8[t][n] - y_exact[t][n]| <= sum_k |w[n][k]| * max_k |x[t][k]| / 254
   // (each x is rounded to the nearest multiple of max|x_t| / 127, so moves by at most half of it;
@@ -261,8 +260,9 @@ struct QGemmOptions {
   // tests/python/test_quant.py checks the bound for every format and ISA. The Python qgemm() turns
   // this on by default (exact=True turns it off); the C++ default stays the exact path.
   //
-  // Prefill of the formats without the integer path (nf4 with double_quant): on CPUs with
-  // AVX512-BF16, with this option on and from 12 tokens, each block of weight rows is dequantized
+  // Prefill: on CPUs with AVX512-BF16, with this option on and from 32 tokens (the formats with the
+  // int8 path above, K-quants excepted: they take the exact path beyond 64 tokens) or 12 tokens (nf4
+  // with double_quant), each block of weight rows is dequantized
   // once per call and rounded to bf16, x is rounded to bf16 (round to nearest even), and the
   // products are summed in fp32 (vdpbf16ps; a product of two bf16 is exact in fp32). Bound against
   // the exact path, for output n of token t:

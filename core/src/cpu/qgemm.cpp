@@ -1070,12 +1070,13 @@ void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int
   else if constexpr (NT > 1) int8x_pass<FMT, NT - 1>(nt, w, xq, t0, n0, y, ldy);
 }
 
-// The integer-dot path (any token count), on the row-interleaved layout only: x quantized once per
-// token; tokens in chunks of kInt8xChunk, and per chunk blocks of 16 rows split over the threads,
-// every loaded weight used by kInt8xTokens tokens at a time (the block's codes stay in L2 for the
-// chunk's passes, the chunk's int8 x, at most 64 * K bytes, in L2/L3). Twice vdpbf16ps's
-// multiply-adds per instruction: ahead of the bf16 prefill at every token count measured (16-256).
-constexpr int64_t kInt8xChunk = 64;
+// The integer-dot path (up to kInt8xMaxTokens tokens), on the row-interleaved layout only: x
+// quantized once per token, blocks of 16 rows split over the threads, every loaded weight used by
+// kInt8xTokens tokens. Up to 64 tokens (each pass re-reads a row block's codes, which stay in
+// cache). Longer inputs take the bf16 / fp32 prefill (qgemm_prefill.cpp): this path was 1.6-2.5x
+// faster there (32-128 tokens), but one int8 scale per token costs accuracy that prefill exposes
+// (SmolLM2-135M, 512-token prompt: top-1 agreement with exact 88.7% against bf16's 99.2%).
+constexpr int64_t kInt8xMaxTokens = 64;
 // Returns false, computing nothing, when x holds NaN or inf: the exact path then propagates them.
 template <int FMT>
 bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
@@ -1091,16 +1092,13 @@ bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
   std::vector<float> ybuf(direct ? 0 : static_cast<size_t>(T * N));
   float* y = direct ? static_cast<float*>(p.out) : ybuf.data();
   const int64_t ldy = direct ? p.out_row : N;
-  for (int64_t tc = 0; tc < T; tc += kInt8xChunk) {
-    const int64_t te = std::min(T, tc + kInt8xChunk);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 2) if (threads > 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * kInterleaveRows, n1 = std::min(N, n0 + kInterleaveRows);
-      for (int64_t t0 = tc; t0 < te; t0 += kInt8xTokens)
-        int8x_pass<FMT>(std::min<int64_t>(kInt8xTokens, te - t0), w, xq, t0, n0, y, ldy);
-      if (!direct)
-        for (int64_t t = tc; t < te; ++t) store_rows(p, bias, t, n0, n1, y + t * N + n0);
-    }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * kInterleaveRows, n1 = std::min(N, n0 + kInterleaveRows);
+    for (int64_t t0 = 0; t0 < T; t0 += kInt8xTokens)
+      int8x_pass<FMT>(std::min<int64_t>(kInt8xTokens, T - t0), w, xq, t0, n0, y, ldy);
+    if (!direct)
+      for (int64_t t = 0; t < T; ++t) store_rows(p, bias, t, n0, n1, y + t * N + n0);
   }
   return true;
 }
@@ -1115,7 +1113,7 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int threads = threads_for(w, T);
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-  if (p.int8_activations && int8_dots_available()) {
+  if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
     if (w.ilv) {  // the integer kernels read the row-interleaved layout only
       if constexpr (BITS == 8) { if (qgemm_int8x<3>(p, x, ldx, bias)) return; }
       if constexpr (BITS == 4 && !NF4) {
@@ -1418,51 +1416,141 @@ void dequantize_rows(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int
 }
 
 #if defined(MK_ISA_AVX512)
-// Called only by the bf16 prefill kernel, which runs only on CPUs with AVX512-BF16. In practice it
-// serves nf4 with double_quant: the row-interleaved formats take their int8 integer-dot path (every
-// CPU with AVX512-BF16 so far also has AVX512-VNNI); other formats go through dequantize_rows.
+namespace {
+
+// The bf16 table of the 16 possible weights of group g of row n (4-bit formats, as
+// dequant_rows_range computes them, rounded nearest-even) repeated to 32 words: vpermw's word index
+// holds the code in bits 0-3 (bit 4, the other nibble's low bit, picks the same entry).
+// j = w.sidx(n, g).
+__attribute__((target("avx512bf16"))) inline __m512i bf16_table4(const QuantView& w, __m512 levels, int64_t j) {
+  const VecF lv{levels}, vs = VecF::set1(w.scale_at(j));
+  const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min_at(j))).v : ((lv - VecF::set1(w.zero_at(j))) * vs).v;
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+// The 32 codes of a 4-bit chunk (16 bytes: weights 0-15 in the low nibbles, 16-31 in the high
+// ones) -> 32 bf16 through the group's table.
+inline __m512i expand4_bf16(__m128i codes, __m512i tab) {
+  const __m256i lo = _mm256_cvtepu8_epi16(codes);
+  const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
+  return _mm512_permutexvar_epi16(idx, tab);
+}
+
+// The 32 int8 codes of a chunk (two halves of 16) times the scale, as dequant_rows_range computes
+// them, rounded to bf16.
+__attribute__((target("avx512bf16"))) inline __m512i expand8_bf16(__m128i lo16, __m128i hi16, __m512 vs) {
+  const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo16)), vs);
+  const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi16)), vs);
+  return (__m512i)_mm512_cvtne2ps_pbh(b, a);
+}
+
+// One whole 16-row block [nb, nb + 16) of the interleaved layout over weights [k0, k1): codes
+// transposed in registers and expanded straight into dst's rows (no de-interleaved copy).
+template <int BITS>
+__attribute__((target("avx512bf16"))) void block_rows_bf16(const QuantView& w, __m512 levels, int64_t nb, int64_t k0,
+                                                           int64_t k1, uint16_t* dst, int64_t ld) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* blk = w.codes + nb * w.row_bytes;
+  // The caller walks K in slices: fetch this block's next slice (one contiguous run) into L2 now.
+  const int64_t nch = (k1 - k0) / 32, c0 = k0 / 32;
+  for (int64_t b = (c0 + nch) * 16 * CB; b < std::min(16 * w.row_bytes, (c0 + 2 * nch) * 16 * CB); b += 64)
+    __builtin_prefetch(blk + b, 0, 2);
+  const int64_t gs = w.group_size;
+  alignas(64) __m512i tabs[16];  // per row: the bf16 table (4-bit) or the broadcast scale (int8)
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t j0 = nb * w.groups + g * 16;  // a whole block keeps row r's (scale, zero, min) at j0 + r
+    for (int r = 0; r < 16; ++r)
+      tabs[r] = BITS == 4 ? bf16_table4(w, levels, j0 + r) : (__m512i)_mm512_set1_ps(w.scale_at(j0 + r));
+    const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+    for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+      __m512i t[BITS / 4][4];
+      block_chunk_rows<BITS>(blk, c, t);
+      uint16_t* d = dst - k0 + c * 32;  // + r * ld: row nb + r
+      __m128i lo[16];
+      block_rows16(t[0], lo);
+      if constexpr (BITS == 4) {
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(d + r * ld, expand4_bf16(lo[r], tabs[r]));
+      } else {  // int8: a row's 32 codes are column q = 0 (bytes 0-15) and q = 1 (bytes 16-31)
+        __m128i hi[16];
+        block_rows16(t[1], hi);
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(d + r * ld, expand8_bf16(lo[r], hi[r], (__m512)tabs[r]));
+      }
+    }
+  }
+}
+
+// One row of either layout over [k0, k1) (the documented layout, or a row of a partial block).
+template <int BITS>
+__attribute__((target("avx512bf16"))) void row_bf16(const QuantView& w, __m512 levels, int64_t n, int64_t k0,
+                                                    int64_t k1, uint16_t* drow) {
+  constexpr int CB = BITS * 4;
+  const uint8_t* row = w.codes + n * w.row_bytes;
+  if (!w.ilv)  // the next slice's codes (rows apart: too many streams for the hardware prefetcher)
+    for (int64_t b = k1 / 32 * CB; b < std::min(w.row_bytes, (2 * k1 - k0) / 32 * CB); b += 64)
+      __builtin_prefetch(row + b, 0, 2);
+  const int64_t gs = w.group_size;
+  if (k1 / gs < w.groups) {  // and its scales, zeros and mins
+    const int64_t j = w.sidx(n, k1 / gs);
+    if (w.scales) __builtin_prefetch(w.scales + j);
+    if (w.zeros) __builtin_prefetch(w.zeros + j);
+    if (w.mins) __builtin_prefetch(w.mins + j);
+  }
+  alignas(64) uint8_t tmp[32];
+  drow -= k0;
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t j = w.sidx(n, g);
+    const __m512i tab = BITS == 4 ? bf16_table4(w, levels, j) : (__m512i)_mm512_set1_ps(w.scale_at(j));
+    const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
+    for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
+      const uint8_t* ck = chunk_codes<BITS>(w, n, c, tmp);  // in place, or gathered from a partial block
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ck));
+      if constexpr (BITS == 4) {
+        _mm512_storeu_si512(drow + c * 32, expand4_bf16(lo, tab));
+      } else {
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ck + 16));
+        _mm512_storeu_si512(drow + c * 32, expand8_bf16(lo, hi, (__m512)tab));
+      }
+    }
+  }
+}
+
+template <int BITS>
+__attribute__((target("avx512bf16"))) void rows_bf16(const QuantView& w, __m512 levels, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
+               int64_t ld) {
+  for (int64_t n = n0; n < n1;) {
+    if (w.ilv == 16 && n % 16 == 0 && n + 16 <= std::min(n1, w.rows)) {  // a whole interleaved block
+      block_rows_bf16<BITS>(w, levels, n, k0, k1, dst + (n - n0) * ld, ld);
+      n += 16;
+    } else {
+      row_bf16<BITS>(w, levels, n, k0, k1, dst + (n - n0) * ld);
+      ++n;
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+#if defined(MK_ISA_AVX512)
+// Called only by the bf16 prefill kernel, which runs only on CPUs with AVX512-BF16.
 __attribute__((target("avx512bf16")))
 #endif
 bool dequantize_rows_bf16(const QuantView& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* dst,
                           int64_t ld) {
 #if defined(MK_ISA_AVX512)
-  // 4-bit formats: per group, the 16 possible weights (as dequant_rows_range computes them) rounded
-  // to bf16 (nearest even) and repeated to 32 words; one vpermw per 32 weights, whose word index
-  // holds the code in bits 0-3 (bit 4, the other nibble's low bit, picks the same entry).
+  // The formats of this chunk layout with a direct route: int8 (s * q in fp32, rounded straight to
+  // bf16) and the 4-bit ones (a 16-entry bf16 table per group, one vpermw per 32 weights).
   const QuantFormat f = w.format;
+  if (f == QuantFormat::Int8) {
+    rows_bf16<8>(w, _mm512_setzero_ps(), n0, n1, k0, k1, dst, ld);
+    return true;
+  }
   if (f != QuantFormat::Int4 && f != QuantFormat::Int4Sym && f != QuantFormat::Int4Min && f != QuantFormat::NF4)
     return false;
-  const VecF lv{f == QuantFormat::NF4 ? _mm512_loadu_ps(nf4_codebook())
-                                      : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)};
-  const int64_t gs = w.group_size;
-  alignas(64) uint8_t tmp[32];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * w.row_bytes;
-    uint16_t* drow = dst + (n - n0) * ld - k0;
-    if (!w.ilv)  // the next slice's codes (rows apart: too many streams for the hardware prefetcher)
-      for (int64_t b = k1 / 2; b < std::min(w.row_bytes, (2 * k1 - k0) / 2); b += 64) __builtin_prefetch(row + b, 0, 2);
-    if (k1 / gs < w.groups) {  // and its scales, zeros and mins
-      const int64_t j = w.sidx(n, k1 / gs);
-      if (w.scales) __builtin_prefetch(w.scales + j);
-      if (w.zeros) __builtin_prefetch(w.zeros + j);
-      if (w.mins) __builtin_prefetch(w.mins + j);
-    }
-    for (int64_t g = k0 / gs; g * gs < k1; ++g) {
-      const int64_t j = w.sidx(n, g);
-      const VecF vs = VecF::set1(w.scale_at(j));
-      const __m512 t = w.mins ? (opaque(lv * vs) + VecF::set1(w.min_at(j))).v : ((lv - VecF::set1(w.zero_at(j))) * vs).v;
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(t);
-      const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
-      const int64_t c1 = std::min(k1, (g + 1) * gs) / 32;
-      for (int64_t c = std::max(k0, g * gs) / 32; c < c1; ++c) {
-        // the chunk's 16 bytes (in place, or gathered from the interleaved layout): weights 0-15 in
-        // the low nibbles, 16-31 in the high ones
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk_codes<4>(w, n, c, tmp))));
-        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_srli_epi16(lo, 4), 1);
-        _mm512_storeu_si512(drow + c * 32, _mm512_permutexvar_epi16(idx, tab));
-      }
-    }
-  }
+  const __m512 levels = f == QuantFormat::NF4 ? _mm512_loadu_ps(nf4_codebook())
+                                              : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  rows_bf16<4>(w, levels, n0, n1, k0, k1, dst, ld);
   return true;
 #else
   (void)w, (void)n0, (void)n1, (void)k0, (void)k1, (void)dst, (void)ld;
