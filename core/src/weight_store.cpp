@@ -750,6 +750,23 @@ struct WeightStore::Impl {
     touch(s);
   }
   uint8_t* slot_ptr(int32_t s) { return arena.ptr + size_t(s) * slot_bytes; }
+  // For a caller about to use (layer li, neuron id), under mu (held by lk): pins its slot into sl.
+  // true: a hit; false: a freshly claimed slot whose read the caller must queue. Waits while every
+  // slot is pinned (by in-flight prefetches).
+  bool pin_for_use(std::unique_lock<std::mutex>& lk, int32_t li, int64_t id, int32_t& sl) {
+    sl = table[size_t(li)][size_t(id)];
+    if (sl >= 0) {
+      ++hits;
+      slots[size_t(sl)].pins++;
+      touch(sl);
+      return true;
+    }
+    ++misses;
+    while ((sl = alloc_slot()) < 0) loaded_cv.wait(lk);
+    claim(sl, li, id);
+    slots[size_t(sl)].pins++;  // the caller's pin, besides the loader's
+    return false;
+  }
 
   // Loads (neuron, slot) pairs of one layer, sorted by neuron, in coalesced reads. Each read task
   // marks its slots Ready (or Failed) and drops the loader pin; `group` counts the tasks.
@@ -1174,18 +1191,8 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
     {
       std::unique_lock<std::mutex> lk(s.mu);
       for (int64_t k = b0; k < b1; ++k) {
-        int32_t sl = s.table[size_t(li)][size_t(ids[k])];
-        if (sl >= 0) {
-          ++s.hits;
-          s.slots[size_t(sl)].pins++;
-          s.touch(sl);
-        } else {
-          ++s.misses;
-          while ((sl = s.alloc_slot()) < 0) s.loaded_cv.wait(lk);  // slots pinned by prefetch: wait for them
-          s.claim(sl, li, ids[k]);
-          s.slots[size_t(sl)].pins++;  // our pin, besides the loader's
-          todo.emplace_back(ids[k], sl);
-        }
+        int32_t sl;
+        if (!s.pin_for_use(lk, li, ids[k], sl)) todo.emplace_back(ids[k], sl);
         slot_of[size_t(k - b0)] = sl;
       }
     }
@@ -1295,17 +1302,10 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
     {
       std::unique_lock<std::mutex> lk(s.mu);
       for (int64_t k = b0; k < b1; ++k) {
-        int32_t sl = s.table[size_t(li)][size_t(ids[k])];
-        if (sl >= 0) {
-          ++s.hits;
-          s.slots[size_t(sl)].pins++;
-          s.touch(sl);
+        int32_t sl;
+        if (s.pin_for_use(lk, li, ids[k], sl)) {
           order.push_back(k);
         } else {
-          ++s.misses;
-          while ((sl = s.alloc_slot()) < 0) s.loaded_cv.wait(lk);  // slots pinned by prefetch: wait for them
-          s.claim(sl, li, ids[k]);
-          s.slots[size_t(sl)].pins++;  // our pin, besides the loader's
           todo.emplace_back(ids[k], sl);
           missed.push_back(k);
         }
