@@ -71,21 +71,28 @@ def test_sparsity_zero_equals_dense(tmp_path, tied):
     assert os.stat(st.store_path_for(d, tmp_path / "s")).st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25), ("down_int8", 2e-2),
-                                     ("down_int7", 3e-2)])
-def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
-    """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
-    stays within the int8 re-quantization error of the dense quantized model."""
-    d = build(tmp_path)
-    dense = mk.load_model(d, quantize="int4", exact=True)  # the streamed FFN runs float activations
-    store = str(tmp_path / "q.mkws")
-    # convert from the quantized dense model's weights: patch the loader the conversion uses
+def convert_quantized_dense(tmp_path, fmt, name, **build_kw):
+    """A tiny model quantized to int4 in memory (exact activations: the streamed FFN runs float ones)
+    and a store of `fmt` converted from those quantized weights (the loader the conversion uses is
+    patched to return them)."""
+    d = build(tmp_path, **build_kw)
+    dense = mk.load_model(d, quantize="int4", exact=True)
+    store = str(tmp_path / name)
     orig = st._load_dense
     st._load_dense = lambda path: (json.load(open(os.path.join(path, "config.json"))), dense)
     try:
         st.convert_for_streaming(d, store, ffn_format=fmt)
     finally:
         st._load_dense = orig
+    return dense, store
+
+
+@pytest.mark.parametrize("fmt,tol", [("int8", 2e-2), ("int4", 0.25), ("int4_int8", 0.25), ("down_int8", 2e-2),
+                                     ("down_int7", 3e-2)])
+def test_quantized_ffn_per_neuron_and_close_to_dense(tmp_path, fmt, tol):
+    """A quantized checkpoint (quantize at load stands in for GGUF) streams int8 neurons; sparsity 0
+    stays within the int8 re-quantization error of the dense quantized model."""
+    dense, store = convert_quantized_dense(tmp_path, fmt, "q.mkws")
     sm = st.StreamingModel(store, BUDGET)
     assert sm.meta["ffn_dtype"] == fmt
     t = ids()
@@ -681,15 +688,7 @@ def test_down_int8_store_reads_down_columns_by_exact_contribution(tmp_path, fmt)
     decode (C++, <= 8 tokens) and prefill (NumPy) paths against a float64 product; fewer bytes than
     reading every column; the budget holds; the low-rank predictor is refused."""
     from memkernels.models.llama import activation
-    d = build(tmp_path, intermediate_size=256)
-    dense = mk.load_model(d, quantize="int4", exact=True)
-    store = str(tmp_path / "dn.mkws")
-    orig = st._load_dense
-    st._load_dense = lambda path: (json.load(open(os.path.join(path, "config.json"))), dense)
-    try:
-        st.convert_for_streaming(d, store, ffn_format=fmt)
-    finally:
-        st._load_dense = orig
+    dense, store = convert_quantized_dense(tmp_path, fmt, "dn.mkws", intermediate_size=256)
     with pytest.raises(ValueError, match="predictor"):
         st.StreamingModel(store, BUDGET, sparsity=0.5, predictor="lowrank")
     sm = st.StreamingModel(store, BUDGET, sparsity=0.5)
