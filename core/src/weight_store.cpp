@@ -750,6 +750,18 @@ struct WeightStore::Impl {
     touch(s);
   }
   uint8_t* slot_ptr(int32_t s) { return arena.ptr + size_t(s) * slot_bytes; }
+  // Drops the caller's pins taken by pin_for_use (a failed slot goes back to the free list when its
+  // last pin goes) and wakes callers waiting for a slot. Takes mu.
+  void unpin(const std::vector<int32_t>& pinned) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      for (int32_t sl : pinned) {
+        Slot& x = slots[size_t(sl)];
+        if (--x.pins == 0 && x.state == SlotState::Failed) release_slot(sl);
+      }
+    }
+    loaded_cv.notify_all();
+  }
   // For a caller about to use (layer li, neuron id), under mu (held by lk): pins its slot into sl.
   // true: a hit; false: a freshly claimed slot whose read the caller must queue. Waits while every
   // slot is pinned (by in-flight prefetches).
@@ -1258,14 +1270,7 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
         err = std::current_exception();
       }
     }
-    {
-      std::lock_guard<std::mutex> lk(s.mu);
-      for (int32_t sl : slot_of) {
-        Slot& x = s.slots[size_t(sl)];
-        if (--x.pins == 0 && x.state == SlotState::Failed) s.release_slot(sl);
-      }
-    }
-    s.loaded_cv.notify_all();
+    s.unpin(slot_of);
     if (err) std::rethrow_exception(err);
   }
 }
@@ -1361,14 +1366,7 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
       err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
                                           "visit_rows: a prefetched read of layer " + std::to_string(layer) + " failed" +
                                               (s.prefetch_error.empty() ? "" : ": " + s.prefetch_error)));
-    {
-      std::lock_guard<std::mutex> lk(s.mu);
-      for (int32_t sl : slot_of) {
-        Slot& x = s.slots[size_t(sl)];
-        if (--x.pins == 0 && x.state == SlotState::Failed) s.release_slot(sl);
-      }
-    }
-    s.loaded_cv.notify_all();
+    s.unpin(slot_of);
     if (err) std::rethrow_exception(err);
   }
 }
