@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -13,6 +14,14 @@ namespace memkernels {
 
 // Throws a clear Error(Device) when `device` is CUDA but this build or machine cannot run CUDA.
 void require_cuda_usable(const char* op, const Device& device);
+
+// Threads for a kernel call of `macs` multiply-adds (the qgemm kernels): below about a million (a
+// 576 x 1536 layer, one token) the product takes some tens of microseconds on one core and starting
+// an OpenMP team costs several (tens when the other cores are busy), so it stays on the calling thread.
+inline int threads_for_macs(int64_t macs) {
+  constexpr int64_t kParallelMacs = int64_t(1) << 20;
+  return macs < kParallelMacs ? 1 : num_threads();
+}
 
 // An exception leaving an OpenMP parallel region calls std::terminate. Code inside a region that may
 // throw (a scratch allocation) runs through guard.run(f); the first exception is kept, the other

@@ -42,13 +42,8 @@ constexpr int FR = 1;  // 16 ymm registers: 8 accumulators + 4 weight vectors
 #endif
 constexpr int64_t ROWS = 16;  // rows per parallel task
 
-// Threads for a call of T tokens on w: below about a million multiply-adds (a 576 x 1536 layer, one
-// token) the whole product takes some tens of microseconds on one core, and starting an OpenMP team
-// costs several (tens when the other cores are busy), so small problems stay on the calling thread.
-constexpr int64_t kParallelMacs = int64_t(1) << 20;
-inline int threads_for(const QuantView& w, int64_t T) {
-  return w.rows * w.cols * T < kParallelMacs ? 1 : num_threads();
-}
+// Threads for a call of T tokens on w (runtime_internal.h says when a call stays on one thread).
+inline int threads_for(const QuantView& w, int64_t T) { return threads_for_macs(w.rows * w.cols * T); }
 
 // The NF4 levels in the form each ISA looks them up from.
 struct Table {

@@ -38,11 +38,7 @@ namespace {
 constexpr int QK = 256;
 constexpr int VL = VecF::N;
 constexpr int64_t ROWS = 16;
-constexpr int64_t kParallelMacs = int64_t(1) << 20;  // below this a call stays on one thread (see qgemm.cpp)
-
-inline int threads_for(const QuantView& w, int64_t T) {
-  return w.rows * w.cols * T < kParallelMacs ? 1 : num_threads();
-}
+inline int threads_for(const QuantView& w, int64_t T) { return threads_for_macs(w.rows * w.cols * T); }
 
 inline uint64_t load_u64(const uint8_t* p) {
   uint64_t v;

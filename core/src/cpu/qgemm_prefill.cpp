@@ -48,9 +48,6 @@ constexpr int kAcc = 12;       // 16 ymm
 constexpr int kMaxTB = 4;      // token blocks per micro-kernel call at most
 constexpr int64_t RB = 2 * kAcc;  // rows per task (a multiple of every R = kAcc / TB)
 
-// Same rule as qgemm.cpp: below about a million multiply-adds one core is faster than a team.
-constexpr int64_t kParallelMacs = int64_t(1) << 20;
-
 // y[r * ldy + tb * L + lane] += sum_k w[r * KC + k] * xb[tb * xstride + k * L + lane],
 // r < R, tb < TB, k < kn: fp32 FMA.
 template <int R, int TB>
@@ -204,7 +201,7 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
   }
 
   const int64_t blocks = (N + RB - 1) / RB;
-  const int threads = N * K * T < kParallelMacs ? 1 : num_threads();
+  const int threads = threads_for_macs(N * K * T);
   ParallelGuard guard;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
