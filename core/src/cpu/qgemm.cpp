@@ -1113,7 +1113,8 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int threads = threads_for(w, T);
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-  if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
+  const int64_t int8_max = int8_max_tokens_override() ? int8_max_tokens_override() : kInt8xMaxTokens;
+  if (p.int8_activations && T <= int8_max && int8_dots_available()) {
     if (w.ilv) {  // the integer kernels read the row-interleaved layout only
       if constexpr (BITS == 8) { if (qgemm_int8x<3>(p, x, ldx, bias)) return; }
       if constexpr (BITS == 4 && !NF4) {

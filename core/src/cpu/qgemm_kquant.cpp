@@ -727,7 +727,8 @@ bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
 template <QuantFormat F>
 void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-  if (p.int8_activations && p.tokens <= kMaxTokens && qgemm_int8x<F>(p, x, ldx, bias)) return;
+  const int64_t int8_max = int8_max_tokens_override() ? int8_max_tokens_override() : kMaxTokens;
+  if (p.int8_activations && p.tokens <= int8_max && qgemm_int8x<F>(p, x, ldx, bias)) return;
 #endif
   qgemm_exact<F>(p, x, ldx, bias);
 }

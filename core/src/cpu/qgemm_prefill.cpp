@@ -301,7 +301,6 @@ int64_t min_tokens(const QGemmProblem& p, bool bf16) {
   const bool int8_format = p.w.ilv != 0;
   const int64_t fp32_min = L == 16 ? 12 : 8;
   if (!p.int8_activations) return fp32_min;
-  if (bf16) return int8_format ? 32 : 12;
 #if defined(MK_ISA_AVX512)
   static const bool vnni = [] {
     __builtin_cpu_init();
@@ -313,6 +312,9 @@ int64_t min_tokens(const QGemmProblem& p, bool bf16) {
 #else
   const bool int8_path = false;
 #endif
+  const int64_t forced = int8_max_tokens_override();  // MEMKERNELS_INT8_MAX_TOKENS (quant_internal.h)
+  if (forced && int8_format && int8_path) return forced + 1;
+  if (bf16) return int8_format ? 32 : 12;
   return int8_format && int8_path ? 65 : fp32_min;
 }
 
