@@ -4,7 +4,7 @@ import pytest
 
 import memkernels as mk
 
-from conftest import int8_path_bound
+from conftest import int8_path_bound, int8_rounded_x
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -419,8 +419,7 @@ def test_int8_activations_several_tokens(isa, fmt, group):
             np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))
             continue
         for t in range(tokens):
-            dx = np.abs(X[t]).max() / 127
-            xq = np.rint(X[t] / np.float32(dx)).astype(np.float64) * dx
+            xq = int8_rounded_x(qm, X[t])[0]
             np.testing.assert_allclose(Y[t], d @ xq, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
 
 
@@ -601,15 +600,14 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
     out = np.full(n, np.nan, np.float32)
     y = mk.qgemm(x, qm, bias, out=out, int8_activations=True)
     ref = d @ x.astype(np.float64) + bias
-    bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x)) + 1e-5
+    bound = int8_path_bound(qm, d, x)[0] * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x)) + 1e-5
     assert np.all(np.abs(y - ref) <= bound)
     exact = mk.qgemm(x, qm, bias, exact=True)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
     integer_path = isa == "avx2" or (isa == "avx512" and vnni)
 
-    def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token
-        dx = np.abs(xt).max() / 127
-        return np.rint(xt / np.float32(dx)).astype(np.float64) * dx
+    def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token and x block
+        return int8_rounded_x(qm, xt)[0]
 
     if integer_path:
         assert not np.array_equal(y, exact)  # the int8 path really ran
@@ -636,7 +634,7 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
             continue
         for t in range(tokens):
             ref = d @ X[t].astype(np.float64) + bias
-            bound = np.abs(d).sum(axis=1) * np.abs(X[t]).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(X[t])) + 1e-5
+            bound = int8_path_bound(qm, d, X[t])[0] * 1.001 + 1e-4 * (np.abs(d) @ np.abs(X[t])) + 1e-5
             assert np.all(np.abs(Y[t] - ref) <= bound), (tokens, t)
             xq = rounded(X[t])
             np.testing.assert_allclose(Y[t], d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
