@@ -68,10 +68,10 @@ NF4_INT8_ERR = float(np.abs(np.rint(127 * NF4_LEVELS.astype(np.float32)) / 127 -
 
 def int8_x_block(qm):
     """Weights per int8 scale of x on the int8-activation path (memkernels/quant.h): the group of a
-    grouped format (32, 64, 128), 128 for per-channel int8, 32 for the K-quants."""
+    grouped format (32, 64, 128), 256 for per-channel int8, the 256-weight super-block for the K-quants."""
     if qm.format in ("q4_k", "q5_k", "q6_k"):
-        return 32
-    return min(int(qm.group_size), 128)
+        return 256
+    return min(int(qm.group_size), 256)
 
 
 def int8_rounded_x(qm, x):

@@ -447,3 +447,30 @@ def test_cuda_matches_cpu(fmt, tokens):
     assert np.all(np.abs(y - ref) <= 1e-5 * mag + 1e-5)
     dq = mk.dequantize(g, like=torch.empty(1, device="cuda")).cpu().numpy()
     np.testing.assert_array_equal(dq, w)
+
+
+@pytest.mark.parametrize("fmt", KFORMATS)
+@pytest.mark.parametrize("imported", [False, True])
+def test_int8_path_outlier_channels(isa, fmt, imported):
+    """The K-quants' x scale is per token and 256-weight super-block (quant.h): an outlier channel
+    coarsens its own super-block only. The per-block bound holds (4 super-blocks: a quarter of the
+    per-token one away from the outliers) and the result is the integer dot of x rounded per block."""
+    rng = np.random.default_rng(77 + len(fmt) + imported)
+    n, k = 21, 1024
+    qm, w = make_matrix(fmt, rng, n, k, imported)
+    d = w.astype(np.float64)
+    X = rng.standard_normal((6, k)).astype(np.float32)
+    X[:, 5] *= 400.0
+    X[3, 900] = 700.0
+    out = poisoned((6, n), np.float32)
+    Y = mk.qgemm(X, qm, out=out)
+    ref = X.astype(np.float64) @ d.T
+    mag = np.abs(X).astype(np.float64) @ np.abs(d).T
+    bound = int8_path_bound(qm, d, X)
+    assert np.all(np.abs(Y - ref) <= bound * 1.001 + 1e-5 * mag + 1e-5)
+    per_token = np.abs(d).sum(1)[None, :] * np.abs(X).max(1, keepdims=True) / 254
+    assert np.median(bound / per_token) < 0.6
+    if int8_path_runs(isa):
+        np.testing.assert_allclose(Y, int8_emulation(qm, X, w), rtol=0, atol=0 + 2e-6 * mag.max() + 1e-6)
+    else:
+        np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))

@@ -804,3 +804,42 @@ def test_qgemm_exact_and_int8_activations_conflict():
         y = mk.qgemm(xd, qm)
         assert y.dtype == xd.dtype and y.shape == (1, 8)
         np.testing.assert_allclose(y.astype(np.float32), mk.qgemm(xd.astype(np.float32), qm), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 128), ("int4_min", 64), ("int8", None),
+                                       ("int8", 32), ("int3", 64), ("int2_sym", 32), ("nf4", 64)])
+def test_int8_path_outlier_channels(isa, fmt, group):
+    """One scale per token and x block (quant.h): a few huge activations (the outlier channels of
+    LLM hidden states) coarsen only their own blocks. The per-block bound holds, with the outliers
+    in a few blocks it is several times tighter than one scale per token would give, and the int8
+    path is an integer dot of x rounded per block."""
+    n, k = 37, 1000 if group != 128 else 1024  # per-channel int8: 1000 is 3 blocks of 256 and a partial one
+    _, qm, d = qm_and_ref(fmt, n, k, group, seed=123)
+    X = rng(124).standard_normal((5, k)).astype(np.float32)
+    X[:, 7] *= 300.0  # one outlier channel, in the first block
+    X[2, k - 3] = -500.0  # and one in the last block of one token
+    out = np.full((5, n), np.nan, np.float32)
+    Y = mk.qgemm(X, qm, out=out)
+    ref = X.astype(np.float64) @ d.T
+    mag = np.abs(X).astype(np.float64) @ np.abs(d).T
+    bound = int8_path_bound(qm, d, X)
+    assert np.all(np.abs(Y - ref) <= bound * 1.001 + 2e-5 * mag + 1e-5)
+    per_token = np.abs(d).sum(1)[None, :] * np.abs(X).max(1, keepdims=True) / 254
+    assert np.all(bound <= per_token * 1.0001) and np.median(bound / per_token) < 0.5
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    if isa == "avx2" or (isa == "avx512" and vnni):
+        # the integer path ran: its error is well below what one scale per token gives (only the
+        # outliers' blocks are coarse: 1 or 2 of 4 for per-channel int8, of 8 to 32 for the groups)
+        assert np.abs(Y - ref).mean() < 0.75 * np.abs(int8_rounded_x_per_token(X) @ d.T - ref).mean()
+        if fmt != "nf4":
+            xq = int8_rounded_x(qm, X)
+            np.testing.assert_allclose(Y, xq @ d.T, rtol=2e-5, atol=2e-5 * (np.abs(xq) @ np.abs(d).T).max())
+    else:
+        np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))
+
+
+def int8_rounded_x_per_token(X):
+    """x rounded with one int8 scale per token (the int8 path before per-block scales)."""
+    amax = np.abs(X).max(1, keepdims=True).astype(np.float32)
+    dx = amax / np.float32(127)
+    return np.rint(X * (np.float32(1) / dx)).astype(np.float64) * dx

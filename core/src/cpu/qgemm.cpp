@@ -696,9 +696,12 @@ inline int32_t load_i32(const int8_t* p) {
 constexpr int64_t kPrefetch = 6144;
 
 // x block of a per-channel int8 matrix (one x scale, one int32 sum per lane, one float multiply-add
-// per token): 128 weights, as the default group of the other formats (bench/qgemm_quality.py,
-// bench/qgemm_alternate.py measured 32 to 256). Its int32 sums cannot overflow: 128 * 255 * 127 < 2^31.
-constexpr int64_t kInt8XBlock = 128;
+// per token and block): 256 weights. On SmolLM2-135M's layer inputs the product's relative error is
+// 1.6e-2 with 256, 1.3e-2 with 128, 2.4e-2 with one scale per token (bench/qgemm_quality.py
+// --blocks); 128 made 8-token calls 7-10% slower than per-token scales (bench/qgemm_alternate.py --ab,
+// L3-resident 4096 x 1024 and 1024 x 4096), 256 about half that. Its int32 sums cannot overflow:
+// 256 * 255 * 127 < 2^31.
+constexpr int64_t kInt8XBlock = 256;
 
 // nf4 on the integer path: each level L as the int8 round(127 L) (the 1/127 goes on with the token's
 // x scale). The levels move by at most 0.0037 (of the group scale): quant.h documents the bound.
@@ -731,6 +734,7 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
   constexpr bool I8 = FMT == 3, NF = FMT == 8;
   constexpr int CB = I8 ? 32 : 16;  // bytes per chunk and row
   constexpr int NA = NT == 1 ? 2 : 1;  // independent accumulator chains per token
+  const bool pc = I8 && G == 1;  // per-channel int8: one scale per row, applied once at the end
   const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
   const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
   const uint8_t* blk = w.codes + n0 * w.row_bytes;
@@ -754,6 +758,13 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
     for (int t = 0; t < NT; ++t)
       #pragma GCC unroll 2
       for (int a = 0; a < NA; ++a) acc[a][t] = acch[a][t] = _mm512_setzero_si512();
+    // the code offset of the symmetric forms (int4_sym: 8, int8 and nf4 through vpdpbusd: 128)
+    // times the part's x sum starts the first chain
+    constexpr int OFF = FMT == 1 ? 8 : (FMT == 3 || NF) ? 128 : 0;
+    if constexpr (OFF != 0) {
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) acc[0][t] = _mm512_set1_epi32(-OFF * xq.sums(t0 + t)[pi]);
+    }
     for (int64_t c = c0; c < c1; ++c) {
       const uint8_t* p = blk + c * R * CB;
       for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
@@ -802,19 +813,20 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
         else if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
       }
       const int32_t xs = xq.sums(t0 + t)[pi];
-      if constexpr (FMT == 1) a = _mm512_sub_epi32(a, _mm512_set1_epi32(8 * xs));
-      if constexpr (FMT == 3 || NF) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
       __m512 af = _mm512_cvtepi32_ps(a);
       if constexpr (FMT == 0) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
       const float dx = xq.scales(t0 + t)[pi];  // the block's x scale joins the group scale
-      accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_set1_ps(dx)), af, accf[t]);
+      if (pc) accf[t] = _mm512_fmadd_ps(_mm512_set1_ps(dx), af, accf[t]);  // per-channel int8: s at the end
+      else accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_set1_ps(dx)), af, accf[t]);
       if constexpr (FMT == 2) accf[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(float(xs) * dx), accf[t]);
     }
   }
   const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
   #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
-    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, NF ? _mm512_mul_ps(accf[t], _mm512_set1_ps(unit)) : accf[t]);
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm,
+                          pc ? _mm512_mul_ps(accf[t], _mm512_maskz_loadu_ps(rm, sb))
+                                 : NF ? _mm512_mul_ps(accf[t], _mm512_set1_ps(unit)) : accf[t]);
 }
 
 // int3 / int3_sym / int2 / int2_sym (FMT 4 / 5 / 6 / 7) on the row-interleaved layout: a chunk of

@@ -12,14 +12,14 @@
 // every token's 256 activations.
 //
 // int8-activation path (1-64 tokens, AVX512-VNNI or AVX2): x is quantized to int8 with one scale
-// per token and 32 weights (dx = max|x| / 127 of the block, KX) and rearranged once into the order of the code bytes (per 128 weights:
+// per token and super-block (dx = max|x| / 127 over its 256 weights) and rearranged once into the order of the code bytes (per 128 weights:
 // the 64 x of the low nibbles, then the 64 of the high nibbles). Per super-block and token the
-// integer sub-block dot products are multiplied by the integer sub-scales (AVX2: vpmaddubsw, then
-// vpmaddwd with the sub-scales instead of ones, each int32 lane within one 32-weight x block;
-// VNNI, on the interleaved layout: vpdpbusd per sub-block, see ilv_vnni). The min term (q4_k / q5_k) is sum_j m_j * xsum_j
+// integer sub-block dot products are multiplied by the integer sub-scales and summed in int32
+// (AVX2: vpmaddubsw, then vpmaddwd with the sub-scales instead of ones; VNNI, on the interleaved
+// layout: vpdpbusd per sub-block, see ilv_vnni). The min term (q4_k / q5_k) is sum_j m_j * xsum_j
 // from per-sub-block sums of the int8 x; q6_k's -32 offset is 32 * sum_j sc_j * xsum_j folded into
 // the integer sums. Then float multiply-adds (AVX2: one per super-block by d and dmin; VNNI: one
-// per 32-weight block by d * dx (AVX2) or d * sc_j * dx (VNNI, d * sc_j an exact fp32 product)). The integer sums are
+// per sub-block by d * sc_j, an exact fp32 product, times the token's dx of the super-block). The integer sums are
 // exact, so the only error against the exact path is the rounding of x (the bound documented in
 // quant.h) and fp32 rounding of the sums.
 #include <omp.h>
@@ -329,18 +329,18 @@ void dequantize_impl(const DequantProblem& p) {
 }
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-// x quantized to int8 for the integer paths, one scale per token and block of 32 weights (q4_k /
-// q5_k's sub-block, two of q6_k's). 32 rather than the 256-weight super-block: on SmolLM2-135M's
-// layer inputs the product's relative error is 7.5e-3 with blocks of 32 against 1.6e-2 with 256 and
-// 2.4e-2 with one scale per token (bench/qgemm_quality.py --blocks), for the same work in the VNNI
-// kernel (one float multiply per token and sub-block dot either way).
+// x quantized to int8 for the integer paths, one scale per token and super-block. The super-block
+// rather than the 16/32-weight sub-block: its scale is one float multiply-add per token and
+// super-block (q4_k / q5_k; q6_k one multiply per sub-block dot) and the min term stays an integer
+// dot. Measured on SmolLM2-135M's layer inputs (bench/qgemm_quality.py --blocks), the product's
+// relative error is 1.6e-2 with blocks of 256, 7.5e-3 with 32, 2.4e-2 with one scale per token;
+// blocks of 32 (a float min term, one more multiply per sub-block and token) made the VNNI kernel
+// 12-18% slower on an L2-resident 256 x 4096 q4_k (1 and 8 tokens), 256 costs about 1-2%.
 struct KX {
   std::vector<int8_t> q;      // [T][K], per 128 weights: the 64 low-nibble x, then the 64 high-nibble x
   std::vector<int16_t> s16;   // [T][K / 16] sums of the int8 x per 16 weights (q6_k sub-blocks)
   std::vector<int16_t> s32;   // [T][K / 32] per 32 weights (q4_k / q5_k sub-blocks)
-  std::vector<float> scale;   // [T][K / 32] dx per 32-weight block
-  std::vector<float> scale4;  // [T][K / 8] the same, each repeated 4 times (the AVX2 kernel's int32 lanes)
-  std::vector<float> msum;    // [T][K / 32] dx * s32: the block sums in float (q4_k / q5_k mins)
+  std::vector<float> scale;   // [T][K / 256]
   int64_t K = 0;
   bool nonfinite = false;
 };
@@ -354,9 +354,7 @@ KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
   r.q.resize(size_t(T * K));
   r.s16.resize(size_t(T * K / 16));
   r.s32.resize(size_t(T * K / 32));
-  r.scale.resize(size_t(T * (K / 32)));
-  r.scale4.resize(size_t(T * (K / 8)));
-  r.msum.resize(size_t(T * (K / 32)));
+  r.scale.resize(size_t(T * (K / QK)));
   std::vector<int8_t> nat(static_cast<size_t>(K));
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
@@ -366,18 +364,17 @@ KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
     vbad.store(lanes);
     for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
     if (r.nonfinite) return r;
-    for (int64_t b = 0; b < K / 32; ++b) {
+    for (int64_t b = 0; b < K / QK; ++b) {
       VecF bmax = VecF::zero();
-      for (int64_t k = b * 32; k < (b + 1) * 32; k += VL) {
+      for (int64_t k = b * QK; k < (b + 1) * QK; k += VL) {
         const VecF v = VecF::load(xt + k);
         bmax = VecF::max(bmax, VecF::max(v, VecF::zero() - v));
       }
       const float amax = bmax.reduce_max();
       const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
       const VecF inv = VecF::set1(1.0f / dx);
-      r.scale[size_t(t * (K / 32) + b)] = dx;
-      for (int i = 0; i < 4; ++i) r.scale4[size_t(t * (K / 8) + 4 * b + i)] = dx;
-      for (int64_t k = b * 32; k < (b + 1) * 32; k += VL) {  // round to nearest even, as lrint
+      r.scale[size_t(t * (K / QK) + b)] = dx;
+      for (int64_t k = b * QK; k < (b + 1) * QK; k += VL) {  // round to nearest even, as lrint
         float f[VL];
         VecF::round(VecF::load(xt + k) * inv).store(f);
         for (int i = 0; i < VL; ++i) nat[size_t(k + i)] = int8_t(int(f[i]));
@@ -390,10 +387,7 @@ KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
       for (int i = 0; i < 16; ++i) s += nat[size_t(16 * j + i)];
       s16[j] = int16_t(s);
     }
-    for (int64_t j = 0; j < K / 32; ++j) {
-      s32[j] = int16_t(s16[2 * j] + s16[2 * j + 1]);
-      r.msum[size_t(t * (K / 32) + j)] = float(s32[j]) * r.scale[size_t(t * (K / 32) + j)];
-    }
+    for (int64_t j = 0; j < K / 32; ++j) s32[j] = int16_t(s16[2 * j] + s16[2 * j + 1]);
     int8_t* dst = r.q.data() + t * K;
     for (int64_t k0 = 0; k0 < K; k0 += 128)
       for (int c = 0; c < 4; ++c) {
@@ -410,27 +404,21 @@ struct KXTokens {
   const int8_t* q[NT];     // rearranged int8 x (KX::q)
   const int16_t* s16[NT];  // sums per 16 weights
   const int16_t* s32[NT];  // sums per 32 weights
-  const float* scale[NT];  // [K / 32] per token
-  const float* scale4[NT];  // [K / 8]
-  const float* msum[NT];   // [K / 32]
+  const float* scale[NT];  // [K / 256] per token
   KXTokens(const KX& xq, int64_t t0) {
     const int64_t K = xq.K;
     for (int t = 0; t < NT; ++t) {
       q[t] = xq.q.data() + (t0 + t) * K;
       s16[t] = xq.s16.data() + (t0 + t) * (K / 16);
       s32[t] = xq.s32.data() + (t0 + t) * (K / 32);
-      scale[t] = xq.scale.data() + (t0 + t) * (K / 32);
-      scale4[t] = xq.scale4.data() + (t0 + t) * (K / 8);
-      msum[t] = xq.msum.data() + (t0 + t) * (K / 32);
+      scale[t] = xq.scale.data() + (t0 + t) * (K / QK);
     }
   }
 };
 
 // AVX2 (also the AVX-512 level's path when the CPU lacks VNNI): vpmaddubsw (u8 codes x s8 x, pairs
 // summed in s16: at most 2 * 63 * 127, and for q4_k/q5_k the two nibble halves of a sub-block add
-// to at most 4 * 31 * 127, no saturation) then vpmaddwd by the sub-scales (int32): per 32-byte step,
-// int32 lanes 0-3 hold x block c's products and 4-7 block c + 1's, so one FMA by the blocks' x
-// scales (KX::scale4) takes them to fp32; d once per super-block.
+// to at most 4 * 31 * 127, no saturation) then vpmaddwd by the sub-scales (int32).
 template <QuantFormat F, int NT>
 __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, const KX& xq, int64_t t0, int64_t n0,
                                                         int64_t n1, float* y, int64_t ldy) {
@@ -440,16 +428,17 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
   const KXTokens<NT> xt(xq, t0);
   const int8_t* const* xa = xt.q;
   const int16_t* const* xs16 = xt.s16;
+  const int16_t* const* xs32 = xt.s32;
   for (int64_t n = n0; n < n1; ++n) {
-    __m256 accf[NT];
-    for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps();
+    __m256 accf[NT], accm[NT];
+    for (int t = 0; t < NT; ++t) accf[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < SB; ++b) {
       const uint8_t* sb = w.codes + n * w.row_bytes + b * (32 * w.bits);
       const uint8_t* sub = w.sub_scales + (n * SB + b) * 16;
       const uint16_t* sup = w.super_scales + (n * SB + b) * 2;
       for (int l = 0; l < w.bits / 2; ++l) _mm_prefetch(reinterpret_cast<const char*>(sb + kPrefetch + 64 * l), _MM_HINT_T0);
-      __m256 fsum[NT];  // the super-block's sum, times the x scales, before d
-      for (int t = 0; t < NT; ++t) fsum[t] = _mm256_setzero_ps();
+      __m256i isum[NT];
+      for (int t = 0; t < NT; ++t) isum[t] = _mm256_setzero_si256();
       __m256i sc16;  // the sub-scales as int16 (q6_k: lane h holds sub-blocks 8h..8h+7)
       if constexpr (F == QuantFormat::Q6K)
         sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub)));
@@ -487,9 +476,8 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
             for (int t = 0; t < NT; ++t) {
               const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[t]));
               const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[t] + 64));
-              const __m256i is = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), slo),
-                                                  _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), shi));
-              fsum[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_loadu_ps(xt.scale4[t] + 4 * (b * 8 + c)), fsum[t]);
+              isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), slo));
+              isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), shi));
             }
           } else {
             // words c and c + 1 of the 8 sub-scales
@@ -501,32 +489,38 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
               const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[t]));
               const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo[t] + 64));
               const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-              fsum[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, sv)),
-                                        _mm256_loadu_ps(xt.scale4[t] + 4 * (b * 8 + c)), fsum[t]);
+              isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, sv));
             }
           }
         }
       }
-      const __m256 vd = _mm256_set1_ps(half_to_float(sup[0]));
+      // d and dmin times the token's x scale of this super-block
+      const float d = half_to_float(sup[0]);
       if constexpr (F == QuantFormat::Q6K) {
-        // the -32 code offset: lane i of off is sub-blocks 2i, 2i + 1, i.e. x block i of the super-block
         for (int t = 0; t < NT; ++t) {
           const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs16[t] + b * 16)));
-          fsum[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(off, 5)), _mm256_loadu_ps(xt.scale[t] + b * 8), fsum[t]);
-          accf[t] = _mm256_fmadd_ps(fsum[t], vd, accf[t]);
+          isum[t] = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(off, 5));
+          accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * xt.scale[t][b]), accf[t]);
         }
       } else {
-        // the min term: dmin * m_j times the float sum of x block j (KX::msum)
-        const __m256 mf = _mm256_mul_ps(_mm256_set1_ps(half_to_float(sup[1])),
-                                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + 8)))));
-        for (int t = 0; t < NT; ++t)
-          accf[t] = _mm256_fnmadd_ps(mf, _mm256_loadu_ps(xt.msum[t] + b * 8), _mm256_fmadd_ps(fsum[t], vd, accf[t]));
+        const __m128i m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + 8)));
+        const float dmin = half_to_float(sup[1]);
+        for (int t = 0; t < NT; ++t) {
+          const float dx = xt.scale[t][b];
+          accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx), accf[t]);
+          const __m128i mt = _mm_madd_epi16(m16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs32[t] + b * 8)));
+          accm[t] = _mm256_castps128_ps256(
+              _mm_fmadd_ps(_mm_cvtepi32_ps(mt), _mm_set1_ps(dmin * dx), _mm256_castps256_ps128(accm[t])));
+        }
       }
     }
     for (int t = 0; t < NT; ++t) {
-      float f[8];
+      float f[8], g[4];
       _mm256_storeu_ps(f, accf[t]);
-      y[(t0 + t) * ldy + n] = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+      _mm_storeu_ps(g, _mm256_castps256_ps128(accm[t]));
+      const float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+      const float m = (g[0] + g[1]) + (g[2] + g[3]);
+      y[(t0 + t) * ldy + n] = s - m;
     }
   }
 }
@@ -548,8 +542,8 @@ bool vnni_available() {
 // sub-block c; its exact int32 dot goes to fp32 and one FMA by the 16 rows' d * sc_c (a vector
 // computed once per chunk for every token: exact in fp32) adds it to the token's sum (an int32 sum
 // per super-block, vpmulld by the sub-scales, needed a third set of registers and spilled at 8
-// tokens), the product's x scale (one per 32-weight block) multiplying the dot first; the mins term
-// is sum_j dmin * m_j * (dx_j * xsum_j), in fp32 (KX::msum) since each sub-block has its own x scale. q6_k: the chunk's low nibbles are sub-block 2c, the
+// tokens); the mins term sum_j m_j * xsum_j is vpdpwssd of the rows' (m_2i, m_2i+1) pairs against
+// the token's two sub-block sums, times dmin. q6_k: the chunk's low nibbles are sub-block 2c, the
 // high ones 2c + 1, each dot started at -32 * xsum (the code offset). q5_k's bit 4: byte k of each row's piece in the
 // bit-4 section holds the bits of 8 code bytes; vpshufb puts that byte under each code byte and
 // vptestmb turns the bit into a mask for a masked add of 16. q6_k's bits 4-5 are in byte-aligned
@@ -581,6 +575,9 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
     const uint16_t* sup = sups + b * R * 2;
     const int64_t lines = R * cb / 64;  // cache lines of the super-block's codes (16 rows: 2 x bits + 4)
     const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup));
+    // q4_k / q5_k: the super-block's sum before the token's x scale (one FMA per token and
+    // super-block); q6_k (two int32 chains per token already) scales each sub-block dot instead
+    __m512 accb[F == QuantFormat::Q6K ? 1 : NT];
     #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       const int h = c / 4;
@@ -631,14 +628,14 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
             al[t] = _mm512_dpbusd_epi32(al[t], hi, _mm512_set1_epi32(load_i32(xt.q[t] + xo + 64 + 4 * i)));
         }
       }
-      // d * sub-scale per row (exact in fp32), times the sub-block's integer dot (times the token's
-      // x scale of the block: one multiply per token)
+      // d * sub-scale per row (exact in fp32), times the sub-block's integer dot (q6_k: times the
+      // token's x scale of the super-block, one multiply per token)
       if constexpr (F == QuantFormat::Q6K) {
         const __m512 sl = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(rm, sub + 2 * c * R))));
         const __m512 sh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(rm, sub + (2 * c + 1) * R))));
         #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
-          const __m512 dx = _mm512_set1_ps(xt.scale[t][b * 8 + c]);
+          const __m512 dx = _mm512_set1_ps(xt.scale[t][b]);
           accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ah[t]), dx), sh,
                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(al[t]), dx), sl, accf[t]));
         }
@@ -646,23 +643,28 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
         const __m512 sc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, sub + c * R))));
         #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t)
-          accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(al[t]), _mm512_set1_ps(xt.scale[t][b * 8 + c])), sc, accf[t]);
+          accb[t] = c == 0 ? _mm512_mul_ps(_mm512_cvtepi32_ps(al[t]), sc) : _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[t]), sc, accb[t]);
       }
     }
     if constexpr (F != QuantFormat::Q6K) {
-      const __m512 dm = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup + R));
-      const __m512i lo16 = _mm512_set1_epi32(0xffff);
+      __m512i msum[NT];
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) msum[t] = _mm512_setzero_si512();
       #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
-        // 32-bit lane r: m_2i | m_2i+1 << 16 of row r; each times dmin, in fp32
         const __m512i mp = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(pm, sub + 8 * R + 2 * R * i));
-        const __m512 me = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_and_si512(mp, lo16)));
-        const __m512 mo = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(mp, 16)));
         #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t)
-          accf[t] = _mm512_fnmadd_ps(mo, _mm512_set1_ps(xt.msum[t][b * 8 + 2 * i + 1]),
-                                     _mm512_fnmadd_ps(me, _mm512_set1_ps(xt.msum[t][b * 8 + 2 * i]), accf[t]));
+        for (int t = 0; t < NT; ++t) {
+          int32_t pair;
+          std::memcpy(&pair, xt.s32[t] + b * 8 + 2 * i, 4);
+          msum[t] = _mm512_dpwssd_epi32(msum[t], mp, _mm512_set1_epi32(pair));
+        }
       }
+      const __m512 dm = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup + R));
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t)
+        accf[t] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[t]), dm, accb[t]), _mm512_set1_ps(xt.scale[t][b]),
+                                  accf[t]);
     }
   }
   #pragma GCC unroll 8
