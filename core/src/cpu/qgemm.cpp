@@ -626,15 +626,18 @@ struct Int8X {
   std::vector<int8_t> q;     // per token, K bytes
   std::vector<int32_t> sum;  // per token and part: the sum of its int8 values (zero-point / min terms)
   std::vector<float> scale;  // per token and part: dx, x ~= dx * q
+  std::vector<int32_t> off;  // per token and part: -offset * sum, the symmetric code offset's term (or empty)
   int64_t K = 0, parts = 0, part = 0;
   bool nonfinite = false;    // x holds NaN or +-inf: int8 codes cannot carry it (the caller runs exact)
   const int8_t* row(int64_t t) const { return q.data() + t * K; }
   const int32_t* sums(int64_t t) const { return sum.data() + t * parts; }
   const float* scales(int64_t t) const { return scale.data() + t * parts; }
+  const int32_t* offs(int64_t t) const { return off.data() + t * parts; }
 };
 
-// part: the weights of one x scale and one int32 sum (a multiple of 32 dividing K, or K's last part shorter).
-Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t part) {
+// part: the weights of one x scale and one int32 sum (a multiple of 32 dividing K, or K's last part
+// shorter); offset: the code offset whose term -offset * sum the kernels start their int32 sums with.
+Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t part, int32_t offset = 0) {
   Int8X r;
   r.K = K, r.part = part, r.parts = (K + part - 1) / part;
   r.q.resize(size_t(T * K));
@@ -681,6 +684,10 @@ Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t 
     vbad.store(lanes);
     for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
     if (r.nonfinite) return r;
+  }
+  if (offset) {
+    r.off.resize(r.sum.size());
+    for (size_t i = 0; i < r.sum.size(); ++i) r.off[i] = -offset * r.sum[i];
   }
   return r;
 }
@@ -764,7 +771,7 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
     constexpr int OFF = FMT == 1 ? 8 : (FMT == 3 || NF) ? 128 : 0;
     if constexpr (OFF != 0) {
       #pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) acc[0][t] = _mm512_set1_epi32(-OFF * xq.sums(t0 + t)[pi]);
+      for (int t = 0; t < NT; ++t) acc[0][t] = _mm512_set1_epi32(xq.offs(t0 + t)[pi]);  // a broadcast load
     }
     for (int64_t c = c0; c < c1; ++c) {
       const uint8_t* p = blk + c * R * CB;
@@ -1108,7 +1115,13 @@ bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
   const QuantView& w = p.w;
   const int64_t N = w.rows, T = p.tokens;
   const int64_t part = FMT == 3 ? std::min<int64_t>(w.group_size, kInt8XBlock) : w.group_size;
-  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, part);
+  // the symmetric code offsets the VNNI kernel starts its sums with (ilv_block_vnni)
+#if defined(MK_ISA_AVX512)
+  constexpr int32_t offset = FMT == 1 ? 8 : (FMT == 3 || FMT == 8) ? 128 : 0;
+#else
+  constexpr int32_t offset = 0;  // the AVX2 kernels apply theirs themselves
+#endif
+  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, part, offset);
   if (xq.nonfinite) return false;
   const int64_t blocks = (N + kInterleaveRows - 1) / kInterleaveRows;
   const int threads = threads_for(w, T);
