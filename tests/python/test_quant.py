@@ -1,4 +1,6 @@
 """Quantization + qgemm against NumPy float64 references, every format, dtype and CPU ISA."""
+import os
+
 import numpy as np
 import pytest
 
@@ -843,3 +845,36 @@ def int8_rounded_x_per_token(X):
     amax = np.abs(X).max(1, keepdims=True).astype(np.float32)
     dx = amax / np.float32(127)
     return np.rint(X * (np.float32(1) / dx)).astype(np.float64) * dx
+
+
+def test_int8_max_tokens_env_moves_the_prefill_boundary():
+    """MEMKERNELS_INT8_MAX_TOKENS=n (read once per process, quant_internal.h): the int8 path serves
+    calls of up to n tokens, the prefill kernels only longer ones; a bad value is ignored."""
+    import subprocess
+    import sys
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    if not vnni and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("no int8-activation path on this CPU")
+    code = (
+        "import numpy as np, memkernels as mk, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from conftest import int8_rounded_x\n"
+        "w = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)\n"
+        "qm = mk.quantize(w, 'int4', group_size=32)\n"
+        "d = mk.dequantize(qm).astype(np.float64)\n"
+        "x = np.random.default_rng(2).standard_normal((100, 256)).astype(np.float32)\n"
+        "y = mk.qgemm(x, qm)\n"
+        "xq = int8_rounded_x(qm, x)\n"
+        "err = np.abs(y - xq @ d.T).max() / (np.abs(xq) @ np.abs(d).T).max()\n"
+        "print('int8' if err < 2e-5 else 'other')\n") % os.path.dirname(os.path.abspath(__file__))
+    def run(value):
+        env = dict(os.environ)
+        env.pop("MEMKERNELS_INT8_MAX_TOKENS", None)
+        if value is not None:
+            env["MEMKERNELS_INT8_MAX_TOKENS"] = value
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    assert run("100") == "int8"          # 100 tokens on the int8 path
+    assert run("99") == "other"          # one more than n: a prefill kernel
+    assert run("many") == "other"        # ignored: the default, int8 up to 64 tokens
