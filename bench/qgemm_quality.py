@@ -178,7 +178,8 @@ def main():
     ap.add_argument("--decode", type=int, default=128, help="tokens of the teacher-forced decode")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--build", action="append", default=[],
-                    help="a build dir holding _memkernels*.so and libmemkernels.so (repeatable); none: the installed package")
+                    help="a build dir holding _memkernels*.so and libmemkernels.so (repeatable); "
+                         "none: the installed package")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--blocks", action="store_true", help="the x block study (NumPy), see above")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
