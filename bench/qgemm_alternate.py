@@ -14,7 +14,17 @@ bench/qgemm.py --decode).
 
 --kquant: the K-quants instead, q4_k / q5_k / q6_k against ggml's q4_K / q5_K / q6_K (same bits per
 weight, ggml's own quantization of its own random weights). --threads: 1 is CPU time, more is wall
-time (CPU time would add the threads up); both sides run with the same thread count."""
+time (CPU time would add the threads up); both sides run with the same thread count.
+
+    python bench/qgemm_alternate.py --ab BUILD_A BUILD_B [--rounds 8]
+
+--ab: two builds of memkernels against each other (e.g. main's and a branch's: build dirs holding
+_memkernels*.so and libmemkernels.so), decode with the default (int8-activation) path: int4 g128,
+int4_sym g32, per-channel int8 and q4_k, 1 and 8 tokens, both shapes. One child process per build
+keeps its matrices (the same random weights); the rounds alternate A, B, A, B, ... each child
+timing every case (best of 10 calls, CPU time, 1 thread); the table gives each side's minimum over
+the rounds and B/A. MEMKERNELS_AB_SHAPES=256x4096,... replaces the shapes (a matrix that stays in
+L2 measures the kernels' compute without the DRAM contention of a shared machine)."""
 from __future__ import annotations
 
 import os
@@ -113,8 +123,70 @@ def main():
                       f"{min(theirs) / min(ours):.2f}x |", flush=True)
 
 
+AB_CASES = [("int4", 128), ("int4_sym", 32), ("int8", None), ("q4_k", None)]
+AB_SHAPES = [(4096, 14336), (11008, 4096)]
+if os.environ.get("MEMKERNELS_AB_SHAPES"):  # e.g. 256x4096 (out x in): an L2-resident matrix isolates the compute
+    AB_SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in os.environ["MEMKERNELS_AB_SHAPES"].split(",")]
+
+
+def ab_child():
+    """Serves --ab: builds the matrices, then times every case once per line read from stdin."""
+    import json
+    mk.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    cases = []
+    for n, k in AB_SHAPES:
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        for fmt, g in AB_CASES:
+            qm = mk.quantize(w, fmt, group_size=g) if g else mk.quantize(w, fmt)
+            for b in (1, 8):
+                x = rng.standard_normal((b, k), dtype=np.float32)
+                cases.append((f"{n}x{k}, {b} | {fmt}{' g' + str(g) if g else ''}", qm, x, np.empty((b, n), np.float32)))
+        del w
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        res = {name: best(lambda: mk.qgemm(x, qm, out=out)) for name, qm, x, out in cases}
+        print(json.dumps(res), flush=True)
+
+
+def ab(build_a, build_b, rounds):
+    import json
+    import subprocess
+    procs = []
+    for d in (build_a, build_b):
+        d = os.path.abspath(d)
+        env = dict(os.environ, MEMKERNELS_BUILD_DIR=d, LD_LIBRARY_PATH=d + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
+                   MEMKERNELS_NUM_THREADS="1")
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--ab-child"], env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert p.stdout.readline().strip() == "ready", d
+        procs.append(p)
+    times = [{}, {}]
+    for _ in range(rounds):
+        for i, p in enumerate(procs):
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            for name, t in json.loads(p.stdout.readline()).items():
+                times[i][name] = min(times[i].get(name, float("inf")), t)
+    for p in procs:
+        p.stdin.close()
+        p.wait()
+    print(f"A = {build_a}, B = {build_b}; 1 thread, CPU time, {rounds} alternated rounds, best of 10 calls each")
+    print("| shape, tokens | format | A ms | B ms | B/A |")
+    print("|---|---|---|---|---|")
+    for name in times[0]:
+        a, b = times[0][name], times[1][name]
+        print(f"| {name} | {a * 1e3:.3f} | {b * 1e3:.3f} | {b / a:.3f} |")
+
+
 if __name__ == "__main__":
-    if "--kquant" in sys.argv:
+    if "--ab-child" in sys.argv:
+        ab_child()
+    elif "--ab" in sys.argv:
+        i = sys.argv.index("--ab")
+        r = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 8
+        ab(sys.argv[i + 1], sys.argv[i + 2], r)
+    elif "--kquant" in sys.argv:
         th = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1,2"
         kquant([int(v) for v in th.split(",")])
     else:

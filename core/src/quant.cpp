@@ -818,6 +818,17 @@ void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream) 
             qm.rows(), stream);
 }
 
+int64_t int8_max_tokens_override() {
+  static const int64_t n = [] {
+    const char* env = std::getenv("MEMKERNELS_INT8_MAX_TOKENS");
+    if (!env) return int64_t(0);
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    return end != env && *end == '\0' && v >= 1 ? int64_t(v) : int64_t(0);
+  }();
+  return n;
+}
+
 // The backend call of a checked problem: CUDA, the K-quant CPU kernels or the other CPU kernels.
 static void run_qgemm(const QGemmProblem& p, bool cuda, void* stream) {
   if (cuda) {

@@ -156,6 +156,13 @@ void kquant_permute_block(QuantFormat f, int64_t SB, int64_t R, const KQuantSect
                           bool to_ilv);
 void kquant_validate(const QuantizedMatrix& m, ErrorKind kind, const char* what);
 
+// The int8-activation path's token limit (QGemmOptions::int8_activations, CPU). Default (0 returned):
+// the int8 kernels serve 1-64 tokens and, on CPUs with AVX512-BF16, the bf16 prefill kernel takes
+// over from 32. MEMKERNELS_INT8_MAX_TOKENS=n (n >= 1, read once) makes the int8 kernels serve every
+// call of up to n tokens and the prefill kernels only longer ones (a measuring knob:
+// bench/qgemm_quality.py uses it to run a whole prompt on the int8 path).
+int64_t int8_max_tokens_override();
+
 namespace cuda_backend {
 void qgemm(const QGemmProblem& p, void* stream);
 void dequantize(const DequantProblem& p, void* stream);

@@ -115,10 +115,12 @@ def qgemm(x, qm: QuantizedMatrix, bias=None, *, out=None, stream=None, exact: bo
 
     By default, for int8, int4, int4_sym, int4_min, int3, int3_sym, int2, int2_sym, nf4 (not with
     double_quant) and the K-quants with 1 to 64 tokens on CPUs with AVX512-VNNI or AVX2, x is
-    quantized to int8 on the fly (one scale per token, max|x_t| / 127) and the dot products are
-    integer: faster, and each output of token t is within ``sum_k |w_k| * max|x_t| / 254`` (plus fp32
-    rounding; nf4, whose levels become round(127 L) / 127, adds ``0.0037 * sum_k |s_k| (|x_k| +
-    max|x_t| / 254)``, s the group scale) of the exact product (the bounds are in
+    quantized to int8 on the fly (one scale per token and block B of in_features, max_B |x_t| / 127;
+    B is the weight group, 256 weights for per-channel int8 and the K-quants) and the dot products
+    are integer: faster, and each output of token t is within
+    ``sum_B sum_{k in B} |w_k| * max_B |x_t| / 254`` (plus fp32 rounding; nf4, whose levels become
+    round(127 L) / 127, adds ``0.0037 * sum_k |s_k| (|x_k| + max_{B(k)} |x_t| / 254)``, s the group
+    scale) of the exact product (the bounds are in
     memkernels/quant.h). Prefill on CPUs with AVX512-BF16 (from 32 tokens for those formats but the
     K-quants, from 12 for nf4 with double_quant): each block of weight rows is dequantized once per call and x and the weights
     are rounded to bf16, products summed in fp32; each output is then within

@@ -66,14 +66,47 @@ NF4_LEVELS = np.asarray(memkernels._C.nf4_codebook(), np.float64)
 NF4_INT8_ERR = float(np.abs(np.rint(127 * NF4_LEVELS.astype(np.float32)) / 127 - NF4_LEVELS).max())
 
 
+def int8_x_block(qm):
+    """Weights per int8 scale of x on the int8-activation path (memkernels/quant.h): the group of a
+    grouped format (32, 64, 128), 256 for per-channel int8, the 256-weight super-block for the K-quants."""
+    if qm.format in ("q4_k", "q5_k", "q6_k"):
+        return 256
+    return min(int(qm.group_size), 256)
+
+
+def int8_rounded_x(qm, x):
+    """x (tokens, K) as the int8-activation path sees it, in float64: per token and x block
+    (int8_x_block) the int8 codes rint(x * (1 / dx)) (fp32, as the kernels compute them) times
+    dx = max|x| of the block / 127 (1 for a block of zeros)."""
+    x = np.atleast_2d(np.asarray(x, np.float32))
+    T, K = x.shape
+    blk = int8_x_block(qm)
+    out = np.empty((T, K))
+    for k0 in range(0, K, blk):
+        xb = x[:, k0:k0 + blk]
+        amax = np.abs(xb).max(1, keepdims=True)
+        dx = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+        out[:, k0:k0 + blk] = np.rint(xb * (np.float32(1) / dx)).astype(np.float64) * dx.astype(np.float64)
+    return out
+
+
 def int8_path_bound(qm, d, x):
     """The documented bound (memkernels/quant.h) of the int8-activation path against the exact
-    product, per (token, output): sum_k |w_k| * max|x| / 254, plus for nf4 (levels rounded to
-    round(127 L) / 127, at most NF4_INT8_ERR away) NF4_INT8_ERR * sum_k |s_k| * (|x_k| + max|x| / 254)."""
+    product, per (token, output): sum over x blocks B of sum_{k in B} |w_k| * max_{k in B} |x_k| / 254,
+    plus for nf4 (levels rounded to round(127 L) / 127, at most NF4_INT8_ERR away)
+    NF4_INT8_ERR * sum_k |s_k| * (|x_k| + max_{B(k)} |x| / 254)."""
     ax = np.atleast_2d(np.abs(np.asarray(x, np.float64)))
-    xmax = ax.max(1, keepdims=True)
-    b = np.abs(d).sum(1)[None, :] * xmax / 254
+    K, blk = ax.shape[1], int8_x_block(qm)
+    nb = -(-K // blk)
+    pad = np.zeros((ax.shape[0], nb * blk))
+    pad[:, :K] = ax
+    bmax = pad.reshape(ax.shape[0], nb, blk).max(2)            # (T, blocks)
+    xmax_k = np.repeat(bmax, blk, 1)[:, :K]                     # each x's block maximum
+    wpad = np.zeros((d.shape[0], nb * blk))
+    wpad[:, :K] = np.abs(np.asarray(d, np.float64))
+    wsum = wpad.reshape(d.shape[0], nb, blk).sum(2)             # (N, blocks)
+    b = bmax @ wsum.T / 254
     if qm.format == "nf4":
         s = np.abs(np.repeat(np.asarray(qm.scales(), np.float64), qm.group_size, 1))[:, :d.shape[1]]
-        b = b + NF4_INT8_ERR * ((ax + xmax / 254) @ s.T)
+        b = b + NF4_INT8_ERR * ((ax + xmax_k / 254) @ s.T)
     return b

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import memkernels as mk
-from conftest import BF16, ISAS, TOLERANCE, poisoned, requires_cuda
+from conftest import BF16, ISAS, TOLERANCE, int8_path_bound, int8_rounded_x, poisoned, requires_cuda
 
 gguf = pytest.importorskip("gguf")
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
@@ -239,13 +239,10 @@ def reference(x, w, bias=None):
     return y if bias is None else y + bias.astype(np.float64)
 
 
-def int8_emulation(x, w):
-    """float64 result of the int8-activation path: x rounded per token to multiples of max|x| / 127."""
-    x = x.astype(np.float32)
-    amax = np.abs(x).max(axis=1, keepdims=True)
-    dx = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    xq = np.rint(x * (np.float32(1) / dx))
-    return (xq.astype(np.float64) @ w.astype(np.float64).T) * dx.astype(np.float64)
+def int8_emulation(qm, x, w):
+    """float64 result of the int8-activation path: x rounded per token and super-block to multiples
+    of its max|x| / 127."""
+    return int8_rounded_x(qm, x) @ w.astype(np.float64).T
 
 
 def make_matrix(fmt, rng, n, k, imported):
@@ -278,11 +275,11 @@ def test_qgemm_exact_and_int8(isa, fmt, n, k, tokens):
         assert np.all(np.abs(got - ref) <= 1e-5 * mag + 1e-6), f"exact path, imported={imported}"
         got8 = mk.qgemm(x, qm, bias)
         # the documented bound against the exact product
-        bound = np.abs(w).astype(np.float64).sum(1)[None, :] * np.abs(x).max(1, keepdims=True) / 254
+        bound = int8_path_bound(qm, w, x)
         assert np.all(np.abs(got8 - ref) <= bound + 1e-5 * mag + 1e-6), f"int8 path bound, imported={imported}"
         if int8_path_runs(isa) and tokens <= 64:
             # the integer kernel is the product of the rounded x, to fp32 accuracy
-            emu = int8_emulation(x, w) + bias
+            emu = int8_emulation(qm, x, w) + bias
             assert np.all(np.abs(got8 - emu) <= 2e-6 * mag + 1e-6), f"int8 path, imported={imported}"
             assert not np.array_equal(got8, got)
         else:
@@ -305,7 +302,7 @@ def test_qgemm_half_precision(fmt, dtype, exact):
     got = mk.qgemm(x, qm, bias, out=out, exact=exact).astype(np.float64)
     ref = reference(x.astype(np.float32), w, bias.astype(np.float32))
     mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
-    bound = 0 if exact else np.abs(w).astype(np.float64).sum(1)[None, :] * np.abs(x.astype(np.float32)).max(1, keepdims=True) / 254
+    bound = 0 if exact else int8_path_bound(qm, w, x.astype(np.float32))
     tol = TOLERANCE[dtype] * (np.abs(ref) + 1e-5 * mag) + bound + 1e-5 * mag
     assert np.all(np.abs(got - ref) <= tol)
 
@@ -450,3 +447,30 @@ def test_cuda_matches_cpu(fmt, tokens):
     assert np.all(np.abs(y - ref) <= 1e-5 * mag + 1e-5)
     dq = mk.dequantize(g, like=torch.empty(1, device="cuda")).cpu().numpy()
     np.testing.assert_array_equal(dq, w)
+
+
+@pytest.mark.parametrize("fmt", KFORMATS)
+@pytest.mark.parametrize("imported", [False, True])
+def test_int8_path_outlier_channels(isa, fmt, imported):
+    """The K-quants' x scale is per token and 256-weight super-block (quant.h): an outlier channel
+    coarsens its own super-block only. The per-block bound holds (4 super-blocks: a quarter of the
+    per-token one away from the outliers) and the result is the integer dot of x rounded per block."""
+    rng = np.random.default_rng(77 + len(fmt) + imported)
+    n, k = 21, 1024
+    qm, w = make_matrix(fmt, rng, n, k, imported)
+    d = w.astype(np.float64)
+    X = rng.standard_normal((6, k)).astype(np.float32)
+    X[:, 5] *= 400.0
+    X[3, 900] = 700.0
+    out = poisoned((6, n), np.float32)
+    Y = mk.qgemm(X, qm, out=out)
+    ref = X.astype(np.float64) @ d.T
+    mag = np.abs(X).astype(np.float64) @ np.abs(d).T
+    bound = int8_path_bound(qm, d, X)
+    assert np.all(np.abs(Y - ref) <= bound * 1.001 + 1e-5 * mag + 1e-5)
+    per_token = np.abs(d).sum(1)[None, :] * np.abs(X).max(1, keepdims=True) / 254
+    assert np.median(bound / per_token) < 0.6
+    if int8_path_runs(isa):
+        np.testing.assert_allclose(Y, int8_emulation(qm, X, w), rtol=0, atol=0 + 2e-6 * mag.max() + 1e-6)
+    else:
+        np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import memkernels as mk
+from conftest import int8_path_bound, int8_rounded_x
 
 VNNI = "avx512_vnni" in open("/proc/cpuinfo").read()
 CASES = [("int4", 32), ("int4", 128), ("int4_sym", 32), ("int4_sym", 64), ("int4_min", 32), ("int4_min", 128),
@@ -65,9 +66,6 @@ def int8_levels(qm, d, group):
     return s * NF4_INT8[idx]
 
 
-def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token
-    dx = np.abs(xt).max() / 127
-    return np.rint(xt / np.float32(dx)).astype(np.float64) * dx
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
@@ -87,7 +85,7 @@ def test_int8_path_partial_row_blocks(isa, fmt, group, n):
             ref = d @ X[t].astype(np.float64) + bias
             np.testing.assert_allclose(E[t], ref, rtol=1e-5, atol=1e-5 * (np.abs(d) @ np.abs(X[t])).max())
             if integer_path:
-                xq = rounded(X[t])
+                xq = int8_rounded_x(qm, X[t])[0]
                 np.testing.assert_allclose(Y[t], di @ xq + bias, rtol=2e-5,
                                            atol=2e-5 * (np.abs(di) @ np.abs(xq)).max() + 1e-6, err_msg=str(t))
             else:
@@ -177,7 +175,7 @@ def test_low_bit_non_finite_x_propagates(isa, fmt, bad):
 @pytest.mark.parametrize("fmt,group", [("int3", 64), ("int2_sym", 128)])
 def test_low_bit_many_tokens_and_long_rows(isa, fmt, group):
     """9-64 tokens (passes of 8 / 4 tokens plus a remainder) and K = 4096 + 256 on the int8 path:
-    the integer sums of a whole row, the bound of quant.h (sum |w| * max|x| / 254) holds."""
+    the integer sums of a whole row, the bound of quant.h (per x block: sum |w| * max|x| / 254) holds."""
     n, k = 23, 4352
     qm, d, _ = random_codes(fmt, n, k, group, seed=41)
     for tokens in (9, 31, 64):
@@ -185,6 +183,6 @@ def test_low_bit_many_tokens_and_long_rows(isa, fmt, group):
         out = np.full((tokens, n), np.nan, np.float32)
         Y = mk.qgemm(X, qm, out=out)
         ref = X.astype(np.float64) @ d.T
-        bound = (np.abs(d).sum(1)[None] * np.abs(X).max(1, keepdims=True) / 254 * 1.001
+        bound = (int8_path_bound(qm, d, X) * 1.001
                  + 1e-5 * np.abs(X).astype(np.float64) @ np.abs(d).T + 1e-6)
         assert np.all(np.abs(Y - ref) <= bound)

@@ -1,10 +1,12 @@
 """Quantization + qgemm against NumPy float64 references, every format, dtype and CPU ISA."""
+import os
+
 import numpy as np
 import pytest
 
 import memkernels as mk
 
-from conftest import int8_path_bound
+from conftest import int8_path_bound, int8_rounded_x
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -419,8 +421,7 @@ def test_int8_activations_several_tokens(isa, fmt, group):
             np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))
             continue
         for t in range(tokens):
-            dx = np.abs(X[t]).max() / 127
-            xq = np.rint(X[t] / np.float32(dx)).astype(np.float64) * dx
+            xq = int8_rounded_x(qm, X[t])[0]
             np.testing.assert_allclose(Y[t], d @ xq, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
 
 
@@ -601,15 +602,14 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
     out = np.full(n, np.nan, np.float32)
     y = mk.qgemm(x, qm, bias, out=out, int8_activations=True)
     ref = d @ x.astype(np.float64) + bias
-    bound = np.abs(d).sum(axis=1) * np.abs(x).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x)) + 1e-5
+    bound = int8_path_bound(qm, d, x)[0] * 1.001 + 1e-4 * (np.abs(d) @ np.abs(x)) + 1e-5
     assert np.all(np.abs(y - ref) <= bound)
     exact = mk.qgemm(x, qm, bias, exact=True)
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
     integer_path = isa == "avx2" or (isa == "avx512" and vnni)
 
-    def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token
-        dx = np.abs(xt).max() / 127
-        return np.rint(xt / np.float32(dx)).astype(np.float64) * dx
+    def rounded(xt):  # x as the integer path sees it: int8 codes times one scale per token and x block
+        return int8_rounded_x(qm, xt)[0]
 
     if integer_path:
         assert not np.array_equal(y, exact)  # the int8 path really ran
@@ -636,7 +636,7 @@ def test_new_formats_int8_activations(isa, fmt, group, k):
             continue
         for t in range(tokens):
             ref = d @ X[t].astype(np.float64) + bias
-            bound = np.abs(d).sum(axis=1) * np.abs(X[t]).max() / 254 * 1.001 + 1e-4 * (np.abs(d) @ np.abs(X[t])) + 1e-5
+            bound = int8_path_bound(qm, d, X[t])[0] * 1.001 + 1e-4 * (np.abs(d) @ np.abs(X[t])) + 1e-5
             assert np.all(np.abs(Y[t] - ref) <= bound), (tokens, t)
             xq = rounded(X[t])
             np.testing.assert_allclose(Y[t], d @ xq + bias, rtol=2e-5, atol=2e-5 * (np.abs(d) @ np.abs(xq)).max())
@@ -806,3 +806,76 @@ def test_qgemm_exact_and_int8_activations_conflict():
         y = mk.qgemm(xd, qm)
         assert y.dtype == xd.dtype and y.shape == (1, 8)
         np.testing.assert_allclose(y.astype(np.float32), mk.qgemm(xd.astype(np.float32), qm), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 128), ("int4_min", 64), ("int8", None),
+                                       ("int8", 32), ("int3", 64), ("int2_sym", 32), ("nf4", 64)])
+def test_int8_path_outlier_channels(isa, fmt, group):
+    """One scale per token and x block (quant.h): a few huge activations (the outlier channels of
+    LLM hidden states) coarsen only their own blocks. The per-block bound holds, with the outliers
+    in a few blocks it is several times tighter than one scale per token would give, and the int8
+    path is an integer dot of x rounded per block."""
+    n, k = 37, 1000 if group != 128 else 1024  # per-channel int8: 1000 is 3 blocks of 256 and a partial one
+    _, qm, d = qm_and_ref(fmt, n, k, group, seed=123)
+    X = rng(124).standard_normal((5, k)).astype(np.float32)
+    X[:, 7] *= 300.0  # one outlier channel, in the first block
+    X[2, k - 3] = -500.0  # and one in the last block of one token
+    out = np.full((5, n), np.nan, np.float32)
+    Y = mk.qgemm(X, qm, out=out)
+    ref = X.astype(np.float64) @ d.T
+    mag = np.abs(X).astype(np.float64) @ np.abs(d).T
+    bound = int8_path_bound(qm, d, X)
+    assert np.all(np.abs(Y - ref) <= bound * 1.001 + 2e-5 * mag + 1e-5)
+    per_token = np.abs(d).sum(1)[None, :] * np.abs(X).max(1, keepdims=True) / 254
+    assert np.all(bound <= per_token * 1.0001) and np.median(bound / per_token) < 0.5
+    vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
+    if isa == "avx2" or (isa == "avx512" and vnni):
+        # the integer path ran: its error is well below what one scale per token gives (only the
+        # outliers' blocks are coarse: 1 or 2 of 4 for per-channel int8, of 8 to 32 for the groups)
+        assert np.abs(Y - ref).mean() < 0.75 * np.abs(int8_rounded_x_per_token(X) @ d.T - ref).mean()
+        if fmt != "nf4":
+            xq = int8_rounded_x(qm, X)
+            np.testing.assert_allclose(Y, xq @ d.T, rtol=2e-5, atol=2e-5 * (np.abs(xq) @ np.abs(d).T).max())
+    else:
+        np.testing.assert_array_equal(Y, mk.qgemm(X, qm, exact=True))
+
+
+def int8_rounded_x_per_token(X):
+    """x rounded with one int8 scale per token (the int8 path before per-block scales)."""
+    amax = np.abs(X).max(1, keepdims=True).astype(np.float32)
+    dx = amax / np.float32(127)
+    return np.rint(X * (np.float32(1) / dx)).astype(np.float64) * dx
+
+
+def test_int8_max_tokens_env_moves_the_prefill_boundary():
+    """MEMKERNELS_INT8_MAX_TOKENS=n (read once per process, quant_internal.h): the int8 path serves
+    calls of up to n tokens, the prefill kernels only longer ones; a bad value is ignored."""
+    import subprocess
+    import sys
+    cpu = open("/proc/cpuinfo").read()
+    # the best ISA runs: its int8 path needs VNNI on AVX-512 CPUs, AVX2 below them
+    if not ("avx512_vnni" in cpu or ("avx2" in cpu and "avx512f" not in cpu)):
+        pytest.skip("no int8-activation path at this CPU's best ISA")
+    code = (
+        "import numpy as np, memkernels as mk, sys\n"
+        "sys.path.insert(0, %r)\n"
+        "from conftest import int8_rounded_x\n"
+        "w = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)\n"
+        "qm = mk.quantize(w, 'int4', group_size=32)\n"
+        "d = mk.dequantize(qm).astype(np.float64)\n"
+        "x = np.random.default_rng(2).standard_normal((100, 256)).astype(np.float32)\n"
+        "y = mk.qgemm(x, qm)\n"
+        "xq = int8_rounded_x(qm, x)\n"
+        "err = np.abs(y - xq @ d.T).max() / (np.abs(xq) @ np.abs(d).T).max()\n"
+        "print('int8' if err < 2e-5 else 'other')\n") % os.path.dirname(os.path.abspath(__file__))
+    def run(value):
+        env = dict(os.environ)
+        env.pop("MEMKERNELS_INT8_MAX_TOKENS", None)
+        if value is not None:
+            env["MEMKERNELS_INT8_MAX_TOKENS"] = value
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    assert run("100") == "int8"          # 100 tokens on the int8 path
+    assert run("99") == "other"          # one more than n: a prefill kernel
+    assert run("many") == "other"        # ignored: the default, int8 up to 64 tokens

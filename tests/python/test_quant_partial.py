@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import memkernels as mk
-from conftest import BF16, CUDA_AVAILABLE
+from conftest import BF16, CUDA_AVAILABLE, int8_path_bound, int8_rounded_x
 
 FORMATS = ["int8", "int4", "int4_sym", "int4_min", "int3", "int3_sym", "int2", "int2_sym", "nf4"]
 KS = [1, 31, 33, 100, 688, 1000]
@@ -129,7 +129,7 @@ def test_partial_qgemm_matches_reference(isa, fmt, group, k):
         # the default path (int8 activations where the format, token count and ISA allow it)
         out = np.full((t, n), np.nan, np.float32)
         mk.qgemm(x, qm, bias, out=out)
-        bound = absd.sum(axis=1) * np.abs(x).max(axis=1, keepdims=True) / 254 * 1.001 + 2e-5 * mag + 1e-6
+        bound = int8_path_bound(qm, d, x) * 1.001 + 2e-5 * mag + 1e-6
         if t >= 12:  # from 12 (32 for the int8-activation formats) tokens the default may be bf16 prefill
             bound = np.maximum(bound, (2.0 ** -7 + 2.0 ** -16) * mag + k * 2.0 ** -24 * mag * 1.01 + 1e-6)
         assert np.all(np.abs(out - ref) <= bound), (t, (np.abs(out - ref) - bound).max())
@@ -151,9 +151,8 @@ def test_partial_int8_path_runs(isa, fmt, k):
     vnni = "avx512_vnni" in open("/proc/cpuinfo").read()
     if isa == "avx2" or vnni:
         assert not np.array_equal(y, exact)
-    # x as the int8 path sees it: codes times one scale per token
-    sc = np.abs(x).max(axis=1, keepdims=True).astype(np.float64) / 127
-    xr = np.rint(x / sc) * sc
+    # x as the int8 path sees it: codes times one scale per token and x block
+    xr = int8_rounded_x(qm, x)
     ref = xr @ d.T
     assert np.all(np.abs(y - ref) <= 1e-4 * (np.abs(xr) @ np.abs(d).T) + 1e-5)
 
@@ -179,8 +178,8 @@ def test_bias_any_float_dtype(isa, xdtype, bdtype):
         assert np.all(np.abs(out.astype(np.float64) - ref) <= eps * mag + 1e-5), (t, xdtype, bdtype)
         # and with int8 activations
         y8 = mk.qgemm(x, qm, bias)
-        assert np.all(np.abs(y8.astype(np.float64) - ref) <= eps * mag + np.abs(d).sum(1) * np.abs(
-            x.astype(np.float64)).max(1, keepdims=True) / 254 * 1.001 + 1e-5)
+        assert np.all(np.abs(y8.astype(np.float64) - ref) <= eps * mag + int8_path_bound(
+            qm, d, x.astype(np.float64)) * 1.001 + 1e-5)
 
 
 def test_bias_bad_dtype_and_strided_x():

@@ -241,21 +241,27 @@ int gguf_kquant_block_bytes(QuantFormat format);  // 144, 176, 210
 void dequantize(const QuantizedMatrix& qm, const TensorView& out, void* stream = nullptr);
 
 struct QGemmOptions {
-  // Quantize each token of x to int8 on the fly (one scale per token, max|x| / 127) and use integer
-  // dot products (AVX512-VNNI or AVX2). Honoured for int4 / int4_sym / int4_min / int8 / int3 /
-  // int3_sym / int2 / int2_sym / nf4 (not double_quant) with 1 to 64 tokens on CPUs with VNNI or
-  // AVX2; ignored elsewhere (more tokens, nf4 with double_quant, CUDA: the exact path runs, or the
-  // bf16 prefill below). q4_k / q5_k / q6_k follow the same rules with the same bound (AVX512-VNNI
-  // vpdpbusd on the row-interleaved layout: exact integer sub-block dots, each times d * sc_j in
-  // fp32; AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per super-block,
-  // one float multiply per super-block).
+  // Quantize x to int8 on the fly and use integer dot products (AVX512-VNNI or AVX2): one scale per
+  // token and block B of K, dx = max_{k in B} |x[t][k]| / 127 (1 for a block of zeros). The block
+  // is the weight group (32, 64 or 128 weights; the group's float multiply takes s[n][g] * dx), 256
+  // weights for per-channel int8 and the K-quants' super-block (choices measured in
+  // bench/qgemm_quality.py --blocks and bench/qgemm_alternate.py --ab; one scale per token, as before,
+  // let the outlier channels of LLM activations coarsen every x of the token). The zero-point,
+  // symmetric-offset and min terms use the sums of the same int8 x per block. Honoured for int4 /
+  // int4_sym / int4_min / int8 / int3 / int3_sym / int2 / int2_sym / nf4 (not double_quant) with 1 to
+  // 64 tokens on CPUs with VNNI or AVX2 (MEMKERNELS_INT8_MAX_TOKENS=n in the environment: up to n
+  // tokens, a measuring knob); ignored elsewhere (more tokens, nf4 with double_quant, CUDA: the exact
+  // path runs, or the bf16 prefill below). q4_k / q5_k / q6_k follow the same rules with the same bound
+  // (AVX512-VNNI vpdpbusd on the row-interleaved layout: exact integer sub-block dots, each times
+  // d * sc_j in fp32; AVX2 vpmaddubsw: integer sub-block dots times integer sub-scales summed per
+  // super-block, one float multiply per super-block; both times dx of the super-block).
   // Error bound against the exact path, for output n of token t (w = the dequantized weights):
-  //     |y_int8[t][n] - y_exact[t][n]| <= sum_k |w[n][k]| * max_k |x[t][k]| / 254
-  // (each x is rounded to the nearest multiple of max|x_t| / 127, so moves by at most half of it;
-  // the integer sums are exact), plus fp32 rounding of the order of 1e-6 * sum_k |w[n][k] x[t][k]|.
+  //     |y_int8[t][n] - y_exact[t][n]| <= sum_B (sum_{k in B} |w[n][k]|) * max_{k in B} |x[t][k]| / 254
+  // (each x is rounded to the nearest multiple of its block's dx, so moves by at most half of it; the
+  // integer sums are exact), plus fp32 rounding of the order of 1e-6 * sum_k |w[n][k] x[t][k]|.
   // nf4 multiplies int8 levels round(127 L) / 127 (at most e = 0.0037 from L for the NF4 levels), so
-  // its bound has one more term, s the group scale of weight k:
-  //     + e * sum_k |s[n][k]| * (|x[t][k]| + max_k |x[t][k]| / 254)
+  // its bound has one more term, s the group scale of weight k, B(k) its x block:
+  //     + e * sum_k |s[n][k]| * (|x[t][k]| + max_{B(k)} |x[t]| / 254)
   // (measured, 4096 x 4096 N(0, 1): it adds ~0.3% to nf4's own 9% error against the float weights).
   // tests/python/test_quant.py checks the bound for every format and ISA. The Python qgemm() turns
   // this on by default (exact=True turns it off); the C++ default stays the exact path.

@@ -14,7 +14,8 @@
 // slices, and on AVX-512 two rows share every x load. Threads split the rows. These exact paths read
 // either layout (chunk_codes gathers a row's chunk from the row-interleaved one).
 // Default of the Python API, 1-64 tokens, int4 / int4_sym / int4_min / int8 / int3* / int2* / nf4 on
-// the CPU's row-interleaved layout (quant.h): x quantized to int8 and integer dot products,
+// the CPU's row-interleaved layout (quant.h): x quantized to int8 (one scale per token and weight
+// group, Int8X) and integer dot products,
 // AVX512-VNNI or AVX2 (ilv_block_vnni, ilv_half_avx2; 2 / 3 bits: ilv_low_block_vnni,
 // ilv_low_half_avx2; nf4: int8 levels looked up with vpshufb). Each 64-byte weight load holds 4 code bytes of 16 rows, and
 // each row's sum builds up in its own 32-bit lane against x bytes broadcast to every lane: one
@@ -608,62 +609,80 @@ void store_rows(const QGemmProblem& p, const float* bias, int64_t t, int64_t n0,
 }
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-// Activations quantized to int8 for the integer-dot paths: one scale per token (max|x| / 127), in
-// natural order (the row-interleaved weights take 4 consecutive x bytes per 32-bit lane).
+// Activations quantized to int8 for the integer-dot paths, in natural order (the row-interleaved
+// weights take 4 consecutive x bytes per 32-bit lane). One scale per token and block of `part`
+// weights (max|x| of the block / 127): the block is the weights' group, so the float multiply each
+// group already has absorbs it (s[n][g] * dx[t][g]); a per-channel int8 matrix uses blocks of
+// kInt8XBlock. One scale per token instead let a few large activations (the outlier channels of
+// LLM hidden states) coarsen every other x of the token: SmolLM2-135M, 512-token prompt on this
+// path, top-1 agreement with the exact logits 88.7% (mean KL 4.5e-2) against 95.3% (3.7e-3) per
+// group (bench/qgemm_quality.py).
 struct Int8X {
   std::vector<int8_t> q;     // per token, K bytes
-  std::vector<int32_t> sum;  // per token and part (`part` weights): the sum of its int8 values
-  std::vector<float> scale;  // per token
+  std::vector<int32_t> sum;  // per token and part: the sum of its int8 values (zero-point / min terms)
+  std::vector<float> scale;  // per token and part: dx, x ~= dx * q
+  std::vector<int32_t> off;  // per token and part: -offset * sum, the symmetric code offset's term (or empty)
   int64_t K = 0, parts = 0, part = 0;
   bool nonfinite = false;    // x holds NaN or +-inf: int8 codes cannot carry it (the caller runs exact)
   const int8_t* row(int64_t t) const { return q.data() + t * K; }
   const int32_t* sums(int64_t t) const { return sum.data() + t * parts; }
+  const float* scales(int64_t t) const { return scale.data() + t * parts; }
+  const int32_t* offs(int64_t t) const { return off.data() + t * parts; }
 };
 
-// part: the weights summed in int32 before the per-part scale (a group, or 2048 for a long int8 group).
-Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t part) {
+// part: the weights of one x scale and one int32 sum (a multiple of 32 dividing K, or K's last part
+// shorter); offset: the code offset whose term -offset * sum the kernels start their int32 sums with.
+Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t part, int32_t offset = 0) {
   Int8X r;
-  const int64_t chunks = K / 32;
   r.K = K, r.part = part, r.parts = (K + part - 1) / part;
   r.q.resize(size_t(T * K));
   r.sum.assign(size_t(T * r.parts), 0);
-  r.scale.assign(size_t(T), 1.0f);
+  r.scale.assign(size_t(T * r.parts), 1.0f);
   // Vectorised per 32-weight chunk; round to nearest even (as lrint). Sums of integers: exact.
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
-    VecF vmax = VecF::zero(), vbad = VecF::zero();
-    for (int64_t k = 0; k < K; k += VL) {
-      const VecF v = VecF::load(xt + k);
-      vmax = VecF::max(vmax, VecF::max(v, VecF::zero() - v));
-      vbad = vbad + v * VecF::zero();  // NaN in a lane once x had NaN or inf there (inf * 0 = NaN)
+    int8_t* xa = r.q.data() + t * K;
+    int32_t* xs = r.sum.data() + t * r.parts;
+    float* sc = r.scale.data() + t * r.parts;
+    VecF vbad = VecF::zero();
+    for (int64_t pi = 0; pi < r.parts; ++pi) {
+      const int64_t k0 = pi * part, k1 = std::min(K, k0 + part);
+      VecF vmax = VecF::zero();
+      for (int64_t k = k0; k < k1; k += VL) {
+        const VecF v = VecF::load(xt + k);
+        vmax = VecF::max(vmax, VecF::max(v, VecF::zero() - v));
+        vbad = vbad + v * VecF::zero();  // NaN in a lane once x had NaN or inf there (inf * 0 = NaN)
+      }
+      const float amax = vmax.reduce_max();
+      const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
+      sc[pi] = dx;
+      const VecF vinv = VecF::set1(1.0f / dx);
+      int32_t s = 0;
+      for (int64_t c = k0 / 32; c < k1 / 32; ++c) {
+#if defined(MK_ISA_AVX512)
+        const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32), vinv.v));
+        const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32 + 16), vinv.v));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32), _mm512_cvtsepi32_epi8(a));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32 + 16), _mm512_cvtsepi32_epi8(b));
+        s += _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+#else
+        int32_t qi[32];
+        for (int i = 0; i < CV; ++i)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi + i * VL),
+                              _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xt + c * 32 + i * VL), vinv.v)));
+        for (int j = 0; j < 32; ++j) xa[c * 32 + j] = int8_t(qi[j]), s += qi[j];
+#endif
+      }
+      xs[pi] = s;
     }
     float lanes[VL];
     vbad.store(lanes);
     for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
     if (r.nonfinite) return r;
-    const float amax = vmax.reduce_max();
-    const float dx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / dx;
-    r.scale[size_t(t)] = dx;
-    int8_t* xa = r.q.data() + t * K;
-    int32_t* xs = r.sum.data() + t * r.parts;
-    const VecF vinv = VecF::set1(inv);
-    for (int64_t c = 0; c < chunks; ++c) {
-#if defined(MK_ISA_AVX512)
-      const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32), vinv.v));
-      const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32 + 16), vinv.v));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32), _mm512_cvtsepi32_epi8(a));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32 + 16), _mm512_cvtsepi32_epi8(b));
-      xs[c * 32 / part] += _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
-#else
-      int32_t qi[32];
-      for (int i = 0; i < CV; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi + i * VL),
-                            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xt + c * 32 + i * VL), vinv.v)));
-      int32_t s = 0;
-      for (int j = 0; j < 32; ++j) xa[c * 32 + j] = int8_t(qi[j]), s += qi[j];
-      xs[c * 32 / part] += s;
-#endif
-    }
+  }
+  if (offset) {
+    r.off.resize(r.sum.size());
+    for (size_t i = 0; i < r.sum.size(); ++i) r.off[i] = -offset * r.sum[i];
   }
   return r;
 }
@@ -679,9 +698,13 @@ inline int32_t load_i32(const int8_t* p) {
 // (11008 x 4096 int4, 1 token, 1 thread; 0, 2, 4, 6 and 8 KiB tried, the machine loaded).
 constexpr int64_t kPrefetch = 6144;
 
-// Largest run of int8 weights summed in int32 per lane before going to fp32 (no overflow:
-// 2048 * 255 * 127 < 2^31 with the +128 offset of the VNNI form).
-constexpr int64_t kInt8Part = 2048;
+// x block of a per-channel int8 matrix (one x scale, one int32 sum per lane, one float multiply-add
+// per token and block): 256 weights. On SmolLM2-135M's layer inputs the product's relative error is
+// 1.6e-2 with 256, 1.3e-2 with 128, 2.4e-2 with one scale per token (bench/qgemm_quality.py
+// --blocks); 128 made 8-token calls 7-10% slower than per-token scales (bench/qgemm_alternate.py --ab,
+// L3-resident 4096 x 1024 and 1024 x 4096), 256 about half that. Its int32 sums cannot overflow:
+// 256 * 255 * 127 < 2^31.
+constexpr int64_t kInt8XBlock = 256;
 
 // nf4 on the integer path: each level L as the int8 round(127 L) (the 1/127 goes on with the token's
 // x scale). The levels move by at most 0.0037 (of the group scale): quant.h documents the bound.
@@ -704,7 +727,7 @@ constexpr int kInt8xTokens = 8;  // tokens per pass (accumulators in zmm)
 // each of 16 rows; vpdpbusd against the 4 x bytes broadcast to every lane leaves row r's partial
 // sum in lane r, so a row block's 16 outputs build up in one register per token with no shuffle.
 // Per part (group) p: y_r += s[r][p] * (dot_r - z[r][p] * xsum_p) (+ m[r][p] * xsum_p for int4_min),
-// z being the zero point (plus 8 for int4_sym); all times the token's x scale at the end.
+// z being the zero point (plus 8 for int4_sym); s[r][p] times the token's x scale of block p.
 // FMT: 0 int4 (zero points), 1 int4_sym, 2 int4_min, 3 int8, 8 nf4 (the levels as int8 + 128 through
 // a vpshufb lookup, Nf4Int8; 4-7, int3 / int2: ilv_low_block_vnni).
 template <int FMT, int NT>
@@ -714,6 +737,7 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
   constexpr bool I8 = FMT == 3, NF = FMT == 8;
   constexpr int CB = I8 ? 32 : 16;  // bytes per chunk and row
   constexpr int NA = NT == 1 ? 2 : 1;  // independent accumulator chains per token
+  const bool pc = I8 && G == 1;  // per-channel int8: one scale per row, applied once at the end
   const __mmask16 rm = R == 16 ? __mmask16(0xffff) : __mmask16((1u << R) - 1);
   const __mmask64 bm = R == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * R)) - 1;
   const uint8_t* blk = w.codes + n0 * w.row_bytes;
@@ -737,6 +761,13 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
     for (int t = 0; t < NT; ++t)
       #pragma GCC unroll 2
       for (int a = 0; a < NA; ++a) acc[a][t] = acch[a][t] = _mm512_setzero_si512();
+    // the code offset of the symmetric forms (int4_sym: 8, int8 and nf4 through vpdpbusd: 128)
+    // times the part's x sum starts the first chain
+    constexpr int OFF = FMT == 1 ? 8 : (FMT == 3 || NF) ? 128 : 0;
+    if constexpr (OFF != 0) {
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) acc[0][t] = _mm512_set1_epi32(xq.offs(t0 + t)[pi]);  // a broadcast load
+    }
     for (int64_t c = c0; c < c1; ++c) {
       const uint8_t* p = blk + c * R * CB;
       for (int64_t j = 0; j < R * CB; j += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + j + kPrefetch, _MM_HINT_T0);
@@ -785,19 +816,20 @@ __attribute__((target("avx512vnni"))) void ilv_block_vnni(const QuantView& w, co
         else if constexpr (!I8) a = _mm512_add_epi32(a, _mm512_srai_epi32(acch[1][t], 4));
       }
       const int32_t xs = xq.sums(t0 + t)[pi];
-      if constexpr (FMT == 1) a = _mm512_sub_epi32(a, _mm512_set1_epi32(8 * xs));
-      if constexpr (FMT == 3 || NF) a = _mm512_sub_epi32(a, _mm512_set1_epi32(128 * xs));
       __m512 af = _mm512_cvtepi32_ps(a);
       if constexpr (FMT == 0) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
-      accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
-      if constexpr (FMT == 2) accf[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(float(xs)), accf[t]);
+      const float dx = xq.scales(t0 + t)[pi];  // the block's x scale joins the group scale
+      if (pc) accf[t] = _mm512_fmadd_ps(_mm512_set1_ps(dx), af, accf[t]);  // per-channel int8: s at the end
+      else accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_set1_ps(dx)), af, accf[t]);
+      if constexpr (FMT == 2) accf[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(float(xs) * dx), accf[t]);
     }
   }
   const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
   #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
     _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm,
-                          _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)] * unit)));
+                          pc ? _mm512_mul_ps(accf[t], _mm512_maskz_loadu_ps(rm, sb))
+                                 : NF ? _mm512_mul_ps(accf[t], _mm512_set1_ps(unit)) : accf[t]);
 }
 
 // int3 / int3_sym / int2 / int2_sym (FMT 4 / 5 / 6 / 7) on the row-interleaved layout: a chunk of
@@ -861,12 +893,12 @@ __attribute__((target("avx512vnni"))) void ilv_low_block_vnni(const QuantView& w
       if constexpr (SYM) a = _mm512_sub_epi32(a, _mm512_set1_epi32((1 << (BITS - 1)) * xs));
       __m512 af = _mm512_cvtepi32_ps(a);
       if constexpr (!SYM) af = _mm512_fnmadd_ps(zf, _mm512_set1_ps(float(xs)), af);
-      accf[t] = _mm512_fmadd_ps(sv, af, accf[t]);
+      accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_set1_ps(xq.scales(t0 + t)[g])), af, accf[t]);
     }
   }
   #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
-    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xq.scale[size_t(t0 + t)])));
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, accf[t]);
 }
 
 template <int FMT, int NT>
@@ -963,14 +995,14 @@ void ilv_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t n0, 
       if constexpr (FMT == 1) a = _mm256_sub_epi32(a, _mm256_set1_epi32(8 * xs));
       __m256 af = _mm256_cvtepi32_ps(a);
       if constexpr (FMT == 0) af = _mm256_fnmadd_ps(zf, _mm256_set1_ps(float(xs)), af);
-      accf[t] = _mm256_fmadd_ps(sv, af, accf[t]);
-      if constexpr (FMT == 2) accf[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(float(xs)), accf[t]);
+      const float dx = xq.scales(t0 + t)[pi];  // the block's x scale joins the group scale
+      accf[t] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(dx)), af, accf[t]);
+      if constexpr (FMT == 2) accf[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(float(xs) * dx), accf[t]);
     }
   }
   const float unit = NF ? 1.0f / 127.0f : 1.0f;  // nf4: the int8 levels are 127 L
   for (int t = 0; t < NT; ++t)
-    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
-                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)] * unit)));
+    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm, NF ? _mm256_mul_ps(accf[t], _mm256_set1_ps(unit)) : accf[t]);
 }
 
 // AVX2 form of ilv_low_block_vnni, 8 rows (half h of a 16-row block) per register: vpmaddubsw of
@@ -1037,12 +1069,11 @@ void ilv_low_half_avx2(const QuantView& w, const Int8X& xq, int64_t t0, int64_t 
       if constexpr (SYM) a = _mm256_sub_epi32(a, _mm256_set1_epi32((1 << (BITS - 1)) * xs));
       __m256 af = _mm256_cvtepi32_ps(a);
       if constexpr (!SYM) af = _mm256_fnmadd_ps(zf, _mm256_set1_ps(float(xs)), af);
-      accf[t] = _mm256_fmadd_ps(sv, af, accf[t]);
+      accf[t] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(xq.scales(t0 + t)[g])), af, accf[t]);
     }
   }
   for (int t = 0; t < NT; ++t)
-    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm,
-                        _mm256_mul_ps(accf[t], _mm256_set1_ps(xq.scale[size_t(t0 + t)])));
+    _mm256_maskstore_ps(y + (t0 + t) * ldy + n0 + 8 * h, lm, accf[t]);
 }
 
 template <int FMT, int NT>
@@ -1069,16 +1100,23 @@ void int8x_pass(int64_t nt, const QuantView& w, const Int8X& xq, int64_t t0, int
 // quantized once per token, blocks of 16 rows split over the threads, every loaded weight used by
 // kInt8xTokens tokens. Up to 64 tokens (each pass re-reads a row block's codes, which stay in
 // cache). Longer inputs take the bf16 / fp32 prefill (qgemm_prefill.cpp): this path was 1.6-2.5x
-// faster there (32-128 tokens), but one int8 scale per token costs accuracy that prefill exposes
-// (SmolLM2-135M, 512-token prompt: top-1 agreement with exact 88.7% against bf16's 99.2%).
+// faster there (32-128 tokens), but int8 x costs accuracy that prefill exposes (SmolLM2-135M,
+// 512-token prompt: top-1 agreement with exact 95.3% with per-group x scales, 88.7% with one
+// per token, against bf16's 99.2%; bench/qgemm_quality.py).
 constexpr int64_t kInt8xMaxTokens = 64;
 // Returns false, computing nothing, when x holds NaN or inf: the exact path then propagates them.
 template <int FMT>
 bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
   const QuantView& w = p.w;
   const int64_t N = w.rows, T = p.tokens;
-  const int64_t part = FMT == 3 ? std::min<int64_t>(w.group_size, kInt8Part) : w.group_size;
-  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, part);
+  const int64_t part = FMT == 3 ? std::min<int64_t>(w.group_size, kInt8XBlock) : w.group_size;
+  // the symmetric code offsets the VNNI kernel starts its sums with (ilv_block_vnni)
+#if defined(MK_ISA_AVX512)
+  constexpr int32_t offset = FMT == 1 ? 8 : (FMT == 3 || FMT == 8) ? 128 : 0;
+#else
+  constexpr int32_t offset = 0;  // the AVX2 kernels apply theirs themselves
+#endif
+  const Int8X xq = prepare_int8_x(x, ldx, T, w.cols, part, offset);
   if (xq.nonfinite) return false;
   const int64_t blocks = (N + kInterleaveRows - 1) / kInterleaveRows;
   const int threads = threads_for(w, T);
@@ -1108,7 +1146,8 @@ void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float*
   const int threads = threads_for(w, T);
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-  if (p.int8_activations && T <= kInt8xMaxTokens && int8_dots_available()) {
+  const int64_t int8_max = int8_max_tokens_override() ? int8_max_tokens_override() : kInt8xMaxTokens;
+  if (p.int8_activations && T <= int8_max && int8_dots_available()) {
     if (w.ilv) {  // the integer kernels read the row-interleaved layout only
       if constexpr (BITS == 8) { if (qgemm_int8x<3>(p, x, ldx, bias)) return; }
       if constexpr (BITS == 4 && !NF4) {

@@ -11,15 +11,15 @@
 // fp32 in L1 with the same arithmetic as dequantize() (bit-exact GGUF values), then dotted with
 // every token's 256 activations.
 //
-// int8-activation path (1-64 tokens, AVX512-VNNI or AVX2): x is quantized per token to int8 (one
-// scale dx = max|x| / 127) and rearranged once into the order of the code bytes (per 128 weights:
+// int8-activation path (1-64 tokens, AVX512-VNNI or AVX2): x is quantized to int8 with one scale
+// per token and super-block (dx = max|x| / 127 over its 256 weights) and rearranged once into the order of the code bytes (per 128 weights:
 // the 64 x of the low nibbles, then the 64 of the high nibbles). Per super-block and token the
 // integer sub-block dot products are multiplied by the integer sub-scales and summed in int32
 // (AVX2: vpmaddubsw, then vpmaddwd with the sub-scales instead of ones; VNNI, on the interleaved
 // layout: vpdpbusd per sub-block, see ilv_vnni). The min term (q4_k / q5_k) is sum_j m_j * xsum_j
 // from per-sub-block sums of the int8 x; q6_k's -32 offset is 32 * sum_j sc_j * xsum_j folded into
 // the integer sums. Then float multiply-adds (AVX2: one per super-block by d and dmin; VNNI: one
-// per sub-block by d * sc_j, an exact fp32 product), and dx once per output. The integer sums are
+// per sub-block by d * sc_j, an exact fp32 product, times the token's dx of the super-block). The integer sums are
 // exact, so the only error against the exact path is the rounding of x (the bound documented in
 // quant.h) and fp32 rounding of the sums.
 #include <omp.h>
@@ -325,12 +325,18 @@ void dequantize_impl(const DequantProblem& p) {
 }
 
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-// x quantized to int8 per token for the integer paths.
+// x quantized to int8 for the integer paths, one scale per token and super-block. The super-block
+// rather than the 16/32-weight sub-block: its scale is one float multiply-add per token and
+// super-block (q4_k / q5_k; q6_k one multiply per sub-block dot) and the min term stays an integer
+// dot. Measured on SmolLM2-135M's layer inputs (bench/qgemm_quality.py --blocks), the product's
+// relative error is 1.6e-2 with blocks of 256, 7.5e-3 with 32, 2.4e-2 with one scale per token;
+// blocks of 32 (a float min term, one more multiply per sub-block and token) made the VNNI kernel
+// 12-18% slower on an L2-resident 256 x 4096 q4_k (1 and 8 tokens), 256 costs about 1-2%.
 struct KX {
   std::vector<int8_t> q;      // [T][K], per 128 weights: the 64 low-nibble x, then the 64 high-nibble x
   std::vector<int16_t> s16;   // [T][K / 16] sums of the int8 x per 16 weights (q6_k sub-blocks)
   std::vector<int16_t> s32;   // [T][K / 32] per 32 weights (q4_k / q5_k sub-blocks)
-  std::vector<float> scale;   // [T]
+  std::vector<float> scale;   // [T][K / 256]
   int64_t K = 0;
   bool nonfinite = false;
 };
@@ -344,28 +350,31 @@ KX prepare_x(const float* x, int64_t ldx, int64_t T, int64_t K) {
   r.q.resize(size_t(T * K));
   r.s16.resize(size_t(T * K / 16));
   r.s32.resize(size_t(T * K / 32));
-  r.scale.resize(size_t(T));
+  r.scale.resize(size_t(T * (K / QK)));
   std::vector<int8_t> nat(static_cast<size_t>(K));
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
-    VecF vmax = VecF::zero(), vbad = VecF::zero();
-    for (int64_t k = 0; k < K; k += VL) {
-      const VecF v = VecF::load(xt + k);
-      vmax = VecF::max(vmax, VecF::max(v, VecF::zero() - v));
-      vbad = vbad + v * VecF::zero();  // NaN once x holds NaN or inf
-    }
+    VecF vbad = VecF::zero();
+    for (int64_t k = 0; k < K; k += VL) vbad = vbad + VecF::load(xt + k) * VecF::zero();  // NaN once x holds NaN or inf
     float lanes[VL];
     vbad.store(lanes);
     for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
     if (r.nonfinite) return r;
-    const float amax = vmax.reduce_max();
-    const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
-    const VecF inv = VecF::set1(1.0f / dx);
-    r.scale[size_t(t)] = dx;
-    for (int64_t k = 0; k < K; k += VL) {  // round to nearest even, as lrint
-      float f[VL];
-      VecF::round(VecF::load(xt + k) * inv).store(f);
-      for (int i = 0; i < VL; ++i) nat[size_t(k + i)] = int8_t(int(f[i]));
+    for (int64_t b = 0; b < K / QK; ++b) {
+      VecF bmax = VecF::zero();
+      for (int64_t k = b * QK; k < (b + 1) * QK; k += VL) {
+        const VecF v = VecF::load(xt + k);
+        bmax = VecF::max(bmax, VecF::max(v, VecF::zero() - v));
+      }
+      const float amax = bmax.reduce_max();
+      const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
+      const VecF inv = VecF::set1(1.0f / dx);
+      r.scale[size_t(t * (K / QK) + b)] = dx;
+      for (int64_t k = b * QK; k < (b + 1) * QK; k += VL) {  // round to nearest even, as lrint
+        float f[VL];
+        VecF::round(VecF::load(xt + k) * inv).store(f);
+        for (int i = 0; i < VL; ++i) nat[size_t(k + i)] = int8_t(int(f[i]));
+      }
     }
     int16_t* s16 = r.s16.data() + t * (K / 16);
     int16_t* s32 = r.s32.data() + t * (K / 32);
@@ -391,14 +400,14 @@ struct KXTokens {
   const int8_t* q[NT];     // rearranged int8 x (KX::q)
   const int16_t* s16[NT];  // sums per 16 weights
   const int16_t* s32[NT];  // sums per 32 weights
-  float scale[NT];
+  const float* scale[NT];  // [K / 256] per token
   KXTokens(const KX& xq, int64_t t0) {
     const int64_t K = xq.K;
     for (int t = 0; t < NT; ++t) {
       q[t] = xq.q.data() + (t0 + t) * K;
       s16[t] = xq.s16.data() + (t0 + t) * (K / 16);
       s32[t] = xq.s32.data() + (t0 + t) * (K / 32);
-      scale[t] = xq.scale[size_t(t0 + t)];
+      scale[t] = xq.scale.data() + (t0 + t) * (K / QK);
     }
   }
 };
@@ -481,21 +490,23 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
           }
         }
       }
-      const __m256 vd = _mm256_set1_ps(half_to_float(sup[0]));
+      // d and dmin times the token's x scale of this super-block
+      const float d = half_to_float(sup[0]);
       if constexpr (F == QuantFormat::Q6K) {
         for (int t = 0; t < NT; ++t) {
           const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs16[t] + b * 16)));
           isum[t] = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(off, 5));
-          accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), vd, accf[t]);
+          accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * xt.scale[t][b]), accf[t]);
         }
       } else {
         const __m128i m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + 8)));
-        const __m128 vdm = _mm_set1_ps(half_to_float(sup[1]));
+        const float dmin = half_to_float(sup[1]);
         for (int t = 0; t < NT; ++t) {
-          accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), vd, accf[t]);
+          const float dx = xt.scale[t][b];
+          accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx), accf[t]);
           const __m128i mt = _mm_madd_epi16(m16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs32[t] + b * 8)));
           accm[t] = _mm256_castps128_ps256(
-              _mm_fmadd_ps(_mm_cvtepi32_ps(mt), vdm, _mm256_castps256_ps128(accm[t])));
+              _mm_fmadd_ps(_mm_cvtepi32_ps(mt), _mm_set1_ps(dmin * dx), _mm256_castps256_ps128(accm[t])));
         }
       }
     }
@@ -505,7 +516,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const QuantView& w, cons
       _mm_storeu_ps(g, _mm256_castps256_ps128(accm[t]));
       const float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
       const float m = (g[0] + g[1]) + (g[2] + g[3]);
-      y[(t0 + t) * ldy + n] = xt.scale[t] * (s - m);
+      y[(t0 + t) * ldy + n] = s - m;
     }
   }
 }
@@ -560,6 +571,9 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
     const uint16_t* sup = sups + b * R * 2;
     const int64_t lines = R * cb / 64;  // cache lines of the super-block's codes (16 rows: 2 x bits + 4)
     const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup));
+    // q4_k / q5_k: the super-block's sum before the token's x scale (one FMA per token and
+    // super-block); q6_k (two int32 chains per token already) scales each sub-block dot instead
+    __m512 accb[F == QuantFormat::Q6K ? 1 : NT];
     #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       const int h = c / 4;
@@ -610,17 +624,22 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
             al[t] = _mm512_dpbusd_epi32(al[t], hi, _mm512_set1_epi32(load_i32(xt.q[t] + xo + 64 + 4 * i)));
         }
       }
-      // d * sub-scale per row (exact in fp32), times the sub-block's integer dot
+      // d * sub-scale per row (exact in fp32), times the sub-block's integer dot (q6_k: times the
+      // token's x scale of the super-block, one multiply per token)
       if constexpr (F == QuantFormat::Q6K) {
         const __m512 sl = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(rm, sub + 2 * c * R))));
         const __m512 sh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(rm, sub + (2 * c + 1) * R))));
         #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t)
-          accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah[t]), sh, _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[t]), sl, accf[t]));
+        for (int t = 0; t < NT; ++t) {
+          const __m512 dx = _mm512_set1_ps(xt.scale[t][b]);
+          accf[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ah[t]), dx), sh,
+                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(al[t]), dx), sl, accf[t]));
+        }
       } else {
         const __m512 sc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(rm, sub + c * R))));
         #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[t]), sc, accf[t]);
+        for (int t = 0; t < NT; ++t)
+          accb[t] = c == 0 ? _mm512_mul_ps(_mm512_cvtepi32_ps(al[t]), sc) : _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[t]), sc, accb[t]);
       }
     }
     if constexpr (F != QuantFormat::Q6K) {
@@ -639,12 +658,14 @@ __attribute__((target("avx512vnni"))) void ilv_vnni(const QuantView& w, const KX
       }
       const __m512 dm = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rm, sup + R));
       #pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) accf[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[t]), dm, accf[t]);
+      for (int t = 0; t < NT; ++t)
+        accf[t] = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[t]), dm, accb[t]), _mm512_set1_ps(xt.scale[t][b]),
+                                  accf[t]);
     }
   }
   #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
-    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, _mm512_mul_ps(accf[t], _mm512_set1_ps(xt.scale[t])));
+    _mm512_mask_storeu_ps(y + (t0 + t) * ldy + n0, rm, accf[t]);
 }
 #endif
 
@@ -723,7 +744,8 @@ bool qgemm_int8x(const QGemmProblem& p, const float* x, int64_t ldx, const float
 template <QuantFormat F>
 void qgemm_impl(const QGemmProblem& p, const float* x, int64_t ldx, const float* bias) {
 #if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
-  if (p.int8_activations && p.tokens <= kMaxTokens && qgemm_int8x<F>(p, x, ldx, bias)) return;
+  const int64_t int8_max = int8_max_tokens_override() ? int8_max_tokens_override() : kMaxTokens;
+  if (p.int8_activations && p.tokens <= int8_max && qgemm_int8x<F>(p, x, ldx, bias)) return;
 #endif
   qgemm_exact<F>(p, x, ldx, bias);
 }

@@ -289,16 +289,17 @@ void prefill(const QGemmProblem& p, const float* x, int64_t ldx, const float* bi
 // full token block (8 lanes; on AVX-512 from 12, a 16-token block half used). With approximate
 // activations allowed, formats with an int8 integer-dot path (those in the CPU row-interleaved
 // layout, on CPUs with AVX512-VNNI or AVX2) keep it up to 64 tokens; on AVX512-BF16 the bf16 kernel
-// takes over from 32. The int8 path is 1.6-2.5x faster than bf16 at 32-128 tokens, but its one
-// int8 scale per token costs accuracy that a prompt exposes (SmolLM2-135M, 512 tokens: top-1
-// agreement with the exact logits 88.7%, mean KL 0.045, perplexity +3.6%, against 99.2%, 0.0002
-// and +0.0% for bf16). Formats without an int8 path take the bf16 / fp32 kernel from 12 / 8 tokens.
+// takes over from 32. The int8 path is 1.6-2.5x faster than bf16 at 32-128 tokens, but its int8 x
+// costs accuracy that a prompt exposes (SmolLM2-135M, 512 tokens on the int8 path, bench/
+// qgemm_quality.py: top-1 agreement with the exact logits 95.3%, mean KL 3.7e-3 with one x scale
+// per token and weight group; 88.7%, 4.5e-2 with one per token; bf16: 99.2%, 2.0e-4).
+// MEMKERNELS_INT8_MAX_TOKENS=n (int8_max_tokens_override) moves the boundary to n + 1 for such
+// measurements. Formats without an int8 path take the bf16 / fp32 kernel from 12 / 8 tokens.
 int64_t min_tokens(const QGemmProblem& p, bool bf16) {
   // the matrices with an int8-activation kernel: those in the CPU row-interleaved layout (cpu/qgemm.cpp)
   const bool int8_format = p.w.ilv != 0;
   const int64_t fp32_min = L == 16 ? 12 : 8;
   if (!p.int8_activations) return fp32_min;
-  if (bf16) return int8_format ? 32 : 12;
 #if defined(MK_ISA_AVX512)
   static const bool vnni = [] {
     __builtin_cpu_init();
@@ -310,6 +311,9 @@ int64_t min_tokens(const QGemmProblem& p, bool bf16) {
 #else
   const bool int8_path = false;
 #endif
+  const int64_t forced = int8_max_tokens_override();  // MEMKERNELS_INT8_MAX_TOKENS (quant_internal.h)
+  if (forced && int8_format && int8_path) return forced + 1;
+  if (bf16) return int8_format ? 32 : 12;
   return int8_format && int8_path ? 65 : fp32_min;
 }
 

@@ -33,7 +33,7 @@ def load_model(path, device: str = "cpu", dram_budget_bytes=None, quantize=None,
     quantized tensors through qgemm. quantize: None, or one of QUANTIZE_FORMATS to quantize every
     linear weight at load (the measured logit drift vs the float weights is in `m.quantization`).
     exact: keep activations in float everywhere. The default (False) lets qgemm on quantized weights
-    (GGUF, quantize=) quantize 1-8-token activations to int8 (one scale per token) and use integer
+    (GGUF, quantize=) quantize 1-8-token activations to int8 (one scale per token and weight group) and use integer
     dot products, as llama.cpp does for its quantized matmuls; float weights are unaffected. Pass
     exact=True to compare with a float reference.
     framework: the arrays between kernels: 'auto' (NumPy on the CPU; PyTorch, else CuPy, on a
