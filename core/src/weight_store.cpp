@@ -555,7 +555,7 @@ struct WeightStore::Impl {
   std::mutex amu;              // aio_inflight and the pool
   std::condition_variable acv; // a read completed: room in the queue and the pool
   int64_t aio_inflight = 0;
-  uint64_t aio_completed = 0;
+  std::deque<AioReq*> aio_backlog;  // reads waiting for room in the queue or the pool (amu)
   std::atomic<bool> aio_stopping{false};
   // In-flight AIO reads land in the staging buffers (the same bytes of the budget as the threads'
   // buffers), carved in read_align units: used[region][unit]. Next-fit from a cursor: reads complete
@@ -785,58 +785,54 @@ struct WeightStore::Impl {
     return false;
   }
 
+  // Queues the reads and submits what fits now; the reaper submits the rest as room comes back, so
+  // the caller never waits here (a prefetch returns at once, as with the threads).
   void aio_issue(std::vector<ReadReq>& reqs) {
+    std::vector<AioReq*> bad;  // larger than a staging buffer: never, by construction
+    {
+      std::lock_guard<std::mutex> lk(amu);
+      for (ReadReq& q : reqs) {
+        const uint64_t a0 = round_down(q.off, read_align), a1 = round_up(q.off + q.len, read_align);
+        auto* r = new AioReq{};
+        r->a0 = a0, r->off = q.off, r->need = q.off + q.len - a0, r->units = size_t((a1 - a0) / read_align);
+        r->done = std::move(q.done);
+        if (r->units > units_per_region()) bad.push_back(r); else aio_backlog.push_back(r);
+      }
+    }
+    for (AioReq* r : bad) {
+      r->done(nullptr,
+              std::make_exception_ptr(Error(ErrorKind::Value, "weight store: internal read larger than the staging buffer")),
+              -1);
+      delete r;
+    }
+    aio_pump();
+  }
+
+  // Submits queued reads while the queue depth and the pool have room. With no read in flight the
+  // whole pool is free and any queued read fits, so the queue never stalls: the reaper pumps after
+  // every batch of completions.
+  void aio_pump() {
     std::vector<struct iocb*> cbs;
-    size_t i = 0;
-    while (i < reqs.size()) {
+    for (;;) {
       cbs.clear();
-      std::vector<AioReq*> bad;  // cannot be issued (larger than a staging buffer: never, by construction)
       {
-        std::unique_lock<std::mutex> lk(amu);
-        while (i < reqs.size() && aio_inflight + int64_t(cbs.size()) < aio_depth) {
-          ReadReq& q = reqs[i];
-          const uint64_t a0 = round_down(q.off, read_align), a1 = round_up(q.off + q.len, read_align);
-          const size_t units = size_t((a1 - a0) / read_align);
-          auto* r = new AioReq{};
-          r->a0 = a0, r->off = q.off, r->need = q.off + q.len - a0, r->units = units;
-          r->done = std::move(q.done);
-          const bool idle = aio_inflight == 0 && cbs.empty();  // the whole pool is free
-          const bool placed = units <= units_per_region() && pool_alloc(units, r->region, r->first);
-          if (!placed && (idle || units > units_per_region())) {  // can never fit (not by construction)
-            bad.push_back(r);
-            ++i;
-            continue;
-          }
-          if (!placed) {  // no room now: submit what fits, then wait for completions
-            q.done = std::move(r->done);
-            delete r;
-            break;
-          }
+        std::lock_guard<std::mutex> lk(amu);
+        while (!aio_backlog.empty() && aio_inflight < aio_depth) {
+          AioReq* r = aio_backlog.front();
+          if (!pool_alloc(r->units, r->region, r->first)) break;
+          aio_backlog.pop_front();
           std::memset(&r->cb, 0, sizeof(r->cb));
           r->cb.aio_data = uint64_t(reinterpret_cast<uintptr_t>(r));
           r->cb.aio_lio_opcode = IOCB_CMD_PREAD;
           r->cb.aio_fildes = uint32_t(fd);
           r->cb.aio_buf = uint64_t(reinterpret_cast<uintptr_t>(stages[size_t(r->region)].ptr + r->first * read_align));
-          r->cb.aio_nbytes = a1 - a0;
-          r->cb.aio_offset = int64_t(a0);
+          r->cb.aio_nbytes = uint64_t(r->units) * read_align;
+          r->cb.aio_offset = int64_t(r->a0);
           cbs.push_back(&r->cb);
-          ++i;
-        }
-        aio_inflight += int64_t(cbs.size());
-        if (cbs.empty() && bad.empty()) {
-          // No room: the reads in flight (there are some, else everything was free and the read
-          // fitted) free it as they complete.
-          const uint64_t seen = aio_completed;
-          acv.wait(lk, [&] { return aio_completed != seen; });
-          continue;
+          ++aio_inflight;
         }
       }
-      for (AioReq* r : bad) {
-        r->done(nullptr,
-                std::make_exception_ptr(Error(ErrorKind::Value, "weight store: internal read larger than the staging buffer")),
-                -1);
-        delete r;
-      }
+      if (cbs.empty()) return;
       aio_submit(cbs);
     }
   }
@@ -901,7 +897,6 @@ struct WeightStore::Impl {
       std::fill(pool_used[size_t(r->region)].begin() + long(r->first),
                 pool_used[size_t(r->region)].begin() + long(r->first + r->units), 0);
       --aio_inflight;
-      ++aio_completed;
     }
     acv.notify_all();
     delete r;
@@ -918,11 +913,14 @@ struct WeightStore::Impl {
         if (r) aio_finish(r, long(ev[k].res), true);
       }
       // Completions do not notify one by one (tid -1): one wake-up per batch for the callers.
-      if (n > 0) loaded_cv.notify_all();
+      if (n > 0) {
+        aio_pump();
+        loaded_cv.notify_all();
+      }
       if (n < 0 && errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       if (aio_stopping.load()) {
         std::lock_guard<std::mutex> lk(amu);
-        if (aio_inflight == 0) return;
+        if (aio_inflight == 0 && aio_backlog.empty()) return;
       }
     }
   }
@@ -930,7 +928,7 @@ struct WeightStore::Impl {
   void aio_shutdown() {
     {
       std::unique_lock<std::mutex> lk(amu);
-      acv.wait(lk, [&] { return aio_inflight == 0; });  // prefetches still in flight land first
+      acv.wait(lk, [&] { return aio_inflight == 0 && aio_backlog.empty(); });  // prefetches in flight land first
     }
     aio_stopping = true;
     // Wake the reaper now rather than at its timeout: one block read with no completion attached.
@@ -1478,7 +1476,8 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
   check(count >= 0, ErrorKind::Value, "get_rows: count must be >= 0");
   check_out(out, s.opts.device, L.dtype, {count, int64_t(L.parts), L.d_model}, "WeightStore.get_rows");
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "get_rows: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   std::lock_guard<std::mutex> call(s.call_mu);
@@ -1582,7 +1581,8 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
         "visit_rows: the store's outputs are on CUDA; visit_rows hands out host pointers to a CPU store's cache");
   check(count >= 0, ErrorKind::Value, "visit_rows: count must be >= 0");
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "visit_rows: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   std::lock_guard<std::mutex> call(s.call_mu);
@@ -1675,7 +1675,8 @@ void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
   const StoredLayerInfo& L = layer_info(layer);
   const int32_t li = int32_t(s.layer_index[layer]);
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "prefetch: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   std::vector<std::pair<int64_t, int32_t>> todo;
@@ -1716,7 +1717,8 @@ void WeightStore::pin(int64_t layer, const int64_t* ids, int64_t count) {
   const int32_t li = int32_t(s.layer_index[layer]);
   check(count >= 0, ErrorKind::Value, "pin: count must be >= 0");
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "pin: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   wait_prefetch();
