@@ -21,8 +21,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def child(model, engine, args):
+def child(model, engine, args, threads):
     env = dict(os.environ, MEMKERNELS_STORE_IO=engine)
+    if threads == 1:  # NumPy's BLAS too: its idle threads spin on a loaded 2-core machine (both rows alike)
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
     r = subprocess.run([sys.executable, os.path.join(HERE, "stream_model.py"), model, "--child", "speed"] + args,
                        capture_output=True, text=True, env=env)
     if r.returncode:
@@ -60,7 +62,7 @@ def main():
     rows = {name: [] for name, _, _ in configs}
     for r in range(a.repeat):
         for name, eng, args in (configs if r % 2 == 0 else configs[::-1]):
-            m = child(a.model, eng, args + common)
+            m = child(a.model, eng, args + common, a.threads)
             rows[name].append(m)
             print(f"round {r} {name:24s} {m['engine']:7s} {m['tok_s']:6.2f} tok/s {m['mib']:6.2f} MiB/tok "
                   f"{m['reads']:7.0f} reads/tok {m['cpu_ms']:6.1f} CPU ms/tok hit {m['hit']:.2f}", flush=True)
