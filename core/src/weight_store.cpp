@@ -556,6 +556,8 @@ struct WeightStore::Impl {
   std::condition_variable acv; // a read completed: room in the queue and the pool
   int64_t aio_inflight = 0;
   std::deque<AioReq*> aio_backlog;  // reads waiting for room in the queue or the pool (amu)
+  int caller_reaping = 0;           // callers reaping their own completions (amu)
+  std::condition_variable reaper_cv;
   std::atomic<bool> aio_stopping{false};
   // In-flight AIO reads land in the staging buffers (the same bytes of the budget as the threads'
   // buffers), carved in read_align units: used[region][unit]. Next-fit from a cursor: reads complete
@@ -705,6 +707,16 @@ struct WeightStore::Impl {
     return true;
   }
   void help_until(Group& g) {
+    if (aio) {  // reap the completions here rather than through a hand-off from the reaper thread
+      CallerReaps guard(*this);
+      for (;;) {
+        {
+          std::lock_guard<std::mutex> lk(g.m);
+          if (g.pending == 0) return;
+        }
+        aio_reap(1, 200 * 1000);
+      }
+    }
     for (;;) {
       {
         std::lock_guard<std::mutex> lk(g.m);
@@ -834,6 +846,12 @@ struct WeightStore::Impl {
       }
       if (cbs.empty()) return;
       aio_submit(cbs);
+      bool wake;
+      {
+        std::lock_guard<std::mutex> lk(amu);
+        wake = caller_reaping == 0;
+      }
+      if (wake) reaper_cv.notify_one();
     }
   }
 
@@ -902,26 +920,52 @@ struct WeightStore::Impl {
     delete r;
   }
 
-  void aio_reap_loop() {
+  // Takes up to 128 completions (waits up to timeout_ns for min_nr of them) and finishes them; then
+  // submits queued reads into the room they freed and wakes the callers waiting for slots.
+  int aio_reap(long min_nr, long timeout_ns) {
     struct io_event ev[128];
+    struct timespec ts{timeout_ns / 1000000000, timeout_ns % 1000000000};
+    const int n = sys_io_getevents(aio_ctx, min_nr, 128, ev, &ts);
+    const int e = errno;
+    for (int k = 0; k < n; ++k) aio_finish(reinterpret_cast<AioReq*>(uintptr_t(ev[k].data)), long(ev[k].res), true);
+    // Completions do not notify one by one (tid -1): one wake-up per batch for the callers.
+    if (n > 0) {
+      aio_pump();
+      loaded_cv.notify_all();
+    }
+    if (n < 0 && e != EINTR) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    return n;
+  }
+
+  // A caller that waits for its own reads reaps them itself (visit_rows, help_until): every
+  // completion handed from the reaper thread to the caller costs two thread wake-ups, and on a busy
+  // CPU each can wait for a time slice. Meanwhile the reaper thread stays off the AIO context.
+  struct CallerReaps {
+    Impl& s;
+    explicit CallerReaps(Impl& s_) : s(s_) {
+      std::lock_guard<std::mutex> lk(s.amu);
+      ++s.caller_reaping;
+    }
+    ~CallerReaps() {
+      {
+        std::lock_guard<std::mutex> lk(s.amu);
+        --s.caller_reaping;
+      }
+      s.reaper_cv.notify_one();  // reads still in flight (prefetches) complete in the background
+    }
+  };
+
+  // The reaper thread: completions nobody waits for in place (prefetches, get_rows' waits for
+  // slots, pin). It sleeps while nothing is in flight or while a caller reaps.
+  void aio_reap_loop() {
     for (;;) {
-      // A timeout, so that shutdown never depends on the wake-up read below arriving.
-      struct timespec ts{0, 50 * 1000 * 1000};
-      const int n = sys_io_getevents(aio_ctx, 1, 128, ev, &ts);
-      for (int k = 0; k < n; ++k) {
-        auto* r = reinterpret_cast<AioReq*>(uintptr_t(ev[k].data));
-        if (r) aio_finish(r, long(ev[k].res), true);
+      {
+        std::unique_lock<std::mutex> lk(amu);
+        reaper_cv.wait(lk, [&] { return aio_stopping.load() || (caller_reaping == 0 && aio_inflight > 0); });
+        if (aio_stopping.load() && aio_inflight == 0 && aio_backlog.empty()) return;
       }
-      // Completions do not notify one by one (tid -1): one wake-up per batch for the callers.
-      if (n > 0) {
-        aio_pump();
-        loaded_cv.notify_all();
-      }
-      if (n < 0 && errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      if (aio_stopping.load()) {
-        std::lock_guard<std::mutex> lk(amu);
-        if (aio_inflight == 0 && aio_backlog.empty()) return;
-      }
+      // A short timeout: it steps aside soon for a caller that starts reaping its own reads.
+      aio_reap(1, 2 * 1000 * 1000);
     }
   }
 
@@ -930,19 +974,13 @@ struct WeightStore::Impl {
       std::unique_lock<std::mutex> lk(amu);
       acv.wait(lk, [&] { return aio_inflight == 0 && aio_backlog.empty(); });  // prefetches in flight land first
     }
-    aio_stopping = true;
-    // Wake the reaper now rather than at its timeout: one block read with no completion attached.
-    struct iocb cb;
-    std::memset(&cb, 0, sizeof(cb));
-    cb.aio_lio_opcode = IOCB_CMD_PREAD;
-    cb.aio_fildes = uint32_t(fd);
-    cb.aio_buf = uint64_t(reinterpret_cast<uintptr_t>(stages[0].ptr));
-    cb.aio_nbytes = read_align;
-    cb.aio_offset = 0;
-    struct iocb* p = &cb;
-    sys_io_submit(aio_ctx, 1, &p);
+    {
+      std::lock_guard<std::mutex> lk(amu);
+      aio_stopping = true;
+    }
+    reaper_cv.notify_all();
     if (aio_thread.joinable()) aio_thread.join();
-    sys_io_destroy(aio_ctx);  // waits for the wake-up read if the reaper left before it landed
+    sys_io_destroy(aio_ctx);
     aio = false;
   }
 
@@ -1621,6 +1659,8 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
     order.insert(order.end(), missed.begin(), missed.end());
     std::sort(todo.begin(), todo.end());
     auto group = std::make_shared<Group>();
+    std::unique_ptr<Impl::CallerReaps> reaps;
+    if (s.aio) reaps.reset(new Impl::CallerReaps(s));  // before the reads start: the reaper thread keeps off
     if (!todo.empty()) s.load_runs(li, todo, group, false);
     std::exception_ptr err;
     bool failed = false;
@@ -1632,7 +1672,9 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
         while (end < order.size() && s.slots[size_t(slot_of[size_t(order[end] - b0)])].state != SlotState::Loading) ++end;
         if (end == at) {
           lk.unlock();
-          if (!s.run_one_queued()) {  // nothing queued: the next neuron is being read by a thread
+          if (s.aio) {
+            s.aio_reap(1, 200 * 1000);  // 200 us: the completion may have gone to the reaper thread
+          } else if (!s.run_one_queued()) {  // nothing queued: the next neuron is being read by a thread
             lk.lock();
             s.loaded_cv.wait(lk, [&] {
               return s.slots[size_t(slot_of[size_t(order[at] - b0)])].state != SlotState::Loading;
@@ -1659,6 +1701,7 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
       at = end;
     }
     if (!todo.empty()) s.help_until(*group);  // every read of this batch is over before its slots are unpinned
+    reaps.reset();
     if (!err && group->error) err = group->error;
     if (!err && failed)  // a neuron a prefetch was loading
       err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
