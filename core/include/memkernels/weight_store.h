@@ -68,7 +68,7 @@ class WeightStoreWriter {
 
 struct WeightStoreOptions {
   Device device{};          // where get()/get_rows() outputs live: CPU or CUDA
-  int io_threads = 4;       // I/O thread pool size
+  int io_threads = 4;       // I/O thread pool size (the pread engine; with AIO its staging buffers hold the reads in flight)
   int window_tokens = 5;    // keep neurons used in the last k tokens; 0: keep until evicted by budget
   bool direct_io = true;    // try O_DIRECT; falls back to buffered reads (+ fadvise DONTNEED) if refused
   int64_t merge_gap_bytes = 32 << 10;  // coalesce two neuron runs when the gap between them is at most this
