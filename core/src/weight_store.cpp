@@ -1,7 +1,10 @@
 // Weight store: file writer, reader with O_DIRECT reads through an I/O thread pool, and the
 // windowing neuron cache kept under a DRAM budget. See memkernels/weight_store.h for the format.
 #include <fcntl.h>
+#include <linux/aio_abi.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -101,6 +104,16 @@ uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 uint64_t round_down(uint64_t x, uint64_t a) { return x / a * a; }
 
 std::string errno_text(int e) { return std::string(std::strerror(e)); }
+
+// Linux native AIO through syscall(2) (no libaio dependency). With O_DIRECT, io_submit queues the
+// reads without waiting for them: one system call submits a layer's reads, the device works through
+// them at a deep queue, and one io_getevents reaps many completions.
+int sys_io_setup(unsigned nr, aio_context_t* ctx) { return int(::syscall(SYS_io_setup, nr, ctx)); }
+int sys_io_destroy(aio_context_t ctx) { return int(::syscall(SYS_io_destroy, ctx)); }
+int sys_io_submit(aio_context_t ctx, long n, struct iocb** cbs) { return int(::syscall(SYS_io_submit, ctx, n, cbs)); }
+int sys_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event* ev, struct timespec* ts) {
+  return int(::syscall(SYS_io_getevents, ctx, min_nr, nr, ev, ts));
+}
 
 // Aligned host memory for O_DIRECT buffers; pinned when the outputs go to a GPU.
 struct HostBuffer {
@@ -517,6 +530,41 @@ struct WeightStore::Impl {
   std::vector<void*> thread_events;  // CUDA: one per staging buffer: its last get() copy
   std::vector<char> stage_pending;   // CUDA: staging buffer i's last copy may still be reading it
 
+  // ---- Reads. A read is (offset, length, completion); the completion gets a pointer to the bytes
+  // at offset (nullptr with the error otherwise) and the staging buffer's thread id (-1 for AIO).
+  // Two engines: tasks queued to the I/O threads (each a pread), or, for O_DIRECT CPU stores,
+  // Linux native AIO: a call's reads go to the kernel in one io_submit (a deep queue, one system
+  // call, no thread hand-off per read) and one reaper thread takes their completions in batches.
+  // Both engines issue the same reads (same offsets, lengths, stats) and run the same completions.
+  using ReadDone = std::function<void(const uint8_t* data, std::exception_ptr err, int tid)>;
+  struct ReadReq {
+    uint64_t off = 0, len = 0;
+    ReadDone done;
+  };
+  struct AioReq {
+    struct iocb cb;
+    int region = 0;           // staging buffer the read lands in
+    size_t first = 0, units = 0;
+    uint64_t a0 = 0, off = 0, need = 0;
+    ReadDone done;
+  };
+  bool aio = false;
+  aio_context_t aio_ctx = 0;
+  int64_t aio_depth = 0;       // the most reads in flight (io_setup's nr)
+  std::thread aio_thread;      // the reaper
+  std::mutex amu;              // aio_inflight and the pool
+  std::condition_variable acv; // a read completed: room in the queue and the pool
+  int64_t aio_inflight = 0;
+  std::deque<AioReq*> aio_backlog;  // reads waiting for room in the queue or the pool (amu)
+  int caller_reaping = 0;           // callers reaping their own completions (amu)
+  std::condition_variable reaper_cv;
+  std::atomic<bool> aio_stopping{false};
+  // In-flight AIO reads land in the staging buffers (the same bytes of the budget as the threads'
+  // buffers), carved in read_align units: used[region][unit]. Next-fit from a cursor: reads complete
+  // roughly in the order they were issued, so the space after the cursor is usually free.
+  std::vector<std::vector<uint8_t>> pool_used;
+  size_t pool_cursor = 0;  // global unit index: region * units_per_region + unit
+
   // CUDA: host-to-device copies run on the store's own (non-blocking) copy stream, so they overlap
   // the caller's kernels instead of queueing behind them. Ordering is explicit:
   //   caller stream --entry_event--> copy stream   (out may still be in use by work enqueued before
@@ -570,10 +618,12 @@ struct WeightStore::Impl {
       // never destroy joinable std::thread objects (std::terminate): leak the handles.
       static_cast<void>(new std::vector<std::thread>(std::move(threads)));
       threads.clear();
+      if (aio_thread.joinable()) static_cast<void>(new std::thread(std::move(aio_thread)));
       if (fd >= 0) ::close(fd);
       fd = -1;
       return;
     }
+    if (aio) aio_shutdown();
     {
       std::lock_guard<std::mutex> lk(qmu);
       stopping = true;
@@ -657,6 +707,16 @@ struct WeightStore::Impl {
     return true;
   }
   void help_until(Group& g) {
+    if (aio) {  // reap the completions here rather than through a hand-off from the reaper thread
+      CallerReaps guard(*this);
+      for (;;) {
+        {
+          std::lock_guard<std::mutex> lk(g.m);
+          if (g.pending == 0) return;
+        }
+        aio_reap(1, 200 * 1000);
+      }
+    }
     for (;;) {
       {
         std::lock_guard<std::mutex> lk(g.m);
@@ -674,6 +734,15 @@ struct WeightStore::Impl {
     qcv.notify_one();
   }
 
+  // The outcome of a read at a0 that needed `need` bytes and got `got` (err: its errno): the same
+  // errors from both engines.
+  void check_read(uint64_t a0, uint64_t need, size_t got, int err) const {
+    check(err == 0, ErrorKind::IO, "weight store: read of '" + path + "' at " + str(a0) + " failed: " + errno_text(err));
+    check(got >= need, ErrorKind::CorruptData,
+          "weight store: '" + path + "' is truncated (read " + str(got) + " of " + str(need) + " bytes at " + str(a0) +
+              ")");
+  }
+
   // Reads [off, off + len) of the file into `stage` with an aligned read; returns a pointer to off.
   const uint8_t* read_range(uint8_t* stage, uint64_t off, uint64_t len) {
     const uint64_t a0 = round_down(off, read_align), a1 = round_up(off + len, read_align);
@@ -683,11 +752,236 @@ struct WeightStore::Impl {
     reads_issued.fetch_add(1, std::memory_order_relaxed);
     bytes_read.fetch_add(got, std::memory_order_relaxed);
     if (!direct) ::posix_fadvise(fd, off_t(a0), off_t(a1 - a0), POSIX_FADV_DONTNEED);
-    check(err == 0, ErrorKind::IO, "weight store: read of '" + path + "' at " + str(a0) + " failed: " + errno_text(err));
-    check(got >= off + len - a0, ErrorKind::CorruptData,
-          "weight store: '" + path + "' is truncated (read " + str(got) + " of " + str(off + len - a0) + " bytes at " +
-              str(a0) + ")");
+    check_read(a0, off + len - a0, got, err);
     return stage + (off - a0);
+  }
+
+  // Issues reads: to the I/O threads one task each, or with AIO in batches. Every request's
+  // completion runs exactly once, also when the read cannot even be submitted.
+  void issue(std::vector<ReadReq>& reqs) {
+    if (aio) return aio_issue(reqs);
+    for (auto& r : reqs)
+      submit([this, off = r.off, len = r.len, done = std::move(r.done)](uint8_t* stage, int tid) {
+        const uint8_t* p = nullptr;
+        std::exception_ptr e;
+        try {
+          p = read_range(stage, off, len);
+        } catch (...) {
+          e = std::current_exception();
+        }
+        done(p, e, tid);
+      });
+  }
+
+  // ---- AIO engine ----
+  size_t units_per_region() const { return stage_bytes / read_align; }
+  bool pool_alloc(size_t units, int& region, size_t& first) {  // amu held
+    const size_t upr = units_per_region(), total = upr * pool_used.size();
+    if (units == 0 || units > upr) return false;
+    size_t g = pool_cursor % total, run = 0, scanned = 0;
+    while (scanned < total + units) {
+      const size_t r = g / upr, u = g % upr;
+      if (u == 0) run = 0;  // a read never spans two staging buffers
+      if (pool_used[r][u]) {
+        run = 0;
+      } else if (++run == units) {
+        region = int(r);
+        first = u + 1 - units;
+        std::fill(pool_used[r].begin() + long(first), pool_used[r].begin() + long(first + units), 1);
+        pool_cursor = (g + 1) % total;
+        return true;
+      }
+      ++scanned;
+      if (++g == total) g = 0, run = 0;
+    }
+    return false;
+  }
+
+  // Queues the reads and submits what fits now; the reaper submits the rest as room comes back, so
+  // the caller never waits here (a prefetch returns at once, as with the threads).
+  void aio_issue(std::vector<ReadReq>& reqs) {
+    std::vector<AioReq*> bad;  // larger than a staging buffer: never, by construction
+    {
+      std::lock_guard<std::mutex> lk(amu);
+      for (ReadReq& q : reqs) {
+        const uint64_t a0 = round_down(q.off, read_align), a1 = round_up(q.off + q.len, read_align);
+        auto* r = new AioReq{};
+        r->a0 = a0, r->off = q.off, r->need = q.off + q.len - a0, r->units = size_t((a1 - a0) / read_align);
+        r->done = std::move(q.done);
+        if (r->units > units_per_region()) bad.push_back(r); else aio_backlog.push_back(r);
+      }
+    }
+    for (AioReq* r : bad) {
+      r->done(nullptr,
+              std::make_exception_ptr(Error(ErrorKind::Value, "weight store: internal read larger than the staging buffer")),
+              -1);
+      delete r;
+    }
+    aio_pump();
+  }
+
+  // Submits queued reads while the queue depth and the pool have room. With no read in flight the
+  // whole pool is free and any queued read fits, so the queue never stalls: the reaper pumps after
+  // every batch of completions.
+  void aio_pump() {
+    std::vector<struct iocb*> cbs;
+    for (;;) {
+      cbs.clear();
+      {
+        std::lock_guard<std::mutex> lk(amu);
+        while (!aio_backlog.empty() && aio_inflight < aio_depth) {
+          AioReq* r = aio_backlog.front();
+          if (!pool_alloc(r->units, r->region, r->first)) break;
+          aio_backlog.pop_front();
+          std::memset(&r->cb, 0, sizeof(r->cb));
+          r->cb.aio_data = uint64_t(reinterpret_cast<uintptr_t>(r));
+          r->cb.aio_lio_opcode = IOCB_CMD_PREAD;
+          r->cb.aio_fildes = uint32_t(fd);
+          r->cb.aio_buf = uint64_t(reinterpret_cast<uintptr_t>(stages[size_t(r->region)].ptr + r->first * read_align));
+          r->cb.aio_nbytes = uint64_t(r->units) * read_align;
+          r->cb.aio_offset = int64_t(r->a0);
+          cbs.push_back(&r->cb);
+          ++aio_inflight;
+        }
+      }
+      if (cbs.empty()) return;
+      aio_submit(cbs);
+      bool wake;
+      {
+        std::lock_guard<std::mutex> lk(amu);
+        wake = caller_reaping == 0;
+      }
+      if (wake) reaper_cv.notify_one();
+    }
+  }
+
+  // io_submit of a batch; what the kernel refuses completes at once with the error.
+  void aio_submit(std::vector<struct iocb*>& cbs) {
+    size_t k = 0;
+    int tries = 0;
+    while (k < cbs.size()) {
+      const int rc = sys_io_submit(aio_ctx, long(cbs.size() - k), cbs.data() + k);
+      const int e = errno;
+      if (rc > 0) {
+        k += size_t(rc);
+        tries = 0;
+        continue;
+      }
+      if (rc < 0 && (e == EINTR || (e == EAGAIN && ++tries < 1000))) {
+        if (e == EAGAIN) std::this_thread::sleep_for(std::chrono::microseconds(100));
+        continue;
+      }
+      // The first refused read fails with the error; the others are tried again.
+      aio_finish(reinterpret_cast<AioReq*>(uintptr_t(cbs[k]->aio_data)), rc < 0 ? -long(e) : -long(EIO), false);
+      ++k;
+    }
+  }
+
+  // One AIO read is over (res: bytes or -errno): check it, run its completion, free its room.
+  void aio_finish(AioReq* r, long res, bool reaped) {
+    uint8_t* buf = stages[size_t(r->region)].ptr + r->first * read_align;
+    const uint64_t want = uint64_t(r->units) * read_align;
+    const uint8_t* data = nullptr;
+    std::exception_ptr err;
+    try {
+      int e = 0;
+      size_t got = 0;
+      if (res < 0) {
+        e = int(-res);
+      } else {
+        got = size_t(res);
+        if (got < want && got < r->need) {
+          // Short: read the rest synchronously (short again only at the end of the file). O_DIRECT
+          // wants aligned offsets: after an unaligned short count, the whole read again.
+          if (got % read_align) got = 0;
+          got += read_full(fd, buf + got, size_t(want - got), r->a0 + got, &e);
+        }
+      }
+      if (reaped) {
+        reads_issued.fetch_add(1, std::memory_order_relaxed);
+        bytes_read.fetch_add(got, std::memory_order_relaxed);
+      }
+      check_read(r->a0, r->need, got, e);
+      data = buf + (r->off - r->a0);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    try {
+      r->done(data, err, -1);
+    } catch (...) {
+    }
+    {
+      std::lock_guard<std::mutex> lk(amu);
+      std::fill(pool_used[size_t(r->region)].begin() + long(r->first),
+                pool_used[size_t(r->region)].begin() + long(r->first + r->units), 0);
+      --aio_inflight;
+    }
+    acv.notify_all();
+    delete r;
+  }
+
+  // Takes up to 128 completions (waits up to timeout_ns for min_nr of them) and finishes them; then
+  // submits queued reads into the room they freed and wakes the callers waiting for slots.
+  int aio_reap(long min_nr, long timeout_ns) {
+    struct io_event ev[128];
+    struct timespec ts{timeout_ns / 1000000000, timeout_ns % 1000000000};
+    const int n = sys_io_getevents(aio_ctx, min_nr, 128, ev, &ts);
+    const int e = errno;
+    for (int k = 0; k < n; ++k) aio_finish(reinterpret_cast<AioReq*>(uintptr_t(ev[k].data)), long(ev[k].res), true);
+    // Completions do not notify one by one (tid -1): one wake-up per batch for the callers.
+    if (n > 0) {
+      aio_pump();
+      loaded_cv.notify_all();
+    }
+    if (n < 0 && e != EINTR) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    return n;
+  }
+
+  // A caller that waits for its own reads reaps them itself (visit_rows, help_until): every
+  // completion handed from the reaper thread to the caller costs two thread wake-ups, and on a busy
+  // CPU each can wait for a time slice. Meanwhile the reaper thread stays off the AIO context.
+  struct CallerReaps {
+    Impl& s;
+    explicit CallerReaps(Impl& s_) : s(s_) {
+      std::lock_guard<std::mutex> lk(s.amu);
+      ++s.caller_reaping;
+    }
+    ~CallerReaps() {
+      {
+        std::lock_guard<std::mutex> lk(s.amu);
+        --s.caller_reaping;
+      }
+      s.reaper_cv.notify_one();  // reads still in flight (prefetches) complete in the background
+    }
+  };
+
+  // The reaper thread: completions nobody waits for in place (prefetches, get_rows' waits for
+  // slots, pin). It sleeps while nothing is in flight or while a caller reaps.
+  void aio_reap_loop() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(amu);
+        reaper_cv.wait(lk, [&] { return aio_stopping.load() || (caller_reaping == 0 && aio_inflight > 0); });
+        if (aio_stopping.load() && aio_inflight == 0 && aio_backlog.empty()) return;
+      }
+      // A short timeout: it steps aside soon for a caller that starts reaping its own reads.
+      aio_reap(1, 2 * 1000 * 1000);
+    }
+  }
+
+  void aio_shutdown() {
+    {
+      std::unique_lock<std::mutex> lk(amu);
+      acv.wait(lk, [&] { return aio_inflight == 0 && aio_backlog.empty(); });  // prefetches in flight land first
+    }
+    {
+      std::lock_guard<std::mutex> lk(amu);
+      aio_stopping = true;
+    }
+    reaper_cv.notify_all();
+    if (aio_thread.joinable()) aio_thread.join();
+    sys_io_destroy(aio_ctx);
+    aio = false;
   }
 
   // ---- LRU list (callers hold mu) ----
@@ -787,6 +1081,7 @@ struct WeightStore::Impl {
     const StoredLayerInfo& L = layers[size_t(li)];
     const uint64_t B = L.bundle_bytes;
     const uint64_t gap_neurons = uint64_t(std::max<int64_t>(0, opts.merge_gap_bytes)) / B;
+    std::vector<ReadReq> reqs;
     size_t i = 0;
     while (i < todo.size()) {
       size_t j = i + 1;
@@ -812,14 +1107,13 @@ struct WeightStore::Impl {
         std::lock_guard<std::mutex> lk(mu);  // counted before it starts: wait_prefetch() cannot miss it
         ++prefetch_pending;
       }
-      submit([this, li, run, group, is_prefetch](uint8_t* stage, int) {
+      const uint64_t run_off = L.offset + uint64_t(todo[i].first) * B;
+      const uint64_t run_len = uint64_t(todo[j - 1].first - todo[i].first + 1) * B;
+      reqs.push_back({run_off, run_len, [this, li, run, group, is_prefetch](const uint8_t* base, std::exception_ptr rerr, int tid) {
         const StoredLayerInfo& Lr = layers[size_t(li)];
-        std::exception_ptr err;
+        std::exception_ptr err = rerr;
         std::vector<bool> ok(run->size(), false);
-        try {
-          const uint64_t off0 = Lr.offset + uint64_t(run->front().first) * Lr.bundle_bytes;
-          const uint64_t len = uint64_t(run->back().first - run->front().first + 1) * Lr.bundle_bytes;
-          const uint8_t* base = read_range(stage, off0, len);
+        if (!err) try {
           for (size_t k = 0; k < run->size(); ++k) {
             const int64_t n = (*run)[k].first;
             const uint8_t* src = base + uint64_t(n - run->front().first) * Lr.bundle_bytes;
@@ -854,11 +1148,12 @@ struct WeightStore::Impl {
             if (--prefetch_pending == 0) prefetch_cv.notify_all();
           }
         }
-        loaded_cv.notify_all();
+        if (tid >= 0) loaded_cv.notify_all();  // the AIO reaper notifies once per batch
         group->done(is_prefetch ? nullptr : err);
-      });
+      }});
       i = j;
     }
+    issue(reqs);
   }
 };
 
@@ -1086,13 +1381,49 @@ std::unique_ptr<WeightStore> WeightStore::open(const std::string& path, int64_t 
     s.copy_stream = cuda_backend::stream_create_nonblocking();
 #endif
   }
-  for (uint64_t i = 0; i < nbuf; ++i) s.threads.emplace_back([&s, i] { s.worker(int(i)); });
+  // The read engine: AIO for O_DIRECT CPU stores unless refused (options, MEMKERNELS_STORE_IO=threads,
+  // or the kernel: io_setup fails with ENOSYS/EPERM under seccomp, EAGAIN past fs.aio-max-nr; a
+  // probe read must also come back right), else the I/O threads. CUDA stores keep the threads: their
+  // staging buffers are tied to the threads' copy events.
+  const char* env_io = std::getenv("MEMKERNELS_STORE_IO");
+  const bool env_threads = env_io && std::string(env_io) == "threads";
+  if (opts.async_io && !env_threads && s.direct && !cuda && s.read_align <= s.stage_bytes) {
+    aio_context_t ctx = 0;
+    const int64_t depth = 256;
+    if (sys_io_setup(unsigned(depth), &ctx) == 0) {
+      struct iocb cb;
+      std::memset(&cb, 0, sizeof(cb));
+      cb.aio_lio_opcode = IOCB_CMD_PREAD;
+      cb.aio_fildes = uint32_t(s.fd);
+      cb.aio_buf = uint64_t(reinterpret_cast<uintptr_t>(s.stages[0].ptr));
+      cb.aio_nbytes = s.read_align;
+      cb.aio_offset = 0;
+      struct iocb* p = &cb;
+      struct io_event ev;
+      std::memset(&ev, 0, sizeof(ev));
+      struct timespec ts{5, 0};
+      const bool ok = sys_io_submit(ctx, 1, &p) == 1 && sys_io_getevents(ctx, 1, 1, &ev, &ts) == 1 &&
+                      ev.res == long(s.read_align) && std::memcmp(s.stages[0].ptr, kMagic, 8) == 0;
+      if (ok) {
+        s.aio = true;
+        s.aio_ctx = ctx;
+        s.aio_depth = depth;
+        s.pool_used.assign(s.stages.size(), std::vector<uint8_t>(s.units_per_region(), 0));
+        s.aio_thread = std::thread([&s] { s.aio_reap_loop(); });
+      } else {
+        sys_io_destroy(ctx);
+      }
+    }
+  }
+  if (!s.aio)
+    for (uint64_t i = 0; i < nbuf; ++i) s.threads.emplace_back([&s, i] { s.worker(int(i)); });
   return store;
 }
 
 const std::vector<StoredTensorInfo>& WeightStore::tensors() const { return impl_->tensors; }
 const std::vector<StoredLayerInfo>& WeightStore::layers() const { return impl_->layers; }
 const char* WeightStore::io_mode() const { return impl_->direct ? "direct" : "buffered"; }
+const char* WeightStore::io_engine() const { return impl_->aio ? "aio" : "threads"; }
 int64_t WeightStore::largest_read_bytes() const { return impl_->largest_read; }
 int64_t WeightStore::dram_budget_bytes() const { return impl_->budget; }
 Device WeightStore::device() const { return impl_->opts.device; }
@@ -1137,12 +1468,14 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
 #if MEMKERNELS_WITH_CUDA
   if (cuda && nchunks) s.copies_after(stream);
 #endif
+  std::vector<Impl::ReadReq> reqs;
+  reqs.reserve(size_t(nchunks));
   for (uint64_t c = 0; c < nchunks; ++c) {
-    s.submit([&s, &t, ti, c, dst, cuda, stream, group](uint8_t* stage, int tid) {
-      std::exception_ptr err;
-      try {
-        const uint64_t off = uint64_t(c) * t.chunk_bytes, n = std::min<uint64_t>(t.chunk_bytes, t.nbytes - off);
-        const uint8_t* src = s.read_range(stage, t.offset + off, n);
+    const uint64_t off = uint64_t(c) * t.chunk_bytes, n = std::min<uint64_t>(t.chunk_bytes, t.nbytes - off);
+    reqs.push_back({t.offset + off, n, [&s, &t, ti, c, off, n, dst, cuda, stream, group](const uint8_t* src,
+                                                                                         std::exception_ptr rerr, int tid) {
+      std::exception_ptr err = rerr;
+      if (!err) try {
         check(crc32c(src, n) == s.tensor_crcs[ti][size_t(c)], ErrorKind::CorruptData,
               "weight store: checksum mismatch in tensor '" + t.name + "', chunk " + str(c) + " of '" + s.path + "'");
         if (!cuda) {
@@ -1162,8 +1495,9 @@ void WeightStore::get(const std::string& name, const TensorView& out, void* stre
         err = std::current_exception();
       }
       group->done(err);
-    });
+    }});
   }
+  s.issue(reqs);
   s.help_until(*group);
 #if MEMKERNELS_WITH_CUDA
   // Also after a failed chunk: the caller may reuse out once its stream reaches this point.
@@ -1180,7 +1514,8 @@ void WeightStore::get_rows(int64_t layer, const int64_t* ids, int64_t count, con
   check(count >= 0, ErrorKind::Value, "get_rows: count must be >= 0");
   check_out(out, s.opts.device, L.dtype, {count, int64_t(L.parts), L.d_model}, "WeightStore.get_rows");
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "get_rows: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   std::lock_guard<std::mutex> call(s.call_mu);
@@ -1284,7 +1619,8 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
         "visit_rows: the store's outputs are on CUDA; visit_rows hands out host pointers to a CPU store's cache");
   check(count >= 0, ErrorKind::Value, "visit_rows: count must be >= 0");
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "visit_rows: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   std::lock_guard<std::mutex> call(s.call_mu);
@@ -1323,6 +1659,8 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
     order.insert(order.end(), missed.begin(), missed.end());
     std::sort(todo.begin(), todo.end());
     auto group = std::make_shared<Group>();
+    std::unique_ptr<Impl::CallerReaps> reaps;
+    if (s.aio) reaps.reset(new Impl::CallerReaps(s));  // before the reads start: the reaper thread keeps off
     if (!todo.empty()) s.load_runs(li, todo, group, false);
     std::exception_ptr err;
     bool failed = false;
@@ -1334,7 +1672,9 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
         while (end < order.size() && s.slots[size_t(slot_of[size_t(order[end] - b0)])].state != SlotState::Loading) ++end;
         if (end == at) {
           lk.unlock();
-          if (!s.run_one_queued()) {  // nothing queued: the next neuron is being read by a thread
+          if (s.aio) {
+            s.aio_reap(1, 200 * 1000);  // 200 us: the completion may have gone to the reaper thread
+          } else if (!s.run_one_queued()) {  // nothing queued: the next neuron is being read by a thread
             lk.lock();
             s.loaded_cv.wait(lk, [&] {
               return s.slots[size_t(slot_of[size_t(order[at] - b0)])].state != SlotState::Loading;
@@ -1361,6 +1701,7 @@ void WeightStore::visit_rows(int64_t layer, const int64_t* ids, int64_t count, c
       at = end;
     }
     if (!todo.empty()) s.help_until(*group);  // every read of this batch is over before its slots are unpinned
+    reaps.reset();
     if (!err && group->error) err = group->error;
     if (!err && failed)  // a neuron a prefetch was loading
       err = std::make_exception_ptr(Error(ErrorKind::CorruptData,
@@ -1377,7 +1718,8 @@ void WeightStore::prefetch(int64_t layer, const int64_t* ids, int64_t count) {
   const StoredLayerInfo& L = layer_info(layer);
   const int32_t li = int32_t(s.layer_index[layer]);
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "prefetch: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   std::vector<std::pair<int64_t, int32_t>> todo;
@@ -1418,7 +1760,8 @@ void WeightStore::pin(int64_t layer, const int64_t* ids, int64_t count) {
   const int32_t li = int32_t(s.layer_index[layer]);
   check(count >= 0, ErrorKind::Value, "pin: count must be >= 0");
   for (int64_t k = 0; k < count; ++k)
-    check(ids[k] >= 0 && ids[k] < L.neurons, ErrorKind::Value,
+    if (ids[k] < 0 || ids[k] >= L.neurons)  // the message only for a bad id: built for every id, it cost more than the look-ups
+      throw_error(ErrorKind::Value,
           "pin: neuron_ids[" + std::to_string(k) + "] = " + std::to_string(ids[k]) + " is out of range [0, " +
               std::to_string(L.neurons) + ") of layer " + std::to_string(layer));
   wait_prefetch();

@@ -171,7 +171,8 @@ StreamFfnCounts stream_ffn_layer(WeightStore& store, int64_t layer, const Tensor
           std::string(fn) + ": perm must be (neurons,) = (" + std::to_string(nn) + ",), got " + perm->shape_str());
     pm = perm->ptr<const int64_t>();
     for (int64_t j = 0; j < nn; ++j)
-      check(pm[j] >= 0 && pm[j] < nn, ErrorKind::Value,
+      if (pm[j] < 0 || pm[j] >= nn)  // the message is built only for a bad entry
+        throw_error(ErrorKind::Value,
             std::string(fn) + ": perm[" + std::to_string(j) + "] = " + std::to_string(pm[j]) + " is out of range [0, " +
                 std::to_string(nn) + ")");
   }

@@ -87,7 +87,7 @@ class WeightStore:
     @classmethod
     def open(cls, path, dram_budget_bytes: int, device: str = "cpu", *, io_threads: int = 4,
              window_tokens: int = 5, direct_io: bool = True, merge_gap_bytes: int = 32 << 10,
-             max_read_bytes: int = 1 << 20) -> "WeightStore":
+             max_read_bytes: int = 1 << 20, async_io: bool = True) -> "WeightStore":
         """Opens `path` (made by `write_weight_store` / `convert_to_weight_store`).
 
         dram_budget_bytes bounds everything the store holds in host memory: the neuron cache, the
@@ -96,6 +96,11 @@ class WeightStore:
         one neuron) raises ValueError. Reads use O_DIRECT (page cache
         bypassed) through `io_threads` threads; where the filesystem refuses O_DIRECT (tmpfs) they
         fall back to buffered reads with posix_fadvise(DONTNEED) — see `io_mode`.
+        async_io: O_DIRECT reads of a CPU store go through Linux native AIO (each call's reads in one
+        submission, a deep queue, completions reaped in batches by one thread) instead of a pread
+        per read in the `io_threads` threads; where the kernel refuses AIO (seccomp, fs.aio-max-nr),
+        for buffered files and CUDA stores, with async_io=False or with the environment variable
+        MEMKERNELS_STORE_IO=threads, the threads read — see `io_engine`. Same reads, same results.
         window_tokens: neurons not used in the last k tokens leave the cache at `next_token()`
         (0 disables the window; the budget still evicts least recently used neurons).
         merge_gap_bytes: two runs of needed neurons closer than this are read as one;
@@ -106,7 +111,7 @@ class WeightStore:
         h = _C.WeightStore.open(os.fspath(path), as_int(dram_budget_bytes, "dram_budget_bytes", *INT64), dev[0], dev[1],
                                 as_int(io_threads, "io_threads", *INT32), as_int(window_tokens, "window_tokens", *INT32),
                                 bool(direct_io), as_int(merge_gap_bytes, "merge_gap_bytes", *INT64),
-                                as_int(max_read_bytes, "max_read_bytes", *INT64))
+                                as_int(max_read_bytes, "max_read_bytes", *INT64), bool(async_io))
         return cls(h, os.fspath(path), dev)
 
     def _h(self):
@@ -119,6 +124,11 @@ class WeightStore:
     def io_mode(self) -> str:
         """'direct' (O_DIRECT, page cache bypassed) or 'buffered' (the filesystem refused O_DIRECT)."""
         return self._h().io_mode()
+
+    @property
+    def io_engine(self) -> str:
+        """'aio' (Linux native AIO, batched submissions) or 'threads' (pread in the I/O threads)."""
+        return self._h().io_engine()
 
     @property
     def device(self) -> str:
@@ -201,7 +211,7 @@ class WeightStore:
         """bytes_read, reads_issued, neuron_hits, neuron_misses, hit_rate, prefetched, evictions,
         resident_bytes, peak_resident_bytes, cache_capacity_bytes, staging_bytes, cache_slots,
         slot_bytes, pinned_neurons, read_granularity (bytes: every read is aligned to it, 512
-        where O_DIRECT accepts 512-byte reads, else 4096), tokens, io_mode."""
+        where O_DIRECT accepts 512-byte reads, else 4096), tokens, io_mode, io_engine."""
         return dict(self._h().stats())
 
     def reset_stats(self) -> None:

@@ -70,7 +70,7 @@ MK_PYTHON_BINDING(weight_store) {
       .def_static(
           "open",
           [](const std::string& path, int64_t budget, const std::string& device, int device_index, int io_threads,
-             int window_tokens, bool direct_io, int64_t merge_gap_bytes, int64_t max_read_bytes) {
+             int window_tokens, bool direct_io, int64_t merge_gap_bytes, int64_t max_read_bytes, bool async_io) {
             WeightStoreOptions o;
             if (device == "cuda") {
               o.device = Device{DeviceType::CUDA, device_index};
@@ -82,12 +82,13 @@ MK_PYTHON_BINDING(weight_store) {
             o.direct_io = direct_io;
             o.merge_gap_bytes = merge_gap_bytes;
             o.max_read_bytes = max_read_bytes;
+            o.async_io = async_io;
             nb::gil_scoped_release release;
             return WeightStore::open(path, budget, o);
           },
           nb::arg("path"), nb::arg("dram_budget_bytes"), nb::arg("device"), nb::arg("device_index"),
           nb::arg("io_threads"), nb::arg("window_tokens"), nb::arg("direct_io"), nb::arg("merge_gap_bytes"),
-          nb::arg("max_read_bytes"))
+          nb::arg("max_read_bytes"), nb::arg("async_io") = true)
       .def("tensors",
            [](const WeightStore& s) {
              nb::list r;
@@ -103,6 +104,7 @@ MK_PYTHON_BINDING(weight_store) {
       .def("tensor_info", [](const WeightStore& s, const std::string& name) { return info_dict(s.tensor_info(name)); })
       .def("layer_info", [](const WeightStore& s, int64_t layer) { return layer_dict(s.layer_info(layer)); })
       .def("io_mode", [](const WeightStore& s) { return std::string(s.io_mode()); })
+      .def("io_engine", [](const WeightStore& s) { return std::string(s.io_engine()); })
       .def("largest_read_bytes", &WeightStore::largest_read_bytes)
       .def("dram_budget_bytes", &WeightStore::dram_budget_bytes)
       .def(
@@ -182,6 +184,7 @@ MK_PYTHON_BINDING(weight_store) {
         d["read_granularity"] = st.read_granularity;
         d["tokens"] = st.tokens;
         d["io_mode"] = std::string(s.io_mode());
+        d["io_engine"] = std::string(s.io_engine());
         return d;
       });
 

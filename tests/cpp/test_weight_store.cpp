@@ -162,14 +162,19 @@ TEST(WeightStore, WindowPrefetchAndBudget) {
   std::remove(path.c_str());
 }
 
+// Both read engines: Linux AIO (where the kernel gives it) and the pread threads.
 TEST(WeightStore, PrefetchStressUnderSmallBudget) {
+ for (bool aio : {true, false}) {
+  SCOPED_TRACE(aio ? "async_io" : "threads");
   std::string path = scratch_path("stress");
   Model m = write_model(path, 3);
   WeightStoreOptions o;
   o.window_tokens = 2;
   o.io_threads = 3;
   o.max_read_bytes = 4096;
+  o.async_io = aio;
   auto st = WeightStore::open(path, 48 << 10, o);  // room for a few dozen neurons only
+  if (!aio) EXPECT_STREQ(st->io_engine(), "threads");
   std::mt19937 rng(3);
   std::vector<float> out;
   for (int token = 0; token < 40; ++token) {
@@ -191,4 +196,5 @@ TEST(WeightStore, PrefetchStressUnderSmallBudget) {
   }
   st.reset();  // with prefetches possibly still queued: must drain cleanly
   std::remove(path.c_str());
+ }
 }

@@ -68,16 +68,21 @@ class WeightStoreWriter {
 
 struct WeightStoreOptions {
   Device device{};          // where get()/get_rows() outputs live: CPU or CUDA
-  int io_threads = 4;       // I/O thread pool size
+  int io_threads = 4;       // I/O thread pool size (the pread engine; with AIO its staging buffers hold the reads in flight)
   int window_tokens = 5;    // keep neurons used in the last k tokens; 0: keep until evicted by budget
   bool direct_io = true;    // try O_DIRECT; falls back to buffered reads (+ fadvise DONTNEED) if refused
   int64_t merge_gap_bytes = 32 << 10;  // coalesce two neuron runs when the gap between them is at most this
   int64_t max_read_bytes = 1 << 20;    // split coalesced runs into reads of at most this (>= one neuron)
+  // O_DIRECT CPU stores: issue reads through Linux native AIO (a call's reads in one io_submit, a
+  // reaper thread instead of io_threads pread threads). Falls back to the I/O threads when the
+  // kernel refuses AIO, for buffered files and CUDA stores, or when the environment variable
+  // MEMKERNELS_STORE_IO=threads is set. See io_engine().
+  bool async_io = true;
 };
 
 struct WeightStoreStats {
   uint64_t bytes_read = 0;       // bytes transferred from the file (alignment padding and gaps included)
-  uint64_t reads_issued = 0;     // pread calls
+  uint64_t reads_issued = 0;     // reads issued (preads or AIO reads; a short one finished synchronously counts once)
   uint64_t neuron_hits = 0;      // requested neurons found resident
   uint64_t neuron_misses = 0;    // requested neurons read from the file
   uint64_t prefetched = 0;       // neurons loaded by prefetch()
@@ -114,6 +119,7 @@ class WeightStore {
   const StoredTensorInfo& tensor_info(const std::string& name) const;  // Error(Value) if absent
   const StoredLayerInfo& layer_info(int64_t layer) const;
   const char* io_mode() const;  // "direct" (O_DIRECT) or "buffered"
+  const char* io_engine() const;  // "aio" (Linux native AIO) or "threads" (pread in the I/O threads)
   int64_t largest_read_bytes() const;
   int64_t dram_budget_bytes() const;
   Device device() const;

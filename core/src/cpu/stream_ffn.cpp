@@ -113,7 +113,42 @@ inline void axpy_int7(const uint8_t* part, int64_t d, float z, float* y) {
   float s;
   std::memcpy(&s, part + 7 * groups, 4);
   const float zs = z * s;
-  for (int64_t g = 0; g < groups; ++g) {
+  int64_t g = 0;
+#if defined(MK_ISA_AVX512) || defined(MK_ISA_AVX2)
+  // Code k of a group starts at bit 7k: it lies in the 16-bit word at byte 7k/8, shifted by 7k%8.
+  // A byte shuffle puts that word in each 32-bit lane, a variable shift and a mask give the code.
+  // Each step reads 16 bytes from group g's start: inside the column while groups g and g + 1 exist
+  // (7g + 16 <= 7 * groups + 2, and the 4-byte scale follows the last group).
+#if defined(MK_ISA_AVX512)
+  // 16 codes (two groups, 14 bytes) per step.
+  const __m512i shuf = _mm512_setr_epi32(0x80800100, 0x80800100, 0x80800201, 0x80800302, 0x80800403, 0x80800504,
+                                         0x80800605, 0x80800706, 0x80800807, 0x80800807, 0x80800908, 0x80800a09,
+                                         0x80800b0a, 0x80800c0b, 0x80800d0c, 0x80800e0d);
+  const __m512i shift = _mm512_setr_epi32(0, 7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1);
+  const __m512i m127 = _mm512_set1_epi32(127), c64 = _mm512_set1_epi32(64);
+  const __m512 vz = _mm512_set1_ps(zs);
+  for (; 8 * g + 16 <= d; g += 2) {  // (implies g + 2 <= groups)
+    const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part + 7 * g)));
+    __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(bytes, shuf), shift), m127);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, c64));
+    _mm512_storeu_ps(y + 8 * g, _mm512_fmadd_ps(v, vz, _mm512_loadu_ps(y + 8 * g)));
+  }
+#else
+  // 8 codes (one group, 7 bytes) per step.
+  const __m256i shuf = _mm256_setr_epi32(0x80800100, 0x80800100, 0x80800201, 0x80800302, 0x80800403, 0x80800504,
+                                         0x80800605, 0x80800706);
+  const __m256i shift = _mm256_setr_epi32(0, 7, 6, 5, 4, 3, 2, 1);
+  const __m256i m127 = _mm256_set1_epi32(127), c64 = _mm256_set1_epi32(64);
+  const __m256 vz = _mm256_set1_ps(zs);
+  for (; g + 2 <= groups && 8 * g + 8 <= d; ++g) {  // 16-byte load: group g + 1 must exist
+    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part + 7 * g)));
+    __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, shuf), shift), m127);
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(c, c64));
+    _mm256_storeu_ps(y + 8 * g, _mm256_fmadd_ps(v, vz, _mm256_loadu_ps(y + 8 * g)));
+  }
+#endif
+#endif
+  for (; g < groups; ++g) {
     uint64_t w;
     std::memcpy(&w, part + 7 * g, 8);
     float* yg = y + 8 * g;

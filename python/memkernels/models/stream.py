@@ -752,6 +752,7 @@ class StreamingModel(Model):
     def _reset_counters(self):
         self._decode_tokens = 0
         self._decode_bytes = 0
+        self._decode_reads = 0
         self._decode_hits = 0
         self._decode_misses = 0
         self._neurons_kept = 0
@@ -877,6 +878,7 @@ class StreamingModel(Model):
         if decode:
             self._decode_tokens += len(chunks)
             self._decode_bytes += after["bytes_read"] - before["bytes_read"]
+            self._decode_reads += after["reads_issued"] - before["reads_issued"]
             # a neuron the whole-layer baseline's read-ahead brought in is found in the cache, but it
             # was read for this token: not a hit
             self._decode_hits += (after["neuron_hits"] - before["neuron_hits"]) - \
@@ -894,12 +896,13 @@ class StreamingModel(Model):
         return {"dram_budget_bytes": self.dram_budget_bytes, "resident_weight_bytes": self.resident_bytes,
                 "decode_tokens": self._decode_tokens,
                 "bytes_read_per_token": self._decode_bytes / n,
+                "reads_per_token": self._decode_reads / n,
                 "whole_layer_bytes_per_token": self.whole_layer_bytes_per_token,
                 "hit_rate": self._decode_hits / looked if looked else 0.0,
                 "neurons_kept_fraction": self._neurons_kept / max(self._neurons_total, 1),
                 "peak_resident_bytes": self.resident_bytes + st["peak_resident_bytes"] + st["staging_bytes"],
                 "store_peak_bytes": st["peak_resident_bytes"], "io_mode": st["io_mode"],
-                "sparsity": self.sparsity, "predictor": self.predictor, "whole_layer_reads": self.whole_layer_reads,
+                "io_engine": st["io_engine"], "sparsity": self.sparsity, "predictor": self.predictor, "whole_layer_reads": self.whole_layer_reads,
                 "ffn_dtype": self.meta["ffn_dtype"], "allocation": self.allocation,
                 "pinned_neurons": self.pinned_neurons, "cache_slots": st["cache_slots"],
                 "layer_sparsity_min": float(self.layer_sparsity.min()),
