@@ -15,11 +15,15 @@ namespace memkernels {
 // Throws a clear Error(Device) when `device` is CUDA but this build or machine cannot run CUDA.
 void require_cuda_usable(const char* op, const Device& device);
 
-// Threads for a kernel call of `macs` multiply-adds (the qgemm kernels): below about a million (a
-// 576 x 1536 layer, one token) the product takes some tens of microseconds on one core and starting
-// an OpenMP team costs several (tens when the other cores are busy), so it stays on the calling thread.
+// Threads for a kernel call of `macs` multiply-adds (the qgemm kernels): below 16 million (a 3072 x
+// 4096 layer at one token, ~0.2 ms on one core) the call stays on the calling thread. A decode step
+// makes many small calls with Python work in between, so each parallel call wakes a sleeping OpenMP
+// team (tens of microseconds) and, when other processes hold the cores, waits for a descheduled
+// thread: SmolLM2-135M decode with 2 threads on a loaded 2-core machine ran 26-41 ms per token with
+// a threshold of 1 million (its 3072 x 576 gate/up layers split) and 17-19 ms with 16 million, where
+// a quiet machine showed no difference.
 inline int threads_for_macs(int64_t macs) {
-  constexpr int64_t kParallelMacs = int64_t(1) << 20;
+  constexpr int64_t kParallelMacs = int64_t(1) << 24;
   return macs < kParallelMacs ? 1 : num_threads();
 }
 
