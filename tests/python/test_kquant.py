@@ -1,6 +1,7 @@
 """K-quant super-block formats (q4_k, q5_k, q6_k): GGUF import bit for bit against the gguf package's
 dequantizer, quantize() error bounds, qgemm (exact and int8-activation paths, every ISA) against
 float64 references, serialisation, the documented layout, and bad input."""
+import functools
 import struct
 
 import numpy as np
@@ -284,6 +285,36 @@ def test_qgemm_exact_and_int8(isa, fmt, n, k, tokens):
             assert not np.array_equal(got8, got)
         else:
             np.testing.assert_array_equal(got8, got)
+
+
+@functools.lru_cache(maxsize=None)
+def large_kquant_matrix(fmt):
+    """4099 x 4096: 16.8 M multiply-adds at one token, just past the threshold (quantized once)."""
+    return make_matrix(fmt, np.random.default_rng(55 + len(fmt)), 4099, 4096, False)
+
+
+@pytest.mark.parametrize("fmt", KFORMATS)
+def test_qgemm_large_calls_split_over_threads(isa, fmt):
+    """From 16 million multiply-adds a call splits its rows over the OpenMP team: bit for bit the
+    one-thread result, within the documented bound (4099 rows: 256 whole blocks of 16 and a partial one)."""
+    qm, w = large_kquant_matrix(fmt)
+    n, k = w.shape
+    rng = np.random.default_rng(56 + len(fmt))
+    old = mk.num_threads()
+    for tokens, exact in ((1, False), (3, True)):
+        x = rng.standard_normal((tokens, k)).astype(np.float32)
+        try:
+            mk.set_num_threads(1)
+            y1 = mk.qgemm(x, qm, out=poisoned((tokens, n), np.float32), exact=exact)
+            mk.set_num_threads(2)
+            y2 = mk.qgemm(x, qm, out=poisoned((tokens, n), np.float32), exact=exact)
+        finally:
+            mk.set_num_threads(old)
+        np.testing.assert_array_equal(y1, y2)
+        ref = reference(x, w, None)
+        mag = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+        bound = (0 if exact else int8_path_bound(qm, w, x)) + 1e-5 * mag + 1e-6
+        assert np.all(np.abs(y2 - ref) <= bound)
 
 
 @pytest.mark.parametrize("fmt", KFORMATS)

@@ -1,4 +1,5 @@
 """Quantization + qgemm against NumPy float64 references, every format, dtype and CPU ISA."""
+import functools
 import os
 
 import numpy as np
@@ -790,6 +791,38 @@ def test_qgemm_default_is_the_documented_path(isa, fmt, group, tokens):
     integer_path = (not bf16_path and int8_format and tokens <= 64
                     and (isa == "avx2" or (isa == "avx512" and vnni)))
     assert np.array_equal(y, exact) != (integer_path or bf16_path)
+
+
+@functools.lru_cache(maxsize=None)
+def large_matrix(fmt, group):
+    """A 4099 x 4096 matrix: 16.8 M multiply-adds at one token, just past the threshold (quantized once)."""
+    qm = mk.quantize(rng(30).standard_normal((4099, 4096)).astype(np.float32), fmt, group_size=group)
+    return qm, mk.dequantize(qm).astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", None), ("nf4", 64)])
+@pytest.mark.parametrize("exact", [False, True])
+def test_qgemm_large_calls_split_over_threads(isa, fmt, group, exact):
+    """From 16 million multiply-adds a call splits its rows over the OpenMP team (runtime_internal.h):
+    the split result equals the one-thread result bit for bit and stays within the documented bound;
+    rows that do not fill a task (4099 = 256 tasks of 16 and 3) included."""
+    qm, d = large_matrix(fmt, group)
+    n, k = d.shape
+    old = mk.num_threads()
+    for tokens in (1, 5):
+        X = rng(31 + tokens).standard_normal((tokens, k)).astype(np.float32)
+        try:
+            mk.set_num_threads(1)
+            y1 = mk.qgemm(X, qm, exact=exact, out=np.full((tokens, n), np.nan, np.float32))
+            mk.set_num_threads(2)
+            y2 = mk.qgemm(X, qm, exact=exact, out=np.full((tokens, n), np.nan, np.float32))
+        finally:
+            mk.set_num_threads(old)
+        np.testing.assert_array_equal(y1, y2)
+        ref = X.astype(np.float64) @ d.T
+        mag = np.abs(X).astype(np.float64) @ np.abs(d).T
+        bound = 1e-4 * mag + 1e-5 if exact else int8_path_bound(qm, d, X) * 1.001 + 1e-4 * mag + 1e-5
+        assert np.all(np.abs(y2 - ref) <= bound)
 
 
 def test_qgemm_exact_and_int8_activations_conflict():
