@@ -24,7 +24,8 @@ int4_sym g32, per-channel int8 and q4_k, 1 and 8 tokens, both shapes. One child 
 keeps its matrices (the same random weights); the rounds alternate A, B, A, B, ... each child
 timing every case (best of 10 calls, CPU time, 1 thread); the table gives each side's minimum over
 the rounds and B/A. MEMKERNELS_AB_SHAPES=256x4096,... replaces the shapes (a matrix that stays in
-L2 measures the kernels' compute without the DRAM contention of a shared machine)."""
+L2 measures the kernels' compute without the DRAM contention of a shared machine);
+MEMKERNELS_AB_CASES=int4_min:32,int8:0 replaces the formats (format:group, 0 = per channel)."""
 from __future__ import annotations
 
 import os
@@ -124,6 +125,8 @@ def main():
 
 
 AB_CASES = [("int4", 128), ("int4_sym", 32), ("int8", None), ("q4_k", None)]
+if os.environ.get("MEMKERNELS_AB_CASES"):  # e.g. int4_min:32,int8:0
+    AB_CASES = [(c.split(":")[0], int(c.split(":")[1]) or None) for c in os.environ["MEMKERNELS_AB_CASES"].split(",")]
 AB_SHAPES = [(4096, 14336), (11008, 4096)]
 if os.environ.get("MEMKERNELS_AB_SHAPES"):  # e.g. 256x4096 (out x in): an L2-resident matrix isolates the compute
     AB_SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in os.environ["MEMKERNELS_AB_SHAPES"].split(",")]
