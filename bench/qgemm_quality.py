@@ -17,7 +17,8 @@ LD_LIBRARY_PATH), e.g. main's for a before/after table:
 
     python bench/qgemm_quality.py --build build/main-before --build build/qdecode
 
-Text: /usr/share/common-licenses/GPL-3 (--text), model: --model. 1 thread by default (--threads).
+Text: /usr/share/common-licenses/GPL-3 (--text), model: --model or $MEMKERNELS_BENCH_GGUF (without one it
+says so and exits 0, as under `python -m memkernels bench`). 1 thread by default (--threads).
 
     python bench/qgemm_quality.py --blocks
 
@@ -34,7 +35,7 @@ import os
 import subprocess
 import sys
 
-MODEL = "/work/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = os.environ.get("MEMKERNELS_BENCH_GGUF")  # a GGUF checkpoint (SmolLM2-135M-Instruct Q4_1 here)
 TEXT = "/usr/share/common-licenses/GPL-3"
 MODES = ("prefill-default", "prefill-int8", "decode")
 
@@ -172,7 +173,8 @@ def run_mode(args, build, mode):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--model", default=MODEL, help="GGUF file (default: $MEMKERNELS_BENCH_GGUF)")
+    ap.add_argument("--quick", action="store_true", help="128-token prompt, 32 decode tokens")
     ap.add_argument("--text", default=TEXT)
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens of the prefill modes")
     ap.add_argument("--decode", type=int, default=128, help="tokens of the teacher-forced decode")
@@ -184,6 +186,11 @@ def main():
     ap.add_argument("--blocks", action="store_true", help="the x block study (NumPy), see above")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.model:
+        print("qgemm_quality: no model (give --model MODEL.gguf or set MEMKERNELS_BENCH_GGUF); nothing measured")
+        return 0
+    if args.quick:
+        args.prompt, args.decode = min(args.prompt, 128), min(args.decode, 32)
     if args.blocks:
         return blocks(args)
     if args.child:
@@ -200,4 +207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,8 +38,9 @@ def child(model, engine, args, threads):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--store", required=True)
+    ap.add_argument("model", nargs="?", default=os.environ.get("MEMKERNELS_BENCH_GGUF"))
+    ap.add_argument("--store", help="a streaming store converted from MODEL (required with a model)")
+    ap.add_argument("--quick", action="store_true", help="accepted for `python -m memkernels bench --quick`")
     ap.add_argument("--naive-store", help="the store the naive rows read whole (default: --store)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--gaps", default="2048", help="merge gaps in bytes for our rows")
@@ -51,6 +52,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out")
     a = ap.parse_args()
+    if not a.model or not a.store:
+        print("stream_io: no model and store (give MODEL.gguf --store STORE.mkws); nothing measured")
+        return 0
     common = ["--budget", str(a.budget), "--new", str(a.new), "--threads", str(a.threads), "--max-read", str(a.max_read)]
     configs = []
     for eng in a.engines.split(","):
@@ -79,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

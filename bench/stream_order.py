@@ -168,8 +168,9 @@ def _positions(hot, tail_seq, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--store", required=True)
+    ap.add_argument("model", nargs="?", default=os.environ.get("MEMKERNELS_BENCH_GGUF"))
+    ap.add_argument("--store", help="a streaming store converted from MODEL (required with a model)")
+    ap.add_argument("--quick", action="store_true", help="accepted for `python -m memkernels bench --quick`")
     ap.add_argument("--budget", type=int, default=99013072)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--gaps", default="0,2048,4096,8192")
@@ -181,6 +182,9 @@ def main():
     ap.add_argument("--oracle", action="store_true",
                     help="also fit the orders on the held-out tokens themselves (an upper bound on what an order can do)")
     a = ap.parse_args()
+    if not a.model or not a.store:
+        print("stream_order: no model and store (give MODEL.gguf --store STORE.mkws); nothing measured")
+        return 0
     import memkernels as mk
     from memkernels.models.stream import StreamingModel, bundle_bytes
     mk.set_num_threads(1)
