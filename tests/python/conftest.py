@@ -110,3 +110,16 @@ def int8_path_bound(qm, d, x):
         s = np.abs(np.repeat(np.asarray(qm.scales(), np.float64), qm.group_size, 1))[:, :d.shape[1]]
         b = b + NF4_INT8_ERR * ((ax + xmax_k / 254) @ s.T)
     return b
+
+
+def check_int8_outlier_bound(qm, d, X, Y, mag_tol, median_below):
+    """Y, the int8 path's X @ d.T for X with outlier channels, is within the per-block bound
+    (int8_path_bound), and that bound is below `median_below` times (median over outputs) what one x
+    scale per token would give: only the outliers' blocks are coarse. Returns (ref, mag)."""
+    ref = X.astype(np.float64) @ d.T
+    mag = np.abs(X).astype(np.float64) @ np.abs(d).T
+    bound = int8_path_bound(qm, d, X)
+    assert np.all(np.abs(Y - ref) <= bound * 1.001 + mag_tol * mag + 1e-5)
+    per_token = np.abs(d).sum(1)[None, :] * np.abs(X).max(1, keepdims=True) / 254
+    assert np.all(bound <= per_token * 1.0001) and np.median(bound / per_token) < median_below
+    return ref, mag
