@@ -1,4 +1,7 @@
 """Shared test helpers: seeded random inputs, poisoned outputs, dtype tolerances, CUDA detection."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -123,3 +126,25 @@ def check_int8_outlier_bound(qm, d, X, Y, mag_tol, median_below):
     per_token = np.abs(d).sum(1)[None, :] * np.abs(X).max(1, keepdims=True) / 254
     assert np.all(bound <= per_token * 1.0001) and np.median(bound / per_token) < median_below
     return ref, mag
+
+
+@pytest.fixture
+def tmp(tmp_path_factory):
+    """A fresh directory on disk: /var/tmp here, where O_DIRECT and Linux AIO work (pytest's tmp_path
+    may be on tmpfs, which refuses O_DIRECT)."""
+    base = "/var/tmp" if os.access("/var/tmp", os.W_OK) else str(tmp_path_factory.getbasetemp())
+    d = os.path.join(base, f"mk_test_{os.getpid()}_{np.random.randint(1 << 30)}")
+    os.makedirs(d)
+    yield d
+    shutil.rmtree(d)
+
+
+def flip_byte(path, offset, mask):
+    """Corrupts one byte of a file in place (byte ^= mask), as a bad sector would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before an O_DIRECT read looks

@@ -20,6 +20,7 @@ import pytest
 import memkernels as mk
 from memkernels.models import stream as st
 from memkernels.weight_store import CorruptDataError
+from conftest import flip_byte
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -667,11 +668,7 @@ def test_stream_ffn_layer_bad_inputs_and_corrupt_reads(tmp_path):
             call(h=h[:, ::2])
         info = ws.layers()[0]
     # a corrupt neuron: CorruptDataError naming it; the other neurons still work afterwards
-    with open(path, "r+b") as f:
-        f.seek(info["offset"] + 7 * info["bundle_bytes"] + 3)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(path, info["offset"] + 7 * info["bundle_bytes"] + 3, 0xFF)
     with mk.WeightStore.open(path, 1 << 22) as ws:
         with pytest.raises(CorruptDataError, match="neuron 7"):
             _C.stream_ffn_layer(ws._h(), 0, h, act, perm, None, None, False, 0.0, out, "int4_int8")

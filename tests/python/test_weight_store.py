@@ -1,7 +1,6 @@
 """Weight store: data read equals data written, cache budget, statistics, converters, bad files."""
 import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -18,16 +17,6 @@ except ImportError:  # pragma: no cover
     BF16 = None
 
 DTYPES = [np.float32, np.float16] + ([BF16] if BF16 is not None else [])
-
-
-@pytest.fixture
-def tmp(tmp_path_factory):
-    # /var/tmp is on disk here (O_DIRECT works); pytest's tmp_path may be tmpfs elsewhere.
-    base = "/var/tmp" if os.access("/var/tmp", os.W_OK) else str(tmp_path_factory.getbasetemp())
-    d = os.path.join(base, f"mk_ws_test_{os.getpid()}_{np.random.randint(1 << 30)}")
-    os.makedirs(d)
-    yield d
-    shutil.rmtree(d)
 
 
 def rand(rng, shape, dtype):

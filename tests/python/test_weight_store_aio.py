@@ -3,7 +3,6 @@ one thread) and the pread I/O threads (the fallback) return the same bytes, coun
 raise the same errors; the engine is chosen as documented (async_io, MEMKERNELS_STORE_IO, buffered
 files)."""
 import os
-import shutil
 import threading
 
 import numpy as np
@@ -11,20 +10,11 @@ import pytest
 
 import memkernels as mk
 from memkernels import _memkernels as _C
+from conftest import flip_byte
 
 ENGINES = ["aio", "threads"]
 STAT_KEYS = ["bytes_read", "reads_issued", "neuron_hits", "neuron_misses", "prefetched", "evictions",
              "resident_bytes", "peak_resident_bytes", "pinned_neurons", "cache_slots", "staging_bytes"]
-
-
-@pytest.fixture
-def tmp(tmp_path_factory):
-    # /var/tmp is on disk here (O_DIRECT and AIO work); pytest's tmp_path may be tmpfs elsewhere.
-    base = "/var/tmp" if os.access("/var/tmp", os.W_OK) else str(tmp_path_factory.getbasetemp())
-    d = os.path.join(base, f"mk_aio_test_{os.getpid()}_{np.random.randint(1 << 30)}")
-    os.makedirs(d)
-    yield d
-    shutil.rmtree(d)
 
 
 def open_store(path, budget, engine, **kw):
@@ -186,13 +176,7 @@ def test_corrupt_byte_after_open_names_the_neuron(tmp, engine):
     path, layers, emb = make_store(tmp, rng, n_layers=1, d_ff=300)
     with open_store(path, 1 << 20, engine, merge_gap_bytes=0) as ws:
         info = ws.layers()[0]
-        with open(path, "r+b") as f:
-            f.seek(info["offset"] + 123 * info["bundle_bytes"] + 5)
-            b = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([b[0] ^ 0x40]))
-            f.flush()
-            os.fsync(f.fileno())
+        flip_byte(path, info["offset"] + 123 * info["bundle_bytes"] + 5, 0x40)
         with pytest.raises(mk.CorruptDataError, match="neuron 123"):
             ws.get_rows(0, np.arange(100, 130))
         ids = np.arange(0, 100)
