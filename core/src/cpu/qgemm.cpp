@@ -630,10 +630,6 @@ struct Int8X {
   const int32_t* offs(int64_t t) const { return off.data() + t * parts; }
 };
 
-// x with NaN or inf rounds to INT_MIN (cvtps), so a block's code sum can overflow int32 before the
-// non-finite check below throws the codes away: add as unsigned (wraps, no undefined behaviour).
-inline int32_t wrapping_add(int32_t a, int32_t b) { return int32_t(uint32_t(a) + uint32_t(b)); }
-
 // part: the weights of one x scale and one int32 sum (a multiple of 32 dividing K, or K's last part
 // shorter); offset: the code offset whose term -offset * sum the kernels start their int32 sums with.
 Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t part, int32_t offset = 0) {
@@ -648,14 +644,19 @@ Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t 
     int8_t* xa = r.q.data() + t * K;
     int32_t* xs = r.sum.data() + t * r.parts;
     float* sc = r.scale.data() + t * r.parts;
+    // Non-finite x first: NaN / inf would round to INT_MIN and overflow the int32 code sums.
     VecF vbad = VecF::zero();
+    for (int64_t k = 0; k < K; k += VL) vbad = vbad + VecF::load(xt + k) * VecF::zero();  // inf * 0 = NaN
+    float lanes[VL];
+    vbad.store(lanes);
+    for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
+    if (r.nonfinite) return r;
     for (int64_t pi = 0; pi < r.parts; ++pi) {
       const int64_t k0 = pi * part, k1 = std::min(K, k0 + part);
       VecF vmax = VecF::zero();
       for (int64_t k = k0; k < k1; k += VL) {
         const VecF v = VecF::load(xt + k);
         vmax = VecF::max(vmax, VecF::max(v, VecF::zero() - v));
-        vbad = vbad + v * VecF::zero();  // NaN in a lane once x had NaN or inf there (inf * 0 = NaN)
       }
       const float amax = vmax.reduce_max();
       const float dx = amax > 0.0f ? amax / 127.0f : 1.0f;
@@ -668,21 +669,17 @@ Int8X prepare_int8_x(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t 
         const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xt + c * 32 + 16), vinv.v));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32), _mm512_cvtsepi32_epi8(a));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + c * 32 + 16), _mm512_cvtsepi32_epi8(b));
-        s = wrapping_add(s, _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)));
+        s += _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
 #else
         int32_t qi[32];
         for (int i = 0; i < CV; ++i)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi + i * VL),
                               _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xt + c * 32 + i * VL), vinv.v)));
-        for (int j = 0; j < 32; ++j) xa[c * 32 + j] = int8_t(qi[j]), s = wrapping_add(s, qi[j]);
+        for (int j = 0; j < 32; ++j) xa[c * 32 + j] = int8_t(qi[j]), s += qi[j];
 #endif
       }
       xs[pi] = s;
     }
-    float lanes[VL];
-    vbad.store(lanes);
-    for (int i = 0; i < VL; ++i) r.nonfinite |= lanes[i] != lanes[i];
-    if (r.nonfinite) return r;
   }
   if (offset) {
     r.off.resize(r.sum.size());
