@@ -82,7 +82,8 @@ int resolve_group(QuantFormat f, int64_t rows, int64_t cols, int group_size, boo
   check(int(f) >= 0 && int(f) < kNumQuantFormats, kind, c + ": unknown quantization format id " + str(int(f)));
   check(rows > 0 && cols > 0, kind,
         c + ": the matrix must have at least one row and column, got (" + str(rows) + ", " + str(cols) + ")");
-  check(rows < (int64_t(1) << 40) && cols < (int64_t(1) << 31) && rows * cols < (int64_t(1) << 46), kind,
+  // rows * cols < 2^46, written as a division: a corrupt header must not overflow the product
+  check(rows < (int64_t(1) << 40) && cols < (int64_t(1) << 31) && rows <= ((int64_t(1) << 46) - 1) / cols, kind,
         c + ": matrix (" + str(rows) + ", " + str(cols) + ") is too large");
   check(!double_quant || f == QuantFormat::NF4, kind,
         c + ": double_quant applies to nf4 only, not " + quant_format_name(f));
